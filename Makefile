@@ -1,0 +1,44 @@
+# chatserver: developer entry points. `make test` on a fresh Debian machine (as root) installs
+# the system packages it needs, builds the venv and runs the whole suite.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv deps run test lint fmt clean
+# deps must finish before the venv is built (it may install python3-venv)
+.NOTPARALLEL:
+
+venv: $(STAMP)
+
+# re-installed only when pyproject.toml changes
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+deps:
+	./scripts/ensure-system-deps.sh
+
+run: venv
+	$(BIN)/chatserver serve $(ARGS)
+
+test: deps venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# build and tool caches; the venv stays (rm -rf .venv to rebuild it from scratch)
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

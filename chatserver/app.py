@@ -1,0 +1,146 @@
+"""The app factory: wires protocol, storage and the server parts into one aiohttp app."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from storage.batch_writer import BatchWriter
+from storage.outbox.memory import MemoryOutbox
+from storage.store.sqlite import SqliteStore
+from storage.window.memory import MemoryWindow
+
+from . import keys
+from .agents import AgentCatalog
+from .auth import Authenticator
+from .broker.memory import MemoryBroker
+from .conversations import ConversationService
+from .gateway import drain_connections, websocket_handler
+from .generation.buffer import MemoryReplyBuffer
+from .generation.local import LocalProvider
+from .generation.manager import GenerationManager
+from .hub import LocalHub
+from .metrics import Metrics
+from .outbound import Flusher
+from .publish import publish
+from .rest import add_routes, errors_and_metrics
+from .settings import Settings
+
+log = logging.getLogger("chatserver.app")
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=256 * 1024)
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = metrics if metrics is not None else Metrics()
+    app[keys.AUTH] = Authenticator(settings.jwt_secret)
+    app[keys.AGENTS] = AgentCatalog.load(settings.agents)
+    app[keys.STATE] = keys.RunState()
+    app[keys.FLUSHER] = Flusher()
+    app.cleanup_ctx.extend([_storage, _persistence, _fanout, _generation])
+    app.on_shutdown.append(_drain)
+    app.router.add_get("/ws", websocket_handler)
+    add_routes(app)
+    if app[keys.AUTH].dev_mode:
+        log.warning(
+            "DEV AUTH MODE: no CHAT_JWT_SECRET set; tokens are signed with a random per-run "
+            "secret and POST /api/dev/token hands them out to anyone. Never run this in production."
+        )
+    return app
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    store = SqliteStore(settings.sqlite_path)
+    window = MemoryWindow(size=settings.window_size)
+    outbox = MemoryOutbox(max_entries=settings.outbox_max)
+    await store.start()
+    await window.start()
+    await outbox.start()
+    app[keys.STORE] = store
+    app[keys.WINDOW] = window
+    app[keys.OUTBOX] = outbox
+    app[keys.CONVERSATIONS] = ConversationService(
+        store,
+        window,
+        outbox,
+        app[keys.AGENTS],
+        join_messages=settings.join_messages,
+    )
+    yield
+    await outbox.close()
+    await window.close()
+    await store.close()
+
+
+async def _persistence(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    metrics = app[keys.METRICS]
+    outbox = app[keys.OUTBOX]
+
+    def on_batch(size: int, seconds: float) -> None:
+        metrics.batch_size.observe(size)
+        metrics.batch_latency.observe(seconds)
+        metrics.persisted.inc(size)
+
+    def on_error(exc: BaseException) -> None:
+        metrics.persist_errors.inc()
+        log.warning("batch write failed, retrying: %s", exc)
+
+    writer = BatchWriter(
+        outbox,
+        app[keys.STORE],
+        max_batch=settings.batch_max,
+        max_wait_ms=settings.batch_wait_ms,
+        on_batch=on_batch,
+        on_error=on_error,
+    )
+    writer.start()
+    yield
+    # Everything acked is persisted before the store closes.
+    await writer.stop(drain=True, timeout_s=max(10.0, settings.shutdown_grace_s))
+
+
+async def _fanout(app: web.Application) -> AsyncIterator[None]:
+    broker = MemoryBroker()
+    metrics = app[keys.METRICS]
+    hub = LocalHub(broker, on_fanout=metrics.fanout_delay.observe)
+    await broker.start(hub.deliver)
+    app[keys.BROKER] = broker
+    app[keys.HUB] = hub
+    yield
+    await broker.close()
+
+
+async def _generation(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    provider = LocalProvider(settings.local_ttft_ms, settings.local_token_ms)
+    buffer = MemoryReplyBuffer()
+    app[keys.REPLY_BUFFER] = buffer
+
+    async def publish_frame(conversation_id: str, frame: dict[str, object]) -> None:
+        await publish(app, conversation_id, frame)
+
+    manager = GenerationManager(
+        app[keys.CONVERSATIONS],
+        publish_frame,
+        buffer,
+        provider,
+        app[keys.AGENTS],
+        app[keys.METRICS],
+        server_id=settings.server_id,
+        max_queued=settings.max_queued_replies,
+    )
+    app[keys.GENERATION] = manager
+    yield
+    await manager.shutdown(0)
+    await provider.close()
+
+
+async def _drain(app: web.Application) -> None:
+    """On stop: refuse new work, let replies finish, send clients elsewhere."""
+    app[keys.STATE].draining = True
+    await app[keys.GENERATION].shutdown(app[keys.SETTINGS].shutdown_grace_s)
+    drain_connections(app)

@@ -1,0 +1,85 @@
+"""Client tokens: HS256 JWTs through PyJWT, and the dev auth mode."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from protocol import Tier, UserRole
+
+TIERS = frozenset(t.value for t in Tier)
+ROLES = frozenset(r.value for r in UserRole)
+MAX_USER_ID = 64
+
+
+class AuthError(Exception):
+    """The token is missing, malformed, badly signed, expired or carries bad claims."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str
+    tier: str = Tier.FREE.value
+    role: str = UserRole.USER.value
+
+
+class Authenticator:
+    """Issues and verifies tokens. Without a configured secret it runs in dev mode."""
+
+    def __init__(self, secret: str | None) -> None:
+        self.dev_mode = secret is None
+        # A fresh secret per run: dev tokens die with the process.
+        self._secret = secret if secret is not None else secrets.token_urlsafe(32)
+
+    def issue(
+        self,
+        user_id: str,
+        tier: str = Tier.FREE.value,
+        role: str = UserRole.USER.value,
+        ttl_s: int = 3600,
+    ) -> str:
+        check_claims(user_id, tier, role)
+        now = int(time.time())
+        claims = {"sub": user_id, "tier": tier, "role": role, "iat": now, "exp": now + ttl_s}
+        return jwt.encode(claims, self._secret, algorithm="HS256")
+
+    def verify(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],  # only HS256: 'none' and key-confusion tokens are refused
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"invalid token: {type(exc).__name__}") from None
+        user_id = claims.get("sub")
+        tier = claims.get("tier", Tier.FREE.value)
+        role = claims.get("role", UserRole.USER.value)
+        if not isinstance(user_id, str) or not isinstance(tier, str) or not isinstance(role, str):
+            raise AuthError("invalid token claims")
+        check_claims(user_id, tier, role)
+        return Principal(user_id, tier, role)
+
+
+def check_claims(user_id: str, tier: str, role: str) -> None:
+    if not user_id or len(user_id) > MAX_USER_ID:
+        raise AuthError(f"user id must be 1..{MAX_USER_ID} characters")
+    if tier not in TIERS:
+        raise AuthError(f"unknown tier {tier[:32]!r}")
+    if role not in ROLES:
+        raise AuthError(f"unknown role {role[:32]!r}")
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()

@@ -1,0 +1,34 @@
+"""Fan-out between instances: publish a conversation's frames to every instance's hub."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from ..events import Event
+
+Deliver = Callable[[Event], None]
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot publish right now."""
+
+
+class Broker(Protocol):
+    name: str
+
+    async def start(self, deliver: Deliver) -> None:
+        """Begin handing received events to ``deliver`` (the local hub)."""
+
+    async def close(self) -> None: ...
+
+    async def subscribe(self, conversation_id: str) -> None:
+        """Receive the conversation's events from now on (first local member joined)."""
+
+    async def unsubscribe(self, conversation_id: str) -> None:
+        """Stop receiving them (last local member left)."""
+
+    async def publish(self, event: Event) -> None:
+        """Send to every instance subscribed to ``event.conversation_id``, this one included."""
+
+    def healthy(self) -> bool: ...

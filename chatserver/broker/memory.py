@@ -1,0 +1,42 @@
+"""The embedded broker: one instance, so publishing is handing the event to the local hub."""
+
+from __future__ import annotations
+
+import time
+
+from ..events import Event
+from .base import Deliver
+
+
+class MemoryBroker:
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._deliver: Deliver | None = None
+        self._subscribed: set[str] = set()
+
+    async def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    async def close(self) -> None:
+        self._deliver = None
+        self._subscribed.clear()
+
+    async def subscribe(self, conversation_id: str) -> None:
+        self._subscribed.add(conversation_id)
+
+    async def unsubscribe(self, conversation_id: str) -> None:
+        self._subscribed.discard(conversation_id)
+
+    async def publish(self, event: Event) -> None:
+        if self._deliver is None or event.conversation_id not in self._subscribed:
+            return
+        if not event.published_at:
+            event.published_at = time.time()
+        self._deliver(event)
+
+    def healthy(self) -> bool:
+        return self._deliver is not None
+
+    def subscribed(self) -> frozenset[str]:
+        return frozenset(self._subscribed)

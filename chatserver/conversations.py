@@ -1,0 +1,174 @@
+"""Conversation use-cases: create, membership, append, join views and history pages."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import OrderedDict
+from datetime import UTC, datetime
+
+from protocol import ErrorCode, Message, Since, format_timestamp
+from storage.outbox.base import Outbox, OutboxFull
+from storage.records import AppendResult, Conversation, MessageDraft, MessagePage, WindowView
+from storage.store.base import Store
+from storage.window.base import HotWindow, WindowMissing
+
+from .agents import AgentCatalog
+from .auth import Principal
+from .errors import ServiceError
+
+
+class JoinView:
+    __slots__ = ("messages", "recovered", "view")
+
+    def __init__(self, view: WindowView, recovered: bool, messages: tuple[Message, ...]) -> None:
+        self.view = view
+        self.recovered = recovered
+        self.messages = messages
+
+
+class ConversationService:
+    def __init__(
+        self,
+        store: Store,
+        window: HotWindow,
+        outbox: Outbox,
+        agents: AgentCatalog,
+        *,
+        join_messages: int = 50,
+        max_members: int = 100,
+        max_title_chars: int = 200,
+        cache_size: int = 10_000,
+    ) -> None:
+        self.store = store
+        self.window = window
+        self.outbox = outbox
+        self.agents = agents
+        self.join_messages = join_messages
+        self.max_members = max_members
+        self.max_title_chars = max_title_chars
+        self._cache: OrderedDict[str, Conversation] = OrderedDict()
+        self._cache_size = cache_size
+        self._rebuilding: dict[str, asyncio.Future[None]] = {}
+
+    async def create(
+        self, owner: Principal, agent_id: str, title: str | None, members: list[str]
+    ) -> Conversation:
+        if self.agents.get(agent_id) is None:
+            raise ServiceError(ErrorCode.BAD_REQUEST, f"unknown agent_id {agent_id[:64]!r}")
+        title = (title or "").strip()
+        if len(title) > self.max_title_chars:
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST, f"title longer than {self.max_title_chars} characters"
+            )
+        everyone = list(dict.fromkeys([owner.user_id, *members]))
+        if len(everyone) > self.max_members:
+            raise ServiceError(ErrorCode.BAD_REQUEST, f"more than {self.max_members} members")
+        for member in everyone:
+            if not member or len(member) > 64:
+                raise ServiceError(ErrorCode.BAD_REQUEST, "member ids must be 1..64 characters")
+        await self.store.ensure_user(owner.user_id, owner.tier, owner.role)
+        for member in everyone[1:]:
+            await self.store.ensure_user(member, "free", "user")
+        now = format_timestamp(datetime.now(UTC))
+        conversation = Conversation(
+            id=str(uuid.uuid4()),
+            agent_id=agent_id,
+            title=title or "New conversation",
+            owner_id=owner.user_id,
+            members=tuple(everyone),
+            created_at=now,
+            updated_at=now,
+        )
+        await self.store.create_conversation(conversation)
+        self._remember(conversation)
+        return conversation
+
+    def _remember(self, conversation: Conversation) -> None:
+        self._cache[conversation.id] = conversation
+        self._cache.move_to_end(conversation.id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    async def get(self, conversation_id: str) -> Conversation | None:
+        cached = self._cache.get(conversation_id)
+        if cached is not None:
+            self._cache.move_to_end(conversation_id)
+            return cached
+        conversation = await self.store.get_conversation(conversation_id)
+        if conversation is not None:
+            self._remember(conversation)
+        return conversation
+
+    async def require_member(self, conversation_id: str, user_id: str) -> Conversation:
+        conversation = await self.get(conversation_id)
+        if conversation is None:
+            raise ServiceError(ErrorCode.NOT_FOUND, "no such conversation")
+        if user_id not in conversation.members:
+            raise ServiceError(ErrorCode.FORBIDDEN, "not a member of this conversation")
+        return conversation
+
+    async def append(self, draft: MessageDraft) -> AppendResult:
+        for _ in range(3):
+            try:
+                return await self.window.append(draft, self.outbox)
+            except WindowMissing:
+                await self._rebuild(draft.conversation_id)
+            except OutboxFull:
+                raise ServiceError(
+                    ErrorCode.UNAVAILABLE, "persistence is behind, retry shortly", 1000
+                ) from None
+        raise ServiceError(ErrorCode.UNAVAILABLE, "conversation window could not be loaded", 500)
+
+    async def _rebuild(self, conversation_id: str) -> None:
+        """Load a missing window from the store; concurrent callers share one load."""
+        pending = self._rebuilding.get(conversation_id)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._rebuilding[conversation_id] = future
+        try:
+            page = await self.store.messages_before(conversation_id, None, self.window.size)
+            last = await self.store.max_offset(conversation_id)
+            await self.window.rebuild(conversation_id, page.messages, last)
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()
+            raise
+        finally:
+            del self._rebuilding[conversation_id]
+
+    async def read_window(
+        self, conversation_id: str, *, after: int = 0, before: int | None = None, limit: int
+    ) -> WindowView:
+        for _ in range(3):
+            view = await self.window.read(conversation_id, after=after, before=before, limit=limit)
+            if view is not None:
+                return view
+            await self._rebuild(conversation_id)
+        raise ServiceError(ErrorCode.UNAVAILABLE, "conversation window could not be loaded", 500)
+
+    async def join_view(self, conversation_id: str, since: Since | None) -> JoinView:
+        if since is not None:
+            view = await self.read_window(
+                conversation_id, after=since.offset, limit=self.window.size
+            )
+            if since.epoch == view.epoch and view.covers_after(since.offset):
+                return JoinView(view, True, view.messages)
+        view = await self.read_window(conversation_id, limit=self.join_messages)
+        return JoinView(view, False, view.messages)
+
+    async def history(self, conversation_id: str, before: int | None, limit: int) -> MessagePage:
+        """A page from the hot window, completed from the store beyond it."""
+        view = await self.read_window(conversation_id, before=before, limit=limit)
+        messages = view.messages
+        if len(messages) == limit:
+            return MessagePage(messages, messages[0].offset > 1)
+        # The window ran out: older messages, if any, are only in the store.
+        upper = view.first_offset if before is None else min(before, view.first_offset)
+        if upper <= 1:
+            return MessagePage(messages, False)
+        older = await self.store.messages_before(conversation_id, upper, limit - len(messages))
+        return MessagePage(older.messages + messages, older.has_more)

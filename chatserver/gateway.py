@@ -1,0 +1,384 @@
+"""The WebSocket gateway at /ws: negotiation, auth, the read loop and frame dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import uuid
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from protocol import (
+    Ack,
+    Auth,
+    Cancel,
+    ClientFrame,
+    CloseCode,
+    Encoding,
+    ErrorCode,
+    ErrorFrame,
+    Hello,
+    History,
+    HistoryPage,
+    Join,
+    Joined,
+    Leave,
+    Left,
+    MessageEvent,
+    Ping,
+    Pong,
+    ProtocolError,
+    Reconnect,
+    Role,
+    Send,
+    Typing,
+    TypingNotice,
+    decode_client_frame,
+    negotiate,
+)
+from storage.records import MessageDraft
+
+from . import keys
+from .auth import AuthError, Principal, bearer_token
+from .errors import ServiceError
+from .events import framed
+from .outbound import Outbound
+from .publish import publish
+from .session import Session
+
+log = logging.getLogger("chatserver.gateway")
+
+# After a close we give a client this long to read its last frames, then drop the socket.
+_ABORT_AFTER_CLOSE_S = 10.0
+_CLOSE_WAIT_S = 6.0  # the WebSocketResponse close timeout (5 s) and a margin
+
+
+def _offered_subprotocols(request: web.Request) -> list[str]:
+    header = request.headers.get("Sec-WebSocket-Protocol", "")
+    return [p.strip() for p in header.split(",") if p.strip()]
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings = app[keys.SETTINGS]
+    if app[keys.STATE].draining:
+        return web.json_response(
+            {"error": {"code": "unavailable", "message": "server is draining"}}, status=503
+        )
+    offered = _offered_subprotocols(request)
+    encoding = negotiate(offered)
+    if encoding is None:
+        return web.Response(
+            status=400,
+            text="unsupported WebSocket subprotocol: offer chat.v1.json or chat.v1.msgpack\n",
+        )
+    ws = web.WebSocketResponse(
+        protocols=(encoding.value,) if offered else (),
+        heartbeat=settings.heartbeat_s,
+        max_msg_size=settings.max_frame_bytes,
+        compress=False,  # one framed bytes object serves every recipient, uncompressed
+        timeout=5.0,
+    )
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:
+        return ws
+    _bound_kernel_buffer(transport, settings.tcp_send_buffer_bytes)
+    connection = _Connection(app, ws, transport, encoding)  # type: ignore[arg-type]
+    connections = app[keys.STATE].connections
+    connections.add(connection)
+    try:
+        await connection.run(request)
+    finally:
+        connections.discard(connection)
+        await connection.finish()
+    return ws
+
+
+def _bound_kernel_buffer(transport: asyncio.BaseTransport, size: int) -> None:
+    """Cap the kernel's send buffer: autotuning lets one stalled peer pin megabytes."""
+    sock = transport.get_extra_info("socket")
+    if size and sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+class _Connection:
+    """One WebSocket from handshake to close."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        encoding: Encoding,
+    ) -> None:
+        self.app = app
+        self.ws = ws
+        self.transport = transport
+        self.encoding = encoding
+        self.settings = app[keys.SETTINGS]
+        self.metrics = app[keys.METRICS]
+        self.limits = self.settings.limits
+        self.session: Session | None = None
+        self.close_reason = "client"
+        self._closing = False
+        self._close_task: asyncio.Task[bool] | None = None
+        self.outbound = Outbound(
+            transport, app[keys.FLUSHER], self.settings.send_buffer_bytes, self._on_overflow
+        )
+
+    # -- sending and closing ------------------------------------------------------------
+
+    def send_error(
+        self, code: ErrorCode, message: str, ref: str | None = None, retry_after_ms: int | None = None
+    ) -> None:
+        self.metrics.errors.labels(code.value).inc()
+        frame = ErrorFrame(code.value, message, retry_after_ms, ref).to_dict()
+        self.outbound.push(framed(frame, self.encoding))
+
+    def close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.close_reason = reason
+        self.outbound.stop()
+        self._close_task = asyncio.get_running_loop().create_task(
+            self.ws.close(code=code, message=reason.encode()[:120], drain=False)
+        )
+
+    def going_away(self, after_ms: int) -> None:
+        if self.session is not None and not self._closing:
+            self._send(Reconnect("server draining", after_ms))
+        self.close(CloseCode.GOING_AWAY, "server_draining")
+
+    def _on_overflow(self) -> None:
+        self.metrics.slow_consumers.inc()
+        log.warning("slow consumer closed", extra={"session": self.session.id if self.session else None})
+        self.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, request: web.Request) -> None:
+        origins = self.settings.origins
+        origin = request.headers.get("Origin")
+        if origins and origin is not None and origin not in origins:
+            self.send_error(ErrorCode.FORBIDDEN, "origin not allowed")
+            self.close(CloseCode.FORBIDDEN, "forbidden_origin")
+            return
+        principal = await self._authenticate(request)
+        if principal is None:
+            return
+        state = self.app[keys.STATE]
+        self.session = Session(str(uuid.uuid4()), principal, self.encoding, self.outbound)
+        self.app[keys.HUB].add_session(self.session)
+        state.users[principal.user_id] = state.users.get(principal.user_id, 0) + 1
+        self.metrics.active_users.set(len(state.users))
+        self.metrics.connections.labels(self.encoding.name.lower()).inc()
+        self.metrics.connects.labels(self.encoding.name.lower()).inc()
+        self._send(
+            Hello(
+                self.session.id,
+                principal.user_id,
+                self.settings.server_id,
+                self.settings.heartbeat_s,
+                self.settings.max_frame_bytes,
+            )
+        )
+        await self._read_loop(self.session)
+
+    async def finish(self) -> None:
+        self.outbound.closed = True
+        if self._close_task is not None:
+            # The close frame must be written before the transport goes.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._close_task), _CLOSE_WAIT_S)
+        if self.session is not None:
+            session = self.session
+            state = self.app[keys.STATE]
+            await self.app[keys.HUB].remove_session(session)
+            left = state.users.get(session.user_id, 1) - 1
+            if left <= 0:
+                state.users.pop(session.user_id, None)
+            else:
+                state.users[session.user_id] = left
+            self.metrics.active_users.set(len(state.users))
+            self.metrics.connections.labels(self.encoding.name.lower()).dec()
+        self.metrics.disconnects.labels(self._disconnect_reason()).inc()
+        if not self.transport.is_closing():
+            self.transport.close()
+        # A peer that never reads keeps a closed transport's buffer alive: drop it later.
+        asyncio.get_running_loop().call_later(_ABORT_AFTER_CLOSE_S, self.transport.abort)
+
+    def _disconnect_reason(self) -> str:
+        if self._closing:
+            return self.close_reason
+        code = self.ws.close_code
+        if code == CloseCode.MESSAGE_TOO_BIG:
+            return "too_large"
+        return "client"
+
+    async def _authenticate(self, request: web.Request) -> Principal | None:
+        auth = self.app[keys.AUTH]
+        token = bearer_token(request.headers.get("Authorization")) or request.query.get("token")
+        ref = None
+        if token is None:
+            try:
+                msg = await self.ws.receive(timeout=self.settings.auth_timeout_s)
+            except TimeoutError:
+                self.send_error(ErrorCode.UNAUTHORIZED, "no auth frame in time")
+                self.close(CloseCode.UNAUTHORIZED, "auth_timeout")
+                return None
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                return None
+            try:
+                frame = decode_client_frame(msg.data, self.encoding, self.limits)
+            except ProtocolError as exc:
+                self.send_error(ErrorCode.UNAUTHORIZED, f"expected an auth frame: {exc.message}", exc.ref)
+                self.close(CloseCode.UNAUTHORIZED, "unauthorized")
+                return None
+            if not isinstance(frame, Auth):
+                self.send_error(ErrorCode.UNAUTHORIZED, "the first frame must be auth", frame.ref)
+                self.close(CloseCode.UNAUTHORIZED, "unauthorized")
+                return None
+            token, ref = frame.token, frame.ref
+        try:
+            return auth.verify(token)
+        except AuthError as exc:
+            self.send_error(ErrorCode.UNAUTHORIZED, str(exc), ref)
+            self.close(CloseCode.UNAUTHORIZED, "unauthorized")
+            return None
+
+    async def _read_loop(self, session: Session) -> None:
+        async for msg in self.ws:
+            if self._closing:
+                break
+            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+                await self._handle(session, msg.data)
+            elif msg.type is WSMsgType.ERROR:
+                break
+
+    def _send(self, frame: Any) -> None:
+        self.metrics.frames_out.labels(frame.TYPE).inc()
+        if self.session is not None:
+            self.session.send(frame)
+
+    async def _handle(self, session: Session, data: str | bytes) -> None:
+        try:
+            frame = decode_client_frame(data, self.encoding, self.limits)
+        except ProtocolError as exc:
+            self.metrics.frames_in.labels("invalid").inc()
+            self.send_error(exc.code, exc.message, exc.ref)
+            if session.note_bad_frame(self.settings.bad_frame_limit):
+                self.close(CloseCode.POLICY_VIOLATION, "too_many_bad_frames")
+            return
+        self.metrics.frames_in.labels(frame.TYPE).inc()
+        try:
+            await self._dispatch(session, frame)
+        except ServiceError as exc:
+            self.send_error(exc.code, exc.message, frame.ref, exc.retry_after_ms)
+        except Exception:
+            log.exception("frame handling failed", extra={"session": session.id})
+            self.send_error(ErrorCode.INTERNAL, "internal error", frame.ref)
+
+    async def _dispatch(self, session: Session, frame: ClientFrame) -> None:
+        if isinstance(frame, Send):
+            await self._on_send(session, frame)
+        elif isinstance(frame, Join):
+            await self._on_join(session, frame)
+        elif isinstance(frame, Ping):
+            self._send(Pong(frame.ts, frame.ref))
+        elif isinstance(frame, Typing):
+            await self.app[keys.CONVERSATIONS].require_member(frame.conversation_id, session.user_id)
+            notice = TypingNotice(frame.conversation_id, session.user_id)
+            await publish(self.app, frame.conversation_id, notice.to_dict())
+        elif isinstance(frame, History):
+            await self._on_history(session, frame)
+        elif isinstance(frame, Leave):
+            await self.app[keys.HUB].leave(session, frame.conversation_id)
+            self._send(Left(frame.conversation_id, frame.ref))
+        elif isinstance(frame, Cancel):
+            await self._on_cancel(session, frame)
+        elif isinstance(frame, Auth):
+            raise ServiceError(ErrorCode.BAD_FRAME, "already authenticated")
+
+    async def _on_join(self, session: Session, frame: Join) -> None:
+        conversations = self.app[keys.CONVERSATIONS]
+        hub = self.app[keys.HUB]
+        await conversations.require_member(frame.conversation_id, session.user_id)
+        await hub.join(session, frame.conversation_id)
+        try:
+            view = await conversations.join_view(frame.conversation_id, frame.since)
+            snapshot = await self.app[keys.REPLY_BUFFER].snapshot(frame.conversation_id)
+        except BaseException:
+            await hub.leave(session, frame.conversation_id)
+            raise
+        self._send(
+            Joined(
+                frame.conversation_id,
+                view.view.epoch,
+                view.view.last_offset,
+                view.recovered,
+                view.messages,
+                snapshot,
+                frame.ref,
+            )
+        )
+        gen = (snapshot.generation_id, snapshot.seq) if snapshot is not None else None
+        session.release(frame.conversation_id, view.view.last_offset, gen)
+
+    async def _on_send(self, session: Session, frame: Send) -> None:
+        conversations = self.app[keys.CONVERSATIONS]
+        generation = self.app[keys.GENERATION]
+        conversation = await conversations.require_member(frame.conversation_id, session.user_id)
+        generation.check_capacity(conversation.id)
+        result = await conversations.append(
+            MessageDraft(
+                conversation_id=conversation.id,
+                role=Role.USER.value,
+                text=frame.text,
+                user_id=session.user_id,
+                client_msg_id=frame.client_msg_id,
+            )
+        )
+        message = result.message
+        self._send(
+            Ack(
+                frame.client_msg_id,
+                message.id,
+                message.offset,
+                message.created_at,
+                result.duplicate,
+                frame.ref,
+            )
+        )
+        if result.duplicate:
+            return
+        self.metrics.messages_appended.labels(Role.USER.value).inc()
+        await publish(self.app, conversation.id, MessageEvent(message).to_dict())
+        generation.start(conversation, message)
+
+    async def _on_history(self, session: Session, frame: History) -> None:
+        conversations = self.app[keys.CONVERSATIONS]
+        await conversations.require_member(frame.conversation_id, session.user_id)
+        page = await conversations.history(
+            frame.conversation_id, frame.before, frame.effective_limit(self.limits)
+        )
+        self._send(HistoryPage(frame.conversation_id, page.messages, page.has_more, frame.ref))
+
+    async def _on_cancel(self, session: Session, frame: Cancel) -> None:
+        generation = self.app[keys.GENERATION]
+        run = generation.get(frame.generation_id)
+        if run is None:
+            raise ServiceError(ErrorCode.NOT_FOUND, "no running reply with that generation_id")
+        await self.app[keys.CONVERSATIONS].require_member(run.conversation_id, session.user_id)
+        generation.cancel(frame.generation_id)
+
+
+def drain_connections(app: web.Application, after_ms: int = 1000) -> None:
+    """Tell every client to reconnect elsewhere, then close with 1001."""
+    for connection in list(app[keys.STATE].connections):
+        connection.going_away(after_ms)

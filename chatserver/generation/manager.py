@@ -1,0 +1,296 @@
+"""Runs agents' replies: one task per reply, streamed as deltas, stored when done.
+
+Per reply, the upstream stream runs in its own producer task feeding a bounded queue;
+``cancel`` cancels that task, which is what closes an upstream HTTP stream at once.
+The consumer (the reply task) coalesces chunks that piled up, records each delta in the
+resume buffer before publishing it, and stores the final message like any other.
+Replies of one conversation run one after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from protocol import Delta, ErrorCode, FinishReason, GenEnd, GenStart, Message, Role, Usage
+from storage.records import Conversation, MessageDraft
+
+from ..agents import Agent, AgentCatalog
+from ..conversations import ConversationService
+from ..errors import ServiceError
+from ..metrics import Metrics
+from .buffer import ReplyBuffer
+from .provider import Chunk, Finish, Provider, ReplyRequest, StreamItem
+
+log = logging.getLogger("chatserver.generation")
+
+Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+_END = object()
+_QUEUE_DEPTH = 256
+
+
+class ReplyRun:
+    __slots__ = (
+        "agent",
+        "cancel_reason",
+        "conversation_id",
+        "first_token_at",
+        "generation_id",
+        "model",
+        "parts",
+        "producer",
+        "queued_at",
+        "reply_to",
+        "seq",
+    )
+
+    def __init__(self, conversation_id: str, agent: Agent, model: str, reply_to: Message) -> None:
+        self.generation_id = str(uuid.uuid4())
+        self.conversation_id = conversation_id
+        self.agent = agent
+        self.model = model
+        self.reply_to = reply_to
+        self.seq = 0
+        self.parts: list[str] = []
+        self.producer: asyncio.Task[None] | None = None
+        self.cancel_reason: str | None = None
+        self.queued_at = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def stop(self, reason: str) -> bool:
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        if self.producer is not None and not self.producer.done():
+            self.producer.cancel()
+            return True
+        return False
+
+
+class _Lane:
+    __slots__ = ("lock", "waiting")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+
+
+class GenerationManager:
+    def __init__(
+        self,
+        conversations: ConversationService,
+        publish: Publish,
+        buffer: ReplyBuffer,
+        provider: Provider,
+        agents: AgentCatalog,
+        metrics: Metrics,
+        *,
+        server_id: str,
+        max_queued: int = 4,
+        context_messages: int = 50,
+    ) -> None:
+        self._conversations = conversations
+        self._publish = publish
+        self._buffer = buffer
+        self.provider = provider
+        self._agents = agents
+        self._metrics = metrics
+        self._server_id = server_id
+        self._max_queued = max_queued
+        self._context = context_messages
+        self._runs: dict[str, ReplyRun] = {}
+        self._lanes: dict[str, _Lane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def running(self) -> int:
+        return len(self._runs)
+
+    def get(self, generation_id: str) -> ReplyRun | None:
+        return self._runs.get(generation_id)
+
+    def check_capacity(self, conversation_id: str) -> None:
+        if self._closing:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "server is shutting down", 1000)
+        lane = self._lanes.get(conversation_id)
+        if lane is not None and lane.waiting > self._max_queued:
+            raise ServiceError(
+                ErrorCode.RATE_LIMITED, "too many replies pending in this conversation", 1000
+            )
+
+    def start(self, conversation: Conversation, message: Message) -> ReplyRun:
+        agent = self._agents.get(conversation.agent_id)
+        if agent is None:
+            raise ServiceError(ErrorCode.INTERNAL, f"agent {conversation.agent_id!r} is not configured")
+        run = ReplyRun(conversation.id, agent, agent.model, message)
+        lane = self._lanes.get(conversation.id)
+        if lane is None:
+            lane = self._lanes[conversation.id] = _Lane()
+        lane.waiting += 1
+        task = asyncio.create_task(self._run(run, lane), name=f"reply-{run.generation_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return run
+
+    def cancel(self, generation_id: str) -> bool:
+        run = self._runs.get(generation_id)
+        return run is not None and run.stop(FinishReason.CANCELLED.value)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Let replies finish for ``grace_s``, then end the rest with ``error``."""
+        self._closing = True
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            if pending:
+                for run in list(self._runs.values()):
+                    run.stop(FinishReason.ERROR.value)
+                await asyncio.wait(pending, timeout=5)
+
+    async def _run(self, run: ReplyRun, lane: _Lane) -> None:
+        try:
+            async with lane.lock:
+                if self._closing:
+                    log.warning("reply dropped at shutdown", extra={"conversation": run.conversation_id})
+                    return
+                await self._stream(run)
+        except Exception:
+            log.exception("reply failed", extra={"conversation": run.conversation_id})
+        finally:
+            lane.waiting -= 1
+            if lane.waiting == 0 and self._lanes.get(run.conversation_id) is lane:
+                del self._lanes[run.conversation_id]
+
+    async def _stream(self, run: ReplyRun) -> None:
+        conversation_id = run.conversation_id
+        self._runs[run.generation_id] = run
+        self._metrics.active_replies.inc()
+        started = time.perf_counter()
+        finish: Finish | None = None
+        try:
+            await self._buffer.begin(conversation_id, run.generation_id, self._server_id)
+            await self._publish(
+                conversation_id,
+                GenStart(
+                    conversation_id, run.generation_id, run.reply_to.id, run.agent.id, run.model
+                ).to_dict(),
+            )
+            view = await self._conversations.read_window(conversation_id, limit=self._context)
+            history = view.messages
+            if not history or history[-1].offset < run.reply_to.offset:
+                history = (*history, run.reply_to)
+            request = ReplyRequest(
+                agent_id=run.agent.id,
+                model=run.model,
+                system_prompt=run.agent.system_prompt,
+                history=history,
+                temperature=run.agent.temperature,
+                max_output_tokens=run.agent.max_output_tokens,
+            )
+            queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE_DEPTH)
+            run.producer = asyncio.create_task(self._produce(request, queue))
+            if run.cancel_reason is not None:  # cancelled while we were setting up
+                run.producer.cancel()
+            finish = await self._consume(run, queue)
+        except Exception as exc:
+            log.exception("reply stream failed", extra={"conversation": conversation_id})
+            finish = Finish(FinishReason.ERROR.value, Usage(0, 0), f"reply failed: {type(exc).__name__}")
+        finally:
+            if run.producer is not None and not run.producer.done():
+                run.producer.cancel()
+            self._runs.pop(run.generation_id, None)
+            self._metrics.active_replies.dec()
+        if finish is None:
+            finish = Finish(run.cancel_reason or FinishReason.ERROR.value, Usage(0, 0),
+                            None if run.cancel_reason == FinishReason.CANCELLED.value
+                            else "the model stream ended without a finish")
+        elif run.cancel_reason is not None and run.cancel_reason != FinishReason.CANCELLED.value:
+            finish = Finish(run.cancel_reason, finish.usage, "server shutting down")
+        await self._finalize(run, finish, time.perf_counter() - started)
+
+    async def _produce(self, request: ReplyRequest, queue: asyncio.Queue[object]) -> None:
+        try:
+            async for item in self.provider.stream(request):
+                await queue.put(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("provider failed: %s", exc)
+            await queue.put(Finish(FinishReason.ERROR.value, Usage(0, 0), f"model error: {exc}"))
+        finally:
+            try:
+                queue.put_nowait(_END)
+            except asyncio.QueueFull:
+                pass  # the consumer drains the queue, then sees the producer is done
+
+    async def _consume(self, run: ReplyRun, queue: asyncio.Queue[object]) -> Finish | None:
+        assert run.producer is not None
+        finish: Finish | None = None
+        ended = False
+        while not ended:
+            if queue.empty() and run.producer.done():
+                break
+            item = await queue.get()
+            texts: list[str] = []
+            while True:
+                if item is _END:
+                    ended = True
+                elif isinstance(item, Finish):
+                    finish = item
+                elif isinstance(item, Chunk) and item.text:
+                    texts.append(item.text)
+                if ended or queue.empty():
+                    break
+                item = queue.get_nowait()  # coalesce what piled up while we published
+            if texts and run.cancel_reason is None:
+                await self._emit(run, "".join(texts))
+        return finish
+
+    async def _emit(self, run: ReplyRun, text: str) -> None:
+        if run.first_token_at is None:
+            run.first_token_at = time.perf_counter()
+            self._metrics.ttft.labels(run.agent.id, run.model).observe(
+                run.first_token_at - run.queued_at
+            )
+        run.seq += 1
+        run.parts.append(text)
+        await self._buffer.append(run.conversation_id, run.generation_id, run.seq, text)
+        await self._publish(
+            run.conversation_id,
+            Delta(run.conversation_id, run.generation_id, run.seq, text).to_dict(),
+        )
+
+    async def _finalize(self, run: ReplyRun, finish: Finish, duration: float) -> None:
+        conversation_id = run.conversation_id
+        await self._buffer.end(conversation_id, run.generation_id)
+        message: Message | None = None
+        reason = finish.reason
+        error = finish.error
+        try:
+            result = await self._conversations.append(
+                MessageDraft(
+                    conversation_id=conversation_id,
+                    role=Role.ASSISTANT.value,
+                    text="".join(run.parts),
+                    agent_id=run.agent.id,
+                    finish_reason=reason,
+                    usage=finish.usage,
+                    model=run.model,
+                    reply_to=run.reply_to.id,
+                )
+            )
+            message = result.message
+            self._metrics.messages_appended.labels(Role.ASSISTANT.value).inc()
+        except ServiceError as exc:
+            reason, error = FinishReason.ERROR.value, f"reply not stored: {exc.message}"
+        self._metrics.replies.labels(reason).inc()
+        self._metrics.reply_duration.labels(run.agent.id, run.model).observe(duration)
+        self._metrics.tokens.labels(run.model, "input").inc(finish.usage.input_tokens)
+        self._metrics.tokens.labels(run.model, "output").inc(finish.usage.output_tokens)
+        await self._publish(
+            conversation_id,
+            GenEnd(conversation_id, run.generation_id, reason, finish.usage, message, error).to_dict(),
+        )

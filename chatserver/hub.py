@@ -1,0 +1,96 @@
+"""The local hub: which sessions of this instance joined which conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from .broker.base import Broker
+from .events import Event
+from .session import Session, Subscription
+
+
+class _Room:
+    __slots__ = ("ready", "sessions")
+
+    def __init__(self) -> None:
+        self.sessions: set[Session] = set()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class LocalHub:
+    def __init__(self, broker: Broker, on_fanout: Callable[[float], None] | None = None) -> None:
+        self._broker = broker
+        self._rooms: dict[str, _Room] = {}
+        self._on_fanout = on_fanout
+        self.sessions: set[Session] = set()
+
+    def add_session(self, session: Session) -> None:
+        self.sessions.add(session)
+
+    async def remove_session(self, session: Session) -> None:
+        self.sessions.discard(session)
+        for conversation_id in list(session.subscriptions):
+            await self.leave(session, conversation_id)
+
+    async def join(self, session: Session, conversation_id: str) -> Subscription:
+        """Subscribe (broker first, so nothing published after this returns is missed)."""
+        old = session.subscriptions.get(conversation_id)
+        if old is not None:
+            # A re-join restarts the floors: the new `joined` frame resets the client's view.
+            old.held = []
+            old.gen_floors = None
+            return old
+        sub = Subscription()
+        session.subscriptions[conversation_id] = sub
+        room = self._rooms.get(conversation_id)
+        if room is None:
+            room = self._rooms[conversation_id] = _Room()
+            room.sessions.add(session)
+            try:
+                await self._broker.subscribe(conversation_id)
+            except BaseException as exc:
+                room.ready.set_exception(exc)
+                room.ready.exception()  # retrieved: later joiners re-raise their own
+                self._rooms.pop(conversation_id, None)
+                session.subscriptions.pop(conversation_id, None)
+                raise
+            room.ready.set_result(None)
+        else:
+            room.sessions.add(session)
+            try:
+                await asyncio.shield(room.ready)
+            except BaseException:
+                room.sessions.discard(session)
+                session.subscriptions.pop(conversation_id, None)
+                raise
+        return sub
+
+    async def leave(self, session: Session, conversation_id: str) -> bool:
+        if session.subscriptions.pop(conversation_id, None) is None:
+            return False
+        room = self._rooms.get(conversation_id)
+        if room is None:
+            return True
+        room.sessions.discard(session)
+        if not room.sessions and room.ready.done():
+            del self._rooms[conversation_id]
+            await self._broker.unsubscribe(conversation_id)
+        return True
+
+    def deliver(self, event: Event) -> None:
+        room = self._rooms.get(event.conversation_id)
+        if room is None:
+            return
+        for session in room.sessions:
+            session.deliver(event)
+        if self._on_fanout is not None and event.published_at:
+            self._on_fanout(time.time() - event.published_at)
+
+    def local_members(self, conversation_id: str) -> int:
+        room = self._rooms.get(conversation_id)
+        return len(room.sessions) if room else 0
+
+    def conversations(self) -> int:
+        return len(self._rooms)

@@ -1,0 +1,225 @@
+"""One frozen settings object, filled from CLI flags, then ``CHAT_*`` env, then defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import urlparse
+
+from protocol import Limits
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the setting and the value."""
+
+
+def _opt(help_text: str, *, flag: bool = True, secret: bool = False) -> dict[str, Any]:
+    return {"help": help_text, "flag": flag, "secret": secret}
+
+
+def _default_server_id() -> str:
+    return f"{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = field(default="127.0.0.1", metadata=_opt("address to listen on"))
+    port: int = field(default=8080, metadata=_opt("port to listen on (0: any free port)"))
+    sqlite_path: str = field(
+        default="chatserver.sqlite3", metadata=_opt("SQLite file of the embedded store")
+    )
+    redis_url: str | None = field(default=None, metadata=_opt("Redis URL: enables scale-out"))
+    database_url: str | None = field(default=None, metadata=_opt("Postgres URL of the primary"))
+    read_database_url: str | None = field(
+        default=None, metadata=_opt("Postgres URL of a read replica")
+    )
+    agents: str | None = field(default=None, metadata=_opt("agents TOML file (default: built-in)"))
+    log_level: str = field(default="info", metadata=_opt("debug | info | warning | error"))
+    jwt_secret: str | None = field(
+        default=None,
+        metadata=_opt("HS256 secret of client tokens; unset: dev auth mode", flag=False, secret=True),
+    )
+    server_id: str = field(default_factory=_default_server_id, metadata=_opt("instance name"))
+    heartbeat_s: int = field(default=30, metadata=_opt("WebSocket ping interval, seconds"))
+    auth_timeout_s: float = field(default=5.0, metadata=_opt("time allowed for the auth frame"))
+    max_frame_bytes: int = field(default=64 * 1024, metadata=_opt("largest client frame"))
+    max_text_chars: int = field(default=8000, metadata=_opt("longest message text"))
+    send_buffer_bytes: int = field(
+        default=1024 * 1024, metadata=_opt("per-connection outbound bound before 4408")
+    )
+    tcp_send_buffer_bytes: int = field(
+        default=256 * 1024,
+        metadata=_opt("kernel send buffer per WebSocket (0: kernel autotuning, up to MBs)"),
+    )
+    bad_frame_limit: int = field(
+        default=20, metadata=_opt("bad frames tolerated per connection per minute before 1008")
+    )
+    window_size: int = field(default=200, metadata=_opt("messages kept hot per conversation"))
+    join_messages: int = field(default=50, metadata=_opt("messages sent with a fresh join"))
+    outbox_max: int = field(default=100_000, metadata=_opt("embedded outbox bound"))
+    batch_max: int = field(default=10_000, metadata=_opt("largest persistence batch"))
+    batch_wait_ms: int = field(default=50, metadata=_opt("longest wait for a batch to fill"))
+    local_ttft_ms: int = field(default=150, metadata=_opt("local model: time to first token"))
+    local_token_ms: int = field(default=15, metadata=_opt("local model: time per word"))
+    max_queued_replies: int = field(
+        default=4, metadata=_opt("replies waiting behind a running one, per conversation")
+    )
+    allowed_origins: str = field(
+        default="", metadata=_opt("comma-separated browser origins allowed on /ws (empty: any)")
+    )
+    shutdown_grace_s: float = field(default=10.0, metadata=_opt("time to finish replies on stop"))
+
+    @property
+    def dev_auth(self) -> bool:
+        return self.jwt_secret is None
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_frame_bytes=self.max_frame_bytes, max_text_chars=self.max_text_chars)
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip() for o in self.allowed_origins.split(",") if o.strip())
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return validate(replace(self, **changes))
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings safe to log: secrets masked, credentials stripped from URLs."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value is not None:
+                value = "***"
+            elif isinstance(value, str) and "://" in value:
+                value = _strip_password(value)
+            out[f.name] = value
+        return out
+
+
+def _strip_password(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    return url.replace(f":{parsed.password}@", ":***@", 1)
+
+
+def env_name(name: str) -> str:
+    return "CHAT_" + name.upper()
+
+
+def _field_kind(f: Any) -> str:
+    text = str(f.type)
+    if "None" in text:
+        return "optional_str"
+    return text.split(" ")[0]
+
+
+def _convert(name: str, raw: str, kind: str) -> Any:
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{env_name(name)}={raw!r}: expected a {kind}") from None
+    if kind == "optional_str":
+        return raw or None
+    return raw
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Settings):
+        if not f.metadata.get("flag"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(
+            flag, dest=f.name, default=None, help=f"{f.metadata['help']} [{env_name(f.name)}]"
+        )
+
+
+def load(
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build settings: flag value, else ``CHAT_<NAME>``, else the default."""
+    environ = os.environ if environ is None else environ
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        kind = _field_kind(f)
+        raw = given.get(f.name)
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+        if raw is None:
+            continue
+        values[f.name] = _convert(f.name, raw, kind) if isinstance(raw, str) else raw
+    if "jwt_secret" not in values and environ.get("CHAT_JWT_SECRET"):
+        values["jwt_secret"] = environ["CHAT_JWT_SECRET"]
+    return validate(Settings(**values))
+
+
+def _positive(settings: Settings, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value <= 0:
+            raise SettingsError(f"{env_name(name)}={value!r}: must be > 0")
+
+
+def validate(settings: Settings) -> Settings:
+    if not 0 <= settings.port <= 65535:
+        raise SettingsError(f"CHAT_PORT={settings.port!r}: must be 0..65535")
+    _positive(
+        settings,
+        (
+            "heartbeat_s",
+            "auth_timeout_s",
+            "max_frame_bytes",
+            "max_text_chars",
+            "send_buffer_bytes",
+            "bad_frame_limit",
+            "window_size",
+            "join_messages",
+            "outbox_max",
+            "batch_max",
+            "batch_wait_ms",
+            "max_queued_replies",
+        ),
+    )
+    for name in ("local_ttft_ms", "local_token_ms", "shutdown_grace_s", "tcp_send_buffer_bytes"):
+        if getattr(settings, name) < 0:
+            raise SettingsError(f"{env_name(name)}={getattr(settings, name)!r}: must be >= 0")
+    if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise SettingsError(f"CHAT_LOG_LEVEL={settings.log_level!r}: debug|info|warning|error")
+    if settings.join_messages > settings.window_size:
+        raise SettingsError(
+            f"CHAT_JOIN_MESSAGES={settings.join_messages!r}: must not exceed CHAT_WINDOW_SIZE"
+        )
+    if settings.redis_url is not None and urlparse(settings.redis_url).scheme not in {
+        "redis",
+        "rediss",
+        "unix",
+    }:
+        raise SettingsError(f"CHAT_REDIS_URL={_strip_password(settings.redis_url)!r}: not a Redis URL")
+    for name in ("database_url", "read_database_url"):
+        url = getattr(settings, name)
+        if url is not None and urlparse(url).scheme not in {"postgres", "postgresql"}:
+            raise SettingsError(f"{env_name(name)}={_strip_password(url)!r}: not a Postgres URL")
+    if settings.jwt_secret is not None and len(settings.jwt_secret) < 16:
+        raise SettingsError("CHAT_JWT_SECRET: must be at least 16 characters")
+    if settings.max_frame_bytes < 1024:
+        raise SettingsError(f"CHAT_MAX_FRAME_BYTES={settings.max_frame_bytes!r}: must be >= 1024")
+    return settings
+
+
+def defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+    return out

@@ -1,0 +1,112 @@
+"""JSON and MessagePack codecs for both directions of the wire.
+
+Decoding turns any malformed input into ``ProtocolError``; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from typing import Any
+
+import msgpack
+
+from .client_frames import ClientFrame, parse_client_frame
+from .codes import ErrorCode
+from .errors import ProtocolError
+from .limits import Limits
+from .server_frames import ServerFrame, parse_server_frame
+
+
+class Encoding(Enum):
+    JSON = "chat.v1.json"
+    MSGPACK = "chat.v1.msgpack"
+
+    @property
+    def subprotocol(self) -> str:
+        return self.value
+
+    @property
+    def binary(self) -> bool:
+        return self is Encoding.MSGPACK
+
+
+SUBPROTOCOLS: tuple[str, ...] = tuple(e.value for e in Encoding)
+
+
+def negotiate(offered: list[str]) -> Encoding | None:
+    """The first offered subprotocol we speak; ``None`` when none is acceptable.
+
+    An empty offer means JSON (browsers and simple clients offer nothing).
+    """
+    if not offered:
+        return Encoding.JSON
+    for name in offered:
+        for enc in Encoding:
+            if name.strip() == enc.value:
+                return enc
+    return None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# A ``\uD800``-``\uDFFF`` escape: JSON can spell a lone surrogate, which is no Unicode text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def encode(obj: dict[str, Any], encoding: Encoding) -> bytes:
+    """The payload bytes of one frame: UTF-8 JSON text or a MessagePack map."""
+    if encoding is Encoding.JSON:
+        return _json_encoder.encode(obj).encode()
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def encode_frame(frame: ClientFrame | ServerFrame, encoding: Encoding) -> bytes:
+    return encode(frame.to_dict(), encoding)
+
+
+def decode_object(data: str | bytes, encoding: Encoding, limits: Limits) -> dict[str, Any]:
+    """Decode one payload into a mapping, enforcing the frame size bound."""
+    if isinstance(data, str):
+        try:
+            size = len(data.encode())
+        except UnicodeEncodeError:  # a lone surrogate: not a UTF-8 text frame
+            raise ProtocolError(ErrorCode.BAD_FRAME, "text frame is not valid UTF-8") from None
+    else:
+        size = len(data)
+    if size > limits.max_frame_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame larger than {limits.max_frame_bytes} bytes")
+    try:
+        if encoding is Encoding.JSON:
+            if isinstance(data, bytes | bytearray):
+                raise ProtocolError(ErrorCode.BAD_FRAME, "binary frame on the JSON subprotocol")
+            obj = json.loads(data, parse_constant=_reject_constant)
+            if _SURROGATE_ESCAPE.search(data):
+                # Escaped lone surrogates decode to str that no codec can encode again.
+                _json_encoder.encode(obj).encode()
+        else:
+            if isinstance(data, str):
+                raise ProtocolError(ErrorCode.BAD_FRAME, "text frame on the MessagePack subprotocol")
+            # unpackb bounds every length by len(data) itself (max_buffer_size is Unpacker-only)
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # json, msgpack, recursion, unicode: all are malformed input
+        kind = "JSON" if encoding is Encoding.JSON else "MessagePack"
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid {kind}: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "a frame must be an object")
+    return obj
+
+
+def decode_client_frame(data: str | bytes, encoding: Encoding, limits: Limits) -> ClientFrame:
+    return parse_client_frame(decode_object(data, encoding, limits), limits)
+
+
+def decode_server_frame(data: str | bytes, encoding: Encoding, limits: Limits) -> ServerFrame:
+    return parse_server_frame(decode_object(data, encoding, limits))

@@ -1,0 +1,119 @@
+"""Typed field readers: each returns the value or raises ProtocolError(bad_frame)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .codes import ErrorCode
+from .errors import ProtocolError
+
+Obj = Mapping[str, Any]
+
+
+def _bad(name: str, want: str, ref: str | None) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_FRAME, f"field '{name}' must be {want}", ref)
+
+
+def req_str(obj: Obj, name: str, max_len: int, ref: str | None = None, *, min_len: int = 1) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise _bad(name, "a string", ref)
+    if len(value) < min_len:
+        raise _bad(name, "a non-empty string", ref)
+    if len(value) > max_len:
+        if name == "text":
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"field 'text' is longer than {max_len} characters", ref
+            )
+        raise _bad(name, f"at most {max_len} characters", ref)
+    return value
+
+
+def opt_str(obj: Obj, name: str, max_len: int, ref: str | None = None) -> str | None:
+    if obj.get(name) is None:
+        return None
+    return req_str(obj, name, max_len, ref)
+
+
+def req_int(
+    obj: Obj, name: str, ref: str | None = None, *, lo: int | None = None, hi: int | None = None
+) -> int:
+    value = obj.get(name)
+    # bool is an int subclass; true/false are not numbers on the wire.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(name, "an integer", ref)
+    if lo is not None and value < lo:
+        raise _bad(name, f"an integer >= {lo}", ref)
+    if hi is not None and value > hi:
+        raise _bad(name, f"an integer <= {hi}", ref)
+    return value
+
+
+def opt_int(
+    obj: Obj, name: str, ref: str | None = None, *, lo: int | None = None, hi: int | None = None
+) -> int | None:
+    if obj.get(name) is None:
+        return None
+    return req_int(obj, name, ref, lo=lo, hi=hi)
+
+
+def req_bool(obj: Obj, name: str, ref: str | None = None) -> bool:
+    value = obj.get(name)
+    if not isinstance(value, bool):
+        raise _bad(name, "a boolean", ref)
+    return value
+
+
+def req_obj(obj: Obj, name: str, ref: str | None = None) -> Obj:
+    value = obj.get(name)
+    if not isinstance(value, Mapping):
+        raise _bad(name, "an object", ref)
+    return value
+
+
+def opt_obj(obj: Obj, name: str, ref: str | None = None) -> Obj | None:
+    if obj.get(name) is None:
+        return None
+    return req_obj(obj, name, ref)
+
+
+def req_list(obj: Obj, name: str, ref: str | None = None) -> list[Any]:
+    value = obj.get(name)
+    if not isinstance(value, list):
+        raise _bad(name, "an array", ref)
+    return value
+
+
+def opt_scalar(obj: Obj, name: str, max_len: int, ref: str | None = None) -> int | float | str | None:
+    """A finite number or a short string, echoed back unchanged (ping's ``ts``)."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise _bad(name, "a number or a string", ref)
+    if isinstance(value, int):
+        if abs(value) >= 2**63:
+            raise _bad(name, "a 64-bit number", ref)
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _bad(name, "a finite number", ref)
+        return value
+    if isinstance(value, str) and len(value) <= max_len:
+        return value
+    raise _bad(name, "a number or a short string", ref)
+
+
+def req_enum(obj: Obj, name: str, allowed: frozenset[str], ref: str | None = None) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or value not in allowed:
+        raise _bad(name, "one of " + ", ".join(sorted(allowed)), ref)
+    return value
+
+
+def opt_enum(obj: Obj, name: str, allowed: frozenset[str], ref: str | None = None) -> str | None:
+    if obj.get(name) is None:
+        return None
+    return req_enum(obj, name, allowed, ref)

@@ -1,0 +1,30 @@
+"""Bounds on every client input, in one object fed from the server settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_frame_bytes: int = 64 * 1024
+    max_text_chars: int = 8000
+    max_client_msg_id_chars: int = 64
+    max_ref_chars: int = 64
+    max_id_chars: int = 64
+    max_token_chars: int = 4096
+    max_title_chars: int = 200
+    max_members: int = 100
+    history_max_limit: int = 100
+    history_default_limit: int = 50
+
+    def __post_init__(self) -> None:
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
+        if self.history_default_limit > self.history_max_limit:
+            raise ValueError("history_default_limit must not exceed history_max_limit")
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,166 @@
+"""Drains the outbox into the store in batches: exactly once in effect, never losing an entry.
+
+A batch is acknowledged only after the store committed it, and a failed batch is retried as is
+until it succeeds; since the store ignores rows it already has, a replay (a retry after a
+commit whose answer was lost, or entries claimed from a dead instance) is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from .outbox.base import Outbox
+from .records import OutboxEntry
+from .store.base import Store
+
+log = logging.getLogger("storage.batch_writer")
+
+T = TypeVar("T")
+# Short but not zero: some outboxes read "block 0" as "block forever".
+_DRAIN_WAIT_S = 0.01
+
+
+class BatchWriter:
+    def __init__(
+        self,
+        outbox: Outbox,
+        store: Store,
+        *,
+        max_batch: int = 10_000,
+        max_wait_ms: float = 50,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 5.0,
+        on_batch: Callable[[int, float], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.outbox = outbox
+        self.store = store
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._on_batch = on_batch
+        self._on_error = on_error
+        self._task: asyncio.Task[None] | None = None
+        self._draining = False
+        self.batches = 0
+        self.written = 0  # messages the store reported as new
+        self.errors = 0
+
+    def backoff_delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1, 2, ...): capped, jittered.
+
+        The jitter keeps many instances from hammering a recovering database in step; the
+        lower half is kept so the delay still grows.
+        """
+        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(attempt - 1, 60))
+        return random.uniform(ceiling / 2, ceiling)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._draining = False
+        self._task = asyncio.create_task(self.run(), name="storage.batch_writer")
+
+    async def stop(self, drain: bool = True, timeout_s: float = 10) -> None:
+        """Stop the loop; when draining, first persist everything the outbox still holds."""
+        task = self._task
+        if task is None:
+            if drain:
+                # Never started (or already stopped): flush what is there all the same.
+                task = asyncio.create_task(self._drain_only(), name="storage.batch_writer.drain")
+            else:
+                return
+        self._task = None
+        try:
+            if drain:
+                self._draining = True
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        await asyncio.shield(task)
+                except TimeoutError:
+                    log.error(
+                        "outbox not drained within %.1fs; %d entries left",
+                        timeout_s,
+                        await self._backlog(),
+                    )
+        finally:
+            # Also when stop() itself is cancelled: never leave the loop running unowned.
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _drain_only(self) -> None:
+        self._draining = True
+        await self.run()
+
+    async def run(self) -> None:
+        """Write batches until cancelled, or, once draining, until the outbox is empty."""
+        log.info("batch writer started (max_batch=%d)", self.max_batch)
+        while True:
+            wait_s = _DRAIN_WAIT_S if self._draining else self.max_wait_s
+            entries = await self._retry(
+                "outbox read", functools.partial(self.outbox.read, self.max_batch, wait_s)
+            )
+            if not entries:
+                if self._draining:
+                    log.info("batch writer drained the outbox")
+                    return
+                continue
+            await self._write(entries)
+
+    async def _write(self, entries: Sequence[OutboxEntry]) -> None:
+        messages = [entry.message for entry in entries]
+        started = time.perf_counter()
+        new = await self._retry("batch write", lambda: self.store.write_messages(messages))
+        elapsed = time.perf_counter() - started
+        self.batches += 1
+        self.written += new
+        if new != len(messages):
+            log.debug("batch of %d held %d already stored", len(messages), len(messages) - new)
+        ids = [entry.entry_id for entry in entries]
+        await self._retry("outbox ack", lambda: self.outbox.ack(ids))
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(messages), elapsed)
+            except Exception:
+                log.exception("on_batch callback failed")
+
+    async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await op()
+            except Exception as exc:
+                attempt += 1
+                self.errors += 1
+                delay = self.backoff_delay(attempt)
+                log.warning(
+                    "%s failed (attempt %d), retrying in %.3fs: %r", what, attempt, delay, exc
+                )
+                if self._on_error is not None:
+                    try:
+                        self._on_error(exc)
+                    except Exception:
+                        log.exception("on_error callback failed")
+                await asyncio.sleep(delay)
+
+    async def _backlog(self) -> int:
+        try:
+            return await self.outbox.backlog()
+        except Exception:
+            return -1

@@ -1,0 +1,41 @@
+"""The outbox: acked messages waiting for the batch writer to persist them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from protocol import Message
+
+from ..records import OutboxEntry
+
+
+class OutboxFull(Exception):
+    """The outbox is at its bound; the message must not be acked."""
+
+
+class Outbox(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def add(self, message: Message) -> None:
+        """Queue one message; raises ``OutboxFull`` at the bound."""
+        ...
+
+    async def read(self, max_count: int, max_wait_s: float) -> list[OutboxEntry]:
+        """Up to ``max_count`` entries not yet handed out; waits up to ``max_wait_s`` for one.
+
+        Returns an empty list on timeout. Entries stay pending until acked.
+        """
+        ...
+
+    async def ack(self, entry_ids: Sequence[str]) -> None:
+        """Forget entries the store committed."""
+        ...
+
+    async def backlog(self) -> int:
+        """Entries queued or handed out but not yet acked."""
+        ...

@@ -1,0 +1,85 @@
+"""Records the storage layer exchanges with the server, beside the protocol's Message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import Message, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str
+    agent_id: str
+    title: str
+    owner_id: str
+    members: tuple[str, ...]
+    created_at: str  # RFC 3339 UTC milliseconds, as on the wire
+    updated_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "agent_id": self.agent_id,
+            "title": self.title,
+            "owner_id": self.owner_id,
+            "members": list(self.members),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationPage:
+    items: tuple[Conversation, ...]
+    next_cursor: str | None
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    messages: tuple[Message, ...]  # oldest first
+    has_more: bool  # older messages exist before the first one
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDraft:
+    """A message before the window gives it an id, an offset and a time."""
+
+    conversation_id: str
+    role: str
+    text: str
+    user_id: str | None = None
+    agent_id: str | None = None
+    client_msg_id: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    model: str | None = None
+    reply_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    message: Message
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WindowView:
+    """A consistent read of one conversation's hot window."""
+
+    epoch: str
+    last_offset: int  # the newest offset given out in the conversation (0: none yet)
+    first_offset: int  # the oldest offset the window still holds (last_offset + 1 when empty)
+    messages: tuple[Message, ...] = field(default=())  # oldest first
+
+    def covers_after(self, offset: int) -> bool:
+        """True when every message after ``offset`` is in the window."""
+        return self.first_offset - 1 <= offset <= self.last_offset
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    entry_id: str
+    message: Message

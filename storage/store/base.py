@@ -1,0 +1,70 @@
+"""The store of record: users, conversations, members, messages, usage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from protocol import Message
+
+from ..records import Conversation, ConversationPage, MessagePage
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached or refused the operation; the caller may retry later."""
+
+
+class Store(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Open connections and make the schema ready."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Return when the store answers; raise ``StoreUnavailable`` otherwise."""
+
+    async def ensure_user(self, user_id: str, tier: str, role: str) -> None:
+        """Create the user row if missing; never downgrades an existing one."""
+
+    async def create_conversation(self, conversation: Conversation) -> None: ...
+
+    async def get_conversation(self, conversation_id: str) -> Conversation | None: ...
+
+    async def list_conversations(
+        self, user_id: str, cursor: str | None, limit: int
+    ) -> ConversationPage:
+        """The user's conversations, most recently updated first, keyset-paged.
+
+        ``cursor`` is the opaque ``next_cursor`` of the previous page; an invalid cursor
+        raises ``ValueError``.
+        """
+        ...
+
+    async def write_messages(self, messages: Sequence[Message]) -> int:
+        """Persist a batch in one transaction; replaying stored messages is harmless.
+
+        Also moves each conversation's ``updated_at`` to its newest message and adds the
+        usage of assistant messages to the daily usage of the user they replied to.
+        Returns how many messages were new.
+        """
+        ...
+
+    async def messages_before(
+        self, conversation_id: str, before: int | None, limit: int
+    ) -> MessagePage:
+        """The newest ``limit`` messages with offset < ``before`` (all when None), oldest first."""
+        ...
+
+    async def max_offset(self, conversation_id: str) -> int:
+        """The highest stored offset of the conversation, 0 when it has none."""
+        ...
+
+    async def find_by_client_msg_id(
+        self, conversation_id: str, user_id: str, client_msg_id: str
+    ) -> Message | None: ...
+
+    async def usage_on(self, user_id: str, day: str) -> int:
+        """Tokens (input + output) used by the user on that UTC day (``YYYY-MM-DD``)."""
+        ...

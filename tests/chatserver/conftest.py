@@ -1,0 +1,132 @@
+"""Fixtures for in-process server tests: a real app on a real socket, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from chatserver.app import create_app
+from chatserver.client import ChatApi, ChatClient
+from chatserver.settings import Settings
+from protocol import Encoding
+
+
+@dataclass
+class Harness:
+    """A running app and helpers to reach it as different users."""
+
+    server: TestServer
+    app: web.Application
+    http: aiohttp.ClientSession
+    clients: list[ChatClient] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return str(self.server.make_url("/")).rstrip("/")
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http", "ws", 1) + "/ws"
+
+    async def token(self, user_id: str, tier: str = "free") -> str:
+        return await ChatApi(self.base_url, None, self.http).dev_token(user_id, tier)
+
+    async def api(self, user_id: str) -> ChatApi:
+        return ChatApi(self.base_url, await self.token(user_id), self.http)
+
+    async def connect(
+        self, user_id: str, encoding: Encoding = Encoding.JSON, auth: str = "header"
+    ) -> ChatClient:
+        client = await ChatClient.connect(
+            self.ws_url, await self.token(user_id), encoding=encoding, auth=auth
+        )
+        self.clients.append(client)
+        return client
+
+    async def conversation(self, owner: str, members: list[str] | None = None, **kw: Any) -> str:
+        api = await self.api(owner)
+        return str((await api.create_conversation(members=members, **kw))["id"])
+
+
+MakeHarness = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        port=0,
+        sqlite_path=str(tmp_path / "chat.sqlite3"),
+        local_ttft_ms=5,
+        local_token_ms=2,
+        heartbeat_s=30,
+        shutdown_grace_s=2,
+    )
+
+
+@pytest.fixture
+async def make_harness(settings: Settings) -> AsyncIterator[MakeHarness]:
+    made: list[Harness] = []
+
+    async def make(**overrides: Any) -> Harness:
+        app = create_app(settings.with_overrides(**overrides) if overrides else settings)
+        server = TestServer(app)
+        await server.start_server()
+        harness = Harness(server, app, aiohttp.ClientSession())
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in reversed(made):
+        for client in harness.clients:
+            await client.close()
+        await harness.http.close()
+        await harness.server.close()
+
+
+@pytest.fixture
+async def harness(make_harness: MakeHarness) -> Harness:
+    return await make_harness()
+
+
+@pytest.fixture(params=[Encoding.JSON, Encoding.MSGPACK], ids=["json", "msgpack"])
+def encoding(request: pytest.FixtureRequest) -> Encoding:
+    return request.param  # type: ignore[no-any-return]
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, what: str = ""
+) -> None:
+    """Wait until ``condition`` holds, polling it, failing after ``timeout`` seconds.
+
+    For state with no event to await (a buffer drained, a gauge moved); never a fixed wait.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} s {what}")
+        await asyncio.sleep(0.005)
+
+
+async def outbox_drained(app: web.Application) -> None:
+    from chatserver import keys
+
+    outbox = app[keys.OUTBOX]
+
+    async def empty() -> bool:
+        return await outbox.backlog() == 0
+
+    await eventually(empty, what="(outbox backlog)")

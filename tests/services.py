@@ -1,0 +1,450 @@
+"""Throwaway Redis and Postgres servers for the tests.
+
+Each server lives in its own temporary directory on a free port of 127.0.0.1 and never touches
+the machine's own databases. Readiness is polled with a deadline; nothing sleeps to synchronise.
+When the tests run as root, the Postgres tools run as the ``postgres`` user through ``runuser``
+(``initdb`` and ``pg_ctl`` refuse to run as root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+_START_ATTEMPTS = 5  # a free port can be taken by someone else before the server binds it
+_PG_ROOT = "/usr/lib/postgresql"
+_DB_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+class ServiceError(RuntimeError):
+    """A test service is missing or did not start; the message says what to do."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _temp_base() -> str:
+    """A temp root that the ``postgres`` user can traverse when we are root."""
+    base = tempfile.gettempdir()
+    if os.geteuid() != 0:
+        return base
+    path = Path(base).resolve()
+    for part in (path, *path.parents):
+        if not part.stat().st_mode & stat.S_IXOTH:
+            return "/tmp"
+    return base
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the test process dies (Linux only)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+# --------------------------------------------------------------------------------------------
+# Redis
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
+    )
+    if found is None:
+        raise ServiceError(
+            "redis-server is not installed (binary 'redis-server' not found on PATH or in "
+            "/usr/bin): run `make deps` or `apt-get install redis-server`"
+        )
+    return found
+
+
+def _resp(*args: str) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        raw = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+def redis_command(port: int, *args: str, timeout: float = 5.0) -> bytes:
+    """One command over a fresh connection; the reply's value (``PING`` -> ``b"PONG"``).
+
+    Understands simple, integer and bulk string replies; an error reply raises ServiceError.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(_resp(*args))
+        buf = b""
+        while b"\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n")
+        if head[:1] == b"-":
+            raise ServiceError(f"redis {args[0]} failed: {head[1:].decode(errors='replace')}")
+        if head[:1] != b"$" or head == b"$-1":
+            return head[1:]
+        size = int(head[1:])
+        while len(rest) < size + 2:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            rest += chunk
+        return rest[:size]
+
+
+class RedisServer:
+    """A ``redis-server`` subprocess on 127.0.0.1 without persistence.
+
+    ``stop()`` and ``start()`` restart it on the same port (the data is gone: nothing is saved).
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or find_redis_server()
+        self.dir = Path(tempfile.mkdtemp(prefix="chatserver-redis-", dir=_temp_base()))
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.url_for(0)
+
+    def url_for(self, db: int) -> str:
+        return f"redis://{self.host}:{self.port}/{db}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "redis.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server: on a free port the first time, on the same port afterwards."""
+        if self.running:
+            return
+        if self.port:
+            self._spawn()
+            return
+        last: ServiceError | None = None
+        for _ in range(_START_ATTEMPTS):
+            self.port = free_port()
+            try:
+                self._spawn()
+                return
+            except ServiceError as exc:
+                last = exc
+        self.port = 0
+        assert last is not None
+        raise last
+
+    def _spawn(self) -> None:
+        argv = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.dir),
+            "--daemonize", "no",
+            "--logfile", str(self.log_path),
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self._proc.poll() is not None:
+                self._proc = None
+                raise ServiceError(
+                    f"redis-server exited at start on port {self.port}:\n{_tail(self.log_path)}"
+                )
+            try:
+                # a PONG from *our* process: someone else may have taken the port meanwhile
+                info = redis_command(self.port, "INFO", "server", timeout=1.0)
+                if f"process_id:{self._proc.pid}\r\n".encode() in info:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServiceError(
+                    f"redis-server did not answer on port {self.port} within {START_TIMEOUT_S}s"
+                )
+            # wait on the process, not on a timer: returns at once if it dies
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=0.02)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL past the timeout); the port stays reserved."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL), as a fault would."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def flushall(self) -> None:
+        reply = redis_command(self.port, "FLUSHALL")
+        if reply != b"OK":
+            raise ServiceError(f"FLUSHALL answered {reply!r}")
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Postgres
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    name = Path(path).parent.parent.name  # /usr/lib/postgresql/<ver>/bin/initdb
+    return tuple(int(p) for p in re.findall(r"\d+", name)) or (0,)
+
+
+def find_postgres_bindir() -> Path:
+    """The bin directory of the newest installed Postgres (``CHATSERVER_PG_BIN`` overrides)."""
+    override = os.environ.get("CHATSERVER_PG_BIN")
+    if override:
+        candidates = [str(Path(override) / "initdb")]
+    else:
+        candidates = sorted(glob.glob(f"{_PG_ROOT}/*/bin/initdb"), key=_version_key)
+    for initdb in reversed(candidates):
+        bindir = Path(initdb).parent
+        if all(os.access(bindir / tool, os.X_OK) for tool in ("initdb", "pg_ctl", "postgres")):
+            return bindir
+    raise ServiceError(
+        f"Postgres server is not installed (binary 'initdb' not found under {_PG_ROOT}/*/bin): "
+        "run `make deps` or `apt-get install postgresql`"
+    )
+
+
+class PostgresServer:
+    """A throwaway Postgres cluster (``initdb`` in a temp dir) on 127.0.0.1.
+
+    Trust authentication for the superuser ``postgres``; the unix socket lives in the temp dir.
+    """
+
+    host = "127.0.0.1"
+    user = "postgres"
+
+    def __init__(self, bindir: Path | None = None) -> None:
+        self.bindir = bindir or find_postgres_bindir()
+        self._as_user: list[str] = []
+        owner: pwd.struct_passwd | None = None
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                raise ServiceError(
+                    "running as root, but there is no 'postgres' user to run initdb/pg_ctl as: "
+                    "install the Debian 'postgresql' package (it creates the user)"
+                ) from None
+            runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+            self._as_user = [runuser, "-u", "postgres", "--"]
+        self.dir = Path(tempfile.mkdtemp(prefix="chatserver-pg-", dir=_temp_base()))
+        if owner is not None:
+            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
+        self.data_dir = self.dir / "data"
+        self.port = 0
+        self.running = False
+        try:
+            self._initdb()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    # -- process control -----------------------------------------------------------------
+
+    def _run(self, argv: Sequence[str], *, timeout: float = START_TIMEOUT_S) -> None:
+        proc = subprocess.run(
+            [*self._as_user, *argv],
+            cwd=self.dir,  # root's working directory may be unreadable for 'postgres'
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise ServiceError(
+                f"{Path(argv[0]).name} failed ({proc.returncode}): {proc.stdout}{proc.stderr}\n"
+                f"server log:\n{_tail(self.log_path)}"
+            )
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "postgres.log"
+
+    def _initdb(self) -> None:
+        self._run(
+            [
+                str(self.bindir / "initdb"),
+                "-D", str(self.data_dir),
+                "-U", self.user,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ]
+        )  # fmt: skip
+
+    def start(self) -> None:
+        """Start the cluster: on a free port the first time, on the same port afterwards."""
+        if self.running:
+            return
+        if self.port:
+            self._pg_ctl_start()
+            return
+        last: ServiceError | None = None
+        for _ in range(_START_ATTEMPTS):
+            self.port = free_port()
+            try:
+                self._pg_ctl_start()
+                return
+            except ServiceError as exc:
+                last = exc
+        self.port = 0
+        assert last is not None
+        raise last
+
+    def _pg_ctl_start(self) -> None:
+        options = " ".join(
+            [
+                f"-p {self.port}",
+                f"-k {shlex.quote(str(self.dir))}",
+                "-c listen_addresses=127.0.0.1",
+                "-c fsync=off",
+                # synchronous_commit stays on: with fsync=off a commit costs one write(), and
+                # 'off' would let `stop -m immediate` lose acknowledged commits in fault tests
+                "-c full_page_writes=off",
+                "-c max_connections=200",
+                "-c timezone=UTC",
+            ]
+        )
+        self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "start",
+                "-D", str(self.data_dir),
+                "-l", str(self.log_path),
+                "-w",
+                "-t", str(int(START_TIMEOUT_S)),
+                "-o", options,
+            ],
+            timeout=START_TIMEOUT_S + 10,
+        )  # fmt: skip
+        self.running = True
+
+    def stop(self, mode: str = "immediate") -> None:
+        """``pg_ctl stop -m MODE`` (immediate by default: like a crash, recovery at start)."""
+        if not self.data_dir.joinpath("postmaster.pid").exists():
+            self.running = False
+            return
+        self._run(
+            [str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", mode, "-w"],
+            timeout=STOP_TIMEOUT_S + 10,
+        )
+        self.running = False
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- databases -----------------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        return self.dsn_for("postgres")
+
+    def dsn_for(self, database: str) -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run SQL through ``psql`` over TCP; return its unaligned output."""
+        psql = self.bindir / "psql"
+        if not os.access(psql, os.X_OK):
+            found = shutil.which("psql")
+            if found is None:
+                raise ServiceError("psql is not installed (Debian package postgresql-client)")
+            psql = Path(found)
+        proc = subprocess.run(
+            [
+                str(psql), "-X", "-q", "-A", "-t",
+                "-v", "ON_ERROR_STOP=1",
+                "-h", self.host, "-p", str(self.port), "-U", self.user, "-d", database,
+                "-c", sql,
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
+            check=False,
+            env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise ServiceError(f"psql failed on {sql!r}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def create_database(self, name: str) -> str:
+        """``CREATE DATABASE name``; returns its DSN."""
+        if not _DB_NAME.fullmatch(name):
+            raise ValueError(f"database name {name!r} must match {_DB_NAME.pattern}")
+        self.psql(f'CREATE DATABASE "{name}"')
+        return self.dsn_for(name)
+
+    def drop_database(self, name: str) -> None:
+        """``DROP DATABASE IF EXISTS name WITH (FORCE)``: open connections are terminated."""
+        if not _DB_NAME.fullmatch(name):
+            raise ValueError(f"database name {name!r} must match {_DB_NAME.pattern}")
+        self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
