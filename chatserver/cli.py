@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from aiohttp import web
 
 from . import logs
 from .auth import AuthError, Authenticator
-from .settings import SettingsError, add_flags, load
+from .settings import Settings, SettingsError, add_flags, load
 
 log = logging.getLogger("chatserver")
 
@@ -20,31 +21,41 @@ log = logging.getLogger("chatserver")
 def _serve(args: argparse.Namespace) -> int:
     settings = load(args)
     logs.configure(settings.log_level, settings.server_id)
+    log.info("settings", extra={"settings": settings.public_dict()})
     try:
         import uvloop
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        pass
+        loop_factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_run_server(settings))
+    return 0
+
+
+async def _run_server(settings: Settings) -> None:
     from .app import create_app
 
-    app = create_app(settings)
-    log.info("settings", extra={"settings": settings.public_dict()})
-
-    def announce(_: object) -> None:
-        host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        print(f"chatserver listening on http://{host}:{settings.port}/", flush=True)
-
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        print=announce,
+    runner = web.AppRunner(
+        create_app(settings),
         access_log=logging.getLogger("aiohttp.access"),
         shutdown_timeout=settings.shutdown_grace_s + 5,
-        handle_signals=True,
+        handle_signals=False,
     )
-    return 0
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"chatserver listening on http://{shown}:{port}/", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("stopping: draining connections and flushing the outbox")
+    await runner.cleanup()
+    log.info("stopped")
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import itertools
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -24,15 +25,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.services import PostgresServer, RedisServer, ServiceError
 
 _db_counter = itertools.count(1)
+S = TypeVar("S", RedisServer, PostgresServer)
+
+
+def _launch(make: Callable[[], S]) -> S:
+    """Create and start a server; a missing binary or a failed start fails with its reason."""
+    server: S | None = None
+    try:
+        server = make()
+        server.start()
+    except ServiceError as exc:
+        reason = str(exc)
+        if server is not None:
+            server.close()
+    else:
+        return server
+    pytest.fail(reason, pytrace=False)  # outside `except`: no chained traceback
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    try:
-        server = RedisServer()
-        server.start()
-    except ServiceError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    server = _launch(RedisServer)
     try:
         yield server
     finally:
@@ -41,15 +54,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    try:
-        server = PostgresServer()
-    except ServiceError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        server.start()
-    except ServiceError as exc:
-        server.close()
-        pytest.fail(str(exc), pytrace=False)
+    server = _launch(PostgresServer)
     try:
         yield server
     finally:

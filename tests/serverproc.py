@@ -157,14 +157,16 @@ class ServerProc:
             code = self.proc.poll()
             if code is not None:
                 raise ServerProcError(
-                    f"chatserver exited with {code} before it was ready:\n{self._run_output()[-4000:]}"
+                    f"chatserver exited with {code} before it was ready:\n"
+                    f"{self._run_output()[-4000:]}"
                 )
             if self._healthy():
                 return
             if time.monotonic() > deadline:
                 self.kill()
                 raise ServerProcError(
-                    f"chatserver not ready within {self.start_timeout_s:.0f} s on port {self.port}:\n"
+                    f"chatserver not ready within {self.start_timeout_s:.0f} s "
+                    f"on port {self.port}:\n"
                     f"{self._run_output()[-4000:]}"
                 )
             time.sleep(0.05)

@@ -200,7 +200,7 @@ class RedisServer:
                 info = redis_command(self.port, "INFO", "server", timeout=1.0)
                 if f"process_id:{self._proc.pid}\r\n".encode() in info:
                     return
-            except OSError:
+            except (OSError, ServiceError):  # not listening yet, or still loading
                 pass
             if time.monotonic() > deadline:
                 self.stop()
@@ -260,8 +260,9 @@ def find_postgres_bindir() -> Path:
         bindir = Path(initdb).parent
         if all(os.access(bindir / tool, os.X_OK) for tool in ("initdb", "pg_ctl", "postgres")):
             return bindir
+    where = f"{override} (CHATSERVER_PG_BIN)" if override else f"{_PG_ROOT}/*/bin"
     raise ServiceError(
-        f"Postgres server is not installed (binary 'initdb' not found under {_PG_ROOT}/*/bin): "
+        f"Postgres server is not installed (binary 'initdb' not found under {where}): "
         "run `make deps` or `apt-get install postgresql`"
     )
 

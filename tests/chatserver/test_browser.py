@@ -1,0 +1,317 @@
+"""End to end: Debian's Chromium (driven by Playwright) against a real ``chatserver serve``.
+
+The page at ``/`` signs in (dev token, or ``#token=`` when dev auth is off), starts a
+conversation, sends, renders the streamed reply, stops a reply mid-stream, reloads the
+history, survives a server restart and loads older messages. Every wait is an auto-waiting
+Playwright assertion with a deadline; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+
+from tests.serverproc import REPO_ROOT, ServerProc
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+REPLY_TIMEOUT_MS = 20_000
+FAST = {"CHAT_LOCAL_TTFT_MS": "50", "CHAT_LOCAL_TOKEN_MS": "5"}
+SLOW = {"CHAT_LOCAL_TTFT_MS": "100", "CHAT_LOCAL_TOKEN_MS": "150"}
+
+StartServer = Callable[..., ServerProc]
+
+
+def expected_reply(said: str) -> str:
+    """The local model's deterministic answer (chatserver/generation/local.py)."""
+    words = said.split()
+    return (
+        f"You said: {said} Backwards, that is: {' '.join(reversed(words))} "
+        f"That was {len(words)} words and {len(said)} characters."
+    )
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[StartServer]:
+    """Start ``chatserver serve`` processes; each is stopped with SIGTERM at teardown."""
+    servers: list[ServerProc] = []
+
+    def start(env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> ServerProc:
+        server = ServerProc(tmp_path / f"server{len(servers)}", env=env, args=args)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        code = server.stop()
+        # Shown by pytest when the test failed: what the server logged.
+        print(f"--- server on port {server.port} exited with {code}:\n{server.output[-3000:]}")
+        server.close()
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Debian's Chromium: Playwright drives it; no browser is downloaded."""
+    assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing: apt-get install chromium"
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    """A fresh context (empty localStorage) whose page must raise no uncaught error."""
+    context = await browser.new_context(viewport={"width": 1200, "height": 800})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: print(f"console.{msg.type}: {msg.text}"))
+    try:
+        yield page
+    finally:
+        await context.close()
+    assert errors == [], f"uncaught errors in the page: {errors}"
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def message(page: Page, role: str, offset: int) -> Locator:
+    return page.locator(f'li.msg[data-role="{role}"][data-offset="{offset}"]')
+
+
+def finished_reply(page: Page, offset: int) -> Locator:
+    return page.locator(
+        f'li.msg[data-role="assistant"][data-offset="{offset}"]:not([data-streaming])'
+    )
+
+
+async def open_page(page: Page, url: str) -> None:
+    await page.goto(url)
+    await expect(page.get_by_role("status")).to_have_text("Connected")
+
+
+async def start_conversation(page: Page, title: str) -> None:
+    await expect(page.get_by_label("Agent")).to_contain_text("General assistant")
+    await page.get_by_label("Agent").select_option(label="General assistant")
+    await page.get_by_label("Title").fill(title)
+    await page.get_by_role("button", name="Start conversation").click()
+    await expect(page.get_by_role("heading", name=title)).to_be_visible()
+    await expect(page.get_by_role("button", name=re.compile(re.escape(title)))).to_be_visible()
+
+
+async def send(page: Page, text: str) -> None:
+    box = page.get_by_role("textbox", name="Message", exact=True)
+    await box.fill(text)
+    await page.get_by_role("button", name="Send", exact=True).click()
+    await expect(box).to_have_value("")
+
+
+async def exchange(page: Page, text: str, user_offset: int) -> None:
+    """Send ``text`` and wait for the whole reply, rendered once each."""
+    await send(page, text)
+    await expect(message(page, "user", user_offset).locator(".text")).to_have_text(text)
+    await expect(finished_reply(page, user_offset + 1).locator(".text")).to_have_text(
+        expected_reply(text), timeout=REPLY_TIMEOUT_MS
+    )
+
+
+async def issue_token(secret: str, user: str) -> str:
+    """A client token from ``chatserver token`` (the CLI an operator would use)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "chatserver",
+        "token",
+        "--user",
+        user,
+        env={**os.environ, "CHAT_JWT_SECRET": secret},
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, err.decode()
+    return out.decode().strip()
+
+
+async def offsets(page: Page) -> list[int]:
+    values = await page.locator("li.msg").evaluate_all("els => els.map(e => e.dataset.offset)")
+    return [int(v) for v in values]
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+async def test_send_streamed_reply_and_reload(start_server: StartServer, page: Page) -> None:
+    server = start_server(FAST)
+    await open_page(page, server.url + "/")
+    await expect(page.get_by_text(re.compile(r"Signed in as web-"))).to_be_visible()
+    await start_conversation(page, "Browser happy path")
+    await expect(page.get_by_role("button", name="Stop", exact=True)).to_be_disabled()
+
+    said = "hello from the browser"
+    await exchange(page, said, 1)
+    reply = finished_reply(page, 2)
+    await expect(reply).not_to_have_attribute("data-finish-reason", re.compile(".*"))
+    await expect(reply.locator(".finish")).to_have_count(0)
+    await expect(page.locator("li.msg[data-streaming]")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Stop", exact=True)).to_be_disabled()
+    assert await offsets(page) == [1, 2]  # the ack and the message frame render once
+
+    # A reload reopens the last conversation and shows its history again.
+    await page.reload()
+    await expect(page.get_by_role("status")).to_have_text("Connected")
+    await expect(page.get_by_role("heading", name="Browser happy path")).to_be_visible()
+    await expect(message(page, "user", 1).locator(".text")).to_have_text(said)
+    await expect(finished_reply(page, 2).locator(".text")).to_have_text(expected_reply(said))
+    assert await offsets(page) == [1, 2]
+    await expect(page.get_by_role("alert")).to_be_empty()
+
+
+async def test_reload_mid_reply_resumes_the_stream(start_server: StartServer, page: Page) -> None:
+    server = start_server(SLOW)
+    await open_page(page, server.url + "/")
+    await start_conversation(page, "Browser resume")
+    said = " ".join(f"w{i}" for i in range(1, 13))
+    await send(page, said)
+    streaming = page.locator('li.msg[data-role="assistant"][data-streaming="true"]')
+    await expect(streaming).to_contain_text("You said: w1", timeout=REPLY_TIMEOUT_MS)
+
+    # Re-join while the reply streams: `joined.generation` then the live deltas, no gap or repeat.
+    await page.reload()
+    await expect(page.get_by_role("status")).to_have_text("Connected")
+    await expect(streaming).to_contain_text("You said: w1", timeout=REPLY_TIMEOUT_MS)
+    await expect(page.get_by_role("button", name="Stop", exact=True)).to_be_enabled()
+    await expect(finished_reply(page, 2).locator(".text")).to_have_text(
+        expected_reply(said), timeout=REPLY_TIMEOUT_MS
+    )
+    await expect(streaming).to_have_count(0)
+    assert await offsets(page) == [1, 2]
+
+
+async def test_stop_mid_reply_then_reload_shows_both_exchanges(
+    start_server: StartServer, page: Page
+) -> None:
+    server = start_server(SLOW)
+    await open_page(page, server.url + "/")
+    await start_conversation(page, "Browser stop")
+    stop = page.get_by_role("button", name="Stop", exact=True)
+
+    first = "first question"
+    await exchange(page, first, 1)
+    await expect(stop).to_be_disabled()
+
+    second = " ".join(f"word{i}" for i in range(1, 25))  # a reply of ~60 words, ~9 s at this pace
+    full = expected_reply(second)
+    await send(page, second)
+    await expect(message(page, "user", 3).locator(".text")).to_have_text(second)
+    streaming = page.locator('li.msg[data-role="assistant"][data-streaming="true"]')
+    await expect(streaming).to_contain_text("You said: word1", timeout=REPLY_TIMEOUT_MS)
+    await expect(stop).to_be_enabled()
+    await stop.click()
+
+    stopped = finished_reply(page, 4)
+    await expect(stopped).to_have_attribute(
+        "data-finish-reason", "cancelled", timeout=REPLY_TIMEOUT_MS
+    )
+    await expect(stopped.locator(".finish")).to_have_text("(stopped)")
+    await expect(streaming).to_have_count(0)
+    await expect(stop).to_be_disabled()
+    partial = await stopped.locator(".text").inner_text()
+    assert partial.startswith("You said: word1"), partial
+    assert len(partial) < len(full) and full.startswith(partial.strip()), partial
+
+    await page.reload()
+    await expect(page.get_by_role("status")).to_have_text("Connected")
+    await expect(message(page, "user", 1).locator(".text")).to_have_text(first)
+    await expect(finished_reply(page, 2).locator(".text")).to_have_text(expected_reply(first))
+    await expect(message(page, "user", 3).locator(".text")).to_have_text(second)
+    await expect(finished_reply(page, 4).locator(".text")).to_have_text(partial)
+    await expect(finished_reply(page, 4).locator(".finish")).to_have_text("(stopped)")
+    assert await offsets(page) == [1, 2, 3, 4]
+    await expect(stop).to_be_disabled()
+
+
+async def test_reconnects_after_server_restart_and_loads_older(
+    start_server: StartServer, page: Page
+) -> None:
+    # Two messages per fresh join: after the restart the window holds only the latest ones.
+    server = start_server({**FAST, "CHAT_JOIN_MESSAGES": "2"})
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    await open_page(page, server.url + "/")
+    await start_conversation(page, "Browser reconnect")
+    await exchange(page, "one", 1)
+    await exchange(page, "two", 3)
+    await expect(page.get_by_role("button", name="Load older")).to_be_hidden()
+    assert len(sockets) == 1
+
+    # SIGTERM: the server sends `reconnect` and closes; a new process (new epoch) takes over.
+    async with page.expect_event("websocket", timeout=REPLY_TIMEOUT_MS):
+        await asyncio.to_thread(server.restart)
+    await expect(page.get_by_role("status")).to_have_text("Connected", timeout=REPLY_TIMEOUT_MS)
+
+    # Not recovered (new epoch): the page reloaded its window from `joined` (offsets 3..4).
+    await expect(page.get_by_role("button", name="Load older")).to_be_visible()
+    await exchange(page, "three", 5)
+    assert await offsets(page) == [3, 4, 5, 6]
+
+    await page.get_by_role("button", name="Load older").click()
+    await expect(message(page, "user", 1).locator(".text")).to_have_text("one")
+    await expect(finished_reply(page, 2).locator(".text")).to_have_text(expected_reply("one"))
+    await expect(page.get_by_role("button", name="Load older")).to_be_hidden()
+    assert await offsets(page) == [1, 2, 3, 4, 5, 6]
+    assert all("token" not in url for url in sockets), sockets
+
+
+async def test_token_from_url_fragment_when_dev_auth_is_off(
+    start_server: StartServer, page: Page
+) -> None:
+    secret = "browser-test-secret-" + "x" * 32
+    server = start_server({"CHAT_JWT_SECRET": secret})
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+
+    # No dev route and no token: the page says what to do.
+    await page.goto(server.url + "/")
+    await expect(page.get_by_role("alert")).to_contain_text("#token=")
+    await expect(page.get_by_role("textbox", name="Message", exact=True)).to_be_disabled()
+
+    token = await issue_token(secret, "alice")
+    await page.goto("about:blank")
+    await page.goto(f"{server.url}/#token={token}")
+    await expect(page.get_by_role("status")).to_have_text("Connected")
+    await expect(page.get_by_text("Signed in as alice")).to_be_visible()
+    assert token not in page.url  # taken out of the address bar
+    await start_conversation(page, "Fragment token")
+    await exchange(page, "hi from alice", 1)
+    assert sockets and all("token" not in url for url in sockets), sockets

@@ -1,0 +1,132 @@
+"""Settings from flags and CHAT_* env, the agents catalogue, and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatserver.agents import AgentCatalog, AgentCatalogError
+from chatserver.auth import Authenticator
+from chatserver.cli import build_parser, main
+from chatserver.settings import Settings, SettingsError, load
+
+SECRET = "cli-test-secret-with-enough-length-0123"
+
+
+def test_no_settings_is_the_embedded_default() -> None:
+    settings = load({}, {})
+    assert settings.redis_url is None and settings.database_url is None
+    assert settings.dev_auth
+    assert (settings.local_ttft_ms, settings.local_token_ms) == (150, 15)
+    assert settings.window_size == 200 and settings.auth_timeout_s == 5.0
+
+
+def test_flags_beat_env_and_env_beats_defaults() -> None:
+    args = build_parser().parse_args(["serve", "--port", "9001", "--log-level", "debug"])
+    settings = load(args, {"CHAT_PORT": "9002", "CHAT_WINDOW_SIZE": "300", "CHAT_JWT_SECRET": SECRET})
+    assert settings.port == 9001 and settings.log_level == "debug"
+    assert settings.window_size == 300
+    assert settings.jwt_secret == SECRET and not settings.dev_auth
+    with pytest.raises(Exception):
+        settings.port = 1  # type: ignore[misc]  # frozen
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"CHAT_PORT": "eighty"}, "CHAT_PORT='eighty'"),
+        ({"CHAT_PORT": "70000"}, "CHAT_PORT=70000"),
+        ({"CHAT_WINDOW_SIZE": "0"}, "CHAT_WINDOW_SIZE=0"),
+        ({"CHAT_LOG_LEVEL": "loud"}, "CHAT_LOG_LEVEL='loud'"),
+        ({"CHAT_REDIS_URL": "http://x"}, "CHAT_REDIS_URL"),
+        ({"CHAT_DATABASE_URL": "mysql://x"}, "CHAT_DATABASE_URL"),
+        ({"CHAT_JWT_SECRET": "short"}, "CHAT_JWT_SECRET"),
+        ({"CHAT_AUTH_TIMEOUT_S": "soon"}, "CHAT_AUTH_TIMEOUT_S='soon'"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load({}, env)
+    assert named in str(info.value)
+
+
+def test_public_dict_hides_secrets() -> None:
+    settings = Settings(jwt_secret=SECRET, database_url="postgresql://u:hunter2@db/chat")
+    public = settings.public_dict()
+    assert public["jwt_secret"] == "***"
+    assert "hunter2" not in public["database_url"]
+
+
+def test_the_builtin_catalogue_covers_the_product_domains() -> None:
+    catalog = AgentCatalog.load(None)
+    ids = {a.id for a in catalog.public()}
+    assert {"general", "health-coach", "finance-helper"} <= ids
+    for agent in catalog:
+        assert agent.system_prompt and agent.model and agent.light_model
+        assert 0 <= agent.temperature <= 2 and agent.max_output_tokens > 0
+
+
+def test_agents_file_overrides_the_catalogue(tmp_path: Path) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        '[[agents]]\nid = "tutor"\nname = "Tutor"\ndescription = "Teaches"\n'
+        'model = "gemini-2.5-flash"\nsystem_prompt = "Teach."\npublic = false\ncacheable = true\n'
+    )
+    catalog = AgentCatalog.load(str(path))
+    tutor = catalog.get("tutor")
+    assert tutor is not None and tutor.cacheable and not tutor.public
+    assert catalog.get("general") is None and catalog.public() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("not toml [", "agents.toml"),
+        ("[[agents]]\nid = 'a'\n", "'name'"),
+        ('[[agents]]\nid="a"\nname="A"\ndescription="d"\nmodel="m"\nsystem_prompt="s"\ncolour=1\n',
+         "unknown keys"),
+        ('[[agents]]\nid="a"\nname="A"\ndescription="d"\nmodel="m"\nsystem_prompt="s"\n'
+         "temperature=9\n", "temperature"),
+        ('[[agents]]\nid="a"\nname="A"\ndescription="d"\nmodel="m"\nsystem_prompt="s"\n'
+         'public="yes"\n', "public"),
+        ("", "[[agents]]"),
+    ],
+)
+def test_bad_agent_files_say_what_is_wrong(tmp_path: Path, text: str, named: str) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text(text)
+    with pytest.raises(AgentCatalogError) as info:
+        AgentCatalog.load(str(path))
+    assert named in str(info.value)
+
+
+def test_missing_agents_file() -> None:
+    with pytest.raises(AgentCatalogError, match="No such file"):
+        AgentCatalog.load("/nonexistent/agents.toml")
+
+
+def test_token_command_signs_with_the_configured_secret() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "chatserver", "token", "--user", "alice", "--tier", "pro", "--ttl", "60"],
+        env={"CHAT_JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    principal = Authenticator(SECRET).verify(done.stdout.strip())
+    assert (principal.user_id, principal.tier) == ("alice", "pro")
+
+
+def test_token_command_needs_a_secret(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("CHAT_JWT_SECRET", raising=False)
+    assert main(["token", "--user", "alice"]) == 2
+    assert "CHAT_JWT_SECRET" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_bad_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CHAT_PORT", "eighty")
+    assert main(["serve"]) == 2
+    assert "CHAT_PORT='eighty'" in capsys.readouterr().err
