@@ -57,8 +57,10 @@ def _agent(entry: Any, where: str) -> Agent:
         if not isinstance(entry.get(key), kind) or not entry[key]:
             raise AgentCatalogError(f"{where}: '{key}' must be a non-empty string")
     for key, kinds in _OPTIONAL.items():
-        if key in entry and (not isinstance(entry[key], kinds) or isinstance(entry[key], bool)
-                             and bool not in kinds):
+        value = entry.get(key)
+        # bool is an int: `max_output_tokens = true` must not pass as 1
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if key in entry and (not isinstance(value, kinds) or wrong_bool):
             raise AgentCatalogError(f"{where}: '{key}' has the wrong type")
     if len(entry["id"]) > 64:
         raise AgentCatalogError(f"{where}: 'id' longer than 64 characters")

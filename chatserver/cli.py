@@ -8,11 +8,12 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from aiohttp import web
 
 from . import logs
-from .auth import AuthError, Authenticator
+from .auth import Authenticator, AuthError
 from .settings import Settings, SettingsError, add_flags, load
 
 log = logging.getLogger("chatserver")
@@ -22,12 +23,13 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load(args)
     logs.configure(settings.log_level, settings.server_id)
     log.info("settings", extra={"settings": settings.public_dict()})
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     try:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        loop_factory = asyncio.new_event_loop
+        pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(_run_server(settings))
     return 0

@@ -218,9 +218,7 @@ class ChatClient:
         await self.send_frame(Leave(conversation_id, ref))
         return await self.expect(Left, lambda f: f.ref == ref)
 
-    async def send(
-        self, conversation_id: str, text: str, client_msg_id: str | None = None
-    ) -> Ack:
+    async def send(self, conversation_id: str, text: str, client_msg_id: str | None = None) -> Ack:
         ref = _ref()
         await self.send_frame(Send(conversation_id, client_msg_id or _ref(), text, ref))
         return await self.expect(Ack, lambda f: f.ref == ref)
@@ -299,7 +297,9 @@ class ChatApi:
             return resp.status, body
 
     async def dev_token(self, user_id: str, tier: str = "free") -> str:
-        status, body = await self.request("POST", "/api/dev/token", json={"user_id": user_id, "tier": tier})
+        status, body = await self.request(
+            "POST", "/api/dev/token", json={"user_id": user_id, "tier": tier}
+        )
         if status != 200:
             raise RuntimeError(f"dev token refused: {status} {body}")
         return str(body["token"])

@@ -87,7 +87,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if transport is None:
         return ws
     _bound_kernel_buffer(transport, settings.tcp_send_buffer_bytes)
-    connection = _Connection(app, ws, transport, encoding)  # type: ignore[arg-type]
+    connection = _Connection(app, ws, transport, encoding)
     connections = app[keys.STATE].connections
     connections.add(connection)
     try:
@@ -134,7 +134,11 @@ class _Connection:
     # -- sending and closing ------------------------------------------------------------
 
     def send_error(
-        self, code: ErrorCode, message: str, ref: str | None = None, retry_after_ms: int | None = None
+        self,
+        code: ErrorCode,
+        message: str,
+        ref: str | None = None,
+        retry_after_ms: int | None = None,
     ) -> None:
         self.metrics.errors.labels(code.value).inc()
         frame = ErrorFrame(code.value, message, retry_after_ms, ref).to_dict()
@@ -157,7 +161,9 @@ class _Connection:
 
     def _on_overflow(self) -> None:
         self.metrics.slow_consumers.inc()
-        log.warning("slow consumer closed", extra={"session": self.session.id if self.session else None})
+        log.warning(
+            "slow consumer closed", extra={"session": self.session.id if self.session else None}
+        )
         self.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -237,7 +243,9 @@ class _Connection:
             try:
                 frame = decode_client_frame(msg.data, self.encoding, self.limits)
             except ProtocolError as exc:
-                self.send_error(ErrorCode.UNAUTHORIZED, f"expected an auth frame: {exc.message}", exc.ref)
+                self.send_error(
+                    ErrorCode.UNAUTHORIZED, f"expected an auth frame: {exc.message}", exc.ref
+                )
                 self.close(CloseCode.UNAUTHORIZED, "unauthorized")
                 return None
             if not isinstance(frame, Auth):
@@ -292,7 +300,9 @@ class _Connection:
         elif isinstance(frame, Ping):
             self._send(Pong(frame.ts, frame.ref))
         elif isinstance(frame, Typing):
-            await self.app[keys.CONVERSATIONS].require_member(frame.conversation_id, session.user_id)
+            await self.app[keys.CONVERSATIONS].require_member(
+                frame.conversation_id, session.user_id
+            )
             notice = TypingNotice(frame.conversation_id, session.user_id)
             await publish(self.app, frame.conversation_id, notice.to_dict())
         elif isinstance(frame, History):

@@ -59,9 +59,7 @@ class Metrics:
         self.replies = Counter(
             "chat_replies", "Replies ended, by finish reason", ["finish_reason"], registry=r
         )
-        self.tokens = Counter(
-            "chat_tokens", "Model tokens", ["model", "direction"], registry=r
-        )
+        self.tokens = Counter("chat_tokens", "Model tokens", ["model", "direction"], registry=r)
         self.active_replies = Gauge("chat_active_replies", "Replies streaming now", registry=r)
         self.messages_appended = Counter(
             "chat_messages_appended", "Messages acked (appended)", ["role"], registry=r

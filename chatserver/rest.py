@@ -56,9 +56,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
         if name != "/ws":
-            request.app[keys.METRICS].http_duration.labels(name, request.method, str(status)).observe(
-                time.perf_counter() - started
-            )
+            request.app[keys.METRICS].http_duration.labels(
+                name, request.method, str(status)
+            ).observe(time.perf_counter() - started)
 
 
 def require_principal(request: web.Request) -> Principal:
@@ -81,7 +81,9 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _int_query(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+def _int_query(
+    request: web.Request, name: str, default: int | None, lo: int, hi: int
+) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -184,7 +186,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[keys.METRICS].exposition()
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
 
 
 async def index(request: web.Request) -> web.FileResponse:

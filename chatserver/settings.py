@@ -42,7 +42,9 @@ class Settings:
     log_level: str = field(default="info", metadata=_opt("debug | info | warning | error"))
     jwt_secret: str | None = field(
         default=None,
-        metadata=_opt("HS256 secret of client tokens; unset: dev auth mode", flag=False, secret=True),
+        metadata=_opt(
+            "HS256 secret of client tokens; unset: dev auth mode", flag=False, secret=True
+        ),
     )
     server_id: str = field(default_factory=_default_server_id, metadata=_opt("instance name"))
     heartbeat_s: int = field(default=30, metadata=_opt("WebSocket ping interval, seconds"))
@@ -205,7 +207,9 @@ def validate(settings: Settings) -> Settings:
         "rediss",
         "unix",
     }:
-        raise SettingsError(f"CHAT_REDIS_URL={_strip_password(settings.redis_url)!r}: not a Redis URL")
+        raise SettingsError(
+            f"CHAT_REDIS_URL={_strip_password(settings.redis_url)!r}: not a Redis URL"
+        )
     for name in ("database_url", "read_database_url"):
         url = getattr(settings, name)
         if url is not None and urlparse(url).scheme not in {"postgres", "postgresql"}:

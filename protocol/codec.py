@@ -80,7 +80,9 @@ def decode_object(data: str | bytes, encoding: Encoding, limits: Limits) -> dict
     else:
         size = len(data)
     if size > limits.max_frame_bytes:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame larger than {limits.max_frame_bytes} bytes")
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"frame larger than {limits.max_frame_bytes} bytes"
+        )
     try:
         if encoding is Encoding.JSON:
             if isinstance(data, bytes | bytearray):
@@ -91,7 +93,9 @@ def decode_object(data: str | bytes, encoding: Encoding, limits: Limits) -> dict
                 _json_encoder.encode(obj).encode()
         else:
             if isinstance(data, str):
-                raise ProtocolError(ErrorCode.BAD_FRAME, "text frame on the MessagePack subprotocol")
+                raise ProtocolError(
+                    ErrorCode.BAD_FRAME, "text frame on the MessagePack subprotocol"
+                )
             # unpackb bounds every length by len(data) itself (max_buffer_size is Unpacker-only)
             obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except ProtocolError:

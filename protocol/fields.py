@@ -86,7 +86,9 @@ def req_list(obj: Obj, name: str, ref: str | None = None) -> list[Any]:
     return value
 
 
-def opt_scalar(obj: Obj, name: str, max_len: int, ref: str | None = None) -> int | float | str | None:
+def opt_scalar(
+    obj: Obj, name: str, max_len: int, ref: str | None = None
+) -> int | float | str | None:
     """A finite number or a short string, echoed back unchanged (ping's ``ts``)."""
     value = obj.get(name)
     if value is None:

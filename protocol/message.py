@@ -104,4 +104,3 @@ def timestamp_from_ms(epoch_ms: int) -> str:
 
 def timestamp_to_ms(text: str) -> int:
     return int(parse_timestamp(text).timestamp() * 1000)
-

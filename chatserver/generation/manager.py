@@ -10,6 +10,7 @@ Replies of one conversation run one after another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -24,7 +25,7 @@ from ..conversations import ConversationService
 from ..errors import ServiceError
 from ..metrics import Metrics
 from .buffer import ReplyBuffer
-from .provider import Chunk, Finish, Provider, ReplyRequest, StreamItem
+from .provider import Chunk, Finish, Provider, ReplyRequest
 
 log = logging.getLogger("chatserver.generation")
 
@@ -125,7 +126,9 @@ class GenerationManager:
     def start(self, conversation: Conversation, message: Message) -> ReplyRun:
         agent = self._agents.get(conversation.agent_id)
         if agent is None:
-            raise ServiceError(ErrorCode.INTERNAL, f"agent {conversation.agent_id!r} is not configured")
+            raise ServiceError(
+                ErrorCode.INTERNAL, f"agent {conversation.agent_id!r} is not configured"
+            )
         run = ReplyRun(conversation.id, agent, agent.model, message)
         lane = self._lanes.get(conversation.id)
         if lane is None:
@@ -154,7 +157,9 @@ class GenerationManager:
         try:
             async with lane.lock:
                 if self._closing:
-                    log.warning("reply dropped at shutdown", extra={"conversation": run.conversation_id})
+                    log.warning(
+                        "reply dropped at shutdown", extra={"conversation": run.conversation_id}
+                    )
                     return
                 await self._stream(run)
         except Exception:
@@ -197,16 +202,22 @@ class GenerationManager:
             finish = await self._consume(run, queue)
         except Exception as exc:
             log.exception("reply stream failed", extra={"conversation": conversation_id})
-            finish = Finish(FinishReason.ERROR.value, Usage(0, 0), f"reply failed: {type(exc).__name__}")
+            finish = Finish(
+                FinishReason.ERROR.value, Usage(0, 0), f"reply failed: {type(exc).__name__}"
+            )
         finally:
             if run.producer is not None and not run.producer.done():
                 run.producer.cancel()
             self._runs.pop(run.generation_id, None)
             self._metrics.active_replies.dec()
         if finish is None:
-            finish = Finish(run.cancel_reason or FinishReason.ERROR.value, Usage(0, 0),
-                            None if run.cancel_reason == FinishReason.CANCELLED.value
-                            else "the model stream ended without a finish")
+            finish = Finish(
+                run.cancel_reason or FinishReason.ERROR.value,
+                Usage(0, 0),
+                None
+                if run.cancel_reason == FinishReason.CANCELLED.value
+                else "the model stream ended without a finish",
+            )
         elif run.cancel_reason is not None and run.cancel_reason != FinishReason.CANCELLED.value:
             finish = Finish(run.cancel_reason, finish.usage, "server shutting down")
         await self._finalize(run, finish, time.perf_counter() - started)
@@ -221,10 +232,9 @@ class GenerationManager:
             log.warning("provider failed: %s", exc)
             await queue.put(Finish(FinishReason.ERROR.value, Usage(0, 0), f"model error: {exc}"))
         finally:
-            try:
+            # When full, the consumer drains the queue, then sees the producer is done.
+            with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(_END)
-            except asyncio.QueueFull:
-                pass  # the consumer drains the queue, then sees the producer is done
 
     async def _consume(self, run: ReplyRun, queue: asyncio.Queue[object]) -> Finish | None:
         assert run.producer is not None
@@ -292,5 +302,7 @@ class GenerationManager:
         self._metrics.tokens.labels(run.model, "output").inc(finish.usage.output_tokens)
         await self._publish(
             conversation_id,
-            GenEnd(conversation_id, run.generation_id, reason, finish.usage, message, error).to_dict(),
+            GenEnd(
+                conversation_id, run.generation_id, reason, finish.usage, message, error
+            ).to_dict(),
         )

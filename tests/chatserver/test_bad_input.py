@@ -43,8 +43,10 @@ async def _still_served(harness: Harness, conv: str) -> None:
         ('{"type": "history", "conversation_id": "c", "limit": "5"}', ErrorCode.BAD_FRAME),
         ('{"type": "history", "conversation_id": "c", "limit": 0}', ErrorCode.BAD_FRAME),
         ('{"type": "history", "conversation_id": "c", "limit": 101}', ErrorCode.BAD_FRAME),
-        ('{"type": "send", "conversation_id": "c", "client_msg_id": true, "text": "x"}',
-         ErrorCode.BAD_FRAME),
+        (
+            '{"type": "send", "conversation_id": "c", "client_msg_id": true, "text": "x"}',
+            ErrorCode.BAD_FRAME,
+        ),
     ],
 )
 async def test_malformed_frames_get_an_error_and_the_connection_lives(
@@ -137,11 +139,12 @@ def test_the_default_auth_timeout_is_five_seconds() -> None:
     assert Settings().auth_timeout_s == 5.0
 
 
-def _forged(alg: str, claims: dict[str, object], key: str = "a-wrong-secret-long-enough-for-hs256!") -> str:
+def _forged(
+    alg: str, claims: dict[str, object], key: str = "a-wrong-secret-long-enough-for-hs256!"
+) -> str:
     if alg == "none":
         return jwt.encode(claims, None, algorithm="none")  # type: ignore[arg-type]
     return jwt.encode(claims, key, algorithm=alg)
-
 
 
 @pytest.mark.parametrize("how", ["header", "frame", "query"])

@@ -37,6 +37,66 @@ SLOW = {"CHAT_LOCAL_TTFT_MS": "100", "CHAT_LOCAL_TOKEN_MS": "150"}
 StartServer = Callable[..., ServerProc]
 
 
+class CuttableProxy:
+    """A TCP proxy in front of the server whose connections the test can drop at will."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.accepting = True
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> CuttableProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        link = (writer, up_writer)
+        self._links.add(link)
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            self._links.discard(link)
+
+    def cut(self) -> None:
+        """Drop every open connection at once, as a network failure would."""
+        for down, up in list(self._links):
+            down.transport.abort()
+            up.transport.abort()
+
+    async def close(self) -> None:
+        self.accepting = False
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.transport.abort()
+
+
 def expected_reply(said: str) -> str:
     """The local model's deterministic answer (chatserver/generation/local.py)."""
     words = said.split()
@@ -291,6 +351,52 @@ async def test_reconnects_after_server_restart_and_loads_older(
     await expect(page.get_by_role("button", name="Load older")).to_be_hidden()
     assert await offsets(page) == [1, 2, 3, 4, 5, 6]
     assert all("token" not in url for url in sockets), sockets
+
+
+async def test_dropped_connection_rejoins_since_last_offset(
+    start_server: StartServer, page: Page
+) -> None:
+    server = start_server(SLOW)
+    proxy = await CuttableProxy(server.port).start()
+    try:
+        sockets: list[str] = []
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        status = page.get_by_role("status")
+        await open_page(page, proxy.url + "/")
+        await start_conversation(page, "Browser dropped link")
+        await exchange(page, "before the cut", 1)
+
+        long_text = " ".join(f"w{i}" for i in range(1, 21))
+        await send(page, long_text)
+        streaming = page.locator('li.msg[data-role="assistant"][data-streaming="true"]')
+        await expect(streaming).to_contain_text("You said: w1", timeout=REPLY_TIMEOUT_MS)
+
+        # The network goes away mid-reply; a message typed meanwhile waits for the link.
+        proxy.accepting = False
+        proxy.cut()
+        await expect(status).to_contain_text("Reconnecting")
+        await expect(page.get_by_role("button", name="Stop", exact=True)).to_be_disabled()
+        await send(page, "sent while offline")
+        pending = page.locator("li.msg[data-pending]")
+        await expect(pending).to_have_count(1)
+        await expect(pending).to_contain_text("sent while offline")
+
+        # Back: re-join with `since` (same epoch: recovered), the stream resumes without a gap
+        # or a repeat, and the waiting message goes out once (its client_msg_id is kept).
+        proxy.accepting = True
+        await expect(status).to_have_text("Connected", timeout=REPLY_TIMEOUT_MS)
+        await expect(pending).to_have_count(0, timeout=REPLY_TIMEOUT_MS)
+        await expect(message(page, "user", 4).locator(".text")).to_have_text("sent while offline")
+        await expect(finished_reply(page, 5).locator(".text")).to_have_text(
+            expected_reply(long_text), timeout=REPLY_TIMEOUT_MS
+        )
+        await expect(finished_reply(page, 6).locator(".text")).to_have_text(
+            expected_reply("sent while offline"), timeout=REPLY_TIMEOUT_MS
+        )
+        assert await offsets(page) == [1, 2, 3, 4, 5, 6]
+        assert len(sockets) >= 2, sockets
+    finally:
+        await proxy.close()
 
 
 async def test_token_from_url_fragment_when_dev_auth_is_off(

@@ -15,7 +15,9 @@ from protocol import Message, Usage
 
 def _request(text: str, max_output_tokens: int = 1024) -> ReplyRequest:
     message = Message("m1", "c1", 1, "user", text, "2026-01-01T00:00:00.000Z", user_id="u")
-    return ReplyRequest("general", "gemini-2.5-flash", "Be brief.", (message,), 0.7, max_output_tokens)
+    return ReplyRequest(
+        "general", "gemini-2.5-flash", "Be brief.", (message,), 0.7, max_output_tokens
+    )
 
 
 @pytest.fixture(params=["local"])

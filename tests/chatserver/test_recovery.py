@@ -94,7 +94,7 @@ async def test_a_restarted_server_serves_the_old_history(make_harness: MakeHarne
     alice = await second.connect("alice")
     again = await alice.join(conv, Since(2, joined.epoch))
     assert not again.recovered and again.epoch != joined.epoch
-    assert [m.text for m in again.messages][0] == "remember me"
+    assert again.messages[0].text == "remember me"
     assert [m.role for m in again.messages] == ["user", "assistant"]
     page = await alice.history(conv)
     assert [m.offset for m in page.messages] == [1, 2]

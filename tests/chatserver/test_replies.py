@@ -128,7 +128,9 @@ async def test_a_client_that_stops_reading_is_closed_4408(make_harness: MakeHarn
     slow = await RawWebSocket.connect("127.0.0.1", harness.server.port, await harness.token("bob"))
     await slow.send_text('{"type":"join","conversation_id":"%s"}' % conv)
     connections = harness.app[keys.STATE].connections
-    await eventually(lambda: any(c.session and conv in c.session.subscriptions for c in connections))
+    await eventually(
+        lambda: any(c.session and conv in c.session.subscriptions for c in connections)
+    )
     slow_conn = next(c for c in connections if c.session and c.session.user_id == "bob")
     alice = await harness.connect("alice")
     carol = await harness.connect("carol")

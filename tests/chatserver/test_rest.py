@@ -167,7 +167,9 @@ async def test_message_pages(harness: Harness) -> None:
 
 async def test_dev_token_route(harness: Harness) -> None:
     api = ChatApi(harness.base_url, None, harness.http)
-    status, body = await api.request("POST", "/api/dev/token", json={"user_id": "u1", "tier": "pro"})
+    status, body = await api.request(
+        "POST", "/api/dev/token", json={"user_id": "u1", "tier": "pro"}
+    )
     assert status == 200
     claims = jwt.decode(body["token"], options={"verify_signature": False})
     assert (claims["sub"], claims["tier"]) == ("u1", "pro") and claims["exp"] > claims["iat"]

@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -20,21 +19,22 @@ LONG = " ".join(f"w{i}" for i in range(40))
 
 async def test_make_run_serves_the_page_at_the_printed_url(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    proc = subprocess.Popen(
-        ["make", "--no-print-directory", "run",
-         f"ARGS=--port 0 --sqlite-path {tmp_path / 'run.sqlite3'}"],
+    proc = await asyncio.create_subprocess_exec(
+        "make",
+        "--no-print-directory",
+        "run",
+        f"ARGS=--port 0 --sqlite-path {tmp_path / 'run.sqlite3'}",
         cwd=REPO_ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
         start_new_session=True,  # make and its child in one group, stopped together
-        text=True,
     )
     try:
         assert proc.stdout is not None
         url = None
         for _ in range(200):  # make may print its own lines first
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+            line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
             found = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
             if found:
                 url = found.group(1)
@@ -46,7 +46,7 @@ async def test_make_run_serves_the_page_at_the_printed_url(tmp_path: Path) -> No
         assert "Message" in page and "<script" in page
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # make itself dies of the signal: no exit code
-        await asyncio.to_thread(proc.wait, 30)
+        await asyncio.wait_for(proc.wait(), 30)
 
 
 async def test_sigterm_finishes_the_reply_tells_clients_and_keeps_everything(
