@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from storage.batch_writer import BatchWriter
-from storage.outbox.memory import MemoryOutbox
-from storage.store.sqlite import SqliteStore
-from storage.window.memory import MemoryWindow
 
 from . import keys
 from .agents import AgentCatalog
 from .auth import Authenticator
-from .broker.memory import MemoryBroker
+from .backends import (
+    make_broker,
+    make_redis,
+    make_reply_buffer,
+    make_store,
+    make_window_and_outbox,
+)
 from .conversations import ConversationService
-from .gateway import drain_connections, websocket_handler
-from .generation.buffer import MemoryReplyBuffer
+from .gateway import drain_connections, resync_joined, websocket_handler
 from .generation.local import LocalProvider
 from .generation.manager import GenerationManager
+from .broker.redis import RedisBroker
 from .hub import LocalHub
 from .metrics import Metrics
 from .outbound import Flusher
@@ -39,7 +44,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app[keys.AGENTS] = AgentCatalog.load(settings.agents)
     app[keys.STATE] = keys.RunState()
     app[keys.FLUSHER] = Flusher()
-    app.cleanup_ctx.extend([_storage, _persistence, _fanout, _generation])
+    app.cleanup_ctx.extend([_redis, _storage, _persistence, _fanout, _generation])
     app.on_shutdown.append(_drain)
     app.router.add_get("/ws", websocket_handler)
     add_routes(app)
@@ -51,11 +56,20 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     return app
 
 
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    redis = make_redis(app[keys.SETTINGS])
+    app[keys.REDIS] = redis
+    if redis is not None:
+        await redis.ping()  # fail fast with a clear error when Redis is unreachable
+    yield
+    if redis is not None:
+        await redis.aclose()
+
+
 async def _storage(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    store = SqliteStore(settings.sqlite_path)
-    window = MemoryWindow(size=settings.window_size)
-    outbox = MemoryOutbox(max_entries=settings.outbox_max)
+    store = make_store(settings)
+    window, outbox = make_window_and_outbox(settings, app[keys.REDIS])
     await store.start()
     await window.start()
     await outbox.start()
@@ -104,7 +118,9 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _fanout(app: web.Application) -> AsyncIterator[None]:
-    broker = MemoryBroker()
+    broker = make_broker(app[keys.SETTINGS], app[keys.REDIS])
+    if isinstance(broker, RedisBroker):
+        broker.on_gap = lambda: resync_joined(app)
     metrics = app[keys.METRICS]
     hub = LocalHub(broker, on_fanout=metrics.fanout_delay.observe)
     await broker.start(hub.deliver)
@@ -117,8 +133,9 @@ async def _fanout(app: web.Application) -> AsyncIterator[None]:
 async def _generation(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     provider = LocalProvider(settings.local_ttft_ms, settings.local_token_ms)
-    buffer = MemoryReplyBuffer()
+    buffer = make_reply_buffer(settings, app[keys.REDIS])
     app[keys.REPLY_BUFFER] = buffer
+    broker = app[keys.BROKER]
 
     async def publish_frame(conversation_id: str, frame: dict[str, object]) -> None:
         await publish(app, conversation_id, frame)
@@ -131,10 +148,19 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         app[keys.AGENTS],
         app[keys.METRICS],
         server_id=settings.server_id,
+        send_control=broker.send_control,
         max_queued=settings.max_queued_replies,
     )
+    broker.on_control = manager.on_control
     app[keys.GENERATION] = manager
+    leases = asyncio.create_task(
+        manager.keep_leases(settings.reply_lease_s, sweep_s=min(2.0, settings.reply_lease_s / 2)),
+        name="reply-leases",
+    )
     yield
+    leases.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await leases
     await manager.shutdown(0)
     await provider.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import uuid
 from typing import Any
@@ -154,9 +155,9 @@ class _Connection:
             self.ws.close(code=code, message=reason.encode()[:120], drain=False)
         )
 
-    def going_away(self, after_ms: int) -> None:
+    def going_away(self, after_ms: int, reason: str = "server draining") -> None:
         if self.session is not None and not self._closing:
-            self._send(Reconnect("server draining", after_ms))
+            self._send(Reconnect(reason, after_ms))
         self.close(CloseCode.GOING_AWAY, "server_draining")
 
     def _on_overflow(self) -> None:
@@ -381,14 +382,25 @@ class _Connection:
 
     async def _on_cancel(self, session: Session, frame: Cancel) -> None:
         generation = self.app[keys.GENERATION]
-        run = generation.get(frame.generation_id)
-        if run is None:
+        owner = await generation.locate(frame.generation_id)
+        if owner is None:
             raise ServiceError(ErrorCode.NOT_FOUND, "no running reply with that generation_id")
-        await self.app[keys.CONVERSATIONS].require_member(run.conversation_id, session.user_id)
-        generation.cancel(frame.generation_id)
+        await self.app[keys.CONVERSATIONS].require_member(owner.conversation_id, session.user_id)
+        await generation.cancel(owner)
 
 
 def drain_connections(app: web.Application, after_ms: int = 1000) -> None:
     """Tell every client to reconnect elsewhere, then close with 1001."""
     for connection in list(app[keys.STATE].connections):
         connection.going_away(after_ms)
+
+
+def resync_joined(app: web.Application, spread_ms: int = 1000) -> None:
+    """The broker missed events: clients in conversations reconnect and rejoin with `since`.
+
+    Reconnects are spread over ``spread_ms`` so they do not arrive all at once.
+    """
+    for connection in list(app[keys.STATE].connections):
+        session = connection.session
+        if session is not None and session.subscriptions:
+            connection.going_away(random.randint(0, spread_ms), "event stream interrupted")

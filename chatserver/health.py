@@ -25,8 +25,11 @@ async def _ok() -> None:
 
 
 async def _broker_probe(app: web.Application) -> None:
+    redis = app[keys.REDIS]
+    if redis is not None:
+        await redis.ping()
     if not app[keys.BROKER].healthy():
-        raise ConnectionError("broker not connected")
+        raise ConnectionError("pub/sub connection down")
 
 
 async def health_report(app: web.Application, include_ai: bool = True) -> dict[str, Any]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from storage.outbox.base import Outbox
 from storage.store.base import Store
@@ -31,6 +33,8 @@ class RunState:
 
 
 SETTINGS = web.AppKey("settings", Settings)
+# The redis.asyncio client, or None in embedded mode.
+REDIS: web.AppKey[Redis | RedisCluster | None] = web.AppKey("redis")
 METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
 AGENTS = web.AppKey("agents", AgentCatalog)

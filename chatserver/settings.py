@@ -38,6 +38,34 @@ class Settings:
     read_database_url: str | None = field(
         default=None, metadata=_opt("Postgres URL of a read replica")
     )
+    migrate: str = field(
+        default="", metadata=_opt("'yes': apply Postgres migrations at start-up")
+    )
+    pg_pool_min: int = field(default=2, metadata=_opt("Postgres pool: connections kept open"))
+    pg_pool_max: int = field(default=20, metadata=_opt("Postgres pool: most connections"))
+    pg_command_timeout_s: float = field(
+        default=10.0, metadata=_opt("Postgres: longest statement before it is abandoned")
+    )
+    pgbouncer: str = field(
+        default="",
+        metadata=_opt("'yes': behind PgBouncer in transaction mode (no prepared statement cache)"),
+    )
+    partition_months_ahead: int = field(
+        default=3, metadata=_opt("monthly message partitions created ahead of now")
+    )
+    redis_key_prefix: str = field(default="chat", metadata=_opt("prefix of every Redis key"))
+    redis_cluster: str = field(
+        default="", metadata=_opt("'yes': the Redis URL names a cluster (sharded pub/sub)")
+    )
+    idempotency_ttl_s: int = field(
+        default=24 * 3600, metadata=_opt("how long a client_msg_id is remembered")
+    )
+    reply_lease_s: float = field(
+        default=5.0, metadata=_opt("lease of a running reply; renewed while it streams")
+    )
+    outbox_claim_idle_ms: int = field(
+        default=30_000, metadata=_opt("outbox entries pending this long are claimed by another")
+    )
     agents: str | None = field(default=None, metadata=_opt("agents TOML file (default: built-in)"))
     log_level: str = field(default="info", metadata=_opt("debug | info | warning | error"))
     jwt_secret: str | None = field(
@@ -75,6 +103,18 @@ class Settings:
         default="", metadata=_opt("comma-separated browser origins allowed on /ws (empty: any)")
     )
     shutdown_grace_s: float = field(default=10.0, metadata=_opt("time to finish replies on stop"))
+
+    @property
+    def should_migrate(self) -> bool:
+        return self.migrate.lower() in {"1", "yes", "true", "on"}
+
+    @property
+    def behind_pgbouncer(self) -> bool:
+        return self.pgbouncer.lower() in {"1", "yes", "true", "on"}
+
+    @property
+    def use_redis_cluster(self) -> bool:
+        return self.redis_cluster.lower() in {"1", "yes", "true", "on"}
 
     @property
     def dev_auth(self) -> bool:
@@ -191,6 +231,13 @@ def validate(settings: Settings) -> Settings:
             "batch_max",
             "batch_wait_ms",
             "max_queued_replies",
+            "pg_pool_min",
+            "pg_pool_max",
+            "pg_command_timeout_s",
+            "partition_months_ahead",
+            "idempotency_ttl_s",
+            "reply_lease_s",
+            "outbox_claim_idle_ms",
         ),
     )
     for name in ("local_ttft_ms", "local_token_ms", "shutdown_grace_s", "tcp_send_buffer_bytes"):
@@ -214,6 +261,16 @@ def validate(settings: Settings) -> Settings:
         url = getattr(settings, name)
         if url is not None and urlparse(url).scheme not in {"postgres", "postgresql"}:
             raise SettingsError(f"{env_name(name)}={_strip_password(url)!r}: not a Postgres URL")
+    if settings.pg_pool_min > settings.pg_pool_max:
+        raise SettingsError(
+            f"CHAT_PG_POOL_MIN={settings.pg_pool_min!r}: must not exceed CHAT_PG_POOL_MAX"
+        )
+    if settings.read_database_url is not None and settings.database_url is None:
+        raise SettingsError("CHAT_READ_DATABASE_URL needs CHAT_DATABASE_URL (the primary)")
+    if not settings.redis_key_prefix or "{" in settings.redis_key_prefix:
+        raise SettingsError(
+            f"CHAT_REDIS_KEY_PREFIX={settings.redis_key_prefix!r}: non-empty, no braces"
+        )
     if settings.jwt_secret is not None and len(settings.jwt_secret) < 16:
         raise SettingsError("CHAT_JWT_SECRET: must be at least 16 characters")
     if settings.max_frame_bytes < 1024:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..events import Event
 
 Deliver = Callable[[Event], None]
+Control = Callable[[dict[str, Any]], None]
 
 
 class BrokerUnavailable(Exception):
@@ -16,6 +17,8 @@ class BrokerUnavailable(Exception):
 
 class Broker(Protocol):
     name: str
+    server_id: str
+    on_control: Control | None  # set by the app: control messages addressed to us
 
     async def start(self, deliver: Deliver) -> None:
         """Begin handing received events to ``deliver`` (the local hub)."""
@@ -30,5 +33,8 @@ class Broker(Protocol):
 
     async def publish(self, event: Event) -> None:
         """Send to every instance subscribed to ``event.conversation_id``, this one included."""
+
+    async def send_control(self, server_id: str, message: dict[str, Any]) -> None:
+        """Deliver ``message`` to the instance ``server_id`` (e.g. cancel a reply it owns)."""
 
     def healthy(self) -> bool: ...

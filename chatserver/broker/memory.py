@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ..events import Event
-from .base import Deliver
+from .base import Control, Deliver
 
 
 class MemoryBroker:
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, server_id: str = "local") -> None:
+        self.server_id = server_id
+        self.on_control: Control | None = None
         self._deliver: Deliver | None = None
         self._subscribed: set[str] = set()
 
@@ -34,6 +37,10 @@ class MemoryBroker:
         if not event.published_at:
             event.published_at = time.time()
         self._deliver(event)
+
+    async def send_control(self, server_id: str, message: dict[str, Any]) -> None:
+        if server_id == self.server_id and self.on_control is not None:
+            self.on_control(message)
 
     def healthy(self) -> bool:
         return self._deliver is not None

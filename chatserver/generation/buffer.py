@@ -1,47 +1,94 @@
-"""Resume buffers: the text so far of each running reply, for clients joining mid-stream."""
+"""Resume buffers: the text so far of each running reply, for clients joining mid-stream.
+
+A buffer also records who owns the reply (the instance streaming it) under a lease the
+owner keeps renewing; when an owner dies its lease expires and another instance claims the
+reply, stores the partial text and ends it. One reply runs per conversation at a time.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from protocol import GenerationSnapshot
 
 
+class LeaseLost(Exception):
+    """Another instance took over this reply (our lease expired): stop without finishing."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyOwner:
+    conversation_id: str
+    generation_id: str
+    owner: str  # server id
+    agent_id: str
+    model: str
+    reply_to: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedReply:
+    owner: ReplyOwner
+    seq: int
+    text: str
+
+
 class ReplyBuffer(Protocol):
     name: str
 
-    async def begin(self, conversation_id: str, generation_id: str, owner: str) -> None: ...
+    async def begin(self, owner: ReplyOwner) -> bool:
+        """Take the conversation's reply slot; False while another live reply holds it."""
 
     async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
-        """Record delta ``seq`` (its text) before it is published."""
+        """Record delta ``seq`` before it is published; ``LeaseLost`` if we were taken over."""
 
     async def snapshot(self, conversation_id: str) -> GenerationSnapshot | None: ...
 
     async def end(self, conversation_id: str, generation_id: str) -> None: ...
 
+    async def renew(self, running: list[tuple[str, str]]) -> None:
+        """Extend the leases of the replies this instance streams: (conversation, generation)."""
+
+    async def owner_of(self, generation_id: str) -> ReplyOwner | None: ...
+
+    async def expired(self) -> list[tuple[str, str]]:
+        """Replies whose lease ran out (their owner is gone): (conversation, generation)."""
+
+    async def claim(self, conversation_id: str, generation_id: str) -> ClaimedReply | None:
+        """Atomically take an expired reply; None if it is live or someone else took it."""
+
 
 class _Running:
-    __slots__ = ("generation_id", "parts", "seq")
+    __slots__ = ("owner", "parts", "seq")
 
-    def __init__(self, generation_id: str) -> None:
-        self.generation_id = generation_id
+    def __init__(self, owner: ReplyOwner) -> None:
+        self.owner = owner
         self.seq = 0
         self.parts: list[str] = []
 
 
 class MemoryReplyBuffer:
+    """One instance: nobody else can own a reply, so leases never expire."""
+
     name = "memory"
 
     def __init__(self) -> None:
         self._running: dict[str, _Running] = {}
+        self._by_generation: dict[str, ReplyOwner] = {}
 
-    async def begin(self, conversation_id: str, generation_id: str, owner: str) -> None:
-        self._running[conversation_id] = _Running(generation_id)
+    async def begin(self, owner: ReplyOwner) -> bool:
+        current = self._running.get(owner.conversation_id)
+        if current is not None and current.owner.generation_id != owner.generation_id:
+            return False
+        self._running[owner.conversation_id] = _Running(owner)
+        self._by_generation[owner.generation_id] = owner
+        return True
 
     async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
         running = self._running.get(conversation_id)
-        if running is None or running.generation_id != generation_id:
-            return
+        if running is None or running.owner.generation_id != generation_id:
+            raise LeaseLost(generation_id)
         running.seq = seq
         running.parts.append(text)
 
@@ -49,9 +96,22 @@ class MemoryReplyBuffer:
         running = self._running.get(conversation_id)
         if running is None:
             return None
-        return GenerationSnapshot(running.generation_id, running.seq, "".join(running.parts))
+        return GenerationSnapshot(running.owner.generation_id, running.seq, "".join(running.parts))
 
     async def end(self, conversation_id: str, generation_id: str) -> None:
         running = self._running.get(conversation_id)
-        if running is not None and running.generation_id == generation_id:
+        if running is not None and running.owner.generation_id == generation_id:
             del self._running[conversation_id]
+        self._by_generation.pop(generation_id, None)
+
+    async def renew(self, running: list[tuple[str, str]]) -> None:
+        return None
+
+    async def owner_of(self, generation_id: str) -> ReplyOwner | None:
+        return self._by_generation.get(generation_id)
+
+    async def expired(self) -> list[tuple[str, str]]:
+        return []
+
+    async def claim(self, conversation_id: str, generation_id: str) -> ClaimedReply | None:
+        return None

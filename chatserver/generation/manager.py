@@ -24,12 +24,13 @@ from ..agents import Agent, AgentCatalog
 from ..conversations import ConversationService
 from ..errors import ServiceError
 from ..metrics import Metrics
-from .buffer import ReplyBuffer
+from .buffer import LeaseLost, ReplyBuffer, ReplyOwner
 from .provider import Chunk, Finish, Provider, ReplyRequest
 
 log = logging.getLogger("chatserver.generation")
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+SendControl = Callable[[str, dict[str, Any]], Awaitable[None]]
 _END = object()
 _QUEUE_DEPTH = 256
 
@@ -41,6 +42,7 @@ class ReplyRun:
         "conversation_id",
         "first_token_at",
         "generation_id",
+        "lost",
         "model",
         "parts",
         "producer",
@@ -61,6 +63,17 @@ class ReplyRun:
         self.cancel_reason: str | None = None
         self.queued_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.lost = False  # another instance took the reply over: end silently
+
+    def owner(self, server_id: str) -> ReplyOwner:
+        return ReplyOwner(
+            self.conversation_id,
+            self.generation_id,
+            server_id,
+            self.agent.id,
+            self.model,
+            self.reply_to.id,
+        )
 
     def stop(self, reason: str) -> bool:
         if self.cancel_reason is None:
@@ -90,8 +103,10 @@ class GenerationManager:
         metrics: Metrics,
         *,
         server_id: str,
+        send_control: SendControl | None = None,
         max_queued: int = 4,
         context_messages: int = 50,
+        slot_wait_s: float = 60.0,
     ) -> None:
         self._conversations = conversations
         self._publish = publish
@@ -100,8 +115,10 @@ class GenerationManager:
         self._agents = agents
         self._metrics = metrics
         self._server_id = server_id
+        self._send_control = send_control
         self._max_queued = max_queued
         self._context = context_messages
+        self._slot_wait_s = slot_wait_s
         self._runs: dict[str, ReplyRun] = {}
         self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -139,9 +156,32 @@ class GenerationManager:
         task.add_done_callback(self._tasks.discard)
         return run
 
-    def cancel(self, generation_id: str) -> bool:
+    def cancel_local(self, generation_id: str) -> bool:
         run = self._runs.get(generation_id)
         return run is not None and run.stop(FinishReason.CANCELLED.value)
+
+    async def locate(self, generation_id: str) -> ReplyOwner | None:
+        """Who streams this reply: this instance or, through the buffer, another one."""
+        run = self._runs.get(generation_id)
+        if run is not None:
+            return run.owner(self._server_id)
+        return await self._buffer.owner_of(generation_id)
+
+    async def cancel(self, owner: ReplyOwner) -> None:
+        """Stop a reply wherever it runs: here at once, elsewhere through the broker."""
+        if owner.owner == self._server_id or self._send_control is None:
+            self.cancel_local(owner.generation_id)
+            return
+        await self._send_control(
+            owner.owner, {"type": "cancel", "generation_id": owner.generation_id}
+        )
+
+    def on_control(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "cancel" and isinstance(message.get("generation_id"), str):
+            self.cancel_local(message["generation_id"])
+
+    def running_replies(self) -> list[tuple[str, str]]:
+        return [(r.conversation_id, r.generation_id) for r in self._runs.values()]
 
     async def shutdown(self, grace_s: float) -> None:
         """Let replies finish for ``grace_s``, then end the rest with ``error``."""
@@ -176,7 +216,7 @@ class GenerationManager:
         started = time.perf_counter()
         finish: Finish | None = None
         try:
-            await self._buffer.begin(conversation_id, run.generation_id, self._server_id)
+            await self._take_slot(run)
             await self._publish(
                 conversation_id,
                 GenStart(
@@ -221,6 +261,18 @@ class GenerationManager:
         elif run.cancel_reason is not None and run.cancel_reason != FinishReason.CANCELLED.value:
             finish = Finish(run.cancel_reason, finish.usage, "server shutting down")
         await self._finalize(run, finish, time.perf_counter() - started)
+
+    async def _take_slot(self, run: ReplyRun) -> None:
+        """One reply per conversation across instances: wait while another one streams."""
+        owner = run.owner(self._server_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._slot_wait_s
+        delay = 0.02
+        while not await self._buffer.begin(owner):
+            if loop.time() > deadline:
+                raise ServiceError(ErrorCode.UNAVAILABLE, "another reply is still streaming")
+            await asyncio.sleep(delay)  # rare: replies raced on two instances
+            delay = min(delay * 2, 0.5)
 
     async def _produce(self, request: ReplyRequest, queue: asyncio.Queue[object]) -> None:
         try:
@@ -267,15 +319,28 @@ class GenerationManager:
             )
         run.seq += 1
         run.parts.append(text)
-        await self._buffer.append(run.conversation_id, run.generation_id, run.seq, text)
+        try:
+            await self._buffer.append(run.conversation_id, run.generation_id, run.seq, text)
+        except LeaseLost:
+            log.warning("reply taken over by another instance", extra={"conversation": run.conversation_id})
+            run.lost = True
+            run.stop(FinishReason.ERROR.value)
+            return
         await self._publish(
             run.conversation_id,
             Delta(run.conversation_id, run.generation_id, run.seq, text).to_dict(),
         )
 
     async def _finalize(self, run: ReplyRun, finish: Finish, duration: float) -> None:
-        conversation_id = run.conversation_id
-        await self._buffer.end(conversation_id, run.generation_id)
+        if run.lost:
+            return  # the instance that took over stored and ended it
+        await self._buffer.end(run.conversation_id, run.generation_id)
+        self._metrics.reply_duration.labels(run.agent.id, run.model).observe(duration)
+        await self.store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
+
+    async def store_and_end(self, owner: ReplyOwner, text: str, finish: Finish) -> None:
+        """Store the reply like any message, then publish ``gen_end`` with it."""
+        conversation_id = owner.conversation_id
         message: Message | None = None
         reason = finish.reason
         error = finish.error
@@ -284,12 +349,12 @@ class GenerationManager:
                 MessageDraft(
                     conversation_id=conversation_id,
                     role=Role.ASSISTANT.value,
-                    text="".join(run.parts),
-                    agent_id=run.agent.id,
+                    text=text,
+                    agent_id=owner.agent_id,
                     finish_reason=reason,
                     usage=finish.usage,
-                    model=run.model,
-                    reply_to=run.reply_to.id,
+                    model=owner.model,
+                    reply_to=owner.reply_to,
                 )
             )
             message = result.message
@@ -297,12 +362,49 @@ class GenerationManager:
         except ServiceError as exc:
             reason, error = FinishReason.ERROR.value, f"reply not stored: {exc.message}"
         self._metrics.replies.labels(reason).inc()
-        self._metrics.reply_duration.labels(run.agent.id, run.model).observe(duration)
-        self._metrics.tokens.labels(run.model, "input").inc(finish.usage.input_tokens)
-        self._metrics.tokens.labels(run.model, "output").inc(finish.usage.output_tokens)
+        self._metrics.tokens.labels(owner.model, "input").inc(finish.usage.input_tokens)
+        self._metrics.tokens.labels(owner.model, "output").inc(finish.usage.output_tokens)
         await self._publish(
             conversation_id,
             GenEnd(
-                conversation_id, run.generation_id, reason, finish.usage, message, error
+                conversation_id, owner.generation_id, reason, finish.usage, message, error
             ).to_dict(),
         )
+
+    async def keep_leases(self, lease_s: float, sweep_s: float) -> None:
+        """Renew our replies' leases; end replies whose owner died (their lease ran out).
+
+        Runs for the life of the app on every instance; with the memory buffer there is
+        never anything to sweep.
+        """
+        renew_every = lease_s / 3
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + sweep_s
+        while True:
+            await asyncio.sleep(min(renew_every, sweep_s))
+            try:
+                if self._runs:
+                    await self._buffer.renew(self.running_replies())
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + sweep_s
+                    await self._sweep_orphans()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: try again next round
+                log.warning("lease upkeep failed: %s", exc)
+
+    async def _sweep_orphans(self) -> None:
+        for conversation_id, generation_id in await self._buffer.expired():
+            claimed = await self._buffer.claim(conversation_id, generation_id)
+            if claimed is None:
+                continue
+            log.warning(
+                "ending a reply whose instance died",
+                extra={"conversation": conversation_id, "owner": claimed.owner.owner},
+            )
+            finish = Finish(
+                FinishReason.ERROR.value,
+                Usage(0, 0),
+                "the instance streaming this reply stopped; the partial text is kept",
+            )
+            await self.store_and_end(claimed.owner, claimed.text, finish)

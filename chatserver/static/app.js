@@ -118,6 +118,7 @@ function fatal(text) {
   showAlert(text, { sticky: true });
   setStatus("offline", "Not connected");
   for (const c of [els.agent, els.title, els.start, els.input, els.send, els.stop]) c.disabled = true;
+  if (state.agents.size === 0) els.agent.replaceChildren(el("option", { value: "" }, "Not available"));
   clearTimeout(state.reconnectTimer);
   if (state.ws) state.ws.close(1000, "signed out");
 }

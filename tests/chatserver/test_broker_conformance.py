@@ -1,53 +1,135 @@
-"""One conformance suite for every broker (Redis joins with its issue)."""
+"""One conformance suite for every broker, and what crosses instances on Redis."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import pytest
+from redis.asyncio import Redis
 
 from chatserver.broker.base import Broker
 from chatserver.broker.memory import MemoryBroker
+from chatserver.broker.redis import RedisBroker
 from chatserver.events import Event
 
+from .conftest import eventually
 
-@pytest.fixture(params=["memory"])
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Broker, list[Event]]]:
-    received: list[Event] = []
-    made = MemoryBroker()
-    await made.start(received.append)
-    yield made, received
-    await made.close()
+Made = tuple[Broker, list[Event]]
+
+
+@pytest.fixture
+async def make_broker(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[[str, str], asyncio.Future[Made]]]:
+    made: list[Broker] = []
+    clients: list[Redis] = []
+
+    async def make(kind: str, server_id: str) -> Made:
+        received: list[Event] = []
+        broker: Broker
+        if kind == "memory":
+            broker = MemoryBroker(server_id)
+        else:
+            redis = Redis.from_url(request.getfixturevalue("redis_url"))
+            clients.append(redis)
+            broker = RedisBroker(redis, server_id=server_id)
+        await broker.start(received.append)
+        made.append(broker)
+        return broker, received
+
+    yield make  # type: ignore[misc]
+    for broker in made:
+        await broker.close()
+    for redis in clients:
+        await redis.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request: pytest.FixtureRequest, make_broker) -> Made:  # type: ignore[no-untyped-def]
+    return await make_broker(request.param, "server-a")  # type: ignore[no-any-return]
 
 
 def _typing(conv: str, n: int) -> Event:
-    return Event(conv, {"type": "typing", "conversation_id": conv, "user_id": f"u{n}"})
+    return Event(conv, {"type": "typing", "conversation_id": conv, "user_id": f"u{n}"}, 1.0)
 
 
-async def test_subscribed_conversations_are_delivered_in_order(
-    broker: tuple[Broker, list[Event]],
-) -> None:
+async def test_subscribed_conversations_are_delivered_in_order(broker: Made) -> None:
     made, received = broker
     await made.subscribe("c1")
     for n in range(5):
         await made.publish(_typing("c1", n))
     assert [e.frame["user_id"] for e in received] == [f"u{n}" for n in range(5)]
-    assert all(e.published_at > 0 for e in received)
     assert made.healthy()
 
 
-async def test_unsubscribed_conversations_are_not(broker: tuple[Broker, list[Event]]) -> None:
+async def test_own_publications_arrive_once(broker: Made) -> None:
     made, received = broker
-    await made.subscribe("c1")
-    await made.publish(_typing("c2", 1))
-    await made.unsubscribe("c1")
-    await made.publish(_typing("c1", 2))
-    assert received == []
-
-
-async def test_own_publications_arrive_once(broker: tuple[Broker, list[Event]]) -> None:
-    made, received = broker
-    await made.subscribe("c1")
     await made.subscribe("c1")
     await made.publish(_typing("c1", 1))
-    assert len(received) == 1
+    await made.subscribe("c2")  # a round trip on the subscriber connection: echoes are in
+    await made.publish(_typing("c2", 2))
+    await asyncio.sleep(0)
+    assert [e.frame["user_id"] for e in received] == ["u1", "u2"]
+
+
+async def test_control_messages_reach_their_instance(broker: Made) -> None:
+    made, _ = broker
+    got: list[dict[str, object]] = []
+    made.on_control = got.append
+    await made.send_control(made.server_id, {"type": "cancel", "generation_id": "g"})
+    await eventually(lambda: got == [{"type": "cancel", "generation_id": "g"}])
+
+
+async def test_events_cross_instances_once_in_order(make_broker) -> None:  # type: ignore[no-untyped-def]
+    a, from_a = await make_broker("redis", "server-a")
+    b, from_b = await make_broker("redis", "server-b")
+    c, from_c = await make_broker("redis", "server-c")
+    await b.subscribe("c1")
+    await c.subscribe("c2")
+    for n in range(50):
+        await a.publish(_typing("c1", n))
+    await a.publish(_typing("c2", 99))
+    await eventually(lambda: len(from_b) == 50 and len(from_c) == 1)
+    assert [e.frame["user_id"] for e in from_b] == [f"u{n}" for n in range(50)]
+    assert all(e.published_at == 1.0 for e in from_b)
+    assert from_a == []  # no local room on a; its echoes are dropped
+    await b.unsubscribe("c1")
+    await a.publish(_typing("c1", 100))
+    await a.publish(_typing("c2", 101))
+    await eventually(lambda: len(from_c) == 2)
+    assert len(from_b) == 50
+
+
+async def test_control_crosses_instances(make_broker) -> None:  # type: ignore[no-untyped-def]
+    a, _ = await make_broker("redis", "server-a")
+    b, _ = await make_broker("redis", "server-b")
+    got: list[dict[str, object]] = []
+    b.on_control = got.append
+    await a.send_control("server-b", {"type": "cancel", "generation_id": "g1"})
+    await eventually(lambda: got == [{"type": "cancel", "generation_id": "g1"}])
+
+
+async def test_reconnects_after_redis_restarts_and_reports_the_gap(redis_server) -> None:  # type: ignore[no-untyped-def]
+    redis_server.start() if not redis_server.running else None
+    redis = Redis.from_url(redis_server.url)
+    sender = Redis.from_url(redis_server.url)
+    gaps: list[int] = []
+    received: list[Event] = []
+    broker = RedisBroker(redis, server_id="server-a", on_gap=lambda: gaps.append(1))
+    other = RedisBroker(sender, server_id="server-b")
+    await broker.start(received.append)
+    await other.start(lambda e: None)
+    try:
+        await broker.subscribe("c1")
+        redis_server.stop()
+        await eventually(lambda: not broker.healthy(), timeout=10)
+        redis_server.start()
+        await eventually(lambda: broker.healthy() and gaps == [1], timeout=20)
+        await other.publish(_typing("c1", 7))  # the room was resubscribed
+        await eventually(lambda: [e.frame["user_id"] for e in received] == ["u7"], timeout=10)
+    finally:
+        await broker.close()
+        await other.close()
+        await redis.aclose()
+        await sender.aclose()

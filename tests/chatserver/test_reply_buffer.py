@@ -1,34 +1,112 @@
-"""Conformance of resume buffers (the Redis one joins with its issue)."""
+"""Conformance of resume buffers (memory and Redis), and Redis lease takeover."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import pytest
+from redis.asyncio import Redis
 
-from chatserver.generation.buffer import MemoryReplyBuffer, ReplyBuffer
+from chatserver.generation.buffer import LeaseLost, MemoryReplyBuffer, ReplyBuffer, ReplyOwner
+from chatserver.generation.redis_buffer import RedisReplyBuffer
 
 
-@pytest.fixture(params=["memory"])
-def buffer(request: pytest.FixtureRequest) -> ReplyBuffer:
-    return MemoryReplyBuffer()
+def _owner(gen: str = "g1", conv: str = "c1", server: str = "server-a") -> ReplyOwner:
+    return ReplyOwner(conv, gen, server, "general", "gemini-2.5-flash", "m1")
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def buffer(request: pytest.FixtureRequest) -> AsyncIterator[ReplyBuffer]:
+    if request.param == "memory":
+        yield MemoryReplyBuffer()
+        return
+    redis = Redis.from_url(request.getfixturevalue("redis_url"))
+    yield RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
+    await redis.aclose()
 
 
 async def test_text_so_far_and_last_seq(buffer: ReplyBuffer) -> None:
     assert await buffer.snapshot("c1") is None
-    await buffer.begin("c1", "g1", "server-a")
+    assert await buffer.begin(_owner())
     snap = await buffer.snapshot("c1")
     assert snap is not None and (snap.generation_id, snap.seq, snap.text) == ("g1", 0, "")
     await buffer.append("c1", "g1", 1, "Hello ")
     await buffer.append("c1", "g1", 2, "world")
     snap = await buffer.snapshot("c1")
     assert snap is not None and (snap.seq, snap.text) == (2, "Hello world")
+    assert await buffer.owner_of("g1") == _owner()
+    assert await buffer.owner_of("nope") is None
+
+
+async def test_one_live_reply_per_conversation(buffer: ReplyBuffer) -> None:
+    assert await buffer.begin(_owner("g1"))
+    assert not await buffer.begin(_owner("g2"))
+    assert await buffer.begin(_owner("g3", conv="c2"))  # other conversations are free
+    await buffer.end("c1", "g1")
+    assert await buffer.begin(_owner("g2"))
 
 
 async def test_end_clears_only_its_own_generation(buffer: ReplyBuffer) -> None:
-    await buffer.begin("c1", "g1", "server-a")
+    assert await buffer.begin(_owner("g1"))
     await buffer.end("c1", "other")
     assert await buffer.snapshot("c1") is not None
-    await buffer.append("c1", "other", 1, "ignored")
+    with pytest.raises(LeaseLost):
+        await buffer.append("c1", "other", 1, "ignored")
     snap = await buffer.snapshot("c1")
     assert snap is not None and snap.text == ""
     await buffer.end("c1", "g1")
     assert await buffer.snapshot("c1") is None
+    assert await buffer.owner_of("g1") is None
+
+
+async def test_live_replies_are_not_claimable(buffer: ReplyBuffer) -> None:
+    assert await buffer.begin(_owner("g1"))
+    await buffer.renew([("c1", "g1")])
+    assert await buffer.expired() == []
+    assert await buffer.claim("c1", "g1") is None
+    assert await buffer.snapshot("c1") is not None
+
+
+async def test_a_dead_owners_reply_is_claimed_once(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    dead = RedisReplyBuffer(redis, server_id="server-a", lease_s=0.2)
+    alive = RedisReplyBuffer(redis, server_id="server-b", lease_s=0.2)
+    try:
+        assert await dead.begin(_owner("g1"))
+        await dead.append("c1", "g1", 1, "partial ")
+        await dead.append("c1", "g1", 2, "text")
+        assert await alive.expired() == []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not await alive.expired():  # the lease runs out on Redis' clock
+            assert loop.time() < deadline
+            await asyncio.sleep(0.02)
+        assert await alive.expired() == [("c1", "g1")]
+        claims = await asyncio.gather(alive.claim("c1", "g1"), alive.claim("c1", "g1"))
+        won = [c for c in claims if c is not None]
+        assert len(won) == 1
+        assert won[0].text == "partial text" and won[0].seq == 2
+        assert won[0].owner == _owner("g1")
+        assert await alive.expired() == []
+        assert await alive.snapshot("c1") is None
+        # The old owner waking up finds it lost the reply.
+        with pytest.raises(LeaseLost):
+            await dead.append("c1", "g1", 3, " more")
+    finally:
+        await redis.aclose()
+
+
+async def test_only_the_owner_extends_a_lease(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    owner = RedisReplyBuffer(redis, server_id="server-a", lease_s=0.3)
+    other = RedisReplyBuffer(redis, server_id="server-b", lease_s=0.3)
+    try:
+        assert await owner.begin(_owner("g1"))
+        with pytest.raises(LeaseLost):
+            await other.append("c1", "g1", 1, "not mine")
+        await other.renew([("c1", "g1")])  # ignored: not the owner
+        ttl = await redis.pttl("chat:{c1}:reply_text")
+        assert 0 < ttl <= 0.3 * 12 * 1000
+    finally:
+        await redis.aclose()

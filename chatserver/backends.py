@@ -1,0 +1,98 @@
+"""Which implementation of each interface the settings select: embedded or production."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from storage.outbox.base import Outbox
+from storage.outbox.memory import MemoryOutbox
+from storage.store.base import Store
+from storage.store.sqlite import SqliteStore
+from storage.window.base import HotWindow
+from storage.window.memory import MemoryWindow
+
+from .broker.base import Broker
+from .broker.memory import MemoryBroker
+from .broker.redis import RedisBroker
+from .generation.buffer import MemoryReplyBuffer, ReplyBuffer
+from .generation.redis_buffer import RedisReplyBuffer
+from .settings import Settings
+
+RedisClient = Redis | RedisCluster
+_CLUSTER_OUTBOX_SHARDS = 3
+
+
+def make_redis(settings: Settings) -> RedisClient | None:
+    if settings.redis_url is None:
+        return None
+    if settings.use_redis_cluster:
+        return RedisCluster.from_url(settings.redis_url)
+    return Redis.from_url(settings.redis_url, health_check_interval=15)
+
+
+def make_store(settings: Settings) -> Store:
+    """Postgres when ``--database-url`` is set, else the embedded SQLite file."""
+    if settings.database_url is not None:
+        from storage.store.postgres import PostgresStore  # asyncpg only when asked for
+
+        return PostgresStore(
+            settings.database_url,
+            read_dsn=settings.read_database_url,
+            pool_min=settings.pg_pool_min,
+            pool_max=settings.pg_pool_max,
+            command_timeout_s=settings.pg_command_timeout_s,
+            pgbouncer=settings.behind_pgbouncer,
+            migrate=settings.should_migrate,
+            months_ahead=settings.partition_months_ahead,
+        )
+    return SqliteStore(settings.sqlite_path)
+
+
+def make_window_and_outbox(
+    settings: Settings, redis: RedisClient | None
+) -> tuple[HotWindow, Outbox]:
+    if redis is None:
+        return MemoryWindow(size=settings.window_size), MemoryOutbox(settings.outbox_max)
+    from storage.outbox.redis import RedisOutbox
+    from storage.window.redis import RedisWindow
+
+    cluster = settings.use_redis_cluster
+    window = RedisWindow(
+        redis,
+        prefix=settings.redis_key_prefix,
+        size=settings.window_size,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        cluster=cluster,
+    )
+    outbox = RedisOutbox(
+        redis,
+        prefix=settings.redis_key_prefix,
+        consumer=settings.server_id,
+        max_entries=settings.outbox_max,
+        claim_idle_ms=settings.outbox_claim_idle_ms,
+        shards=_CLUSTER_OUTBOX_SHARDS if cluster else 1,
+    )
+    return window, outbox
+
+
+def make_broker(settings: Settings, redis: RedisClient | None) -> Broker:
+    if redis is None:
+        return MemoryBroker(settings.server_id)
+    return RedisBroker(
+        redis,
+        server_id=settings.server_id,
+        prefix=settings.redis_key_prefix,
+        cluster=settings.use_redis_cluster,
+    )
+
+
+def make_reply_buffer(settings: Settings, redis: RedisClient | None) -> ReplyBuffer:
+    if redis is None:
+        return MemoryReplyBuffer()
+    return RedisReplyBuffer(
+        redis,
+        server_id=settings.server_id,
+        prefix=settings.redis_key_prefix,
+        lease_s=settings.reply_lease_s,
+    )

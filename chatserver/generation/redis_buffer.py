@@ -1,0 +1,232 @@
+"""Resume buffers in Redis, shared by every instance, with the owner's lease.
+
+Per conversation (keys share the conversation's hash tag): a hash with the running
+reply's id, owner, agent, model, the message it answers, its last seq and the lease's end,
+and a string with the text so far. Scripts run on Redis' clock so instances with skewed
+clocks agree on leases. A global sorted set lists running replies by lease end, so any
+instance can find the ones whose owner died; claiming one is atomic, so only one instance
+ends it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from protocol import GenerationSnapshot
+
+from .buffer import ClaimedReply, LeaseLost, ReplyOwner
+
+_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+
+_BEGIN = (
+    _NOW
+    + """
+local cur = redis.call('HGET', KEYS[1], 'gid')
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+local lease = now + tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], 'gid', ARGV[1], 'owner', ARGV[2], 'agent', ARGV[3],
+           'model', ARGV[4], 'reply_to', ARGV[5], 'seq', 0, 'lease_until', lease)
+redis.call('SET', KEYS[2], '')
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+return lease
+"""
+)
+
+_APPEND = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], 'gid') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
+redis.call('APPEND', KEYS[2], ARGV[4])
+local lease = now + tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'seq', ARGV[3], 'lease_until', lease)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return lease
+"""
+)
+
+_RENEW = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], 'gid') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
+local lease = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'lease_until', lease)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return lease
+"""
+)
+
+_SNAPSHOT = """
+local gid = redis.call('HGET', KEYS[1], 'gid')
+if not gid then return false end
+return {gid, redis.call('HGET', KEYS[1], 'seq'), redis.call('GET', KEYS[2]) or ''}
+"""
+
+_END = """
+if redis.call('HGET', KEYS[1], 'gid') == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return 1
+end
+return 0
+"""
+
+_CLAIM = (
+    _NOW
+    + """
+if redis.call('HGET', KEYS[1], 'gid') ~= ARGV[1] then return false end
+local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+if lease > now then return false end
+local f = redis.call('HMGET', KEYS[1], 'owner', 'agent', 'model', 'reply_to', 'seq')
+local text = redis.call('GET', KEYS[2]) or ''
+redis.call('DEL', KEYS[1], KEYS[2])
+return {f[1], f[2], f[3], f[4], f[5], text}
+"""
+)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisReplyBuffer:
+    name = "redis"
+
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        *,
+        server_id: str,
+        prefix: str = "chat",
+        lease_s: float = 5.0,
+    ) -> None:
+        self._redis = redis
+        self._server_id = server_id  # appends and renewals are always by this instance
+        self._prefix = prefix
+        self._lease_ms = int(lease_s * 1000)
+        # The text outlives the lease so whoever claims a dead owner's reply can read it.
+        self._ttl_ms = self._lease_ms * 12
+        self._registry = f"{prefix}:replies"
+        self._begin = redis.register_script(_BEGIN)
+        self._append = redis.register_script(_APPEND)
+        self._renew = redis.register_script(_RENEW)
+        self._snapshot = redis.register_script(_SNAPSHOT)
+        self._end = redis.register_script(_END)
+        self._claim = redis.register_script(_CLAIM)
+
+    def _keys(self, conversation_id: str) -> list[str]:
+        tag = f"{self._prefix}:{{{conversation_id}}}"
+        return [f"{tag}:reply", f"{tag}:reply_text"]
+
+    def _ref(self, generation_id: str) -> str:
+        return f"{self._prefix}:{{{generation_id}}}:reply_ref"
+
+    @staticmethod
+    def _member(conversation_id: str, generation_id: str) -> str:
+        return f"{conversation_id}\t{generation_id}"
+
+    async def begin(self, owner: ReplyOwner) -> bool:
+        lease = await self._begin(
+            keys=self._keys(owner.conversation_id),
+            args=[
+                owner.generation_id,
+                owner.owner,
+                owner.agent_id,
+                owner.model,
+                owner.reply_to,
+                self._lease_ms,
+                self._ttl_ms,
+            ],
+        )
+        if not lease:
+            return False
+        member = self._member(owner.conversation_id, owner.generation_id)
+        await self._redis.zadd(self._registry, {member: int(lease)})
+        await self._redis.set(
+            self._ref(owner.generation_id), owner.conversation_id, px=self._ttl_ms
+        )
+        return True
+
+    async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
+        lease = await self._append(
+            keys=self._keys(conversation_id),
+            args=[generation_id, self._server_id, seq, text, self._lease_ms, self._ttl_ms],
+        )
+        if not lease:
+            raise LeaseLost(generation_id)
+
+    async def snapshot(self, conversation_id: str) -> GenerationSnapshot | None:
+        found = await self._snapshot(keys=self._keys(conversation_id), args=[])
+        if not found:
+            return None
+        generation_id, seq, text = found
+        return GenerationSnapshot(_s(generation_id), int(seq), _s(text))
+
+    async def end(self, conversation_id: str, generation_id: str) -> None:
+        await self._end(keys=self._keys(conversation_id), args=[generation_id])
+        await self._redis.zrem(self._registry, self._member(conversation_id, generation_id))
+        await self._redis.delete(self._ref(generation_id))
+
+    async def renew(self, running: list[tuple[str, str]]) -> None:
+        leases: dict[str, int] = {}
+        for conversation_id, generation_id in running:
+            lease = await self._renew(
+                keys=self._keys(conversation_id),
+                args=[generation_id, self._server_id, self._lease_ms, self._ttl_ms],
+            )
+            if lease:
+                leases[self._member(conversation_id, generation_id)] = int(lease)
+        if leases:
+            await self._redis.zadd(self._registry, leases)
+
+    async def owner_of(self, generation_id: str) -> ReplyOwner | None:
+        conversation_id = await self._redis.get(self._ref(generation_id))
+        if conversation_id is None:
+            return None
+        conversation_id = _s(conversation_id)
+        fields = await self._redis.hgetall(self._keys(conversation_id)[0])
+        data = {_s(k): _s(v) for k, v in fields.items()}
+        if data.get("gid") != generation_id:
+            return None
+        return ReplyOwner(
+            conversation_id,
+            generation_id,
+            data["owner"],
+            data["agent"],
+            data["model"],
+            data["reply_to"],
+        )
+
+    async def expired(self) -> list[tuple[str, str]]:
+        seconds, micros = await self._redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        members = await self._redis.zrangebyscore(self._registry, "-inf", now_ms, start=0, num=100)
+        out = []
+        for member in members:
+            conversation_id, _, generation_id = _s(member).partition("\t")
+            out.append((conversation_id, generation_id))
+        return out
+
+    async def claim(self, conversation_id: str, generation_id: str) -> ClaimedReply | None:
+        found = await self._claim(keys=self._keys(conversation_id), args=[generation_id])
+        if not found:
+            # Still alive (renewed meanwhile) or already ended/claimed: drop a stale hint.
+            snapshot = await self.snapshot(conversation_id)
+            if snapshot is None or snapshot.generation_id != generation_id:
+                await self._redis.zrem(self._registry, self._member(conversation_id, generation_id))
+            return None
+        await self._redis.zrem(self._registry, self._member(conversation_id, generation_id))
+        await self._redis.delete(self._ref(generation_id))
+        owner, agent, model, reply_to, seq, text = (_s(v) for v in found)
+        return ClaimedReply(
+            ReplyOwner(conversation_id, generation_id, owner, agent, model, reply_to),
+            int(seq),
+            text,
+        )
