@@ -21,11 +21,11 @@ from .backends import (
     make_store,
     make_window_and_outbox,
 )
+from .broker.redis import RedisBroker
 from .conversations import ConversationService
 from .gateway import drain_connections, resync_joined, websocket_handler
 from .generation.local import LocalProvider
 from .generation.manager import GenerationManager
-from .broker.redis import RedisBroker
 from .hub import LocalHub
 from .metrics import Metrics
 from .outbound import Flusher

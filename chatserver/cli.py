@@ -14,7 +14,8 @@ from aiohttp import web
 
 from . import logs
 from .auth import Authenticator, AuthError
-from .settings import Settings, SettingsError, add_flags, load
+from .logs import JsonAccessLogger
+from .settings import Settings, SettingsError, add_flags, load, validate
 
 log = logging.getLogger("chatserver")
 
@@ -41,6 +42,7 @@ async def _run_server(settings: Settings) -> None:
     runner = web.AppRunner(
         create_app(settings),
         access_log=logging.getLogger("aiohttp.access"),
+        access_log_class=JsonAccessLogger,
         shutdown_timeout=settings.shutdown_grace_s + 5,
         handle_signals=False,
     )
@@ -65,6 +67,7 @@ def _token(args: argparse.Namespace) -> int:
     if not secret:
         print("chatserver token: CHAT_JWT_SECRET is not set", file=sys.stderr)
         return 2
+    validate(Settings(jwt_secret=secret))  # the same rules as the server's
     try:
         print(Authenticator(secret).issue(args.user, args.tier, args.role, args.ttl))
     except AuthError as exc:

@@ -61,6 +61,9 @@ class Event:
         elif kind == "delta":
             self.seq = int(frame["seq"])
             self.generation_id = str(frame["generation_id"])
+        elif kind == "gen_end" and isinstance(frame.get("message"), dict):
+            # A join whose window already held the stored reply must not get it twice.
+            self.offset = int(frame["message"]["offset"])
         elif kind == "gen_start":
             # seq 0: dropped for a client whose join snapshot already covers this reply
             self.generation_id = str(frame["generation_id"])

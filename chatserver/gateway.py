@@ -345,6 +345,11 @@ class _Connection:
         conversations = self.app[keys.CONVERSATIONS]
         generation = self.app[keys.GENERATION]
         conversation = await conversations.require_member(frame.conversation_id, session.user_id)
+        if self.app[keys.AGENTS].get(conversation.agent_id) is None:
+            # Refuse before the ack: an acked question must get its reply.
+            raise ServiceError(
+                ErrorCode.UNAVAILABLE, f"agent {conversation.agent_id!r} is not configured here"
+            )
         generation.check_capacity(conversation.id)
         result = await conversations.append(
             MessageDraft(

@@ -38,9 +38,7 @@ class Settings:
     read_database_url: str | None = field(
         default=None, metadata=_opt("Postgres URL of a read replica")
     )
-    migrate: str = field(
-        default="", metadata=_opt("'yes': apply Postgres migrations at start-up")
-    )
+    migrate: str = field(default="", metadata=_opt("'yes': apply Postgres migrations at start-up"))
     pg_pool_min: int = field(default=2, metadata=_opt("Postgres pool: connections kept open"))
     pg_pool_max: int = field(default=20, metadata=_opt("Postgres pool: most connections"))
     pg_command_timeout_s: float = field(
@@ -93,7 +91,9 @@ class Settings:
     join_messages: int = field(default=50, metadata=_opt("messages sent with a fresh join"))
     outbox_max: int = field(default=100_000, metadata=_opt("embedded outbox bound"))
     batch_max: int = field(default=10_000, metadata=_opt("largest persistence batch"))
-    batch_wait_ms: int = field(default=50, metadata=_opt("longest wait for a batch to fill"))
+    batch_wait_ms: int = field(
+        default=50, metadata=_opt("longest idle wait of the batch writer for its first message")
+    )
     local_ttft_ms: int = field(default=150, metadata=_opt("local model: time to first token"))
     local_token_ms: int = field(default=15, metadata=_opt("local model: time per word"))
     max_queued_replies: int = field(
@@ -271,8 +271,8 @@ def validate(settings: Settings) -> Settings:
         raise SettingsError(
             f"CHAT_REDIS_KEY_PREFIX={settings.redis_key_prefix!r}: non-empty, no braces"
         )
-    if settings.jwt_secret is not None and len(settings.jwt_secret) < 16:
-        raise SettingsError("CHAT_JWT_SECRET: must be at least 16 characters")
+    if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
+        raise SettingsError("CHAT_JWT_SECRET: must be at least 32 bytes (HS256 key length)")
     if settings.max_frame_bytes < 1024:
         raise SettingsError(f"CHAT_MAX_FRAME_BYTES={settings.max_frame_bytes!r}: must be >= 1024")
     return settings

@@ -99,7 +99,7 @@ class RedisBroker:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                    await asyncio.wait_for(task, 5)
         await self._drop_pubsub()
         self._deliver = None
 
@@ -199,10 +199,15 @@ class RedisBroker:
 
     async def _publish_loop(self) -> None:
         backoff = 0.05
+        me = asyncio.current_task()
+        assert me is not None
         while True:
+            if me.cancelling():
+                # redis-py can swallow a cancel that lands inside a pipeline's retry.
+                raise asyncio.CancelledError
             await self._wake.wait()
             self._wake.clear()
-            while self._outgoing:
+            while self._outgoing and not me.cancelling():
                 batch = [self._outgoing[i] for i in range(min(len(self._outgoing), 1000))]
                 try:
                     pipe = self._redis.pipeline(transaction=False)

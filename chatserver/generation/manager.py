@@ -25,6 +25,7 @@ from ..conversations import ConversationService
 from ..errors import ServiceError
 from ..metrics import Metrics
 from .buffer import LeaseLost, ReplyBuffer, ReplyOwner
+from .local import count_tokens
 from .provider import Chunk, Finish, Provider, ReplyRequest
 
 log = logging.getLogger("chatserver.generation")
@@ -251,6 +252,8 @@ class GenerationManager:
             self._runs.pop(run.generation_id, None)
             self._metrics.active_replies.dec()
         if finish is None:
+            # Cut short: the provider never reported usage; count what was streamed.
+            streamed = Usage(0, count_tokens("".join(run.parts)))
             finish = Finish(
                 run.cancel_reason or FinishReason.ERROR.value,
                 Usage(0, 0),
@@ -322,7 +325,9 @@ class GenerationManager:
         try:
             await self._buffer.append(run.conversation_id, run.generation_id, run.seq, text)
         except LeaseLost:
-            log.warning("reply taken over by another instance", extra={"conversation": run.conversation_id})
+            log.warning(
+                "reply taken over by another instance", extra={"conversation": run.conversation_id}
+            )
             run.lost = True
             run.stop(FinishReason.ERROR.value)
             return
@@ -361,6 +366,9 @@ class GenerationManager:
             self._metrics.messages_appended.labels(Role.ASSISTANT.value).inc()
         except ServiceError as exc:
             reason, error = FinishReason.ERROR.value, f"reply not stored: {exc.message}"
+        except Exception as exc:  # the clients must still see the reply end
+            log.exception("storing a reply failed", extra={"conversation": conversation_id})
+            reason, error = FinishReason.ERROR.value, f"reply not stored: {type(exc).__name__}"
         self._metrics.replies.labels(reason).inc()
         self._metrics.tokens.labels(owner.model, "input").inc(finish.usage.input_tokens)
         self._metrics.tokens.labels(owner.model, "output").inc(finish.usage.output_tokens)

@@ -13,7 +13,7 @@ from chatserver.auth import Authenticator
 from chatserver.cli import build_parser, main
 from chatserver.settings import Settings, SettingsError, load
 
-SECRET = "cli-test-secret-with-enough-length-0123"
+SECRET = "cli-test-secret-with-enough-length-0123456789"
 
 
 def test_no_settings_is_the_embedded_default() -> None:
@@ -155,3 +155,21 @@ def test_serve_refuses_a_bad_setting(
     monkeypatch.setenv("CHAT_PORT", "eighty")
     assert main(["serve"]) == 2
     assert "CHAT_PORT='eighty'" in capsys.readouterr().err
+
+
+def test_the_access_log_never_shows_a_query_token(caplog: pytest.LogCaptureFixture) -> None:
+    """A token given as ?token= on /ws must not reach the logs."""
+    import logging
+
+    from aiohttp.test_utils import make_mocked_request
+    from aiohttp.web import Response
+
+    from chatserver.logs import JsonAccessLogger
+
+    logger = logging.getLogger("aiohttp.access")
+    request = make_mocked_request("GET", "/ws?token=secret.jwt.value")
+    with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+        JsonAccessLogger(logger, "").log(request, Response(status=101), 0.002)
+    assert "secret.jwt.value" not in caplog.text
+    record = caplog.records[-1]
+    assert record.path == "/ws" and record.status == 101  # type: ignore[attr-defined]
