@@ -256,7 +256,7 @@ class GenerationManager:
             streamed = Usage(0, count_tokens("".join(run.parts)))
             finish = Finish(
                 run.cancel_reason or FinishReason.ERROR.value,
-                Usage(0, 0),
+                streamed,
                 None
                 if run.cancel_reason == FinishReason.CANCELLED.value
                 else "the model stream ended without a finish",
