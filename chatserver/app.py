@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
 from storage.batch_writer import BatchWriter
 
@@ -27,6 +28,7 @@ from .gateway import drain_connections, resync_joined, websocket_handler
 from .generation.local import LocalProvider
 from .generation.manager import GenerationManager
 from .hub import LocalHub
+from .maintenance import partition_maintenance
 from .metrics import Metrics
 from .outbound import Flusher
 from .publish import publish
@@ -44,7 +46,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app[keys.AGENTS] = AgentCatalog.load(settings.agents)
     app[keys.STATE] = keys.RunState()
     app[keys.FLUSHER] = Flusher()
-    app.cleanup_ctx.extend([_redis, _storage, _persistence, _fanout, _generation])
+    app.cleanup_ctx.extend(
+        [_redis, _storage, partition_maintenance, _persistence, _fanout, _generation]
+    )
     app.on_shutdown.append(_drain)
     app.router.add_get("/ws", websocket_handler)
     add_routes(app)
@@ -59,6 +63,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     redis = make_redis(app[keys.SETTINGS])
     app[keys.REDIS] = redis
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()  # before many tasks share it: lazy start-up races in redis-py
     if redis is not None:
         await redis.ping()  # fail fast with a clear error when Redis is unreachable
     yield

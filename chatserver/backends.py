@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.outbox.base import Outbox
 from storage.outbox.memory import MemoryOutbox
@@ -21,14 +25,27 @@ from .settings import Settings
 
 RedisClient = Redis | RedisCluster
 _CLUSTER_OUTBOX_SHARDS = 3
+_MAX_CONNECTIONS = 1000  # per node; redis-py's default (100) refuses bursts of appends
 
 
 def make_redis(settings: Settings) -> RedisClient | None:
     if settings.redis_url is None:
         return None
+    # Ride out a Redis restart or failover of a second or two without failing requests;
+    # past that the caller answers `unavailable` and clients retry.
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=6)
+    errors = [RedisConnectionError, RedisTimeoutError]
     if settings.use_redis_cluster:
-        return RedisCluster.from_url(settings.redis_url)
-    return Redis.from_url(settings.redis_url, health_check_interval=15)
+        return RedisCluster.from_url(
+            settings.redis_url, retry=retry, max_connections=_MAX_CONNECTIONS
+        )
+    return Redis.from_url(
+        settings.redis_url,
+        retry=retry,
+        retry_on_error=errors,
+        health_check_interval=15,
+        max_connections=_MAX_CONNECTIONS,
+    )
 
 
 def make_store(settings: Settings) -> Store:

@@ -1,4 +1,4 @@
-"""The `chatserver` command: serve, token."""
+"""The `chatserver` command: serve, token, migrate, partitions."""
 
 from __future__ import annotations
 
@@ -76,6 +76,67 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _postgres_settings(args: argparse.Namespace, command: str) -> Settings:
+    settings = load({"database_url": args.database_url})
+    if settings.database_url is None:
+        raise SettingsError(f"{command} needs --database-url or CHAT_DATABASE_URL")
+    return settings
+
+
+async def _maintain(settings: Settings, migrate: bool, retain_months: int | None) -> None:
+    from storage.store.postgres import PostgresStore
+
+    assert settings.database_url is not None
+    store = PostgresStore(
+        settings.database_url,
+        pool_min=1,
+        pool_max=1,
+        command_timeout_s=max(settings.pg_command_timeout_s, 300.0),  # DDL may wait on locks
+        pgbouncer=settings.behind_pgbouncer,
+        migrate=migrate,
+        months_ahead=settings.partition_months_ahead,
+    )
+    await store.start()  # migrates when asked, checks the schema, creates partitions ahead
+    try:
+        if migrate:
+            print(f"migrations applied: {store.applied_migrations or 'none (up to date)'}")
+        created = store.start_partitions.created if store.start_partitions else []
+        print(f"partitions: {settings.partition_months_ahead} months ahead; created {created}")
+        if retain_months is not None:
+            dropped = await store.drop_old_partitions(retain_months)
+            print(
+                f"retention {retain_months} months: dropped {dropped.dropped}, "
+                f"{dropped.deleted_from_default} old rows of the default partition"
+            )
+    finally:
+        await store.close()
+
+
+def _run_maintenance(args: argparse.Namespace, migrate: bool, retain: int | None) -> int:
+    from storage.store.base import StoreUnavailable
+    from storage.store.pg_migrate import SchemaError
+
+    settings = _postgres_settings(args, args.command)
+    logs.configure(settings.log_level, settings.server_id)
+    try:
+        asyncio.run(_maintain(settings, migrate, retain))
+    except (StoreUnavailable, SchemaError, ValueError) as exc:
+        print(f"chatserver {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    return _run_maintenance(args, migrate=True, retain=None)
+
+
+def _partitions(args: argparse.Namespace) -> int:
+    if args.retain_months is not None and args.retain_months < 1:
+        print("chatserver partitions: --retain-months must be at least 1", file=sys.stderr)
+        return 2
+    return _run_maintenance(args, migrate=False, retain=args.retain_months)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatserver", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", default="user", choices=["user", "admin"])
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.set_defaults(func=_token)
+    migrate = commands.add_parser(
+        "migrate", help="apply the Postgres migrations and create the partitions ahead"
+    )
+    migrate.add_argument("--database-url", help="Postgres URL [CHAT_DATABASE_URL]")
+    migrate.set_defaults(func=_migrate)
+    partitions = commands.add_parser(
+        "partitions",
+        help="create the monthly message partitions ahead; drop those past --retain-months",
+    )
+    partitions.add_argument("--database-url", help="Postgres URL [CHAT_DATABASE_URL]")
+    partitions.add_argument(
+        "--retain-months",
+        type=int,
+        help="drop the partitions entirely older than this many full months before this one",
+    )
+    partitions.set_defaults(func=_partitions)
     return parser
 
 

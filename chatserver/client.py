@@ -223,6 +223,31 @@ class ChatClient:
         await self.send_frame(Send(conversation_id, client_msg_id or _ref(), text, ref))
         return await self.expect(Ack, lambda f: f.ref == ref)
 
+    async def send_reliably(
+        self,
+        conversation_id: str,
+        text: str,
+        client_msg_id: str | None = None,
+        *,
+        attempts: int = 10,
+    ) -> Ack:
+        """Send, retrying `unavailable` and `rate_limited` answers after their delay.
+
+        The same ``client_msg_id`` goes with every attempt, so a retry of a message that
+        was in fact accepted returns its first ack (``duplicate: true``), never a copy.
+        """
+        client_msg_id = client_msg_id or _ref()
+        for attempt in range(attempts):
+            try:
+                return await self.send(conversation_id, text, client_msg_id)
+            except ChatError as exc:
+                retryable = exc.code in ("unavailable", "rate_limited")
+                if not retryable or attempt == attempts - 1:
+                    raise
+                delay_ms = exc.frame.retry_after_ms or 500
+                await asyncio.sleep(delay_ms / 1000)
+        raise AssertionError("unreachable")
+
     async def history(
         self, conversation_id: str, before: int | None = None, limit: int | None = None
     ) -> HistoryPage:

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from protocol import ErrorCode
+from storage.outbox.base import OutboxFull
+from storage.store.base import StoreUnavailable
+
+from .broker.base import BrokerUnavailable
+
+# Failures of Redis or the store that a retry may cure: answered `unavailable`, not `internal`.
+DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    StoreUnavailable,
+    BrokerUnavailable,
+    OutboxFull,
+    ConnectionError,
+    TimeoutError,
+)
 
 HTTP_STATUS = {
     ErrorCode.BAD_FRAME: 400,

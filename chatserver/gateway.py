@@ -44,7 +44,7 @@ from storage.records import MessageDraft
 
 from . import keys
 from .auth import AuthError, Principal, bearer_token
-from .errors import ServiceError
+from .errors import DEPENDENCY_ERRORS, ServiceError
 from .events import framed
 from .outbound import Outbound
 from .publish import publish
@@ -289,6 +289,9 @@ class _Connection:
             await self._dispatch(session, frame)
         except ServiceError as exc:
             self.send_error(exc.code, exc.message, frame.ref, exc.retry_after_ms)
+        except DEPENDENCY_ERRORS as exc:
+            log.warning("dependency unavailable: %s", exc, extra={"session": session.id})
+            self.send_error(ErrorCode.UNAVAILABLE, "temporarily unavailable", frame.ref, 1000)
         except Exception:
             log.exception("frame handling failed", extra={"session": session.id})
             self.send_error(ErrorCode.INTERNAL, "internal error", frame.ref)

@@ -16,7 +16,7 @@ from protocol import ErrorCode
 
 from . import keys
 from .auth import AuthError, Principal, bearer_token, check_claims
-from .errors import ServiceError
+from .errors import DEPENDENCY_ERRORS, ServiceError
 from .health import health_report
 
 log = logging.getLogger("chatserver.rest")
@@ -49,6 +49,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
                 code = ErrorCode.TOO_LARGE
             return error_response(code, exc.reason, exc.status)
         raise
+    except DEPENDENCY_ERRORS as exc:
+        log.warning("dependency unavailable: %s", exc, extra={"path": request.path})
+        status = 503
+        return error_response(ErrorCode.UNAVAILABLE, "temporarily unavailable, retry", 503)
     except Exception:
         log.exception("request failed", extra={"path": request.path})
         return error_response(ErrorCode.INTERNAL, "internal error", 500)

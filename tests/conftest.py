@@ -4,8 +4,14 @@
   ``start()``, ``kill()``, ``flushall()``).
 - ``postgres_server``: a :class:`tests.services.PostgresServer` (``.dsn``, ``.port``,
   ``create_database(name) -> dsn``, ``drop_database(name)``, ``stop()``, ``start()``).
+- ``redis_cluster``: a :class:`tests.services.RedisClusterServer` (three masters; ``.url``,
+  ``.nodes``, ``flushall()``); ``redis_cluster_url``: it, flushed, for one test.
 - ``redis_url``: the session server, running and flushed, for one test.
 - ``postgres_dsn``: a fresh database for one test, dropped afterwards.
+- ``pgbouncer``: a :class:`tests.services.PgBouncer` (transaction mode) in front of
+  ``postgres_server``; ``pgbouncer_dsn``: the test's ``postgres_dsn`` database through it.
+- ``postgres_replica``: a :class:`tests.services.PostgresReplica` of ``postgres_server``
+  (streaming, hot standby), made for one test; ``.dsn_for(name)``.
 """
 
 from __future__ import annotations
@@ -22,10 +28,17 @@ import pytest
 # the repository root, so `tests.services` imports however pytest was started
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.services import PostgresServer, RedisServer, ServiceError
+from tests.services import (
+    PgBouncer,
+    PostgresReplica,
+    PostgresServer,
+    RedisClusterServer,
+    RedisServer,
+    ServiceError,
+)
 
 _db_counter = itertools.count(1)
-S = TypeVar("S", RedisServer, PostgresServer)
+S = TypeVar("S", RedisServer, PostgresServer, RedisClusterServer)
 
 
 def _launch(make: Callable[[], S]) -> S:
@@ -50,6 +63,23 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    """A three-master Redis Cluster (``.url``, ``.nodes``, ``flushall()``) for the session."""
+    server = _launch(RedisClusterServer)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServer) -> str:
+    """The session cluster, every node flushed, for one test."""
+    redis_cluster.flushall()
+    return redis_cluster.url
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +109,45 @@ def postgres_dsn(postgres_server: PostgresServer, request: pytest.FixtureRequest
     yield dsn
     if postgres_server.running:
         postgres_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres_server: PostgresServer) -> Iterator[PgBouncer]:
+    postgres_server.start()
+    bouncer: PgBouncer | None = None
+    try:
+        bouncer = PgBouncer(postgres_server)
+        bouncer.start()
+    except ServiceError as exc:
+        if bouncer is not None:
+            bouncer.close()
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield bouncer
+    finally:
+        bouncer.close()
+
+
+@pytest.fixture
+def pgbouncer_dsn(postgres_dsn: str, pgbouncer: PgBouncer) -> str:
+    """The test's own database (``postgres_dsn``), reached through PgBouncer."""
+    pgbouncer.start()
+    return pgbouncer.dsn_for(postgres_dsn.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def postgres_replica(postgres_server: PostgresServer) -> Iterator[PostgresReplica]:
+    """A fresh streaming replica of the session server for one test, started."""
+    postgres_server.start()
+    replica: PostgresReplica | None = None
+    try:
+        replica = PostgresReplica(postgres_server)
+        replica.start()
+    except ServiceError as exc:
+        if replica is not None:
+            replica.close()
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield replica
+    finally:
+        replica.close()

@@ -21,7 +21,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 START_TIMEOUT_S = 60.0
@@ -130,8 +130,9 @@ class RedisServer:
 
     host = "127.0.0.1"
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, *, appendonly: bool = False) -> None:
         self.binary = binary or find_redis_server()
+        self.appendonly = appendonly  # AOF with fsync always: a restart keeps every write
         self.dir = Path(tempfile.mkdtemp(prefix="chatserver-redis-", dir=_temp_base()))
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -176,7 +177,8 @@ class RedisServer:
             "--port", str(self.port),
             "--bind", self.host,
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",
             "--dir", str(self.dir),
             "--daemonize", "no",
             "--logfile", str(self.log_path),
@@ -276,8 +278,11 @@ class PostgresServer:
     host = "127.0.0.1"
     user = "postgres"
 
-    def __init__(self, bindir: Path | None = None) -> None:
+    def __init__(
+        self, bindir: Path | None = None, *, settings: dict[str, str] | None = None
+    ) -> None:
         self.bindir = bindir or find_postgres_bindir()
+        self.settings = dict(settings or {})  # extra `-c name=value`, after (over) the defaults
         self._as_user: list[str] = []
         owner: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
@@ -369,6 +374,7 @@ class PostgresServer:
                 "-c full_page_writes=off",
                 "-c max_connections=200",
                 "-c timezone=UTC",
+                *(f"-c {name}={value}" for name, value in self.settings.items()),
             ]
         )
         self._run(
@@ -449,3 +455,324 @@ class PostgresServer:
         if not _DB_NAME.fullmatch(name):
             raise ValueError(f"database name {name!r} must match {_DB_NAME.pattern}")
         self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class RedisClusterServer:
+    """Three ``redis-server --cluster-enabled yes`` masters, joined by ``redis-cli --cluster``.
+
+    ``.url`` names the first node (a cluster client discovers the others), ``.nodes`` lists
+    ``(host, port)`` of all three; ``flushall()`` empties every node.
+    """
+
+    host = "127.0.0.1"
+    size = 3
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or find_redis_server()
+        cli = shutil.which("redis-cli") or str(Path(self.binary).with_name("redis-cli"))
+        if not os.access(cli, os.X_OK):
+            raise ServiceError("redis-cli is not installed (Debian package redis-tools)")
+        self.cli = cli
+        self.dir = Path(tempfile.mkdtemp(prefix="chatserver-rcluster-", dir=_temp_base()))
+        self.ports: list[int] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def nodes(self) -> list[tuple[str, int]]:
+        return [(self.host, port) for port in self.ports]
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.ports[0]}"
+
+    def _free_ports(self) -> list[int]:
+        """Ports P whose cluster bus port P + 10000 is free as well."""
+        ports: list[int] = []
+        while len(ports) < self.size:
+            port = free_port()
+            if port + 10000 > 65535 or port in ports:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((self.host, port + 10000))
+                except OSError:
+                    continue
+            ports.append(port)
+        return ports
+
+    def start(self) -> None:
+        if self._procs:
+            return
+        last: ServiceError | None = None
+        for _ in range(_START_ATTEMPTS):
+            try:
+                self._start_once()
+                return
+            except ServiceError as exc:
+                last = exc
+                self.stop()
+        assert last is not None
+        raise last
+
+    def _start_once(self) -> None:
+        self.ports = self._free_ports()
+        for port in self.ports:
+            node_dir = self.dir / str(port)
+            node_dir.mkdir(parents=True, exist_ok=True)
+            argv = [
+                self.binary,
+                "--port", str(port),
+                "--bind", self.host,
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout", "5000",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(node_dir),
+                "--daemonize", "no",
+                "--logfile", str(node_dir / "redis.log"),
+            ]  # fmt: skip
+            self._procs.append(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
+                )
+            )
+        for port, proc in zip(self.ports, self._procs, strict=True):
+            self._wait(
+                lambda p=port, pid=proc.pid: (
+                    f"process_id:{pid}\r\n".encode()
+                    in redis_command(p, "INFO", "server", timeout=1.0)
+                ),
+                f"node {port}",
+            )
+        create = subprocess.run(
+            [self.cli, "--cluster", "create", *(f"{h}:{p}" for h, p in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
+            check=False,
+        )  # fmt: skip
+        if create.returncode != 0:
+            raise ServiceError(f"redis-cli --cluster create failed: {create.stdout}{create.stderr}")
+        for port in self.ports:
+            self._wait(
+                lambda p=port: b"cluster_state:ok" in redis_command(p, "CLUSTER", "INFO"),
+                f"cluster_state:ok on node {port}",
+            )
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            for proc in self._procs:
+                if proc.poll() is not None:
+                    raise ServiceError(f"a cluster node exited at start:\n{self._logs()}")
+            try:
+                if ready():
+                    return
+            except (OSError, ServiceError):
+                pass
+            if time.monotonic() > deadline:
+                raise ServiceError(f"no {what} within {START_TIMEOUT_S}s:\n{self._logs()}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._procs[0].wait(timeout=0.05)
+
+    def _logs(self) -> str:
+        return "\n".join(_tail(self.dir / str(port) / "redis.log", 10) for port in self.ports)
+
+    def flushall(self) -> None:
+        for port in self.ports:
+            reply = redis_command(port, "FLUSHALL")
+            if reply != b"OK":
+                raise ServiceError(f"FLUSHALL on node {port} answered {reply!r}")
+
+    def stop(self) -> None:
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        # The node configs name the old ports: a restart builds a new cluster.
+        for port in self.ports:
+            shutil.rmtree(self.dir / str(port), ignore_errors=True)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Postgres streaming replica and PgBouncer (issue 4)
+
+
+class PostgresReplica(PostgresServer):
+    """A hot-standby streaming replica of ``primary``: ``pg_basebackup -R``, a second postmaster.
+
+    ``dsn_for(name)`` names the primary's databases on the replica (read-only).
+    ``wait_caught_up()`` returns once it replayed all the primary wrote so far;
+    ``pause_replay()`` / ``resume_replay()`` freeze and thaw what it shows.
+    """
+
+    def __init__(self, primary: PostgresServer) -> None:
+        self.primary = primary
+        super().__init__(primary.bindir)
+
+    def _initdb(self) -> None:  # the data directory is a base backup of the primary
+        self._run(
+            [
+                str(self.bindir / "pg_basebackup"),
+                "-h", self.primary.host,
+                "-p", str(self.primary.port),
+                "-U", self.primary.user,
+                "-D", str(self.data_dir),
+                "-R",  # standby.signal + primary_conninfo: start as a streaming standby
+                "-X", "stream",
+                "-c", "fast",
+                "--no-sync",
+            ]
+        )  # fmt: skip
+
+    def wait_caught_up(self, timeout: float = START_TIMEOUT_S) -> None:
+        target = self.primary.psql("SELECT pg_current_wal_lsn()").strip()
+        deadline = time.monotonic() + timeout
+        while self.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn").strip() != "t":
+            if time.monotonic() > deadline:
+                raise ServiceError(f"replica did not replay up to {target} within {timeout}s")
+            time.sleep(0.02)
+
+    def pause_replay(self) -> None:
+        self.psql("SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        self.psql("SELECT pg_wal_replay_resume()")
+
+
+def find_pgbouncer() -> str:
+    found = shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if os.access("/usr/sbin/pgbouncer", os.X_OK) else None
+    )
+    if found is None:
+        raise ServiceError(
+            "pgbouncer is not installed: run `make deps` or `apt-get install pgbouncer`"
+        )
+    return found
+
+
+class PgBouncer:
+    """PgBouncer in transaction pooling mode in front of ``server``, for every database.
+
+    ``pool_size`` server connections per database: fewer than the clients', so consecutive
+    transactions of one client do land on different server connections.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, server: PostgresServer, *, pool_size: int = 3) -> None:
+        self.binary = find_pgbouncer()
+        self.server = server
+        self.pool_size = pool_size
+        self.dir = Path(tempfile.mkdtemp(prefix="chatserver-pgbouncer-", dir=_temp_base()))
+        self._owner: pwd.struct_passwd | None = None
+        if os.geteuid() == 0:  # pgbouncer refuses to run as root
+            self._owner = pwd.getpwnam("postgres")
+            os.chown(self.dir, self._owner.pw_uid, self._owner.pw_gid)
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "pgbouncer.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def dsn_for(self, database: str) -> str:
+        return f"postgresql://{self.server.user}@{self.host}:{self.port}/{database}"
+
+    def _write_config(self) -> Path:
+        (self.dir / "userlist.txt").write_text(f'"{self.server.user}" ""\n')
+        ini = self.dir / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"* = host={self.server.host} port={self.server.port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = {self.host}\n"
+            f"listen_port = {self.port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = trust\n"
+            f"auth_file = {self.dir / 'userlist.txt'}\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {self.pool_size}\n"
+            "max_client_conn = 1000\n"
+            "server_login_retry = 1\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            f"logfile = {self.log_path}\n"
+        )
+        if self._owner is not None:
+            for path in self.dir.iterdir():
+                os.chown(path, self._owner.pw_uid, self._owner.pw_gid)
+        return ini
+
+    def start(self) -> None:
+        if self.running:
+            return
+        last: ServiceError | None = None
+        for _ in range(_START_ATTEMPTS):
+            if not self.port or last is not None:
+                self.port = free_port()
+            try:
+                self._spawn()
+                return
+            except ServiceError as exc:
+                last = exc
+        raise last or ServiceError("pgbouncer did not start")
+
+    def _spawn(self) -> None:
+        ini = self._write_config()
+        owner = self._owner
+        self._proc = subprocess.Popen(
+            [self.binary, str(ini)],
+            cwd=self.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            user=owner.pw_uid if owner else None,
+            group=owner.pw_gid if owner else None,
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self._proc.poll() is not None:
+                self._proc = None
+                raise ServiceError(f"pgbouncer exited at start:\n{_tail(self.log_path)}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1.0):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServiceError(f"pgbouncer did not listen on {self.port} in time")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=0.02)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

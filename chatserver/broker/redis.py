@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -36,11 +37,12 @@ from redis.exceptions import RedisError
 
 from ..events import Event
 from .base import BrokerUnavailable, Control, Deliver
+from .subscriber import Subscriber
 
 log = logging.getLogger("chatserver.broker.redis")
 
-_SUBSCRIBE_TIMEOUT_S = 5.0
 _BACKOFF_MAX_S = 5.0
+_GAP_DEBOUNCE_S = 1.0  # one reconnect resubscribes many channels: one resync
 
 
 class RedisBroker:
@@ -65,18 +67,20 @@ class RedisBroker:
         self.on_gap = on_gap
         self.on_control = on_control
         self._deliver: Deliver | None = None
-        self._pubsub: Any = None
+        # One subscriber connection; on a cluster one per node owning our channels, each
+        # read by its own task (redis-py's cluster pub/sub polls node after node).
+        self._subscribers: dict[str, Subscriber] = {}
         self._channels: dict[bytes, str] = {}  # subscribed channel -> conversation id
-        self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._outgoing: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self._connected = False
-        self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._last_gap = 0.0
         self.received = 0
         self.dropped_echoes = 0
+        self.gaps = 0
+        self._control_name = self.control_channel(server_id).encode()
 
     # -- names --------------------------------------------------------------------------
 
@@ -90,88 +94,71 @@ class RedisBroker:
 
     async def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
-        await self._connect()
-        self._reader = asyncio.create_task(self._read_loop(), name="broker-reader")
         self._writer = asyncio.create_task(self._publish_loop(), name="broker-writer")
+        await self._subscriber_for(self._control_name).subscribe(self._control_name)
 
     async def close(self) -> None:
-        for task in (self._reader, self._writer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(task, 5)
-        await self._drop_pubsub()
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._writer, 5)
+        for subscriber in self._subscribers.values():
+            await subscriber.close()
+        if self._cluster:
+            for subscriber in self._subscribers.values():
+                with contextlib.suppress(Exception):
+                    await subscriber._client.aclose()
+        self._subscribers.clear()
         self._deliver = None
 
     def healthy(self) -> bool:
-        return self._connected
+        return bool(self._subscribers) and all(s.connected for s in self._subscribers.values())
 
-    async def _connect(self) -> None:
-        """A fresh subscriber connection with the control channel and every room."""
-        await self._drop_pubsub()
-        self._pubsub = self._redis.pubsub()
-        wanted = [self.control_channel(self.server_id).encode(), *self._channels]
-        for name in wanted:
-            await self._subscribe_raw(name)
-        # Confirmations are read by the reader loop; at start we read them here.
-        pending = {n: self._expect_confirmation(n) for n in wanted}
-        if self._reader is None or self._reader.done():
-            await self._pump_until(pending)
-        self._connected = True
-
-    async def _drop_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        self._connected = False
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-
-    async def _subscribe_raw(self, name: bytes) -> None:
-        if self._cluster:
-            await self._pubsub.ssubscribe(name)
+    def _subscriber_for(self, name: bytes) -> Subscriber:
+        if isinstance(self._redis, RedisCluster):
+            node = self._redis.get_node_from_key(name.decode())
+            if node is None:
+                raise BrokerUnavailable("no cluster node owns this channel")
+            key, client = node.name, None
+            if key not in self._subscribers:
+                client = Redis(host=node.host, port=int(node.port))
         else:
-            await self._pubsub.subscribe(name)
+            key, client = "", self._redis
+        subscriber = self._subscribers.get(key)
+        if subscriber is None:
+            assert client is not None
+            subscriber = Subscriber(
+                client, sharded=self._cluster, on_message=self._handle, on_gap=self._gap
+            )
+            subscriber.start()
+            self._subscribers[key] = subscriber
+        return subscriber
 
-    def _expect_confirmation(self, name: bytes) -> asyncio.Future[None]:
-        future = self._confirm.get(name)
-        if future is None or future.done():
-            future = asyncio.get_running_loop().create_future()
-            self._confirm[name] = future
-        return future
-
-    async def _pump_until(self, pending: dict[bytes, asyncio.Future[None]]) -> None:
-        deadline = asyncio.get_running_loop().time() + _SUBSCRIBE_TIMEOUT_S
-        while not all(f.done() for f in pending.values()):
-            if asyncio.get_running_loop().time() > deadline:
-                raise BrokerUnavailable("Redis did not confirm the subscriptions")
-            message = await self._next_message(timeout=0.5)
-            if message is not None:
-                self._handle(message)
+    def _gap(self) -> None:
+        now = time.monotonic()
+        if now - self._last_gap < _GAP_DEBOUNCE_S:
+            return
+        self._last_gap = now
+        self.gaps += 1
+        if self.on_gap is not None:
+            self.on_gap()
 
     # -- subscriptions ------------------------------------------------------------------
 
     async def subscribe(self, conversation_id: str) -> None:
         name = self.channel(conversation_id).encode()
         self._channels[name] = conversation_id
-        if not self._connected or self._pubsub is None:
-            raise BrokerUnavailable("not connected to Redis")
-        future = self._expect_confirmation(name)
         try:
-            await self._subscribe_raw(name)
-            await asyncio.wait_for(asyncio.shield(future), _SUBSCRIBE_TIMEOUT_S)
-        except (RedisError, OSError, TimeoutError) as exc:
+            await self._subscriber_for(name).subscribe(name)
+        except BaseException:
             self._channels.pop(name, None)
-            raise BrokerUnavailable(f"subscribe failed: {exc}") from None
+            raise
 
     async def unsubscribe(self, conversation_id: str) -> None:
         name = self.channel(conversation_id).encode()
-        if self._channels.pop(name, None) is None or self._pubsub is None:
+        if self._channels.pop(name, None) is None:
             return
-        with contextlib.suppress(RedisError, OSError):
-            if self._cluster:
-                await self._pubsub.sunsubscribe(name)
-            else:
-                await self._pubsub.unsubscribe(name)
+        await self._subscriber_for(name).unsubscribe(name)
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -230,54 +217,9 @@ class RedisBroker:
 
     # -- receiving ----------------------------------------------------------------------
 
-    async def _next_message(self, timeout: float | None) -> dict[str, Any] | None:
-        if self._cluster:
-            message: dict[str, Any] | None = await self._pubsub.get_sharded_message(
-                timeout=timeout if timeout is not None else 1.0
-            )
-            return message
-        return await self._pubsub.get_message(timeout=timeout)  # type: ignore[no-any-return]
-
-    async def _read_loop(self) -> None:
-        backoff = 0.05
-        while True:
-            try:
-                if self._pubsub is None or not self._connected:
-                    await self._connect()
-                    log.warning("reconnected to Redis pub/sub; asking clients to rejoin")
-                    backoff = 0.05
-                    if self.on_gap is not None:
-                        self.on_gap()
-                message = await self._next_message(timeout=None if not self._cluster else 1.0)
-                if message is not None:
-                    self._handle(message)
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, BrokerUnavailable) as exc:
-                if self._connected:
-                    log.warning("Redis pub/sub connection lost: %s", exc)
-                self._connected = False
-                await asyncio.sleep(backoff + random.uniform(0, backoff))
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
-
-    def _handle(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if isinstance(kind, bytes):
-            kind = kind.decode()
-        channel = message.get("channel")
-        if isinstance(channel, str):
-            channel = channel.encode()
-        if kind in ("subscribe", "ssubscribe"):
-            future = self._confirm.pop(channel, None) if channel is not None else None
-            if future is not None and not future.done():
-                future.set_result(None)
-            return
-        if kind not in ("message", "smessage"):
-            return
+    def _handle(self, channel: bytes, data: bytes) -> None:
         try:
-            origin, published_at, conversation_id, frame = msgpack.unpackb(
-                message["data"], raw=False
-            )
+            origin, published_at, conversation_id, frame = msgpack.unpackb(data, raw=False)
         except Exception:
             log.warning("undecodable broker payload on %r", channel)
             return

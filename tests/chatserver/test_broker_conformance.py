@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from chatserver.broker.base import Broker
 from chatserver.broker.memory import MemoryBroker
@@ -23,17 +24,22 @@ async def make_broker(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Callable[[str, str], asyncio.Future[Made]]]:
     made: list[Broker] = []
-    clients: list[Redis] = []
+    clients: list[Redis | RedisCluster] = []
 
     async def make(kind: str, server_id: str) -> Made:
         received: list[Event] = []
         broker: Broker
         if kind == "memory":
             broker = MemoryBroker(server_id)
-        else:
+        elif kind == "redis":
             redis = Redis.from_url(request.getfixturevalue("redis_url"))
             clients.append(redis)
             broker = RedisBroker(redis, server_id=server_id)
+        else:
+            cluster = RedisCluster.from_url(request.getfixturevalue("redis_cluster_url"))
+            await cluster.initialize()
+            clients.append(cluster)
+            broker = RedisBroker(cluster, server_id=server_id, cluster=True)
         await broker.start(received.append)
         made.append(broker)
         return broker, received
@@ -45,7 +51,7 @@ async def make_broker(
         await redis.aclose()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def broker(request: pytest.FixtureRequest, make_broker) -> Made:  # type: ignore[no-untyped-def]
     return await make_broker(request.param, "server-a")  # type: ignore[no-any-return]
 
@@ -81,10 +87,11 @@ async def test_control_messages_reach_their_instance(broker: Made) -> None:
     await eventually(lambda: got == [{"type": "cancel", "generation_id": "g"}])
 
 
-async def test_events_cross_instances_once_in_order(make_broker) -> None:  # type: ignore[no-untyped-def]
-    a, from_a = await make_broker("redis", "server-a")
-    b, from_b = await make_broker("redis", "server-b")
-    c, from_c = await make_broker("redis", "server-c")
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_events_cross_instances_once_in_order(make_broker, kind: str) -> None:  # type: ignore[no-untyped-def]
+    a, from_a = await make_broker(kind, "server-a")
+    b, from_b = await make_broker(kind, "server-b")
+    c, from_c = await make_broker(kind, "server-c")
     await b.subscribe("c1")
     await c.subscribe("c2")
     for n in range(50):
@@ -101,9 +108,10 @@ async def test_events_cross_instances_once_in_order(make_broker) -> None:  # typ
     assert len(from_b) == 50
 
 
-async def test_control_crosses_instances(make_broker) -> None:  # type: ignore[no-untyped-def]
-    a, _ = await make_broker("redis", "server-a")
-    b, _ = await make_broker("redis", "server-b")
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_control_crosses_instances(make_broker, kind: str) -> None:  # type: ignore[no-untyped-def]
+    a, _ = await make_broker(kind, "server-a")
+    b, _ = await make_broker(kind, "server-b")
     got: list[dict[str, object]] = []
     b.on_control = got.append
     await a.send_control("server-b", {"type": "cancel", "generation_id": "g1"})

@@ -1,0 +1,152 @@
+"""One Redis pub/sub connection and the task that reads it.
+
+The reader resolves subscribe confirmations (so a join can wait until its channel is
+live), hands data messages on, and survives the connection: redis-py may reconnect and
+resubscribe by itself (we see a confirmation nobody asked for), or give up (we reconnect
+with capped backoff and resubscribe). Either way messages were missed: ``on_gap``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .base import BrokerUnavailable
+
+log = logging.getLogger("chatserver.broker.redis")
+
+SUBSCRIBE_TIMEOUT_S = 5.0
+_BACKOFF_MAX_S = 5.0
+
+
+class Subscriber:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        sharded: bool,
+        on_message: Callable[[bytes, bytes], None],
+        on_gap: Callable[[], None],
+    ) -> None:
+        self._client = client
+        self._sharded = sharded  # SSUBSCRIBE on a cluster node
+        self._on_message = on_message
+        self._on_gap = on_gap
+        self._pubsub: Any = None
+        self.channels: set[bytes] = set()
+        self._confirm: dict[bytes, asyncio.Future[None]] = {}
+        self._has_channels = asyncio.Event()
+        self.connected = False
+        self._reader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._pubsub = self._client.pubsub()
+        self.connected = True
+        self._reader = asyncio.create_task(self._read_loop(), name="broker-subscriber")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._reader, 5)
+        await self._drop()
+
+    async def _drop(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self.connected = False
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def subscribe(self, name: bytes) -> None:
+        """Return once Redis confirmed the subscription: later publications will arrive."""
+        self.channels.add(name)
+        if self._pubsub is None or not self.connected:
+            raise BrokerUnavailable("not connected to Redis")
+        future = self._expect(name)
+        try:
+            await self._send("subscribe", name)
+            self._has_channels.set()
+            await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.channels.discard(name)
+            self._confirm.pop(name, None)
+            raise BrokerUnavailable(f"subscribe failed: {exc}") from None
+
+    async def unsubscribe(self, name: bytes) -> None:
+        self.channels.discard(name)
+        if self._pubsub is None:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            await self._send("unsubscribe", name)
+
+    async def _send(self, verb: str, name: bytes) -> None:
+        method = getattr(self._pubsub, ("s" if self._sharded else "") + verb)
+        await method(name)
+
+    def _expect(self, name: bytes) -> asyncio.Future[None]:
+        future = self._confirm.get(name)
+        if future is None or future.done():
+            future = asyncio.get_running_loop().create_future()
+            self._confirm[name] = future
+        return future
+
+    async def _reconnect(self) -> None:
+        await self._drop()
+        self._pubsub = self._client.pubsub()
+        for name in list(self.channels):
+            self._expect(name)
+            await self._send("subscribe", name)
+        self.connected = True
+        log.warning("Redis pub/sub reconnected and resubscribed; clients rejoin")
+        self._on_gap()
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._has_channels.wait()
+            try:
+                if self._pubsub is None or not self.connected:
+                    await self._reconnect()
+                    backoff = 0.05
+                message = await self._pubsub.get_message(timeout=None)
+                if message is not None:
+                    self._handle(message)
+            except asyncio.CancelledError:
+                raise
+            except RuntimeError:  # no subscription left on this connection
+                self._has_channels.clear()
+            except (RedisError, OSError, BrokerUnavailable) as exc:
+                if self.connected:
+                    log.warning("Redis pub/sub connection lost: %s", exc)
+                self.connected = False
+                await asyncio.sleep(backoff + random.uniform(0, backoff))
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if isinstance(kind, bytes):
+            kind = kind.decode()
+        channel = message.get("channel")
+        if isinstance(channel, str):
+            channel = channel.encode()
+        if channel is None:
+            return
+        if kind in ("subscribe", "ssubscribe"):
+            future = self._confirm.pop(channel, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+            elif channel in self.channels:
+                # redis-py reconnected and resubscribed on its own: messages were missed.
+                log.warning("Redis pub/sub resubscribed after a reconnect; clients rejoin")
+                self._on_gap()
+            return
+        if kind in ("message", "smessage"):
+            self._on_message(channel, message["data"])

@@ -1,0 +1,356 @@
+"""The production outbox: a Redis Stream with one consumer group shared by every instance.
+
+Layout (see ``storage.redis_keys``): ``chat:outbox``, or with ``shards > 1`` the streams
+``chat:outbox:{0}`` ... ``chat:outbox:{n-1}``, each with its own hash tag so that the shards
+spread over a Redis Cluster; a conversation's messages always go to the same shard. Each shard
+has the consumer group ``writers``; every instance reads as its own consumer.
+
+- ``add``/the window's append put an entry ``m`` (msgpack payload) [``o`` offset, ``t`` created
+  ms] on the stream; ``max_entries`` bounds each shard (XLEN, which counts pending entries too,
+  because ``ack`` deletes what it acknowledges).
+- ``read`` first reclaims, at most every ``claim_idle_ms / 4``, entries pending longer than
+  ``claim_idle_ms`` (XAUTOCLAIM: a dead instance's batch), then reads new ones with
+  ``XREADGROUP ... BLOCK``. A blocking read is cut into short blocks (at most
+  ``_BLOCK_CHUNK_S``) so it never holds a connection for long, and it runs in a task of its
+  own: a read whose caller timed out or was cancelled keeps going and its entries are handed
+  out by the next ``read`` (nothing is read and then dropped). On a single Redis one
+  ``XREADGROUP`` covers every shard; on a cluster each shard is read on its own, concurrently.
+- ``ack`` is XACK + XDEL of the entries in one round trip (one per node on a cluster).
+- An entry that does not decode is logged and acked away, so that it cannot stall the writers.
+
+Replays are harmless (the store skips messages it has), so a reclaimed batch whose first writer
+was only slow is merely written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeAlias
+
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ResponseError
+
+from protocol import Message
+
+from ..records import OutboxEntry
+from ..redis_codec import OFFSET, PAYLOAD, TIME_MS, decode_message, message_payload
+from ..redis_keys import DEFAULT_PREFIX, outbox_key, outbox_shard
+from .base import OutboxFull
+
+log = logging.getLogger("storage.outbox.redis")
+
+AnyRedis: TypeAlias = "Redis | RedisCluster"
+_BLOCK_CHUNK_S = 1.0
+_Raw: TypeAlias = "tuple[int, bytes, dict[bytes, bytes] | None]"  # (shard, stream id, fields)
+
+# Check the bound and add in one step. KEYS: stream. ARGV: max, then field/value pairs.
+_ADD_LUA = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+return 1
+"""
+
+
+def _entry_id(shards: int, shard: int, stream_id: bytes) -> str:
+    """A zero-padded form of the stream id, so that string order is stream order."""
+    ms, _, seq = stream_id.partition(b"-")
+    padded = f"{int(ms):015d}-{int(seq or b'0'):010d}"
+    return padded if shards == 1 else f"{shard:03d}/{padded}"
+
+
+def _parse_entry_id(shards: int, entry_id: str) -> tuple[int, str] | None:
+    shard_part, sep, padded = entry_id.rpartition("/")
+    try:
+        shard = int(shard_part) if sep else 0
+        ms, dash, seq = padded.partition("-")
+        if not dash or not 0 <= shard < shards:
+            return None
+        return shard, f"{int(ms)}-{int(seq)}"
+    except ValueError:
+        return None
+
+
+def _observe(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _stream_items(response: Any) -> Iterable[tuple[Any, Any]]:
+    """(stream key, entries) pairs of an XREADGROUP reply, RESP2 or RESP3."""
+    if not response:
+        return ()
+    if isinstance(response, dict):
+        return response.items()
+    return ((item[0], item[1]) for item in response)
+
+
+class RedisOutbox:
+    name = "redis"
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        consumer: str,
+        group: str = "writers",
+        max_entries: int = 1_000_000,
+        claim_idle_ms: int = 30_000,
+        shards: int = 1,
+    ) -> None:
+        if max_entries < 1 or shards < 1 or claim_idle_ms < 1:
+            raise ValueError("max_entries, shards and claim_idle_ms must be at least 1")
+        if not consumer:
+            raise ValueError("consumer must name this instance")
+        if redis.get_encoder().decode_responses:
+            raise ValueError("the Redis client must not decode responses (payloads are binary)")
+        self.redis = redis
+        self.prefix = prefix
+        self.consumer = consumer
+        self.group = group
+        self.max_entries = max_entries  # per shard
+        self.claim_idle_ms = claim_idle_ms
+        self.shards = shards
+        self.cluster = isinstance(redis, RedisCluster)
+        self.keys = [outbox_key(prefix, shards, i) for i in range(shards)]
+        self._add_script = redis.register_script(_ADD_LUA)
+        # Read units: one XREADGROUP each. Cross-slot reads are refused on a cluster.
+        self._units: list[tuple[int, ...]] = (
+            [(i,) for i in range(shards)] if self.cluster else [tuple(range(shards))]
+        )
+        self._inflight: dict[int, asyncio.Task[list[_Raw]]] = {}
+        self._buffer: deque[OutboxEntry] = deque()
+        self._read_lock = asyncio.Lock()
+        self._next_claim = 0.0
+        self._claim_cursor = ["0-0"] * shards
+        self.reclaimed = 0  # entries taken over from idle consumers
+        self.poisoned = 0  # entries dropped because they did not decode
+
+    # -- helpers for the window --------------------------------------------------------
+
+    def shard_for(self, conversation_id: str) -> int:
+        return outbox_shard(conversation_id, self.shards)
+
+    def key_for(self, conversation_id: str) -> str:
+        return self.keys[self.shard_for(conversation_id)]
+
+    async def check_room(self, shard: int) -> None:
+        """Raise ``OutboxFull`` when the shard is at its bound (the cluster path of append)."""
+        if await self.redis.xlen(self.keys[shard]) >= self.max_entries:
+            raise OutboxFull(f"outbox shard {shard} holds {self.max_entries} entries")
+
+    async def push(self, shard: int, payload: bytes, offset: int, created_ms: int | None) -> None:
+        """Add an entry without the bound check (its room was checked before the window step)."""
+        fields: dict[bytes, bytes | int] = {PAYLOAD: payload, OFFSET: offset}
+        if created_ms is not None:
+            fields[TIME_MS] = created_ms
+        await self.redis.xadd(self.keys[shard], fields)  # type: ignore[arg-type]
+
+    # -- Outbox ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if isinstance(self.redis, RedisCluster):
+            # redis-py 8.1: a cluster client first used by many tasks at once may hand some of
+            # them a connection torn down mid-handshake; set it up once, here.
+            await self.redis.initialize()
+        await self._ensure_groups()
+
+    async def close(self) -> None:
+        tasks = list(self._inflight.values())
+        self._inflight.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        # Whatever was read but not handed out stays pending and is reclaimed in time.
+        self._buffer.clear()
+
+    async def add(self, message: Message) -> None:
+        shard = self.shard_for(message.conversation_id)
+        added = await self._add_script(
+            keys=[self.keys[shard]],
+            args=[self.max_entries, PAYLOAD, message_payload(message)],
+        )
+        if not added:
+            raise OutboxFull(f"outbox shard {shard} holds {self.max_entries} entries")
+
+    async def read(self, max_count: int, max_wait_s: float) -> list[OutboxEntry]:
+        if max_count < 1:
+            return []
+        async with self._read_lock:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + max(0.0, max_wait_s)
+            # What is at hand first, without waiting: read earlier but not handed out, idle
+            # entries of dead consumers, then new entries of every shard.
+            if len(self._buffer) < max_count:
+                await self._harvest(set())
+            if len(self._buffer) < max_count and time.monotonic() >= self._next_claim:
+                self._next_claim = time.monotonic() + self.claim_idle_ms / 4000
+                await self._accept(await self._reclaim(max_count))
+            if len(self._buffer) < max_count:
+                need = max_count - len(self._buffer)
+                results = await asyncio.gather(
+                    *(self._read_unit(unit, need, None) for unit in self._units)
+                )
+                await self._accept([raw for result in results for raw in result])
+            if self._buffer:
+                return self._take(max_count)
+            # Nothing there: block, in short blocks, until an entry comes or time is up.
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return []
+                block_ms = max(1, int(min(remaining, _BLOCK_CHUNK_S) * 1000))
+                for index, unit in enumerate(self._units):
+                    if index not in self._inflight:
+                        task = asyncio.create_task(
+                            self._read_unit(unit, max_count, block_ms),
+                            name=f"outbox.read.{index}",
+                        )
+                        # Seen by _harvest; this only keeps asyncio from warning about a
+                        # failure nobody collected because no read came after it.
+                        task.add_done_callback(_observe)
+                        self._inflight[index] = task
+                done, _ = await asyncio.wait(
+                    self._inflight.values(), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                await self._harvest(done)
+                if self._buffer:
+                    return self._take(max_count)
+
+    async def ack(self, entry_ids: Sequence[str]) -> None:
+        by_shard: dict[int, list[str]] = {}
+        for entry_id in entry_ids:
+            parsed = _parse_entry_id(self.shards, entry_id)
+            if parsed is not None:
+                by_shard.setdefault(parsed[0], []).append(parsed[1])
+        if by_shard:
+            await self._ack_raw(by_shard)
+
+    async def backlog(self) -> int:
+        if self.shards == 1:
+            return int(await self.redis.xlen(self.keys[0]))
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self.keys:
+            pipe.xlen(key)
+        return sum(int(n) for n in await pipe.execute())
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _ensure_groups(self) -> None:
+        for key in self.keys:
+            try:
+                await self.redis.xgroup_create(key, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def _harvest(self, done: set[asyncio.Task[list[_Raw]]]) -> None:
+        """Take in the results of finished blocking reads (``done`` and any others finished)."""
+        failure: BaseException | None = None
+        for index, task in list(self._inflight.items()):
+            if task in done or task.done():
+                del self._inflight[index]
+                if task.cancelled():
+                    continue
+                exc = task.exception()
+                if exc is not None:
+                    failure = exc
+                else:
+                    await self._accept(task.result())
+        if failure is not None:
+            if not self._buffer:
+                raise failure
+            log.warning("an outbox read failed (entries in hand go first): %r", failure)
+
+    async def _read_unit(
+        self, unit: tuple[int, ...], count: int, block_ms: int | None
+    ) -> list[_Raw]:
+        streams: dict[Any, Any] = {self.keys[shard]: ">" for shard in unit}
+        try:
+            response = await self.redis.xreadgroup(
+                self.group, self.consumer, streams, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or its group is gone (a flush, a restart without persistence).
+            await self._ensure_groups()
+            return []
+        shard_of = {self.keys[shard].encode(): shard for shard in unit}
+        raws: list[_Raw] = []
+        for key, entries in _stream_items(response):
+            shard = shard_of[key if isinstance(key, bytes) else str(key).encode()]
+            raws.extend((shard, entry[0], entry[1]) for entry in entries)
+        return raws
+
+    async def _reclaim(self, count: int) -> list[_Raw]:
+        async def one(shard: int) -> list[_Raw]:
+            try:
+                reply = await self.redis.xautoclaim(
+                    self.keys[shard],
+                    self.group,
+                    self.consumer,
+                    self.claim_idle_ms,
+                    start_id=self._claim_cursor[shard],
+                    count=count,
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_groups()
+                return []
+            cursor = reply[0]
+            self._claim_cursor[shard] = cursor.decode() if isinstance(cursor, bytes) else cursor
+            return [(shard, entry[0], entry[1]) for entry in reply[1] if entry]
+
+        results = await asyncio.gather(*(one(shard) for shard in range(self.shards)))
+        raws = [raw for result in results for raw in result]
+        if raws:
+            self.reclaimed += len(raws)
+            log.warning("reclaimed %d outbox entries left pending by an idle consumer", len(raws))
+        return raws
+
+    async def _accept(self, raws: list[_Raw]) -> None:
+        """Decode read entries into the buffer; ack away those that do not decode."""
+        poison: dict[int, list[str]] = {}
+        for shard, stream_id, fields in raws:
+            sid = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+            try:
+                if fields is None:  # deleted while pending (Redis 6.2 XAUTOCLAIM)
+                    raise ValueError("entry was deleted")
+                offset = fields.get(OFFSET)
+                created = fields.get(TIME_MS)
+                message = decode_message(
+                    fields[PAYLOAD],
+                    int(offset) if offset is not None else None,
+                    int(created) if created is not None else None,
+                )
+            except Exception as exc:
+                log.error(
+                    "dropping undecodable outbox entry %s of %s: %r", sid, self.keys[shard], exc
+                )
+                poison.setdefault(shard, []).append(sid)
+                continue
+            entry_id = _entry_id(self.shards, shard, sid.encode())
+            self._buffer.append(OutboxEntry(entry_id=entry_id, message=message))
+        if poison:
+            self.poisoned += sum(len(ids) for ids in poison.values())
+            await self._ack_raw(poison)
+
+    def _take(self, max_count: int) -> list[OutboxEntry]:
+        count = min(max_count, len(self._buffer))
+        return [self._buffer.popleft() for _ in range(count)]
+
+    async def _ack_raw(self, by_shard: dict[int, list[str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for shard, ids in by_shard.items():
+            pipe.xack(self.keys[shard], self.group, *ids)
+            pipe.xdel(self.keys[shard], *ids)
+        await pipe.execute()

@@ -1,0 +1,332 @@
+"""The production hot window: one Redis Stream per conversation, appended by one Lua script.
+
+Keys (``storage.redis_keys``; all of one conversation share the hash tag ``{<conv>}``):
+``seq`` the offset counter, ``epoch`` (its absence means the window is missing), ``win`` the
+stream whose entry ids are the offsets (``<offset>-0``, so a range read is an id range) trimmed
+to exactly ``size`` entries, and ``idem:<hash>`` one idempotency record per (user,
+client_msg_id) holding the whole first message. ``epoch`` and ``win`` expire after
+``key_ttl_s`` without an append; ``seq`` after twice that, so the counter never disappears
+before the window it numbers (offsets must never be reused while a window shows them).
+
+A window entry holds the msgpack payload Python encoded once (without offset and created_at)
+and ``t``, the creation time in ms from Redis ``TIME`` (so every instance agrees on the order);
+the id gives the offset. Entries loaded by ``rebuild`` carry the store's complete message.
+
+**Append on a single Redis** is one script: idempotency check (a duplicate returns the stored
+first message and changes nothing), window-missing check, outbox bound check (XLEN of the
+conversation's outbox shard), INCR, TIME, XADD window, XADD outbox, SET idempotency record with
+its TTL, TTL refresh. Either all of it happens or none.
+
+**Append on Redis Cluster** (``cluster=True`` or a ``RedisCluster`` client): the outbox is in
+another slot, which a script may not touch. So: Python checks the outbox shard's bound (XLEN),
+the script does everything else, and Python XADDs the returned message to the outbox right
+after, *before* ``append`` returns (the ack still follows both). A crash between the two steps
+leaves a message in the window and the idempotency record but not in the outbox; the client got
+no ack and resends with the same ``client_msg_id``, and the duplicate re-XADDs the stored
+message to the outbox, which closes the gap (a replay is harmless: the store skips messages it
+has). To tell the two cases apart the record's first byte says whether the message reached the
+outbox (``p`` until Python marks it ``d`` after its XADD, one more round trip): a duplicate of a
+message known to be queued enqueues nothing, one of an unconfirmed message enqueues it again
+(perhaps a second time, which is harmless). A message sent without ``client_msg_id`` has no
+such repair. The bound check is not atomic
+with the append there: concurrent appends may overshoot ``max_entries`` by a few entries.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import RedisCluster
+
+from protocol import Message
+
+from ..outbox.base import Outbox, OutboxFull
+from ..outbox.redis import AnyRedis, RedisOutbox
+from ..records import AppendResult, MessageDraft, WindowView
+from ..redis_codec import (
+    TIME_MS,
+    decode_message,
+    decode_record,
+    decode_trusted,
+    draft_payload,
+    message_from_draft,
+    message_payload,
+)
+from ..redis_keys import DEFAULT_PREFIX, ConversationKeys
+from .base import WindowMissing
+
+# KEYS: epoch, seq, win. ARGV: max id, min id, count (0: no messages).
+# Returns nil when the window is missing, else {epoch, last offset, first id or "", entries}.
+_READ_LUA = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then return false end
+local last = redis.call('GET', KEYS[2]) or '0'
+local first = ''
+local head = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+if #head > 0 then first = head[1][1] end
+local entries = {}
+if tonumber(ARGV[3]) > 0 then
+  entries = redis.call('XREVRANGE', KEYS[3], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
+end
+return {epoch, last, first, entries}
+"""
+
+# KEYS: seq, epoch, win, idem[, outbox]. ARGV: payload, size, idem ttl ms (0: no record),
+# key ttl s, outbox max, record state ("d": in the outbox, "p": not yet).
+# Returns {0, offset, ms} | {1, record} duplicate | {2} missing | {3} full.
+_APPEND_LUA = """
+local idem_ttl = tonumber(ARGV[3])
+if idem_ttl > 0 then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then return {1, seen} end
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {2} end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- The counter vanished under a live window: never restart at 1, rebuild instead.
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return {2}
+end
+local outbox = KEYS[5]
+if outbox and redis.call('XLEN', outbox) >= tonumber(ARGV[5]) then return {3} end
+local offset = string.format('%d', redis.call('INCR', KEYS[1]))
+local now = redis.call('TIME')
+local ms = string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], offset .. '-0', 'm', ARGV[1], 't', ms)
+if outbox then
+  redis.call('XADD', outbox, '*', 'm', ARGV[1], 'o', offset, 't', ms)
+end
+if idem_ttl > 0 then
+  redis.call('SET', KEYS[4], ARGV[6] .. offset .. ':' .. ms .. ':' .. ARGV[1], 'PX', idem_ttl)
+end
+local ttl = tonumber(ARGV[4])
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('EXPIRE', KEYS[1], 2 * ttl)
+return {0, tonumber(offset), tonumber(ms)}
+"""
+
+# KEYS: seq, epoch, win, idem keys... ARGV: epoch, last offset, key ttl s, idem ttl ms, n,
+# then n triples (offset, payload, index of the idem key among KEYS[4..] or 0).
+# The messages are the store's contiguous tail ending at ARGV[2], at most `size` of them.
+_REBUILD_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local last = tonumber(ARGV[2])
+local counter = tonumber(redis.call('GET', KEYS[1]) or '0')
+-- Newer offsets than the store's tail exist (still in the outbox): hold nothing rather than
+-- a run that does not reach the counter.
+local keep = counter <= last
+if counter > last then last = counter end
+local ttl = tonumber(ARGV[3])
+local idem_ttl = tonumber(ARGV[4])
+redis.call('DEL', KEYS[3])
+redis.call('SET', KEYS[1], string.format('%d', last), 'EX', 2 * ttl)
+for i = 0, tonumber(ARGV[5]) - 1 do
+  local offset = ARGV[6 + 3 * i]
+  local payload = ARGV[7 + 3 * i]
+  local idem = tonumber(ARGV[8 + 3 * i])
+  if keep then redis.call('XADD', KEYS[3], offset .. '-0', 'm', payload) end
+  if idem > 0 and idem_ttl > 0 then
+    redis.call('SET', KEYS[3 + idem], 'd' .. offset .. '::' .. payload, 'NX', 'PX', idem_ttl)
+  end
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
+if keep then redis.call('EXPIRE', KEYS[3], ttl) end
+return 1
+"""
+
+# Cluster path: the message of this record reached the outbox. An expired record stays gone.
+_MARK_QUEUED_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('SETRANGE', KEYS[1], 0, 'd') end
+return 1
+"""
+
+_OK, _DUPLICATE, _MISSING, _FULL = 0, 1, 2, 3
+_QUEUED, _UNQUEUED = b"d", b"p"  # first byte of an idempotency record
+
+
+def _contiguous_tail(messages: Sequence[Message], last_offset: int, size: int) -> list[Message]:
+    """The newest messages (at most ``size``) that run without a gap up to ``last_offset``."""
+    by_offset = {m.offset: m for m in messages}
+    tail: list[Message] = []
+    offset = last_offset
+    while len(tail) < size and offset in by_offset:
+        tail.append(by_offset[offset])
+        offset -= 1
+    tail.reverse()
+    return tail
+
+
+def _decode_entry(entry: Any) -> Message:
+    stream_id, fields = entry[0], entry[1]
+    offset = int(stream_id.split(b"-", 1)[0])
+    payload: bytes | None = None
+    created: int | None = None
+    for i in range(0, len(fields) - 1, 2):
+        name = fields[i]
+        if name == b"m":
+            payload = fields[i + 1]
+        elif name == TIME_MS:
+            created = int(fields[i + 1])
+    if payload is None:
+        raise ValueError(f"window entry {stream_id!r} has no payload")
+    return decode_trusted(payload, offset, created)
+
+
+class RedisWindow:
+    name = "redis"
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        size: int = 200,
+        idempotency_ttl_s: float = 86400,
+        key_ttl_s: int = 7 * 86400,
+        cluster: bool = False,
+    ) -> None:
+        if size < 1 or key_ttl_s < 1:
+            raise ValueError("size and key_ttl_s must be at least 1")
+        if redis.get_encoder().decode_responses:
+            raise ValueError("the Redis client must not decode responses (payloads are binary)")
+        self.redis = redis
+        self.prefix = prefix
+        self.size = size
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self.key_ttl_s = int(key_ttl_s)
+        # A cluster client cannot run the single-Redis script (the outbox is in another slot).
+        self.cluster = cluster or isinstance(redis, RedisCluster)
+        self._read_script = redis.register_script(_READ_LUA)
+        self._append_script = redis.register_script(_APPEND_LUA)
+        self._rebuild_script = redis.register_script(_REBUILD_LUA)
+        self._mark_script = redis.register_script(_MARK_QUEUED_LUA)
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def _idem_ttl_ms(self) -> int:
+        return max(0, int(self.idempotency_ttl_s * 1000))
+
+    def keys(self, conversation_id: str) -> ConversationKeys:
+        return ConversationKeys(self.prefix, conversation_id)
+
+    async def start(self) -> None:
+        if isinstance(self.redis, RedisCluster):
+            # redis-py 8.1: a cluster client first used by many tasks at once may hand some of
+            # them a connection torn down mid-handshake; set it up once, here.
+            await self.redis.initialize()
+
+    async def close(self) -> None:
+        pass  # the client belongs to the caller
+
+    async def read(
+        self,
+        conversation_id: str,
+        *,
+        after: int = 0,
+        before: int | None = None,
+        limit: int,
+    ) -> WindowView | None:
+        keys = self.keys(conversation_id)
+        low = max(after, 0) + 1
+        count = limit
+        high = "+"
+        if before is not None:
+            high = str(before - 1)
+            if before - 1 < low:
+                count = 0
+        reply = await self._read_script(
+            keys=[keys.epoch, keys.seq, keys.win], args=[high, str(low), max(count, 0)]
+        )
+        if reply is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        epoch, last_raw, first_raw, entries = reply
+        last = int(last_raw)
+        first = int(first_raw.split(b"-", 1)[0]) if first_raw else last + 1
+        messages = tuple(_decode_entry(entry) for entry in reversed(entries))
+        return WindowView(
+            epoch=epoch.decode(), last_offset=last, first_offset=first, messages=messages
+        )
+
+    async def rebuild(
+        self, conversation_id: str, messages: Sequence[Message], last_offset: int
+    ) -> None:
+        keys = self.keys(conversation_id)
+        last = max(last_offset, max((m.offset for m in messages), default=0))
+        tail = _contiguous_tail(messages, last, self.size)
+        idem_keys: list[str] = []
+        args: list[Any] = [
+            secrets.token_hex(6),
+            last,
+            self.key_ttl_s,
+            self._idem_ttl_ms,
+            len(tail),
+        ]
+        for m in tail:
+            index = 0
+            if m.client_msg_id is not None:
+                idem_keys.append(keys.idem(m.user_id, m.client_msg_id))
+                index = len(idem_keys)
+            args += [m.offset, message_payload(m), index]
+        await self._rebuild_script(keys=[keys.seq, keys.epoch, keys.win, *idem_keys], args=args)
+
+    async def append(self, draft: MessageDraft, outbox: Outbox) -> AppendResult:
+        if not isinstance(outbox, RedisOutbox):
+            raise TypeError(f"RedisWindow appends to a RedisOutbox, not {type(outbox).__name__}")
+        cid = draft.conversation_id
+        keys = self.keys(cid)
+        message_id = str(uuid.uuid4())
+        payload = draft_payload(message_id, draft)
+        shard = outbox.shard_for(cid)
+        idem_ttl_ms = 0
+        idem_key = f"{keys.base}:idem:"  # a placeholder in the conversation's slot
+        if draft.client_msg_id is not None:
+            idem_key = keys.idem(draft.user_id, draft.client_msg_id)
+            idem_ttl_ms = self._idem_ttl_ms
+        script_keys = [keys.seq, keys.epoch, keys.win, idem_key]
+        if self.cluster:
+            await outbox.check_room(shard)
+        else:
+            script_keys.append(outbox.keys[shard])
+        reply = await self._append_script(
+            keys=script_keys,
+            args=[
+                payload,
+                self.size,
+                idem_ttl_ms,
+                self.key_ttl_s,
+                outbox.max_entries,
+                _UNQUEUED if self.cluster else _QUEUED,
+            ],
+        )
+        code = int(reply[0])
+        if code == _DUPLICATE:
+            record: bytes = reply[1]
+            offset, created_ms, first_payload = decode_record(record[1:])
+            first = decode_message(first_payload, offset, created_ms)
+            if record[:1] != _QUEUED:
+                # The first attempt died before its outbox step (cluster): enqueue it now.
+                await outbox.push(shard, first_payload, offset, created_ms)
+                await self._mark_script(keys=[idem_key])
+            return AppendResult(message=first, duplicate=True)
+        if code == _MISSING:
+            raise WindowMissing(cid)
+        if code == _FULL:
+            raise OutboxFull(f"outbox shard {shard} holds {outbox.max_entries} entries")
+        offset, created_ms = int(reply[1]), int(reply[2])
+        if self.cluster:
+            await outbox.push(shard, payload, offset, created_ms)
+            if idem_ttl_ms:
+                await self._mark_script(keys=[idem_key])
+        return AppendResult(
+            message=message_from_draft(message_id, draft, offset, created_ms), duplicate=False
+        )
+
+    async def forget(self, conversation_id: str) -> None:
+        keys = self.keys(conversation_id)
+        await self.redis.delete(keys.epoch, keys.win)

@@ -1,0 +1,58 @@
+"""Helpers for multi-instance tests: several real servers on one Redis and one store."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from chatserver.auth import Authenticator
+from chatserver.client import ChatClient
+from protocol import Encoding
+from tests.serverproc import ServerProc
+
+SECRET = "scale-out-test-secret-0123456789abcdef"
+AUTH = Authenticator(SECRET)
+
+
+def token(user: str) -> str:
+    return AUTH.issue(user, ttl_s=3600)
+
+
+@contextlib.contextmanager
+def instances(
+    tmp_path: Path,
+    redis_url: str,
+    count: int = 3,
+    *,
+    env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
+) -> Iterator[list[ServerProc]]:
+    """``count`` chatserver processes sharing Redis and one SQLite store file."""
+    store = tmp_path / "shared.sqlite3"
+    base = {
+        "CHAT_JWT_SECRET": SECRET,
+        "CHAT_LOCAL_TTFT_MS": "5",
+        "CHAT_LOCAL_TOKEN_MS": "5",
+        "CHAT_REPLY_LEASE_S": "2",
+        "CHAT_LOG_LEVEL": "warning",
+        **(env or {}),
+    }
+    servers: list[ServerProc] = []
+    try:
+        for index in range(count):
+            server = ServerProc(
+                tmp_path / f"instance-{index}",
+                env={**base, "CHAT_SERVER_ID": f"instance-{index}"},
+                args=["--redis-url", redis_url, *args],
+                sqlite_path=store,
+            )
+            servers.append(server.start())
+        yield servers
+    finally:
+        for server in servers:
+            server.close()
+
+
+async def connect(server: ServerProc, user: str, encoding: Encoding = Encoding.JSON) -> ChatClient:
+    return await ChatClient.connect(server.ws_url, token(user), encoding=encoding)
