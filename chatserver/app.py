@@ -17,19 +17,25 @@ from .agents import AgentCatalog
 from .auth import Authenticator
 from .backends import (
     make_broker,
+    make_limiter,
+    make_provider,
     make_redis,
     make_reply_buffer,
+    make_response_cache,
     make_store,
     make_window_and_outbox,
 )
 from .broker.redis import RedisBroker
 from .conversations import ConversationService
-from .gateway import drain_connections, resync_joined, websocket_handler
-from .generation.local import LocalProvider
+from .drain import drain
+from .errors import DEPENDENCY_ERRORS
+from .gateway import resync_joined, websocket_handler
 from .generation.manager import GenerationManager
+from .generation.routing import Router
 from .hub import LocalHub
 from .maintenance import partition_maintenance
 from .metrics import Metrics
+from .observe import observe
 from .outbound import Flusher
 from .publish import publish
 from .rest import add_routes, errors_and_metrics
@@ -39,17 +45,20 @@ log = logging.getLogger("chatserver.app")
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=256 * 1024)
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics if metrics is not None else Metrics()
-    app[keys.AUTH] = Authenticator(settings.jwt_secret)
+    app[keys.AUTH] = Authenticator(
+        settings.jwt_secret, settings.jwt_secret_previous, settings.jwt_leeway_s
+    )
     app[keys.AGENTS] = AgentCatalog.load(settings.agents)
     app[keys.STATE] = keys.RunState()
     app[keys.FLUSHER] = Flusher()
     app.cleanup_ctx.extend(
-        [_redis, _storage, partition_maintenance, _persistence, _fanout, _generation]
+        [_redis, _storage, partition_maintenance, _persistence, _limits, _fanout, _generation]
     )
-    app.on_shutdown.append(_drain)
+    app.cleanup_ctx.append(observe)  # periodic gauges and event-loop lag, stopped first
+    app.on_shutdown.append(drain)
     app.router.add_get("/ws", websocket_handler)
     add_routes(app)
     if app[keys.AUTH].dev_mode:
@@ -138,7 +147,7 @@ async def _fanout(app: web.Application) -> AsyncIterator[None]:
 
 async def _generation(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    provider = LocalProvider(settings.local_ttft_ms, settings.local_token_ms)
+    provider = make_provider(settings, app[keys.METRICS])  # Gemini with a key, else local
     buffer = make_reply_buffer(settings, app[keys.REDIS])
     app[keys.REPLY_BUFFER] = buffer
     broker = app[keys.BROKER]
@@ -155,6 +164,9 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         app[keys.METRICS],
         server_id=settings.server_id,
         send_control=broker.send_control,
+        router=Router(settings.light_max_chars),
+        cache=make_response_cache(settings, app[keys.REDIS]),
+        on_usage=app[keys.LIMITER].add_tokens,
         max_queued=settings.max_queued_replies,
     )
     broker.on_control = manager.on_control
@@ -171,8 +183,22 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
     await provider.close()
 
 
-async def _drain(app: web.Application) -> None:
-    """On stop: refuse new work, let replies finish, send clients elsewhere."""
-    app[keys.STATE].draining = True
-    await app[keys.GENERATION].shutdown(app[keys.SETTINGS].shutdown_grace_s)
-    drain_connections(app)
+async def _limits(app: web.Application) -> AsyncIterator[None]:
+    limiter = make_limiter(app[keys.SETTINGS], app[keys.REDIS], app[keys.STORE])
+    app[keys.LIMITER] = limiter
+
+    async def keep_connections_counted() -> None:
+        # Connections count in Redis under a TTL: a dead instance's ones expire.
+        while True:
+            await asyncio.sleep(10)
+            held = [c.counted for c in app[keys.STATE].connections if c.counted is not None]
+            try:
+                await limiter.renew_connections(held)
+            except DEPENDENCY_ERRORS as exc:
+                log.warning("connection counts not renewed: %s", exc)
+
+    renewer = asyncio.create_task(keep_connections_counted(), name="limits-renewer")
+    yield
+    renewer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await renewer

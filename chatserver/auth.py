@@ -29,10 +29,15 @@ class Principal:
 class Authenticator:
     """Issues and verifies tokens. Without a configured secret it runs in dev mode."""
 
-    def __init__(self, secret: str | None) -> None:
+    def __init__(
+        self, secret: str | None, previous: str | None = None, leeway_s: int = 30
+    ) -> None:
         self.dev_mode = secret is None
         # A fresh secret per run: dev tokens die with the process.
         self._secret = secret if secret is not None else secrets.token_urlsafe(32)
+        # During a rotation tokens signed with the old secret stay valid until they expire.
+        self._accepted = [self._secret] + ([previous] if previous else [])
+        self._leeway_s = leeway_s
 
     def issue(
         self,
@@ -47,17 +52,25 @@ class Authenticator:
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
     def verify(self, token: str) -> Principal:
-        try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=["HS256"],  # only HS256: 'none' and key-confusion tokens are refused
-                options={"require": ["exp", "sub"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired") from None
-        except jwt.PyJWTError as exc:
-            raise AuthError(f"invalid token: {type(exc).__name__}") from None
+        claims: dict[str, object] | None = None
+        for index, secret in enumerate(self._accepted):
+            try:
+                claims = jwt.decode(
+                    token,
+                    secret,
+                    algorithms=["HS256"],  # only HS256: 'none' and key confusion are refused
+                    options={"require": ["exp", "sub"]},
+                    leeway=self._leeway_s,
+                )
+                break
+            except jwt.InvalidSignatureError:
+                if index == len(self._accepted) - 1:
+                    raise AuthError("invalid token: InvalidSignatureError") from None
+            except jwt.ExpiredSignatureError:
+                raise AuthError("token expired") from None
+            except jwt.PyJWTError as exc:
+                raise AuthError(f"invalid token: {type(exc).__name__}") from None
+        assert claims is not None
         user_id = claims.get("sub")
         tier = claims.get("tier", Tier.FREE.value)
         role = claims.get("role", UserRole.USER.value)

@@ -20,7 +20,14 @@ from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .broker.redis import RedisBroker
 from .generation.buffer import MemoryReplyBuffer, ReplyBuffer
+from .generation.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
+from .generation.local import LocalProvider
+from .generation.provider import Provider
 from .generation.redis_buffer import RedisReplyBuffer
+from .limits.base import Limiter
+from .limits.memory import MemoryLimiter
+from .limits.redis import RedisLimiter
+from .metrics import Metrics
 from .settings import Settings
 
 RedisClient = Redis | RedisCluster
@@ -104,6 +111,15 @@ def make_broker(settings: Settings, redis: RedisClient | None) -> Broker:
     )
 
 
+def make_limiter(settings: Settings, redis: RedisClient | None, store: Store) -> Limiter:
+    async def seed(user_id: str, day: str) -> int:
+        return await store.usage_on(user_id, day)
+
+    if redis is None:
+        return MemoryLimiter(seed)
+    return RedisLimiter(redis, seed, prefix=settings.redis_key_prefix)
+
+
 def make_reply_buffer(settings: Settings, redis: RedisClient | None) -> ReplyBuffer:
     if redis is None:
         return MemoryReplyBuffer()
@@ -112,4 +128,43 @@ def make_reply_buffer(settings: Settings, redis: RedisClient | None) -> ReplyBuf
         server_id=settings.server_id,
         prefix=settings.redis_key_prefix,
         lease_s=settings.reply_lease_s,
+    )
+
+
+def make_provider(settings: Settings, metrics: Metrics | None = None) -> Provider:
+    """Gemini when a key is configured (lean SSE or the SDK, per the setting), else the
+    embedded local model (key-free)."""
+    if settings.gemini_api_key is None:
+        return LocalProvider(settings.local_ttft_ms, settings.local_token_ms)
+    from .generation.gemini import GeminiConfig, GeminiProvider, RetryPolicy
+
+    config = GeminiConfig(
+        api_key=settings.gemini_api_key,
+        base_url=settings.gemini_base_url,
+        timeout_s=settings.gemini_timeout_s,
+        retry=RetryPolicy(
+            attempts=settings.gemini_retries + 1,
+            initial_s=settings.gemini_retry_initial_s,
+            max_s=settings.gemini_retry_max_s,
+            jitter_s=settings.gemini_retry_initial_s / 4,
+        ),
+        probe_model=settings.gemini_probe_model,
+        probe_ttl_s=settings.ai_check_ttl_s,
+    )
+    if settings.gemini_transport == "sdk":
+        return GeminiProvider(config, metrics)
+    from .generation.gemini_sse import GeminiSseProvider
+
+    return GeminiSseProvider(config, metrics)
+
+
+def make_response_cache(settings: Settings, redis: RedisClient | None) -> ResponseCache | None:
+    """The first-turn answer cache: shared in Redis when configured, else per instance.
+    Only for a paid model: the embedded local one costs nothing to ask again."""
+    if settings.response_cache_ttl_s <= 0 or settings.gemini_api_key is None:
+        return None
+    if redis is None:
+        return MemoryResponseCache(settings.response_cache_ttl_s, settings.response_cache_entries)
+    return RedisResponseCache(
+        redis, prefix=settings.redis_key_prefix, ttl_s=settings.response_cache_ttl_s
     )

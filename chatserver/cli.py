@@ -38,9 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run_server(settings: Settings) -> None:
     from .app import create_app
+    from .drain import drain
 
+    app = create_app(settings)
     runner = web.AppRunner(
-        create_app(settings),
+        app,
         access_log=logging.getLogger("aiohttp.access"),
         access_log_class=JsonAccessLogger,
         shutdown_timeout=settings.shutdown_grace_s + 5,
@@ -51,13 +53,16 @@ async def _run_server(settings: Settings) -> None:
     await site.start()
     host, port = runner.addresses[0][:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(f"chatserver listening on http://{shown}:{port}/", flush=True)
+    url = f"http://{shown}:{port}/"
+    logs.announce(f"chatserver listening on {url}", url=url)  # stdout, as JSON
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("stopping: draining connections and flushing the outbox")
+    # Drain while still listening: /readyz says 503 and the load balancer moves away.
+    await drain(app)
     await runner.cleanup()
     log.info("stopped")
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -81,6 +82,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         heartbeat=settings.heartbeat_s,
         max_msg_size=settings.max_frame_bytes,
         compress=False,  # one framed bytes object serves every recipient, uncompressed
+        decode_text=False,  # we check UTF-8 ourselves: a bad frame is an error, not a close
         timeout=5.0,
     )
     await ws.prepare(request)
@@ -128,6 +130,7 @@ class _Connection:
         self.close_reason = "client"
         self._closing = False
         self._close_task: asyncio.Task[bool] | None = None
+        self.counted: tuple[str, str] | None = None  # (user, session) held in the limiter
         self.outbound = Outbound(
             transport, app[keys.FLUSHER], self.settings.send_buffer_bytes, self._on_overflow
         )
@@ -142,6 +145,8 @@ class _Connection:
         retry_after_ms: int | None = None,
     ) -> None:
         self.metrics.errors.labels(code.value).inc()
+        if code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
+            self.metrics.rate_limited.labels(code.value).inc()
         frame = ErrorFrame(code.value, message, retry_after_ms, ref).to_dict()
         self.outbound.push(framed(frame, self.encoding))
 
@@ -162,8 +167,13 @@ class _Connection:
 
     def _on_overflow(self) -> None:
         self.metrics.slow_consumers.inc()
+        session = self.session
         log.warning(
-            "slow consumer closed", extra={"session": self.session.id if self.session else None}
+            "slow consumer closed",
+            extra={
+                "session": session.id if session else None,
+                "user": session.user_id if session else None,
+            },
         )
         self.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
 
@@ -172,7 +182,8 @@ class _Connection:
     async def run(self, request: web.Request) -> None:
         origins = self.settings.origins
         origin = request.headers.get("Origin")
-        if origins and origin is not None and origin not in origins:
+        dev = self.app[keys.AUTH].dev_mode
+        if origins and not dev and origin is not None and origin not in origins:
             self.send_error(ErrorCode.FORBIDDEN, "origin not allowed")
             self.close(CloseCode.FORBIDDEN, "forbidden_origin")
             return
@@ -180,12 +191,32 @@ class _Connection:
         if principal is None:
             return
         state = self.app[keys.STATE]
-        self.session = Session(str(uuid.uuid4()), principal, self.encoding, self.outbound)
+        session_id = str(uuid.uuid4())
+        limits = self.settings.tier_limits(principal.tier)
+        if not await self.app[keys.LIMITER].open_connection(
+            principal.user_id, session_id, limits
+        ):
+            self.send_error(
+                ErrorCode.RATE_LIMITED, f"at most {limits.connections} connections per user"
+            )
+            self.close(CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections")
+            return
+        self.counted = (principal.user_id, session_id)
+        self.session = Session(session_id, principal, self.encoding, self.outbound)
         self.app[keys.HUB].add_session(self.session)
         state.users[principal.user_id] = state.users.get(principal.user_id, 0) + 1
         self.metrics.active_users.set(len(state.users))
         self.metrics.connections.labels(self.encoding.name.lower()).inc()
         self.metrics.connects.labels(self.encoding.name.lower()).inc()
+        log.info(
+            "connection opened",
+            extra={
+                "session": self.session.id,
+                "user": principal.user_id,
+                "encoding": self.encoding.name.lower(),
+                "remote": request.remote,
+            },
+        )
         self._send(
             Hello(
                 self.session.id,
@@ -214,7 +245,13 @@ class _Connection:
                 state.users[session.user_id] = left
             self.metrics.active_users.set(len(state.users))
             self.metrics.connections.labels(self.encoding.name.lower()).dec()
-        self.metrics.disconnects.labels(self._disconnect_reason()).inc()
+        reason = self._disconnect_reason()
+        self.metrics.disconnects.labels(reason).inc()
+        if self.session is not None:
+            log.info(
+                "connection closed",
+                extra={"session": self.session.id, "user": self.session.user_id, "reason": reason},
+            )
         if not self.transport.is_closing():
             self.transport.close()
         # A peer that never reads keeps a closed transport's buffer alive: drop it later.
@@ -242,7 +279,9 @@ class _Connection:
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 return None
             try:
-                frame = decode_client_frame(msg.data, self.encoding, self.limits)
+                frame = decode_client_frame(
+                    msg.data, self.encoding, self.limits, text=msg.type is WSMsgType.TEXT
+                )
             except ProtocolError as exc:
                 self.send_error(
                     ErrorCode.UNAUTHORIZED, f"expected an auth frame: {exc.message}", exc.ref
@@ -266,7 +305,7 @@ class _Connection:
             if self._closing:
                 break
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                await self._handle(session, msg.data)
+                await self._handle(session, msg.data, msg.type is WSMsgType.TEXT)
             elif msg.type is WSMsgType.ERROR:
                 break
 
@@ -275,9 +314,9 @@ class _Connection:
         if self.session is not None:
             self.session.send(frame)
 
-    async def _handle(self, session: Session, data: str | bytes) -> None:
+    async def _handle(self, session: Session, data: str | bytes, text: bool) -> None:
         try:
-            frame = decode_client_frame(data, self.encoding, self.limits)
+            frame = decode_client_frame(data, self.encoding, self.limits, text=text)
         except ProtocolError as exc:
             self.metrics.frames_in.labels("invalid").inc()
             self.send_error(exc.code, exc.message, exc.ref)
@@ -285,6 +324,7 @@ class _Connection:
                 self.close(CloseCode.POLICY_VIOLATION, "too_many_bad_frames")
             return
         self.metrics.frames_in.labels(frame.TYPE).inc()
+        started = time.perf_counter()
         try:
             await self._dispatch(session, frame)
         except ServiceError as exc:
@@ -295,6 +335,8 @@ class _Connection:
         except Exception:
             log.exception("frame handling failed", extra={"session": session.id})
             self.send_error(ErrorCode.INTERNAL, "internal error", frame.ref)
+        finally:
+            self.metrics.frame_duration.labels(frame.TYPE).observe(time.perf_counter() - started)
 
     async def _dispatch(self, session: Session, frame: ClientFrame) -> None:
         if isinstance(frame, Send):
@@ -341,6 +383,14 @@ class _Connection:
                 frame.ref,
             )
         )
+        log.info(
+            "joined",
+            extra={
+                "session": session.id,
+                "user": session.user_id,
+                "conversation": frame.conversation_id,
+            },
+        )
         gen = (snapshot.generation_id, snapshot.seq) if snapshot is not None else None
         session.release(frame.conversation_id, view.view.last_offset, gen)
 
@@ -354,6 +404,7 @@ class _Connection:
                 ErrorCode.UNAVAILABLE, f"agent {conversation.agent_id!r} is not configured here"
             )
         generation.check_capacity(conversation.id)
+        await self._check_limits(session)
         result = await conversations.append(
             MessageDraft(
                 conversation_id=conversation.id,
@@ -374,11 +425,43 @@ class _Connection:
                 frame.ref,
             )
         )
+        # Ids only: message text is never logged.
+        log.debug(
+            "message accepted",
+            extra={
+                "session": session.id,
+                "user": session.user_id,
+                "conversation": conversation.id,
+                "message_id": message.id,
+                "offset": message.offset,
+                "duplicate": result.duplicate,
+            },
+        )
         if result.duplicate:
             return
         self.metrics.messages_appended.labels(Role.USER.value).inc()
         await publish(self.app, conversation.id, MessageEvent(message).to_dict())
         generation.start(conversation, message)
+
+    async def _check_limits(self, session: Session) -> None:
+        """Rate and daily quota by tier: checked before the message, so before any model call."""
+        limiter = self.app[keys.LIMITER]
+        principal = session.principal
+        limits = self.settings.tier_limits(principal.tier)
+        wait_ms = await limiter.take_message(principal.user_id, limits)
+        if wait_ms is not None:
+            raise ServiceError(
+                ErrorCode.RATE_LIMITED,
+                f"at most {limits.messages_per_minute} messages per minute",
+                wait_ms,
+            )
+        reset_ms = await limiter.quota_retry_ms(principal.user_id, limits)
+        if reset_ms is not None:
+            raise ServiceError(
+                ErrorCode.QUOTA_EXCEEDED,
+                f"daily quota of {limits.daily_tokens} model tokens used up",
+                reset_ms,
+            )
 
     async def _on_history(self, session: Session, frame: History) -> None:
         conversations = self.app[keys.CONVERSATIONS]
@@ -397,10 +480,10 @@ class _Connection:
         await generation.cancel(owner)
 
 
-def drain_connections(app: web.Application, after_ms: int = 1000) -> None:
-    """Tell every client to reconnect elsewhere, then close with 1001."""
+def drain_connections(app: web.Application, jitter_ms: int = 1000) -> None:
+    """Tell every client to reconnect elsewhere (spread over ``jitter_ms``), close with 1001."""
     for connection in list(app[keys.STATE].connections):
-        connection.going_away(after_ms)
+        connection.going_away(random.randint(0, jitter_ms))
 
 
 def resync_joined(app: web.Application, spread_ms: int = 1000) -> None:

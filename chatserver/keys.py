@@ -20,6 +20,7 @@ from .conversations import ConversationService
 from .generation.buffer import ReplyBuffer
 from .generation.manager import GenerationManager
 from .hub import LocalHub
+from .limits.base import Limiter
 from .metrics import Metrics
 from .outbound import Flusher
 from .settings import Settings
@@ -48,3 +49,4 @@ HUB = web.AppKey("hub", LocalHub)
 REPLY_BUFFER = web.AppKey("reply_buffer", ReplyBuffer)
 CONVERSATIONS = web.AppKey("conversations", ConversationService)
 GENERATION = web.AppKey("generation", GenerationManager)
+LIMITER = web.AppKey("limiter", Limiter)

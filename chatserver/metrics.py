@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import generate_latest
 
 # Milliseconds to tens of seconds: fan-out and HTTP at the low end, replies at the top.
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-_REPLY = (0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 30, 60)
+# Replies: 25 ms (a local model) to two minutes (a long answer); dense around 1-3 s (alerts).
+_REPLY = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
+# Event-loop lag: a healthy loop is late by well under a millisecond.
+_LAG = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BATCH = (1, 5, 10, 50, 100, 500, 1000, 5000, 10000)
 
 
@@ -15,6 +26,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # CPU, memory, open fds and start time (Linux), the interpreter, garbage collection.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.connections = Gauge(
             "chat_connections", "Open WebSocket connections", ["encoding"], registry=r
         )
@@ -85,8 +100,69 @@ class Metrics:
         self.active_users = Gauge(
             "chat_active_users", "Distinct users connected to this instance", registry=r
         )
+        self.frame_duration = Histogram(
+            "chat_frame_handling_seconds",
+            "Time to handle one client frame, by type (a send: until its ack is queued)",
+            ["type"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "chat_rate_limited",
+            "Requests refused by a rate limit or quota, by code",
+            ["code"],
+            registry=r,
+        )
+        # Fed from the window's hit/miss counts by chatserver.observe.
+        self.window_hits = Counter(
+            "chat_window_hits", "Hot-window reads served from the window", registry=r
+        )
+        self.window_misses = Counter(
+            "chat_window_misses", "Hot-window reads that fell through to the store", registry=r
+        )
+        # Database pools (pool="primary"|"replica"), sampled by chatserver.observe.
+        self.db_pool_size = Gauge(
+            "chat_db_pool_size", "Open database connections in the pool", ["pool"], registry=r
+        )
+        self.db_pool_in_use = Gauge(
+            "chat_db_pool_in_use",
+            "Database connections checked out of the pool",
+            ["pool"],
+            registry=r,
+        )
+        self.db_pool_max = Gauge(
+            "chat_db_pool_max", "Most connections the pool may open", ["pool"], registry=r
+        )
+        self.loop_lag = Histogram(
+            "chat_event_loop_lag_seconds",
+            "How late a periodic timer fires: event-loop scheduling delay",
+            buckets=_LAG,
+            registry=r,
+        )
         self.slow_consumers = Counter(
             "chat_slow_consumers", "Connections closed for falling behind (4408)", registry=r
+        )
+        # Model calls: routing, the first-turn response cache, upstream failures and retries.
+        self.model_routed = Counter(
+            "chat_model_routed",
+            "Replies by the model chosen",
+            ["agent", "model", "route"],
+            registry=r,
+        )
+        self.model_cache_hits = Counter(
+            "chat_model_cache_hits", "Replies served from the response cache", ["agent"], registry=r
+        )
+        self.model_cache_misses = Counter(
+            "chat_model_cache_misses", "Cacheable replies not in the cache", ["agent"], registry=r
+        )
+        self.model_errors = Counter(
+            "chat_model_errors",
+            "Model streams ended by a failure",
+            ["provider", "kind"],
+            registry=r,
+        )
+        self.model_retries = Counter(
+            "chat_model_retries", "Model requests retried (429/5xx)", ["provider"], registry=r
         )
 
     def exposition(self) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
@@ -40,6 +41,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         return response
     except ServiceError as exc:
         status = exc.http_status
+        if exc.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
+            request.app[keys.METRICS].rate_limited.labels(exc.code.value).inc()
         return error_response(exc.code, exc.message, status)
     except web.HTTPException as exc:
         status = exc.status
@@ -100,6 +103,14 @@ def _int_query(
     return value
 
 
+def _uuid_or_404(text: str) -> str:
+    try:
+        value = uuid.UUID(text)
+    except ValueError:
+        raise ServiceError(ErrorCode.NOT_FOUND, "no such conversation") from None
+    return str(value)
+
+
 async def list_agents(request: web.Request) -> web.Response:
     require_principal(request)
     items = [a.public_dict() for a in request.app[keys.AGENTS].public()]
@@ -120,6 +131,15 @@ async def create_conversation(request: web.Request) -> web.Response:
         raise ServiceError(ErrorCode.BAD_REQUEST, "'members' must be an array of user ids")
     conversation = await request.app[keys.CONVERSATIONS].create(principal, agent_id, title, members)
     request.app[keys.METRICS].conversations_created.inc()
+    log.info(
+        "conversation created",
+        extra={
+            "user": principal.user_id,
+            "conversation": conversation.id,
+            "agent": conversation.agent_id,
+            "members": len(conversation.members),
+        },
+    )
     return web.json_response(conversation.to_dict(), status=201)
 
 
@@ -143,7 +163,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 
 async def list_messages(request: web.Request) -> web.Response:
     principal = require_principal(request)
-    conversation_id = request.match_info["conversation_id"]
+    conversation_id = _uuid_or_404(request.match_info["conversation_id"])
     limits = request.app[keys.SETTINGS].limits
     limit = _int_query(request, "limit", limits.history_default_limit, 1, limits.history_max_limit)
     before = _int_query(request, "before", None, 1, 2**62)
@@ -153,6 +173,26 @@ async def list_messages(request: web.Request) -> web.Response:
     page = await conversations.history(conversation_id, before, limit)
     return web.json_response(
         {"items": [m.to_dict() for m in page.messages], "has_more": page.has_more}
+    )
+
+
+async def admin_stats(request: web.Request) -> web.Response:
+    """What this instance holds right now; for operators (role ``admin``) only."""
+    principal = require_principal(request)
+    if principal.role != "admin":
+        raise ServiceError(ErrorCode.FORBIDDEN, "admin role required")
+    app = request.app
+    state = app[keys.STATE]
+    return web.json_response(
+        {
+            "server_id": app[keys.SETTINGS].server_id,
+            "draining": state.draining,
+            "connections": len(state.connections),
+            "users": len(state.users),
+            "conversations": app[keys.HUB].conversations(),
+            "replies": app[keys.GENERATION].running,
+            "outbox_backlog": await app[keys.OUTBOX].backlog(),
+        }
     )
 
 
@@ -205,6 +245,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/conversations", list_conversations)
     app.router.add_get("/api/conversations/{conversation_id}/messages", list_messages)
     app.router.add_post("/api/dev/token", dev_token)
+    app.router.add_get("/api/admin/stats", admin_stats)
     app.router.add_get("/api/health", health)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 
 from protocol import Limits
 
+from .limits.base import TierLimits
+
 
 class SettingsError(ValueError):
     """A setting has a bad value; the message names the setting and the value."""
@@ -72,6 +74,27 @@ class Settings:
             "HS256 secret of client tokens; unset: dev auth mode", flag=False, secret=True
         ),
     )
+    jwt_secret_previous: str | None = field(
+        default=None,
+        metadata=_opt("the secret being rotated out: its tokens stay valid", flag=False, secret=True),
+    )
+    jwt_leeway_s: int = field(default=30, metadata=_opt("clock skew allowed on token expiry"))
+    limits_free: str = field(
+        default="messages_per_minute=20,connections=5,daily_tokens=100000",
+        metadata=_opt("free tier: messages per minute, connections, daily model tokens"),
+    )
+    limits_pro: str = field(
+        default="messages_per_minute=60,connections=20,daily_tokens=1000000",
+        metadata=_opt("pro tier limits (same form)"),
+    )
+    limits_enterprise: str = field(
+        default="messages_per_minute=600,connections=100,daily_tokens=20000000",
+        metadata=_opt("enterprise tier limits (same form)"),
+    )
+    max_body_bytes: int = field(default=256 * 1024, metadata=_opt("largest REST request body"))
+    drain_jitter_ms: int = field(
+        default=2000, metadata=_opt("clients told to reconnect spread over this many ms")
+    )
     server_id: str = field(default_factory=_default_server_id, metadata=_opt("instance name"))
     heartbeat_s: int = field(default=30, metadata=_opt("WebSocket ping interval, seconds"))
     auth_timeout_s: float = field(default=5.0, metadata=_opt("time allowed for the auth frame"))
@@ -96,6 +119,48 @@ class Settings:
     )
     local_ttft_ms: int = field(default=150, metadata=_opt("local model: time to first token"))
     local_token_ms: int = field(default=15, metadata=_opt("local model: time per word"))
+    # Gemini: with a key, replies come from Gemini (else from the local model above).
+    gemini_api_key: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Gemini API key (else GEMINI_API_KEY / GOOGLE_API_KEY); unset: the local model",
+            flag=False,
+            secret=True,
+        ),
+    )
+    gemini_base_url: str | None = field(
+        default=None, metadata=_opt("Gemini API base URL (a proxy, a test fake); unset: Google's")
+    )
+    gemini_transport: str = field(
+        default="sse",
+        metadata=_opt("'sse': lean aiohttp SSE streaming; 'sdk': the google-genai SDK"),
+    )
+    gemini_timeout_s: float = field(
+        default=30.0, metadata=_opt("Gemini: longest wait for the first chunk or the next one")
+    )
+    gemini_retries: int = field(
+        default=3, metadata=_opt("Gemini: retries of a 429/5xx answer before the first chunk")
+    )
+    gemini_retry_initial_s: float = field(
+        default=0.5, metadata=_opt("Gemini: first retry delay (doubles, plus jitter)")
+    )
+    gemini_retry_max_s: float = field(default=8.0, metadata=_opt("Gemini: longest retry delay"))
+    gemini_probe_model: str = field(
+        default="gemini-2.5-flash-lite", metadata=_opt("model the AI health check looks up")
+    )
+    ai_check_ttl_s: float = field(
+        default=30.0, metadata=_opt("the AI health check calls the model API at most this often")
+    )
+    light_max_chars: int = field(
+        default=200,
+        metadata=_opt("routing: a first turn this short goes to the agent's light_model (0: off)"),
+    )
+    response_cache_ttl_s: int = field(
+        default=3600, metadata=_opt("cacheable agents: first-turn answers kept this long (0: off)")
+    )
+    response_cache_entries: int = field(
+        default=10_000, metadata=_opt("memory response cache: most answers kept (LRU)")
+    )
     max_queued_replies: int = field(
         default=4, metadata=_opt("replies waiting behind a running one, per conversation")
     )
@@ -123,6 +188,9 @@ class Settings:
     @property
     def limits(self) -> Limits:
         return Limits(max_frame_bytes=self.max_frame_bytes, max_text_chars=self.max_text_chars)
+
+    def tier_limits(self, tier: str) -> TierLimits:
+        return TierLimits.parse(getattr(self, f"limits_{tier}"), env_name(f"limits_{tier}"))
 
     @property
     def origins(self) -> frozenset[str]:
@@ -201,8 +269,13 @@ def load(
         if raw is None:
             continue
         values[f.name] = _convert(f.name, raw, kind) if isinstance(raw, str) else raw
-    if "jwt_secret" not in values and environ.get("CHAT_JWT_SECRET"):
-        values["jwt_secret"] = environ["CHAT_JWT_SECRET"]
+    for secret in ("jwt_secret", "jwt_secret_previous"):
+        if secret not in values and environ.get(env_name(secret)):
+            values[secret] = environ[env_name(secret)]
+    if "gemini_api_key" not in values:  # the names Google's own tools read
+        fallback = environ.get("GEMINI_API_KEY") or environ.get("GOOGLE_API_KEY")
+        if fallback:
+            values["gemini_api_key"] = fallback
     return validate(Settings(**values))
 
 
@@ -238,9 +311,17 @@ def validate(settings: Settings) -> Settings:
             "idempotency_ttl_s",
             "reply_lease_s",
             "outbox_claim_idle_ms",
+            "max_body_bytes",
         ),
     )
-    for name in ("local_ttft_ms", "local_token_ms", "shutdown_grace_s", "tcp_send_buffer_bytes"):
+    for name in (
+        "local_ttft_ms",
+        "local_token_ms",
+        "shutdown_grace_s",
+        "tcp_send_buffer_bytes",
+        "jwt_leeway_s",
+        "drain_jitter_ms",
+    ):
         if getattr(settings, name) < 0:
             raise SettingsError(f"{env_name(name)}={getattr(settings, name)!r}: must be >= 0")
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
@@ -271,11 +352,44 @@ def validate(settings: Settings) -> Settings:
         raise SettingsError(
             f"CHAT_REDIS_KEY_PREFIX={settings.redis_key_prefix!r}: non-empty, no braces"
         )
-    if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
-        raise SettingsError("CHAT_JWT_SECRET: must be at least 32 bytes (HS256 key length)")
+    for name in ("jwt_secret", "jwt_secret_previous"):
+        secret = getattr(settings, name)
+        if secret is not None and len(secret.encode()) < 32:
+            raise SettingsError(f"{env_name(name)}: must be at least 32 bytes (HS256 key length)")
+    if settings.jwt_secret_previous is not None and settings.jwt_secret is None:
+        raise SettingsError("CHAT_JWT_SECRET_PREVIOUS needs CHAT_JWT_SECRET")
+    for tier in ("free", "pro", "enterprise"):
+        try:
+            settings.tier_limits(tier)
+        except ValueError as exc:
+            raise SettingsError(f"{exc} (got {getattr(settings, f'limits_{tier}')!r})") from None
     if settings.max_frame_bytes < 1024:
         raise SettingsError(f"CHAT_MAX_FRAME_BYTES={settings.max_frame_bytes!r}: must be >= 1024")
+    _validate_gemini(settings)
     return settings
+
+
+def _validate_gemini(settings: Settings) -> None:
+    if settings.gemini_transport not in {"sse", "sdk"}:
+        raise SettingsError(f"CHAT_GEMINI_TRANSPORT={settings.gemini_transport!r}: sse|sdk")
+    url = settings.gemini_base_url
+    if url is not None and urlparse(url).scheme not in {"http", "https"}:
+        raise SettingsError(f"CHAT_GEMINI_BASE_URL={_strip_password(url)!r}: not an http(s) URL")
+    _positive(
+        settings,
+        (
+            "gemini_timeout_s",
+            "gemini_retry_initial_s",
+            "gemini_retry_max_s",
+            "ai_check_ttl_s",
+            "response_cache_entries",
+        ),
+    )
+    if not 0 <= settings.gemini_retries <= 10:
+        raise SettingsError(f"CHAT_GEMINI_RETRIES={settings.gemini_retries!r}: must be 0..10")
+    for name in ("light_max_chars", "response_cache_ttl_s"):
+        if getattr(settings, name) < 0:
+            raise SettingsError(f"{env_name(name)}={getattr(settings, name)!r}: must be >= 0")
 
 
 def defaults() -> dict[str, Any]:

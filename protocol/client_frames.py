@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from .codes import ErrorCode
 from .errors import ProtocolError
-from .fields import Obj, opt_int, opt_obj, opt_scalar, opt_str, req_int, req_str
+from .fields import Obj, opt_int, opt_obj, opt_scalar, opt_str, req_int, req_str, req_uuid
 from .limits import Limits
 
 
@@ -57,7 +57,7 @@ class Join:
 
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> Join:
-        conversation_id = req_str(obj, "conversation_id", limits.max_id_chars, ref)
+        conversation_id = req_uuid(obj, "conversation_id", ref)
         since_obj = opt_obj(obj, "since", ref)
         since = None
         if since_obj is not None:
@@ -79,7 +79,7 @@ class Leave:
 
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> Leave:
-        return cls(req_str(obj, "conversation_id", limits.max_id_chars, ref), ref)
+        return cls(req_uuid(obj, "conversation_id", ref), ref)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,7 @@ class Send:
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> Send:
         return cls(
-            req_str(obj, "conversation_id", limits.max_id_chars, ref),
+            req_uuid(obj, "conversation_id", ref),
             req_str(obj, "client_msg_id", limits.max_client_msg_id_chars, ref),
             req_str(obj, "text", limits.max_text_chars, ref),
             ref,
@@ -119,7 +119,7 @@ class Cancel:
 
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> Cancel:
-        return cls(req_str(obj, "generation_id", limits.max_id_chars, ref), ref)
+        return cls(req_uuid(obj, "generation_id", ref), ref)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +133,7 @@ class Typing:
 
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> Typing:
-        return cls(req_str(obj, "conversation_id", limits.max_id_chars, ref), ref)
+        return cls(req_uuid(obj, "conversation_id", ref), ref)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +155,7 @@ class History:
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> History:
         return cls(
-            req_str(obj, "conversation_id", limits.max_id_chars, ref),
+            req_uuid(obj, "conversation_id", ref),
             opt_int(obj, "before", ref, lo=1, hi=2**62),
             opt_int(obj, "limit", ref, lo=1, hi=limits.history_max_limit),
             ref,

@@ -70,8 +70,42 @@ def encode_frame(frame: ClientFrame | ServerFrame, encoding: Encoding) -> bytes:
     return encode(frame.to_dict(), encoding)
 
 
-def decode_object(data: str | bytes, encoding: Encoding, limits: Limits) -> dict[str, Any]:
-    """Decode one payload into a mapping, enforcing the frame size bound."""
+def _too_deep(obj: Any, limit: int) -> bool:
+    """True when objects and arrays nest deeper than ``limit`` (checked without recursion)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def decode_object(
+    data: str | bytes, encoding: Encoding, limits: Limits, *, text: bool | None = None
+) -> dict[str, Any]:
+    """Decode one payload into a mapping, enforcing the frame size and depth bounds.
+
+    ``text`` says whether it arrived in a WebSocket text frame (default: ``data`` is str);
+    a text frame given as bytes is checked to be UTF-8 here.
+    """
+    if text is None:
+        text = isinstance(data, str)
+    if text and not isinstance(data, str):
+        if len(data) > limits.max_frame_bytes:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"frame larger than {limits.max_frame_bytes} bytes"
+            )
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "text frame is not valid UTF-8") from None
     if isinstance(data, str):
         try:
             size = len(data.encode())
@@ -105,11 +139,15 @@ def decode_object(data: str | bytes, encoding: Encoding, limits: Limits) -> dict
         raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid {kind}: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "a frame must be an object")
+    if _too_deep(obj, limits.max_depth):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"a frame nests deeper than {limits.max_depth}")
     return obj
 
 
-def decode_client_frame(data: str | bytes, encoding: Encoding, limits: Limits) -> ClientFrame:
-    return parse_client_frame(decode_object(data, encoding, limits), limits)
+def decode_client_frame(
+    data: str | bytes, encoding: Encoding, limits: Limits, *, text: bool | None = None
+) -> ClientFrame:
+    return parse_client_frame(decode_object(data, encoding, limits, text=text), limits)
 
 
 def decode_server_frame(data: str | bytes, encoding: Encoding, limits: Limits) -> ServerFrame:

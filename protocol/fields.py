@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,21 @@ def req_str(obj: Obj, name: str, max_len: int, ref: str | None = None, *, min_le
             )
         raise _bad(name, f"at most {max_len} characters", ref)
     return value
+
+
+def req_uuid(obj: Obj, name: str, ref: str | None = None) -> str:
+    """A UUID in its canonical text form (case-insensitive), returned lower-case."""
+    value = obj.get(name)
+    if not isinstance(value, str) or len(value) != 36:
+        raise _bad(name, "a UUID", ref)
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise _bad(name, "a UUID", ref) from None
+    text = str(parsed)
+    if text != value.lower():
+        raise _bad(name, "a UUID", ref)
+    return text
 
 
 def opt_str(obj: Obj, name: str, max_len: int, ref: str | None = None) -> str | None:

@@ -14,6 +14,7 @@ class Limits:
     max_id_chars: int = 64
     max_token_chars: int = 4096
     max_title_chars: int = 200
+    max_depth: int = 16  # nesting of objects and arrays in one frame
     max_members: int = 100
     history_max_limit: int = 100
     history_default_limit: int = 50

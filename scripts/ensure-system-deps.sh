@@ -13,6 +13,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [[ -x "/usr/sbin/$1" || -x "/usr/bin
 missing_packages() {
     have redis-server || echo redis-server
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || echo postgresql
+    have pgbouncer || echo pgbouncer
     [[ -x /usr/bin/chromium ]] || echo chromium
     have promtool || echo prometheus
     have nginx || echo nginx

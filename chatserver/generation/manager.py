@@ -25,20 +25,26 @@ from ..conversations import ConversationService
 from ..errors import ServiceError
 from ..metrics import Metrics
 from .buffer import LeaseLost, ReplyBuffer, ReplyOwner
+from .cache import CacheKey, ResponseCache, cache_key
 from .local import count_tokens
 from .provider import Chunk, Finish, Provider, ReplyRequest
+from .routing import Router, is_first_turn
 
 log = logging.getLogger("chatserver.generation")
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
 SendControl = Callable[[str, dict[str, Any]], Awaitable[None]]
+OnUsage = Callable[[str, int], Awaitable[None]]  # (user billed, tokens)
 _END = object()
 _QUEUE_DEPTH = 256
+_REPLAY_WORDS = 4  # words per chunk when a cached answer is streamed
 
 
 class ReplyRun:
     __slots__ = (
         "agent",
+        "cache_hit",
+        "cache_key",
         "cancel_reason",
         "conversation_id",
         "first_token_at",
@@ -65,6 +71,8 @@ class ReplyRun:
         self.queued_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.lost = False  # another instance took the reply over: end silently
+        self.cache_key: CacheKey | None = None  # a cacheable first turn
+        self.cache_hit = False
 
     def owner(self, server_id: str) -> ReplyOwner:
         return ReplyOwner(
@@ -105,6 +113,9 @@ class GenerationManager:
         *,
         server_id: str,
         send_control: SendControl | None = None,
+        router: Router | None = None,
+        cache: ResponseCache | None = None,
+        on_usage: OnUsage | None = None,
         max_queued: int = 4,
         context_messages: int = 50,
         slot_wait_s: float = 60.0,
@@ -117,6 +128,9 @@ class GenerationManager:
         self._metrics = metrics
         self._server_id = server_id
         self._send_control = send_control
+        self._router = router if router is not None else Router()
+        self._cache = cache
+        self._on_usage = on_usage
         self._max_queued = max_queued
         self._context = context_messages
         self._slot_wait_s = slot_wait_s
@@ -147,7 +161,11 @@ class GenerationManager:
             raise ServiceError(
                 ErrorCode.INTERNAL, f"agent {conversation.agent_id!r} is not configured"
             )
-        run = ReplyRun(conversation.id, agent, agent.model, message)
+        route = self._router.choose(agent, message)
+        run = ReplyRun(conversation.id, agent, route.model, message)
+        self._metrics.model_routed.labels(agent.id, route.model, route.route).inc()
+        if self._cache is not None and agent.cacheable and is_first_turn(message):
+            run.cache_key = cache_key(agent, route.model, message.text)
         lane = self._lanes.get(conversation.id)
         if lane is None:
             lane = self._lanes[conversation.id] = _Lane()
@@ -198,9 +216,11 @@ class GenerationManager:
         try:
             async with lane.lock:
                 if self._closing:
-                    log.warning(
-                        "reply dropped at shutdown", extra={"conversation": run.conversation_id}
+                    # Never leave an acked question without an end: say why it has no answer.
+                    finish = Finish(
+                        FinishReason.ERROR.value, Usage(0, 0), "the server restarted before replying"
                     )
+                    await self.store_and_end(run.owner(self._server_id), "", finish)
                     return
                 await self._stream(run)
         except Exception:
@@ -237,7 +257,11 @@ class GenerationManager:
                 max_output_tokens=run.agent.max_output_tokens,
             )
             queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE_DEPTH)
-            run.producer = asyncio.create_task(self._produce(request, queue))
+            cached = await self._cached_answer(run)
+            source = (
+                self._replay(cached, queue) if cached is not None else self._produce(request, queue)
+            )
+            run.producer = asyncio.create_task(source)
             if run.cancel_reason is not None:  # cancelled while we were setting up
                 run.producer.cancel()
             finish = await self._consume(run, queue)
@@ -291,6 +315,50 @@ class GenerationManager:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(_END)
 
+    async def _cached_answer(self, run: ReplyRun) -> str | None:
+        """A cacheable first turn asked before: the stored answer (counted), else None."""
+        if run.cache_key is None or self._cache is None:
+            return None
+        try:
+            text = await self._cache.get(run.cache_key)
+        except Exception as exc:  # the cache is an optimisation: ask the model
+            log.warning("response cache unavailable: %s", exc)
+            return None
+        if text is None:
+            self._metrics.model_cache_misses.labels(run.agent.id).inc()
+            return None
+        run.cache_hit = True
+        self._metrics.model_cache_hits.labels(run.agent.id).inc()
+        return text
+
+    async def _replay(self, text: str, queue: asyncio.Queue[object]) -> None:
+        """Stream a cached answer like a model would: deltas, then ``stop``, no tokens."""
+        try:
+            words = text.split(" ")
+            for start in range(0, len(words), _REPLAY_WORDS):
+                piece = " ".join(words[start : start + _REPLAY_WORDS])
+                last = start + _REPLAY_WORDS >= len(words)
+                await queue.put(Chunk(piece if last else piece + " "))
+            await queue.put(Finish(FinishReason.STOP.value, Usage(0, 0)))
+        finally:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(_END)
+
+    async def _remember(self, run: ReplyRun, finish: Finish) -> None:
+        """Keep a whole first-turn answer of a cacheable agent for the next asker."""
+        if (
+            run.cache_key is None
+            or self._cache is None
+            or run.cache_hit
+            or run.cancel_reason is not None
+            or finish.reason != FinishReason.STOP.value
+        ):
+            return
+        try:
+            await self._cache.put(run.cache_key, "".join(run.parts))
+        except Exception as exc:
+            log.warning("response not cached: %s", exc)
+
     async def _consume(self, run: ReplyRun, queue: asyncio.Queue[object]) -> Finish | None:
         assert run.producer is not None
         finish: Finish | None = None
@@ -341,7 +409,15 @@ class GenerationManager:
             return  # the instance that took over stored and ended it
         await self._buffer.end(run.conversation_id, run.generation_id)
         self._metrics.reply_duration.labels(run.agent.id, run.model).observe(duration)
+        await self._remember(run, finish)
         await self.store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
+        tokens = finish.usage.input_tokens + finish.usage.output_tokens
+        user_id = run.reply_to.user_id
+        if self._on_usage is not None and user_id is not None and tokens:
+            try:
+                await self._on_usage(user_id, tokens)
+            except Exception as exc:  # the quota counter lags; the store has the truth
+                log.warning("usage not counted: %s", exc)
 
     async def store_and_end(self, owner: ReplyOwner, text: str, finish: Finish) -> None:
         """Store the reply like any message, then publish ``gen_end`` with it."""

@@ -57,6 +57,7 @@ class Harness:
 
 
 MakeHarness = Callable[..., Awaitable[Harness]]
+UNLIMITED = "messages_per_minute=1000000,connections=10000,daily_tokens=1000000000"
 
 
 @pytest.fixture
@@ -68,6 +69,9 @@ def settings(tmp_path: Path) -> Settings:
         local_token_ms=2,
         heartbeat_s=30,
         shutdown_grace_s=2,
+        # Limits have their own tests; elsewhere a burst of sends must not trip them.
+        limits_free=UNLIMITED,
+        max_queued_replies=1000,
     )
 
 

@@ -39,12 +39,14 @@ async def _still_served(harness: Harness, conv: str) -> None:
         ('{"conversation_id": "x"}', ErrorCode.BAD_FRAME),
         ('{"type": 5}', ErrorCode.BAD_FRAME),
         ('{"type": "shout", "ref": "r1"}', ErrorCode.UNKNOWN_TYPE),
+        ('{"type": "join", "conversation_id": "not-a-uuid", "ref": "r1"}', ErrorCode.BAD_FRAME),
+        ('{"type": "cancel", "generation_id": "1; DROP TABLE x"}', ErrorCode.BAD_FRAME),
         ('{"type": "join", "conversation_id": 42, "ref": "r1"}', ErrorCode.BAD_FRAME),
-        ('{"type": "history", "conversation_id": "c", "limit": "5"}', ErrorCode.BAD_FRAME),
-        ('{"type": "history", "conversation_id": "c", "limit": 0}', ErrorCode.BAD_FRAME),
-        ('{"type": "history", "conversation_id": "c", "limit": 101}', ErrorCode.BAD_FRAME),
+        ('{"type": "history", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "limit": "5"}', ErrorCode.BAD_FRAME),
+        ('{"type": "history", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "limit": 0}', ErrorCode.BAD_FRAME),
+        ('{"type": "history", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "limit": 101}', ErrorCode.BAD_FRAME),
         (
-            '{"type": "send", "conversation_id": "c", "client_msg_id": true, "text": "x"}',
+            '{"type": "send", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "client_msg_id": true, "text": "x"}',
             ErrorCode.BAD_FRAME,
         ),
     ],
@@ -155,7 +157,7 @@ async def test_bad_tokens_close_4401(harness: Harness, how: str, kind: str) -> N
     tokens = {
         "garbage": "not.a.jwt",
         "bad_signature": _forged("HS256", {"sub": "eve", "exp": now + 60}),
-        "expired": jwt.encode({"sub": "eve", "exp": now - 10}, secret, algorithm="HS256"),
+        "expired": jwt.encode({"sub": "eve", "exp": now - 120}, secret, algorithm="HS256"),
         "alg_none": _forged("none", {"sub": "eve", "exp": now + 60}),
         "no_exp": jwt.encode({"sub": "eve"}, secret, algorithm="HS256"),
     }
@@ -207,7 +209,9 @@ async def test_non_members_are_forbidden(harness: Harness) -> None:
         await mallory.send_raw(frame % conv)
         error = await _error(mallory)
         assert error.code == ErrorCode.FORBIDDEN.value
-    await mallory.send_raw('{"type":"join","conversation_id":"no-such-id","ref":"n"}')
+    await mallory.send_raw(
+        '{"type":"join","conversation_id":"9e0f1c2d-3b4a-4c5d-8e6f-708192a3b4c5","ref":"n"}'
+    )
     assert (await _error(mallory)).code == ErrorCode.NOT_FOUND.value
     alice = await harness.connect("alice")
     assert (await alice.history(conv)).messages == ()

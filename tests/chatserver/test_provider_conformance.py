@@ -1,4 +1,8 @@
-"""One conformance suite for every model provider (the Gemini one joins with its issue)."""
+"""One conformance suite for every model provider.
+
+``gemini`` (google-genai) and ``gemini-sse`` (the lean path) run against the fake Gemini
+server (tests/fakegemini.py) over real HTTP: the same suite, the same fake.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from chatserver.generation.gemini import GeminiConfig, GeminiProvider, RetryPolicy
+from chatserver.generation.gemini_sse import GeminiSseProvider
 from chatserver.generation.local import LocalProvider
 from chatserver.generation.provider import Chunk, Finish, Provider, ReplyRequest, StreamItem
 from protocol import Message, Usage
+from tests.fakegemini import FakeGemini, Stream
 
 
 def _request(text: str, max_output_tokens: int = 1024) -> ReplyRequest:
@@ -20,11 +27,21 @@ def _request(text: str, max_output_tokens: int = 1024) -> ReplyRequest:
     )
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "gemini", "gemini-sse"])
 async def provider(request: pytest.FixtureRequest) -> AsyncIterator[Provider]:
-    made: Provider = LocalProvider(ttft_ms=5, token_ms=2)
+    fake: FakeGemini | None = None
+    made: Provider
+    if request.param == "local":
+        made = LocalProvider(ttft_ms=5, token_ms=2)
+    else:
+        fake = FakeGemini(Stream(None, pace_s=0.002))  # echoes the question word by word
+        config = GeminiConfig("test-key", await fake.start(), timeout_s=5, retry=RetryPolicy())
+        kind = GeminiProvider if request.param == "gemini" else GeminiSseProvider
+        made = kind(config)
     yield made
     await made.close()
+    if fake is not None:
+        await fake.close()
 
 
 async def _collect(stream: AsyncIterator[StreamItem]) -> list[StreamItem]:

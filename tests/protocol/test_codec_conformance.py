@@ -527,12 +527,21 @@ def test_deep_nesting_is_a_bad_frame_not_a_crash(enc: Encoding) -> None:
     assert client_error(data, enc).code is ErrorCode.BAD_FRAME
 
 
-def test_moderate_nesting_in_an_unknown_field_is_fine(enc: Encoding) -> None:
-    nested: Any = "leaf"
-    for _ in range(100):
-        nested = [nested]
-    frame = decode_client_frame(wire({"type": "ping", "x": nested}, enc), enc, DEFAULT_LIMITS)
+def test_nesting_is_bounded_by_max_depth(enc: Encoding) -> None:
+    def nest(levels: int) -> Any:
+        nested: Any = "leaf"
+        for _ in range(levels):
+            nested = [nested]
+        return nested
+
+    limit = DEFAULT_LIMITS.max_depth
+    # the frame object itself is level 1
+    frame = decode_client_frame(wire({"type": "ping", "x": nest(limit - 1)}, enc), enc, DEFAULT_LIMITS)
     assert frame == Ping()
+    err = client_error(wire({"type": "ping", "x": nest(limit)}, enc), enc)
+    assert err.code is ErrorCode.BAD_FRAME and "deeper" in err.message
+    roomy = Limits(max_depth=200)
+    assert decode_client_frame(wire({"type": "ping", "x": nest(150)}, enc), enc, roomy) == Ping()
 
 
 def test_json_lone_surrogates_are_bad_frames() -> None:

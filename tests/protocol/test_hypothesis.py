@@ -71,6 +71,7 @@ def text(min_size: int = 0, max_size: int = 64) -> st.SearchStrategy[str]:
 
 
 ids = text(1, LIMITS.max_id_chars)
+uuids = st.uuids().map(str)  # conversation and generation ids of client frames
 refs = st.none() | text(1, LIMITS.max_ref_chars)
 counts = st.integers(min_value=0, max_value=2**62)
 finite_floats = st.floats(allow_nan=False, allow_infinity=False)
@@ -85,23 +86,23 @@ CLIENT_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     Auth: st.builds(Auth, token=text(1, 300), ref=refs),
     Join: st.builds(
         Join,
-        conversation_id=ids,
+        conversation_id=uuids,
         since=st.none() | st.builds(Since, offset=counts, epoch=ids),
         ref=refs,
     ),
-    Leave: st.builds(Leave, conversation_id=ids, ref=refs),
+    Leave: st.builds(Leave, conversation_id=uuids, ref=refs),
     Send: st.builds(
         Send,
-        conversation_id=ids,
+        conversation_id=uuids,
         client_msg_id=text(1, LIMITS.max_client_msg_id_chars),
         text=text(1, 300) | text(LIMITS.max_text_chars - 3, LIMITS.max_text_chars),
         ref=refs,
     ),
-    Cancel: st.builds(Cancel, generation_id=ids, ref=refs),
-    Typing: st.builds(Typing, conversation_id=ids, ref=refs),
+    Cancel: st.builds(Cancel, generation_id=uuids, ref=refs),
+    Typing: st.builds(Typing, conversation_id=uuids, ref=refs),
     History: st.builds(
         History,
-        conversation_id=ids,
+        conversation_id=uuids,
         before=st.none() | st.integers(min_value=1, max_value=2**62),
         limit=st.none() | st.integers(min_value=1, max_value=LIMITS.history_max_limit),
         ref=refs,

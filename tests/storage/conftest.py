@@ -8,30 +8,101 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from redis.asyncio import Redis, RedisCluster
 
 from protocol import Message, timestamp_from_ms
 from storage import MemoryOutbox, MemoryWindow, SqliteStore
 from storage.outbox.base import Outbox
+from storage.outbox.redis import RedisOutbox
 from storage.store.base import Store
+from storage.store.postgres import PostgresStore
 from storage.window.base import HotWindow
+from storage.window.redis import RedisWindow
 
 
 class StoreMaker(Protocol):
     def __call__(self) -> Store: ...
 
 
-# name -> (tmp_path -> a maker of stores that all open the SAME backing database)
-STORE_FACTORIES: dict[str, Callable[[Path], StoreMaker]] = {
+def _postgres(tmp: Path, *, dsn: str, pgbouncer: bool = False) -> StoreMaker:
+    return lambda: PostgresStore(dsn, migrate=True, pool_min=1, pool_max=4, pgbouncer=pgbouncer)
+
+
+# name -> (tmp_path -> a maker of stores that all open the SAME backing database). A factory
+# named in STORE_DSN_FIXTURES also gets ``dsn=`` the value of that fixture (its own database).
+STORE_FACTORIES: dict[str, Callable[..., StoreMaker]] = {
     "sqlite": lambda tmp: lambda: SqliteStore(str(tmp / "chat.db")),
+    "postgres": _postgres,
+    "postgres-pgbouncer": lambda tmp, *, dsn: _postgres(tmp, dsn=dsn, pgbouncer=True),
 }
+STORE_DSN_FIXTURES: dict[str, str] = {
+    "postgres": "postgres_dsn",
+    "postgres-pgbouncer": "pgbouncer_dsn",
+}
+
+
+@dataclass
+class RedisClients:
+    """Clients of one test's Redis (a single server or a cluster), closed after the test.
+
+    Factories of Redis-backed implementations get one as ``services=``; see SERVICE_FIXTURES.
+    """
+
+    url: str
+    cluster: bool
+    made: list[Redis | RedisCluster] = field(default_factory=list)
+
+    def new(self) -> Redis | RedisCluster:
+        client: Redis | RedisCluster = (
+            RedisCluster.from_url(self.url) if self.cluster else Redis.from_url(self.url)
+        )
+        self.made.append(client)
+        return client
+
+    async def aclose(self) -> None:
+        for client in self.made:
+            await client.aclose()
+        self.made.clear()
+
+
+# name -> the fixture (a Redis URL) whose server a factory of that name needs: such a factory
+# gets ``services=RedisClients(...)`` besides its options.
+SERVICE_FIXTURES: dict[str, tuple[str, bool]] = {
+    "redis": ("redis_url", False),
+    "redis-cluster": ("redis_cluster_url", True),
+}
+
+
+def _services(request: pytest.FixtureRequest) -> RedisClients | None:
+    spec = SERVICE_FIXTURES.get(request.param)
+    if spec is None:
+        return None
+    return RedisClients(request.getfixturevalue(spec[0]), cluster=spec[1])
+
+
+def _redis_outbox(
+    *, services: RedisClients, max_entries: int = 100_000, **options: Any
+) -> RedisOutbox:
+    shards = 3 if services.cluster else 1
+    return RedisOutbox(
+        services.new(),
+        consumer=f"test-{uuid.uuid4().hex[:8]}",
+        max_entries=max_entries,
+        shards=shards,
+        **options,
+    )
+
 
 # name -> (**options -> outbox). Options: max_entries.
 OUTBOX_FACTORIES: dict[str, Callable[..., Outbox]] = {
     "memory": lambda *, max_entries=100_000: MemoryOutbox(max_entries=max_entries),
+    "redis": _redis_outbox,
+    "redis-cluster": _redis_outbox,
 }
 
 
@@ -48,18 +119,36 @@ def _memory_window(
     return window, MemoryOutbox(max_entries=outbox_max_entries)
 
 
+def _redis_window(
+    *,
+    services: RedisClients,
+    size: int = 200,
+    idempotency_ttl_s: float = 86400,
+    outbox_max_entries: int = 100_000,
+) -> tuple[HotWindow, Outbox]:
+    window = RedisWindow(
+        services.new(), size=size, idempotency_ttl_s=idempotency_ttl_s, cluster=services.cluster
+    )
+    return window, _redis_outbox(services=services, max_entries=outbox_max_entries)
+
+
 # name -> (**options -> (window, the outbox it appends to)). A window and its outbox come as a
 # pair because a production window appends to its own outbox in the same atomic step.
-# Options: size, idempotency_ttl_s, max_conversations, outbox_max_entries.
+# Options: size, idempotency_ttl_s, outbox_max_entries; max_conversations (memory only).
 WINDOW_FACTORIES: dict[str, Callable[..., tuple[HotWindow, Outbox]]] = {
     "memory": _memory_window,
+    "redis": _redis_window,
+    "redis-cluster": _redis_window,
 }
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 def store_maker(request: pytest.FixtureRequest, tmp_path: Path) -> StoreMaker:
     """Makes unstarted stores on one backing database (for close/reopen tests)."""
-    return STORE_FACTORIES[request.param](tmp_path)
+    fixture = STORE_DSN_FIXTURES.get(request.param)
+    if fixture is None:
+        return STORE_FACTORIES[request.param](tmp_path)
+    return STORE_FACTORIES[request.param](tmp_path, dsn=request.getfixturevalue(fixture))
 
 
 @pytest.fixture
@@ -77,9 +166,11 @@ MakeWindow = Callable[..., Awaitable[tuple[HotWindow, Outbox]]]
 @pytest.fixture(params=sorted(OUTBOX_FACTORIES))
 async def make_outbox(request: pytest.FixtureRequest) -> AsyncIterator[MakeOutbox]:
     made: list[Outbox] = []
+    services = _services(request)
+    extra = {} if services is None else {"services": services}
 
     async def make(**options: Any) -> Outbox:
-        box = OUTBOX_FACTORIES[request.param](**options)
+        box = OUTBOX_FACTORIES[request.param](**extra, **options)
         await box.start()
         made.append(box)
         return box
@@ -87,6 +178,8 @@ async def make_outbox(request: pytest.FixtureRequest) -> AsyncIterator[MakeOutbo
     yield make
     for box in made:
         await box.close()
+    if services is not None:
+        await services.aclose()
 
 
 @pytest.fixture
@@ -97,9 +190,11 @@ async def outbox(make_outbox: MakeOutbox) -> Outbox:
 @pytest.fixture(params=sorted(WINDOW_FACTORIES))
 async def make_window(request: pytest.FixtureRequest) -> AsyncIterator[MakeWindow]:
     made: list[tuple[HotWindow, Outbox]] = []
+    services = _services(request)
+    extra = {} if services is None else {"services": services}
 
     async def make(**options: Any) -> tuple[HotWindow, Outbox]:
-        pair = WINDOW_FACTORIES[request.param](**options)
+        pair = WINDOW_FACTORIES[request.param](**extra, **options)
         await pair[1].start()
         await pair[0].start()
         made.append(pair)
@@ -109,6 +204,8 @@ async def make_window(request: pytest.FixtureRequest) -> AsyncIterator[MakeWindo
     for window, box in made:
         await window.close()
         await box.close()
+    if services is not None:
+        await services.aclose()
 
 
 @pytest.fixture
@@ -119,6 +216,15 @@ async def window_pair(make_window: MakeWindow) -> tuple[HotWindow, Outbox]:
 @pytest.fixture
 def window(window_pair: tuple[HotWindow, Outbox]) -> HotWindow:
     return window_pair[0]
+
+
+@pytest.fixture(params=sorted(SERVICE_FIXTURES))
+async def redis_clients(request: pytest.FixtureRequest) -> AsyncIterator[RedisClients]:
+    """Clients of a flushed single Redis and of a flushed Redis Cluster (the Redis-only tests)."""
+    services = _services(request)
+    assert services is not None
+    yield services
+    await services.aclose()
 
 
 class MessageFactory:

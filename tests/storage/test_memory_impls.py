@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage import MemoryOutbox, MemoryWindow, MessageDraft
+from storage import MemoryOutbox, MemoryWindow, MessageDraft, WindowMissing
 
 if TYPE_CHECKING:
     from conftest import MessageFactory
@@ -53,6 +54,37 @@ async def test_expired_keys_are_pruned_by_the_clock() -> None:
     assert (await window.append(draft("c", "k"), outbox)).message == first.message
     now[0] = 10.0
     assert not (await window.append(draft("c", "k"), outbox)).duplicate
+
+
+# Moved from the window conformance suite: LRU eviction by a count of conversations is the
+# memory window's own bound (Redis bounds its windows with key TTLs instead).
+async def test_eviction_is_bounded_and_offsets_survive_it() -> None:
+    window, outbox = MemoryWindow(max_conversations=3), MemoryOutbox()
+    for i in range(5):
+        await window.rebuild(f"c{i}", [], 0)
+        for _ in range(i + 1):
+            await window.append(draft(f"c{i}"), outbox)
+    present = [
+        cid for cid in (f"c{i}" for i in range(5)) if await window.read(cid, limit=1) is not None
+    ]
+    assert present == ["c2", "c3", "c4"]  # the least recently used went first
+    with pytest.raises(WindowMissing):
+        await window.append(draft("c0"), outbox)
+    # The store has nothing yet (everything is still in the outbox), yet offsets go on.
+    await window.rebuild("c1", [], 0)
+    view = await window.read("c1", limit=10)
+    assert view is not None and view.last_offset == 2
+    assert (await window.append(draft("c1"), outbox)).message.offset == 3
+
+
+async def test_reads_keep_a_window_recent() -> None:
+    window = MemoryWindow(max_conversations=2)
+    await window.rebuild("a", [], 0)
+    await window.rebuild("b", [], 0)
+    assert await window.read("a", limit=1) is not None  # "b" is now the least recent
+    await window.rebuild("c", [], 0)
+    assert await window.read("b", limit=1) is None
+    assert await window.read("a", limit=1) is not None
 
 
 async def test_requeue_pending_hands_unacked_entries_out_again(

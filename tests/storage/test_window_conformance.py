@@ -249,31 +249,3 @@ async def test_hits_and_misses_are_counted(window_pair: tuple[HotWindow, Outbox]
     assert await window.read(CID, limit=1) is not None
     assert await window.read(CID, limit=1) is not None
     assert (window.hits, window.misses) == (2, 1)  # type: ignore[attr-defined]
-
-
-async def test_eviction_is_bounded_and_offsets_survive_it(make_window: MakeWindow) -> None:
-    window, outbox = await make_window(max_conversations=3)
-    for i in range(5):
-        await window.rebuild(f"c{i}", [], 0)
-        await append_n(window, outbox, i + 1, cid=f"c{i}")
-    present = [
-        cid for cid in (f"c{i}" for i in range(5)) if await window.read(cid, limit=1) is not None
-    ]
-    assert present == ["c2", "c3", "c4"]  # the least recently used went first
-    with pytest.raises(WindowMissing):
-        await window.append(draft(cid="c0"), outbox)
-    # The store has nothing yet (everything is still in the outbox), yet offsets go on.
-    await window.rebuild("c1", [], 0)
-    view = await window.read("c1", limit=10)
-    assert view is not None and view.last_offset == 2
-    assert (await window.append(draft(cid="c1"), outbox)).message.offset == 3
-
-
-async def test_reads_keep_a_window_recent(make_window: MakeWindow) -> None:
-    window, _ = await make_window(max_conversations=2)
-    await window.rebuild("a", [], 0)
-    await window.rebuild("b", [], 0)
-    assert await window.read("a", limit=1) is not None  # "b" is now the least recent
-    await window.rebuild("c", [], 0)
-    assert await window.read("b", limit=1) is None
-    assert await window.read("a", limit=1) is not None

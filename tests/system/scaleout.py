@@ -36,6 +36,7 @@ def instances(
         "CHAT_LOCAL_TOKEN_MS": "5",
         "CHAT_REPLY_LEASE_S": "2",
         "CHAT_LOG_LEVEL": "warning",
+        "CHAT_LIMITS_FREE": "messages_per_minute=100000,connections=1000,daily_tokens=1000000000",
         **(env or {}),
     }
     servers: list[ServerProc] = []

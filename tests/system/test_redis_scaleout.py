@@ -15,7 +15,16 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from chatserver.client import ChatApi, Closed, Reply
-from protocol import Delta, Encoding, GenEnd, GenStart, MessageEvent, Reconnect, Since
+from protocol import (
+    Delta,
+    Encoding,
+    GenEnd,
+    GenStart,
+    MessageEvent,
+    Reconnect,
+    Since,
+    TypingNotice,
+)
 from tests.services import RedisServer
 
 from .scaleout import connect, instances, token
@@ -86,6 +95,13 @@ async def test_members_on_three_instances_see_everything_once_in_order(
                     assert reply.end is not None and reply.end.finish_reason == "stop"
             await carol.ping("flush")
             assert not any(isinstance(f, (MessageEvent, Delta)) for f in carol.pending())
+            # typing crosses instances, to the others only
+            await alice.typing(conv)
+            for client in (bob, carol):
+                notice = await client.expect(TypingNotice)
+                assert notice.user_id == "alice"
+            await alice.ping("flush")
+            assert not any(isinstance(f, TypingNotice) for f in alice.pending())
             # carol (instance C) cancels a reply that instance A streams
             ack = await alice.send(conv, LONG)
             start = await carol.expect(GenStart, lambda s: s.reply_to == ack.message_id)

@@ -1,0 +1,337 @@
+"""Persistence throughput on Postgres, every writer on the same table, in one run.
+
+    .venv/bin/python bench/persist.py [--rows 200000] [--out bench/results]
+
+Starts a throwaway Postgres (tests/services.py) with fsync ON, migrates it like the server
+does (partitioned ``messages`` with its indexes, monthly partitions), and measures rows/s of:
+
+- raw COPY of 10,000-row batches straight into ``messages`` (the ceiling: no dedup, no
+  conversation or usage upkeep);
+- the store's COPY path (COPY into a staging table + INSERT ... ON CONFLICT DO NOTHING with
+  the updated_at and usage upkeep) with 1 and 2 concurrent writers;
+- the store's unnest path (one statement with arrays), 10,000-row batches;
+- replaying already-stored batches through the COPY path;
+- one INSERT per message (autocommit), the naive writer;
+- both paths at small batch sizes (where the store switches from unnest to COPY);
+- END TO END: MemoryOutbox -> BatchWriter -> PostgresStore, 1 and 2 batch writers, from the
+  first read of a full outbox to the commit of the last message.
+
+Prints a table and writes ``bench/results/persist-<date>.json``. Bounded: about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from protocol import Message, Usage, format_timestamp  # noqa: E402
+from storage.batch_writer import BatchWriter  # noqa: E402
+from storage.outbox.memory import MemoryOutbox  # noqa: E402
+from storage.records import Conversation  # noqa: E402
+from storage.store.pg_write import stage_rows  # noqa: E402
+from storage.store.postgres import PostgresStore  # noqa: E402
+from tests.services import PostgresServer  # noqa: E402
+
+BATCH = 10_000
+CONVERSATIONS = 2_000
+RAW = "raw COPY (10k batches)"
+STAGE_1 = "COPY staging + INSERT ON CONFLICT, 1 writer"
+STAGE_2 = "COPY staging + INSERT ON CONFLICT, 2 writers"
+REPLAY = "replay of stored batches (COPY path)"
+UNNEST = "unnest INSERT ON CONFLICT, 1 writer"
+SINGLE = "one INSERT per message"
+E2E_1 = "END TO END outbox->BatchWriter->store, 1 writer"
+E2E_2 = "END TO END outbox->BatchWriter->store, 2 writers"
+_RAW_COLUMNS = [
+    "conversation_id", "offset", "created_at", "id", "role", "text", "text_raw", "user_id",
+    "agent_id", "client_msg_id", "finish_reason", "input_tokens", "output_tokens", "model",
+    "reply_to",
+]  # fmt: skip
+
+
+class Workload:
+    """Chat-shaped messages: a user message, then the agent's reply with usage, per exchange."""
+
+    def __init__(self, seed: int = 7) -> None:
+        self.rng = random.Random(seed)
+        self.conversations = [str(uuid.uuid4()) for _ in range(CONVERSATIONS)]
+        self.offsets = dict.fromkeys(self.conversations, 0)
+        self.last_user_msg: dict[str, str] = {}
+        self.clock = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+    def take(self, count: int) -> list[Message]:
+        out: list[Message] = []
+        for _ in range(count):
+            cid = self.rng.choice(self.conversations)
+            self.offsets[cid] += 1
+            offset = self.offsets[cid]
+            self.clock += timedelta(milliseconds=1)
+            at = format_timestamp(self.clock)
+            if offset % 2 == 1:
+                mid = str(uuid.uuid4())
+                self.last_user_msg[cid] = mid
+                out.append(
+                    Message(
+                        id=mid,
+                        conversation_id=cid,
+                        offset=offset,
+                        role="user",
+                        text="how do I " + "x" * self.rng.randint(20, 160) + "?",
+                        created_at=at,
+                        user_id=f"user-{hash(cid) % 5000}",
+                        client_msg_id=uuid.uuid4().hex,
+                    )
+                )
+            else:
+                out.append(
+                    Message(
+                        id=str(uuid.uuid4()),
+                        conversation_id=cid,
+                        offset=offset,
+                        role="assistant",
+                        text="You said: " + "y" * self.rng.randint(50, 400),
+                        created_at=at,
+                        agent_id="general",
+                        finish_reason="stop",
+                        usage=Usage(self.rng.randint(10, 500), self.rng.randint(10, 500)),
+                        model="echo-1",
+                        reply_to=self.last_user_msg.get(cid),
+                    )
+                )
+        return out
+
+
+def batches(messages: Sequence[Message], size: int) -> list[list[Message]]:
+    return [list(messages[i : i + size]) for i in range(0, len(messages), size)]
+
+
+async def reset(conn: Any) -> None:
+    await conn.execute("TRUNCATE messages, usage")
+    await conn.execute("UPDATE conversations SET updated_at = created_at")
+    await conn.execute("UPDATE conversation_members SET updated_at = '2000-01-01'")
+    await conn.execute("VACUUM ANALYZE messages")
+    await conn.execute("CHECKPOINT")
+
+
+async def timed(rows: int, run: Callable[[], Awaitable[Any]]) -> float:
+    started = time.perf_counter()
+    await run()
+    return rows / (time.perf_counter() - started)
+
+
+async def bench(rows: int, single_rows: int, rounds: int) -> dict[str, Any]:
+    server = PostgresServer(settings={"fsync": "on", "full_page_writes": "on"})
+    try:
+        server.start()
+        dsn = server.create_database("persist_bench")
+        store = PostgresStore(dsn, migrate=True, pool_min=2, pool_max=4, copy_threshold=1)
+        arrays = PostgresStore(dsn, pool_min=2, pool_max=2, copy_threshold=1 << 30)
+        await store.start()
+        await arrays.start()
+        conn = await asyncpg.connect(dsn, server_settings={"jit": "off"})
+        try:
+            return await _scenarios(store, arrays, conn, rows, single_rows, rounds)
+        finally:
+            await conn.close()
+            await arrays.close()
+            await store.close()
+    finally:
+        server.close()
+
+
+async def _scenarios(
+    store: PostgresStore, arrays: PostgresStore, conn: Any, rows: int, single_rows: int, rounds: int
+) -> dict[str, Any]:
+    work = Workload()
+    now = format_timestamp(datetime.now(UTC) - timedelta(days=400))
+    for cid in work.conversations:
+        await store.create_conversation(
+            Conversation(cid, "general", "bench", f"user-{hash(cid) % 5000}", (), now, now)
+        )
+    default = PostgresStore(store.dsn, pool_min=2, pool_max=4)  # as the server makes it
+    await default.start()
+    try:
+        return await _measure(store, arrays, default, conn, work, rows, single_rows, rounds)
+    finally:
+        await default.close()
+
+
+async def _write_all(target: PostgresStore, parts: Sequence[list[Message]]) -> None:
+    for part in parts:
+        await target.write_messages(part)
+
+
+async def _end_to_end(store: PostgresStore, messages: list[Message], writers: int) -> None:
+    outbox = MemoryOutbox(max_entries=len(messages) + 1)
+    for m in messages:
+        await outbox.add(m)
+    pool = [BatchWriter(outbox, store, max_batch=BATCH) for _ in range(writers)]
+    for writer in pool:
+        writer.start()
+    # Draining stops: each returns once the outbox is empty and its last batch committed.
+    await asyncio.gather(*(writer.stop(drain=True, timeout_s=600) for writer in pool))
+
+
+async def _measure(
+    store: PostgresStore,
+    arrays: PostgresStore,
+    default: PostgresStore,
+    conn: Any,
+    work: Workload,
+    rows: int,
+    single_rows: int,
+    rounds: int,
+) -> dict[str, Any]:
+    runs: dict[str, list[float]] = {}
+
+    async def scenario(name: str, count: int, run: Callable[[], Awaitable[Any]]) -> None:
+        await reset(conn)
+        rate = await timed(count, run)
+        runs.setdefault(name, []).append(rate)
+        print(f"  {name:<48} {rate:>10,.0f} rows/s", flush=True)
+
+    # The main scenarios run in interleaved rounds, each from an empty table after a
+    # checkpoint, so that a noisy neighbour or a checkpoint hits all of them alike; the
+    # end-to-end / raw COPY ratio is taken within each round.
+    for round_no in range(1, rounds + 1):
+        print(f" round {round_no}/{rounds}")
+        raw = [row[:15] for row in stage_rows(work.take(rows))]
+
+        async def raw_copy(raw: list[tuple[Any, ...]] = raw) -> None:
+            for i in range(0, len(raw), BATCH):
+                await conn.copy_records_to_table(
+                    "messages", records=raw[i : i + BATCH], columns=_RAW_COLUMNS
+                )
+
+        await scenario(RAW, len(raw), raw_copy)
+        data = batches(work.take(rows), BATCH)
+        await scenario(STAGE_1, rows, lambda data=data: _write_all(store, data))
+        if round_no == 1:
+            # Replaying stored batches: every row conflicts, nothing is new.
+            rate = await timed(rows, lambda data=data: _write_all(store, data))
+            runs.setdefault(REPLAY, []).append(rate)
+            print(f"  {REPLAY:<48} {rate:>10,.0f} rows/s", flush=True)
+        data = batches(work.take(rows), BATCH)
+        await scenario(
+            STAGE_2,
+            rows,
+            lambda data=data: asyncio.gather(
+                _write_all(store, data[0::2]), _write_all(store, data[1::2])
+            ),
+        )
+        data = batches(work.take(rows), BATCH)
+        await scenario(UNNEST, rows, lambda data=data: _write_all(arrays, data))
+        for writers, name in ((1, E2E_1), (2, E2E_2)):
+            messages = work.take(rows)
+            await scenario(name, rows, lambda m=messages, w=writers: _end_to_end(default, m, w))
+            stored = await conn.fetchval("SELECT count(*) FROM messages")
+            assert stored == rows, f"{stored} of {rows} stored"
+
+    # One INSERT per message, autocommit: the naive writer.
+    singles = [row[:15] for row in stage_rows(work.take(single_rows))]
+    quoted = ", ".join(f'"{c}"' for c in _RAW_COLUMNS)
+    insert_one = (
+        f"INSERT INTO messages ({quoted}) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) "
+        "ON CONFLICT DO NOTHING"
+    )
+
+    async def one_by_one() -> None:
+        for row in singles:
+            await conn.execute(insert_one, *row)
+
+    await scenario(SINGLE, len(singles), one_by_one)
+
+    # Small batches: where unnest and COPY cross over (the store's copy_threshold).
+    small: dict[str, dict[str, float]] = {}
+    for size in (1, 10, 50, 200, 1000, 5000):
+        count = min(rows, max(300, size * 20))
+        part = batches(work.take(count), size)
+        small[str(size)] = {}
+        for label, target in (("unnest", arrays), ("copy", store)):
+            await reset(conn)
+            small[str(size)][label] = await timed(
+                count, lambda target=target, part=part: _write_all(target, part)
+            )
+        print(
+            f"  batches of {size:>5}: unnest {small[str(size)]['unnest']:>9,.0f}  "
+            f"copy {small[str(size)]['copy']:>9,.0f} rows/s",
+            flush=True,
+        )
+    ratios = {
+        name: statistics.median(e / r for e, r in zip(runs[name], runs[RAW], strict=False))
+        for name in (E2E_1, E2E_2)
+    }
+    version = await conn.fetchval("SHOW server_version")
+    return {
+        "rows_per_s": {name: statistics.median(rates) for name, rates in runs.items()},
+        "runs_rows_per_s": runs,
+        "end_to_end_over_raw_copy": ratios,
+        "small_batches_rows_per_s": small,
+        "server_version": version,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000, help="rows per scenario and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument("--single-rows", type=int, default=3_000, help="rows, one INSERT each")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    print(
+        f"persist bench: {args.rows:,} rows per scenario x {args.rounds} rounds, fsync on, "
+        f"{os.cpu_count()} cores"
+    )
+    started = time.perf_counter()
+    found = asyncio.run(bench(args.rows, args.single_rows, args.rounds))
+    rates = found["rows_per_s"]
+    raw = rates[RAW]
+    print()
+    print(f"{'scenario (median of rounds)':<52} {'rows/s':>10} {'of raw COPY':>12}")
+    for name, rate in rates.items():
+        print(f"{name:<52} {rate:>10,.0f} {rate / raw:>11.0%}")
+    for name, ratio in found["end_to_end_over_raw_copy"].items():
+        print(f"{name}: {ratio:.0%} of raw COPY (median of per-round ratios; goal >= 60%)")
+    report = {
+        "bench": "persist",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "rows_per_scenario": args.rows,
+        "rounds": args.rounds,
+        "batch": BATCH,
+        "fsync": "on",
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "python": platform.python_version(),
+        "asyncpg": asyncpg.__version__,
+        "postgres": found.pop("server_version"),
+        "seconds": round(time.perf_counter() - started, 1),
+        **found,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"persist-{datetime.now(UTC):%Y-%m-%d}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path} ({report['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Per-tier limits: messages per minute, connections per user, daily model tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+# Tokens a user already used on a UTC day, read from the store when a counter starts.
+UsageSeed = Callable[[str, str], Awaitable[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class TierLimits:
+    messages_per_minute: int
+    connections: int
+    daily_tokens: int
+
+    @classmethod
+    def parse(cls, text: str, name: str) -> TierLimits:
+        """``messages_per_minute=20,connections=5,daily_tokens=100000``."""
+        values: dict[str, int] = {}
+        for part in text.split(","):
+            key, _, raw = part.strip().partition("=")
+            if key not in {"messages_per_minute", "connections", "daily_tokens"}:
+                raise ValueError(f"{name}: unknown limit {key!r}")
+            try:
+                values[key] = int(raw)
+            except ValueError:
+                raise ValueError(f"{name}: {key} must be an integer, got {raw!r}") from None
+            if values[key] < 1:
+                raise ValueError(f"{name}: {key} must be positive")
+        missing = {"messages_per_minute", "connections", "daily_tokens"} - set(values)
+        if missing:
+            raise ValueError(f"{name}: missing {', '.join(sorted(missing))}")
+        return cls(**values)
+
+
+def utc_day(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%d")
+
+
+def ms_until_next_utc_day(now: datetime | None = None) -> int:
+    now = now or datetime.now(UTC)
+    tomorrow = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, int((tomorrow - now).total_seconds() * 1000))
+
+
+class Limiter(Protocol):
+    name: str
+
+    async def take_message(self, user_id: str, limits: TierLimits) -> int | None:
+        """Take one message from the user's bucket; None if allowed, else ms to wait."""
+
+    async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
+        """Count a new connection; False when the user already has their maximum."""
+
+    async def close_connection(self, user_id: str, connection_id: str) -> None: ...
+
+    async def renew_connections(self, connections: list[tuple[str, str]]) -> None:
+        """Keep this instance's connections counted (an instance that dies stops renewing)."""
+
+    async def quota_retry_ms(self, user_id: str, limits: TierLimits) -> int | None:
+        """None while the user has tokens left today, else ms until the quota resets."""
+
+    async def add_tokens(self, user_id: str, tokens: int) -> None:
+        """Count tokens the model really used for the user today."""

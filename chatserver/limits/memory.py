@@ -1,0 +1,73 @@
+"""Limits of one instance, in process memory."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
+
+_MAX_USERS = 100_000  # buckets and day counters kept; the least recently used go first
+
+
+class MemoryLimiter:
+    name = "memory"
+
+    def __init__(self, seed: UsageSeed) -> None:
+        self._seed = seed
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        self._connections: dict[str, set[str]] = {}
+        self._used: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    async def take_message(self, user_id: str, limits: TierLimits) -> int | None:
+        capacity = float(limits.messages_per_minute)
+        rate = capacity / 60.0  # tokens per second
+        now = time.monotonic()
+        tokens, at = self._buckets.pop(user_id, (capacity, now))
+        tokens = min(capacity, tokens + (now - at) * rate)
+        if tokens >= 1:
+            self._remember(self._buckets, user_id, (tokens - 1, now))
+            return None
+        self._remember(self._buckets, user_id, (tokens, now))
+        return max(1, int((1 - tokens) / rate * 1000))
+
+    async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
+        held = self._connections.setdefault(user_id, set())
+        if connection_id not in held and len(held) >= limits.connections:
+            return False
+        held.add(connection_id)
+        return True
+
+    async def close_connection(self, user_id: str, connection_id: str) -> None:
+        held = self._connections.get(user_id)
+        if held is not None:
+            held.discard(connection_id)
+            if not held:
+                del self._connections[user_id]
+
+    async def renew_connections(self, connections: list[tuple[str, str]]) -> None:
+        return None
+
+    async def _today(self, user_id: str) -> tuple[tuple[str, str], int]:
+        key = (user_id, utc_day())
+        used = self._used.get(key)
+        if used is None:
+            used = await self._seed(user_id, key[1])
+            used = max(used, self._used.get(key, 0))  # a count may have landed meanwhile
+        self._remember(self._used, key, used)
+        return key, used
+
+    async def quota_retry_ms(self, user_id: str, limits: TierLimits) -> int | None:
+        _, used = await self._today(user_id)
+        return ms_until_next_utc_day() if used >= limits.daily_tokens else None
+
+    async def add_tokens(self, user_id: str, tokens: int) -> None:
+        key, used = await self._today(user_id)
+        self._used[key] = used + tokens
+
+    @staticmethod
+    def _remember(table: OrderedDict, key: object, value: object) -> None:  # type: ignore[type-arg]
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > _MAX_USERS:
+            table.popitem(last=False)

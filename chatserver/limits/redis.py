@@ -1,0 +1,115 @@
+"""Limits shared by every instance: atomic Lua scripts on Redis' clock."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
+
+_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+
+# Token bucket: capacity = messages per minute, refilled continuously.
+_TAKE = (
+    _NOW
+    + """
+local capacity = tonumber(ARGV[1])
+local rate = capacity / 60000
+local tokens = tonumber(redis.call('HGET', KEYS[1], 't') or capacity)
+local at = tonumber(redis.call('HGET', KEYS[1], 'at') or now)
+tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / rate) end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], 120000)
+return wait
+"""
+)
+
+# Connections: a sorted set of connection ids scored by when they stop counting.
+_OPEN = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+)
+
+_RENEW = (
+    _NOW
+    + """
+if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return 1
+"""
+)
+
+_DAY_TTL_S = 2 * 24 * 3600
+
+
+class RedisLimiter:
+    name = "redis"
+
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        seed: UsageSeed,
+        *,
+        prefix: str = "chat",
+        connection_ttl_s: float = 30.0,
+    ) -> None:
+        self._redis = redis
+        self._seed = seed
+        self._prefix = prefix
+        self.connection_ttl_ms = int(connection_ttl_s * 1000)
+        self._take = redis.register_script(_TAKE)
+        self._open = redis.register_script(_OPEN)
+        self._renew = redis.register_script(_RENEW)
+
+    def _key(self, kind: str, user_id: str, *rest: str) -> str:
+        # One user's keys share a hash tag: a cluster keeps them on one node.
+        return ":".join([f"{self._prefix}:{{u:{user_id}}}:{kind}", *rest])
+
+    async def take_message(self, user_id: str, limits: TierLimits) -> int | None:
+        wait = int(
+            await self._take(keys=[self._key("rate", user_id)], args=[limits.messages_per_minute])
+        )
+        return wait or None
+
+    async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
+        ok = await self._open(
+            keys=[self._key("conns", user_id)],
+            args=[connection_id, limits.connections, self.connection_ttl_ms],
+        )
+        return bool(ok)
+
+    async def close_connection(self, user_id: str, connection_id: str) -> None:
+        await self._redis.zrem(self._key("conns", user_id), connection_id)
+
+    async def renew_connections(self, connections: list[tuple[str, str]]) -> None:
+        for user_id, connection_id in connections:
+            await self._renew(
+                keys=[self._key("conns", user_id)], args=[connection_id, self.connection_ttl_ms]
+            )
+
+    async def _used_key(self, user_id: str) -> str:
+        """Today's token counter, started from the store's figure when it is new."""
+        day = utc_day()
+        key = self._key("tokens", user_id, day)
+        if not await self._redis.exists(key):
+            await self._redis.set(key, await self._seed(user_id, day), nx=True, ex=_DAY_TTL_S)
+        return key
+
+    async def quota_retry_ms(self, user_id: str, limits: TierLimits) -> int | None:
+        used = int(await self._redis.get(await self._used_key(user_id)) or 0)
+        return ms_until_next_utc_day() if used >= limits.daily_tokens else None
+
+    async def add_tokens(self, user_id: str, tokens: int) -> None:
+        if tokens > 0:
+            await self._redis.incrby(await self._used_key(user_id), tokens)

@@ -1,0 +1,180 @@
+"""Per-tier limits: conformance of both limiters, and what a client sees."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from chatserver import keys
+from chatserver.client import ChatError
+from chatserver.limits.base import Limiter, TierLimits, ms_until_next_utc_day
+from chatserver.limits.memory import MemoryLimiter
+from chatserver.limits.redis import RedisLimiter
+from protocol import CloseCode, ErrorCode, ErrorFrame, GenStart
+
+from .conftest import Harness, MakeHarness, eventually
+
+TIGHT = TierLimits(messages_per_minute=3, connections=2, daily_tokens=100)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Limiter]:
+    async def seed(user_id: str, day: str) -> int:
+        return {"heavy": 90}.get(user_id, 0)  # what the store says was used today
+
+    if request.param == "memory":
+        yield MemoryLimiter(seed)
+        return
+    redis = Redis.from_url(request.getfixturevalue("redis_url"))
+    yield RedisLimiter(redis, seed)
+    await redis.aclose()
+
+
+async def test_the_bucket_allows_a_minutes_worth_then_says_when(limiter: Limiter) -> None:
+    assert [await limiter.take_message("u", TIGHT) for _ in range(3)] == [None, None, None]
+    wait = await limiter.take_message("u", TIGHT)
+    assert wait is not None and 0 < wait <= 20_000  # one message per 20 s at 3 a minute
+    assert await limiter.take_message("other", TIGHT) is None  # per user
+
+
+async def test_connections_are_capped_per_user(limiter: Limiter) -> None:
+    assert await limiter.open_connection("u", "c1", TIGHT)
+    assert await limiter.open_connection("u", "c2", TIGHT)
+    assert not await limiter.open_connection("u", "c3", TIGHT)
+    assert await limiter.open_connection("v", "c1", TIGHT)
+    await limiter.close_connection("u", "c1")
+    assert await limiter.open_connection("u", "c3", TIGHT)
+
+
+async def test_the_daily_quota_starts_from_the_store_and_counts_usage(limiter: Limiter) -> None:
+    assert await limiter.quota_retry_ms("heavy", TIGHT) is None  # 90 of 100 used
+    await limiter.add_tokens("heavy", 15)
+    reset = await limiter.quota_retry_ms("heavy", TIGHT)
+    assert reset is not None and abs(reset - ms_until_next_utc_day()) < 5_000
+    assert await limiter.quota_retry_ms("light", TIGHT) is None
+
+
+async def test_a_dead_instances_connections_stop_counting(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+
+    async def seed(user_id: str, day: str) -> int:
+        return 0
+
+    dead = RedisLimiter(redis, seed, connection_ttl_s=0.2)
+    alive = RedisLimiter(redis, seed, connection_ttl_s=0.2)
+    try:
+        assert await dead.open_connection("u", "c1", TIGHT)
+        assert await dead.open_connection("u", "c2", TIGHT)
+        assert not await alive.open_connection("u", "c3", TIGHT)
+
+        async def admitted() -> bool:
+            return await alive.open_connection("u", "c3", TIGHT)
+
+        await eventually(admitted, timeout=5)  # nobody renewed c1 and c2
+    finally:
+        await redis.aclose()
+
+
+def test_tier_limits_parse_and_name_their_errors() -> None:
+    limits = TierLimits.parse("messages_per_minute=5,connections=2,daily_tokens=9", "X")
+    assert limits == TierLimits(5, 2, 9)
+    for bad, words in [
+        ("messages_per_minute=5,connections=2", "missing daily_tokens"),
+        ("speed=5,connections=2,daily_tokens=9", "unknown limit 'speed'"),
+        ("messages_per_minute=x,connections=2,daily_tokens=9", "must be an integer"),
+        ("messages_per_minute=0,connections=2,daily_tokens=9", "positive"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            TierLimits.parse(bad, "CHAT_LIMITS_FREE")
+
+
+# -- through the socket ------------------------------------------------------------------
+
+LIMITS = "messages_per_minute=3,connections=2,daily_tokens=1000000"
+
+
+async def test_sends_past_the_rate_are_refused_with_a_retry_time(make_harness: MakeHarness) -> None:
+    harness = await make_harness(limits_free=LIMITS)
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    for i in range(3):
+        await alice.send(conv, f"m{i}")
+    with pytest.raises(ChatError) as info:
+        await alice.send(conv, "one too many")
+    assert info.value.code == ErrorCode.RATE_LIMITED.value
+    assert info.value.frame.retry_after_ms is not None and info.value.frame.retry_after_ms > 0
+    assert [m.text for m in (await alice.history(conv)).messages if m.role == "user"] == [
+        "m0",
+        "m1",
+        "m2",
+    ]
+    async with harness.http.get(harness.base_url + "/metrics") as resp:
+        body = await resp.text()
+    assert 'chat_rate_limited_total{code="rate_limited"} 1.0' in body
+
+
+async def test_a_third_connection_is_closed_4429(make_harness: MakeHarness) -> None:
+    harness = await make_harness(limits_free=LIMITS)
+    await harness.connect("alice")
+    await harness.connect("alice")
+    token = await harness.token("alice")
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(harness.ws_url, headers={"Authorization": f"Bearer {token}"})
+        first = await ws.receive(timeout=5)
+        assert '"code":"rate_limited"' in first.data
+        assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == CloseCode.TOO_MANY_CONNECTIONS
+    other = await harness.connect("bob")  # others are unaffected
+    assert other.hello is not None
+
+
+async def test_tiers_have_their_own_limits(make_harness: MakeHarness) -> None:
+    harness = await make_harness(
+        limits_free=LIMITS, limits_pro="messages_per_minute=10,connections=2,daily_tokens=100000"
+    )
+    conv = await harness.conversation("paula")
+    from chatserver.client import ChatClient
+
+    paula = await ChatClient.connect(harness.ws_url, await harness.token("paula", tier="pro"))
+    harness.clients.append(paula)
+    for i in range(6):
+        await paula.send(conv, f"pro {i}")  # beyond the free tier's 3
+
+
+async def test_an_exhausted_quota_stops_replies_before_any_model_call(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(
+        limits_free="messages_per_minute=100,connections=5,daily_tokens=40"
+    )
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    await alice.join(conv)
+    ack = await alice.send(conv, "use up my tokens " + "word " * 30)
+    reply = await alice.reply(ack.message_id)
+    assert reply.end is not None
+    used = reply.end.usage.input_tokens + reply.end.usage.output_tokens
+    assert used >= 40
+    provider = harness.app[keys.GENERATION].provider
+    await eventually(lambda: provider.active == 0)
+    with pytest.raises(ChatError) as info:
+        await alice.send(conv, "one more question")
+    assert info.value.code == ErrorCode.QUOTA_EXCEEDED.value
+    reset = info.value.frame.retry_after_ms
+    assert reset is not None and abs(reset - ms_until_next_utc_day()) < 60_000
+    await alice.ping("flush")
+    assert not any(isinstance(f, GenStart) for f in alice.pending())
+    assert len((await alice.history(conv)).messages) == 2  # the refused one was not stored
+
+
+async def test_refusals_reach_the_client_as_error_frames(harness: Harness) -> None:
+    # Sanity: the default harness (unlimited) never refuses a burst.
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    for i in range(30):
+        await alice.send(conv, f"burst {i}")
+    await alice.ping("flush")
+    assert not any(isinstance(f, ErrorFrame) for f in alice.pending())
