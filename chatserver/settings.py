@@ -76,7 +76,7 @@ class Settings:
     )
     jwt_secret_previous: str | None = field(
         default=None,
-        metadata=_opt("the secret being rotated out: its tokens stay valid", flag=False, secret=True),
+        metadata=_opt("the rotated-out secret: its tokens stay valid", flag=False, secret=True),
     )
     jwt_leeway_s: int = field(default=30, metadata=_opt("clock skew allowed on token expiry"))
     limits_free: str = field(

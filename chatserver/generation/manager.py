@@ -217,9 +217,8 @@ class GenerationManager:
             async with lane.lock:
                 if self._closing:
                     # Never leave an acked question without an end: say why it has no answer.
-                    finish = Finish(
-                        FinishReason.ERROR.value, Usage(0, 0), "the server restarted before replying"
-                    )
+                    restarted = "the server restarted before replying"
+                    finish = Finish(FinishReason.ERROR.value, Usage(0, 0), restarted)
                     await self.store_and_end(run.owner(self._server_id), "", finish)
                     return
                 await self._stream(run)

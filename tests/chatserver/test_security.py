@@ -205,7 +205,7 @@ async def test_hostile_text_in_every_field_is_stored_verbatim_or_refused(
     await alice.send_raw(json.dumps({"type": "ping", "ts": hostile[:64], "ref": hostile[:64]}))
     pong = await alice.expect(Pong)
     assert pong.ts == hostile[:64] and pong.ref == hostile[:64]
-    status, body = await api.request("POST", "/api/dev/token", json={"user_id": hostile[:64]})
+    status, _ = await api.request("POST", "/api/dev/token", json={"user_id": hostile[:64]})
     assert status == 200
     _, listed = await api.request("GET", "/api/conversations")
     assert any(c["title"] == hostile for c in listed["items"])
