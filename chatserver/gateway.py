@@ -14,41 +14,24 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from protocol import (
-    Ack,
     Auth,
-    Cancel,
-    ClientFrame,
     CloseCode,
     Encoding,
     ErrorCode,
     ErrorFrame,
     Hello,
-    History,
-    HistoryPage,
-    Join,
-    Joined,
-    Leave,
-    Left,
-    MessageEvent,
-    Ping,
-    Pong,
     ProtocolError,
     Reconnect,
-    Role,
-    Send,
-    Typing,
-    TypingNotice,
     decode_client_frame,
     negotiate,
 )
-from storage.records import MessageDraft
 
 from . import keys
 from .auth import AuthError, Principal, bearer_token
+from .commands import dispatch
 from .errors import DEPENDENCY_ERRORS, ServiceError
 from .events import framed
 from .outbound import Outbound
-from .publish import publish
 from .session import Session
 
 log = logging.getLogger("chatserver.gateway")
@@ -193,9 +176,7 @@ class _Connection:
         state = self.app[keys.STATE]
         session_id = str(uuid.uuid4())
         limits = self.settings.tier_limits(principal.tier)
-        if not await self.app[keys.LIMITER].open_connection(
-            principal.user_id, session_id, limits
-        ):
+        if not await self.app[keys.LIMITER].open_connection(principal.user_id, session_id, limits):
             self.send_error(
                 ErrorCode.RATE_LIMITED, f"at most {limits.connections} connections per user"
             )
@@ -326,7 +307,7 @@ class _Connection:
         self.metrics.frames_in.labels(frame.TYPE).inc()
         started = time.perf_counter()
         try:
-            await self._dispatch(session, frame)
+            await dispatch(self.app, session, frame, self._send)
         except ServiceError as exc:
             self.send_error(exc.code, exc.message, frame.ref, exc.retry_after_ms)
         except DEPENDENCY_ERRORS as exc:
@@ -337,147 +318,6 @@ class _Connection:
             self.send_error(ErrorCode.INTERNAL, "internal error", frame.ref)
         finally:
             self.metrics.frame_duration.labels(frame.TYPE).observe(time.perf_counter() - started)
-
-    async def _dispatch(self, session: Session, frame: ClientFrame) -> None:
-        if isinstance(frame, Send):
-            await self._on_send(session, frame)
-        elif isinstance(frame, Join):
-            await self._on_join(session, frame)
-        elif isinstance(frame, Ping):
-            self._send(Pong(frame.ts, frame.ref))
-        elif isinstance(frame, Typing):
-            await self.app[keys.CONVERSATIONS].require_member(
-                frame.conversation_id, session.user_id
-            )
-            notice = TypingNotice(frame.conversation_id, session.user_id)
-            await publish(self.app, frame.conversation_id, notice.to_dict())
-        elif isinstance(frame, History):
-            await self._on_history(session, frame)
-        elif isinstance(frame, Leave):
-            await self.app[keys.HUB].leave(session, frame.conversation_id)
-            self._send(Left(frame.conversation_id, frame.ref))
-        elif isinstance(frame, Cancel):
-            await self._on_cancel(session, frame)
-        elif isinstance(frame, Auth):
-            raise ServiceError(ErrorCode.BAD_FRAME, "already authenticated")
-
-    async def _on_join(self, session: Session, frame: Join) -> None:
-        conversations = self.app[keys.CONVERSATIONS]
-        hub = self.app[keys.HUB]
-        await conversations.require_member(frame.conversation_id, session.user_id)
-        await hub.join(session, frame.conversation_id)
-        try:
-            view = await conversations.join_view(frame.conversation_id, frame.since)
-            snapshot = await self.app[keys.REPLY_BUFFER].snapshot(frame.conversation_id)
-        except BaseException:
-            await hub.leave(session, frame.conversation_id)
-            raise
-        self._send(
-            Joined(
-                frame.conversation_id,
-                view.view.epoch,
-                view.view.last_offset,
-                view.recovered,
-                view.messages,
-                snapshot,
-                frame.ref,
-            )
-        )
-        log.info(
-            "joined",
-            extra={
-                "session": session.id,
-                "user": session.user_id,
-                "conversation": frame.conversation_id,
-            },
-        )
-        gen = (snapshot.generation_id, snapshot.seq) if snapshot is not None else None
-        session.release(frame.conversation_id, view.view.last_offset, gen)
-
-    async def _on_send(self, session: Session, frame: Send) -> None:
-        conversations = self.app[keys.CONVERSATIONS]
-        generation = self.app[keys.GENERATION]
-        conversation = await conversations.require_member(frame.conversation_id, session.user_id)
-        if self.app[keys.AGENTS].get(conversation.agent_id) is None:
-            # Refuse before the ack: an acked question must get its reply.
-            raise ServiceError(
-                ErrorCode.UNAVAILABLE, f"agent {conversation.agent_id!r} is not configured here"
-            )
-        generation.check_capacity(conversation.id)
-        await self._check_limits(session)
-        result = await conversations.append(
-            MessageDraft(
-                conversation_id=conversation.id,
-                role=Role.USER.value,
-                text=frame.text,
-                user_id=session.user_id,
-                client_msg_id=frame.client_msg_id,
-            )
-        )
-        message = result.message
-        self._send(
-            Ack(
-                frame.client_msg_id,
-                message.id,
-                message.offset,
-                message.created_at,
-                result.duplicate,
-                frame.ref,
-            )
-        )
-        # Ids only: message text is never logged.
-        log.debug(
-            "message accepted",
-            extra={
-                "session": session.id,
-                "user": session.user_id,
-                "conversation": conversation.id,
-                "message_id": message.id,
-                "offset": message.offset,
-                "duplicate": result.duplicate,
-            },
-        )
-        if result.duplicate:
-            return
-        self.metrics.messages_appended.labels(Role.USER.value).inc()
-        await publish(self.app, conversation.id, MessageEvent(message).to_dict())
-        generation.start(conversation, message)
-
-    async def _check_limits(self, session: Session) -> None:
-        """Rate and daily quota by tier: checked before the message, so before any model call."""
-        limiter = self.app[keys.LIMITER]
-        principal = session.principal
-        limits = self.settings.tier_limits(principal.tier)
-        wait_ms = await limiter.take_message(principal.user_id, limits)
-        if wait_ms is not None:
-            raise ServiceError(
-                ErrorCode.RATE_LIMITED,
-                f"at most {limits.messages_per_minute} messages per minute",
-                wait_ms,
-            )
-        reset_ms = await limiter.quota_retry_ms(principal.user_id, limits)
-        if reset_ms is not None:
-            raise ServiceError(
-                ErrorCode.QUOTA_EXCEEDED,
-                f"daily quota of {limits.daily_tokens} model tokens used up",
-                reset_ms,
-            )
-
-    async def _on_history(self, session: Session, frame: History) -> None:
-        conversations = self.app[keys.CONVERSATIONS]
-        await conversations.require_member(frame.conversation_id, session.user_id)
-        page = await conversations.history(
-            frame.conversation_id, frame.before, frame.effective_limit(self.limits)
-        )
-        self._send(HistoryPage(frame.conversation_id, page.messages, page.has_more, frame.ref))
-
-    async def _on_cancel(self, session: Session, frame: Cancel) -> None:
-        generation = self.app[keys.GENERATION]
-        owner = await generation.locate(frame.generation_id)
-        if owner is None:
-            raise ServiceError(ErrorCode.NOT_FOUND, "no running reply with that generation_id")
-        await self.app[keys.CONVERSATIONS].require_member(owner.conversation_id, session.user_id)
-        await generation.cancel(owner)
 
 
 def drain_connections(app: web.Application, jitter_ms: int = 1000) -> None:

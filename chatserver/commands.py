@@ -1,0 +1,188 @@
+"""What each client frame does: the use-cases behind the gateway's read loop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from protocol import (
+    Ack,
+    Auth,
+    Cancel,
+    ClientFrame,
+    ErrorCode,
+    History,
+    HistoryPage,
+    Join,
+    Joined,
+    Leave,
+    Left,
+    MessageEvent,
+    Ping,
+    Pong,
+    Role,
+    Send,
+    Typing,
+    TypingNotice,
+)
+from storage.records import MessageDraft
+
+from . import keys
+from .errors import ServiceError
+from .publish import publish
+from .session import Session
+
+log = logging.getLogger("chatserver.gateway")
+
+Reply = Callable[[Any], None]  # queue a direct reply frame to the client
+
+
+async def dispatch(
+    app: web.Application, session: Session, frame: ClientFrame, reply: Reply
+) -> None:
+    """Carry out one valid client frame; errors are raised as ServiceError."""
+    if isinstance(frame, Send):
+        await _on_send(app, session, frame, reply)
+    elif isinstance(frame, Join):
+        await _on_join(app, session, frame, reply)
+    elif isinstance(frame, Ping):
+        reply(Pong(frame.ts, frame.ref))
+    elif isinstance(frame, Typing):
+        await app[keys.CONVERSATIONS].require_member(frame.conversation_id, session.user_id)
+        notice = TypingNotice(frame.conversation_id, session.user_id)
+        await publish(app, frame.conversation_id, notice.to_dict())
+    elif isinstance(frame, History):
+        await _on_history(app, session, frame, reply)
+    elif isinstance(frame, Leave):
+        await app[keys.HUB].leave(session, frame.conversation_id)
+        reply(Left(frame.conversation_id, frame.ref))
+    elif isinstance(frame, Cancel):
+        await _on_cancel(app, session, frame)
+    elif isinstance(frame, Auth):
+        raise ServiceError(ErrorCode.BAD_FRAME, "already authenticated")
+
+
+async def _on_join(app: web.Application, session: Session, frame: Join, reply: Reply) -> None:
+    conversations = app[keys.CONVERSATIONS]
+    hub = app[keys.HUB]
+    await conversations.require_member(frame.conversation_id, session.user_id)
+    await hub.join(session, frame.conversation_id)
+    try:
+        view = await conversations.join_view(frame.conversation_id, frame.since)
+        snapshot = await app[keys.REPLY_BUFFER].snapshot(frame.conversation_id)
+    except BaseException:
+        await hub.leave(session, frame.conversation_id)
+        raise
+    reply(
+        Joined(
+            frame.conversation_id,
+            view.view.epoch,
+            view.view.last_offset,
+            view.recovered,
+            view.messages,
+            snapshot,
+            frame.ref,
+        )
+    )
+    log.info(
+        "joined",
+        extra={
+            "session": session.id,
+            "user": session.user_id,
+            "conversation": frame.conversation_id,
+        },
+    )
+    gen = (snapshot.generation_id, snapshot.seq) if snapshot is not None else None
+    session.release(frame.conversation_id, view.view.last_offset, gen)
+
+
+async def _on_send(app: web.Application, session: Session, frame: Send, reply: Reply) -> None:
+    conversations = app[keys.CONVERSATIONS]
+    generation = app[keys.GENERATION]
+    conversation = await conversations.require_member(frame.conversation_id, session.user_id)
+    if app[keys.AGENTS].get(conversation.agent_id) is None:
+        # Refuse before the ack: an acked question must get its reply.
+        raise ServiceError(
+            ErrorCode.UNAVAILABLE, f"agent {conversation.agent_id!r} is not configured here"
+        )
+    generation.check_capacity(conversation.id)
+    await _check_limits(app, session)
+    result = await conversations.append(
+        MessageDraft(
+            conversation_id=conversation.id,
+            role=Role.USER.value,
+            text=frame.text,
+            user_id=session.user_id,
+            client_msg_id=frame.client_msg_id,
+        )
+    )
+    message = result.message
+    reply(
+        Ack(
+            frame.client_msg_id,
+            message.id,
+            message.offset,
+            message.created_at,
+            result.duplicate,
+            frame.ref,
+        )
+    )
+    # Ids only: message text is never logged.
+    log.debug(
+        "message accepted",
+        extra={
+            "session": session.id,
+            "user": session.user_id,
+            "conversation": conversation.id,
+            "message_id": message.id,
+            "offset": message.offset,
+            "duplicate": result.duplicate,
+        },
+    )
+    if result.duplicate:
+        return
+    app[keys.METRICS].messages_appended.labels(Role.USER.value).inc()
+    await publish(app, conversation.id, MessageEvent(message).to_dict())
+    generation.start(conversation, message)
+
+
+async def _check_limits(app: web.Application, session: Session) -> None:
+    """Rate and daily quota by tier: checked before the message, so before any model call."""
+    limiter = app[keys.LIMITER]
+    principal = session.principal
+    limits = app[keys.SETTINGS].tier_limits(principal.tier)
+    wait_ms = await limiter.take_message(principal.user_id, limits)
+    if wait_ms is not None:
+        raise ServiceError(
+            ErrorCode.RATE_LIMITED,
+            f"at most {limits.messages_per_minute} messages per minute",
+            wait_ms,
+        )
+    reset_ms = await limiter.quota_retry_ms(principal.user_id, limits)
+    if reset_ms is not None:
+        raise ServiceError(
+            ErrorCode.QUOTA_EXCEEDED,
+            f"daily quota of {limits.daily_tokens} model tokens used up",
+            reset_ms,
+        )
+
+
+async def _on_history(app: web.Application, session: Session, frame: History, reply: Reply) -> None:
+    conversations = app[keys.CONVERSATIONS]
+    await conversations.require_member(frame.conversation_id, session.user_id)
+    page = await conversations.history(
+        frame.conversation_id, frame.before, frame.effective_limit(app[keys.SETTINGS].limits)
+    )
+    reply(HistoryPage(frame.conversation_id, page.messages, page.has_more, frame.ref))
+
+
+async def _on_cancel(app: web.Application, session: Session, frame: Cancel) -> None:
+    generation = app[keys.GENERATION]
+    owner = await generation.locate(frame.generation_id)
+    if owner is None:
+        raise ServiceError(ErrorCode.NOT_FOUND, "no running reply with that generation_id")
+    await app[keys.CONVERSATIONS].require_member(owner.conversation_id, session.user_id)
+    await generation.cancel(owner)
