@@ -38,22 +38,18 @@ from .message import (
 from .server_frames import (
     SERVER_TYPES,
     Ack,
-    Delta,
     ErrorFrame,
-    GenEnd,
     GenerationSnapshot,
-    GenStart,
     Hello,
     HistoryPage,
     Joined,
     Left,
-    MessageEvent,
     Pong,
     Reconnect,
     ServerFrame,
-    TypingNotice,
     parse_server_frame,
 )
+from .stream_frames import Delta, GenEnd, GenStart, MessageEvent, TypingNotice
 
 __all__ = [
     "CLIENT_TYPES",

@@ -18,10 +18,10 @@ from .fields import (
     req_enum,
     req_int,
     req_list,
-    req_obj,
     req_str,
 )
-from .message import FINISH_REASONS, Message, Usage
+from .message import Message
+from .stream_frames import Delta, GenEnd, GenStart, MessageEvent, TypingNotice
 
 ERROR_CODES = frozenset(c.value for c in ErrorCode)
 _ID = 64
@@ -176,138 +176,6 @@ class Ack:
             req_int(obj, "offset", lo=1),
             req_str(obj, "created_at", _ID),
             req_bool(obj, "duplicate"),
-            opt_str(obj, "ref", _ID),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class MessageEvent:
-    TYPE: ClassVar[str] = "message"
-    message: Message
-    ref: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "message": self.message.to_dict()}
-
-    @classmethod
-    def parse(cls, obj: Obj) -> MessageEvent:
-        return cls(Message.from_dict(req_obj(obj, "message")), opt_str(obj, "ref", _ID))
-
-
-@dataclass(frozen=True, slots=True)
-class GenStart:
-    TYPE: ClassVar[str] = "gen_start"
-    conversation_id: str
-    generation_id: str
-    reply_to: str
-    agent_id: str
-    model: str
-    ref: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **_base(self),
-            "conversation_id": self.conversation_id,
-            "generation_id": self.generation_id,
-            "reply_to": self.reply_to,
-            "agent_id": self.agent_id,
-            "model": self.model,
-        }
-
-    @classmethod
-    def parse(cls, obj: Obj) -> GenStart:
-        return cls(
-            req_str(obj, "conversation_id", _ID),
-            req_str(obj, "generation_id", _ID),
-            req_str(obj, "reply_to", _ID),
-            req_str(obj, "agent_id", _ID),
-            req_str(obj, "model", 128),
-            opt_str(obj, "ref", _ID),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    TYPE: ClassVar[str] = "delta"
-    conversation_id: str
-    generation_id: str
-    seq: int
-    text: str
-    ref: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **_base(self),
-            "conversation_id": self.conversation_id,
-            "generation_id": self.generation_id,
-            "seq": self.seq,
-            "text": self.text,
-        }
-
-    @classmethod
-    def parse(cls, obj: Obj) -> Delta:
-        return cls(
-            req_str(obj, "conversation_id", _ID),
-            req_str(obj, "generation_id", _ID),
-            req_int(obj, "seq", lo=1),
-            req_str(obj, "text", _TEXT, min_len=0),
-            opt_str(obj, "ref", _ID),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class GenEnd:
-    TYPE: ClassVar[str] = "gen_end"
-    conversation_id: str
-    generation_id: str
-    finish_reason: str
-    usage: Usage
-    message: Message | None
-    error: str | None = None
-    ref: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            **_base(self),
-            "conversation_id": self.conversation_id,
-            "generation_id": self.generation_id,
-            "finish_reason": self.finish_reason,
-            "usage": self.usage.to_dict(),
-            "message": self.message.to_dict() if self.message is not None else None,
-        }
-        if self.error is not None:
-            out["error"] = self.error
-        return out
-
-    @classmethod
-    def parse(cls, obj: Obj) -> GenEnd:
-        message = opt_obj(obj, "message")
-        return cls(
-            req_str(obj, "conversation_id", _ID),
-            req_str(obj, "generation_id", _ID),
-            req_enum(obj, "finish_reason", FINISH_REASONS),
-            Usage.from_dict(req_obj(obj, "usage")),
-            Message.from_dict(message) if message is not None else None,
-            opt_str(obj, "error", 1024),
-            opt_str(obj, "ref", _ID),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TypingNotice:
-    TYPE: ClassVar[str] = "typing"
-    conversation_id: str
-    user_id: str
-    ref: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "conversation_id": self.conversation_id, "user_id": self.user_id}
-
-    @classmethod
-    def parse(cls, obj: Obj) -> TypingNotice:
-        return cls(
-            req_str(obj, "conversation_id", _ID),
-            req_str(obj, "user_id", _ID),
             opt_str(obj, "ref", _ID),
         )
 
