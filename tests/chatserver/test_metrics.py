@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatserver import keys
+from chatserver.client import ChatError
 from chatserver.metrics import Metrics
 from chatserver.observe import Sampler, pool_stats
-from chatserver.client import ChatError
 from protocol import Encoding, ErrorFrame
 from tests.chatserver.conftest import Harness, MakeHarness, eventually, outbox_drained
 
@@ -55,7 +55,12 @@ EXPECTED_FAMILIES = {
     "python_gc_collections": {"generation"},
 }
 # Registered, but with series only when there is something to report (a Postgres pool, a refusal).
-DECLARED_ONLY = {"chat_db_pool_size", "chat_db_pool_in_use", "chat_db_pool_max", "chat_rate_limited"}
+DECLARED_ONLY = {
+    "chat_db_pool_size",
+    "chat_db_pool_in_use",
+    "chat_db_pool_max",
+    "chat_rate_limited",
+}
 
 
 async def scrape(harness: Harness) -> str:
@@ -130,9 +135,11 @@ async def test_exposition_carries_every_listed_metric(harness: Harness) -> None:
     assert 'chat_connections{encoding="msgpack"} 1.0' in text
     assert "chat_active_users 2.0" in text
     assert value(metrics, "chat_frames_in_total", type="send") == 1
-    assert value(metrics, "chat_frames_in_total", type="unknown") + value(
-        metrics, "chat_frames_in_total", type="invalid"
-    ) == 1
+    assert (
+        value(metrics, "chat_frames_in_total", type="unknown")
+        + value(metrics, "chat_frames_in_total", type="invalid")
+        == 1
+    )
     assert value(metrics, "chat_frames_out_total", type="hello") == 3
     assert value(metrics, "chat_errors_total", code="unknown_type") == 1
     assert value(metrics, "chat_conversations_created_total") == 1
@@ -164,11 +171,23 @@ async def test_promtool_accepts_the_exposition(harness: Harness) -> None:
     await drive_traffic(harness)
     text = await scrape(harness)
     assert "chat_reply_first_token_seconds_bucket" in text and "process_cpu_seconds_total" in text
-    result = subprocess.run(
-        [PROMTOOL, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+    code, problems = await promtool_check_metrics(text.encode())
+    assert code == 0 and not problems.strip(), problems
+
+
+async def promtool_check_metrics(exposition: bytes) -> tuple[int, str]:
+    """``promtool check metrics`` on an exposition: its exit code and what it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        PROMTOOL,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
-    problems = (result.stdout + result.stderr).decode()
-    assert result.returncode == 0 and not problems.strip(), problems
+    out, _ = await asyncio.wait_for(proc.communicate(exposition), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
 
 
 def test_buckets_fit_a_chat_server() -> None:
@@ -199,16 +218,18 @@ def test_alert_rules_use_only_exposed_metric_names() -> None:
 
 async def test_window_hits_and_misses_follow_the_window(harness: Harness) -> None:
     metrics = harness.app[keys.METRICS]
-    window = harness.app[keys.WINDOW]
+    window: Any = harness.app[keys.WINDOW]  # both windows count hits and misses
     await drive_traffic(harness)
     await eventually(  # the app's own sampler (every second) catches up
-        lambda: value(metrics, "chat_window_hits_total") == window.hits  # type: ignore[attr-defined]
-        and value(metrics, "chat_window_misses_total") == window.misses,  # type: ignore[attr-defined]
+        lambda: (
+            value(metrics, "chat_window_hits_total") == window.hits
+            and value(metrics, "chat_window_misses_total") == window.misses
+        ),
         timeout=5,
     )
-    assert window.hits > 0  # type: ignore[attr-defined]
-    hits_before = window.hits  # type: ignore[attr-defined]
-    window.hits = 0  # type: ignore[attr-defined]  # a window that restarts its counts
+    assert window.hits > 0
+    hits_before = window.hits
+    window.hits = 0  # a window that restarts its counts
     sampler = Sampler(harness.app)
     await sampler.sample()
     await sampler.sample()
@@ -239,9 +260,11 @@ async def test_event_loop_lag_is_measured(harness: Harness) -> None:
     )
     time.sleep(0.4)  # block the loop, as a CPU-bound handler would  # noqa: ASYNC251
     await eventually(
-        lambda: value(metrics, "chat_event_loop_lag_seconds_count")
-        - value(metrics, "chat_event_loop_lag_seconds_bucket", le="0.1")
-        > late_before
+        lambda: (
+            value(metrics, "chat_event_loop_lag_seconds_count")
+            - value(metrics, "chat_event_loop_lag_seconds_bucket", le="0.1")
+            > late_before
+        )
     )
     assert value(metrics, "chat_event_loop_lag_seconds_sum") >= 0.1
 
@@ -265,11 +288,11 @@ async def test_postgres_pool_use(make_harness: MakeHarness, postgres_dsn: str) -
         database_url=postgres_dsn, migrate="yes", pg_pool_min=2, pg_pool_max=7
     )
     metrics = harness.app[keys.METRICS]
-    store = harness.app[keys.STORE]
+    store: Any = harness.app[keys.STORE]
     await eventually(lambda: value(metrics, "chat_db_pool_max", pool="primary") == 7)
     assert value(metrics, "chat_db_pool_size", pool="primary") >= 2
-    # hold three connections: in use follows
-    primary = store._primary  # type: ignore[attr-defined]
+    # hold three connections of the asyncpg pool: in use follows
+    primary = store._primary
     held = [await primary.acquire() for _ in range(3)]
     try:
         sampler = Sampler(harness.app)
