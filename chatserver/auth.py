@@ -29,9 +29,7 @@ class Principal:
 class Authenticator:
     """Issues and verifies tokens. Without a configured secret it runs in dev mode."""
 
-    def __init__(
-        self, secret: str | None, previous: str | None = None, leeway_s: int = 30
-    ) -> None:
+    def __init__(self, secret: str | None, previous: str | None = None, leeway_s: int = 30) -> None:
         self.dev_mode = secret is None
         # A fresh secret per run: dev tokens die with the process.
         self._secret = secret if secret is not None else secrets.token_urlsafe(32)
