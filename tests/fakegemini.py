@@ -146,9 +146,7 @@ class FakeGemini:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=4096)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = int(self._runner.addresses[0][1])
         return self.base_url
 
     async def close(self) -> None:
@@ -228,12 +226,12 @@ class FakeGemini:
         await response.prepare(request)
         prompt = _prompt_tokens(record.body)
         if spec.block_reason is not None:
-            event = {
+            blocked = {
                 "promptFeedback": {"blockReason": spec.block_reason},
                 "usageMetadata": {"promptTokenCount": prompt, "totalTokenCount": prompt},
                 "modelVersion": model,
             }
-            await response.write(b"data: " + json.dumps(event).encode() + b"\r\n\r\n")
+            await response.write(_event(blocked))
             await response.write_eof()
             return response
         chunks = list(spec.chunks) if spec.chunks is not None else _echo(record.body)
@@ -243,6 +241,8 @@ class FakeGemini:
             chunks, finish = chunks[:limit], "MAX_TOKENS"
         total = len(chunks)
         pending: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         for index, text in enumerate(chunks):
             if spec.drop_after is not None and index == spec.drop_after:
                 await self._flush(response, pending)
@@ -257,7 +257,8 @@ class FakeGemini:
                 return response
             if spec.pace_s and index:
                 await self._flush(response, pending)
-                await asyncio.sleep(spec.pace_s)
+                # on an absolute schedule: a busy fake still offers the paced rate
+                await asyncio.sleep(max(0.0, started + index * spec.pace_s - loop.time()))
             last = index == total - 1
             if spec.stamp:
                 text = f"{text}|{time.time_ns()}"
@@ -314,7 +315,7 @@ def _event(obj: dict[str, Any]) -> bytes:
 async def _serve(args: argparse.Namespace) -> None:
     words = [f"tok{i} " for i in range(args.chunks)]
     fake = FakeGemini(Stream(words, pace_s=args.pace_ms / 1000, stamp=args.stamp))
-    fake.requests = _Discard()  # type: ignore[assignment]  # a bench must not grow memory
+    fake.requests = _Discard()  # a bench must not grow memory
     await fake.start(port=args.port)
     print(f"fakegemini listening on {fake.base_url}", flush=True)
     stop = asyncio.Event()

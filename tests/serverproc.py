@@ -113,7 +113,13 @@ class ServerProc:
         ]
 
     def _environ(self) -> dict[str, str]:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        # Only what the test passes configures the server; a developer's model key never
+        # reaches it (the server would otherwise call Google).
+        environ = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("CHAT_") and k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+        }
         environ["PYTHONUNBUFFERED"] = "1"
         environ.update(self.env)
         return environ

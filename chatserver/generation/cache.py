@@ -94,7 +94,7 @@ class MemoryResponseCache:
 class RedisResponseCache:
     name = "redis"
 
-    def __init__(self, redis: Any, *, prefix: str, ttl_s: int) -> None:
+    def __init__(self, redis: Any, *, prefix: str, ttl_s: float) -> None:
         self._redis = redis
         self._prefix = prefix
         self.ttl_s = ttl_s
@@ -111,4 +111,4 @@ class RedisResponseCache:
     async def put(self, key: CacheKey, text: str) -> None:
         if not text or len(text) > MAX_ANSWER_CHARS or self.ttl_s <= 0:
             return
-        await self._redis.set(self.redis_key(key), text.encode(), ex=self.ttl_s)
+        await self._redis.set(self.redis_key(key), text.encode(), px=int(self.ttl_s * 1000))

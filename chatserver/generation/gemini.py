@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -35,8 +35,6 @@ from protocol import FinishReason, Role, Usage
 from ..metrics import Metrics
 from .local import count_tokens
 from .provider import Chunk, Finish, ReplyRequest, StreamItem
-
-log = logging.getLogger("chatserver.generation.gemini")
 
 API_VERSION = "v1beta"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -74,8 +72,6 @@ class RetryPolicy:
 
     def delay(self, retry: int) -> float:
         """Sleep before retry number ``retry`` (1, 2 ...): tenacity's wait_exponential_jitter."""
-        import random
-
         base = self.initial_s * self.exp_base ** (retry - 1)
         return float(min(self.max_s, base + random.uniform(0, self.jitter_s)))
 
@@ -210,8 +206,9 @@ class Tally:
             what = f"the connection to the model was cut: {exc}"
         elif isinstance(exc, (aiohttp.ClientError, OSError)):
             what = f"cannot reach the model: {type(exc).__name__}: {exc}"
-        elif isinstance(code, int):
-            what = str(exc)
+        elif isinstance(code, int):  # google.genai.errors.APIError or GeminiStreamError
+            status = getattr(exc, "status", None) or ""
+            what = f"{code} {status}: {getattr(exc, 'message', None) or exc}".replace("  ", " ")
         else:
             what = f"{type(exc).__name__}: {exc}"
         if self.chunks:
@@ -412,6 +409,7 @@ class GeminiProvider:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aio.aclose()
+                self._client.close()  # the SDK's idle sync httpx client
             self._client = None
         if self._session is not None:
             await self._session.close()

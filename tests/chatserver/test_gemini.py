@@ -7,6 +7,7 @@ Every test runs on both transports: ``sdk`` (google-genai's generate_content_str
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -59,9 +60,7 @@ async def fake() -> AsyncIterator[FakeGemini]:
 
 
 @pytest.fixture(params=[GeminiProvider, GeminiSseProvider], ids=["sdk", "sse"])
-async def make(
-    request: pytest.FixtureRequest, fake: FakeGemini
-) -> AsyncIterator[MakeProvider]:
+async def make(request: pytest.FixtureRequest, fake: FakeGemini) -> AsyncIterator[MakeProvider]:
     kind: GeminiKind = request.param
     made: list[GeminiProvider | GeminiSseProvider] = []
 
@@ -82,9 +81,9 @@ async def make(
         await provider.close()
 
 
-async def _run(provider: GeminiProvider | GeminiSseProvider, request: ReplyRequest) -> tuple[
-    str, Finish
-]:
+async def _run(
+    provider: GeminiProvider | GeminiSseProvider, request: ReplyRequest
+) -> tuple[str, Finish]:
     items: list[StreamItem] = [item async for item in provider.stream(request)]
     finishes = [i for i in items if isinstance(i, Finish)]
     assert len(finishes) == 1 and items[-1] is finishes[0], "exactly one Finish, last"
@@ -122,7 +121,10 @@ def test_consecutive_turns_of_one_role_merge_and_empty_ones_are_dropped() -> Non
     )
     body = request_body(ReplyRequest("general", "m", "", history, 0.7, 10))
     assert body["contents"] == [
-        {"role": "user", "parts": [{"text": "alice asks"}, {"text": "bob adds"}, {"text": "carol too"}]}
+        {
+            "role": "user",
+            "parts": [{"text": "alice asks"}, {"text": "bob adds"}, {"text": "carol too"}],
+        }
     ]
     assert "systemInstruction" not in body
 
@@ -145,7 +147,7 @@ async def test_429_then_success_is_retried_with_backoff(
     text, finish = await _run(make(), _request("hi"))
     assert (text, finish.reason) == ("fine", "stop")
     assert len(fake.requests) == 3
-    gaps = [b.received_at - a.received_at for a, b in zip(fake.requests, fake.requests[1:])]
+    gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(fake.requests)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1, f"exponential backoff expected: {gaps}"
     assert time.monotonic() - started < 1.0
 

@@ -80,9 +80,9 @@ def test_without_a_key_the_server_uses_the_local_model() -> None:
 async def test_a_reply_streams_from_gemini_and_its_usage_is_stored(
     gemini: Harness, fake: FakeGemini
 ) -> None:
-    question = "what is a budget " + " ".join(f"w{i}" for i in range(40))  # not routed
+    question = "what is a budget " + " ".join(f"w{i}" for i in range(80))  # not routed
     fake.script(Stream(["A budget ", "is a ", "plan."], usage=(31, 7), pace_s=0.005))
-    alice, conv, reply = await _ask(gemini, "alice", question)
+    _, _, reply = await _ask(gemini, "alice", question)
     assert reply.end is not None and reply.end.message is not None
     assert reply.text == "A budget is a plan." == reply.end.message.text
     assert reply.end.finish_reason == "stop"
@@ -120,7 +120,7 @@ async def test_cancel_closes_the_upstream_connection_within_100ms(
     assert gone - sent < 0.1, f"upstream closed {1000 * (gone - sent):.0f} ms after the cancel"
     end = await alice.expect(GenEnd, lambda e: e.generation_id == start.generation_id)
     assert end.finish_reason == "cancelled" and end.message is not None
-    assert 0 < len(end.message.text) and end.message.text.startswith("w0 w1 ")
+    assert end.message.text.startswith("w0 w1 ")
     assert fake.requests[0].chunks_sent < 400
 
 
@@ -176,9 +176,7 @@ async def test_a_short_first_turn_goes_to_the_light_model(
     ]
     routed = "chat_model_routed_total"
     assert _metric(harness, routed, agent="general", model="gemini-2.5-flash-lite", route="light")
-    assert (
-        _metric(harness, routed, agent="general", model="gemini-2.5-flash", route="default") == 2
-    )
+    assert _metric(harness, routed, agent="general", model="gemini-2.5-flash", route="default") == 2
 
 
 async def test_a_repeated_first_question_is_answered_from_the_cache(

@@ -18,7 +18,11 @@ LONG = " ".join(f"w{i}" for i in range(40))
 
 
 async def test_make_run_serves_the_page_at_the_printed_url(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CHAT_") and k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+    }
     proc = await asyncio.create_subprocess_exec(
         "make",
         "--no-print-directory",
