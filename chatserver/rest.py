@@ -191,6 +191,7 @@ async def admin_stats(request: web.Request) -> web.Response:
             "users": len(state.users),
             "conversations": app[keys.HUB].conversations(),
             "replies": app[keys.GENERATION].running,
+            "replies_pending": app[keys.GENERATION].pending,
             "outbox_backlog": await app[keys.OUTBOX].backlog(),
         }
     )

@@ -143,6 +143,11 @@ class GenerationManager:
     def running(self) -> int:
         return len(self._runs)
 
+    @property
+    def pending(self) -> int:
+        """Replies running or waiting for their conversation's turn."""
+        return sum(lane.waiting for lane in self._lanes.values())
+
     def get(self, generation_id: str) -> ReplyRun | None:
         return self._runs.get(generation_id)
 

@@ -27,9 +27,16 @@ def instances(
     *,
     env: dict[str, str] | None = None,
     args: Sequence[str] = (),
+    database_url: str | None = None,
+    read_database_url: str | None = None,
 ) -> Iterator[list[ServerProc]]:
-    """``count`` chatserver processes sharing Redis and one SQLite store file."""
+    """``count`` chatserver processes sharing Redis and a store: Postgres when
+    ``database_url`` is given (migrated by whoever starts first), else one SQLite file."""
     store = tmp_path / "shared.sqlite3"
+    if database_url is not None:
+        args = [*args, "--database-url", database_url, "--migrate", "yes"]
+        if read_database_url is not None:
+            args = [*args, "--read-database-url", read_database_url]
     base = {
         "CHAT_JWT_SECRET": SECRET,
         "CHAT_LOCAL_TTFT_MS": "5",
