@@ -31,7 +31,7 @@ CREATE TABLE conversations (
     owner_id text NOT NULL,
     created_at timestamptz NOT NULL,
     updated_at timestamptz NOT NULL
-);
+) WITH (fillfactor = 70);  -- updated_at moves with every batch: room for HOT updates
 CREATE INDEX conversations_by_agent ON conversations (agent_id, created_at);
 
 -- One row per member (the owner included). updated_at is a copy of the conversation's, kept
@@ -43,7 +43,7 @@ CREATE TABLE conversation_members (
     position integer NOT NULL,
     updated_at timestamptz NOT NULL,
     PRIMARY KEY (conversation_id, user_id)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX members_by_user ON conversation_members (user_id, updated_at DESC, conversation_id DESC);
 
 -- Partitioned by month on created_at; the monthly partitions are created by the server
@@ -82,4 +82,4 @@ CREATE TABLE usage (
     input_tokens bigint NOT NULL DEFAULT 0,
     output_tokens bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, day)
-);
+) WITH (fillfactor = 70);  -- updated in place by every batch with replies

@@ -1,41 +1,47 @@
-"""The batch write of the Postgres store: one transaction, one statement doing the batch.
+"""The batch write of the Postgres store: one transaction per batch, exactly once.
 
-The rows reach the server either as arrays (``unnest``: the statement carries them) or
-through ``COPY`` into a staging table created in the transaction with ``ON COMMIT DROP`` (no
-session state, so PgBouncer in transaction mode is fine). Either way one statement then
+A batch is written optimistically first, as if none of it were stored (the common case):
 
-1. inserts the messages, ordered by primary key. A first attempt is a plain INSERT (the
-   common case: nothing of the batch is stored yet, and a plain insert is cheaper than a
-   speculative one); when it meets a stored row (unique violation: a replay), the
-   transaction is rolled back and the batch is written again with ``ON CONFLICT DO NOTHING``,
-   which skips the stored rows (the key holds the partition key ``created_at``, which the
-   outbox entry carries, so a replayed row always conflicts);
-2. moves ``conversations.updated_at`` (and its copy in ``conversation_members``) to the newest
-   message of the batch, never backwards, locking the conversations in id order first so that
-   concurrent writers cannot deadlock on them;
-3. adds the usage of the assistant replies it actually inserted (``RETURNING``) to the daily
-   row of the user who wrote the replied-to message, on the reply's UTC day.
+- big batches (``COPY_THRESHOLD`` rows and more): the rows, sorted by primary key, are
+  COPYed straight into ``messages``, then one statement does the upkeep from arrays computed
+  here: it moves ``conversations.updated_at`` (and its copy in ``conversation_members``) to
+  the batch's newest message per conversation, never backwards, and adds the usage of the
+  assistant replies to the daily row of the user who wrote the replied-to message (looked up
+  in ``messages`` when that message is not in the batch), on the reply's UTC day;
+- small batches: one statement inserts ``unnest`` of one array per column and does the same
+  upkeep (no DDL, no COPY set-up: cheaper below the threshold; ``bench/persist.py``).
 
-It returns how many messages were new. ``bench/persist.py`` measures both ways of sending rows;
-small batches go through ``unnest`` (no DDL per batch), big ones through ``COPY``.
+If any row is already stored (a replay: a batch re-read after a crash between commit and
+ack, or claimed from a dead instance), the primary key refuses it (it holds the partition key
+``created_at``, which the outbox entry carries, so a replayed row always conflicts), the whole
+transaction rolls back, and the batch is written again the careful way: into a staging table
+(``CREATE TEMP TABLE ... ON COMMIT DROP``: no session state, PgBouncer-safe) or from the
+arrays, with ``INSERT ... ON CONFLICT DO NOTHING ... RETURNING`` so that only the rows
+inserted now are counted and charged.
+
+Locks are taken in one order by every writer: messages by primary key, conversations by id
+(``FOR NO KEY UPDATE`` in a sorted CTE), usage rows by (user, day). Concurrent writers and
+replays therefore cannot deadlock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from operator import itemgetter
 from typing import Any
 
 from protocol import Message
 
-# At and above this many rows a batch goes through COPY; the bench shows where COPY's extra
-# round trips and DDL pay for themselves.
+# At and above this many rows a batch goes through COPY; below, through unnest (measured by
+# bench/persist.py: even up to ~100 rows, COPY ahead from ~500).
 COPY_THRESHOLD = 500
 
 STAGE_TABLE = "chat_stage"
 
-# (column, Postgres type) of a staged row, in the order ``stage_rows`` builds them.
-STAGE_COLUMNS: tuple[tuple[str, str], ...] = (
+# (column, Postgres type) of a message row, in the order ``Batch.rows`` holds them.
+MESSAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("conversation_id", "text"),
     ("offset", "bigint"),
     ("created_at", "timestamptz"),
@@ -51,63 +57,37 @@ STAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("output_tokens", "integer"),
     ("model", "text"),
     ("reply_to", "text"),
-    ("charge_to", "text"),  # the replied-to message's author when it is in the same batch
 )
-_NAMES = [name for name, _ in STAGE_COLUMNS]
-_MESSAGE_COLS = ", ".join(f'"{n}"' for n in _NAMES[:-1])
+# Staged rows add the replied-to message's author when it is in the same batch.
+STAGE_COLUMNS = (*MESSAGE_COLUMNS, ("charge_to", "text"))
+_MESSAGE_NAMES = [name for name, _ in MESSAGE_COLUMNS]
+_STAGE_NAMES = [name for name, _ in STAGE_COLUMNS]
+_COLS = ", ".join(f'"{n}"' for n in _MESSAGE_NAMES)
+_KEY = itemgetter(0, 1, 2)  # (conversation_id, offset, created_at): the primary key
+_ROLE, _INPUT, _OUTPUT, _REPLY_TO = 4, 11, 12, 14
 
 # For the write transaction only: JIT compilation costs more than it saves on these plans, and
-# a cached generic plan of the unnest statement (planned for a 10-row guess of the arrays)
+# a cached generic plan of an unnest statement (planned for a 10-row guess of the arrays)
 # turns a 1,000-row batch into seconds of nested loops; custom plans see the real sizes.
 WRITE_SETTINGS = "SET LOCAL jit = off; SET LOCAL plan_cache_mode = force_custom_plan"
 
 CREATE_STAGE = (
-    f"{WRITE_SETTINGS}; "
-    f"CREATE TEMP TABLE {STAGE_TABLE} ("
+    f"{WRITE_SETTINGS}; CREATE TEMP TABLE {STAGE_TABLE} ("
     + ", ".join(f'"{n}" {t}' for n, t in STAGE_COLUMNS)
     + ") ON COMMIT DROP"
 )
 
-_UNNEST = (
+_UNNEST_ROWS = (
     "unnest("
     + ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(STAGE_COLUMNS, start=1))
     + ") AS s("
-    + ", ".join(f'"{n}"' for n in _NAMES)
+    + ", ".join(f'"{n}"' for n in _STAGE_NAMES)
     + ")"
 )
 
-
-def _write_sql(source: str, materialized: str, *, fresh: bool) -> str:
-    """The batch statement. ``fresh``: insert without ON CONFLICT, every staged row is new."""
-    if fresh:
-        conflict, returning = "", "1"
-        replies = "src i"
-        charge_to = "i.charge_to"
-    else:
-        conflict = "ON CONFLICT DO NOTHING"
-        returning = (
-            'conversation_id, "offset", created_at, role, reply_to, input_tokens, output_tokens'
-        )
-        # Only what was inserted now is charged: a replayed reply is not charged twice.
-        replies = (
-            "ins i JOIN src s ON s.conversation_id = i.conversation_id "
-            'AND s."offset" = i."offset" AND s.created_at = i.created_at'
-        )
-        charge_to = "s.charge_to"
-    # A message given twice in one batch: the fresh attempt fails on it like on a replay, and
-    # the retry keeps one copy (its usage must be charged once).
-    distinct = "" if fresh else 'DISTINCT ON (conversation_id, "offset", created_at)'
-    return f"""
-WITH src AS {materialized} (
-    SELECT {distinct} * FROM {source}
-), ins AS (
-    INSERT INTO messages ({_MESSAGE_COLS})
-    SELECT {_MESSAGE_COLS} FROM src ORDER BY conversation_id, "offset", created_at
-    {conflict}
-    RETURNING {returning}
-), newest AS (
-    SELECT conversation_id, max(created_at) AS at FROM src GROUP BY conversation_id
-), locked AS MATERIALIZED (
+# Conversations to move forward: (id, newest created_at) from ``newest``, locked in id order.
+_BUMP = """
+locked AS MATERIALIZED (
     SELECT c.id, n.at FROM conversations c JOIN newest n ON n.conversation_id = c.id
     WHERE c.updated_at < n.at
     ORDER BY c.id
@@ -118,80 +98,256 @@ WITH src AS {materialized} (
 ), bump_members AS (
     UPDATE conversation_members m SET updated_at = l.at FROM locked l
     WHERE m.conversation_id = l.id AND m.updated_at < l.at
-), charged AS (
+)"""
+
+# Usage of ``replies`` (charge_to, conversation_id, reply_to, day, input, output), summed per
+# (user, day). The look-up finds the author of a replied-to message stored by an earlier batch.
+_CHARGE = """
+charged AS (
     INSERT INTO usage AS u (user_id, day, input_tokens, output_tokens)
     SELECT who, day, sum(input_tokens), sum(output_tokens) FROM (
         SELECT
             COALESCE(
-                {charge_to},
+                r.charge_to,
                 (SELECT q.user_id FROM messages q
-                 WHERE q.conversation_id = i.conversation_id AND q.id = i.reply_to
+                 WHERE q.conversation_id = r.conversation_id AND q.id = r.reply_to
                  ORDER BY q.created_at DESC LIMIT 1)
             ) AS who,
-            (i.created_at AT TIME ZONE 'UTC')::date AS day,
-            i.input_tokens,
-            i.output_tokens
-        FROM {replies}
-        WHERE i.role = 'assistant' AND i.reply_to IS NOT NULL
-            AND i.input_tokens IS NOT NULL AND i.input_tokens + i.output_tokens > 0
+            r.day, r.input_tokens, r.output_tokens
+        FROM replies r
         OFFSET 0  -- a fence: the look-up runs once per reply, not again for the filter below
-    ) AS replies
+    ) AS x
     WHERE who IS NOT NULL
     GROUP BY who, day
     ORDER BY who, day
     ON CONFLICT (user_id, day) DO UPDATE SET
         input_tokens = u.input_tokens + EXCLUDED.input_tokens,
         output_tokens = u.output_tokens + EXCLUDED.output_tokens
-)
+)"""
+
+# The upkeep after a COPY straight into messages: everything comes as arrays.
+UPKEEP = f"""
+WITH newest AS (
+    SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS n(conversation_id, at)
+), {_BUMP.strip()}, replies AS (
+    SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::date[], $7::bigint[], $8::bigint[])
+        AS r(charge_to, conversation_id, reply_to, day, input_tokens, output_tokens)
+), {_CHARGE.strip()}
+SELECT count(*) FROM locked
+"""
+
+
+def _insert_sql(source: str, materialized: str, *, fresh: bool) -> str:
+    """Insert rows of ``source`` and do the upkeep, in one statement; returns the count new."""
+    if fresh:  # every row is new (else the statement fails): plain insert, upkeep from all
+        conflict, returning, inserted = "", "1", "src s"
+    else:  # a replay: skip stored rows, and count and charge only the rows inserted now
+        conflict = "ON CONFLICT DO NOTHING"
+        returning = 'conversation_id, "offset", created_at'
+        inserted = (
+            "ins i JOIN src s ON s.conversation_id = i.conversation_id "
+            'AND s."offset" = i."offset" AND s.created_at = i.created_at'
+        )
+    # A message given twice in one batch fails the fresh attempt like a replay; the careful
+    # one keeps one copy (its usage is charged once).
+    distinct = "" if fresh else 'DISTINCT ON (conversation_id, "offset", created_at)'
+    return f"""
+WITH src AS {materialized} (
+    SELECT {distinct} * FROM {source}
+), ins AS (
+    INSERT INTO messages ({_COLS})
+    SELECT {_COLS} FROM src ORDER BY conversation_id, "offset", created_at
+    {conflict}
+    RETURNING {returning}
+), newest AS (
+    SELECT conversation_id, max(created_at) AS at FROM src GROUP BY conversation_id
+), {_BUMP.strip()}, replies AS (
+    SELECT s.charge_to, s.conversation_id, s.reply_to,
+        (s.created_at AT TIME ZONE 'UTC')::date AS day, s.input_tokens, s.output_tokens
+    FROM {inserted}
+    WHERE s.role = 'assistant' AND s.reply_to IS NOT NULL
+        AND s.input_tokens IS NOT NULL AND s.input_tokens + s.output_tokens > 0
+), {_CHARGE.strip()}
 SELECT count(*) FROM ins
 """
 
 
-# The staging table is read where it is needed; the arrays are unpacked once.
-# fresh=True: the first attempt at a batch; fresh=False: after a unique violation (a replay).
-WRITE_FROM_STAGE = {
-    fresh: _write_sql(STAGE_TABLE, "NOT MATERIALIZED", fresh=fresh) for fresh in (True, False)
+# Materialized: src is read three times, and DISTINCT ON must not run for each.
+INSERT_FROM_ARRAYS = {
+    fresh: _insert_sql(_UNNEST_ROWS, "MATERIALIZED", fresh=fresh) for fresh in (True, False)
 }
-WRITE_FROM_ARRAYS = {
-    fresh: _write_sql(_UNNEST, "MATERIALIZED", fresh=fresh) for fresh in (True, False)
-}
+INSERT_FROM_STAGE = _insert_sql(STAGE_TABLE, "MATERIALIZED", fresh=False)
 
 
-def stage_rows(messages: Sequence[Message]) -> list[tuple[Any, ...]]:
-    """The batch as staged rows, in batch order.
+class Batch:
+    """A batch as rows for Postgres: one tuple per message, sorted by primary key.
 
-    One tuple per message and nothing else that the garbage collector tracks: under a backlog
-    the outbox holds many objects, and each full collection walks all of them.
+    Nothing else per message that the garbage collector tracks: under a backlog the outbox
+    holds many objects, and each full collection walks all of them.
     """
-    authors = {m.id: m.user_id for m in messages if m.user_id is not None}
-    rows: list[tuple[Any, ...]] = []
-    for m in messages:
-        text, raw = m.text, None
-        if "\x00" in text:
-            raw = text.encode("utf-8")
-            text = text.replace("\x00", "\ufffd")
-        usage = m.usage
-        rows.append(
-            (
-                m.conversation_id,
-                m.offset,
-                _when(m.created_at),
-                m.id,
-                m.role,
-                text,
-                raw,
-                m.user_id,
-                m.agent_id,
-                m.client_msg_id,
-                m.finish_reason,
-                usage.input_tokens if usage is not None else None,
-                usage.output_tokens if usage is not None else None,
-                m.model,
-                m.reply_to,
-                authors.get(m.reply_to) if m.reply_to is not None else None,
+
+    __slots__ = ("authors", "known", "rows")
+
+    def __init__(
+        self,
+        messages: Sequence[Message],
+        known: Mapping[str, str] | None = None,
+        *,
+        clean: bool = False,
+    ) -> None:
+        """``clean``: after Postgres refused the batch's data, make every value storable."""
+        if clean:
+            messages = [_storable(m) for m in messages]
+        # Who wrote each message of the batch; ``known`` adds authors of earlier batches.
+        self.authors = {m.id: m.user_id for m in messages if m.user_id is not None}
+        self.known = known if known is not None else {}
+        rows: list[tuple[Any, ...]] = []
+        for m in messages:
+            text, raw = m.text, None
+            if "\x00" in text or (clean and storable(text) != text):
+                # Postgres text holds neither NUL nor lone surrogates: keep the exact text
+                # beside a readable one.
+                raw = text.encode("utf-8", "surrogatepass")
+                text = storable(text)
+            usage = m.usage
+            rows.append(
+                (
+                    m.conversation_id,
+                    m.offset,
+                    _when(m.created_at),
+                    m.id,
+                    m.role,
+                    text,
+                    raw,
+                    m.user_id,
+                    m.agent_id,
+                    m.client_msg_id,
+                    m.finish_reason,
+                    usage.input_tokens if usage is not None else None,
+                    usage.output_tokens if usage is not None else None,
+                    m.model,
+                    m.reply_to,
+                )
             )
+        rows.sort(key=_KEY)  # one lock order for every writer, and index-friendly
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def author(self, message_id: str | None) -> str | None:
+        """The author of a replied-to message, when known here (else Postgres is asked)."""
+        if message_id is None:
+            return None
+        found = self.authors.get(message_id)
+        return found if found is not None else self.known.get(message_id)
+
+    def _charge_to(self, row: tuple[Any, ...]) -> str | None:
+        return self.author(row[_REPLY_TO])
+
+    def staged(self) -> list[tuple[Any, ...]]:
+        """Rows with the ``charge_to`` column (for the staging table)."""
+        return [(*row, self._charge_to(row)) for row in self.rows]
+
+    def columns(self) -> list[list[Any]]:
+        """One list per staged column (for unnest)."""
+        out = [list(column) for column in zip(*self.rows, strict=True)]
+        out.append([self._charge_to(row) for row in self.rows])
+        return out
+
+    def upkeep_args(self) -> list[list[Any]]:
+        """The arguments of ``UPKEEP``: newest message per conversation, usage to charge."""
+        newest: dict[str, datetime] = {}
+        known: dict[tuple[str, date], list[int]] = {}
+        unknown: list[tuple[str, str, date, int, int]] = []
+        for row in self.rows:
+            cid, at = row[0], row[2]
+            if cid not in newest or at > newest[cid]:
+                newest[cid] = at
+            if row[_ROLE] != "assistant" or row[_REPLY_TO] is None or row[_INPUT] is None:
+                continue
+            tokens_in, tokens_out = row[_INPUT], row[_OUTPUT]
+            if tokens_in + tokens_out <= 0:
+                continue
+            day = at.astimezone(UTC).date()
+            who = self.author(row[_REPLY_TO])
+            if who is None:
+                unknown.append((cid, row[_REPLY_TO], day, tokens_in, tokens_out))
+                continue
+            total = known.setdefault((who, day), [0, 0])
+            total[0] += tokens_in
+            total[1] += tokens_out
+        charge: list[str | None] = [who for who, _ in known]
+        charge.extend([None] * len(unknown))
+        return [
+            list(newest),
+            list(newest.values()),
+            charge,
+            [None] * len(known) + [u[0] for u in unknown],
+            [None] * len(known) + [u[1] for u in unknown],
+            [day for _, day in known] + [u[2] for u in unknown],
+            [t[0] for t in known.values()] + [u[3] for u in unknown],
+            [t[1] for t in known.values()] + [u[4] for u in unknown],
+        ]
+
+
+class RecentAuthors(Mapping[str, str]):
+    """Authors of recently written messages (message id -> user id), two generations deep.
+
+    Replies usually answer a message of the same or the previous batch: knowing its author
+    here saves a look-up in Postgres per reply. Ids and authors never change, so a stale
+    entry cannot be wrong; a miss just means Postgres is asked.
+    """
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._new: dict[str, str] = {}
+        self._old: dict[str, str] = {}
+
+    def remember(self, authors: Mapping[str, str]) -> None:
+        if len(self._new) + len(authors) > self.capacity:
+            self._old, self._new = self._new, {}
+        self._new.update(authors)
+
+    def __getitem__(self, message_id: str) -> str:
+        found = self._new.get(message_id)
+        return found if found is not None else self._old[message_id]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._new
+        yield from (k for k in self._old if k not in self._new)
+
+    def __len__(self) -> int:
+        return len(self._new) + sum(1 for k in self._old if k not in self._new)
+
+
+_INT4_MAX = 2**31 - 1
+
+
+def storable(value: str) -> str:
+    """``value`` as Postgres text can hold it: NUL and lone surrogates become U+FFFD."""
+    if value.isascii() and "\x00" not in value:
+        return value
+    return "".join("\ufffd" if ch == "\x00" or "\ud800" <= ch <= "\udfff" else ch for ch in value)
+
+
+def _storable(m: Message) -> Message:
+    """A message whose ids and names Postgres accepts (its text is kept exactly elsewhere).
+
+    Only for input that the protocol should have refused: a message Postgres cannot store
+    must not block the batch writer, and with it every other message, forever.
+    """
+    names = ("id", "conversation_id", "role", "user_id", "agent_id", "client_msg_id")
+    changes: dict[str, Any] = {
+        name: storable(value)
+        for name in (*names, "finish_reason", "model", "reply_to")
+        if isinstance(value := getattr(m, name), str)
+    }
+    if m.usage is not None:
+        changes["usage"] = type(m.usage)(
+            min(m.usage.input_tokens, _INT4_MAX), min(m.usage.output_tokens, _INT4_MAX)
         )
-    return rows
+    return replace(m, **changes)
 
 
 def _when(created_at: str) -> datetime:
@@ -200,15 +356,22 @@ def _when(created_at: str) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-async def write_copy(conn: Any, rows: Sequence[tuple[Any, ...]], *, fresh: bool) -> int:
-    """COPY into the staging table, then the write statement. Call inside a transaction."""
-    await conn.execute(CREATE_STAGE)
-    await conn.copy_records_to_table(STAGE_TABLE, records=rows, columns=_NAMES)
-    return int(await conn.fetchval(WRITE_FROM_STAGE[fresh]))
-
-
-async def write_arrays(conn: Any, rows: Sequence[tuple[Any, ...]], *, fresh: bool) -> int:
-    """The write statement over ``unnest`` of one array per column. Call inside a transaction."""
-    columns = [list(column) for column in zip(*rows, strict=True)]
+async def write_direct(conn: Any, batch: Batch) -> int:
+    """COPY straight into messages, then the upkeep. Inside a transaction; fails on a replay."""
     await conn.execute(WRITE_SETTINGS)
-    return int(await conn.fetchval(WRITE_FROM_ARRAYS[fresh], *columns))
+    await conn.copy_records_to_table("messages", records=batch.rows, columns=_MESSAGE_NAMES)
+    await conn.fetchval(UPKEEP, *batch.upkeep_args())
+    return len(batch)
+
+
+async def write_staged(conn: Any, batch: Batch) -> int:
+    """COPY into a staging table, then INSERT ... ON CONFLICT DO NOTHING. Inside a transaction."""
+    await conn.execute(CREATE_STAGE)
+    await conn.copy_records_to_table(STAGE_TABLE, records=batch.staged(), columns=_STAGE_NAMES)
+    return int(await conn.fetchval(INSERT_FROM_STAGE))
+
+
+async def write_arrays(conn: Any, batch: Batch, *, fresh: bool) -> int:
+    """One statement over ``unnest`` of the columns. Inside a transaction."""
+    await conn.execute(WRITE_SETTINGS)
+    return int(await conn.fetchval(INSERT_FROM_ARRAYS[fresh], *batch.columns()))

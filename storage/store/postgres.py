@@ -18,19 +18,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import date, datetime
+from datetime import date
 from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 
-from protocol import Message, Usage, format_timestamp, parse_timestamp
+from protocol import Message, parse_timestamp
 
 from ..records import Conversation, ConversationPage, MessagePage
 from .base import StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
 from .pg_migrate import check_schema, migrate
 from .pg_partitions import PartitionReport, drop_old_partitions, ensure_partitions
-from .pg_write import COPY_THRESHOLD, stage_rows, write_arrays, write_copy
+from .pg_rows import CONVERSATION_COLUMNS, MESSAGE_COLUMNS, row_conversation, row_message
+from .pg_write import (
+    COPY_THRESHOLD,
+    Batch,
+    RecentAuthors,
+    storable,
+    write_arrays,
+    write_direct,
+    write_staged,
+)
 
 log = logging.getLogger("storage.store.postgres")
 
@@ -44,16 +53,6 @@ Op = Callable[[Any], Awaitable[T]]
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 _TRANSIENT_STATES = frozenset({"25006", "55P03"})
 
-_MESSAGE_COLUMNS = (
-    'id, conversation_id, "offset", role, text, text_raw, created_at, user_id, agent_id, '
-    "client_msg_id, finish_reason, input_tokens, output_tokens, model, reply_to"
-)
-_CONVERSATION_COLUMNS = (
-    "c.id, c.agent_id, c.title, c.owner_id, c.created_at, c.updated_at, "
-    "ARRAY(SELECT mm.user_id FROM conversation_members mm "
-    "WHERE mm.conversation_id = c.id ORDER BY mm.position) AS members"
-)
-
 
 def is_unavailable(exc: BaseException) -> bool:
     """True for failures a retry may cure: the server or the network, not the request."""
@@ -63,43 +62,6 @@ def is_unavailable(exc: BaseException) -> bool:
         state = str(getattr(exc, "sqlstate", "") or "")
         return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
     return False
-
-
-def _ts(moment: datetime) -> str:
-    return format_timestamp(moment)
-
-
-def row_message(row: Any) -> Message:
-    raw = row["text_raw"]
-    text = bytes(raw).decode("utf-8") if raw is not None else row["text"]
-    inp, out = row["input_tokens"], row["output_tokens"]
-    return Message(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        offset=int(row["offset"]),
-        role=row["role"],
-        text=text,
-        created_at=_ts(row["created_at"]),
-        user_id=row["user_id"],
-        agent_id=row["agent_id"],
-        client_msg_id=row["client_msg_id"],
-        finish_reason=row["finish_reason"],
-        usage=Usage(int(inp), int(out)) if inp is not None else None,
-        model=row["model"],
-        reply_to=row["reply_to"],
-    )
-
-
-def row_conversation(row: Any) -> Conversation:
-    return Conversation(
-        id=row["id"],
-        agent_id=row["agent_id"],
-        title=row["title"],
-        owner_id=row["owner_id"],
-        members=tuple(row["members"]),
-        created_at=_ts(row["created_at"]),
-        updated_at=_ts(row["updated_at"]),
-    )
 
 
 class PostgresStore:
@@ -135,6 +97,7 @@ class PostgresStore:
         self._replica: Any = None
         self._replica_down_until = 0.0
         self.replica_fallbacks = 0  # reads the replica failed and the primary answered
+        self._authors = RecentAuthors()  # who wrote recent messages: usage is charged to them
         self.applied_migrations: list[int] = []  # by start(), when migrate=True
         self.start_partitions: PartitionReport | None = None  # what start() created
 
@@ -285,7 +248,7 @@ class PostgresStore:
         # created a moment ago on another instance must already be found.
         row = await self._primary_op(
             lambda conn: conn.fetchrow(
-                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = $1",
+                f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = $1",
                 conversation_id,
             )
         )
@@ -298,7 +261,7 @@ class PostgresStore:
             raise ValueError("limit must be at least 1")
         after = decode_cursor(cursor) if cursor is not None else None
         sql = (
-            f"SELECT {_CONVERSATION_COLUMNS} "
+            f"SELECT {CONVERSATION_COLUMNS} "
             "FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id "
             "WHERE m.user_id = $1 "
         )
@@ -326,24 +289,41 @@ class PostgresStore:
     async def write_messages(self, messages: Sequence[Message]) -> int:
         if not messages:
             return 0
-        rows = stage_rows(messages)
-        write = write_copy if len(rows) >= self.copy_threshold else write_arrays
         try:
-            return await self._primary_op(
-                lambda conn: write(conn, rows, fresh=True), transaction=True
+            new = await self._write(Batch(messages, self._authors))
+        except (asyncpg.DataError, UnicodeEncodeError) as exc:
+            # NUL or a lone surrogate in an id: input the protocol should have refused. Store
+            # it made storable rather than block the batch writer (and everyone) forever.
+            log.warning("batch refused by Postgres (%r): writing it with cleaned values", exc)
+            new = await self._write(Batch(messages, self._authors, clean=True))
+        return new
+
+    async def _write(self, batch: Batch) -> int:
+        big = len(batch) >= self.copy_threshold
+        try:
+            new = await self._primary_op(
+                lambda conn: (
+                    write_direct(conn, batch) if big else write_arrays(conn, batch, fresh=True)
+                ),
+                transaction=True,
             )
         except asyncpg.UniqueViolationError:
-            # Some of the batch is stored already (a replay): skip those rows.
-            return await self._primary_op(
-                lambda conn: write(conn, rows, fresh=False), transaction=True
+            # Some of the batch is stored already (a replay): write it again, skipping those.
+            new = await self._primary_op(
+                lambda conn: (
+                    write_staged(conn, batch) if big else write_arrays(conn, batch, fresh=False)
+                ),
+                transaction=True,
             )
+        self._authors.remember(batch.authors)
+        return new
 
     async def messages_before(
         self, conversation_id: str, before: int | None, limit: int
     ) -> MessagePage:
         if limit < 1:
             return MessagePage(messages=(), has_more=False)
-        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
+        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
         args: list[Any] = [conversation_id, limit + 1]
         if before is not None:
             sql += 'AND "offset" < $3 '
@@ -378,11 +358,11 @@ class PostgresStore:
         # Primary: idempotency checks must see the message stored a moment ago.
         row = await self._primary_op(
             lambda conn: conn.fetchrow(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
                 'AND client_msg_id = $3 AND user_id = $2 ORDER BY "offset" LIMIT 1',
-                conversation_id,
-                user_id,
-                client_msg_id,
+                storable(conversation_id),
+                storable(user_id),
+                storable(client_msg_id),  # as a hostile id was stored (see write_messages)
             )
         )
         return row_message(row) if row is not None else None

@@ -69,6 +69,32 @@ async def test_both_write_paths_store_every_field_exactly(
         await store.close()
 
 
+@pytest.mark.parametrize("copy_threshold", [1, 1 << 30], ids=["copy", "unnest"])
+async def test_values_postgres_cannot_hold_never_block_the_writer(
+    postgres_dsn: str, copy_threshold: int
+) -> None:
+    """NUL and lone surrogates (valid JSON escapes) in ids and texts: stored, not refused."""
+    store = PostgresStore(postgres_dsn, migrate=True, pool_min=1, copy_threshold=copy_threshold)
+    await store.start()
+    try:
+        hostile = msg("c1", 1, user_id="eve\x00", client_msg_id="k\x00\ud800", text="a\ud83d!\x00")
+        reply = msg(
+            "c1", 2, role="assistant", agent_id="general", usage=Usage(1, 2), reply_to=hostile.id
+        )
+        fine = msg("c1", 3)
+        assert await store.write_messages([hostile, reply, fine]) == 3
+        assert await store.write_messages([hostile, reply, fine]) == 0  # replay: still once
+        stored = (await store.messages_before("c1", None, 10)).messages
+        assert [m.offset for m in stored] == [1, 2, 3]
+        assert stored[0].text == hostile.text  # the text itself is kept exactly
+        assert stored[0].user_id == "eve\ufffd"  # ids as close as Postgres allows
+        found = await store.find_by_client_msg_id("c1", "eve\x00", "k\x00\ud800")
+        assert found is not None and found.id == hostile.id
+        assert await store.usage_on("eve\ufffd", "2026-11-18") == 3
+    finally:
+        await store.close()
+
+
 async def test_outage_raises_store_unavailable_then_recovers(
     postgres_dsn: str, postgres_server: PostgresServer
 ) -> None:
