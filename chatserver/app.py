@@ -118,18 +118,23 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
         metrics.persist_errors.inc()
         log.warning("batch write failed, retrying: %s", exc)
 
-    writer = BatchWriter(
-        outbox,
-        app[keys.STORE],
-        max_batch=settings.batch_max,
-        max_wait_ms=settings.batch_wait_ms,
-        on_batch=on_batch,
-        on_error=on_error,
-    )
-    writer.start()
+    writers = [
+        BatchWriter(
+            outbox,
+            app[keys.STORE],
+            max_batch=settings.batch_max,
+            max_wait_ms=settings.batch_wait_ms,
+            on_batch=on_batch,
+            on_error=on_error,
+        )
+        for _ in range(settings.effective_batch_writers)
+    ]
+    for writer in writers:
+        writer.start()
     yield
     # Everything acked is persisted before the store closes.
-    await writer.stop(drain=True, timeout_s=max(10.0, settings.shutdown_grace_s))
+    timeout_s = max(10.0, settings.shutdown_grace_s)
+    await asyncio.gather(*(w.stop(drain=True, timeout_s=timeout_s) for w in writers))
 
 
 async def _fanout(app: web.Application) -> AsyncIterator[None]:

@@ -114,6 +114,10 @@ class Settings:
     join_messages: int = field(default=50, metadata=_opt("messages sent with a fresh join"))
     outbox_max: int = field(default=100_000, metadata=_opt("embedded outbox bound"))
     batch_max: int = field(default=10_000, metadata=_opt("largest persistence batch"))
+    batch_writers: int = field(
+        default=0,
+        metadata=_opt("batch writers per instance (0: 2 on Postgres, 1 on SQLite)"),
+    )
     batch_wait_ms: int = field(
         default=50, metadata=_opt("longest idle wait of the batch writer for its first message")
     )
@@ -168,6 +172,13 @@ class Settings:
         default="", metadata=_opt("comma-separated browser origins allowed on /ws (empty: any)")
     )
     shutdown_grace_s: float = field(default=10.0, metadata=_opt("time to finish replies on stop"))
+
+    @property
+    def effective_batch_writers(self) -> int:
+        """Two writers overlap one batch's Python work with the next one's database work."""
+        if self.batch_writers:
+            return self.batch_writers
+        return 2 if self.database_url is not None else 1
 
     @property
     def should_migrate(self) -> bool:
@@ -321,6 +332,7 @@ def validate(settings: Settings) -> Settings:
         "tcp_send_buffer_bytes",
         "jwt_leeway_s",
         "drain_jitter_ms",
+        "batch_writers",
     ):
         if getattr(settings, name) < 0:
             raise SettingsError(f"{env_name(name)}={getattr(settings, name)!r}: must be >= 0")
