@@ -113,6 +113,8 @@ async def run_with_fault(
     before_s: float = 2.0,
     after_s: float = 3.0,
     env: dict[str, str] | None = None,
+    read_database_url: str | None = None,
+    probe: Callable[[list[ServerProc]], Awaitable[None]] | None = None,
 ) -> Outcome:
     base = {"CHAT_LOCAL_TOKEN_MS": "20", "CHAT_OUTBOX_CLAIM_IDLE_MS": "3000", **(env or {})}
     with instances(tmp_path, redis_url, count=3, env=base, database_url=database_url) as servers:
@@ -155,6 +157,8 @@ async def run_with_fault(
         acked = set().union(*(set(m.ledger.acked) for m in crowd))
         stored = await _wait_stored(database_url, acked, timeout=40)
         healthy_after = all(healthy(s) for s in alive)
+        if probe is not None:
+            await probe(servers)
         return Outcome(crowd, servers, acked, stored, gaps, healthy_after)
 
 

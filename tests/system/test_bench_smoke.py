@@ -1,0 +1,98 @@
+"""Every benchmark scenario runs in --quick mode and writes a valid result.
+
+The full scenarios (``make bench``) take minutes and their figures go to docs/benchmarks.md;
+here each one runs its quick variant end to end (its servers, peers, Redis, the harness) and
+must write ``<scenario>.json`` with its figures, its goals and the markdown block for the docs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.serverproc import REPO_ROOT
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _run(script: str, out: Path, *extra: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}", "--quick", "--out", str(out), *extra],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    name = script.removesuffix(".py").replace("_", "-")
+    data: dict[str, Any] = json.loads((out / f"{name}.json").read_text())
+    assert data["scenario"] == name and data["quick"] is True
+    assert data["markdown"].strip()
+    assert "2 cores shared" in data["machine"]["note"]
+    return data
+
+
+def test_connections(tmp_path: Path) -> None:
+    data = _run("connections.py", tmp_path)
+    for name in ("chatserver", "bare_aiohttp", "python_socketio"):
+        assert data["kib_per_connection"][name] is not None, name
+        assert data["runs"][name]["connections"]["connected"] == data["clients"]
+    assert "KiB per idle connection" in data["markdown"]
+
+
+def test_fanout(tmp_path: Path) -> None:
+    data = _run("fanout.py", tmp_path)
+    figures = data["figures"]
+    assert set(figures) == {"chatserver", "bare_redis", "socketio_redis", "bare_single"}
+    for name, phases in figures.items():
+        for phase, f in phases.items():
+            assert f["delivered"] == f["expected"] > 0, (name, phase)
+            assert f["server_cpu_us_per_delivery"] is not None
+    assert data["goals"]["chatserver_lost_duplicated_reordered"]["met"]
+    assert data["server_cpu_split"]["chatserver"]["per_delivery_us"] is not None
+    assert "bare aiohttp + Redis" in data["markdown"]
+
+
+def test_ai(tmp_path: Path) -> None:
+    data = _run("ai.py", tmp_path)
+    for level in data["figures"].values():
+        assert level["replies"] > 0 and level["defects"] == 0
+        assert level["ttft_added_p50_ms"] is not None
+        assert level["provider_alone_gap_added_p99_ms"] is not None
+    assert "added gap p99" in data["markdown"]
+
+
+def test_product_scale(tmp_path: Path) -> None:
+    data = _run("product_scale.py", tmp_path)
+    assert data["connected"] == 200
+    assert data["conversations_created"] > 0 and data["replies"]["ended"] > 0
+    assert data["defects"] == 0
+    assert {c["name"] for c in data["slo"]["checks"]} >= {"ack p99 ms", "ttft p99 ms"}
+
+
+def test_run_collects_a_summary(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/run.py",
+            "--quick",
+            "--only",
+            "product-scale",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## product-scale (exit 0" in summary and "| ttft |" in summary
