@@ -42,7 +42,8 @@ from .subscriber import Subscriber
 log = logging.getLogger("chatserver.broker.redis")
 
 _BACKOFF_MAX_S = 5.0
-_GAP_DEBOUNCE_S = 1.0  # one reconnect resubscribes many channels: one resync
+_GAP_DEBOUNCE_S = 1.0
+_FLUSH_ON_CLOSE_S = 5.0  # one reconnect resubscribes many channels: one resync
 
 
 class RedisBroker:
@@ -98,6 +99,16 @@ class RedisBroker:
         await self._subscriber_for(self._control_name).subscribe(self._control_name)
 
     async def close(self) -> None:
+        # What was published last (a reply's gen_end at shutdown) must still go out.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _FLUSH_ON_CLOSE_S
+        while self._outgoing and self._writer is not None and not self._writer.done():
+            if loop.time() > deadline:
+                log.warning("closing with %d frames unpublished", len(self._outgoing))
+                break
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), 0.05)
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

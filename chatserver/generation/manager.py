@@ -15,14 +15,14 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from protocol import Delta, ErrorCode, FinishReason, GenEnd, GenStart, Message, Role, Usage
 from storage.records import Conversation, MessageDraft
 
 from ..agents import Agent, AgentCatalog
 from ..conversations import ConversationService
-from ..errors import ServiceError
+from ..errors import DEPENDENCY_ERRORS, ServiceError
 from ..metrics import Metrics
 from .buffer import LeaseLost, ReplyBuffer, ReplyOwner
 from .cache import CacheKey, ResponseCache, cache_key
@@ -36,6 +36,8 @@ Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
 SendControl = Callable[[str, dict[str, Any]], Awaitable[None]]
 OnUsage = Callable[[str, int], Awaitable[None]]  # (user billed, tokens)
 _END = object()
+_RETRY_FOR_S = 30.0  # how long a finishing reply waits out a Redis or store outage
+T = TypeVar("T")
 _QUEUE_DEPTH = 256
 _REPLAY_WORDS = 4  # words per chunk when a cached answer is streamed
 
@@ -411,7 +413,11 @@ class GenerationManager:
     async def _finalize(self, run: ReplyRun, finish: Finish, duration: float) -> None:
         if run.lost:
             return  # the instance that took over stored and ended it
-        await self._buffer.end(run.conversation_id, run.generation_id)
+        # Release the buffer first: while it stands, another instance could claim the
+        # reply as orphaned once our lease runs out.
+        await self._retrying(
+            "release the reply buffer", self._buffer.end, run.conversation_id, run.generation_id
+        )
         self._metrics.reply_duration.labels(run.agent.id, run.model).observe(duration)
         await self._remember(run, finish)
         await self.store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
@@ -429,19 +435,21 @@ class GenerationManager:
         message: Message | None = None
         reason = finish.reason
         error = finish.error
+        draft = MessageDraft(
+            conversation_id=conversation_id,
+            role=Role.ASSISTANT.value,
+            text=text,
+            agent_id=owner.agent_id,
+            # The generation id as idempotency key: a retried append, or a second instance
+            # ending the same reply, returns the first stored message instead of a copy.
+            client_msg_id=owner.generation_id,
+            finish_reason=reason,
+            usage=finish.usage,
+            model=owner.model,
+            reply_to=owner.reply_to,
+        )
         try:
-            result = await self._conversations.append(
-                MessageDraft(
-                    conversation_id=conversation_id,
-                    role=Role.ASSISTANT.value,
-                    text=text,
-                    agent_id=owner.agent_id,
-                    finish_reason=reason,
-                    usage=finish.usage,
-                    model=owner.model,
-                    reply_to=owner.reply_to,
-                )
-            )
+            result = await self._retrying("store the reply", self._conversations.append, draft)
             message = result.message
             self._metrics.messages_appended.labels(Role.ASSISTANT.value).inc()
         except ServiceError as exc:
@@ -458,6 +466,23 @@ class GenerationManager:
                 conversation_id, owner.generation_id, reason, finish.usage, message, error
             ).to_dict(),
         )
+
+    async def _retrying(
+        self, what: str, call: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        """Ride out a dependency outage (Redis or the store restarting) for a while."""
+        delay = 0.05
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _RETRY_FOR_S
+        while True:
+            try:
+                return await call(*args)
+            except DEPENDENCY_ERRORS as exc:
+                if loop.time() > deadline:
+                    raise
+                log.warning("could not %s, retrying: %s", what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def keep_leases(self, lease_s: float, sweep_s: float) -> None:
         """Renew our replies' leases; end replies whose owner died (their lease ran out).

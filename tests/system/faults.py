@@ -37,7 +37,7 @@ class Outcome:
     healthy_after: bool  # the surviving instances ready again without a hand
 
 
-async def _wait_stored(dsn: str, acked: set[str], timeout: float) -> dict[str, int]:
+async def wait_stored(dsn: str, acked: set[str], timeout: float) -> dict[str, int]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -56,7 +56,7 @@ async def _wait_stored(dsn: str, acked: set[str], timeout: float) -> dict[str, i
         await asyncio.sleep(0.2)
 
 
-def _quiet(crowd: list[Member]) -> bool:
+def members_quiet(crowd: list[Member]) -> bool:
     """Nothing unacked, and every reply any member saw start was seen to end by someone."""
     if any(m._unacked for m in crowd):
         return False
@@ -65,7 +65,7 @@ def _quiet(crowd: list[Member]) -> bool:
     return started <= ended
 
 
-async def _servers_quiet(servers: list[ServerProc], redis_url: str) -> bool:
+async def servers_quiet(servers: list[ServerProc], redis_url: str) -> bool:
     """No instance holds a reply, and none is left registered by a dead instance."""
     admin = AUTH.issue("operator", role="admin")
     async with aiohttp.ClientSession() as http:
@@ -87,7 +87,7 @@ async def _servers_quiet(servers: list[ServerProc], redis_url: str) -> bool:
         await redis.aclose()
 
 
-def _open_replies(crowd: list[Member]) -> str:
+def open_replies(crowd: list[Member]) -> str:
     started = set().union(*(m.ledger.replies_started for m in crowd))
     ended = set().union(*(set(m.ledger.replies_ended) for m in crowd))
     unacked = {m.user: m._unacked for m in crowd if m._unacked}
@@ -137,8 +137,8 @@ async def run_with_fault(
             member.sending = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
-        while not (_quiet(crowd) and await _servers_quiet(servers, redis_url)):
-            assert loop.time() < deadline, _open_replies(crowd)
+        while not (members_quiet(crowd) and await servers_quiet(servers, redis_url)):
+            assert loop.time() < deadline, open_replies(crowd)
             await asyncio.sleep(0.1)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
@@ -155,7 +155,7 @@ async def run_with_fault(
             if member.ledger.prefix() != joined.offset:
                 gaps.append(f"{member.user} holds {member.ledger.prefix()} of {joined.offset}")
         acked = set().union(*(set(m.ledger.acked) for m in crowd))
-        stored = await _wait_stored(database_url, acked, timeout=40)
+        stored = await wait_stored(database_url, acked, timeout=40)
         healthy_after = all(healthy(s) for s in alive)
         if probe is not None:
             await probe(servers)
