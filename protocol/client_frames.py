@@ -8,7 +8,17 @@ from typing import Any, ClassVar
 
 from .codes import ErrorCode
 from .errors import ProtocolError
-from .fields import Obj, opt_int, opt_obj, opt_scalar, opt_str, req_int, req_str, req_uuid
+from .fields import (
+    Obj,
+    frame_head,
+    opt_int,
+    opt_obj,
+    opt_scalar,
+    opt_str,
+    req_int,
+    req_str,
+    req_uuid,
+)
 from .limits import Limits
 
 
@@ -21,13 +31,6 @@ class Since:
         return {"offset": self.offset, "epoch": self.epoch}
 
 
-def _base(frame: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": frame.TYPE}
-    if frame.ref is not None:
-        out["ref"] = frame.ref
-    return out
-
-
 @dataclass(frozen=True, slots=True)
 class Auth:
     TYPE: ClassVar[str] = "auth"
@@ -35,7 +38,7 @@ class Auth:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "token": self.token}
+        return {**frame_head(self), "token": self.token}
 
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> Auth:
@@ -50,7 +53,7 @@ class Join:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {**_base(self), "conversation_id": self.conversation_id}
+        out = {**frame_head(self), "conversation_id": self.conversation_id}
         if self.since is not None:
             out["since"] = self.since.to_dict()
         return out
@@ -75,7 +78,7 @@ class Leave:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "conversation_id": self.conversation_id}
+        return {**frame_head(self), "conversation_id": self.conversation_id}
 
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> Leave:
@@ -92,7 +95,7 @@ class Send:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **_base(self),
+            **frame_head(self),
             "conversation_id": self.conversation_id,
             "client_msg_id": self.client_msg_id,
             "text": self.text,
@@ -115,7 +118,7 @@ class Cancel:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "generation_id": self.generation_id}
+        return {**frame_head(self), "generation_id": self.generation_id}
 
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> Cancel:
@@ -129,7 +132,7 @@ class Typing:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "conversation_id": self.conversation_id}
+        return {**frame_head(self), "conversation_id": self.conversation_id}
 
     @classmethod
     def parse(cls, obj: Obj, limits: Limits, ref: str | None) -> Typing:
@@ -145,7 +148,7 @@ class History:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {**_base(self), "conversation_id": self.conversation_id}
+        out = {**frame_head(self), "conversation_id": self.conversation_id}
         if self.before is not None:
             out["before"] = self.before
         if self.limit is not None:
@@ -172,7 +175,7 @@ class Ping:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = _base(self)
+        out = frame_head(self)
         if self.ts is not None:
             out["ts"] = self.ts
         return out

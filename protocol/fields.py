@@ -13,6 +13,14 @@ from .errors import ProtocolError
 Obj = Mapping[str, Any]
 
 
+def frame_head(frame: Any) -> dict[str, Any]:
+    """The fields every frame starts with: its type, and its ``ref`` when it has one."""
+    out: dict[str, Any] = {"type": frame.TYPE}
+    if frame.ref is not None:
+        out["ref"] = frame.ref
+    return out
+
+
 def _bad(name: str, want: str, ref: str | None) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_FRAME, f"field '{name}' must be {want}", ref)
 

@@ -52,20 +52,9 @@ class Message:
             "text": self.text,
             "created_at": self.created_at,
         }
-        if self.user_id is not None:
-            out["user_id"] = self.user_id
-        if self.agent_id is not None:
-            out["agent_id"] = self.agent_id
-        if self.client_msg_id is not None:
-            out["client_msg_id"] = self.client_msg_id
-        if self.finish_reason is not None:
-            out["finish_reason"] = self.finish_reason
+        out.update(optional_message_fields(self))
         if self.usage is not None:
             out["usage"] = self.usage.to_dict()
-        if self.model is not None:
-            out["model"] = self.model
-        if self.reply_to is not None:
-            out["reply_to"] = self.reply_to
         return out
 
     @classmethod
@@ -86,6 +75,19 @@ class Message:
             model=opt_str(obj, "model", 128),
             reply_to=opt_str(obj, "reply_to", 64),
         )
+
+
+_OPTIONAL = ("user_id", "agent_id", "client_msg_id", "finish_reason", "model", "reply_to")
+
+
+def optional_message_fields(source: Any) -> dict[str, Any]:
+    """The optional string fields of a message (or a draft of one) that are set."""
+    out: dict[str, Any] = {}
+    for name in _OPTIONAL:
+        value = getattr(source, name)
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def format_timestamp(moment: datetime) -> str:

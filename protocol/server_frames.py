@@ -10,6 +10,7 @@ from .codes import ErrorCode
 from .errors import ProtocolError
 from .fields import (
     Obj,
+    frame_head,
     opt_int,
     opt_obj,
     opt_scalar,
@@ -26,13 +27,6 @@ from .stream_frames import Delta, GenEnd, GenStart, MessageEvent, TypingNotice
 ERROR_CODES = frozenset(c.value for c in ErrorCode)
 _ID = 64
 _TEXT = 1 << 30
-
-
-def _base(frame: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": frame.TYPE}
-    if frame.ref is not None:
-        out["ref"] = frame.ref
-    return out
 
 
 def _messages(obj: Obj, name: str) -> tuple[Message, ...]:
@@ -58,7 +52,7 @@ class Hello:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **_base(self),
+            **frame_head(self),
             "session_id": self.session_id,
             "user_id": self.user_id,
             "server_id": self.server_id,
@@ -103,7 +97,7 @@ class Joined:
 
     def to_dict(self) -> dict[str, Any]:
         out = {
-            **_base(self),
+            **frame_head(self),
             "conversation_id": self.conversation_id,
             "epoch": self.epoch,
             "offset": self.offset,
@@ -141,7 +135,7 @@ class Left:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "conversation_id": self.conversation_id}
+        return {**frame_head(self), "conversation_id": self.conversation_id}
 
     @classmethod
     def parse(cls, obj: Obj) -> Left:
@@ -160,7 +154,7 @@ class Ack:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **_base(self),
+            **frame_head(self),
             "client_msg_id": self.client_msg_id,
             "message_id": self.message_id,
             "offset": self.offset,
@@ -190,7 +184,7 @@ class HistoryPage:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **_base(self),
+            **frame_head(self),
             "conversation_id": self.conversation_id,
             "messages": [m.to_dict() for m in self.messages],
             "has_more": self.has_more,
@@ -213,7 +207,7 @@ class Pong:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "ts": self.ts}
+        return {**frame_head(self), "ts": self.ts}
 
     @classmethod
     def parse(cls, obj: Obj) -> Pong:
@@ -228,7 +222,7 @@ class Reconnect:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "reason": self.reason, "after_ms": self.after_ms}
+        return {**frame_head(self), "reason": self.reason, "after_ms": self.after_ms}
 
     @classmethod
     def parse(cls, obj: Obj) -> Reconnect:
@@ -246,7 +240,7 @@ class ErrorFrame:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {**_base(self), "code": self.code, "message": self.message}
+        out = {**frame_head(self), "code": self.code, "message": self.message}
         if self.retry_after_ms is not None:
             out["retry_after_ms"] = self.retry_after_ms
         return out

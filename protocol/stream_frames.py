@@ -8,18 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .fields import Obj, opt_obj, opt_str, req_enum, req_int, req_obj, req_str
+from .fields import Obj, frame_head, opt_obj, opt_str, req_enum, req_int, req_obj, req_str
 from .message import FINISH_REASONS, Message, Usage
 
 _ID = 64
 _TEXT = 1 << 30
-
-
-def _base(frame: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": frame.TYPE}
-    if frame.ref is not None:
-        out["ref"] = frame.ref
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +22,7 @@ class MessageEvent:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "message": self.message.to_dict()}
+        return {**frame_head(self), "message": self.message.to_dict()}
 
     @classmethod
     def parse(cls, obj: Obj) -> MessageEvent:
@@ -48,7 +41,7 @@ class GenStart:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **_base(self),
+            **frame_head(self),
             "conversation_id": self.conversation_id,
             "generation_id": self.generation_id,
             "reply_to": self.reply_to,
@@ -79,7 +72,7 @@ class Delta:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **_base(self),
+            **frame_head(self),
             "conversation_id": self.conversation_id,
             "generation_id": self.generation_id,
             "seq": self.seq,
@@ -110,7 +103,7 @@ class GenEnd:
 
     def to_dict(self) -> dict[str, Any]:
         out = {
-            **_base(self),
+            **frame_head(self),
             "conversation_id": self.conversation_id,
             "generation_id": self.generation_id,
             "finish_reason": self.finish_reason,
@@ -143,7 +136,11 @@ class TypingNotice:
     ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_base(self), "conversation_id": self.conversation_id, "user_id": self.user_id}
+        return {
+            **frame_head(self),
+            "conversation_id": self.conversation_id,
+            "user_id": self.user_id,
+        }
 
     @classmethod
     def parse(cls, obj: Obj) -> TypingNotice:

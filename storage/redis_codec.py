@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from protocol import Message, Usage
+from protocol.message import optional_message_fields
 
 from .records import MessageDraft
 
@@ -47,20 +48,9 @@ def draft_payload(message_id: str, draft: MessageDraft) -> bytes:
         "role": draft.role,
         "text": draft.text,
     }
-    if draft.user_id is not None:
-        obj["user_id"] = draft.user_id
-    if draft.agent_id is not None:
-        obj["agent_id"] = draft.agent_id
-    if draft.client_msg_id is not None:
-        obj["client_msg_id"] = draft.client_msg_id
-    if draft.finish_reason is not None:
-        obj["finish_reason"] = draft.finish_reason
+    obj.update(optional_message_fields(draft))
     if draft.usage is not None:
         obj["usage"] = draft.usage.to_dict()
-    if draft.model is not None:
-        obj["model"] = draft.model
-    if draft.reply_to is not None:
-        obj["reply_to"] = draft.reply_to
     packed: bytes = msgpack.packb(obj)
     return packed
 
