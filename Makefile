@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv deps run test lint fmt clean
+.PHONY: venv deps run test lint fmt clean bench
 # deps must finish before the venv is built (it may install python3-venv)
 .NOTPARALLEL:
 
@@ -17,7 +17,7 @@ venv: $(STAMP)
 # re-installed only when pyproject.toml changes
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	touch $@
 
 deps:
@@ -28,6 +28,10 @@ run: venv
 
 test: deps venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# load scenarios beside their peers, ~10-15 min (docs/benchmarks.md); BENCH_ARGS=--quick: ~2 min
+bench: venv
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
