@@ -14,9 +14,11 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# re-installed only when pyproject.toml changes
-$(STAMP): pyproject.toml
+# re-installed only when pyproject.toml or the lock changes; the runtime dependencies come
+# from the hashed lock (as in the Docker image), the tools from the dev and bench extras
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	touch $@
 
