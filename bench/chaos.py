@@ -38,7 +38,13 @@ from chatserver.client import ChatApi  # noqa: E402
 from chatserver.member import Member  # noqa: E402
 from tests.serverproc import ServerProc  # noqa: E402
 from tests.services import PostgresReplica, PostgresServer, RedisServer  # noqa: E402
-from tests.system.faults import healthy, members_quiet, servers_quiet, wait_stored  # noqa: E402
+from tests.system.faults import (  # noqa: E402
+    healthy,
+    members_quiet,
+    open_replies,
+    servers_quiet,
+    wait_stored,
+)
 from tests.system.scaleout import SECRET, token  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -198,7 +204,8 @@ async def run(
         deadline = time.monotonic() + 120
         while not (members_quiet(members) and await servers_quiet(cluster.servers, redis.url)):
             if time.monotonic() > deadline:
-                log("replies still open 120 s after the traffic stopped")
+                log("replies still open 120 s after the traffic stopped: " + open_replies(members))
+                log(f"servers quiet: {await servers_quiet(cluster.servers, redis.url)}")
                 break
             await asyncio.sleep(0.2)
         stop.set()

@@ -134,7 +134,10 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
     yield
     # Everything acked is persisted before the store closes.
     timeout_s = max(10.0, settings.shutdown_grace_s)
-    await asyncio.gather(*(w.stop(drain=True, timeout_s=timeout_s) for w in writers))
+    if outbox.shared:  # the other instances' writers take what is left
+        await asyncio.gather(*(w.finish(timeout_s=timeout_s) for w in writers))
+    else:
+        await asyncio.gather(*(w.stop(drain=True, timeout_s=timeout_s) for w in writers))
 
 
 async def _fanout(app: web.Application) -> AsyncIterator[None]:

@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop the partitions entirely older than this many full months before this one",
     )
     partitions.set_defaults(func=_partitions)
+    from .loadtest.cli import add_parser as add_loadtest
+
+    add_loadtest(commands)
     return parser
 
 

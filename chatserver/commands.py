@@ -73,6 +73,10 @@ async def _on_join(app: web.Application, session: Session, frame: Join, reply: R
     try:
         view = await conversations.join_view(frame.conversation_id, frame.since)
         snapshot = await app[keys.REPLY_BUFFER].snapshot(frame.conversation_id)
+        if snapshot is not None and any(
+            m.client_msg_id == snapshot.generation_id for m in view.messages
+        ):
+            snapshot = None  # stored already (its buffer is just being released)
     except BaseException:
         await hub.leave(session, frame.conversation_id)
         raise

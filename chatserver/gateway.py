@@ -226,6 +226,10 @@ class _Connection:
                 state.users[session.user_id] = left
             self.metrics.active_users.set(len(state.users))
             self.metrics.connections.labels(self.encoding.name.lower()).dec()
+        if self.counted is not None:
+            # The user's connection slot is free again (with Redis, for every instance).
+            with contextlib.suppress(*DEPENDENCY_ERRORS):
+                await self.app[keys.LIMITER].close_connection(*self.counted)
         reason = self._disconnect_reason()
         self.metrics.disconnects.labels(reason).inc()
         if self.session is not None:
@@ -305,6 +309,12 @@ class _Connection:
                 self.close(CloseCode.POLICY_VIOLATION, "too_many_bad_frames")
             return
         self.metrics.frames_in.labels(frame.TYPE).inc()
+        wait_ms = session.take_frame(self.settings.frames_per_second)
+        if wait_ms is not None:
+            self.send_error(ErrorCode.RATE_LIMITED, "too many frames", frame.ref, wait_ms)
+            if session.note_bad_frame(self.settings.bad_frame_limit):
+                self.close(CloseCode.POLICY_VIOLATION, "frame_flood")
+            return
         started = time.perf_counter()
         try:
             await dispatch(self.app, session, frame, self._send)

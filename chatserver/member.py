@@ -167,6 +167,10 @@ class Member:
             self.ledger.reload_floor = max(self.ledger.reload_floor, joined.offset)
         self.epoch = joined.epoch
         self.ledger.seen.update(offsets)
+        for message in joined.messages:
+            # A reply that ended while we were away: its stored message names its generation.
+            if message.role == "assistant" and message.client_msg_id and message.finish_reason:
+                self.ledger.replies_ended.setdefault(message.client_msg_id, message.finish_reason)
         if joined.generation is not None:
             self.ledger.replies_started.add(joined.generation.generation_id)
 

@@ -33,6 +33,8 @@ class Session:
         "bad_frames",
         "bad_window_start",
         "encoding",
+        "frame_allowance",
+        "frame_allowance_at",
         "held_limit",
         "id",
         "outbound",
@@ -55,6 +57,8 @@ class Session:
         self.subscriptions: dict[str, Subscription] = {}
         self.bad_frames = 0
         self.bad_window_start = time.monotonic()
+        self.frame_allowance = -1.0  # full on first use
+        self.frame_allowance_at = 0.0
         self.held_limit = held_limit
 
     @property
@@ -103,6 +107,20 @@ class Session:
         sub.held = None
         for event in held:
             self._deliver(sub, event)
+
+    def take_frame(self, per_second: int) -> int | None:
+        """A token bucket of client frames (burst: two seconds' worth); ms to wait, or None."""
+        now = time.monotonic()
+        burst = 2.0 * per_second
+        if self.frame_allowance < 0:
+            self.frame_allowance, self.frame_allowance_at = burst, now
+        allowance = min(burst, self.frame_allowance + (now - self.frame_allowance_at) * per_second)
+        self.frame_allowance_at = now
+        if allowance >= 1:
+            self.frame_allowance = allowance - 1
+            return None
+        self.frame_allowance = allowance
+        return max(1, int((1 - allowance) / per_second * 1000))
 
     def note_bad_frame(self, limit: int, window_s: float = 60.0) -> bool:
         """Count a bad frame; True when the connection passed its allowance."""

@@ -107,6 +107,9 @@ class Settings:
         default=256 * 1024,
         metadata=_opt("kernel send buffer per WebSocket (0: kernel autotuning, up to MBs)"),
     )
+    frames_per_second: int = field(
+        default=200, metadata=_opt("client frames per second per connection (burst: twice)")
+    )
     bad_frame_limit: int = field(
         default=20, metadata=_opt("bad frames tolerated per connection per minute before 1008")
     )
@@ -309,6 +312,7 @@ def validate(settings: Settings) -> Settings:
             "max_text_chars",
             "send_buffer_bytes",
             "bad_frame_limit",
+            "frames_per_second",
             "window_size",
             "join_messages",
             "outbox_max",

@@ -52,6 +52,7 @@ class BatchWriter:
         self._on_error = on_error
         self._task: asyncio.Task[None] | None = None
         self._draining = False
+        self._finishing = False
         self.batches = 0
         self.written = 0  # messages the store reported as new
         self.errors = 0
@@ -73,7 +74,29 @@ class BatchWriter:
         if self.running:
             return
         self._draining = False
+        self._finishing = False
         self._task = asyncio.create_task(self.run(), name="storage.batch_writer")
+
+    async def finish(self, timeout_s: float = 10) -> None:
+        """Stop after the batch in hand is written (a shared outbox: others take the rest).
+
+        Nothing read is left pending for another instance to claim later.
+        """
+        task = self._task
+        if task is None:
+            return
+        self._task = None
+        self._finishing = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(task)
+        except TimeoutError:
+            log.error("the batch in hand was not written within %.1fs", timeout_s)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def stop(self, drain: bool = True, timeout_s: float = 10) -> None:
         """Stop the loop; when draining, first persist everything the outbox still holds."""
@@ -111,7 +134,7 @@ class BatchWriter:
     async def run(self) -> None:
         """Write batches until cancelled, or, once draining, until the outbox is empty."""
         log.info("batch writer started (max_batch=%d)", self.max_batch)
-        while True:
+        while not self._finishing:
             wait_s = _DRAIN_WAIT_S if self._draining else self.max_wait_s
             entries = await self._retry(
                 "outbox read", functools.partial(self.outbox.read, self.max_batch, wait_s)

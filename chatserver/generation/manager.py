@@ -413,14 +413,15 @@ class GenerationManager:
     async def _finalize(self, run: ReplyRun, finish: Finish, duration: float) -> None:
         if run.lost:
             return  # the instance that took over stored and ended it
-        # Release the buffer first: while it stands, another instance could claim the
-        # reply as orphaned once our lease runs out.
+        self._metrics.reply_duration.labels(run.agent.id, run.model).observe(duration)
+        await self._remember(run, finish)
+        # Stored and announced before the buffer goes: an instance dying in between leaves
+        # a buffer that another one claims, and its store_and_end finds the message
+        # already there (the generation id is the idempotency key): it ends exactly once.
+        await self.store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
         await self._retrying(
             "release the reply buffer", self._buffer.end, run.conversation_id, run.generation_id
         )
-        self._metrics.reply_duration.labels(run.agent.id, run.model).observe(duration)
-        await self._remember(run, finish)
-        await self.store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
         tokens = finish.usage.input_tokens + finish.usage.output_tokens
         user_id = run.reply_to.user_id
         if self._on_usage is not None and user_id is not None and tokens:
@@ -451,7 +452,11 @@ class GenerationManager:
         try:
             result = await self._retrying("store the reply", self._conversations.append, draft)
             message = result.message
-            self._metrics.messages_appended.labels(Role.ASSISTANT.value).inc()
+            if result.duplicate:  # ended before (by the owner, or a claim): say it as it was
+                reason = message.finish_reason or reason
+                error = None if reason != FinishReason.ERROR.value else error
+            else:
+                self._metrics.messages_appended.labels(Role.ASSISTANT.value).inc()
         except ServiceError as exc:
             reason, error = FinishReason.ERROR.value, f"reply not stored: {exc.message}"
         except Exception as exc:  # the clients must still see the reply end
@@ -467,9 +472,7 @@ class GenerationManager:
             ).to_dict(),
         )
 
-    async def _retrying(
-        self, what: str, call: Callable[..., Awaitable[T]], *args: Any
-    ) -> T:
+    async def _retrying(self, what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Ride out a dependency outage (Redis or the store restarting) for a while."""
         delay = 0.05
         loop = asyncio.get_running_loop()

@@ -133,6 +133,12 @@ class RedisReplyBuffer:
         return f"{conversation_id}\t{generation_id}"
 
     async def begin(self, owner: ReplyOwner) -> bool:
+        member = self._member(owner.conversation_id, owner.generation_id)
+        # Registered before the buffer exists: an owner dying between the two steps leaves
+        # a hint the sweep drops, never a buffer nobody would ever sweep.
+        seconds, micros = await self._redis.time()
+        hint = int(seconds) * 1000 + int(micros) // 1000 + self._lease_ms
+        await self._redis.zadd(self._registry, {member: hint})
         lease = await self._begin(
             keys=self._keys(owner.conversation_id),
             args=[
@@ -146,8 +152,8 @@ class RedisReplyBuffer:
             ],
         )
         if not lease:
+            await self._redis.zrem(self._registry, member)
             return False
-        member = self._member(owner.conversation_id, owner.generation_id)
         await self._redis.zadd(self._registry, {member: int(lease)})
         await self._redis.set(
             self._ref(owner.generation_id), owner.conversation_id, px=self._ttl_ms

@@ -6,7 +6,10 @@ Run from the repository root:
 
 It starts the app in-process (embedded mode: in-memory broker, window and outbox, a SQLite
 file in a temporary directory, the local echo model), talks to it with raw WebSocket frames
-and plain HTTP requests, and prints every frame as JSON:
+and plain HTTP requests, and prints every frame as JSON. A second in-process server, with a
+configured JWT secret (and a previous one), an Origin allow-list and small free-tier limits,
+shows what dev auth mode does not: origins, token rotation and leeway, connection caps, rate
+limits, daily quotas and the admin route.
 
     alice -> {...}      a frame alice sends
     alice <- {...}      a frame alice receives
@@ -30,6 +33,7 @@ import msgpack
 from aiohttp import WSMsgType, web
 
 from chatserver.app import create_app
+from chatserver.auth import Authenticator
 from chatserver.settings import Settings
 
 TIMEOUT_S = 10.0
@@ -165,6 +169,16 @@ async def session(base: str) -> None:
         await rest.call("GET", "/api/conversations?limit=500", alice_token)
         await rest.call("GET", f"/api/conversations/{cid}/messages", mallory_token)
         await rest.call("GET", f"/api/conversations/{uuid.uuid4()}/messages", alice_token)
+        await rest.call("GET", "/api/conversations/trip-1/messages", alice_token)
+        big_body = json.dumps({"agent_id": "general", "title": "x" * 300_000})
+        show("POST /api/conversations    (Authorization: Bearer <token>)")
+        show(f"   body: <{len(big_body)} bytes>")
+        async with http.post(
+            base + "/api/conversations",
+            data=big_body,
+            headers={"Authorization": f"Bearer {alice_token}", "Content-Type": "application/json"},
+        ) as r:
+            show(f"<- {r.status} {dumps(await r.json())}")
 
         section("WebSocket: an unsupported subprotocol is refused at the handshake")
         async with http.get(
@@ -269,6 +283,18 @@ async def session(base: str) -> None:
         await alice.send({**big, "text": "x" * 8001}, {**big, "text": "<8001 characters>"})
         await alice.recv()
         await alice.send({"type": "history", "conversation_id": cid, "limit": 101, "ref": "b4"})
+        await alice.recv()
+        await alice.send({"type": "join", "conversation_id": "trip-1", "ref": "b5"})
+        await alice.recv()
+        deep: Any = "x"
+        for _ in range(17):
+            deep = [deep]
+        shown_deep = {"type": "ping", "ref": "b6", "ts": 1, "extra": "<17 nested arrays>"}
+        await alice.send({"type": "ping", "ref": "b6", "ts": 1, "extra": deep}, shown_deep)
+        await alice.recv()
+        raw = b'{"type": "ping", "ts": "caf\xe9"}'
+        show(f"alice -> {raw!r}    (raw text frame, Latin-1: not UTF-8)")
+        await alice.ws.send_frame(raw, WSMsgType.TEXT)
         await alice.recv()
 
         section("membership errors")
@@ -379,6 +405,8 @@ async def session(base: str) -> None:
             if line.startswith(wanted):
                 show("   " + line)
 
+        await configured_server(http)
+
         section("a frame over max_frame_bytes: close 1009")
         ws = await http.ws_connect(
             ws_url,
@@ -411,6 +439,138 @@ async def session(base: str) -> None:
         STOP.set()
         await alice.recv()
         await alice.recv()
+
+
+SECRET = "capture-secret-0123456789abcdef0123456789abcdef"
+OLD_SECRET = "capture-old-secret-0123456789abcdef0123456789ab"
+SMALL_FREE_TIER = "messages_per_minute=2,connections=2,daily_tokens=20"
+
+
+async def configured_server(http: aiohttp.ClientSession) -> None:
+    """A second server: a configured secret, an Origin allow-list, tiny free-tier limits."""
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            sqlite_path=str(Path(tmp) / "capture-2.sqlite3"),
+            server_id="capture-2",
+            jwt_secret=SECRET,
+            jwt_secret_previous=OLD_SECRET,
+            allowed_origins="https://chat.example.com",
+            limits_free=SMALL_FREE_TIER,
+            local_ttft_ms=100,
+            local_token_ms=25,
+            shutdown_grace_s=2.0,
+        )
+        app = create_app(settings)
+        runner = web.AppRunner(app, shutdown_timeout=5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        base = f"http://{host}:{port}"
+        ws_url = f"ws://{host}:{port}/ws"
+        try:
+            await configured_session(http, base, ws_url)
+        finally:
+            await runner.cleanup()
+
+
+async def configured_session(http: aiohttp.ClientSession, base: str, ws_url: str) -> None:
+    rest = Rest(http, base)
+    current, previous = Authenticator(SECRET), Authenticator(OLD_SECRET)
+    show("")
+    show(
+        "# second server (server_id capture-2): CHAT_JWT_SECRET and CHAT_JWT_SECRET_PREVIOUS "
+        "set, CHAT_ALLOWED_ORIGINS=https://chat.example.com, "
+        f"CHAT_LIMITS_FREE={SMALL_FREE_TIER}"
+    )
+
+    section("configured secret: no dev tokens")
+    await rest.call("POST", "/api/dev/token", body={"user_id": "dave"})
+
+    section("Origin not in CHAT_ALLOWED_ORIGINS: error, then close 4403 (before authentication)")
+    ws = await http.ws_connect(
+        ws_url,
+        headers={
+            "Origin": "https://evil.example",
+            "Authorization": f"Bearer {current.issue('erin')}",
+        },
+    )
+    show("erin    [upgrade with Origin: https://evil.example]")
+    erin = Peer("erin", ws)
+    await erin.recv()
+    await erin.recv()
+
+    section("token rotation: a token signed with CHAT_JWT_SECRET_PREVIOUS is still accepted")
+    ws = await http.ws_connect(ws_url, headers={"Origin": "https://chat.example.com"})
+    show("frank    [upgrade with Origin: https://chat.example.com]")
+    frank = Peer("frank", ws)
+    await frank.send(
+        {"type": "auth", "token": previous.issue("frank")},
+        {"type": "auth", "token": "<jwt signed with the previous secret>"},
+    )
+    await frank.recv()
+    await frank.close()
+
+    section("leeway: expired 10 s ago is accepted (CHAT_JWT_LEEWAY_S=30), 60 s ago is not")
+    for ago in (10, 60):
+        ws = await http.ws_connect(ws_url)
+        grace = Peer("grace", ws)
+        await grace.send(
+            {"type": "auth", "token": current.issue("grace", ttl_s=-ago)},
+            {"type": "auth", "token": f"<jwt that expired {ago} s ago>"},
+        )
+        first = await grace.recv()
+        if first["type"] == "hello":
+            await grace.close()
+        else:
+            await grace.recv()
+
+    section("connections per user (free tier here: 2): the third gets an error, then close 4429")
+    dave_token = current.issue("dave")
+    daves = []
+    for n in (1, 2, 3):
+        ws = await http.ws_connect(ws_url, headers={"Authorization": f"Bearer {dave_token}"})
+        name = "dave" if n == 1 else f"dave#{n}"
+        show(f"{name}    [connects]")
+        dave = Peer(name, ws)
+        frame = await dave.recv()
+        if frame["type"] == "hello":
+            daves.append(dave)
+        else:
+            await dave.recv()
+    dave = daves[0]
+
+    section("rate limit and daily quota (free tier here: 2 messages a minute, 20 tokens a day)")
+    _, conv = await rest.call("POST", "/api/conversations", dave_token, {"agent_id": "general"})
+    cid = conv["id"]
+    show("dave    [joins the conversation]")
+    await dave.ws.send_str(json.dumps({"type": "join", "conversation_id": cid}))
+    await quiet(dave, "joined")
+    await dave.send(
+        {"type": "send", "conversation_id": cid, "client_msg_id": "d-1", "text": "Hi", "ref": "q1"}
+    )
+    await dave.until("ack")
+    end = await quiet(dave, "gen_end")
+    usage = end["usage"]
+    show(
+        f"dave    [... message, gen_start, deltas; gen_end with usage {usage['input_tokens']} in"
+        f" + {usage['output_tokens']} out: the day's 20 tokens are used up]"
+    )
+    await asyncio.sleep(0.2)
+    await dave.send(
+        {"type": "send", "conversation_id": cid, "client_msg_id": "d-2", "text": "Hi", "ref": "q2"}
+    )
+    await dave.recv()
+    await dave.send(
+        {"type": "send", "conversation_id": cid, "client_msg_id": "d-3", "text": "Hi", "ref": "q3"}
+    )
+    await dave.recv()
+
+    section("GET /api/admin/stats: role admin only")
+    await rest.call("GET", "/api/admin/stats", current.issue("ops", role="admin"))
+    await rest.call("GET", "/api/admin/stats", dave_token)
+    for peer in daves:
+        await peer.ws.close()
 
 
 async def quiet(peer: Peer, kind: str) -> dict[str, Any]:

@@ -16,6 +16,9 @@ class OutboxFull(Exception):
 
 class Outbox(Protocol):
     name: str
+    # True when other instances drain it too (Redis): a stopping instance only finishes the
+    # batch in hand; False (in-process): a stopping instance writes everything first.
+    shared: bool
 
     async def start(self) -> None: ...
 

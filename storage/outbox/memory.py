@@ -17,6 +17,7 @@ _ID_WIDTH = 20
 
 class MemoryOutbox:
     name = "memory"
+    shared = False
 
     def __init__(self, max_entries: int = 100_000) -> None:
         if max_entries < 1:

@@ -91,6 +91,7 @@ def _stream_items(response: Any) -> Iterable[tuple[Any, Any]]:
 
 class RedisOutbox:
     name = "redis"
+    shared = True
 
     def __init__(
         self,

@@ -313,7 +313,9 @@ class RedisWindow:
                 # The first attempt died before its outbox step (cluster): enqueue it now.
                 await outbox.push(shard, first_payload, offset, created_ms)
                 await self._mark_script(keys=[idem_key])
-            return AppendResult(message=first, duplicate=True)
+            # Our own first attempt (the client library retried the script after a dropped
+            # connection): this call appended it, so the caller must fan it out and reply.
+            return AppendResult(message=first, duplicate=first.id != message_id)
         if code == _MISSING:
             raise WindowMissing(cid)
         if code == _FULL:

@@ -72,6 +72,7 @@ def settings(tmp_path: Path) -> Settings:
         # Limits have their own tests; elsewhere a burst of sends must not trip them.
         limits_free=UNLIMITED,
         max_queued_replies=1000,
+        frames_per_second=100_000,
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from chatserver import keys
-from chatserver.client import ChatError
+from chatserver.client import ChatError, Closed
 from chatserver.limits.base import Limiter, TierLimits, ms_until_next_utc_day
 from chatserver.limits.memory import MemoryLimiter
 from chatserver.limits.redis import RedisLimiter
@@ -131,6 +131,19 @@ async def test_a_third_connection_is_closed_4429(make_harness: MakeHarness) -> N
     assert other.hello is not None
 
 
+async def test_a_closed_connection_frees_its_slot(make_harness: MakeHarness) -> None:
+    harness = await make_harness(limits_free=LIMITS)  # two connections per user
+    connections = harness.app[keys.STATE].connections
+    for _ in range(5):  # one after another: never more than one open at a time
+        client = await harness.connect("alice")
+        await client.close()
+        harness.clients.remove(client)
+        await eventually(lambda: not connections)  # the server saw it go
+    first = await harness.connect("alice")
+    second = await harness.connect("alice")
+    assert first.hello is not None and second.hello is not None
+
+
 async def test_tiers_have_their_own_limits(make_harness: MakeHarness) -> None:
     harness = await make_harness(
         limits_free=LIMITS, limits_pro="messages_per_minute=10,connections=2,daily_tokens=100000"
@@ -178,3 +191,20 @@ async def test_refusals_reach_the_client_as_error_frames(harness: Harness) -> No
         await alice.send(conv, f"burst {i}")
     await alice.ping("flush")
     assert not any(isinstance(f, ErrorFrame) for f in alice.pending())
+
+
+async def test_a_frame_flood_is_refused_then_closed(make_harness: MakeHarness) -> None:
+    harness = await make_harness(frames_per_second=5, bad_frame_limit=10)
+    alice = await harness.connect("alice")
+    for i in range(40):  # far past 5 a second with a burst of 10
+        await alice.send_raw('{"type":"ping","ts":%d}' % i)
+    refused = 0
+    with pytest.raises(Closed):
+        while True:
+            frame = await alice.next_frame(timeout=5)
+            if isinstance(frame, ErrorFrame):
+                assert frame.code == ErrorCode.RATE_LIMITED.value and frame.retry_after_ms
+                refused += 1
+    assert refused > 10 and alice.close_code == CloseCode.POLICY_VIOLATION
+    bob = await harness.connect("bob")  # others are served
+    assert (await bob.ping(1)).ts == 1

@@ -167,6 +167,25 @@ async def test_stop_drains_everything(
     assert not writer.running
 
 
+async def test_finish_writes_the_batch_in_hand_and_leaves_the_rest(
+    outbox: Outbox, store: Store, new_message: MessageFactory
+) -> None:
+    """How an instance stops on a shared outbox: nothing it read is left pending."""
+    progress = Progress()
+    writer = fast_writer(outbox, store, progress, max_batch=50)
+    messages = await fill(outbox, new_message, 1_000)
+    writer.start()
+    await progress.wait_for(written=50)
+    await writer.finish()
+    assert not writer.running
+    written = len(await stored(store))
+    assert written == sum(progress.sizes) and 50 <= written < 1_000
+    assert await outbox.backlog() == 1_000 - written  # only unread entries remain
+    successor = fast_writer(outbox, store, Progress())
+    await successor.stop(drain=True)  # another instance's writer takes the rest
+    assert sorted(m.id for m in await stored(store)) == sorted(m.id for m in messages)
+
+
 async def test_stop_drains_even_if_never_started(
     outbox: Outbox, store: Store, new_message: MessageFactory
 ) -> None:

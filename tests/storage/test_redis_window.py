@@ -238,3 +238,35 @@ async def test_read_bounds_match_a_plain_filter(redis_clients: RedisClients) -> 
                 wanted = [o for o in held if o > after and (before is None or o < before)]
                 got = [m.offset for m in view.messages]
                 assert got == (wanted[-limit:] if limit else []), (after, before, limit)
+
+
+async def test_a_retried_script_is_our_own_append_not_a_duplicate(redis_url: str) -> None:
+    """redis-py resends a script whose reply was lost; the first run already appended."""
+    from redis.asyncio import Redis
+
+    from storage.outbox.redis import RedisOutbox
+    from storage.records import MessageDraft
+    from storage.window.redis import RedisWindow
+
+    redis = Redis.from_url(redis_url)
+    try:
+        window = RedisWindow(redis, size=10)
+        outbox = RedisOutbox(redis, consumer="c")
+        await outbox.start()
+        await window.rebuild("conv", [], 0)
+        script = window._append_script
+
+        async def twice(*args: object, **kwargs: object) -> object:
+            await script(*args, **kwargs)  # ran, but its reply never came back
+            return await script(*args, **kwargs)
+
+        window._append_script = twice  # type: ignore[method-assign]
+        draft = MessageDraft("conv", "user", "hi", user_id="u", client_msg_id="m1")
+        result = await window.append(draft, outbox)
+        assert not result.duplicate  # the caller still fans it out and starts the reply
+        window._append_script = script  # type: ignore[method-assign]
+        again = await window.append(draft, outbox)
+        assert again.duplicate and again.message.id == result.message.id
+        assert await outbox.backlog() == 1
+    finally:
+        await redis.aclose()
