@@ -174,7 +174,7 @@ async def run_loadtest(config: LoadConfig) -> dict[str, Any]:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "chatserver.loadtest.worker",
+            "chatserver.loadtest.workerproc",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=1 << 28,

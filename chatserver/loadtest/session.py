@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import time
@@ -253,10 +252,3 @@ class Setup:
 def _bind(client: Client, protocol: WsProtocol) -> None:
     client.proto = protocol
     client.closed = False
-
-
-async def cancel_quietly(task: asyncio.Task[Any] | None) -> None:
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task

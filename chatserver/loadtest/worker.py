@@ -1,21 +1,18 @@
-"""One load-test worker process: its share of the clients, their traffic and accounting.
+"""One load-test worker: its share of the clients, their traffic and their accounting.
 
-Run by the coordinator as ``python -m chatserver.loadtest.worker``; it talks JSON lines:
-stdin brings ``init`` (the config, the worker's index, the ramp start), ``go`` and
-``expect``; stdout carries ``ready``, ``progress``, ``sent`` and ``report``.
+The process around it is ``workerproc`` (``python -m chatserver.loadtest.workerproc``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 import time
 from collections import Counter
 from typing import Any
 
-from .accounting import DUPLICATE, Receiver, Tally, marker, unmark
+from .accounting import DUPLICATE, Tally, marker, unmark
 from .config import LoadConfig, host_port, http_base
 from .dialects import Frame, dialect
 from .procstat import own_cpu_seconds
@@ -417,63 +414,3 @@ def _total_senders(config: LoadConfig) -> int:
 def _emit(event: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
     sys.stdout.flush()
-
-
-async def _commands() -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 28)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    return reader
-
-
-async def _read(reader: asyncio.StreamReader, expect: str) -> dict[str, Any]:
-    line = await reader.readline()
-    if not line:
-        raise SystemExit(f"loadtest worker: the coordinator went away before {expect!r}")
-    message: dict[str, Any] = json.loads(line)
-    if message.get("cmd") != expect:
-        raise SystemExit(f"loadtest worker: expected {expect!r}, got {message.get('cmd')!r}")
-    return message
-
-
-async def _ticker(worker: Worker) -> None:
-    while True:
-        await asyncio.sleep(1.0)
-        worker.emit(worker.progress())
-
-
-async def main_async() -> None:
-    reader = await _commands()
-    init = await _read(reader, "init")
-    worker = Worker(LoadConfig.from_wire(init["config"]), int(init["index"]))
-    ticker = asyncio.create_task(_ticker(worker))
-    try:
-        await worker.ramp(int(init["t0_ns"]))
-        worker.emit({**worker.progress(), "ev": "ready"})
-        go = await _read(reader, "go")
-        await worker.run(int(go["t_go_ns"]))
-        worker.emit({"ev": "sent", "acked": {str(k): v for k, v in worker.acked.items()}})
-        expect = await _read(reader, "expect")
-        await worker.drain({int(k): int(v) for k, v in expect["acked"].items()})
-        worker.emit(worker.report())
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-        await worker.close_all()
-
-
-def main() -> None:
-    try:
-        import uvloop
-
-        uvloop.run(main_async())
-    except ImportError:  # pragma: no cover
-        asyncio.run(main_async())
-
-
-if __name__ == "__main__":
-    main()
-
-
-__all__ = ["Receiver", "Worker", "main"]

@@ -1,0 +1,220 @@
+"""Streamed replies: 1,000 concurrent replies from the local provider at 15 ms per token.
+
+    .venv/bin/python bench/ai.py [--concurrency 100,300,1000] [--seconds 12] [--quick]
+
+One chatserver instance (embedded default) answers with the local provider (time to first
+token ``--ttft-ms``, then one word every 15 ms). The harness keeps ``N`` replies streaming at
+all times: N clients, each alone with the agent in its own conversation, send a message,
+follow its reply to ``gen_end``, and send the next one at once (a closed loop, so N replies
+are always running). Measured at the client:
+
+- time to first token = first ``delta`` received - ``send`` written; *added* = that minus
+  the provider's own TTFT;
+- gap between deltas = arrival of delta n+1 - arrival of delta n; *added* = that minus the
+  provider's pace (15 ms). The server coalesces words that piled up into one delta, so a
+  late stream shows fewer, longer gaps.
+
+The comparator is the provider itself: the same N streams run straight from
+``LocalProvider.stream()`` in one process (uvloop, no server, no network): what asyncio's
+timers alone add at that concurrency on this machine.
+
+Writes ``bench/results/ai.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    base_args,
+    chatservers,
+    load,
+    log,
+    machine,
+    pid_of,
+    slim,
+    verdict,
+    write_result,
+)
+
+GOAL_TTFT_P50_MS = 5.0
+GOAL_GAP_P99_MS = 10.0
+
+
+async def _provider_alone(concurrency: int, seconds: float, ttft_ms: int, token_ms: int) -> Any:
+    from chatserver.generation.local import LocalProvider
+    from chatserver.generation.provider import Chunk, ReplyRequest
+    from chatserver.loadtest.stats import Histogram
+    from protocol import Message
+
+    provider = LocalProvider(ttft_ms, token_ms)
+    ttft, gap = Histogram(), Histogram()
+    history = (
+        Message("m", "c", 1, "user", "~L" + "0" * 32 + " lorem ipsum dolor sit", "2026-01-01"),
+    )
+    request = ReplyRequest("general", "local", "", history, 0.7, 1024)
+    deadline = time.monotonic() + seconds
+
+    async def one() -> None:
+        while time.monotonic() < deadline:
+            started = last = time.monotonic_ns()
+            first = True
+            async for item in provider.stream(request):
+                if isinstance(item, Chunk):
+                    now = time.monotonic_ns()
+                    (ttft if first else gap).record_ns(now - (started if first else last))
+                    first, last = False, now
+
+    cpu = time.process_time()
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    return {
+        "ttft_added": ttft.summary(ttft_ms),
+        "gap_added": gap.summary(token_ms),
+        "cpu_s": round(time.process_time() - cpu, 3),
+    }
+
+
+def provider_alone(concurrency: int, seconds: float, ttft_ms: int, token_ms: int) -> Any:
+    """In a fresh process (uvloop, like the server), so nothing else shares its loop."""
+    root = str(Path(__file__).resolve().parent.parent)
+    call = f"_provider_alone({concurrency}, {seconds}, {ttft_ms}, {token_ms})"
+    code = (
+        f"import json, sys, uvloop; sys.path.insert(0, {root!r}); "
+        f"from bench.ai import _provider_alone; print(json.dumps(uvloop.run({call})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="100,300,1000", help="comma-separated")
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--ttft-ms", type=int, default=200)
+    parser.add_argument("--token-ms", type=int, default=15)
+    parser.add_argument("--ramp", type=float, default=3.0)
+    parser.add_argument("--quick", action="store_true", help="10 and 20 replies, 2 s each")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.concurrency, args.seconds, args.ramp, args.ttft_ms = "10,20", 2.0, 0.5, 50
+    levels = [int(n) for n in args.concurrency.split(",") if n]
+    env = {"CHAT_LOCAL_TTFT_MS": str(args.ttft_ms), "CHAT_LOCAL_TOKEN_MS": str(args.token_ms)}
+    table: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    log(f"ai: {levels} concurrent replies, TTFT {args.ttft_ms} ms, {args.token_ms} ms/token")
+    for n in levels:
+        alone = provider_alone(n, args.seconds, args.ttft_ms, args.token_ms)
+        with chatservers(1, env=env) as servers:
+            report = load(
+                label=f"ai {n} replies",
+                urls=[servers[0].url],
+                mode="ai",
+                clients=n,
+                members=1,
+                rate=0,
+                window=1,
+                ramp_s=args.ramp,
+                duration_s=args.seconds,
+                text_bytes=48,
+                procs=2,
+                server_pids=[pid_of(servers[0])],
+                provider_ttft_ms=args.ttft_ms,
+                provider_token_ms=args.token_ms,
+                drain_timeout_s=60,
+                max_loss=0,
+            )
+        runs[str(n)] = slim(report)
+        latency = report["latency_ms"]
+        table[str(n)] = {
+            "replies": report["counts"]["replies"]["ended"],
+            "deltas_per_s": report["rates_per_s"]["deltas"],
+            "ttft_added_p50_ms": latency.get("ttft_added", {}).get("p50"),
+            "ttft_added_p99_ms": latency.get("ttft_added", {}).get("p99"),
+            "gap_added_p50_ms": latency.get("gap_added", {}).get("p50"),
+            "gap_added_p99_ms": latency.get("gap_added", {}).get("p99"),
+            "ack_p99_ms": latency["ack"]["p99"],
+            "defects": report["counts"]["defects"],
+            "server_cpu_pct": report["server"]["cpu_pct_of_one_core"],
+            "server_cpu_us_per_frame": report["server"]["cpu_us_per_delivery"],
+            "harness_cpu_pct": report["harness"]["cpu_pct_of_one_core"],
+            "provider_alone_ttft_added_p50_ms": alone["ttft_added"]["p50"],
+            "provider_alone_gap_added_p99_ms": alone["gap_added"]["p99"],
+            "provider_alone_cpu_s": alone["cpu_s"],
+        }
+    top = table[str(max(levels))]
+    goals = {
+        "ttft_added_p50": {
+            "value": top["ttft_added_p50_ms"],
+            "goal": f"< {GOAL_TTFT_P50_MS} ms",
+            "met": _below(top["ttft_added_p50_ms"], GOAL_TTFT_P50_MS),
+        },
+        "gap_added_p99": {
+            "value": top["gap_added_p99_ms"],
+            "goal": f"< {GOAL_GAP_P99_MS} ms",
+            "met": _below(top["gap_added_p99_ms"], GOAL_GAP_P99_MS),
+        },
+        "defects": {"value": top["defects"], "goal": "0", "met": top["defects"] == 0},
+    }
+    lines = [
+        f"Local provider: TTFT {args.ttft_ms} ms, {args.token_ms} ms per token; 1 instance; "
+        f"{args.seconds:g} s per level.",
+        "",
+        "| concurrent replies | replies done | deltas/s | added TTFT p50 / p99 | "
+        "added gap p50 / p99 | provider alone: added TTFT p50, gap p99 | lost/dup | "
+        "server CPU | harness CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level, f in table.items():
+        lines.append(
+            f"| {level} | {f['replies']} | {f['deltas_per_s']} | {f['ttft_added_p50_ms']} / "
+            f"{f['ttft_added_p99_ms']} ms | {f['gap_added_p50_ms']} / {f['gap_added_p99_ms']} ms"
+            f" | {f['provider_alone_ttft_added_p50_ms']} ms, "
+            f"{f['provider_alone_gap_added_p99_ms']} ms | {f['defects']} | "
+            f"{f['server_cpu_pct']}% | {f['harness_cpu_pct']}% |"
+        )
+    lines.append("")
+    for key, label in (
+        ("ttft_added_p50", "added TTFT p50"),
+        ("gap_added_p99", "added gap p99"),
+        ("defects", "lost/duplicated deltas and replies"),
+    ):
+        g = goals[key]
+        lines.append(
+            f"- {label} at {max(levels)} replies: {g['value']} (goal {g['goal']}): "
+            f"**{verdict(g['met'])}**"
+        )
+    write_result(
+        "ai",
+        {
+            "scenario": "ai",
+            **base_args(args.quick),
+            "machine": machine(),
+            "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "figures": table,
+            "goals": goals,
+            "markdown": "\n".join(lines),
+            "runs": runs,
+        },
+        args.out,
+    )
+    return 0
+
+
+def _below(value: float | None, limit: float) -> bool | None:
+    return None if value is None else value < limit
+
+
+if __name__ == "__main__":
+    sys.exit(main())

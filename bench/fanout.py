@@ -1,0 +1,357 @@
+"""Fan-out: one conversation of 500 members across 2 instances, beside the peers, in one run.
+
+    .venv/bin/python bench/fanout.py [--members 500] [--seconds 15] [--quick]
+
+Targets, each started fresh on one throwaway Redis and driven by the same harness
+(``chatserver loadtest``, 2 worker processes, members alternating between the 2 instances):
+
+- chatserver: 2 instances on Redis (``--redis-url``), the conversation seeded in the shared
+  store (REST caps members at 100), its agent parked (see bench/common.py) so that only the
+  message fan-out runs, as on the peers;
+- bare aiohttp + Redis pub/sub, 2 processes (bench/peers/bare.py);
+- python-socketio + AsyncRedisManager, 2 processes (bench/peers/sio.py);
+- bare aiohttp alone, 1 process (flat out only): the classic one-process floor.
+
+Two loads per target:
+
+- ``latency``: 20 messages/s in all, every member a sender (at most 4 in flight each);
+  delivery latency = receive time - send time, over every delivery;
+- ``flat out``: 16 senders keep 8 messages each in flight (a message leaves a sender's window
+  when every member in its worker process has it): deliveries/s, and the server's CPU per
+  delivery (CPU seconds of the server processes, from /proc, ÷ deliveries; Redis apart).
+
+Writes ``bench/results/fanout.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    PARKED_AGENT,
+    base_args,
+    chatservers,
+    load,
+    log,
+    machine,
+    peers,
+    pid_of,
+    ratio,
+    redis_pid,
+    redis_server,
+    seed_conversations,
+    slim,
+    verdict,
+    write_listing,
+    write_result,
+)
+
+GOAL_P99_RATIO = 1.1
+GOAL_CPU_RATIO = 1 / 3
+GOAL_RATE_RATIO = 3.0
+PHASES = ("latency", "flatout", "split")
+SPLIT_MEMBERS = 50  # a second flat-out load, to split server CPU into per message + per delivery
+
+
+@contextlib.contextmanager
+def target(name: str, redis_url: str, members: int) -> Iterator[tuple[list[str], list[int], Any]]:
+    """(urls, server pids, per-phase extra harness settings) of a started target."""
+    if name == "chatserver":
+        workdir = Path(tempfile.mkdtemp(prefix="chatserver-bench-fanout-"))
+        store = workdir / "fanout.sqlite3"
+        users = [f"fan-{i}" for i in range(members)]
+        convs = {ph: [{"id": str(uuid.uuid4()), "members": users}] for ph in PHASES}
+        convs["split"][0]["members"] = users[:SPLIT_MEMBERS]
+        seed_conversations(store, [c for listing in convs.values() for c in listing])
+        files = {ph: write_listing(workdir / f"{ph}.json", c) for ph, c in convs.items()}
+        with (
+            contextlib.ExitStack() as cleanup,
+            chatservers(2, redis_url=redis_url, env=PARKED_AGENT, sqlite_path=store) as servers,
+        ):
+            cleanup.callback(shutil.rmtree, workdir, True)
+            yield (
+                [s.url for s in servers],
+                [pid_of(s) for s in servers],
+                {phase: {"conversations_file": str(f)} for phase, f in files.items()},
+            )
+        return
+    kind, count, use_redis = {
+        "bare_redis": ("bare", 2, True),
+        "socketio_redis": ("sio", 2, True),
+        "bare_single": ("bare", 1, False),
+    }[name]
+    dialect = "socketio" if kind == "sio" else "peer"
+    with peers(kind, count, redis_url if use_redis else None) as started:
+        yield (
+            [p.url for p in started],
+            [p.pid for p in started],
+            {phase: {"dialect": dialect} for phase in PHASES},
+        )
+
+
+def run_target(name: str, redis: Any, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with target(name, redis.url, args.members) as (urls, pids, extra):
+        common = {
+            "urls": urls,
+            "clients": args.members,
+            "members": args.members,
+            "ramp_s": args.ramp,
+            "procs": 2,
+            "server_pids": pids,
+            "aux_pids": [redis_pid(redis)] if len(urls) > 1 else [],
+            "drain_timeout_s": args.drain,
+            "max_loss": 0,
+        }
+        if name != "bare_single":
+            out["latency"] = load(
+                label=f"{name} latency",
+                mode="chat",
+                rate=args.rate,
+                window=4,
+                duration_s=args.seconds,
+                **common,
+                **extra["latency"],
+            )
+        out["flatout"] = load(
+            label=f"{name} flat out",
+            mode="chat",
+            rate=0,
+            senders=args.senders,
+            window=args.window,
+            duration_s=args.seconds,
+            **common,
+            **extra["flatout"],
+        )
+        if name in ("chatserver", "bare_redis") and args.split:
+            small = min(SPLIT_MEMBERS, max(2, args.members // 4))
+            out["split"] = load(
+                label=f"{name} flat out, {small} members",
+                mode="chat",
+                rate=0,
+                senders=min(args.senders, small),
+                window=args.window,
+                duration_s=args.seconds,
+                **{**common, "clients": small, "members": small},
+                **extra["split"],
+            )
+    return out
+
+
+def cost_split(big: dict[str, Any], small: dict[str, Any]) -> dict[str, Any]:
+    """Server CPU per message = a + b x members, from two flat-out loads: a and b in µs."""
+    points = []
+    for run in (small, big):
+        cpu = run["server"]["cpu_s"]
+        messages = run["counts"]["acked"]
+        members = run["config"]["members"]
+        if cpu is None or not messages:
+            return {}
+        points.append((members, cpu * 1e6 / messages))
+    (m1, c1), (m2, c2) = points
+    if m1 == m2:
+        return {}
+    per_delivery = (c2 - c1) / (m2 - m1)
+    return {
+        "per_message_us": round(c1 - per_delivery * m1, 1),
+        "per_delivery_us": round(per_delivery, 3),
+        "points": [{"members": m, "cpu_us_per_message": round(c, 1)} for m, c in points],
+    }
+
+
+def figures(run: dict[str, Any]) -> dict[str, Any]:
+    lat = run["latency_ms"]["delivery"]
+    return {
+        "delivery_p50_ms": lat["p50"],
+        "delivery_p99_ms": lat["p99"],
+        "delivery_max_ms": lat["max"],
+        "ack_p99_ms": run["latency_ms"]["ack"]["p99"],
+        "deliveries_per_s": run["rates_per_s"]["delivered"],
+        "messages": run["counts"]["acked"],
+        "server_cpu_s": run["server"]["cpu_s"],
+        "server_cpu_us_per_delivery": run["server"]["cpu_us_per_delivery"],
+        "redis_cpu_us_per_delivery": run["aux"]["cpu_us_per_delivery"],
+        "server_cpu_pct": run["server"]["cpu_pct_of_one_core"],
+        "harness_cpu_pct": run["harness"]["cpu_pct_of_one_core"],
+        "harness_cpu_us_per_delivery": run["harness"]["cpu_us_per_frame"],
+        "delivered": run["counts"]["delivered"],
+        "expected": run["counts"]["expected_deliveries"],
+        "lost": run["counts"]["lost"],
+        "duplicated": run["counts"]["duplicated"],
+        "reordered": run["counts"]["reordered"],
+        "disconnects": run["connections"]["disconnects_during_run"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--senders", type=int, default=16)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--ramp", type=float, default=2.0)
+    parser.add_argument("--drain", type=float, default=60.0)
+    parser.add_argument("--targets", default="chatserver,bare_redis,socketio_redis,bare_single")
+    parser.add_argument(
+        "--no-split",
+        dest="split",
+        action="store_false",
+        help=f"skip the {SPLIT_MEMBERS}-member flat-out load (the cost split)",
+    )
+    parser.add_argument("--quick", action="store_true", help="40 members, 2 s per load")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.members, args.seconds, args.senders, args.window = 40, 1.0, 4, 4
+        args.ramp, args.drain = 0.5, 15.0
+    names = [n for n in args.targets.split(",") if n]
+    runs: dict[str, dict[str, Any]] = {}
+    log(f"fanout: {args.members} members, {args.rate}/s then flat out, {args.seconds}s each")
+    with redis_server() as redis:
+        for name in names:
+            runs[name] = run_target(name, redis, args)
+    table = {
+        name: {phase: figures(run) for phase, run in phases.items()}
+        for name, phases in runs.items()
+    }
+    split = {
+        name: cost_split(phases["flatout"], phases["split"])
+        for name, phases in runs.items()
+        if "split" in phases
+    }
+    data: dict[str, Any] = {
+        "scenario": "fanout",
+        **base_args(args.quick),
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "figures": table,
+        "server_cpu_split": split,
+    }
+    data["goals"] = goals(table)
+    data["markdown"] = markdown(table, data["goals"], split, args)
+    data["runs"] = {
+        name: {phase: slim(run) for phase, run in phases.items()} for name, phases in runs.items()
+    }
+    write_result("fanout", data, args.out)
+    return 0
+
+
+def goals(table: dict[str, Any]) -> dict[str, Any]:
+    ours = table.get("chatserver", {})
+    bare = table.get("bare_redis", {})
+    out: dict[str, Any] = {}
+    if "latency" in ours and "latency" in bare:
+        r = ratio(ours["latency"]["delivery_p99_ms"], bare["latency"]["delivery_p99_ms"])
+        out["p99_vs_bare_redis"] = {
+            "ratio": r,
+            "goal": f"<= {GOAL_P99_RATIO}",
+            "met": r is not None and r <= GOAL_P99_RATIO,
+        }
+    if "flatout" in ours and "flatout" in bare:
+        r = ratio(
+            ours["flatout"]["server_cpu_us_per_delivery"],
+            bare["flatout"]["server_cpu_us_per_delivery"],
+        )
+        out["cpu_per_delivery_vs_bare_redis"] = {
+            "ratio": r,
+            "goal": "<= 1/3",
+            "met": r is not None and r <= GOAL_CPU_RATIO,
+        }
+        r = ratio(ours["flatout"]["deliveries_per_s"], bare["flatout"]["deliveries_per_s"])
+        out["deliveries_per_s_vs_bare_redis"] = {
+            "ratio": r,
+            "goal": f">= {GOAL_RATE_RATIO}",
+            "met": r is not None and r >= GOAL_RATE_RATIO,
+        }
+    defects = sum(
+        f["lost"] + f["duplicated"] + f["reordered"]
+        for phases in ([ours] if ours else [])
+        for f in phases.values()
+    )
+    out["chatserver_lost_duplicated_reordered"] = {
+        "value": defects,
+        "goal": "0",
+        "met": defects == 0,
+    }
+    return out
+
+
+def markdown(
+    table: dict[str, Any],
+    goal: dict[str, Any],
+    split: dict[str, Any],
+    args: argparse.Namespace,
+) -> str:
+    names = {
+        "chatserver": "chatserver, 2 instances + Redis",
+        "bare_redis": "bare aiohttp + Redis, 2 processes",
+        "socketio_redis": "python-socketio + AsyncRedisManager, 2 processes",
+        "bare_single": "bare aiohttp, 1 process",
+    }
+    lines = [
+        f"**Latency** ({args.members} members, {args.rate:g} messages/s, {args.seconds:g} s):",
+        "",
+        "| server | delivery p50 | p99 | max | ack p99 | lost/dup/reord | server CPU "
+        "| harness CPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, phases in table.items():
+        f = phases.get("latency")
+        if f:
+            lines.append(
+                f"| {names[name]} | {f['delivery_p50_ms']} ms | {f['delivery_p99_ms']} ms | "
+                f"{f['delivery_max_ms']} ms | {f['ack_p99_ms']} ms | "
+                f"{f['lost']}/{f['duplicated']}/{f['reordered']} | {f['server_cpu_pct']}% | "
+                f"{f['harness_cpu_pct']}% |"
+            )
+    lines += [
+        "",
+        f"**Flat out** ({args.members} members, {args.senders} senders x {args.window} in "
+        f"flight, {args.seconds:g} s):",
+        "",
+        "| server | deliveries/s | server CPU µs/delivery | Redis µs/delivery | "
+        "harness µs/delivery | delivery p99 | lost/dup/reord | disconnects |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, phases in table.items():
+        f = phases.get("flatout")
+        if f:
+            lines.append(
+                f"| {names[name]} | {f['deliveries_per_s']} | {f['server_cpu_us_per_delivery']} "
+                f"| {f['redis_cpu_us_per_delivery']} | {f['harness_cpu_us_per_delivery']} | "
+                f"{f['delivery_p99_ms']} ms | {f['lost']}/{f['duplicated']}/{f['reordered']} | "
+                f"{f['disconnects']} |"
+            )
+    lines.append("")
+    for name, cost in split.items():
+        if cost:
+            lines.append(
+                f"- {names[name]}: server CPU ≈ {cost['per_message_us']} µs per message + "
+                f"{cost['per_delivery_us']} µs per delivery (flat out at "
+                f"{cost['points'][0]['members']} and {cost['points'][1]['members']} members)"
+            )
+    labels = {
+        "p99_vs_bare_redis": "p99 vs bare aiohttp + Redis",
+        "cpu_per_delivery_vs_bare_redis": "server CPU per delivery vs bare aiohttp + Redis",
+        "deliveries_per_s_vs_bare_redis": "deliveries/s vs bare aiohttp + Redis",
+        "chatserver_lost_duplicated_reordered": "chatserver lost + duplicated + reordered",
+    }
+    for key, g in goal.items():
+        value = g.get("ratio", g.get("value"))
+        lines.append(f"- {labels[key]}: {value} (goal {g['goal']}): **{verdict(g['met'])}**")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

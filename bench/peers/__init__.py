@@ -1,0 +1,1 @@
+"""Peer servers the benchmarks compare chatserver with (see bench/peers/README.md)."""
