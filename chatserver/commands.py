@@ -154,24 +154,22 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
 
 
 async def _check_limits(app: web.Application, session: Session) -> None:
-    """Rate and daily quota by tier: checked before the message, so before any model call."""
-    limiter = app[keys.LIMITER]
+    """Quota and rate by tier, in one step, before the message: so before any model call."""
     principal = session.principal
     limits = app[keys.SETTINGS].tier_limits(principal.tier)
-    wait_ms = await limiter.take_message(principal.user_id, limits)
-    if wait_ms is not None:
-        raise ServiceError(
-            ErrorCode.RATE_LIMITED,
-            f"at most {limits.messages_per_minute} messages per minute",
-            wait_ms,
-        )
-    reset_ms = await limiter.quota_retry_ms(principal.user_id, limits)
-    if reset_ms is not None:
+    refused = await app[keys.LIMITER].check_send(principal.user_id, limits)
+    if refused is None:
+        return
+    code, wait_ms = refused
+    if code == ErrorCode.QUOTA_EXCEEDED.value:
         raise ServiceError(
             ErrorCode.QUOTA_EXCEEDED,
             f"daily quota of {limits.daily_tokens} model tokens used up",
-            reset_ms,
+            wait_ms,
         )
+    raise ServiceError(
+        ErrorCode.RATE_LIMITED, f"at most {limits.messages_per_minute} messages per minute", wait_ms
+    )
 
 
 async def _on_history(app: web.Application, session: Session, frame: History, reply: Reply) -> None:

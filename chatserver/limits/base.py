@@ -66,3 +66,9 @@ class Limiter(Protocol):
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         """Count tokens the model really used for the user today."""
+
+    async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
+        """Quota, then rate, in one step: None to go ahead, else (error code, ms to wait).
+
+        A message refused for its quota takes no token from the rate bucket.
+        """

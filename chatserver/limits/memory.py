@@ -61,6 +61,13 @@ class MemoryLimiter:
         _, used = await self._today(user_id)
         return ms_until_next_utc_day() if used >= limits.daily_tokens else None
 
+    async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
+        reset_ms = await self.quota_retry_ms(user_id, limits)
+        if reset_ms is not None:
+            return ("quota_exceeded", reset_ms)
+        wait_ms = await self.take_message(user_id, limits)
+        return ("rate_limited", wait_ms) if wait_ms is not None else None
+
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         key, used = await self._today(user_id)
         self._used[key] = used + tokens

@@ -50,6 +50,28 @@ return 1
 """
 )
 
+# A send's whole check in one round trip: today's tokens against the quota, then the bucket.
+# -1: today's counter does not exist yet (the caller seeds it from the store and retries).
+_CHECK_SEND = (
+    _NOW
+    + """
+local used = redis.call('GET', KEYS[2])
+if not used then return {-1, 0} end
+if tonumber(used) >= tonumber(ARGV[2]) then return {2, 0} end
+local capacity = tonumber(ARGV[1])
+local rate = capacity / 60000
+local tokens = tonumber(redis.call('HGET', KEYS[1], 't') or capacity)
+local at = tonumber(redis.call('HGET', KEYS[1], 'at') or now)
+tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / rate) end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], 120000)
+if wait > 0 then return {1, wait} end
+return {0, 0}
+"""
+)
+
 _DAY_TTL_S = 2 * 24 * 3600
 
 
@@ -71,6 +93,7 @@ class RedisLimiter:
         self._take = redis.register_script(_TAKE)
         self._open = redis.register_script(_OPEN)
         self._renew = redis.register_script(_RENEW)
+        self._check = redis.register_script(_CHECK_SEND)
 
     def _key(self, kind: str, user_id: str, *rest: str) -> str:
         # One user's keys share a hash tag: a cluster keeps them on one node.
@@ -109,6 +132,21 @@ class RedisLimiter:
     async def quota_retry_ms(self, user_id: str, limits: TierLimits) -> int | None:
         used = int(await self._redis.get(await self._used_key(user_id)) or 0)
         return ms_until_next_utc_day() if used >= limits.daily_tokens else None
+
+    async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
+        day = utc_day()
+        keys = [self._key("rate", user_id), self._key("tokens", user_id, day)]
+        args = [limits.messages_per_minute, limits.daily_tokens]
+        code, wait = (int(v) for v in await self._check(keys=keys, args=args))
+        if code == -1:  # first send today on any instance: start from the store's figure
+            seed = await self._seed(user_id, day)
+            await self._redis.set(keys[1], seed, nx=True, ex=_DAY_TTL_S)
+            code, wait = (int(v) for v in await self._check(keys=keys, args=args))
+        if code == 2:
+            return ("quota_exceeded", ms_until_next_utc_day())
+        if code == 1:
+            return ("rate_limited", wait)
+        return None
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         if tokens > 0:

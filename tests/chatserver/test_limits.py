@@ -57,6 +57,18 @@ async def test_the_daily_quota_starts_from_the_store_and_counts_usage(limiter: L
     assert await limiter.quota_retry_ms("light", TIGHT) is None
 
 
+async def test_check_send_is_quota_then_rate_in_one_step(limiter: Limiter) -> None:
+    assert [await limiter.check_send("u", TIGHT) for _ in range(3)] == [None, None, None]
+    refused = await limiter.check_send("u", TIGHT)
+    assert refused is not None and refused[0] == "rate_limited" and 0 < refused[1] <= 20_000
+    # heavy starts at 90 of 100 tokens (the store's figure); over quota, no rate token is taken
+    await limiter.add_tokens("heavy", 15)
+    for _ in range(5):
+        refused = await limiter.check_send("heavy", TIGHT)
+        assert refused is not None and refused[0] == "quota_exceeded"
+        assert abs(refused[1] - ms_until_next_utc_day()) < 5_000
+
+
 async def test_a_dead_instances_connections_stop_counting(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
 

@@ -105,7 +105,11 @@ async def test_postgres_outage_keeps_acking_and_loses_nothing(
                     stored = await conn.fetchval(
                         "SELECT count(*) FROM messages WHERE id = ANY($1::text[])", acked
                     )
-                    if stored == len(acked) or time.monotonic() > deadline:
+                    replies = await conn.fetchval(
+                        "SELECT count(*) FROM messages WHERE reply_to = ANY($1::text[])", acked
+                    )
+                    done = stored == replies == len(acked)
+                    if done or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.1)
                 assert stored == len(acked), f"{len(acked) - stored} acked messages not stored"
