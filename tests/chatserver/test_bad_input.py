@@ -42,9 +42,18 @@ async def _still_served(harness: Harness, conv: str) -> None:
         ('{"type": "join", "conversation_id": "not-a-uuid", "ref": "r1"}', ErrorCode.BAD_FRAME),
         ('{"type": "cancel", "generation_id": "1; DROP TABLE x"}', ErrorCode.BAD_FRAME),
         ('{"type": "join", "conversation_id": 42, "ref": "r1"}', ErrorCode.BAD_FRAME),
-        ('{"type": "history", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "limit": "5"}', ErrorCode.BAD_FRAME),
-        ('{"type": "history", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "limit": 0}', ErrorCode.BAD_FRAME),
-        ('{"type": "history", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "limit": 101}', ErrorCode.BAD_FRAME),
+        (
+            '{"type": "history", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "limit": "5"}',
+            ErrorCode.BAD_FRAME,
+        ),
+        (
+            '{"type": "history", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "limit": 0}',
+            ErrorCode.BAD_FRAME,
+        ),
+        (
+            '{"type": "history", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "limit": 101}',
+            ErrorCode.BAD_FRAME,
+        ),
         (
             '{"type": "send", "conversation_id": "5b0c3a5e-0000-4000-8000-000000000000", "client_msg_id": true, "text": "x"}',
             ErrorCode.BAD_FRAME,

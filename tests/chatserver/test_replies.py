@@ -51,7 +51,9 @@ async def test_cancel_of_unknown_or_foreign_generation(harness: Harness) -> None
     alice = await harness.connect("alice")
     mallory = await harness.connect("mallory")
     await alice.join(conv)
-    await mallory.send_raw('{"type":"cancel","generation_id":"0d9a6c1e-5f3b-4a2c-9d8e-7f6a5b4c3d2e","ref":"c"}')
+    await mallory.send_raw(
+        '{"type":"cancel","generation_id":"0d9a6c1e-5f3b-4a2c-9d8e-7f6a5b4c3d2e","ref":"c"}'
+    )
     error = await mallory.expect(ErrorFrame)
     assert (error.code, error.ref) == (ErrorCode.NOT_FOUND.value, "c")
     harness.app[keys.GENERATION].provider.token_s = 0.05

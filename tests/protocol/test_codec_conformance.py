@@ -536,7 +536,9 @@ def test_nesting_is_bounded_by_max_depth(enc: Encoding) -> None:
 
     limit = DEFAULT_LIMITS.max_depth
     # the frame object itself is level 1
-    frame = decode_client_frame(wire({"type": "ping", "x": nest(limit - 1)}, enc), enc, DEFAULT_LIMITS)
+    frame = decode_client_frame(
+        wire({"type": "ping", "x": nest(limit - 1)}, enc), enc, DEFAULT_LIMITS
+    )
     assert frame == Ping()
     err = client_error(wire({"type": "ping", "x": nest(limit)}, enc), enc)
     assert err.code is ErrorCode.BAD_FRAME and "deeper" in err.message
