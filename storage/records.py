@@ -58,6 +58,24 @@ class MessageDraft:
     model: str | None = None
     reply_to: str | None = None
 
+    def complete(self, message_id: str, offset: int, created_at: str) -> Message:
+        """The message this draft becomes once the window gave it its place and time."""
+        return Message(
+            id=message_id,
+            conversation_id=self.conversation_id,
+            offset=offset,
+            role=self.role,
+            text=self.text,
+            created_at=created_at,
+            user_id=self.user_id,
+            agent_id=self.agent_id,
+            client_msg_id=self.client_msg_id,
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            model=self.model,
+            reply_to=self.reply_to,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:

@@ -64,21 +64,7 @@ def message_payload(message: Message) -> bytes:
 def message_from_draft(
     message_id: str, draft: MessageDraft, offset: int, created_ms: int
 ) -> Message:
-    return Message(
-        id=message_id,
-        conversation_id=draft.conversation_id,
-        offset=offset,
-        role=draft.role,
-        text=draft.text,
-        created_at=fast_timestamp(created_ms),
-        user_id=draft.user_id,
-        agent_id=draft.agent_id,
-        client_msg_id=draft.client_msg_id,
-        finish_reason=draft.finish_reason,
-        usage=draft.usage,
-        model=draft.model,
-        reply_to=draft.reply_to,
-    )
+    return draft.complete(message_id, offset, fast_timestamp(created_ms))
 
 
 def decode_message(payload: bytes, offset: int | None, created_ms: int | None) -> Message:

@@ -171,21 +171,7 @@ class MemoryWindow:
             if seen is not None:
                 return AppendResult(message=seen[1], duplicate=True)
         offset = window.last_offset + 1
-        message = Message(
-            id=str(uuid.uuid4()),
-            conversation_id=cid,
-            offset=offset,
-            role=draft.role,
-            text=draft.text,
-            created_at=format_timestamp(datetime.now(UTC)),
-            user_id=draft.user_id,
-            agent_id=draft.agent_id,
-            client_msg_id=draft.client_msg_id,
-            finish_reason=draft.finish_reason,
-            usage=draft.usage,
-            model=draft.model,
-            reply_to=draft.reply_to,
-        )
+        message = draft.complete(str(uuid.uuid4()), offset, format_timestamp(datetime.now(UTC)))
         # Reserve the offset before the only await: should an outbox ever suspend in add(),
         # a concurrent append or an eviction still cannot hand the same offset out again.
         window.last_offset = offset
