@@ -467,8 +467,10 @@ class RedisClusterServer:
     host = "127.0.0.1"
     size = 3
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, *, appendonly: bool = False) -> None:
         self.binary = binary or find_redis_server()
+        self.appendonly = appendonly  # AOF (fsync always): restart() keeps every write
+        self._argvs: list[list[str]] = []
         cli = shutil.which("redis-cli") or str(Path(self.binary).with_name("redis-cli"))
         if not os.access(cli, os.X_OK):
             raise ServiceError("redis-cli is not installed (Debian package redis-tools)")
@@ -527,20 +529,14 @@ class RedisClusterServer:
                 "--cluster-config-file", str(node_dir / "nodes.conf"),
                 "--cluster-node-timeout", "5000",
                 "--save", "",
-                "--appendonly", "no",
+                "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "always",
                 "--dir", str(node_dir),
                 "--daemonize", "no",
                 "--logfile", str(node_dir / "redis.log"),
             ]  # fmt: skip
-            self._procs.append(
-                subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent,
-                )
-            )
+            self._argvs.append(argv)
+            self._procs.append(self._spawn(argv))
         for port, proc in zip(self.ports, self._procs, strict=True):
             self._wait(
                 lambda p=port, pid=proc.pid: (
@@ -564,6 +560,30 @@ class RedisClusterServer:
             self._wait(
                 lambda p=port: b"cluster_state:ok" in redis_command(p, "CLUSTER", "INFO"),
                 f"cluster_state:ok on node {port}",
+            )
+
+    @staticmethod
+    def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+
+    def restart(self) -> None:
+        """Stop every node (SIGTERM) and start it again on its port, config and AOF."""
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        self._procs = [self._spawn(argv) for argv in self._argvs]
+        for port in self.ports:
+            self._wait(
+                lambda p=port: b"cluster_state:ok" in redis_command(p, "CLUSTER", "INFO"),
+                f"cluster_state:ok on node {port} after the restart",
             )
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
@@ -597,7 +617,8 @@ class RedisClusterServer:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        # The node configs name the old ports: a restart builds a new cluster.
+        # The node configs name the old ports: a start after stop builds a new cluster.
+        self._argvs = []
         for port in self.ports:
             shutil.rmtree(self.dir / str(port), ignore_errors=True)
 

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import aiohttp
 import pytest
@@ -25,7 +27,7 @@ from protocol import (
     Since,
     TypingNotice,
 )
-from tests.services import RedisServer
+from tests.services import RedisClusterServer, RedisServer
 
 from .scaleout import connect, instances, token
 
@@ -232,46 +234,66 @@ async def test_a_flushed_window_is_rebuilt_with_a_new_epoch(
             await alice.close()
 
 
-async def test_redis_restart_mid_traffic_loses_nothing(tmp_path: Path) -> None:
-    redis = RedisServer(appendonly=True)
-    redis.start()
-    try:
-        with instances(tmp_path, redis.url, count=2) as (a, b):
-            conv = await _conversation(a.url, "alice", ["bob"])
-            alice = await connect(a, "alice")
-            bob = await connect(b, "bob")
-            acked: list[str] = []
-            await alice.join(conv)
-            joined = await bob.join(conv)
-            for i in range(5):
-                acked.append((await alice.send(conv, f"before {i}")).message_id)
-            redis.stop()
-            redis.start()  # same port, AOF replayed
-            # Both instances come back by themselves; their clients are told to rejoin.
-            for client in (alice, bob):
-                # (replies in flight may end in errors meanwhile: not what this test is about)
-                notice = await client.expect(Reconnect, timeout=30, errors=False)
-                assert notice.reason == "event stream interrupted"
-                with pytest.raises(Closed):
-                    while True:
-                        await client.next_frame(timeout=10)
-            alice = await connect(a, "alice")
-            bob = await connect(b, "bob")
-            await alice.join(conv)
-            again = await bob.join(conv, Since(0, joined.epoch))
-            assert again.recovered  # the window survived in the AOF
-            for i in range(5):
-                acked.append((await alice.send_reliably(conv, f"after {i}")).message_id)
-            await alice.close()
-            await bob.close()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 20
-            while True:  # the batch writers drain the outbox into the store
-                ids = _stored_user_messages(tmp_path / "shared.sqlite3", conv)
-                if sorted(ids) == sorted(acked):
-                    break
-                assert loop.time() < deadline, f"missing: {set(acked) - set(ids)}"
-                await asyncio.sleep(0.1)
-            assert len(ids) == len(set(ids)) == 10
-    finally:
-        redis.close()
+class _Restartable(Protocol):
+    url: str
+
+    def restart(self) -> None: ...
+
+
+@pytest.fixture(params=["single", "cluster"])
+def aof_backend(request: pytest.FixtureRequest) -> Iterator[tuple[_Restartable, tuple[str, ...]]]:
+    """Redis with AOF, alone or as a three-master cluster, that can restart in place."""
+    if request.param == "single":
+        single = RedisServer(appendonly=True)
+        single.start()
+        single_any: Any = single
+        single_any.restart = lambda: (single.stop(), single.start())
+        yield single_any, ()
+        single.close()
+    else:
+        cluster = RedisClusterServer(appendonly=True)
+        cluster.start()
+        yield cluster, ("--redis-cluster", "yes")
+        cluster.close()
+
+
+async def test_redis_restart_mid_traffic_loses_nothing(
+    tmp_path: Path, aof_backend: tuple[_Restartable, tuple[str, ...]]
+) -> None:
+    redis, args = aof_backend
+    with instances(tmp_path, redis.url, count=2, args=args) as (a, b):
+        conv = await _conversation(a.url, "alice", ["bob"])
+        alice = await connect(a, "alice")
+        bob = await connect(b, "bob")
+        acked: list[str] = []
+        await alice.join(conv)
+        joined = await bob.join(conv)
+        for i in range(5):
+            acked.append((await alice.send(conv, f"before {i}")).message_id)
+        await asyncio.to_thread(redis.restart)  # same ports, AOF replayed
+        # Both instances come back by themselves; their clients are told to rejoin.
+        for client in (alice, bob):
+            # (replies in flight may end in errors meanwhile: not what this test is about)
+            notice = await client.expect(Reconnect, timeout=30, errors=False)
+            assert notice.reason == "event stream interrupted"
+            with pytest.raises(Closed):
+                while True:
+                    await client.next_frame(timeout=10)
+        alice = await connect(a, "alice")
+        bob = await connect(b, "bob")
+        await alice.join(conv)
+        again = await bob.join(conv, Since(0, joined.epoch))
+        assert again.recovered  # the window survived in the AOF
+        for i in range(5):
+            acked.append((await alice.send_reliably(conv, f"after {i}")).message_id)
+        await alice.close()
+        await bob.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while True:  # the batch writers drain the outbox into the store
+            ids = _stored_user_messages(tmp_path / "shared.sqlite3", conv)
+            if sorted(ids) == sorted(acked):
+                break
+            assert loop.time() < deadline, f"missing: {set(acked) - set(ids)}"
+            await asyncio.sleep(0.1)
+        assert len(ids) == len(set(ids)) == 10
