@@ -47,6 +47,7 @@ log = logging.getLogger("chatserver.app")
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_and_metrics], client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
+    app[keys.LIMITS] = settings.limits
     app[keys.METRICS] = metrics if metrics is not None else Metrics()
     app[keys.AUTH] = Authenticator(
         settings.jwt_secret, settings.jwt_secret_previous, settings.jwt_leeway_s

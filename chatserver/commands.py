@@ -176,7 +176,7 @@ async def _on_history(app: web.Application, session: Session, frame: History, re
     conversations = app[keys.CONVERSATIONS]
     await conversations.require_member(frame.conversation_id, session.user_id)
     page = await conversations.history(
-        frame.conversation_id, frame.before, frame.effective_limit(app[keys.SETTINGS].limits)
+        frame.conversation_id, frame.before, frame.effective_limit(app[keys.LIMITS])
     )
     reply(HistoryPage(frame.conversation_id, page.messages, page.has_more, frame.ref))
 

@@ -95,6 +95,23 @@ def _bound_kernel_buffer(transport: asyncio.BaseTransport, size: int) -> None:
 class _Connection:
     """One WebSocket from handshake to close."""
 
+    # Thousands of these stay open: no per-instance dict (see the connections benchmark).
+    __slots__ = (
+        "_close_task",
+        "_closing",
+        "app",
+        "close_reason",
+        "counted",
+        "encoding",
+        "limits",
+        "metrics",
+        "outbound",
+        "session",
+        "settings",
+        "transport",
+        "ws",
+    )
+
     def __init__(
         self,
         app: web.Application,
@@ -108,7 +125,7 @@ class _Connection:
         self.encoding = encoding
         self.settings = app[keys.SETTINGS]
         self.metrics = app[keys.METRICS]
-        self.limits = self.settings.limits
+        self.limits = app[keys.LIMITS]
         self.session: Session | None = None
         self.close_reason = "client"
         self._closing = False

@@ -9,6 +9,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from protocol import Limits
 from storage.outbox.base import Outbox
 from storage.store.base import Store
 from storage.window.base import HotWindow
@@ -34,6 +35,7 @@ class RunState:
 
 
 SETTINGS = web.AppKey("settings", Settings)
+LIMITS = web.AppKey("limits", Limits)  # the protocol bounds, built once from the settings
 # The redis.asyncio client, or None in embedded mode.
 REDIS: web.AppKey[Redis | RedisCluster | None] = web.AppKey("redis")
 METRICS = web.AppKey("metrics", Metrics)

@@ -164,7 +164,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 async def list_messages(request: web.Request) -> web.Response:
     principal = require_principal(request)
     conversation_id = _uuid_or_404(request.match_info["conversation_id"])
-    limits = request.app[keys.SETTINGS].limits
+    limits = request.app[keys.LIMITS]
     limit = _int_query(request, "limit", limits.history_default_limit, 1, limits.history_max_limit)
     before = _int_query(request, "before", None, 1, 2**62)
     assert limit is not None
