@@ -39,6 +39,7 @@ log = logging.getLogger("chatserver.gateway")
 # After a close we give a client this long to read its last frames, then drop the socket.
 _ABORT_AFTER_CLOSE_S = 10.0
 _CLOSE_WAIT_S = 6.0  # the WebSocketResponse close timeout (5 s) and a margin
+_CLOSED_TYPES = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
 def _offered_subprotocols(request: web.Request) -> list[str]:
@@ -224,7 +225,16 @@ class _Connection:
                 self.settings.max_frame_bytes,
             )
         )
-        await self._read_loop(self.session)
+        # The read loop, inline: one coroutine frame fewer per open connection.
+        session = self.session
+        ws = self.ws
+        while not self._closing:
+            msg = await ws.receive()
+            kind = msg.type
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                await self._handle(session, msg.data, kind is WSMsgType.TEXT)
+            elif kind in _CLOSED_TYPES:
+                break
 
     async def finish(self) -> None:
         self.outbound.closed = True
@@ -301,15 +311,6 @@ class _Connection:
             self.send_error(ErrorCode.UNAUTHORIZED, str(exc), ref)
             self.close(CloseCode.UNAUTHORIZED, "unauthorized")
             return None
-
-    async def _read_loop(self, session: Session) -> None:
-        async for msg in self.ws:
-            if self._closing:
-                break
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                await self._handle(session, msg.data, msg.type is WSMsgType.TEXT)
-            elif msg.type is WSMsgType.ERROR:
-                break
 
     def _send(self, frame: Any) -> None:
         self.metrics.frames_out.labels(frame.TYPE).inc()
