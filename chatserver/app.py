@@ -200,7 +200,11 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
         # Connections count in Redis under a TTL: a dead instance's ones expire.
         while True:
             await asyncio.sleep(10)
-            held = [c.counted for c in app[keys.STATE].connections if c.counted is not None]
+            held = [
+                (c.session.user_id, c.session.id)
+                for c in app[keys.STATE].connections
+                if c.counted and c.session is not None
+            ]
             try:
                 await limiter.renew_connections(held)
             except DEPENDENCY_ERRORS as exc:

@@ -131,9 +131,9 @@ class _Connection:
         self.close_reason = "client"
         self._closing = False
         self._close_task: asyncio.Task[bool] | None = None
-        self.counted: tuple[str, str] | None = None  # (user, session) held in the limiter
+        self.counted = False  # the session holds one of its user's connection slots
         self.outbound = Outbound(
-            transport, app[keys.FLUSHER], self.settings.send_buffer_bytes, self._on_overflow
+            transport, app[keys.FLUSHER], self.settings.send_buffer_bytes, self
         )
 
     # -- sending and closing ------------------------------------------------------------
@@ -166,7 +166,7 @@ class _Connection:
             self._send(Reconnect(reason, after_ms))
         self.close(CloseCode.GOING_AWAY, "server_draining")
 
-    def _on_overflow(self) -> None:
+    def on_overflow(self) -> None:
         self.metrics.slow_consumers.inc()
         session = self.session
         log.warning(
@@ -200,8 +200,8 @@ class _Connection:
             )
             self.close(CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections")
             return
-        self.counted = (principal.user_id, session_id)
         self.session = Session(session_id, principal, self.encoding, self.outbound)
+        self.counted = True
         self.app[keys.HUB].add_session(self.session)
         state.users[principal.user_id] = state.users.get(principal.user_id, 0) + 1
         self.metrics.active_users.set(len(state.users))
@@ -253,10 +253,10 @@ class _Connection:
                 state.users[session.user_id] = left
             self.metrics.active_users.set(len(state.users))
             self.metrics.connections.labels(self.encoding.name.lower()).dec()
-        if self.counted is not None:
+        if self.counted and self.session is not None:
             # The user's connection slot is free again (with Redis, for every instance).
             with contextlib.suppress(*DEPENDENCY_ERRORS):
-                await self.app[keys.LIMITER].close_connection(*self.counted)
+                await self.app[keys.LIMITER].close_connection(self.session.user_id, self.session.id)
         reason = self._disconnect_reason()
         self.metrics.disconnects.labels(reason).inc()
         if self.session is not None:

@@ -10,24 +10,30 @@ buffer enforces its own bound: queued bytes plus the transport's buffer above
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from typing import Protocol
+
+
+class OverflowHandler(Protocol):
+    def on_overflow(self) -> None:
+        """The connection fell behind past its bound: close it (4408)."""
 
 
 class Outbound:
-    __slots__ = ("_flusher", "_on_overflow", "closed", "frames", "limit", "queued", "transport")
+    __slots__ = ("_flusher", "_owner", "closed", "frames", "limit", "queued", "transport")
 
     def __init__(
         self,
         transport: asyncio.Transport,
         flusher: Flusher,
         limit_bytes: int,
-        on_overflow: Callable[[], None],
+        owner: OverflowHandler,
     ) -> None:
         self.transport = transport
         self._flusher = flusher
         self.limit = limit_bytes
-        self._on_overflow = on_overflow
-        self.frames: list[bytes] = []
+        # The owner, not a bound method of it: one object fewer per open connection.
+        self._owner = owner
+        self.frames: list[bytes] | None = None  # a list only while something is queued
         self.queued = 0
         self.closed = False
 
@@ -39,23 +45,25 @@ class Outbound:
         if self.queued + self.transport.get_write_buffer_size() > self.limit:
             self.overflow()
             return False
-        if not self.frames:
+        if self.frames is None:
+            self.frames = [data]
             self._flusher.mark(self)
-        self.frames.append(data)
+        else:
+            self.frames.append(data)
         return True
 
     def overflow(self) -> None:
         self.closed = True
-        self.frames.clear()
+        self.frames = None
         self.queued = 0
-        self._on_overflow()
+        self._owner.on_overflow()
 
     def write_now(self) -> None:
         """Write what is queued; called by the flusher or before a close frame."""
         frames = self.frames
         if not frames:
             return
-        self.frames = []
+        self.frames = None
         self.queued = 0
         if self.closed or self.transport.is_closing():
             return
@@ -69,7 +77,7 @@ class Outbound:
         if not self.closed:
             self.write_now()
         self.closed = True
-        self.frames.clear()
+        self.frames = None
 
     def buffered_bytes(self) -> int:
         if self.transport.is_closing():

@@ -29,7 +29,6 @@ class Subscription:
 
 class Session:
     __slots__ = (
-        "__weakref__",
         "bad_frames",
         "bad_window_start",
         "encoding",
@@ -56,7 +55,7 @@ class Session:
         self.outbound = outbound
         self.subscriptions: dict[str, Subscription] = {}
         self.bad_frames = 0
-        self.bad_window_start = time.monotonic()
+        self.bad_window_start = 0.0  # set by the first bad frame (a shared constant until then)
         self.frame_allowance = -1.0  # full on first use
         self.frame_allowance_at = 0.0
         self.held_limit = held_limit
