@@ -50,9 +50,6 @@ def ms_until_next_utc_day(now: datetime | None = None) -> int:
 class Limiter(Protocol):
     name: str
 
-    async def take_message(self, user_id: str, limits: TierLimits) -> int | None:
-        """Take one message from the user's bucket; None if allowed, else ms to wait."""
-
     async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
         """Count a new connection; False when the user already has their maximum."""
 
@@ -60,9 +57,6 @@ class Limiter(Protocol):
 
     async def renew_connections(self, connections: list[tuple[str, str]]) -> None:
         """Keep this instance's connections counted (an instance that dies stops renewing)."""
-
-    async def quota_retry_ms(self, user_id: str, limits: TierLimits) -> int | None:
-        """None while the user has tokens left today, else ms until the quota resets."""
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         """Count tokens the model really used for the user today."""

@@ -19,7 +19,7 @@ class MemoryLimiter:
         self._connections: dict[str, set[str]] = {}
         self._used: OrderedDict[tuple[str, str], int] = OrderedDict()
 
-    async def take_message(self, user_id: str, limits: TierLimits) -> int | None:
+    async def _take_message(self, user_id: str, limits: TierLimits) -> int | None:
         capacity = float(limits.messages_per_minute)
         rate = capacity / 60.0  # tokens per second
         now = time.monotonic()
@@ -57,15 +57,15 @@ class MemoryLimiter:
         self._remember(self._used, key, used)
         return key, used
 
-    async def quota_retry_ms(self, user_id: str, limits: TierLimits) -> int | None:
+    async def _quota_retry_ms(self, user_id: str, limits: TierLimits) -> int | None:
         _, used = await self._today(user_id)
         return ms_until_next_utc_day() if used >= limits.daily_tokens else None
 
     async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
-        reset_ms = await self.quota_retry_ms(user_id, limits)
+        reset_ms = await self._quota_retry_ms(user_id, limits)
         if reset_ms is not None:
             return ("quota_exceeded", reset_ms)
-        wait_ms = await self.take_message(user_id, limits)
+        wait_ms = await self._take_message(user_id, limits)
         return ("rate_limited", wait_ms) if wait_ms is not None else None
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:

@@ -9,23 +9,6 @@ from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
-# Token bucket: capacity = messages per minute, refilled continuously.
-_TAKE = (
-    _NOW
-    + """
-local capacity = tonumber(ARGV[1])
-local rate = capacity / 60000
-local tokens = tonumber(redis.call('HGET', KEYS[1], 't') or capacity)
-local at = tonumber(redis.call('HGET', KEYS[1], 'at') or now)
-tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / rate) end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', now)
-redis.call('PEXPIRE', KEYS[1], 120000)
-return wait
-"""
-)
-
 # Connections: a sorted set of connection ids scored by when they stop counting.
 _OPEN = (
     _NOW
@@ -50,7 +33,8 @@ return 1
 """
 )
 
-# A send's whole check in one round trip: today's tokens against the quota, then the bucket.
+# A send's whole check in one round trip: today's tokens against the quota, then the token
+# bucket (capacity: messages per minute, refilled continuously).
 # -1: today's counter does not exist yet (the caller seeds it from the store and retries).
 _CHECK_SEND = (
     _NOW
@@ -90,7 +74,6 @@ class RedisLimiter:
         self._seed = seed
         self._prefix = prefix
         self.connection_ttl_ms = int(connection_ttl_s * 1000)
-        self._take = redis.register_script(_TAKE)
         self._open = redis.register_script(_OPEN)
         self._renew = redis.register_script(_RENEW)
         self._check = redis.register_script(_CHECK_SEND)
@@ -98,12 +81,6 @@ class RedisLimiter:
     def _key(self, kind: str, user_id: str, *rest: str) -> str:
         # One user's keys share a hash tag: a cluster keeps them on one node.
         return ":".join([f"{self._prefix}:{{u:{user_id}}}:{kind}", *rest])
-
-    async def take_message(self, user_id: str, limits: TierLimits) -> int | None:
-        wait = int(
-            await self._take(keys=[self._key("rate", user_id)], args=[limits.messages_per_minute])
-        )
-        return wait or None
 
     async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
         ok = await self._open(
@@ -128,10 +105,6 @@ class RedisLimiter:
         if not await self._redis.exists(key):
             await self._redis.set(key, await self._seed(user_id, day), nx=True, ex=_DAY_TTL_S)
         return key
-
-    async def quota_retry_ms(self, user_id: str, limits: TierLimits) -> int | None:
-        used = int(await self._redis.get(await self._used_key(user_id)) or 0)
-        return ms_until_next_utc_day() if used >= limits.daily_tokens else None
 
     async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
         day = utc_day()

@@ -34,10 +34,11 @@ async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Limiter]:
 
 
 async def test_the_bucket_allows_a_minutes_worth_then_says_when(limiter: Limiter) -> None:
-    assert [await limiter.take_message("u", TIGHT) for _ in range(3)] == [None, None, None]
-    wait = await limiter.take_message("u", TIGHT)
-    assert wait is not None and 0 < wait <= 20_000  # one message per 20 s at 3 a minute
-    assert await limiter.take_message("other", TIGHT) is None  # per user
+    assert [await limiter.check_send("u", TIGHT) for _ in range(3)] == [None, None, None]
+    refused = await limiter.check_send("u", TIGHT)
+    assert refused is not None and refused[0] == "rate_limited"
+    assert 0 < refused[1] <= 20_000  # one message per 20 s at 3 a minute
+    assert await limiter.check_send("other", TIGHT) is None  # per user
 
 
 async def test_connections_are_capped_per_user(limiter: Limiter) -> None:
@@ -50,11 +51,12 @@ async def test_connections_are_capped_per_user(limiter: Limiter) -> None:
 
 
 async def test_the_daily_quota_starts_from_the_store_and_counts_usage(limiter: Limiter) -> None:
-    assert await limiter.quota_retry_ms("heavy", TIGHT) is None  # 90 of 100 used
+    assert await limiter.check_send("heavy", TIGHT) is None  # 90 of 100 used
     await limiter.add_tokens("heavy", 15)
-    reset = await limiter.quota_retry_ms("heavy", TIGHT)
-    assert reset is not None and abs(reset - ms_until_next_utc_day()) < 5_000
-    assert await limiter.quota_retry_ms("light", TIGHT) is None
+    refused = await limiter.check_send("heavy", TIGHT)
+    assert refused is not None and refused[0] == "quota_exceeded"
+    assert abs(refused[1] - ms_until_next_utc_day()) < 5_000
+    assert await limiter.check_send("light", TIGHT) is None
 
 
 async def test_check_send_is_quota_then_rate_in_one_step(limiter: Limiter) -> None:
