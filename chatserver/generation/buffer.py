@@ -7,10 +7,14 @@ reply, stores the partial text and ends it. One reply runs per conversation at a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from protocol import GenerationSnapshot
+
+# (conversation_id, generation_id, seq, text): one delta to record.
+Delta = tuple[str, str, int, str]
 
 
 class LeaseLost(Exception):
@@ -42,6 +46,10 @@ class ReplyBuffer(Protocol):
 
     async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
         """Record delta ``seq`` before it is published; ``LeaseLost`` if we were taken over."""
+
+    async def append_many(self, deltas: Sequence[Delta]) -> set[str]:
+        """Record a batch of deltas (one loop tick's, of many replies) in one step; the
+        generation ids whose lease was lost (their deltas were not recorded)."""
 
     async def snapshot(self, conversation_id: str) -> GenerationSnapshot | None: ...
 
@@ -91,6 +99,18 @@ class MemoryReplyBuffer:
             raise LeaseLost(generation_id)
         running.seq = seq
         running.parts.append(text)
+
+    async def append_many(self, deltas: Sequence[Delta]) -> set[str]:
+        lost: set[str] = set()
+        running_by = self._running
+        for conversation_id, generation_id, seq, text in deltas:
+            running = running_by.get(conversation_id)
+            if running is None or running.owner.generation_id != generation_id:
+                lost.add(generation_id)
+                continue
+            running.seq = seq
+            running.parts.append(text)
+        return lost
 
     async def snapshot(self, conversation_id: str) -> GenerationSnapshot | None:
         running = self._running.get(conversation_id)

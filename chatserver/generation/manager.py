@@ -1,98 +1,67 @@
 """Runs agents' replies: one task per reply, streamed as deltas, stored when done.
 
-Per reply, the upstream stream runs in its own producer task feeding a bounded queue;
-``cancel`` cancels that task, which is what closes an upstream HTTP stream at once.
-The consumer (the reply task) coalesces chunks that piled up, records each delta in the
-resume buffer before publishing it, and stores the final message like any other.
-Replies of one conversation run one after another.
+The reply task takes the conversation's slot, announces ``gen_start``, starts the provider
+stream and waits for it to end; the chunks themselves never pass through the task. A
+provider that can push (the local one) calls the run from its own timer; any other is
+iterated by a producer task, and cancelling that task is what closes an upstream HTTP
+stream at once. Either way the ``DeltaPump`` records the chunks in the resume buffer and
+publishes them, a batch per loop tick (see streaming.py), and the reply task stores the
+final message like any other. Replies of one conversation run one after another.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from protocol import Delta, ErrorCode, FinishReason, GenEnd, GenStart, Message, Role, Usage
+from protocol import ErrorCode, FinishReason, GenEnd, GenStart, Message, Role, Usage
 from storage.records import Conversation, MessageDraft
 
-from ..agents import Agent, AgentCatalog
+from ..agents import AgentCatalog
 from ..conversations import ConversationService
 from ..errors import DEPENDENCY_ERRORS, ServiceError
 from ..metrics import Metrics
-from .buffer import LeaseLost, ReplyBuffer, ReplyOwner
-from .cache import CacheKey, ResponseCache, cache_key
+from .buffer import ReplyBuffer, ReplyOwner
+from .cache import ResponseCache, cache_key
+from .leases import keep_leases
 from .local import count_tokens
-from .provider import Chunk, Finish, Provider, ReplyRequest
+from .provider import Chunk, Finish, Provider, PushProvider, ReplyRequest
 from .routing import Router, is_first_turn
+from .streaming import BACKLOG_LIMIT, DeltaPump, Publish, ReplyRun
 
 log = logging.getLogger("chatserver.generation")
 
-Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
 SendControl = Callable[[str, dict[str, Any]], Awaitable[None]]
 OnUsage = Callable[[str, int], Awaitable[None]]  # (user billed, tokens)
-_END = object()
 _RETRY_FOR_S = 30.0  # how long a finishing reply waits out a Redis or store outage
 T = TypeVar("T")
-_QUEUE_DEPTH = 256
 _REPLAY_WORDS = 4  # words per chunk when a cached answer is streamed
 
+__all__ = ["GenerationManager", "ReplyRun"]
 
-class ReplyRun:
-    __slots__ = (
-        "agent",
-        "cache_hit",
-        "cache_key",
-        "cancel_reason",
-        "conversation_id",
-        "first_token_at",
-        "generation_id",
-        "lost",
-        "model",
-        "parts",
-        "producer",
-        "queued_at",
-        "reply_to",
-        "seq",
-    )
 
-    def __init__(self, conversation_id: str, agent: Agent, model: str, reply_to: Message) -> None:
-        self.generation_id = str(uuid.uuid4())
-        self.conversation_id = conversation_id
-        self.agent = agent
-        self.model = model
-        self.reply_to = reply_to
-        self.seq = 0
-        self.parts: list[str] = []
-        self.producer: asyncio.Task[None] | None = None
-        self.cancel_reason: str | None = None
-        self.queued_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.lost = False  # another instance took the reply over: end silently
-        self.cache_key: CacheKey | None = None  # a cacheable first turn
-        self.cache_hit = False
+class _TaskStream:
+    """A pull provider's stream: the producer task; cancelling it closes the upstream."""
 
-    def owner(self, server_id: str) -> ReplyOwner:
-        return ReplyOwner(
-            self.conversation_id,
-            self.generation_id,
-            server_id,
-            self.agent.id,
-            self.model,
-            self.reply_to.id,
-        )
+    __slots__ = ("task",)
 
-    def stop(self, reason: str) -> bool:
-        if self.cancel_reason is None:
-            self.cancel_reason = reason
-        if self.producer is not None and not self.producer.done():
-            self.producer.cancel()
-            return True
-        return False
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self.task = task
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+class _Replayed:
+    """A cached answer, pushed whole at once: nothing left to stop."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        return None
 
 
 class _Lane:
@@ -140,6 +109,9 @@ class GenerationManager:
         self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        # Checked once: the provider is fixed for the life of the manager.
+        self._push: PushProvider | None = provider if isinstance(provider, PushProvider) else None
+        self._pump = DeltaPump(buffer, publish, self._first_token)
 
     @property
     def running(self) -> int:
@@ -169,7 +141,7 @@ class GenerationManager:
                 ErrorCode.INTERNAL, f"agent {conversation.agent_id!r} is not configured"
             )
         route = self._router.choose(agent, message)
-        run = ReplyRun(conversation.id, agent, route.model, message)
+        run = ReplyRun(conversation.id, agent, route.model, message, self._pump)
         self._metrics.model_routed.labels(agent.id, route.model, route.route).inc()
         if self._cache is not None and agent.cacheable and is_first_turn(message):
             run.cache_key = cache_key(agent, route.model, message.text)
@@ -262,23 +234,28 @@ class GenerationManager:
                 temperature=run.agent.temperature,
                 max_output_tokens=run.agent.max_output_tokens,
             )
-            queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE_DEPTH)
             cached = await self._cached_answer(run)
-            source = (
-                self._replay(cached, queue) if cached is not None else self._produce(request, queue)
-            )
-            run.producer = asyncio.create_task(source)
+            run.done = asyncio.get_running_loop().create_future()
+            if cached is not None:
+                run.handle = _Replayed()
+                _replay(cached, run)
+            elif self._push is not None:
+                run.handle = self._push.open(request, run)
+            else:
+                run.handle = _TaskStream(asyncio.create_task(self._produce(request, run)))
             if run.cancel_reason is not None:  # cancelled while we were setting up
-                run.producer.cancel()
-            finish = await self._consume(run, queue)
+                run.stop(run.cancel_reason)
+            finish = await run.done
+            if run.failure is not None:
+                finish = Finish(FinishReason.ERROR.value, Usage(0, 0), run.failure)
         except Exception as exc:
             log.exception("reply stream failed", extra={"conversation": conversation_id})
             finish = Finish(
                 FinishReason.ERROR.value, Usage(0, 0), f"reply failed: {type(exc).__name__}"
             )
         finally:
-            if run.producer is not None and not run.producer.done():
-                run.producer.cancel()
+            if run.handle is not None and not run.ended:
+                run.stop(run.cancel_reason or FinishReason.ERROR.value)
             self._runs.pop(run.generation_id, None)
             self._metrics.active_replies.dec()
         if finish is None:
@@ -291,9 +268,19 @@ class GenerationManager:
                 if run.cancel_reason == FinishReason.CANCELLED.value
                 else "the model stream ended without a finish",
             )
-        elif run.cancel_reason is not None and run.cancel_reason != FinishReason.CANCELLED.value:
+        elif (
+            run.failure is None
+            and run.cancel_reason is not None
+            and run.cancel_reason != FinishReason.CANCELLED.value
+        ):
             finish = Finish(run.cancel_reason, finish.usage, "server shutting down")
         await self._finalize(run, finish, time.perf_counter() - started)
+
+    def _first_token(self, run: ReplyRun) -> None:
+        assert run.first_token_at is not None
+        self._metrics.ttft.labels(run.agent.id, run.model).observe(
+            run.first_token_at - run.queued_at
+        )
 
     async def _take_slot(self, run: ReplyRun) -> None:
         """One reply per conversation across instances: wait while another one streams."""
@@ -307,19 +294,27 @@ class GenerationManager:
             await asyncio.sleep(delay)  # rare: replies raced on two instances
             delay = min(delay * 2, 0.5)
 
-    async def _produce(self, request: ReplyRequest, queue: asyncio.Queue[object]) -> None:
+    async def _produce(self, request: ReplyRequest, run: ReplyRun) -> None:
+        """Iterate a pull provider into the run; waits when the pump falls behind."""
+        finish: Finish | None = None
         try:
             async for item in self.provider.stream(request):
-                await queue.put(item)
+                if isinstance(item, Finish):
+                    finish = item
+                    break
+                if isinstance(item, Chunk):
+                    run.chunk(item.text)
+                    if run.backlog() >= BACKLOG_LIMIT:
+                        run.waiter = asyncio.get_running_loop().create_future()
+                        await run.waiter
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("provider failed: %s", exc)
-            await queue.put(Finish(FinishReason.ERROR.value, Usage(0, 0), f"model error: {exc}"))
+            finish = Finish(FinishReason.ERROR.value, Usage(0, 0), f"model error: {exc}")
         finally:
-            # When full, the consumer drains the queue, then sees the producer is done.
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(_END)
+            # Also when cancelled: the canceller ended the run already (a no-op then).
+            self._pump.end(run, finish)
 
     async def _cached_answer(self, run: ReplyRun) -> str | None:
         """A cacheable first turn asked before: the stored answer (counted), else None."""
@@ -337,19 +332,6 @@ class GenerationManager:
         self._metrics.model_cache_hits.labels(run.agent.id).inc()
         return text
 
-    async def _replay(self, text: str, queue: asyncio.Queue[object]) -> None:
-        """Stream a cached answer like a model would: deltas, then ``stop``, no tokens."""
-        try:
-            words = text.split(" ")
-            for start in range(0, len(words), _REPLAY_WORDS):
-                piece = " ".join(words[start : start + _REPLAY_WORDS])
-                last = start + _REPLAY_WORDS >= len(words)
-                await queue.put(Chunk(piece if last else piece + " "))
-            await queue.put(Finish(FinishReason.STOP.value, Usage(0, 0)))
-        finally:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(_END)
-
     async def _remember(self, run: ReplyRun, finish: Finish) -> None:
         """Keep a whole first-turn answer of a cacheable agent for the next asker."""
         if (
@@ -364,51 +346,6 @@ class GenerationManager:
             await self._cache.put(run.cache_key, "".join(run.parts))
         except Exception as exc:
             log.warning("response not cached: %s", exc)
-
-    async def _consume(self, run: ReplyRun, queue: asyncio.Queue[object]) -> Finish | None:
-        assert run.producer is not None
-        finish: Finish | None = None
-        ended = False
-        while not ended:
-            if queue.empty() and run.producer.done():
-                break
-            item = await queue.get()
-            texts: list[str] = []
-            while True:
-                if item is _END:
-                    ended = True
-                elif isinstance(item, Finish):
-                    finish = item
-                elif isinstance(item, Chunk) and item.text:
-                    texts.append(item.text)
-                if ended or queue.empty():
-                    break
-                item = queue.get_nowait()  # coalesce what piled up while we published
-            if texts and run.cancel_reason is None:
-                await self._emit(run, "".join(texts))
-        return finish
-
-    async def _emit(self, run: ReplyRun, text: str) -> None:
-        if run.first_token_at is None:
-            run.first_token_at = time.perf_counter()
-            self._metrics.ttft.labels(run.agent.id, run.model).observe(
-                run.first_token_at - run.queued_at
-            )
-        run.seq += 1
-        run.parts.append(text)
-        try:
-            await self._buffer.append(run.conversation_id, run.generation_id, run.seq, text)
-        except LeaseLost:
-            log.warning(
-                "reply taken over by another instance", extra={"conversation": run.conversation_id}
-            )
-            run.lost = True
-            run.stop(FinishReason.ERROR.value)
-            return
-        await self._publish(
-            run.conversation_id,
-            Delta(run.conversation_id, run.generation_id, run.seq, text).to_dict(),
-        )
 
     async def _finalize(self, run: ReplyRun, finish: Finish, duration: float) -> None:
         if run.lost:
@@ -488,39 +425,15 @@ class GenerationManager:
                 delay = min(delay * 2, 2.0)
 
     async def keep_leases(self, lease_s: float, sweep_s: float) -> None:
-        """Renew our replies' leases; end replies whose owner died (their lease ran out).
+        """Renew our replies' leases and end orphaned ones, for the life of the app."""
+        await keep_leases(self._buffer, self.running_replies, self.store_and_end, lease_s, sweep_s)
 
-        Runs for the life of the app on every instance; with the memory buffer there is
-        never anything to sweep.
-        """
-        renew_every = lease_s / 3
-        loop = asyncio.get_running_loop()
-        next_sweep = loop.time() + sweep_s
-        while True:
-            await asyncio.sleep(min(renew_every, sweep_s))
-            try:
-                if self._runs:
-                    await self._buffer.renew(self.running_replies())
-                if loop.time() >= next_sweep:
-                    next_sweep = loop.time() + sweep_s
-                    await self._sweep_orphans()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis down: try again next round
-                log.warning("lease upkeep failed: %s", exc)
 
-    async def _sweep_orphans(self) -> None:
-        for conversation_id, generation_id in await self._buffer.expired():
-            claimed = await self._buffer.claim(conversation_id, generation_id)
-            if claimed is None:
-                continue
-            log.warning(
-                "ending a reply whose instance died",
-                extra={"conversation": conversation_id, "owner": claimed.owner.owner},
-            )
-            finish = Finish(
-                FinishReason.ERROR.value,
-                Usage(0, 0),
-                "the instance streaming this reply stopped; the partial text is kept",
-            )
-            await self.store_and_end(claimed.owner, claimed.text, finish)
+def _replay(text: str, run: ReplyRun) -> None:
+    """Stream a cached answer like a model would: chunks, then ``stop``, no tokens."""
+    words = text.split(" ")
+    for start in range(0, len(words), _REPLAY_WORDS):
+        piece = " ".join(words[start : start + _REPLAY_WORDS])
+        last = start + _REPLAY_WORDS >= len(words)
+        run.chunk(piece if last else piece + " ")
+    run.finish(Finish(FinishReason.STOP.value, Usage(0, 0)))

@@ -1,10 +1,16 @@
-"""The model interface: an async stream of text chunks that ends with a finish."""
+"""The model interface: an async stream of text chunks that ends with a finish.
+
+Every provider offers ``stream()`` (pull: an async iterator, consumed by a task). A provider
+that runs inside the event loop may also offer ``open()`` (push: it calls a sink from its own
+callbacks), so a reply costs no task, queue or timer of its own; the manager uses ``open``
+when it is there.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from protocol import Message, Usage
 
@@ -45,3 +51,23 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
     def healthy(self) -> bool: ...
+
+
+class ChunkSink(Protocol):
+    """Where a pushed stream goes: chunks in order, then exactly one finish."""
+
+    def chunk(self, text: str) -> None: ...
+
+    def finish(self, finish: Finish) -> None: ...
+
+
+class PushStream(Protocol):
+    def cancel(self) -> None:
+        """Stop at once: the sink is called no more after this returns."""
+
+
+@runtime_checkable
+class PushProvider(Protocol):
+    """A provider that can also push: ``open`` starts a stream calling ``sink`` from the loop."""
+
+    def open(self, request: ReplyRequest, sink: ChunkSink) -> PushStream: ...

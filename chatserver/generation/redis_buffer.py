@@ -10,14 +10,17 @@ ends it.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from protocol import GenerationSnapshot
 
-from .buffer import ClaimedReply, LeaseLost, ReplyOwner
+from .buffer import ClaimedReply, Delta, LeaseLost, ReplyOwner
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
@@ -42,9 +45,13 @@ _APPEND = (
     + """
 if redis.call('HGET', KEYS[1], 'gid') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
-redis.call('APPEND', KEYS[2], ARGV[4])
+-- A delta sent again (a pipeline retried after a dropped connection) is not appended twice.
+if tonumber(redis.call('HGET', KEYS[1], 'seq')) < tonumber(ARGV[3]) then
+  redis.call('APPEND', KEYS[2], ARGV[4])
+  redis.call('HSET', KEYS[1], 'seq', ARGV[3])
+end
 local lease = now + tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'seq', ARGV[3], 'lease_until', lease)
+redis.call('HSET', KEYS[1], 'lease_until', lease)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 return lease
@@ -90,6 +97,9 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return {f[1], f[2], f[3], f[4], f[5], text}
 """
 )
+
+
+_CLUSTER_FANOUT = 64  # calls in flight at once when a batch spans a cluster's slots
 
 
 def _s(value: Any) -> str:
@@ -167,6 +177,52 @@ class RedisReplyBuffer:
         )
         if not lease:
             raise LeaseLost(generation_id)
+
+    async def append_many(self, deltas: Sequence[Delta]) -> set[str]:
+        """One round trip for a tick's deltas: a pipeline of the same script as ``append``."""
+        if isinstance(self._redis, RedisCluster):
+            # Keys of many slots: one call each, a bounded number in flight at a time.
+            results: list[Any] = []
+            for start in range(0, len(deltas), _CLUSTER_FANOUT):
+                part = deltas[start : start + _CLUSTER_FANOUT]
+                results += await asyncio.gather(*(self._append_args(d) for d in part))
+        else:
+            results = await self._append_pipelined(deltas)
+        return {d[1] for d, lease in zip(deltas, results, strict=True) if not lease}
+
+    def _append_args(self, delta: Delta) -> Any:
+        conversation_id, generation_id, seq, text = delta
+        return self._append(
+            keys=self._keys(conversation_id),
+            args=[generation_id, self._server_id, seq, text, self._lease_ms, self._ttl_ms],
+        )
+
+    async def _append_pipelined(self, deltas: Sequence[Delta]) -> list[Any]:
+        assert isinstance(self._redis, Redis)
+        results: list[Any] = [None] * len(deltas)
+        todo = list(range(len(deltas)))
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            for index in todo:
+                conversation_id, generation_id, seq, text = deltas[index]
+                args = (generation_id, self._server_id, seq, text, self._lease_ms, self._ttl_ms)
+                # EVALSHA straight, not through the Script: a pipeline holding a Script
+                # asks SCRIPT EXISTS first, a second round trip on every batch.
+                pipe.evalsha(self._append.sha, 2, *self._keys(conversation_id), *args)
+            done: list[Any] = await pipe.execute(raise_on_error=False)
+            missing = []
+            for index, result in zip(todo, done, strict=True):
+                if isinstance(result, NoScriptError) and attempt == 1:
+                    missing.append(index)  # Redis restarted or flushed its scripts
+                elif isinstance(result, Exception):
+                    raise result
+                else:
+                    results[index] = result
+            if not missing:
+                break
+            self._append.sha = await self._redis.script_load(self._append.script)
+            todo = missing  # only those: the others were appended already
+        return results
 
     async def snapshot(self, conversation_id: str) -> GenerationSnapshot | None:
         found = await self._snapshot(keys=self._keys(conversation_id), args=[])

@@ -1,0 +1,64 @@
+"""Lease upkeep: renew the leases of this instance's replies, end those whose owner died.
+
+Runs for the life of the app on every instance; with the memory buffer there is never
+anything to renew or sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from protocol import FinishReason, Usage
+
+from .buffer import ReplyBuffer, ReplyOwner
+from .provider import Finish
+
+log = logging.getLogger("chatserver.generation")
+
+Running = Callable[[], list[tuple[str, str]]]  # (conversation, generation) of our replies
+StoreAndEnd = Callable[[ReplyOwner, str, Finish], Awaitable[None]]
+
+
+async def keep_leases(
+    buffer: ReplyBuffer,
+    running: Running,
+    store_and_end: StoreAndEnd,
+    lease_s: float,
+    sweep_s: float,
+) -> None:
+    renew_every = lease_s / 3
+    loop = asyncio.get_running_loop()
+    next_sweep = loop.time() + sweep_s
+    while True:
+        await asyncio.sleep(min(renew_every, sweep_s))
+        try:
+            ours = running()
+            if ours:
+                await buffer.renew(ours)
+            if loop.time() >= next_sweep:
+                next_sweep = loop.time() + sweep_s
+                await sweep_orphans(buffer, store_and_end)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis down: try again next round
+            log.warning("lease upkeep failed: %s", exc)
+
+
+async def sweep_orphans(buffer: ReplyBuffer, store_and_end: StoreAndEnd) -> None:
+    """Claim and end every reply whose lease ran out, keeping its partial text."""
+    for conversation_id, generation_id in await buffer.expired():
+        claimed = await buffer.claim(conversation_id, generation_id)
+        if claimed is None:
+            continue
+        log.warning(
+            "ending a reply whose instance died",
+            extra={"conversation": conversation_id, "owner": claimed.owner.owner},
+        )
+        finish = Finish(
+            FinishReason.ERROR.value,
+            Usage(0, 0),
+            "the instance streaming this reply stopped; the partial text is kept",
+        )
+        await store_and_end(claimed.owner, claimed.text, finish)

@@ -1,0 +1,239 @@
+"""A running reply and the pump that turns its chunks into recorded, published deltas.
+
+Providers push chunks into a ``ReplyRun`` (it is their ``ChunkSink``): from the local
+provider's shared timer directly, from a pull provider's producer task otherwise. Chunks wait
+on the run until the ``DeltaPump`` takes them: one pump per manager, one task while there is
+work, so a loop tick's chunks of every running reply become one batch. Each run's waiting
+chunks coalesce into one delta; the batch is recorded in the resume buffer in one step (one
+Redis round trip) and only then published, so a client joining mid-reply finds in the buffer
+everything published before its snapshot. A run's end goes through the pump too, behind its
+last delta, so ``gen_end`` can never overtake a delta.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from protocol import Delta, FinishReason, Message
+
+from ..agents import Agent
+from .buffer import ReplyBuffer, ReplyOwner
+from .cache import CacheKey
+from .provider import Finish, PushStream
+
+log = logging.getLogger("chatserver.generation")
+
+Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+OnFirstToken = Callable[["ReplyRun"], None]
+# Chunks a run may hold before a pull producer waits for the pump (a push provider never
+# runs ahead: it pushes a word per pace, and the pump takes them every tick).
+BACKLOG_LIMIT = 256
+
+
+class ReplyRun:
+    __slots__ = (
+        "agent",
+        "cache_hit",
+        "cache_key",
+        "cancel_reason",
+        "conversation_id",
+        "done",
+        "ended",
+        "failure",
+        "final",
+        "first_token_at",
+        "generation_id",
+        "handle",
+        "lost",
+        "model",
+        "parts",
+        "pending",
+        "pump",
+        "queued_at",
+        "reply_to",
+        "seq",
+        "waiter",
+    )
+
+    def __init__(
+        self, conversation_id: str, agent: Agent, model: str, reply_to: Message, pump: DeltaPump
+    ) -> None:
+        self.generation_id = str(uuid.uuid4())
+        self.conversation_id = conversation_id
+        self.agent = agent
+        self.model = model
+        self.reply_to = reply_to
+        self.pump = pump
+        self.seq = 0
+        self.parts: list[str] = []
+        self.pending: list[str] | None = None  # chunks the pump has not taken yet
+        self.handle: PushStream | None = None  # the provider stream, once started
+        self.done: asyncio.Future[Finish | None] | None = None
+        self.ended = False  # the provider finished or was stopped: nothing more comes
+        self.final: Finish | None = None  # the provider's finish; None when cut short
+        self.waiter: asyncio.Future[None] | None = None  # a pull producer over its backlog
+        self.cancel_reason: str | None = None
+        self.failure: str | None = None  # recording or publishing a delta failed
+        self.queued_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.lost = False  # another instance took the reply over: end silently
+        self.cache_key: CacheKey | None = None  # a cacheable first turn
+        self.cache_hit = False
+
+    def owner(self, server_id: str) -> ReplyOwner:
+        return ReplyOwner(
+            self.conversation_id,
+            self.generation_id,
+            server_id,
+            self.agent.id,
+            self.model,
+            self.reply_to.id,
+        )
+
+    # -- the provider's sink --------------------------------------------------------
+
+    def chunk(self, text: str) -> None:
+        if not text or self.ended:
+            return
+        pending = self.pending
+        if pending is None:
+            self.pending = [text]
+            self.pump.mark(self)
+        else:
+            pending.append(text)
+
+    def finish(self, finish: Finish) -> None:
+        self.pump.end(self, finish)
+
+    # -------------------------------------------------------------------------------
+
+    def backlog(self) -> int:
+        return len(self.pending) if self.pending is not None else 0
+
+    def stop(self, reason: str) -> bool:
+        """Cut the reply short (cancel, shutdown, takeover); True if it was still streaming."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        if self.handle is None or self.ended:
+            return False  # not started yet (``start`` checks the reason) or over already
+        self.handle.cancel()
+        self.pump.end(self, None)
+        return True
+
+
+class DeltaPump:
+    """Records and publishes the waiting chunks of every run, a batch per loop tick."""
+
+    def __init__(self, buffer: ReplyBuffer, publish: Publish, on_first: OnFirstToken) -> None:
+        self._buffer = buffer
+        self._publish = publish
+        self._on_first = on_first
+        self._dirty: list[ReplyRun] = []  # runs with chunks or an end waiting, in arrival order
+        self._task: asyncio.Task[None] | None = None
+
+    def mark(self, run: ReplyRun) -> None:
+        self._dirty.append(run)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="delta-pump")
+
+    def end(self, run: ReplyRun, finish: Finish | None) -> None:
+        """No more chunks for ``run``: resolve its ``done`` once what it has is published."""
+        if run.ended:
+            return
+        run.ended = True
+        run.final = finish
+        if run.pending is None:  # otherwise marked already: the end rides with its chunks
+            self.mark(run)
+
+    async def _drain(self) -> None:
+        try:
+            while self._dirty:
+                runs, self._dirty = self._dirty, []
+                try:
+                    await self._flush(runs)
+                except Exception:  # a bug, not an outage: end the runs rather than hang them
+                    log.exception("delta pump failed")
+                    for run in runs:
+                        run.failure = run.failure or "reply failed: internal error"
+                        run.stop(FinishReason.ERROR.value)
+                        _resolve(run)
+        finally:
+            self._task = None  # the next mark starts a new one
+
+    async def _flush(self, runs: list[ReplyRun]) -> None:
+        batch: list[ReplyRun] = []
+        texts: list[str] = []
+        for run in runs:
+            pending = run.pending
+            if pending is None:
+                continue  # only its end is waiting
+            run.pending = None
+            if run.waiter is not None:
+                waiter, run.waiter = run.waiter, None
+                if not waiter.done():
+                    waiter.set_result(None)
+            if run.cancel_reason is not None:
+                continue  # stopped: what came after is dropped, as the client asked
+            text = pending[0] if len(pending) == 1 else "".join(pending)
+            run.seq += 1
+            run.parts.append(text)
+            if run.first_token_at is None:
+                run.first_token_at = time.perf_counter()
+                self._on_first(run)
+            batch.append(run)
+            texts.append(text)
+        if batch:
+            await self._record_and_publish(batch, texts)
+        for run in runs:
+            if run.ended and run.pending is None:
+                _resolve(run)
+
+    async def _record_and_publish(self, batch: list[ReplyRun], texts: list[str]) -> None:
+        try:
+            lost = await self._buffer.append_many(
+                [
+                    (run.conversation_id, run.generation_id, run.seq, text)
+                    for run, text in zip(batch, texts, strict=True)
+                ]
+            )
+        except Exception as exc:  # Redis down: these replies fail, as a failed append did
+            log.warning("recording deltas failed: %s", exc)
+            for run in batch:
+                _fail(run, f"reply failed: {type(exc).__name__}")
+            return
+        publish = self._publish
+        for run, text in zip(batch, texts, strict=True):
+            if lost and run.generation_id in lost:
+                log.warning(
+                    "reply taken over by another instance",
+                    extra={"conversation": run.conversation_id},
+                )
+                run.lost = True
+                run.stop(FinishReason.ERROR.value)
+                continue
+            conversation_id = run.conversation_id
+            try:
+                await publish(
+                    conversation_id,
+                    Delta(conversation_id, run.generation_id, run.seq, text).to_dict(),
+                )
+            except Exception as exc:
+                log.warning("publishing a delta failed: %s", exc)
+                _fail(run, f"reply failed: {type(exc).__name__}")
+
+
+def _fail(run: ReplyRun, why: str) -> None:
+    if run.failure is None:
+        run.failure = why
+    run.stop(FinishReason.ERROR.value)
+
+
+def _resolve(run: ReplyRun) -> None:
+    done = run.done
+    if done is not None and not done.done():  # not done: the reply task may be gone
+        done.set_result(run.final)
