@@ -8,8 +8,8 @@ members), and measures rows/s, each scenario from an empty table after a checkpo
 
 - raw COPY of 10,000-row batches straight into ``messages``: the ceiling (no dedup, no
   conversation or usage upkeep);
-- the store's first attempt at a big batch: COPY straight into ``messages`` (sorted) + one
-  upkeep statement (updated_at, usage), 1 and 2 concurrent writers;
+- the store's first attempt at a big batch: the bump of updated_at in a transaction of its
+  own, then COPY straight into ``messages`` (sorted) + the usage charge, 1 and 2 writers;
 - COPY into a staging table + INSERT ... ON CONFLICT DO NOTHING with the same upkeep (the
   store's path for a batch that turns out to be a replay), 1 and 2 writers;
 - unnest: one INSERT ... SELECT FROM unnest(arrays) statement with the upkeep;
@@ -17,7 +17,9 @@ members), and measures rows/s, each scenario from an empty table after a checkpo
 - one INSERT per message (autocommit): the naive writer;
 - both first attempts at small batch sizes (where the store switches from unnest to COPY);
 - END TO END: MemoryOutbox -> BatchWriter -> PostgresStore as the server builds it, 1 and 2
-  batch writers, from the first read of a full outbox to the commit of the last message.
+  batch writers, from the first read of a full outbox to the commit of the last message;
+- the same pipeline with a store that only COPYs (no updated_at bump, no usage charge): what
+  the upkeep costs end to end.
 
 The main scenarios run in interleaved rounds (median reported) so that a noisy neighbour or a
 checkpoint hits all of them alike; the end-to-end / raw COPY ratio is taken within each round.
@@ -51,7 +53,14 @@ from protocol import Message, Usage, format_timestamp  # noqa: E402
 from storage.batch_writer import BatchWriter  # noqa: E402
 from storage.outbox.memory import MemoryOutbox  # noqa: E402
 from storage.records import Conversation  # noqa: E402
-from storage.store.pg_write import UPKEEP, WRITE_SETTINGS, Batch, write_staged  # noqa: E402
+from storage.store.pg_write import (  # noqa: E402
+    BUMP,
+    BUMP_SETTINGS,
+    CHARGE,
+    WRITE_SETTINGS,
+    Batch,
+    write_staged,
+)
 from storage.store.postgres import PostgresStore  # noqa: E402
 from tests.services import PostgresServer  # noqa: E402
 
@@ -67,6 +76,7 @@ REPLAY = "replay of stored batches (store)"
 SINGLE = "one INSERT per message"
 E2E_1 = "END TO END outbox->BatchWriter->store, 1 writer"
 E2E_2 = "END TO END outbox->BatchWriter->store, 2 writers"
+BARE_2 = "the same pipeline, COPY only (no bump, no charge), 2 writers"
 _RAW_COLUMNS = [
     "conversation_id", "offset", "created_at", "id", "role", "text", "text_raw", "user_id",
     "agent_id", "client_msg_id", "finish_reason", "input_tokens", "output_tokens", "model",
@@ -198,10 +208,28 @@ async def _two(run: Callable[[Sequence[list[Message]]], Awaitable[None]], parts:
     await asyncio.gather(run(parts[0::2]), run(parts[1::2]))
 
 
-async def _end_to_end(store: PostgresStore, messages: list[Message], writers: int) -> None:
+async def _full_outbox(messages: list[Message]) -> MemoryOutbox:
     outbox = MemoryOutbox(max_entries=len(messages) + 1)
     for m in messages:
         await outbox.add(m)
+    return outbox
+
+
+class CopyOnly:
+    """The store's batch as rows, COPYed in one transaction: no bump, no charge."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+
+    async def write_messages(self, messages: Sequence[Message]) -> int:
+        batch = Batch(messages)
+        async with self.store._primary.acquire() as conn, conn.transaction():
+            await conn.execute(WRITE_SETTINGS)
+            await conn.copy_records_to_table("messages", records=batch.rows, columns=_RAW_COLUMNS)
+        return len(batch)
+
+
+async def _end_to_end(store: Any, outbox: MemoryOutbox, writers: int) -> None:
     pool = [BatchWriter(outbox, store, max_batch=BATCH) for _ in range(writers)]
     for writer in pool:
         writer.start()
@@ -260,8 +288,11 @@ async def _measure(
         data = parts()
         await scenario(UNNEST, rows, lambda d=data: _write_all(arrays, d))
         for writers, name in ((1, E2E_1), (2, E2E_2)):
-            messages = work.take(rows)
-            await scenario(name, rows, lambda m=messages, w=writers: _end_to_end(default, m, w))
+            # Filled before the clock starts: the figure is from the first read on.
+            outbox = await _full_outbox(work.take(rows))
+            await scenario(name, rows, lambda o=outbox, w=writers: _end_to_end(default, o, w))
+        outbox = await _full_outbox(work.take(rows))
+        await scenario(BARE_2, rows, lambda o=outbox: _end_to_end(CopyOnly(default), o, 2))
 
     # One INSERT per message, autocommit: the naive writer.
     singles = Batch(work.take(single_rows)).rows
@@ -296,7 +327,7 @@ async def _measure(
         )
     ratios = {
         name: statistics.median(e / r for e, r in zip(runs[name], runs[RAW], strict=False))
-        for name in (E2E_1, E2E_2)
+        for name in (E2E_1, E2E_2, BARE_2)
     }
     version = await conn.fetchval("SHOW server_version")
     return {
@@ -325,16 +356,21 @@ async def _breakdown(store: PostgresStore, conn: Any, work: Workload) -> dict[st
         t = time.perf_counter()
         batch = Batch(messages)
         t = lap("python: rows from messages", t)
-        args = batch.upkeep_args()
+        bump, charge = batch.bump_args(), batch.charge_args()
         t = lap("python: upkeep arguments", t)
-        async with store._primary.acquire() as c, c.transaction():
-            await c.execute(WRITE_SETTINGS)
-            t = lap("BEGIN + SET LOCAL", t)
-            await c.copy_records_to_table("messages", records=batch.rows, columns=_RAW_COLUMNS)
-            t = lap("COPY into messages", t)
-            await c.fetchval(UPKEEP, *args)
-            t = lap("upkeep statement (updated_at, members, usage)", t)
-        lap("COMMIT", t)
+        async with store._primary.acquire() as c:
+            async with c.transaction():
+                await c.execute(BUMP_SETTINGS)
+                await c.fetchval(BUMP, *bump)
+            t = lap("bump: updated_at of conversations, members", t)
+            async with c.transaction():
+                await c.execute(WRITE_SETTINGS)
+                t = lap("BEGIN + SET LOCAL", t)
+                await c.copy_records_to_table("messages", records=batch.rows, columns=_RAW_COLUMNS)
+                t = lap("COPY into messages", t)
+                await c.fetchval(CHARGE, *charge)
+                t = lap("charge: usage", t)
+            lap("COMMIT", t)
     out = {name: round(statistics.median(times), 1) for name, times in parts.items()}
     for name, ms in out.items():
         print(f"  {name:<48} {ms:>7.1f} ms / 10k rows")

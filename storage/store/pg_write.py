@@ -2,14 +2,24 @@
 
 A batch is written optimistically first, as if none of it were stored (the common case):
 
-- big batches (``COPY_THRESHOLD`` rows and more): the rows, sorted by primary key, are
-  COPYed straight into ``messages``, then one statement does the upkeep from arrays computed
-  here: it moves ``conversations.updated_at`` (and its copy in ``conversation_members``) to
-  the batch's newest message per conversation, never backwards, and adds the usage of the
-  assistant replies to the daily row of the user who wrote the replied-to message (looked up
-  in ``messages`` when that message is not in the batch), on the reply's UTC day;
+- big batches (``COPY_THRESHOLD`` rows and more): first, in a short transaction of its own
+  (the bump), ``conversations.updated_at`` (and its copy in ``conversation_members``) moves to
+  the batch's newest message per conversation, never backwards. Then, in the batch's
+  transaction, the rows, sorted by primary key, are COPYed straight into ``messages``, and one
+  statement adds the usage of the assistant replies to the daily row of the user who wrote
+  the replied-to message (looked up in ``messages`` when that message is not in the batch),
+  on the reply's UTC day;
 - small batches: one statement inserts ``unnest`` of one array per column and does the same
-  upkeep (no DDL, no COPY set-up: cheaper below the threshold; ``bench/persist.py``).
+  upkeep, bump included (no DDL, no COPY set-up: cheaper below the threshold;
+  ``bench/persist.py``).
+
+The bump is idempotent: one whose batch then fails, or is replayed, does no harm, and one
+lost with its batch (a crash in between) is done again when the batch is retried or claimed.
+It commits without waiting for the WAL flush: the batch's commit, which follows it, flushes
+the WAL up to a later point and so makes the bump durable with the messages, never without
+them. Under load every batch touches the same conversations; in a transaction of their own,
+their locks are held for one short statement, not for a whole COPY and its commit, so
+concurrent writers do not queue behind each other's batches.
 
 If any row is already stored (a replay: a batch re-read after a crash between commit and
 ack, or claimed from a dead instance), the primary key refuses it (it holds the partition key
@@ -125,16 +135,21 @@ charged AS (
         output_tokens = u.output_tokens + EXCLUDED.output_tokens
 )"""
 
-# The upkeep after a COPY straight into messages: everything comes as arrays.
-UPKEEP = f"""
+# The bump and the charge of a big batch, from arrays computed here.
+BUMP = f"""
 WITH newest AS (
     SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS n(conversation_id, at)
-), {_BUMP.strip()}, replies AS (
-    SELECT * FROM unnest($3::text[], $4::text[], $5::text[], $6::date[], $7::bigint[], $8::bigint[])
-        AS r(charge_to, conversation_id, reply_to, day, input_tokens, output_tokens)
-), {_CHARGE.strip()}
+), {_BUMP.strip()}
 SELECT count(*) FROM locked
 """
+CHARGE = f"""
+WITH replies AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::date[], $5::bigint[], $6::bigint[])
+        AS r(charge_to, conversation_id, reply_to, day, input_tokens, output_tokens)
+), {_CHARGE.strip()}
+SELECT 1
+"""
+BUMP_SETTINGS = "SET LOCAL synchronous_commit = off; SET LOCAL jit = off"
 
 
 def _insert_sql(source: str, materialized: str, *, fresh: bool) -> str:
@@ -255,24 +270,29 @@ class Batch:
         out.append([self._charge_to(row) for row in self.rows])
         return out
 
-    def upkeep_args(self) -> list[list[Any]]:
-        """The arguments of ``UPKEEP``: newest message per conversation, usage to charge."""
+    def bump_args(self) -> list[list[Any]]:
+        """The arguments of ``BUMP``: the newest message of each conversation."""
         newest: dict[str, datetime] = {}
-        known: dict[tuple[str, date], list[int]] = {}
-        unknown: list[tuple[str, str, date, int, int]] = []
         for row in self.rows:
             cid, at = row[0], row[2]
             if cid not in newest or at > newest[cid]:
                 newest[cid] = at
+        return [list(newest), list(newest.values())]
+
+    def charge_args(self) -> list[list[Any]]:
+        """The arguments of ``CHARGE``: usage per (user, day), and replies of unknown authors."""
+        known: dict[tuple[str, date], list[int]] = {}
+        unknown: list[tuple[str, str, date, int, int]] = []
+        for row in self.rows:
             if row[_ROLE] != "assistant" or row[_REPLY_TO] is None or row[_INPUT] is None:
                 continue
             tokens_in, tokens_out = row[_INPUT], row[_OUTPUT]
             if tokens_in + tokens_out <= 0:
                 continue
-            day = at.astimezone(UTC).date()
+            day = row[2].astimezone(UTC).date()
             who = self.author(row[_REPLY_TO])
             if who is None:
-                unknown.append((cid, row[_REPLY_TO], day, tokens_in, tokens_out))
+                unknown.append((row[0], row[_REPLY_TO], day, tokens_in, tokens_out))
                 continue
             total = known.setdefault((who, day), [0, 0])
             total[0] += tokens_in
@@ -280,8 +300,6 @@ class Batch:
         charge: list[str | None] = [who for who, _ in known]
         charge.extend([None] * len(unknown))
         return [
-            list(newest),
-            list(newest.values()),
             charge,
             [None] * len(known) + [u[0] for u in unknown],
             [None] * len(known) + [u[1] for u in unknown],
@@ -356,11 +374,18 @@ def _when(created_at: str) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-async def write_direct(conn: Any, batch: Batch) -> int:
-    """COPY straight into messages, then the upkeep. Inside a transaction; fails on a replay."""
-    await conn.execute(WRITE_SETTINGS)
-    await conn.copy_records_to_table("messages", records=batch.rows, columns=_MESSAGE_NAMES)
-    await conn.fetchval(UPKEEP, *batch.upkeep_args())
+async def bump_then_write_direct(conn: Any, batch: Batch) -> int:
+    """The bump, then COPY straight into messages and the charge. Fails on a replay.
+
+    Two transactions on one connection: outside any transaction when called.
+    """
+    async with conn.transaction():
+        await conn.execute(BUMP_SETTINGS)
+        await conn.fetchval(BUMP, *batch.bump_args())
+    async with conn.transaction():
+        await conn.execute(WRITE_SETTINGS)
+        await conn.copy_records_to_table("messages", records=batch.rows, columns=_MESSAGE_NAMES)
+        await conn.fetchval(CHARGE, *batch.charge_args())
     return len(batch)
 
 

@@ -35,9 +35,9 @@ from .pg_write import (
     COPY_THRESHOLD,
     Batch,
     RecentAuthors,
+    bump_then_write_direct,
     storable,
     write_arrays,
-    write_direct,
     write_staged,
 )
 
@@ -301,12 +301,12 @@ class PostgresStore:
     async def _write(self, batch: Batch) -> int:
         big = len(batch) >= self.copy_threshold
         try:
-            new = await self._primary_op(
-                lambda conn: (
-                    write_direct(conn, batch) if big else write_arrays(conn, batch, fresh=True)
-                ),
-                transaction=True,
-            )
+            if big:
+                new = await self._primary_op(lambda conn: bump_then_write_direct(conn, batch))
+            else:
+                new = await self._primary_op(
+                    lambda conn: write_arrays(conn, batch, fresh=True), transaction=True
+                )
         except asyncpg.UniqueViolationError:
             # Some of the batch is stored already (a replay): write it again, skipping those.
             new = await self._primary_op(
