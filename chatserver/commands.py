@@ -113,7 +113,16 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
             ErrorCode.UNAVAILABLE, f"agent {conversation.agent_id!r} is not configured here"
         )
     generation.check_capacity(conversation.id)
-    await _check_limits(app, session)
+    try:
+        await _check_limits(app, session)
+    except ServiceError:
+        # A resend of an accepted message (its ack was lost) costs nothing: it gets its
+        # duplicate ack below, not a refusal. Looked up only when refused: no round trip more
+        # per send.
+        if frame.client_msg_id is None or not await conversations.was_sent(
+            conversation.id, session.user_id, frame.client_msg_id
+        ):
+            raise
     result = await conversations.append(
         MessageDraft(
             conversation_id=conversation.id,

@@ -120,6 +120,10 @@ class ConversationService:
                 ) from None
         raise ServiceError(ErrorCode.UNAVAILABLE, "conversation window could not be loaded", 500)
 
+    async def was_sent(self, conversation_id: str, user_id: str, client_msg_id: str) -> bool:
+        """Whether this user's message with this client_msg_id was accepted (and still known)."""
+        return await self.window.knows(conversation_id, user_id, client_msg_id)
+
     async def _rebuild(self, conversation_id: str) -> None:
         """Load a missing window from the store; concurrent callers share one load."""
         pending = self._rebuilding.get(conversation_id)

@@ -55,6 +55,14 @@ class HotWindow(Protocol):
         """
         ...
 
+    async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:
+        """Whether an append of this (user, client_msg_id) would be a duplicate now.
+
+        A look-up for refusals only: a resend of an accepted message is answered as the
+        duplicate it is, not refused for a limit it no longer counts against.
+        """
+        ...
+
     async def forget(self, conversation_id: str) -> None:
         """Drop the conversation's window (tests and cache flushes)."""
         ...

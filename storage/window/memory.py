@@ -210,6 +210,10 @@ class MemoryWindow:
         while len(self._tombstones) > self.max_tombstones:
             self._tombstones.popitem(last=False)
 
+    async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:
+        self._prune_seen(self._clock())
+        return _idem_key(conversation_id, user_id, client_msg_id) in self._seen
+
     def _evict(self) -> None:
         while len(self._windows) > self.max_conversations:
             cid, window = self._windows.popitem(last=False)

@@ -329,6 +329,10 @@ class RedisWindow:
             message=message_from_draft(message_id, draft, offset, created_ms), duplicate=False
         )
 
+    async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:
+        key = self.keys(conversation_id).idem(user_id, client_msg_id)
+        return bool(await self.redis.exists(key))
+
     async def forget(self, conversation_id: str) -> None:
         keys = self.keys(conversation_id)
         await self.redis.delete(keys.epoch, keys.win)

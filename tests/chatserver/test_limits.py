@@ -130,6 +130,27 @@ async def test_sends_past_the_rate_are_refused_with_a_retry_time(make_harness: M
     assert 'chat_rate_limited_total{code="rate_limited"} 1.0' in body
 
 
+async def test_a_resend_past_the_rate_gets_its_duplicate_ack(make_harness: MakeHarness) -> None:
+    harness = await make_harness(limits_free=LIMITS)
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    acks = [await alice.send(conv, f"m{i}", client_msg_id=f"k{i}") for i in range(3)]
+    with pytest.raises(ChatError) as info:
+        await alice.send(conv, "new", client_msg_id="k3")
+    assert info.value.code == ErrorCode.RATE_LIMITED.value
+    # The ack of m1 was lost, say: the resend is answered, not refused, and stores nothing.
+    again = await alice.send(conv, "m1", client_msg_id="k1")
+    assert again.duplicate and (again.message_id, again.offset) == (
+        acks[1].message_id,
+        acks[1].offset,
+    )
+    assert [m.text for m in (await alice.history(conv)).messages if m.role == "user"] == [
+        "m0",
+        "m1",
+        "m2",
+    ]
+
+
 async def test_a_third_connection_is_closed_4429(make_harness: MakeHarness) -> None:
     harness = await make_harness(limits_free=LIMITS)
     await harness.connect("alice")

@@ -115,10 +115,24 @@ async def test_duplicate_client_msg_id_returns_the_first(
     assert (a.message.offset, b.message.offset) == (3, 4)
 
 
+async def test_knows_a_sent_client_msg_id_of_that_user_and_conversation(
+    window_pair: tuple[HotWindow, Outbox],
+) -> None:
+    window, outbox = window_pair
+    await window.rebuild(CID, [], 0)
+    assert not await window.knows(CID, "u1", "k1")
+    await window.append(draft("one", key="k1"), outbox)
+    assert await window.knows(CID, "u1", "k1")
+    assert not await window.knows(CID, "u2", "k1")
+    assert not await window.knows("conv-2", "u1", "k1")
+    assert not await window.knows(CID, "u1", "k2")
+
+
 async def test_duplicate_detection_expires(make_window: MakeWindow) -> None:
     window, outbox = await make_window(idempotency_ttl_s=0)
     await window.rebuild(CID, [], 0)
     first = await window.append(draft(key="k1"), outbox)
+    assert not await window.knows(CID, "u1", "k1")
     second = await window.append(draft(key="k1"), outbox)
     assert not second.duplicate
     assert second.message.offset == first.message.offset + 1
