@@ -1,10 +1,10 @@
 """The embedded model: deterministic replies streamed word by word at a set pace.
 
-All streams of a provider share one timer (``_Ticker``): a heap of when each stream's next
-word is due and a single ``call_at`` for the earliest. At 1,000 concurrent replies and 15 ms a
-word that is ~66,000 words/s; a sleep per word per stream (a future, a timer handle and a
-task step each) cost more CPU than the rest of the server's delta path, while one timer wakes
-~once a millisecond and hands out every word due by then.
+All streams of a provider share one timer (``_Ticker``): millisecond slots of the streams
+whose next word is due then, and a single ``call_at`` for the earliest. At 1,000 concurrent
+replies and 15 ms a word that is ~66,000 words/s; a sleep per word per stream (a future, a
+timer handle and a task step each) cost more CPU than the rest of the server's delta path,
+while one timer wakes ~once a millisecond and hands out every word due by then.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .provider import Chunk, ChunkSink, Finish, ReplyRequest, StreamItem
 
 # A word due within this much of now goes out on this wake: uvloop's clock and timers have
 # millisecond resolution, so waiting for a sub-millisecond remainder would spin the loop.
-_SLACK_S = 0.001
+_SLACK_S = 0.0005
 
 
 def count_tokens(text: str) -> int:
@@ -43,7 +43,7 @@ def compose_reply(request: ReplyRequest) -> str:
 class _LocalStream:
     """One reply being pushed: its words, where it is, and where they go."""
 
-    __slots__ = ("done", "finish_item", "index", "provider", "sink", "words")
+    __slots__ = ("done", "due", "finish_item", "index", "provider", "sink", "words")
 
     def __init__(
         self, provider: LocalProvider, words: list[str], finish: Finish, sink: ChunkSink
@@ -54,6 +54,7 @@ class _LocalStream:
         self.sink = sink
         self.index = 0
         self.done = False
+        self.due = 0.0  # loop time the next word is due
 
     def step(self) -> bool:
         """Push the next word (and the finish after the last); True while words remain."""
@@ -82,51 +83,64 @@ class _LocalStream:
 
 
 class _Ticker:
-    """One timer for every stream of a provider, always armed for the earliest due word."""
+    """One timer for every stream of a provider, always armed for the earliest due word.
 
-    __slots__ = ("_armed_at", "_handle", "_heap", "_loop", "_order")
+    A timing wheel of millisecond slots (uvloop's clock resolution): a word due at ``t``
+    waits in the slot of ``t``; a heap holds each slot's number once. So a word costs a
+    list append, not a heap entry of its own, and a wake takes every slot that is due.
+    """
+
+    __slots__ = ("_armed_at", "_handle", "_heap", "_loop", "_slots")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _LocalStream]] = []
-        self._order = 0  # ties go first in, first out
+        self._slots: dict[int, list[_LocalStream]] = {}
+        self._heap: list[int] = []
         self._handle: asyncio.TimerHandle | None = None
-        self._armed_at = 0.0
+        self._armed_at = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, due: float, stream: _LocalStream) -> None:
+    def add(self, stream: _LocalStream) -> None:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new loop (tests run several): the old timer is gone
-            self._loop, self._heap, self._handle = loop, [], None
-        self._order += 1
-        heapq.heappush(self._heap, (due, self._order, stream))
-        if self._handle is None or due < self._armed_at:
-            self._arm(loop, due)
+            self._loop, self._slots, self._heap, self._handle = loop, {}, [], None
+        slot = self._put(stream)
+        if self._handle is None or slot < self._armed_at:
+            self._arm(loop, slot)
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    def _put(self, stream: _LocalStream) -> int:
+        slot = int(stream.due * 1000)  # a word may leave up to a millisecond early
+        waiting = self._slots.get(slot)
+        if waiting is None:
+            self._slots[slot] = [stream]
+            heapq.heappush(self._heap, slot)
+        else:
+            waiting.append(stream)
+        return slot
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, slot: int) -> None:
         if self._handle is not None:
             self._handle.cancel()
-        self._armed_at = when
-        self._handle = loop.call_at(when, self._fire)
+        self._armed_at = slot
+        self._handle = loop.call_at(slot / 1000, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
         loop = self._loop
         assert loop is not None
-        heap = self._heap
-        horizon = loop.time() + _SLACK_S
-        pop, push = heapq.heappop, heapq.heappush
-        while heap and heap[0][0] <= horizon:
-            due, _, stream = pop(heap)
-            if stream.done:
-                continue
-            # The next word is due a pace after this one was *due*, not after now: a late
-            # wake is caught up (the words that piled up go out together) instead of
-            # slowing every later word down.
-            if stream.step():
-                self._order += 1
-                push(heap, (due + stream.provider.token_s, self._order, stream))
+        heap, slots = self._heap, self._slots
+        now = int((loop.time() + _SLACK_S) * 1000)
+        while heap and heap[0] <= now:
+            for stream in slots.pop(heapq.heappop(heap)):
+                if stream.done:
+                    continue  # cancelled: dropped here
+                if stream.step():
+                    # The next word is due a pace after this one was *due*, not after
+                    # now: a late wake is caught up (the words that piled up go out
+                    # together) instead of slowing every later word down.
+                    stream.due += stream.provider.token_s
+                    self._put(stream)
         if heap:
-            self._arm(loop, heap[0][0])
+            self._arm(loop, heap[0])
 
 
 class LocalProvider:
@@ -150,8 +164,9 @@ class LocalProvider:
             reason = FinishReason.LENGTH.value
         finish = Finish(reason, Usage(count_tokens(prompt), len(words)))
         stream = _LocalStream(self, words, finish, sink)
+        stream.due = asyncio.get_running_loop().time() + self.ttft_s
         self.active += 1
-        self._ticker.add(asyncio.get_running_loop().time() + self.ttft_s, stream)
+        self._ticker.add(stream)
         return stream
 
     async def stream(self, request: ReplyRequest) -> AsyncIterator[StreamItem]:
