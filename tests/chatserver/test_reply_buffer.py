@@ -110,3 +110,51 @@ async def test_only_the_owner_extends_a_lease(redis_url: str) -> None:
         assert 0 < ttl <= 3_600  # 12 leases of 0.3 s
     finally:
         await redis.aclose()
+
+
+async def test_a_batch_of_deltas_is_recorded_and_a_lost_one_reported(buffer: ReplyBuffer) -> None:
+    assert await buffer.begin(_owner("g1", conv="c1"))
+    assert await buffer.begin(_owner("g2", conv="c2"))
+    lost = await buffer.append_many(
+        [("c1", "g1", 1, "Hello "), ("c2", "g2", 1, "Bonjour "), ("c1", "g1", 2, "world")]
+    )
+    assert lost == set()
+    one, two = await buffer.snapshot("c1"), await buffer.snapshot("c2")
+    assert one is not None and (one.seq, one.text) == (2, "Hello world")
+    assert two is not None and (two.seq, two.text) == (1, "Bonjour ")
+    await buffer.end("c2", "g2")
+    # One reply of the batch is gone (ended, or taken over): only that one is reported.
+    lost = await buffer.append_many([("c1", "g1", 3, "!"), ("c2", "g2", 2, "monde")])
+    assert lost == {"g2"}
+    one = await buffer.snapshot("c1")
+    assert one is not None and (one.seq, one.text) == (3, "Hello world!")
+    assert await buffer.snapshot("c2") is None
+
+
+async def test_a_delta_sent_twice_is_recorded_once(redis_url: str) -> None:
+    """A pipeline retried after a dropped connection resends deltas Redis may have run."""
+    redis = Redis.from_url(redis_url)
+    buffer = RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
+    try:
+        assert await buffer.begin(_owner("g1"))
+        await buffer.append_many([("c1", "g1", 1, "one "), ("c1", "g1", 2, "two")])
+        await buffer.append_many([("c1", "g1", 2, "two"), ("c1", "g1", 3, " three")])
+        await buffer.append("c1", "g1", 3, " three")
+        snap = await buffer.snapshot("c1")
+        assert snap is not None and (snap.seq, snap.text) == (3, "one two three")
+    finally:
+        await redis.aclose()
+
+
+async def test_a_batch_survives_redis_forgetting_its_scripts(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    buffer = RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
+    try:
+        assert await buffer.begin(_owner("g1"))
+        await buffer.append_many([("c1", "g1", 1, "before ")])
+        await redis.script_flush()  # as after a Redis restart
+        assert await buffer.append_many([("c1", "g1", 2, "after")]) == set()
+        snap = await buffer.snapshot("c1")
+        assert snap is not None and (snap.seq, snap.text) == (2, "before after")
+    finally:
+        await redis.aclose()
