@@ -15,7 +15,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+from prometheus_client.metrics import MetricWrapperBase
 
 from protocol import ErrorCode, FinishReason, GenEnd, GenStart, Message, Role, Usage
 from storage.records import Conversation, MessageDraft
@@ -28,9 +30,10 @@ from .buffer import ReplyBuffer, ReplyOwner
 from .cache import ResponseCache, cache_key
 from .leases import keep_leases
 from .local import count_tokens
-from .provider import Chunk, Finish, Provider, PushProvider, ReplyRequest
+from .provider import Finish, Provider, PushProvider, ReplyRequest
 from .routing import Router, is_first_turn
-from .streaming import BACKLOG_LIMIT, DeltaPump, Publish, ReplyRun
+from .sources import replay, start_stream
+from .streaming import DeltaPump, Publish, ReplyRun
 
 log = logging.getLogger("chatserver.generation")
 
@@ -38,30 +41,9 @@ SendControl = Callable[[str, dict[str, Any]], Awaitable[None]]
 OnUsage = Callable[[str, int], Awaitable[None]]  # (user billed, tokens)
 _RETRY_FOR_S = 30.0  # how long a finishing reply waits out a Redis or store outage
 T = TypeVar("T")
-_REPLAY_WORDS = 4  # words per chunk when a cached answer is streamed
+M = TypeVar("M", bound=MetricWrapperBase)
 
 __all__ = ["GenerationManager", "ReplyRun"]
-
-
-class _TaskStream:
-    """A pull provider's stream: the producer task; cancelling it closes the upstream."""
-
-    __slots__ = ("task",)
-
-    def __init__(self, task: asyncio.Task[None]) -> None:
-        self.task = task
-
-    def cancel(self) -> None:
-        self.task.cancel()
-
-
-class _Replayed:
-    """A cached answer, pushed whole at once: nothing left to stop."""
-
-    __slots__ = ()
-
-    def cancel(self) -> None:
-        return None
 
 
 class _Lane:
@@ -112,6 +94,16 @@ class GenerationManager:
         # Checked once: the provider is fixed for the life of the manager.
         self._push: PushProvider | None = provider if isinstance(provider, PushProvider) else None
         self._pump = DeltaPump(buffer, publish, self._first_token)
+        # Labelled metric children by (metric, labels): ``labels()`` takes a lock and builds
+        # a key on every call, ~8 times a reply. Few combinations (agents x models x reasons).
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _series(self, metric: M, *labels: str) -> M:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return cast(M, child)
 
     @property
     def running(self) -> int:
@@ -142,7 +134,7 @@ class GenerationManager:
             )
         route = self._router.choose(agent, message)
         run = ReplyRun(conversation.id, agent, route.model, message, self._pump)
-        self._metrics.model_routed.labels(agent.id, route.model, route.route).inc()
+        self._series(self._metrics.model_routed, agent.id, route.model, route.route).inc()
         if self._cache is not None and agent.cacheable and is_first_turn(message):
             run.cache_key = cache_key(agent, route.model, message.text)
         lane = self._lanes.get(conversation.id)
@@ -237,12 +229,9 @@ class GenerationManager:
             cached = await self._cached_answer(run)
             run.done = asyncio.get_running_loop().create_future()
             if cached is not None:
-                run.handle = _Replayed()
-                _replay(cached, run)
-            elif self._push is not None:
-                run.handle = self._push.open(request, run)
+                replay(cached, run)
             else:
-                run.handle = _TaskStream(asyncio.create_task(self._produce(request, run)))
+                start_stream(self.provider, self._push, request, run)
             if run.cancel_reason is not None:  # cancelled while we were setting up
                 run.stop(run.cancel_reason)
             finish = await run.done
@@ -278,7 +267,7 @@ class GenerationManager:
 
     def _first_token(self, run: ReplyRun) -> None:
         assert run.first_token_at is not None
-        self._metrics.ttft.labels(run.agent.id, run.model).observe(
+        self._series(self._metrics.ttft, run.agent.id, run.model).observe(
             run.first_token_at - run.queued_at
         )
 
@@ -293,28 +282,6 @@ class GenerationManager:
                 raise ServiceError(ErrorCode.UNAVAILABLE, "another reply is still streaming")
             await asyncio.sleep(delay)  # rare: replies raced on two instances
             delay = min(delay * 2, 0.5)
-
-    async def _produce(self, request: ReplyRequest, run: ReplyRun) -> None:
-        """Iterate a pull provider into the run; waits when the pump falls behind."""
-        finish: Finish | None = None
-        try:
-            async for item in self.provider.stream(request):
-                if isinstance(item, Finish):
-                    finish = item
-                    break
-                if isinstance(item, Chunk):
-                    run.chunk(item.text)
-                    if run.backlog() >= BACKLOG_LIMIT:
-                        run.waiter = asyncio.get_running_loop().create_future()
-                        await run.waiter
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("provider failed: %s", exc)
-            finish = Finish(FinishReason.ERROR.value, Usage(0, 0), f"model error: {exc}")
-        finally:
-            # Also when cancelled: the canceller ended the run already (a no-op then).
-            self._pump.end(run, finish)
 
     async def _cached_answer(self, run: ReplyRun) -> str | None:
         """A cacheable first turn asked before: the stored answer (counted), else None."""
@@ -350,7 +317,7 @@ class GenerationManager:
     async def _finalize(self, run: ReplyRun, finish: Finish, duration: float) -> None:
         if run.lost:
             return  # the instance that took over stored and ended it
-        self._metrics.reply_duration.labels(run.agent.id, run.model).observe(duration)
+        self._series(self._metrics.reply_duration, run.agent.id, run.model).observe(duration)
         await self._remember(run, finish)
         # Stored and announced before the buffer goes: an instance dying in between leaves
         # a buffer that another one claims, and its store_and_end finds the message
@@ -393,15 +360,16 @@ class GenerationManager:
                 reason = message.finish_reason or reason
                 error = None if reason != FinishReason.ERROR.value else error
             else:
-                self._metrics.messages_appended.labels(Role.ASSISTANT.value).inc()
+                self._series(self._metrics.messages_appended, Role.ASSISTANT.value).inc()
         except ServiceError as exc:
             reason, error = FinishReason.ERROR.value, f"reply not stored: {exc.message}"
         except Exception as exc:  # the clients must still see the reply end
             log.exception("storing a reply failed", extra={"conversation": conversation_id})
             reason, error = FinishReason.ERROR.value, f"reply not stored: {type(exc).__name__}"
-        self._metrics.replies.labels(reason).inc()
-        self._metrics.tokens.labels(owner.model, "input").inc(finish.usage.input_tokens)
-        self._metrics.tokens.labels(owner.model, "output").inc(finish.usage.output_tokens)
+        self._series(self._metrics.replies, reason).inc()
+        tokens = self._metrics.tokens
+        self._series(tokens, owner.model, "input").inc(finish.usage.input_tokens)
+        self._series(tokens, owner.model, "output").inc(finish.usage.output_tokens)
         await self._publish(
             conversation_id,
             GenEnd(
@@ -427,13 +395,3 @@ class GenerationManager:
     async def keep_leases(self, lease_s: float, sweep_s: float) -> None:
         """Renew our replies' leases and end orphaned ones, for the life of the app."""
         await keep_leases(self._buffer, self.running_replies, self.store_and_end, lease_s, sweep_s)
-
-
-def _replay(text: str, run: ReplyRun) -> None:
-    """Stream a cached answer like a model would: chunks, then ``stop``, no tokens."""
-    words = text.split(" ")
-    for start in range(0, len(words), _REPLAY_WORDS):
-        piece = " ".join(words[start : start + _REPLAY_WORDS])
-        last = start + _REPLAY_WORDS >= len(words)
-        run.chunk(piece if last else piece + " ")
-    run.finish(Finish(FinishReason.STOP.value, Usage(0, 0)))
