@@ -175,13 +175,19 @@ class RedisBroker:
 
     async def publish(self, event: Event) -> None:
         channel = self.channel(event.conversation_id)
-        if self._deliver is not None and channel.encode() in self._channels:
-            self._deliver(event)  # local members first, no Redis round trip
         payload = msgpack.packb(
             [self.server_id, event.published_at, event.conversation_id, event.frame],
             use_bin_type=True,
         )
-        await self._enqueue(channel, payload)
+        await self._wait_room()
+        # Queued for Redis before the local delivery, in one step with no await between:
+        # the writer task is woken ahead of the local flush, so the PUBLISH leaves before
+        # this instance spends milliseconds writing to its own members, and the other
+        # instances fan out in parallel with it. Same order locally as through Redis.
+        self._outgoing.append((channel, payload))
+        self._wake.set()
+        if self._deliver is not None and channel.encode() in self._channels:
+            self._deliver(event)  # local members without a Redis round trip
 
     async def send_control(self, server_id: str, message: dict[str, Any]) -> None:
         """A message for one instance (e.g. cancel a reply it owns)."""
@@ -189,11 +195,14 @@ class RedisBroker:
         await self._enqueue(self.control_channel(server_id), payload)
 
     async def _enqueue(self, channel: str, payload: bytes) -> None:
+        await self._wait_room()
+        self._outgoing.append((channel, payload))
+        self._wake.set()
+
+    async def _wait_room(self) -> None:
         while len(self._outgoing) >= self._max_queued:
             self._room.clear()
             await self._room.wait()
-        self._outgoing.append((channel, payload))
-        self._wake.set()
 
     async def _publish_loop(self) -> None:
         backoff = 0.05
