@@ -6,16 +6,20 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from protocol import Encoding
+
 from .broker.base import Broker
 from .events import Event
 from .session import Session, Subscription
 
 
 class _Room:
-    __slots__ = ("ready", "sessions")
+    __slots__ = ("members", "ready")
 
     def __init__(self) -> None:
-        self.sessions: set[Session] = set()
+        # Each local member's subscription to this conversation, so a delivery need not
+        # look it up in the session (the same object as in ``session.subscriptions``).
+        self.members: dict[Session, Subscription] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
@@ -47,7 +51,7 @@ class LocalHub:
         room = self._rooms.get(conversation_id)
         if room is None:
             room = self._rooms[conversation_id] = _Room()
-            room.sessions.add(session)
+            room.members[session] = sub
             try:
                 await self._broker.subscribe(conversation_id)
             except BaseException as exc:
@@ -58,11 +62,11 @@ class LocalHub:
                 raise
             room.ready.set_result(None)
         else:
-            room.sessions.add(session)
+            room.members[session] = sub
             try:
                 await asyncio.shield(room.ready)
             except BaseException:
-                room.sessions.discard(session)
+                room.members.pop(session, None)
                 session.subscriptions.pop(conversation_id, None)
                 raise
         return sub
@@ -73,8 +77,8 @@ class LocalHub:
         room = self._rooms.get(conversation_id)
         if room is None:
             return True
-        room.sessions.discard(session)
-        if not room.sessions and room.ready.done():
+        room.members.pop(session, None)
+        if not room.members and room.ready.done():
             del self._rooms[conversation_id]
             await self._broker.unsubscribe(conversation_id)
         return True
@@ -83,14 +87,31 @@ class LocalHub:
         room = self._rooms.get(event.conversation_id)
         if room is None:
             return
-        for session in room.sessions:
-            session.deliver(event)
+        # The fan-out hot path: per member one dict step and one push. Events that a
+        # member's join state or a filter may drop (held while joining, below the join
+        # floor, generation frames, typing) take the session's general path.
+        plain = event.generation_id is None and event.exclude_user is None
+        offset = event.offset
+        msgpack = Encoding.MSGPACK
+        text: bytes | None = None
+        binary: bytes | None = None
+        for session, sub in room.members.items():
+            if not plain or sub.held is not None or (offset and offset <= sub.floor_offset):
+                session.deliver(event)
+            elif session.encoding is msgpack:
+                if binary is None:
+                    binary = event.framed(True)
+                session.outbound.push(binary)
+            else:
+                if text is None:
+                    text = event.framed(False)
+                session.outbound.push(text)
         if self._on_fanout is not None and event.published_at:
             self._on_fanout(time.time() - event.published_at)
 
     def local_members(self, conversation_id: str) -> int:
         room = self._rooms.get(conversation_id)
-        return len(room.sessions) if room else 0
+        return len(room.members) if room else 0
 
     def conversations(self) -> int:
         return len(self._rooms)

@@ -1,10 +1,10 @@
-"""Per-connection outbound buffer written below aiohttp's writer, once per loop tick.
+"""Per-connection outbound buffer written below aiohttp's writer, once per flush round.
 
 Every frame for a connection (direct replies and fan-out) goes through here, so order is
 kept. A hub-wide ``Flusher`` writes each dirty connection's frames with one
-``transport.writelines`` per tick. Because this bypasses aiohttp's flow control the
-buffer enforces its own bound: queued bytes plus the transport's buffer above
-``limit_bytes`` marks the connection as a slow consumer.
+``transport.writelines`` per round of a few loop passes. Because this bypasses aiohttp's
+flow control the buffer enforces its own bound: queued bytes plus the transport's buffer
+above ``limit_bytes`` marks the connection as a slow consumer.
 """
 
 from __future__ import annotations
@@ -41,15 +41,23 @@ class Outbound:
         """Queue one framed message; False when the connection is closed or overflowed."""
         if self.closed:
             return False
-        self.queued += len(data)
-        if self.queued + self.transport.get_write_buffer_size() > self.limit:
-            self.overflow()
-            return False
-        if self.frames is None:
+        frames = self.frames
+        if frames is None:
+            # ``queued`` starts from the transport's backlog, read once per round: it cannot
+            # grow before our next write (aiohttp's own pings and pongs aside, a few bytes),
+            # so one C call per connection and round, not per frame (fan-out hot path).
+            self.queued = self.transport.get_write_buffer_size() + len(data)
+            if self.queued > self.limit:
+                self.overflow()
+                return False
             self.frames = [data]
             self._flusher.mark(self)
-        else:
-            self.frames.append(data)
+            return True
+        self.queued += len(data)
+        if self.queued > self.limit:
+            self.overflow()
+            return False
+        frames.append(data)
         return True
 
     def overflow(self) -> None:
@@ -80,19 +88,31 @@ class Outbound:
         self.frames = None
 
     def buffered_bytes(self) -> int:
-        if self.transport.is_closing():
+        """Bytes not yet accepted by the kernel (while a round is queued: as of its start)."""
+        if self.frames is not None or self.transport.is_closing():
             return self.queued
-        return self.queued + self.transport.get_write_buffer_size()
+        return self.transport.get_write_buffer_size()
 
 
 class Flusher:
-    """Coalesces all writes of one event-loop tick into one write per connection."""
+    """Coalesces the writes of a few event-loop passes into one write per connection.
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    A write syscall costs more than the frames it carries (~10 µs here against ~1 µs of
+    Python per frame), so frames per write is what fan-out CPU comes down to. The first
+    mark of a round schedules a callback that re-schedules itself ``passes - 1`` times
+    before it flushes: the callbacks the loop already had ready (the tasks woken by the same
+    I/O poll: other sends, the broker's subscriber) run in between and add their frames to
+    the same writes. With nothing else ready the passes follow each other at once (a few
+    µs), so an idle server adds no latency; a busy one waits at most that many passes.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_dirty", "_left", "_loop", "_scheduled", "passes")
+
+    def __init__(self, passes: int = 2) -> None:
         self._dirty: list[Outbound] = []
         self._scheduled = False
+        self._left = 0
+        self.passes = passes
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def mark(self, outbound: Outbound) -> None:
@@ -101,7 +121,16 @@ class Flusher:
             self._scheduled = True
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush)
+            self._left = self.passes - 1
+            self._loop.call_soon(self._pass)
+
+    def _pass(self) -> None:
+        if self._left > 0:
+            self._left -= 1
+            assert self._loop is not None
+            self._loop.call_soon(self._pass)
+            return
+        self._flush()
 
     def _flush(self) -> None:
         dirty = self._dirty
