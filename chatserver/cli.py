@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -51,6 +52,10 @@ async def _run_server(settings: Settings) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
+    # Everything alive now (modules, the app, pools) lives as long as the process: out of
+    # the collector's sight, or each full collection walks it again (~60 ms pauses at 500
+    # connections, in the fan-out p99).
+    gc.freeze()
     host, port = runner.addresses[0][:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{port}/"
