@@ -14,9 +14,9 @@ are always running). Measured at the client:
   provider's pace (15 ms). The server coalesces words that piled up into one delta, so a
   late stream shows fewer, longer gaps.
 
-The comparator is the provider itself: the same N streams run straight from
-``LocalProvider.stream()`` in one process (uvloop, no server, no network): what asyncio's
-timers alone add at that concurrency on this machine.
+The comparator is the provider itself: the same N streams pushed straight from
+``LocalProvider.open()`` (its shared timer, as in the server) in one process (uvloop, no
+server, no network): what the timer alone adds at that concurrency on this machine.
 
 Writes ``bench/results/ai.json``.
 """
@@ -52,7 +52,7 @@ GOAL_GAP_P99_MS = 10.0
 
 async def _provider_alone(concurrency: int, seconds: float, ttft_ms: int, token_ms: int) -> Any:
     from chatserver.generation.local import LocalProvider
-    from chatserver.generation.provider import Chunk, ReplyRequest
+    from chatserver.generation.provider import Finish, ReplyRequest
     from chatserver.loadtest.stats import Histogram
     from protocol import Message
 
@@ -63,19 +63,39 @@ async def _provider_alone(concurrency: int, seconds: float, ttft_ms: int, token_
     )
     request = ReplyRequest("general", "local", "", history, 0.7, 1024)
     deadline = time.monotonic() + seconds
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    running = 0
 
-    async def one() -> None:
-        while time.monotonic() < deadline:
-            started = last = time.monotonic_ns()
-            first = True
-            async for item in provider.stream(request):
-                if isinstance(item, Chunk):
-                    now = time.monotonic_ns()
-                    (ttft if first else gap).record_ns(now - (started if first else last))
-                    first, last = False, now
+    class Sink:
+        """One stream, pushed by the provider's shared timer as the server's are."""
+
+        def __init__(self) -> None:
+            self.started = self.last = time.monotonic_ns()
+            self.first = True
+
+        def chunk(self, text: str) -> None:
+            now = time.monotonic_ns()
+            if self.first:
+                ttft.record_ns(now - self.started)
+            else:
+                gap.record_ns(now - self.last)
+            self.first, self.last = False, now
+
+        def finish(self, finish: Finish) -> None:
+            nonlocal running
+            if time.monotonic() < deadline:
+                provider.open(request, Sink())  # the next reply at once: N always running
+                return
+            running -= 1
+            if running == 0:
+                finished.set_result(None)
 
     cpu = time.process_time()
-    await asyncio.gather(*(one() for _ in range(concurrency)))
+    for _ in range(concurrency):
+        running += 1
+        provider.open(request, Sink())
+    await finished
     return {
         "ttft_added": ttft.summary(ttft_ms),
         "gap_added": gap.summary(token_ms),

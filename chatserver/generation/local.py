@@ -22,6 +22,9 @@ from .provider import Chunk, ChunkSink, Finish, ReplyRequest, StreamItem
 _SLACK_S = 0.0005
 
 
+_COUNTS_MAX_CHARS = 4_000_000  # texts kept for their word counts, then forgotten at once
+
+
 def count_tokens(text: str) -> int:
     return len(text.split())
 
@@ -151,18 +154,35 @@ class LocalProvider:
         self.token_s = token_ms / 1000  # read at every word: tests change the pace mid-reply
         self.active = 0  # streams running now: tests watch a cancel reach the provider
         self._ticker = _Ticker()
+        # Word counts of the texts seen lately: each reply counts its whole context window
+        # (up to 50 messages), which it mostly shares with the conversation's previous reply.
+        self._counts: dict[str, int] = {}
+        self._counted_chars = 0
+
+    def _words(self, text: str) -> int:
+        """``count_tokens(text)``, remembered; the same sum as counting the joined prompt."""
+        count = self._counts.get(text)
+        if count is None:
+            count = self._counts[text] = count_tokens(text)
+            self._counted_chars += len(text)
+            if self._counted_chars > _COUNTS_MAX_CHARS:
+                self._counts = {text: count}
+                self._counted_chars = len(text)
+        return count
 
     def open(self, request: ReplyRequest, sink: ChunkSink) -> _LocalStream:
         """Push the reply into ``sink`` from the shared timer; ``cancel()`` stops it at once."""
         text = compose_reply(request)
-        prompt = request.system_prompt + " " + " ".join(m.text for m in request.history)
+        words_in = self._words(request.system_prompt)
+        for message in request.history:
+            words_in += self._words(message.text)
         words = text.split(" ")
         limit = request.max_output_tokens
         reason = FinishReason.STOP.value
         if len(words) > limit:
             words = words[:limit]
             reason = FinishReason.LENGTH.value
-        finish = Finish(reason, Usage(count_tokens(prompt), len(words)))
+        finish = Finish(reason, Usage(words_in, len(words)))
         stream = _LocalStream(self, words, finish, sink)
         stream.due = asyncio.get_running_loop().time() + self.ttft_s
         self.active += 1

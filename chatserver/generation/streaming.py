@@ -37,6 +37,7 @@ BACKLOG_LIMIT = 256
 
 class ReplyRun:
     __slots__ = (
+        "_owner",
         "agent",
         "cache_hit",
         "cache_key",
@@ -88,16 +89,20 @@ class ReplyRun:
         self.lost = False  # another instance took the reply over: end silently
         self.cache_key: CacheKey | None = None  # a cacheable first turn
         self.cache_hit = False
+        self._owner: ReplyOwner | None = None
 
     def owner(self, server_id: str) -> ReplyOwner:
-        return ReplyOwner(
-            self.conversation_id,
-            self.generation_id,
-            server_id,
-            self.agent.id,
-            self.model,
-            self.reply_to.id,
-        )
+        owner = self._owner
+        if owner is None or owner.owner != server_id:
+            owner = self._owner = ReplyOwner(
+                self.conversation_id,
+                self.generation_id,
+                server_id,
+                self.agent.id,
+                self.model,
+                self.reply_to.id,
+            )
+        return owner
 
     # -- the provider's sink --------------------------------------------------------
 
