@@ -33,6 +33,7 @@ from typing import Any
 import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from ..events import Event
@@ -77,6 +78,7 @@ class RedisBroker:
         self._room = asyncio.Event()
         self._room.set()
         self._writer: asyncio.Task[None] | None = None
+        self._conn: AbstractConnection | None = None  # the writer's own, plain Redis only
         self._last_gap = 0.0
         self.received = 0
         self.dropped_echoes = 0
@@ -113,6 +115,9 @@ class RedisBroker:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._writer, 5)
+        if self._conn is not None and isinstance(self._redis, Redis):
+            conn, self._conn = self._conn, None
+            await self._redis.connection_pool.release(conn)
         for subscriber in self._subscribers.values():
             await subscriber.close()
         if self._cluster:
@@ -217,13 +222,16 @@ class RedisBroker:
             while self._outgoing and not me.cancelling():
                 batch = [self._outgoing[i] for i in range(min(len(self._outgoing), 1000))]
                 try:
-                    pipe = self._redis.pipeline(transaction=False)
-                    for channel, payload in batch:
-                        if self._cluster:
-                            pipe.spublish(channel, payload)
-                        else:
-                            pipe.publish(channel, payload)
-                    await pipe.execute()
+                    if isinstance(self._redis, Redis) and not self._cluster:
+                        await self._publish_direct(self._redis, batch)
+                    else:
+                        pipe = self._redis.pipeline(transaction=False)
+                        for channel, payload in batch:
+                            if self._cluster:
+                                pipe.spublish(channel, payload)
+                            else:
+                                pipe.publish(channel, payload)
+                        await pipe.execute()
                 except (RedisError, OSError) as exc:
                     log.warning("publish failed, retrying in %.2fs: %s", backoff, exc)
                     await asyncio.sleep(backoff + random.uniform(0, backoff))
@@ -234,6 +242,34 @@ class RedisBroker:
                     self._outgoing.popleft()
                 if len(self._outgoing) < self._max_queued:
                     self._room.set()
+
+    async def _publish_direct(self, redis: Redis, batch: list[tuple[str, bytes]]) -> None:
+        """The batch's PUBLISHes on a connection of our own, written before the first await.
+
+        A pooled command or pipeline first checks the connection it takes out with a read
+        that yields to the loop: the local flush (milliseconds of writes to this instance's
+        members) would run before the PUBLISH leaves, and every other instance would start
+        its fan-out that much later. Written here, the PUBLISH goes out in the same loop pass
+        as the writer wakes, ahead of the flush.
+        """
+        conn = self._conn
+        if conn is None:
+            pool = redis.connection_pool
+            conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            packed = conn.pack_commands(
+                [("PUBLISH", channel, payload) for channel, payload in batch]
+            )
+            await conn.send_packed_command(packed, check_health=False)
+            for _ in batch:
+                await conn.read_response()
+        except BaseException:
+            # Replies may be left unread on it: never reuse it.
+            self._conn = None
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            await redis.connection_pool.release(conn)
+            raise
 
     # -- receiving ----------------------------------------------------------------------
 
