@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -10,6 +13,7 @@ from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
 # Connections: a sorted set of connection ids scored by when they stop counting.
+# 0: refused; 1: counted; 2: counted, and today's token counter (KEYS[2]) does not exist yet.
 _OPEN = (
     _NOW
     + """
@@ -19,6 +23,7 @@ if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+if redis.call('EXISTS', KEYS[2]) == 0 then return 2 end
 return 1
 """
 )
@@ -77,17 +82,33 @@ class RedisLimiter:
         self._open = redis.register_script(_OPEN)
         self._renew = redis.register_script(_RENEW)
         self._check = redis.register_script(_CHECK_SEND)
+        self._starting: set[asyncio.Task[None]] = set()  # counters being started, kept alive
 
     def _key(self, kind: str, user_id: str, *rest: str) -> str:
         # One user's keys share a hash tag: a cluster keeps them on one node.
         return ":".join([f"{self._prefix}:{{u:{user_id}}}:{kind}", *rest])
 
     async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
-        ok = await self._open(
-            keys=[self._key("conns", user_id)],
-            args=[connection_id, limits.connections, self.connection_ttl_ms],
+        day = utc_day()
+        state = int(
+            await self._open(
+                keys=[self._key("conns", user_id), self._key("tokens", user_id, day)],
+                args=[connection_id, limits.connections, self.connection_ttl_ms],
+            )
         )
-        return bool(ok)
+        if state == 2:
+            # Start today's counter now, off the send path: else the user's first send of
+            # the day takes 3 round trips and a store read (check_send's -1) instead of one.
+            task = asyncio.get_running_loop().create_task(self._start_day(user_id, day))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+        return state != 0
+
+    async def _start_day(self, user_id: str, day: str) -> None:
+        # Best effort: if this fails, the first check_send starts the counter itself.
+        with contextlib.suppress(Exception):
+            key = self._key("tokens", user_id, day)
+            await self._redis.set(key, await self._seed(user_id, day), nx=True, ex=_DAY_TTL_S)
 
     async def close_connection(self, user_id: str, connection_id: str) -> None:
         await self._redis.zrem(self._key("conns", user_id), connection_id)

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from chatserver import keys
 from chatserver.client import ChatError, Closed
-from chatserver.limits.base import Limiter, TierLimits, ms_until_next_utc_day
+from chatserver.limits.base import Limiter, TierLimits, ms_until_next_utc_day, utc_day
 from chatserver.limits.memory import MemoryLimiter
 from chatserver.limits.redis import RedisLimiter
 from protocol import CloseCode, ErrorCode, ErrorFrame, GenStart
@@ -88,6 +88,36 @@ async def test_a_dead_instances_connections_stop_counting(redis_url: str) -> Non
             return await alive.open_connection("u", "c3", TIGHT)
 
         await eventually(admitted, timeout=5)  # nobody renewed c1 and c2
+    finally:
+        await redis.aclose()
+
+
+async def test_a_connection_starts_the_days_counter_off_the_send_path(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    seeded: list[tuple[str, str]] = []
+
+    async def seed(user_id: str, day: str) -> int:
+        seeded.append((user_id, day))
+        return 90
+
+    limiter = RedisLimiter(redis, seed)
+    try:
+        assert await limiter.open_connection("heavy", "c1", TIGHT)
+
+        async def started() -> bool:
+            return bool(await redis.exists(f"chat:{{u:heavy}}:tokens:{utc_day()}"))
+
+        await eventually(started, timeout=5)
+        assert seeded == [("heavy", utc_day())]
+        # The first send finds the counter: no second store read, and the store's 90 count.
+        assert await limiter.check_send("heavy", TIGHT) is None
+        assert seeded == [("heavy", utc_day())]
+        await limiter.add_tokens("heavy", 15)
+        refused = await limiter.check_send("heavy", TIGHT)
+        assert refused is not None and refused[0] == "quota_exceeded"
+        # A second connection the same day reads nothing more from the store.
+        assert await limiter.open_connection("heavy", "c2", TIGHT)
+        assert seeded == [("heavy", utc_day())]
     finally:
         await redis.aclose()
 
