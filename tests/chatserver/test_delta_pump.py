@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from chatserver.agents import Agent
-from chatserver.generation.buffer import Delta as BufferedDelta
+from chatserver.generation import sources
 from chatserver.generation.buffer import MemoryReplyBuffer, ReplyBuffer
+from chatserver.generation.gemini import GeminiConfig, RetryPolicy
+from chatserver.generation.gemini_sse import GeminiSseProvider
 from chatserver.generation.local import LocalProvider
 from chatserver.generation.provider import Finish, ReplyRequest
 from chatserver.generation.redis_buffer import RedisReplyBuffer
 from chatserver.generation.streaming import DeltaPump, ReplyRun, delta_frame
 from protocol import Delta, Message
+from tests.fakegemini import FakeGemini, Stream
+from tests.services import RedisServer
 
 AGENT = Agent("general", "General", "", "local", "")
 
@@ -185,23 +189,23 @@ async def test_a_run_whose_lease_is_lost_stops_alone(buffer: ReplyBuffer) -> Non
     assert finish is not None and finish.reason == "stop" and not kept.lost
 
 
-class FailingBuffer(MemoryReplyBuffer):
-    """A resume buffer whose store went away (Redis down) once replies are running."""
-
-    async def append_many(self, deltas: Sequence[BufferedDelta]) -> set[str]:
-        raise ConnectionError("redis is down")
-
-
-async def test_deltas_that_cannot_be_recorded_are_not_published() -> None:
-    buffer = FailingBuffer()
-    published = Published()
-    pump, _ = _pump(buffer, published)
-    provider = LocalProvider(ttft_ms=5, token_ms=5)
-    run = await _begin(buffer, pump, "c1")
-    run.handle = provider.open(_request("a b c"), run)
-    assert await asyncio.wait_for(run.done, 5) is None
-    assert run.failure == "reply failed: ConnectionError"
-    assert published.frames == [] and provider.active == 0
+async def test_deltas_that_cannot_be_recorded_are_not_published(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    redis = Redis.from_url(redis_url)
+    buffer = RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
+    try:
+        published = Published()
+        pump, _ = _pump(buffer, published)
+        provider = LocalProvider(ttft_ms=50, token_ms=5)
+        run = await _begin(buffer, pump, "c1")
+        run.handle = provider.open(_request("a b c"), run)
+        redis_server.stop()  # Redis goes away before the first word is due
+        assert await asyncio.wait_for(run.done, 10) is None
+        assert run.failure is not None and run.failure.startswith("reply failed: ")
+        assert published.frames == [] and provider.active == 0
+    finally:
+        await redis.aclose()
 
 
 def test_the_delta_frame_is_the_protocol_delta() -> None:
@@ -212,3 +216,29 @@ def test_the_delta_frame_is_the_protocol_delta() -> None:
     built = delta_frame("c1", run, "some text")
     assert built == Delta("c1", run.generation_id, 7, "some text").to_dict()
     assert list(built) == list(Delta("c1", run.generation_id, 7, "some text").to_dict())
+
+
+async def test_a_pulled_provider_waits_for_the_pump_past_its_backlog(
+    buffer: ReplyBuffer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemini (pull) through the same pump: a fast upstream never piles up unbounded."""
+    monkeypatch.setattr(sources, "BACKLOG_LIMIT", 3)
+    chunks = [f"w{i} " for i in range(200)]
+    fake = FakeGemini(Stream(chunks, pace_s=0.0))  # every event in one write: no pause
+    provider = GeminiSseProvider(
+        GeminiConfig("test-key", await fake.start(), timeout_s=5, retry=RetryPolicy())
+    )
+    try:
+        published = Published()
+        pump, _ = _pump(buffer, published)
+        run = await _begin(buffer, pump, "c1")
+        sources.start_stream(provider, None, _request("hi"), run)
+        finish = await asyncio.wait_for(run.done, 10)
+        assert finish is not None and finish.reason == "stop"
+        texts = [f["text"] for f in published.frames]
+        assert "".join(texts) == "".join(chunks)
+        assert [f["seq"] for f in published.frames] == list(range(1, len(texts) + 1))
+        assert max(t.count("w") for t in texts) <= 3  # never more than the backlog at once
+    finally:
+        await provider.close()
+        await fake.close()

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from chatserver.generation.buffer import LeaseLost, MemoryReplyBuffer, ReplyBuffer, ReplyOwner
 from chatserver.generation.redis_buffer import RedisReplyBuffer
@@ -156,5 +157,25 @@ async def test_a_batch_survives_redis_forgetting_its_scripts(redis_url: str) -> 
         assert await buffer.append_many([("c1", "g1", 2, "after")]) == set()
         snap = await buffer.snapshot("c1")
         assert snap is not None and (snap.seq, snap.text) == (2, "before after")
+    finally:
+        await redis.aclose()
+
+
+async def test_a_batch_across_a_clusters_slots(redis_cluster_url: str) -> None:
+    redis = RedisCluster.from_url(redis_cluster_url)
+    buffer = RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
+    try:
+        conversations = [f"c{i}" for i in range(100)]  # spread over the three masters
+        for conv in conversations:
+            assert await buffer.begin(_owner(f"g-{conv}", conv=conv))
+        await buffer.end("c7", "g-c7")
+        lost = await buffer.append_many([(c, f"g-{c}", 1, f"to {c}") for c in conversations])
+        assert lost == {"g-c7"}
+        for conv in conversations:
+            snap = await buffer.snapshot(conv)
+            if conv == "c7":
+                assert snap is None
+            else:
+                assert snap is not None and (snap.seq, snap.text) == (1, f"to {conv}")
     finally:
         await redis.aclose()
