@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 from collections.abc import AsyncIterator
 
 from protocol import FinishReason, Role, Usage
 
 from .provider import Chunk, ChunkSink, Finish, ReplyRequest, StreamItem
+
+log = logging.getLogger("chatserver.generation")
 
 # A word due within this much of now goes out on this wake: uvloop's clock and timers have
 # millisecond resolution, so waiting for a sub-millisecond remainder would spin the loop.
@@ -136,7 +139,13 @@ class _Ticker:
             for stream in slots.pop(heapq.heappop(heap)):
                 if stream.done:
                     continue  # cancelled: dropped here
-                if stream.step():
+                try:
+                    more = stream.step()
+                except Exception:  # a sink's bug ends its stream, not every stream's timer
+                    log.exception("local stream failed")
+                    stream.cancel()
+                    continue
+                if more:
                     # The next word is due a pace after this one was *due*, not after
                     # now: a late wake is caught up (the words that piled up go out
                     # together) instead of slowing every later word down.

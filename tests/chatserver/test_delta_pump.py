@@ -115,6 +115,22 @@ async def test_a_late_wake_catches_up_instead_of_slowing_down() -> None:
     assert together >= 5, "the words due during the stall did not go out together"
 
 
+class Broken(Recorder):
+    def chunk(self, text: str) -> None:
+        raise RuntimeError("a bug in a sink")
+
+
+async def test_a_failing_sink_ends_its_stream_only(caplog: pytest.LogCaptureFixture) -> None:
+    provider = LocalProvider(ttft_ms=5, token_ms=2)
+    broken, kept = Broken(), Recorder()
+    provider.open(_request("x y z"), broken)
+    provider.open(_request("a b c"), kept)
+    await asyncio.wait_for(kept.ended.wait(), 5)
+    assert kept.text.startswith("You said: a b c") and not broken.finishes
+    assert provider.active == 0
+    assert "local stream failed" in caplog.text
+
+
 def _stall(seconds: float) -> None:
     time.sleep(seconds)
 
