@@ -28,10 +28,12 @@ from protocol import (
     Typing,
     TypingNotice,
 )
-from storage.records import MessageDraft
+from storage.records import AppendResult, MessageDraft
+from storage.window.base import AppendRefused
 
 from . import keys
 from .errors import ServiceError
+from .limits.base import TierLimits
 from .publish import publish
 from .session import Session
 
@@ -113,24 +115,16 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
             ErrorCode.UNAVAILABLE, f"agent {conversation.agent_id!r} is not configured here"
         )
     generation.check_capacity(conversation.id)
-    try:
-        await _check_limits(app, session)
-    except ServiceError:
-        # A resend of an accepted message (its ack was lost) costs nothing: it gets its
-        # duplicate ack below, not a refusal. Looked up only when refused: no round trip more
-        # per send.
-        if frame.client_msg_id is None or not await conversations.was_sent(
-            conversation.id, session.user_id, frame.client_msg_id
-        ):
-            raise
-    result = await conversations.append(
+    result = await _append_within_limits(
+        app,
+        session,
         MessageDraft(
             conversation_id=conversation.id,
             role=Role.USER.value,
             text=frame.text,
             user_id=session.user_id,
             client_msg_id=frame.client_msg_id,
-        )
+        ),
     )
     message = result.message
     reply(
@@ -162,21 +156,52 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
     generation.start(conversation, message)
 
 
-async def _check_limits(app: web.Application, session: Session) -> None:
-    """Quota and rate by tier, in one step, before the message: so before any model call."""
+async def _append_within_limits(
+    app: web.Application, session: Session, draft: MessageDraft
+) -> AppendResult:
+    """Quota and rate by tier, then the append: so before any model call.
+
+    Where the limiter and the window can, the check is the append's gate: one round trip
+    for both, and a resend of an accepted message is answered before the check (never
+    refused). Else the limiter checks first, and a refused resend is looked up.
+    """
+    conversations = app[keys.CONVERSATIONS]
+    limiter = app[keys.LIMITER]
     principal = session.principal
     limits = app[keys.SETTINGS].tier_limits(principal.tier)
-    refused = await app[keys.LIMITER].check_send(principal.user_id, limits)
-    if refused is None:
-        return
+    gate = limiter.send_gate(principal.user_id, limits) if conversations.window.gates else None
+    if gate is None:
+        refused = await limiter.check_send(principal.user_id, limits)
+        # A resend of an accepted message (its ack was lost) costs nothing: it gets its
+        # duplicate ack, not a refusal. Looked up only when refused: no round trip more per
+        # send.
+        if refused is not None and (
+            draft.client_msg_id is None
+            or not await conversations.was_sent(
+                draft.conversation_id, principal.user_id, draft.client_msg_id
+            )
+        ):
+            raise _limit_error(refused, limits)
+        return await conversations.append(draft)
+    for _ in range(2):
+        try:
+            return await conversations.append(draft, gate)
+        except AppendRefused as exc:
+            refused = await limiter.gate_refused(principal.user_id, exc.code, exc.value)
+            if refused is not None:
+                raise _limit_error(refused, limits) from None
+    raise ServiceError(ErrorCode.UNAVAILABLE, "the send limits could not be checked", 500)
+
+
+def _limit_error(refused: tuple[str, int], limits: TierLimits) -> ServiceError:
     code, wait_ms = refused
     if code == ErrorCode.QUOTA_EXCEEDED.value:
-        raise ServiceError(
+        return ServiceError(
             ErrorCode.QUOTA_EXCEEDED,
             f"daily quota of {limits.daily_tokens} model tokens used up",
             wait_ms,
         )
-    raise ServiceError(
+    return ServiceError(
         ErrorCode.RATE_LIMITED, f"at most {limits.messages_per_minute} messages per minute", wait_ms
     )
 

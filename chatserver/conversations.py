@@ -11,7 +11,7 @@ from protocol import ErrorCode, Message, Since, format_timestamp
 from storage.outbox.base import Outbox, OutboxFull
 from storage.records import AppendResult, Conversation, MessageDraft, MessagePage, WindowView
 from storage.store.base import Store
-from storage.window.base import HotWindow, WindowMissing
+from storage.window.base import AppendGate, HotWindow, WindowMissing
 
 from .agents import AgentCatalog
 from .auth import Principal
@@ -108,10 +108,14 @@ class ConversationService:
             raise ServiceError(ErrorCode.FORBIDDEN, "not a member of this conversation")
         return conversation
 
-    async def append(self, draft: MessageDraft) -> AppendResult:
+    async def append(self, draft: MessageDraft, gate: AppendGate | None = None) -> AppendResult:
+        """Append to the window (and outbox); ``gate`` is checked in the same step.
+
+        Raises ``AppendRefused`` when the gate refuses.
+        """
         for _ in range(3):
             try:
-                return await self.window.append(draft, self.outbox)
+                return await self.window.append(draft, self.outbox, gate)
             except WindowMissing:
                 await self._rebuild(draft.conversation_id)
             except OutboxFull:

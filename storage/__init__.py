@@ -17,10 +17,12 @@ from .records import (
 )
 from .store.base import Store, StoreUnavailable
 from .store.sqlite import SqliteStore
-from .window.base import HotWindow, WindowMissing
+from .window.base import AppendGate, AppendRefused, HotWindow, WindowMissing
 from .window.memory import MemoryWindow
 
 __all__ = [
+    "AppendGate",
+    "AppendRefused",
     "AppendResult",
     "BatchWriter",
     "Conversation",

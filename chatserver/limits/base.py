@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from storage import AppendGate
+
 # Tokens a user already used on a UTC day, read from the store when a counter starts.
 UsageSeed = Callable[[str, str], Awaitable[int]]
 
@@ -66,3 +68,11 @@ class Limiter(Protocol):
 
         A message refused for its quota takes no token from the rate bucket.
         """
+
+    def send_gate(self, user_id: str, limits: TierLimits) -> AppendGate | None:
+        """The same check as a gate for the window's append (one round trip for both), or
+        None when this limiter has none (then ``check_send`` comes first)."""
+
+    async def gate_refused(self, user_id: str, code: int, value: int) -> tuple[str, int] | None:
+        """What a refusal by ``send_gate``'s gate means: (error code, ms to wait), or None
+        when the gate could not decide yet (the day's counter is started now: append again)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+from storage import AppendGate
+
 from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
 
 _MAX_USERS = 100_000  # buckets and day counters kept; the least recently used go first
@@ -67,6 +69,12 @@ class MemoryLimiter:
             return ("quota_exceeded", reset_ms)
         wait_ms = await self._take_message(user_id, limits)
         return ("rate_limited", wait_ms) if wait_ms is not None else None
+
+    def send_gate(self, user_id: str, limits: TierLimits) -> AppendGate | None:
+        return None  # in-process: check_send is as cheap
+
+    async def gate_refused(self, user_id: str, code: int, value: int) -> tuple[str, int] | None:
+        raise TypeError("the memory limiter makes no gates")
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         key, used = await self._today(user_id)

@@ -8,6 +8,8 @@ import contextlib
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from storage import AppendGate
+
 from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
@@ -38,30 +40,43 @@ return 1
 """
 )
 
-# A send's whole check in one round trip: today's tokens against the quota, then the token
-# bucket (capacity: messages per minute, refilled continuously).
-# -1: today's counter does not exist yet (the caller seeds it from the store and retries).
-_CHECK_SEND = (
+# A send's whole check: today's tokens (K[2]) against the quota (A[2]), then the token bucket
+# (K[1]; capacity A[1], messages per minute, refilled continuously). {0, 0}: go ahead;
+# {1, ms} rate limited; {2, 0} quota used up; {-1, 0}: today's counter does not exist yet
+# (the caller seeds it from the store and checks again). The body of a function of K and A:
+# run alone (check_send) or as the gate of the window's append (send_gate), which then costs
+# no round trip of its own.
+SEND_CHECK_LUA = (
     _NOW
     + """
-local used = redis.call('GET', KEYS[2])
+local used = redis.call('GET', K[2])
 if not used then return {-1, 0} end
-if tonumber(used) >= tonumber(ARGV[2]) then return {2, 0} end
-local capacity = tonumber(ARGV[1])
+if tonumber(used) >= tonumber(A[2]) then return {2, 0} end
+local capacity = tonumber(A[1])
 local rate = capacity / 60000
-local tokens = tonumber(redis.call('HGET', KEYS[1], 't') or capacity)
-local at = tonumber(redis.call('HGET', KEYS[1], 'at') or now)
+local tokens = tonumber(redis.call('HGET', K[1], 't') or capacity)
+local at = tonumber(redis.call('HGET', K[1], 'at') or now)
 tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
 local wait = 0
 if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / rate) end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', now)
-redis.call('PEXPIRE', KEYS[1], 120000)
+redis.call('HSET', K[1], 't', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', K[1], 120000)
 if wait > 0 then return {1, wait} end
 return {0, 0}
 """
 )
+_CHECK_SEND = f"return (function(K, A)\n{SEND_CHECK_LUA}\nend)(KEYS, ARGV)"
+_MISSING, _RATE, _QUOTA = -1, 1, 2
 
 _DAY_TTL_S = 2 * 24 * 3600
+
+
+def _refusal(code: int, value: int) -> tuple[str, int] | None:
+    if code == _QUOTA:
+        return ("quota_exceeded", ms_until_next_utc_day())
+    if code == _RATE:
+        return ("rate_limited", value)
+    return None
 
 
 class RedisLimiter:
@@ -99,16 +114,21 @@ class RedisLimiter:
         if state == 2:
             # Start today's counter now, off the send path: else the user's first send of
             # the day takes 3 round trips and a store read (check_send's -1) instead of one.
-            task = asyncio.get_running_loop().create_task(self._start_day(user_id, day))
+            task = asyncio.get_running_loop().create_task(self._start_day_quietly(user_id, day))
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
         return state != 0
 
-    async def _start_day(self, user_id: str, day: str) -> None:
-        # Best effort: if this fails, the first check_send starts the counter itself.
+    async def _start_day_quietly(self, user_id: str, day: str) -> None:
+        # Best effort: if this fails, the first send check starts the counter itself.
         with contextlib.suppress(Exception):
-            key = self._key("tokens", user_id, day)
-            await self._redis.set(key, await self._seed(user_id, day), nx=True, ex=_DAY_TTL_S)
+            await self._start_day(user_id, day)
+
+    async def _start_day(self, user_id: str, day: str) -> str:
+        """The day's token counter, from the store's figure (unless another instance was first)."""
+        key = self._key("tokens", user_id, day)
+        await self._redis.set(key, await self._seed(user_id, day), nx=True, ex=_DAY_TTL_S)
+        return key
 
     async def close_connection(self, user_id: str, connection_id: str) -> None:
         await self._redis.zrem(self._key("conns", user_id), connection_id)
@@ -124,23 +144,37 @@ class RedisLimiter:
         day = utc_day()
         key = self._key("tokens", user_id, day)
         if not await self._redis.exists(key):
-            await self._redis.set(key, await self._seed(user_id, day), nx=True, ex=_DAY_TTL_S)
+            await self._start_day(user_id, day)
         return key
+
+    def _send_keys(self, user_id: str, day: str) -> tuple[str, str]:
+        return (self._key("rate", user_id), self._key("tokens", user_id, day))
 
     async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
         day = utc_day()
-        keys = [self._key("rate", user_id), self._key("tokens", user_id, day)]
+        keys = self._send_keys(user_id, day)
         args = [limits.messages_per_minute, limits.daily_tokens]
         code, wait = (int(v) for v in await self._check(keys=keys, args=args))
-        if code == -1:  # first send today on any instance: start from the store's figure
-            seed = await self._seed(user_id, day)
-            await self._redis.set(keys[1], seed, nx=True, ex=_DAY_TTL_S)
+        if code == _MISSING:  # first send today on any instance: start from the store's figure
+            await self._start_day(user_id, day)
             code, wait = (int(v) for v in await self._check(keys=keys, args=args))
-        if code == 2:
-            return ("quota_exceeded", ms_until_next_utc_day())
-        if code == 1:
-            return ("rate_limited", wait)
-        return None
+        return _refusal(code, wait)
+
+    def send_gate(self, user_id: str, limits: TierLimits) -> AppendGate:
+        return AppendGate(
+            SEND_CHECK_LUA,
+            self._send_keys(user_id, utc_day()),
+            (limits.messages_per_minute, limits.daily_tokens),
+        )
+
+    async def gate_refused(self, user_id: str, code: int, value: int) -> tuple[str, int] | None:
+        if code == _MISSING:
+            await self._start_day(user_id, utc_day())
+            return None
+        refusal = _refusal(code, value)
+        if refusal is None:
+            raise ValueError(f"not a refusal of the send check: {code}")
+        return refusal
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         if tokens > 0:

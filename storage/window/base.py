@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from protocol import Message
@@ -15,9 +16,36 @@ class WindowMissing(Exception):
     """The conversation's window is not loaded (never was, evicted or flushed): rebuild it."""
 
 
+class AppendRefused(Exception):
+    """The append's gate refused it; nothing was appended. ``code`` and ``value`` are the gate's."""
+
+    def __init__(self, code: int, value: int) -> None:
+        super().__init__(f"append refused by its gate: {code} ({value})")
+        self.code = code
+        self.value = value
+
+
+@dataclass(frozen=True, slots=True)
+class AppendGate:
+    """A check that the append runs in its own atomic step (the same round trip).
+
+    ``lua``: the body of a Lua function of ``K`` (the gate's ``keys``) and ``A`` (its
+    ``args``) that returns ``{code, value}``, code 0 to let the append go, any other code to
+    refuse it (``AppendRefused``). It runs after the idempotency check (a resend of an
+    accepted message is never refused) and the window's own checks (an append that will be
+    retried has not passed it yet), right before anything is written. Only windows whose
+    ``gates`` is true take one (a single Redis: on a cluster the gate's keys live elsewhere).
+    """
+
+    lua: str
+    keys: tuple[str, ...]
+    args: tuple[str | int, ...]
+
+
 class HotWindow(Protocol):
     name: str
     size: int  # messages kept per conversation
+    gates: bool  # whether append() takes an AppendGate
 
     async def start(self) -> None: ...
 
@@ -46,12 +74,15 @@ class HotWindow(Protocol):
         """
         ...
 
-    async def append(self, draft: MessageDraft, outbox: Outbox) -> AppendResult:
+    async def append(
+        self, draft: MessageDraft, outbox: Outbox, gate: AppendGate | None = None
+    ) -> AppendResult:
         """One atomic step: next offset, window entry, outbox entry, idempotency record.
 
         A repeated (conversation, user, client_msg_id) returns the first message with
         ``duplicate=True`` and appends nothing. Raises ``WindowMissing`` when the
-        conversation is not loaded and ``OutboxFull`` when the outbox has no room.
+        conversation is not loaded, ``OutboxFull`` when the outbox has no room and
+        ``AppendRefused`` when ``gate`` refuses.
         """
         ...
 

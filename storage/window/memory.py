@@ -14,7 +14,7 @@ from protocol import Message, format_timestamp
 
 from ..outbox.base import Outbox
 from ..records import AppendResult, MessageDraft, WindowView
-from .base import WindowMissing
+from .base import AppendGate, WindowMissing
 
 _IdemKey = tuple[str, str, str]  # (conversation_id, user_id or "", client_msg_id)
 
@@ -54,6 +54,7 @@ def _contiguous_tail(messages: Sequence[Message], last_offset: int) -> list[Mess
 
 class MemoryWindow:
     name = "memory"
+    gates = False  # in-process: the caller's own check is as atomic (no await between)
 
     def __init__(
         self,
@@ -156,7 +157,11 @@ class MemoryWindow:
         self._prune_seen(now)
         self._evict()
 
-    async def append(self, draft: MessageDraft, outbox: Outbox) -> AppendResult:
+    async def append(
+        self, draft: MessageDraft, outbox: Outbox, gate: AppendGate | None = None
+    ) -> AppendResult:
+        if gate is not None:
+            raise TypeError("the memory window runs no gates (check before appending)")
         cid = draft.conversation_id
         window = self._windows.get(cid)
         if window is None:

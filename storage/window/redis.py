@@ -56,7 +56,7 @@ from ..redis_codec import (
     message_payload,
 )
 from ..redis_keys import DEFAULT_PREFIX, ConversationKeys
-from .base import WindowMissing
+from .base import AppendGate, AppendRefused, WindowMissing
 
 # KEYS: epoch, seq, win. ARGV: max id, min id, count (0: no messages).
 # Returns nil when the window is missing, else {epoch, last offset, first id or "", entries}.
@@ -76,7 +76,8 @@ return {epoch, last, first, entries}
 
 # KEYS: seq, epoch, win, idem[, outbox]. ARGV: payload, size, idem ttl ms (0: no record),
 # key ttl s, outbox max, record state ("d": in the outbox, "p": not yet).
-# Returns {0, offset, ms} | {1, record} duplicate | {2} missing | {3} full.
+# Returns {0, offset, ms} | {1, record} duplicate | {2} missing | {3} full
+# | {4, code, value} refused by the gate (with a gate: its keys and args follow the outbox's).
 _APPEND_LUA = """
 local idem_ttl = tonumber(ARGV[3])
 if idem_ttl > 0 then
@@ -91,6 +92,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local outbox = KEYS[5]
 if outbox and redis.call('XLEN', outbox) >= tonumber(ARGV[5]) then return {3} end
+--GATE--
 local offset = string.format('%d', redis.call('INCR', KEYS[1]))
 local now = redis.call('TIME')
 local ms = string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
@@ -136,6 +138,20 @@ redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
 if keep then redis.call('EXPIRE', KEYS[3], ttl) end
 return 1
 """
+
+# Where a gate goes in the append script: its keys and args are the ones after the append's.
+_GATE_LUA = """
+do
+  local K, A = {}, {}
+  for i = 6, #KEYS do K[#K + 1] = KEYS[i] end
+  for i = 7, #ARGV do A[#A + 1] = ARGV[i] end
+  local verdict = (function(K, A)
+%s
+  end)(K, A)
+  if tonumber(verdict[1]) ~= 0 then return {4, verdict[1], verdict[2]} end
+end
+"""
+_REFUSED = 4
 
 # Cluster path: the message of this record reached the outbox. An expired record stays gone.
 _MARK_QUEUED_LUA = """
@@ -199,8 +215,10 @@ class RedisWindow:
         self.key_ttl_s = int(key_ttl_s)
         # A cluster client cannot run the single-Redis script (the outbox is in another slot).
         self.cluster = cluster or isinstance(redis, RedisCluster)
+        self.gates = not self.cluster
         self._read_script = redis.register_script(_READ_LUA)
-        self._append_script = redis.register_script(_APPEND_LUA)
+        self._append_script = redis.register_script(_APPEND_LUA.replace("--GATE--", ""))
+        self._gated_scripts: dict[str, Any] = {}  # by the gate's Lua: one per kind of gate
         self._rebuild_script = redis.register_script(_REBUILD_LUA)
         self._mark_script = redis.register_script(_MARK_QUEUED_LUA)
         self.hits = 0
@@ -275,7 +293,18 @@ class RedisWindow:
             args += [m.offset, message_payload(m), index]
         await self._rebuild_script(keys=[keys.seq, keys.epoch, keys.win, *idem_keys], args=args)
 
-    async def append(self, draft: MessageDraft, outbox: Outbox) -> AppendResult:
+    def _gated_script(self, gate: AppendGate) -> Any:
+        script = self._gated_scripts.get(gate.lua)
+        if script is None:
+            if len(self._gated_scripts) >= 16:  # gates come from a few fixed sources
+                raise ValueError("too many kinds of append gates")
+            source = _APPEND_LUA.replace("--GATE--", _GATE_LUA % gate.lua)
+            script = self._gated_scripts[gate.lua] = self.redis.register_script(source)
+        return script
+
+    async def append(
+        self, draft: MessageDraft, outbox: Outbox, gate: AppendGate | None = None
+    ) -> AppendResult:
         if not isinstance(outbox, RedisOutbox):
             raise TypeError(f"RedisWindow appends to a RedisOutbox, not {type(outbox).__name__}")
         cid = draft.conversation_id
@@ -289,21 +318,26 @@ class RedisWindow:
             idem_key = keys.idem(draft.user_id, draft.client_msg_id)
             idem_ttl_ms = self._idem_ttl_ms
         script_keys = [keys.seq, keys.epoch, keys.win, idem_key]
+        script_args: list[Any] = [
+            payload,
+            self.size,
+            idem_ttl_ms,
+            self.key_ttl_s,
+            outbox.max_entries,
+            _UNQUEUED if self.cluster else _QUEUED,
+        ]
+        script = self._append_script
         if self.cluster:
+            if gate is not None:
+                raise TypeError("a window on a cluster runs no gates (check before appending)")
             await outbox.check_room(shard)
         else:
             script_keys.append(outbox.keys[shard])
-        reply = await self._append_script(
-            keys=script_keys,
-            args=[
-                payload,
-                self.size,
-                idem_ttl_ms,
-                self.key_ttl_s,
-                outbox.max_entries,
-                _UNQUEUED if self.cluster else _QUEUED,
-            ],
-        )
+            if gate is not None:
+                script = self._gated_script(gate)
+                script_keys.extend(gate.keys)
+                script_args.extend(gate.args)
+        reply = await script(keys=script_keys, args=script_args)
         code = int(reply[0])
         if code == _DUPLICATE:
             record: bytes = reply[1]
@@ -318,6 +352,8 @@ class RedisWindow:
             return AppendResult(message=first, duplicate=first.id != message_id)
         if code == _MISSING:
             raise WindowMissing(cid)
+        if code == _REFUSED:
+            raise AppendRefused(int(reply[1]), int(reply[2]))
         if code == _FULL:
             raise OutboxFull(f"outbox shard {shard} holds {outbox.max_entries} entries")
         offset, created_ms = int(reply[1]), int(reply[2])

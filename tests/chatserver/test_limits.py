@@ -140,8 +140,21 @@ def test_tier_limits_parse_and_name_their_errors() -> None:
 LIMITS = "messages_per_minute=3,connections=2,daily_tokens=1000000"
 
 
-async def test_sends_past_the_rate_are_refused_with_a_retry_time(make_harness: MakeHarness) -> None:
-    harness = await make_harness(limits_free=LIMITS)
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+def services(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Where the limits and the window live: in process; one Redis, where the send check is
+    the append's gate (one round trip); a cluster, where the limiter checks first."""
+    if request.param == "memory":
+        return {}
+    if request.param == "redis":
+        return {"redis_url": request.getfixturevalue("redis_url")}
+    return {"redis_url": request.getfixturevalue("redis_cluster_url"), "redis_cluster": "yes"}
+
+
+async def test_sends_past_the_rate_are_refused_with_a_retry_time(
+    make_harness: MakeHarness, services: dict[str, str]
+) -> None:
+    harness = await make_harness(limits_free=LIMITS, **services)
     conv = await harness.conversation("alice")
     alice = await harness.connect("alice")
     for i in range(3):
@@ -160,8 +173,10 @@ async def test_sends_past_the_rate_are_refused_with_a_retry_time(make_harness: M
     assert 'chat_rate_limited_total{code="rate_limited"} 1.0' in body
 
 
-async def test_a_resend_past_the_rate_gets_its_duplicate_ack(make_harness: MakeHarness) -> None:
-    harness = await make_harness(limits_free=LIMITS)
+async def test_a_resend_past_the_rate_gets_its_duplicate_ack(
+    make_harness: MakeHarness, services: dict[str, str]
+) -> None:
+    harness = await make_harness(limits_free=LIMITS, **services)
     conv = await harness.conversation("alice")
     alice = await harness.connect("alice")
     acks = [await alice.send(conv, f"m{i}", client_msg_id=f"k{i}") for i in range(3)]
@@ -223,10 +238,10 @@ async def test_tiers_have_their_own_limits(make_harness: MakeHarness) -> None:
 
 
 async def test_an_exhausted_quota_stops_replies_before_any_model_call(
-    make_harness: MakeHarness,
+    make_harness: MakeHarness, services: dict[str, str]
 ) -> None:
     harness = await make_harness(
-        limits_free="messages_per_minute=100,connections=5,daily_tokens=40"
+        limits_free="messages_per_minute=100,connections=5,daily_tokens=40", **services
     )
     conv = await harness.conversation("alice")
     alice = await harness.connect("alice")
@@ -238,6 +253,14 @@ async def test_an_exhausted_quota_stops_replies_before_any_model_call(
     assert used >= 40
     provider = harness.app[keys.GENERATION].provider
     await eventually(lambda: provider.active == 0)
+    limiter = harness.app[keys.LIMITER]
+    tight = TierLimits(100, 5, 40)
+
+    async def counted() -> bool:  # the reply's usage reached the (shared) counter
+        refused = await limiter.check_send("alice", tight)
+        return refused is not None and refused[0] == "quota_exceeded"
+
+    await eventually(counted)
     with pytest.raises(ChatError) as info:
         await alice.send(conv, "one more question")
     assert info.value.code == ErrorCode.QUOTA_EXCEEDED.value

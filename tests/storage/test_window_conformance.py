@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 import pytest
 
 from protocol import Message, Usage, format_timestamp, parse_timestamp
-from storage import HotWindow, MessageDraft, Outbox, OutboxFull, WindowMissing
+from storage import (
+    AppendGate,
+    AppendRefused,
+    HotWindow,
+    MessageDraft,
+    Outbox,
+    OutboxFull,
+    WindowMissing,
+)
 
 if TYPE_CHECKING:
     from conftest import MakeWindow, MessageFactory
@@ -126,6 +134,42 @@ async def test_knows_a_sent_client_msg_id_of_that_user_and_conversation(
     assert not await window.knows(CID, "u2", "k1")
     assert not await window.knows("conv-2", "u1", "k1")
     assert not await window.knows(CID, "u1", "k2")
+
+
+# Counts its runs and refuses past A[1]: a stand-in for the limiter's send check.
+COUNTING_GATE = (
+    "local n = redis.call('INCR', K[1]) if n > tonumber(A[1]) then return {7, n} end return {0, n}"
+)
+
+
+async def test_a_gate_decides_in_the_appends_own_step(
+    window_pair: tuple[HotWindow, Outbox],
+) -> None:
+    window, outbox = window_pair
+    counter = f"gate-test:{uuid.uuid4()}"
+    gate = AppendGate(COUNTING_GATE, (counter,), (2,))
+    if not window.gates:  # no atomic step to share: the caller checks first, on its own
+        with pytest.raises(TypeError):
+            await window.append(draft(), outbox, gate)
+        return
+    redis = window.redis  # type: ignore[attr-defined]
+    with pytest.raises(WindowMissing):  # a missing window is rebuilt, then retried ...
+        await window.append(draft(), outbox, gate)
+    assert await redis.get(counter) is None  # ... so the gate has not run yet
+    await window.rebuild(CID, [], 0)
+    first = await window.append(draft("one", key="k1"), outbox, gate)
+    await window.append(draft("two"), outbox, gate)
+    with pytest.raises(AppendRefused) as refused:
+        await window.append(draft("three"), outbox, gate)
+    assert (refused.value.code, refused.value.value) == (7, 3)
+    assert await everything(window) == [1, 2]  # nothing appended, nothing queued
+    assert await outbox.backlog() == 2
+    # A resend of an accepted message is answered before the gate: never refused for it.
+    again = await window.append(draft("one", key="k1"), outbox, gate)
+    assert again.duplicate and again.message.id == first.message.id
+    assert int(await redis.get(counter)) == 3
+    # Without a gate, the same window appends as before.
+    assert (await window.append(draft("four"), outbox)).message.offset == 3
 
 
 async def test_duplicate_detection_expires(make_window: MakeWindow) -> None:
