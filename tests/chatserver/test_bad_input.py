@@ -190,6 +190,8 @@ async def _refused(harness: Harness, token: str, how: str = "header") -> None:
         assert ws.close_code == CloseCode.UNAUTHORIZED
 
 
+# The attacker's token is signed with the server's own (HS256-sized) secret on purpose.
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 async def test_hs512_token_with_the_right_secret_is_refused(harness: Harness) -> None:
     secret = harness.app[keys.AUTH]._secret
     token = jwt.encode({"sub": "eve", "exp": int(time.time()) + 60}, secret, algorithm="HS512")
