@@ -12,9 +12,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
 
 from chatserver.app import create_app
 from chatserver.client import ChatApi, ChatClient
+from chatserver.generation.buffer import MemoryReplyBuffer, ReplyBuffer
+from chatserver.generation.redis_buffer import RedisReplyBuffer
 from chatserver.settings import Settings
 from protocol import Encoding
 
@@ -74,6 +77,17 @@ def settings(tmp_path: Path) -> Settings:
         max_queued_replies=1000,
         frames_per_second=100_000,
     )
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def buffer(request: pytest.FixtureRequest) -> AsyncIterator[ReplyBuffer]:
+    """A resume buffer of each kind (the Redis one on the test's own Redis)."""
+    if request.param == "memory":
+        yield MemoryReplyBuffer()
+        return
+    redis = Redis.from_url(request.getfixturevalue("redis_url"))
+    yield RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
+    await redis.aclose()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -133,16 +132,6 @@ async def test_a_failing_sink_ends_its_stream_only(caplog: pytest.LogCaptureFixt
 
 def _stall(seconds: float) -> None:
     time.sleep(seconds)
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def buffer(request: pytest.FixtureRequest) -> AsyncIterator[ReplyBuffer]:
-    if request.param == "memory":
-        yield MemoryReplyBuffer()
-        return
-    redis = Redis.from_url(request.getfixturevalue("redis_url"))
-    yield RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
-    await redis.aclose()
 
 
 class Published:

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from chatserver.generation.buffer import LeaseLost, MemoryReplyBuffer, ReplyBuffer, ReplyOwner
+from chatserver.generation.buffer import LeaseLost, ReplyBuffer, ReplyOwner
 from chatserver.generation.redis_buffer import RedisReplyBuffer
 
 
 def _owner(gen: str = "g1", conv: str = "c1", server: str = "server-a") -> ReplyOwner:
     return ReplyOwner(conv, gen, server, "general", "gemini-2.5-flash", "m1")
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def buffer(request: pytest.FixtureRequest) -> AsyncIterator[ReplyBuffer]:
-    if request.param == "memory":
-        yield MemoryReplyBuffer()
-        return
-    redis = Redis.from_url(request.getfixturevalue("redis_url"))
-    yield RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
-    await redis.aclose()
 
 
 async def test_text_so_far_and_last_seq(buffer: ReplyBuffer) -> None:
