@@ -8,8 +8,12 @@ has the consumer group ``writers``; every instance reads as its own consumer.
 - ``add``/the window's append put an entry ``m`` (msgpack payload) [``o`` offset, ``t`` created
   ms] on the stream; ``max_entries`` bounds each shard (XLEN, which counts pending entries too,
   because ``ack`` deletes what it acknowledges).
-- ``read`` first reclaims, at most every ``claim_idle_ms / 4``, entries pending longer than
-  ``claim_idle_ms`` (XAUTOCLAIM: a dead instance's batch), then reads new ones with
+- ``read`` first takes back this consumer's own pending entries that it never handed out
+  (``XREADGROUP`` from id 0; at the first read, and after a read failed: a reply lost with
+  its connection, say to a Redis restart, leaves its entries pending here, and they must not
+  wait ``claim_idle_ms`` like a dead instance's), then reclaims, at most every
+  ``claim_idle_ms / 4``, entries pending longer than ``claim_idle_ms`` (XAUTOCLAIM: a dead
+  instance's batch), then reads new ones with
   ``XREADGROUP ... BLOCK``. A blocking read is cut into short blocks (at most
   ``_BLOCK_CHUNK_S``) so it never holds a connection for long, and it runs in a task of its
   own: a read whose caller timed out or was cancelled keeps going and its entries are handed
@@ -61,6 +65,10 @@ def _entry_id(shards: int, shard: int, stream_id: bytes) -> str:
     ms, _, seq = stream_id.partition(b"-")
     padded = f"{int(ms):015d}-{int(seq or b'0'):010d}"
     return padded if shards == 1 else f"{shard:03d}/{padded}"
+
+
+def _id(stream_id: bytes | str) -> bytes:
+    return stream_id if isinstance(stream_id, bytes) else stream_id.encode()
 
 
 def _parse_entry_id(shards: int, entry_id: str) -> tuple[int, str] | None:
@@ -129,6 +137,11 @@ class RedisOutbox:
         self._read_lock = asyncio.Lock()
         self._next_claim = 0.0
         self._claim_cursor = ["0-0"] * shards
+        # Our own pending entries are read again at the first read and after a failed one;
+        # those handed out and not acked yet (``_out``) are the batch writer's, not lost.
+        self._recover = True
+        self._own_cursor = ["0-0"] * shards
+        self._out: set[str] = set()
         self.reclaimed = 0  # entries taken over from idle consumers
         self.poisoned = 0  # entries dropped because they did not decode
 
@@ -171,6 +184,7 @@ class RedisOutbox:
                 await task
         # Whatever was read but not handed out stays pending and is reclaimed in time.
         self._buffer.clear()
+        self._out.clear()
 
     async def add(self, message: Message) -> None:
         shard = self.shard_for(message.conversation_id)
@@ -185,47 +199,58 @@ class RedisOutbox:
         if max_count < 1:
             return []
         async with self._read_lock:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + max(0.0, max_wait_s)
-            # What is at hand first, without waiting: read earlier but not handed out, idle
-            # entries of dead consumers, then new entries of every shard.
-            if len(self._buffer) < max_count:
-                await self._harvest(set())
-            if len(self._buffer) < max_count and time.monotonic() >= self._next_claim:
-                self._next_claim = time.monotonic() + self.claim_idle_ms / 4000
-                await self._accept(await self._reclaim(max_count))
-            if len(self._buffer) < max_count:
-                need = max_count - len(self._buffer)
-                results = await asyncio.gather(
-                    *(self._read_unit(unit, need, None) for unit in self._units)
-                )
-                await self._accept([raw for result in results for raw in result])
+            try:
+                return await self._read(max_count, max_wait_s)
+            except Exception:
+                self._recover = True
+                raise
+
+    async def _read(self, max_count: int, max_wait_s: float) -> list[OutboxEntry]:
+        """Under the read lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, max_wait_s)
+        # What is at hand first, without waiting: read earlier but not handed out, idle
+        # entries of dead consumers, then new entries of every shard.
+        if len(self._buffer) < max_count:
+            await self._harvest(set())
+        if self._recover and len(self._buffer) < max_count:
+            self._recover = await self._recover_own(max_count)
+        if len(self._buffer) < max_count and time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + self.claim_idle_ms / 4000
+            await self._accept(await self._reclaim(max_count))
+        if len(self._buffer) < max_count:
+            need = max_count - len(self._buffer)
+            results = await asyncio.gather(
+                *(self._read_unit(unit, need, None) for unit in self._units)
+            )
+            await self._accept([raw for result in results for raw in result])
+        if self._buffer:
+            return self._take(max_count)
+        # Nothing there: block, in short blocks, until an entry comes or time is up.
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            block_ms = max(1, int(min(remaining, _BLOCK_CHUNK_S) * 1000))
+            for index, unit in enumerate(self._units):
+                if index not in self._inflight:
+                    task = asyncio.create_task(
+                        self._read_unit(unit, max_count, block_ms),
+                        name=f"outbox.read.{index}",
+                    )
+                    # Seen by _harvest; this only keeps asyncio from warning about a
+                    # failure nobody collected because no read came after it.
+                    task.add_done_callback(_observe)
+                    self._inflight[index] = task
+            done, _ = await asyncio.wait(
+                self._inflight.values(), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            await self._harvest(done)
             if self._buffer:
                 return self._take(max_count)
-            # Nothing there: block, in short blocks, until an entry comes or time is up.
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return []
-                block_ms = max(1, int(min(remaining, _BLOCK_CHUNK_S) * 1000))
-                for index, unit in enumerate(self._units):
-                    if index not in self._inflight:
-                        task = asyncio.create_task(
-                            self._read_unit(unit, max_count, block_ms),
-                            name=f"outbox.read.{index}",
-                        )
-                        # Seen by _harvest; this only keeps asyncio from warning about a
-                        # failure nobody collected because no read came after it.
-                        task.add_done_callback(_observe)
-                        self._inflight[index] = task
-                done, _ = await asyncio.wait(
-                    self._inflight.values(), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-                await self._harvest(done)
-                if self._buffer:
-                    return self._take(max_count)
 
     async def ack(self, entry_ids: Sequence[str]) -> None:
+        self._out.difference_update(entry_ids)
         by_shard: dict[int, list[str]] = {}
         for entry_id in entry_ids:
             parsed = _parse_entry_id(self.shards, entry_id)
@@ -266,14 +291,42 @@ class RedisOutbox:
                 else:
                     await self._accept(task.result())
         if failure is not None:
+            self._recover = True
             if not self._buffer:
                 raise failure
             log.warning("an outbox read failed (entries in hand go first): %r", failure)
 
+    async def _recover_own(self, count: int) -> bool:
+        """Take back our pending entries that are neither in hand nor handed out.
+
+        A page at a time (from a cursor per shard); True while more may follow.
+        """
+        results = await asyncio.gather(
+            *(self._read_unit(unit, count, None, own=True) for unit in self._units)
+        )
+        raws = [raw for result in results for raw in result]
+        more = False
+        for shard in range(self.shards):
+            last = [raw[1] for raw in raws if raw[0] == shard]
+            if len(last) >= count:
+                more = True
+                sid = last[-1]
+                self._own_cursor[shard] = sid.decode() if isinstance(sid, bytes) else str(sid)
+        if not more:
+            self._own_cursor = ["0-0"] * self.shards
+        held = self._out | {entry.entry_id for entry in self._buffer}
+        lost = [raw for raw in raws if _entry_id(self.shards, raw[0], _id(raw[1])) not in held]
+        if lost:
+            log.warning("took back %d outbox entries whose read was lost", len(lost))
+            await self._accept(lost)
+        return more
+
     async def _read_unit(
-        self, unit: tuple[int, ...], count: int, block_ms: int | None
+        self, unit: tuple[int, ...], count: int, block_ms: int | None, *, own: bool = False
     ) -> list[_Raw]:
-        streams: dict[Any, Any] = {self.keys[shard]: ">" for shard in unit}
+        streams: dict[Any, Any] = {
+            self.keys[shard]: self._own_cursor[shard] if own else ">" for shard in unit
+        }
         try:
             response = await self.redis.xreadgroup(
                 self.group, self.consumer, streams, count=count, block=block_ms
@@ -347,7 +400,9 @@ class RedisOutbox:
 
     def _take(self, max_count: int) -> list[OutboxEntry]:
         count = min(max_count, len(self._buffer))
-        return [self._buffer.popleft() for _ in range(count)]
+        taken = [self._buffer.popleft() for _ in range(count)]
+        self._out.update(entry.entry_id for entry in taken)
+        return taken
 
     async def _ack_raw(self, by_shard: dict[int, list[str]]) -> None:
         pipe = self.redis.pipeline(transaction=False)

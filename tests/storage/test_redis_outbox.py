@@ -111,6 +111,29 @@ async def test_undecodable_entries_are_dropped_not_retried_forever(
     assert await outbox.read(10, 0.01) == []
 
 
+async def test_entries_whose_read_reply_was_lost_come_back_at_once(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    outbox = await make_outbox(redis_clients, "w")  # claim_idle_ms: 30 s
+    first = [new_message("c1") for _ in range(3)]
+    for m in first:
+        await outbox.add(m)
+    # A read that Redis served but whose reply never arrived (the connection dropped, Redis
+    # restarted): the entries are pending for this consumer, and nobody has them.
+    await outbox.redis.xreadgroup("writers", "w", {outbox.key_for("c1"): ">"}, count=10)
+    taken = await asyncio.wait_for(outbox.read(10, 1.0), 5)
+    assert [e.message for e in taken] == first  # not 30 s later, as a dead consumer's
+    # Entries handed out and not acked yet are the writer's: never taken back twice.
+    second = new_message("c1")
+    await outbox.add(second)
+    await outbox.redis.xreadgroup("writers", "w", {outbox.key_for("c1"): ">"}, count=10)
+    outbox._recover = True  # as after a failed read
+    again = await asyncio.wait_for(outbox.read(10, 1.0), 5)
+    assert [e.message for e in again] == [second]
+    await outbox.ack([e.entry_id for e in taken + again])
+    assert await outbox.backlog() == 0
+
+
 async def test_a_cancelled_read_loses_nothing(
     redis_clients: RedisClients, new_message: MessageFactory
 ) -> None:
