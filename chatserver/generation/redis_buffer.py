@@ -24,11 +24,27 @@ from .buffer import ClaimedReply, Delta, LeaseLost, ReplyOwner
 
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
+# How long a reply waiting for its conversation's slot stays next without asking again (it
+# asks at least every 0.5 s; one that gave up or died stops holding the others back).
+_WAITER_MS = 2000
+
 _BEGIN = (
     _NOW
     + """
 local cur = redis.call('HGET', KEYS[1], 'gid')
-if cur and cur ~= ARGV[1] then return 0 end
+local waiting = redis.call('GET', KEYS[3])
+if cur and cur ~= ARGV[1] then
+  -- Taken: the first to wait is next. Else an instance whose sender asks again at once
+  -- would take the slot back each time, before a waiter's next try (it polls), for ever.
+  if not waiting then
+    redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[8])
+  elseif waiting == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[3], ARGV[8])
+  end
+  return 0
+end
+if waiting and waiting ~= ARGV[1] then return 0 end  -- free, but promised to the waiter
+if waiting then redis.call('DEL', KEYS[3]) end
 redis.call('DEL', KEYS[1], KEYS[2])
 local lease = now + tonumber(ARGV[6])
 redis.call('HSET', KEYS[1], 'gid', ARGV[1], 'owner', ARGV[2], 'agent', ARGV[3],
@@ -135,6 +151,10 @@ class RedisReplyBuffer:
         tag = f"{self._prefix}:{{{conversation_id}}}"
         return [f"{tag}:reply", f"{tag}:reply_text"]
 
+    def _begin_keys(self, conversation_id: str) -> list[str]:
+        """With the reply waiting for the slot (the longest waiting: it goes next)."""
+        return [*self._keys(conversation_id), f"{self._prefix}:{{{conversation_id}}}:reply_next"]
+
     def _ref(self, generation_id: str) -> str:
         return f"{self._prefix}:{{{generation_id}}}:reply_ref"
 
@@ -150,7 +170,7 @@ class RedisReplyBuffer:
         hint = int(seconds) * 1000 + int(micros) // 1000 + self._lease_ms
         await self._redis.zadd(self._registry, {member: hint})
         lease = await self._begin(
-            keys=self._keys(owner.conversation_id),
+            keys=self._begin_keys(owner.conversation_id),
             args=[
                 owner.generation_id,
                 owner.owner,
@@ -159,6 +179,7 @@ class RedisReplyBuffer:
                 owner.reply_to,
                 self._lease_ms,
                 self._ttl_ms,
+                _WAITER_MS,
             ],
         )
         if not lease:

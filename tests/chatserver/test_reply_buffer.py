@@ -136,6 +136,26 @@ async def test_a_delta_sent_twice_is_recorded_once(redis_url: str) -> None:
         await redis.aclose()
 
 
+async def test_the_first_reply_to_wait_for_the_conversation_goes_next(redis_url: str) -> None:
+    # Two instances, one sender each in one conversation, each asking again as soon as its
+    # reply ends: the one that waits must not lose the slot to the other for ever.
+    redis = Redis.from_url(redis_url)
+    a = RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
+    b = RedisReplyBuffer(redis, server_id="server-b", lease_s=5)
+    try:
+        assert await a.begin(_owner("a1", server="server-a"))
+        assert not await b.begin(_owner("b1", server="server-b"))  # waits: next in line
+        await a.end("c1", "a1")
+        assert not await a.begin(_owner("a2", server="server-a"))  # asks again at once
+        assert await b.begin(_owner("b1", server="server-b"))  # the waiter's turn
+        assert not await a.begin(_owner("a2", server="server-a"))  # now a2 waits ...
+        await b.end("c1", "b1")
+        assert not await b.begin(_owner("b2", server="server-b"))
+        assert await a.begin(_owner("a2", server="server-a"))  # ... and goes next
+    finally:
+        await redis.aclose()
+
+
 async def test_a_batch_survives_redis_forgetting_its_scripts(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
     buffer = RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
