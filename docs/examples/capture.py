@@ -21,10 +21,12 @@ Ids and times differ from run to run; everything else is what the server really 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -448,30 +450,14 @@ SMALL_FREE_TIER = "messages_per_minute=2,connections=2,daily_tokens=20"
 
 async def configured_server(http: aiohttp.ClientSession) -> None:
     """A second server: a configured secret, an Origin allow-list, tiny free-tier limits."""
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
-            sqlite_path=str(Path(tmp) / "capture-2.sqlite3"),
-            server_id="capture-2",
-            jwt_secret=SECRET,
-            jwt_secret_previous=OLD_SECRET,
-            allowed_origins="https://chat.example.com",
-            limits_free=SMALL_FREE_TIER,
-            local_ttft_ms=100,
-            local_token_ms=25,
-            shutdown_grace_s=2.0,
-        )
-        app = create_app(settings)
-        runner = web.AppRunner(app, shutdown_timeout=5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        base = f"http://{host}:{port}"
-        ws_url = f"ws://{host}:{port}/ws"
-        try:
-            await configured_session(http, base, ws_url)
-        finally:
-            await runner.cleanup()
+    async with serving(
+        "capture-2",
+        jwt_secret=SECRET,
+        jwt_secret_previous=OLD_SECRET,
+        allowed_origins="https://chat.example.com",
+        limits_free=SMALL_FREE_TIER,
+    ) as base:
+        await configured_session(http, base, base.replace("http://", "ws://", 1) + "/ws")
 
 
 async def configured_session(http: aiohttp.ClientSession, base: str, ws_url: str) -> None:
@@ -587,30 +573,38 @@ async def quiet(peer: Peer, kind: str) -> dict[str, Any]:
 STOP = asyncio.Event()
 
 
-async def main() -> None:
-    logging.basicConfig(level=logging.ERROR)
+@contextlib.asynccontextmanager
+async def serving(server_id: str, **options: Any) -> AsyncIterator[str]:
+    """An embedded server on a free port with a SQLite file of its own; yields its base URL."""
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
-            sqlite_path=str(Path(tmp) / "capture.sqlite3"),
-            server_id="capture-1",
+            sqlite_path=str(Path(tmp) / f"{server_id}.sqlite3"),
+            server_id=server_id,
             local_ttft_ms=100,
             local_token_ms=25,
             shutdown_grace_s=2.0,
+            **options,
         )
-        app = create_app(settings)
-        runner = web.AppRunner(app, shutdown_timeout=5)
+        runner = web.AppRunner(create_app(settings), shutdown_timeout=5)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]
-        show(f"# server: embedded mode on http://{host}:{port}/ (server_id capture-1)")
-        client = asyncio.create_task(session(f"http://{host}:{port}"))
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            await runner.cleanup()
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.ERROR)
+    async with serving("capture-1") as base:
+        show(f"# server: embedded mode on {base}/ (server_id capture-1)")
+        client = asyncio.create_task(session(base))
         stop = asyncio.create_task(STOP.wait())
         await asyncio.wait({client, stop}, return_when=asyncio.FIRST_COMPLETED)
         if client.done():
             client.result()  # a failure before the shutdown step
-        await runner.cleanup()
-        await client
+    await client  # the shutdown step: the server drains while the client watches
 
 
 if __name__ == "__main__":
