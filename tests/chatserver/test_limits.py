@@ -14,6 +14,9 @@ from chatserver.limits.base import Limiter, TierLimits, ms_until_next_utc_day, u
 from chatserver.limits.memory import MemoryLimiter
 from chatserver.limits.redis import RedisLimiter
 from protocol import CloseCode, ErrorCode, ErrorFrame, GenStart
+from storage import AppendRefused, MessageDraft
+from storage.outbox.redis import RedisOutbox
+from storage.window.redis import RedisWindow
 
 from .conftest import Harness, MakeHarness, eventually
 
@@ -90,6 +93,49 @@ async def test_a_dead_instances_connections_stop_counting(redis_url: str) -> Non
         await eventually(admitted, timeout=5)  # nobody renewed c1 and c2
     finally:
         await redis.aclose()
+
+
+async def test_the_send_gate_in_the_appends_script_starts_the_day_then_counts(
+    redis_url: str,
+) -> None:
+    redis = Redis.from_url(redis_url)
+    try:
+        limiter = RedisLimiter(redis, lambda user_id, day: _seeded(90))
+        window = RedisWindow(redis)
+        outbox = RedisOutbox(redis, consumer="w")
+        await outbox.start()
+        await window.rebuild("c1", [], 0)
+        draft = MessageDraft(conversation_id="c1", role="user", text="hi", user_id="heavy")
+        gate = limiter.send_gate("heavy", TIGHT)
+        # No counter today yet (no connection started it): the gate cannot decide ...
+        with pytest.raises(AppendRefused) as missing:
+            await window.append(draft, outbox, gate)
+        assert await limiter.gate_refused("heavy", missing.value.code, missing.value.value) is None
+        assert await outbox.backlog() == 0  # ... and nothing was appended
+        # ... the counter now starts from the store's 90 of 100: the same gate lets it go.
+        assert (await window.append(draft, outbox, gate)).message.offset == 1
+        await limiter.add_tokens("heavy", 15)
+        with pytest.raises(AppendRefused) as spent:
+            await window.append(draft, outbox, gate)
+        refusal = await limiter.gate_refused("heavy", spent.value.code, spent.value.value)
+        assert refusal is not None and refusal[0] == "quota_exceeded"
+        light = limiter.send_gate("light", TIGHT)  # TIGHT: 3 messages a minute
+        await limiter.gate_refused("light", -1, 0)  # starts light's day
+        other = MessageDraft(conversation_id="c1", role="user", text="x", user_id="light")
+        for _ in range(3):
+            await window.append(other, outbox, light)
+        with pytest.raises(AppendRefused) as fast:
+            await window.append(other, outbox, light)
+        refusal = await limiter.gate_refused("light", fast.value.code, fast.value.value)
+        assert refusal is not None and refusal[0] == "rate_limited" and refusal[1] > 0
+        assert await outbox.backlog() == 4
+    finally:
+        await redis.flushdb()
+        await redis.aclose()
+
+
+async def _seeded(used: int) -> int:
+    return used
 
 
 async def test_a_connection_starts_the_days_counter_off_the_send_path(redis_url: str) -> None:
