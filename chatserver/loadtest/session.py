@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .accounting import Receiver
 from .dialects import Frame
+from .receive import CountingProtocol
 from .wsclient import OP_TEXT, HandshakeError, WsProtocol, open_ws
 
 if TYPE_CHECKING:
@@ -193,6 +194,12 @@ class Setup:
             functools.partial(worker.on_close, client),
             config.connect_timeout_s,
             on_protocol=functools.partial(_bind, client),
+            make=functools.partial(
+                CountingProtocol,
+                deliveries=worker.deliveries,
+                receiver=client.receiver,
+                conv=client.conv,
+            ),
         )
         client.closed = False
         try:

@@ -12,10 +12,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from .accounting import DUPLICATE, Tally, marker, unmark
+from .accounting import Tally, marker, unmark
 from .config import LoadConfig, host_port, http_base
 from .dialects import Frame, dialect
 from .procstat import own_cpu_seconds
+from .receive import Deliveries
 from .session import Client, Setup
 from .stats import HISTOGRAMS, Histogram
 
@@ -28,7 +29,6 @@ class Worker:
         self.dialect = dialect(config.dialect, config.encoding == "msgpack")
         self.prefixes = self.dialect.message_prefixes
         self.hist = {name: Histogram() for name in HISTOGRAMS}
-        self.delivery_counts = self.hist["delivery"].counts  # the hot path bumps buckets
         self.members = config.members
         self.tally = Tally()
         self.hostports = [host_port(url) for url in config.urls]
@@ -39,7 +39,7 @@ class Worker:
         self.local_members: Counter[int] = Counter()
         self.acked: Counter[int] = Counter()
         self.replies_ended: Counter[int] = Counter()
-        self.flight: dict[int, int] = {}
+        self.flight: set[int] = set()  # keys of this worker's messages not yet all delivered
         self.track_flight = config.mode == "chat"
         self.counts: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -53,6 +53,14 @@ class Worker:
         self.filler = _filler(config.text_bytes)
         self.cpu_at_go = 0.0
         self.expected: dict[int, int] = {}  # acked messages per conversation (all workers)
+        self.deliveries = Deliveries(
+            self.tally,
+            self.hist["delivery"],
+            config.members,
+            self.local_members,
+            self.prefixes,
+            self.on_done,
+        )
         self.setup = Setup(self)
         for i in range(index, config.clients, config.procs):
             client = Client(self, i)
@@ -70,40 +78,18 @@ class Worker:
             self.on_other(client, payload, now)
 
     def on_message(self, client: Client, payload: bytes, now: int) -> None:
-        """One fan-out delivery: read the marker out of the raw frame and account for it."""
+        """One fan-out delivery by the general path (``receive`` counts most in its loop)."""
         start = payload.find(b"~L")
-        try:
-            if start < 0:
-                raise ValueError
-            key = int(payload[start + 2 : start + 18], 16)
-            sent = int(payload[start + 18 : start + 34], 16)
-        except ValueError:
+        if start < 0 or not self.deliveries.count(
+            client.receiver, payload[start + 2 : start + 34], now
+        ):
             self.counts["foreign_messages"] += 1
-            return
-        sender = key >> 32
-        seq = key & 0xFFFFFFFF
-        last = client.receiver.last
-        tally = self.tally
-        if last.get(sender, 0) + 1 == seq:  # in order: the common case, inline
-            last[sender] = seq
-            tally.delivered[sender // self.members] += 1
-            tally.delivered_total += 1
-        elif tally.see(client.receiver, sender // self.members, sender, seq) == DUPLICATE:
-            return
-        self.last_delivery_ns = now
-        us = (now - sent) // 1000
-        if 0 <= us < 2048:
-            self.delivery_counts[us] += 1
-        else:
-            self.hist["delivery"].record_us(us)
-        if self.track_flight:
-            left = self.flight.get(key)
-            if left is not None:
-                if left <= 1:
-                    del self.flight[key]
-                    self.release(self.by_index[sender])
-                else:
-                    self.flight[key] = left - 1
+
+    def on_done(self, key: int) -> None:
+        """Every local member has the message ``key``: its sender's window opens."""
+        if key in self.flight:
+            self.flight.discard(key)
+            self.release(self.by_index[key >> 32])
 
     def on_other(self, client: Client, payload: bytes, now: int) -> None:
         try:
@@ -157,7 +143,7 @@ class Worker:
         parsed = unmark(str(frame.get("ref") or ""))
         if parsed is not None:  # a refused send
             self.rejected[code] += 1
-            self.flight.pop((parsed[0] << 32) | parsed[1], None)
+            self.flight.discard((parsed[0] << 32) | parsed[1])
             self.release(client)
         elif not client.resolve("error", frame):
             self.counts["errors_unsolicited"] += 1
@@ -247,7 +233,7 @@ class Worker:
         if not self.first_send_ns:
             self.first_send_ns = now
         if self.track_flight:
-            self.flight[(client.index << 32) | client.seq] = self.local_members[client.conv]
+            self.flight.add((client.index << 32) | client.seq)
 
     async def rotate_and_send(self, client: Client) -> None:
         """A new conversation (REST), joined, then the message: a product-shaped turn."""
@@ -388,7 +374,7 @@ class Worker:
             "errors": self.errors,
             "hist": {name: h.to_wire() for name, h in self.hist.items()},
             "first_send_ns": self.first_send_ns,
-            "last_delivery_ns": self.last_delivery_ns,
+            "last_delivery_ns": max(self.last_delivery_ns, self.deliveries.last_ns),
             "cpu_run_s": own_cpu_seconds() - self.cpu_at_go,
             "cpu_total_s": own_cpu_seconds(),
         }

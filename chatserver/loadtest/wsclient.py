@@ -32,6 +32,9 @@ OnPayload = Callable[[bytes, int, int], None]  # (payload, opcode, monotonic ns 
 OnClose = Callable[[int | None], None]
 
 
+MakeProtocol = Callable[[bytes, OnPayload, OnClose], "WsProtocol"]
+
+
 class HandshakeError(ConnectionError):
     """The server refused the upgrade or closed before answering it."""
 
@@ -104,7 +107,6 @@ class WsProtocol(asyncio.Protocol):
         now = time.monotonic_ns()
         size_all = len(data)
         pos = 0
-        on_payload = self._on_payload
         while size_all - pos >= 2:
             first = data[pos]
             size = data[pos + 1] & 0x7F
@@ -122,12 +124,8 @@ class WsProtocol(asyncio.Protocol):
             end = start + size
             if end > size_all:
                 break
-            opcode = first & 0x0F
             pos = end
-            if first & 0x80 and (opcode == OP_TEXT or opcode == OP_BINARY):  # noqa: SIM109 (hot)
-                on_payload(data[start:end], opcode, now)
-            else:
-                self._control(first, opcode, data[start:end], now)
+            self._frame(first, data[start:end], now)
         if pos < size_all:
             self._rest = data[pos:]
 
@@ -155,6 +153,14 @@ class WsProtocol(asyncio.Protocol):
             self.opened.set_exception(exc)
         if self.transport is not None:
             self.transport.close()
+
+    def _frame(self, first: int, payload: bytes, now: int) -> None:
+        """One whole frame (``first``: its first header byte)."""
+        opcode = first & 0x0F
+        if first & 0x80 and (opcode == OP_TEXT or opcode == OP_BINARY):  # noqa: SIM109 (hot)
+            self._on_payload(payload, opcode, now)
+        else:
+            self._control(first, opcode, payload, now)
 
     def _control(self, first: int, opcode: int, payload: bytes, now: int) -> None:
         if opcode == OP_PING:
@@ -203,17 +209,19 @@ async def open_ws(
     on_close: OnClose,
     timeout: float = 10.0,
     on_protocol: Callable[[WsProtocol], None] | None = None,
+    make: MakeProtocol | None = None,
 ) -> WsProtocol:
     """Connect and upgrade; raises ``OSError``/``HandshakeError``/``TimeoutError``.
 
     ``on_protocol`` gets the protocol as soon as it exists: frames may arrive (and need an
-    answer) in the same read as the 101, before this returns.
+    answer) in the same read as the 101, before this returns. ``make`` builds the protocol
+    (default ``WsProtocol``; the harness's is ``receive.CountingProtocol``).
     """
     loop = asyncio.get_running_loop()
     request = upgrade_request(host, port, path, headers)
 
     def factory() -> WsProtocol:
-        protocol = WsProtocol(request, on_payload, on_close)
+        protocol = (make or WsProtocol)(request, on_payload, on_close)
         if on_protocol is not None:
             on_protocol(protocol)
         return protocol
