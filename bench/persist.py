@@ -18,13 +18,17 @@ members), and measures rows/s, each scenario from an empty table after a checkpo
 - both first attempts at small batch sizes (where the store switches from unnest to COPY);
 - END TO END: MemoryOutbox -> BatchWriter -> PostgresStore as the server builds it, 1 and 2
   batch writers, from the first read of a full outbox to the commit of the last message;
-- the same pipeline with a store that only COPYs (no updated_at bump, no usage charge): what
-  the upkeep costs end to end.
+- the same pipeline with parts of the upkeep left out: COPY only (no updated_at bump, no
+  usage charge), COPY + charge, bump + COPY, and all of it with the members' copy of
+  updated_at unindexed (every bump HOT: the floor of any bump): what each part costs end to
+  end, in the same rounds;
+- the upkeep statements alone, the store's forms beside cheaper-looking ones that give up the
+  one lock order.
 
 The main scenarios run in interleaved rounds (median reported) so that a noisy neighbour or a
 checkpoint hits all of them alike; the end-to-end / raw COPY ratio is taken within each round.
 Prints a table (median and best of the rounds) and where the time of one batch goes, and
-writes ``bench/results/persist-<date>.json``. About 2 minutes.
+writes ``bench/results/persist-<date>.json``. About 2.5 minutes.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from storage.store.pg_write import (  # noqa: E402
     CHARGE,
     WRITE_SETTINGS,
     Batch,
+    RecentAuthors,
     write_staged,
 )
 from storage.store.postgres import PostgresStore  # noqa: E402
@@ -77,6 +82,17 @@ SINGLE = "one INSERT per message"
 E2E_1 = "END TO END outbox->BatchWriter->store, 1 writer"
 E2E_2 = "END TO END outbox->BatchWriter->store, 2 writers"
 BARE_2 = "the same pipeline, COPY only (no bump, no charge), 2 writers"
+CHARGE_2 = "the same pipeline, COPY + charge (no bump), 2 writers"
+BUMP_2 = "the same pipeline, bump + COPY (no charge), 2 writers"
+HOT_2 = "the same pipeline, all of it, members' updated_at unindexed (HOT), 2 writers"
+# (name, bump, charge) of the partial pipelines, and whether the members' index is dropped.
+PARTS = ((BARE_2, False, False, False), (CHARGE_2, False, True, False),
+         (BUMP_2, True, False, False), (HOT_2, True, True, True))  # fmt: skip
+MEMBERS_BY_USER = (
+    "CREATE INDEX members_by_user ON conversation_members "
+    "(user_id, updated_at DESC, conversation_id DESC)"
+)
+GOAL = 0.6  # end to end over raw COPY (issue #4)
 _RAW_COLUMNS = [
     "conversation_id", "offset", "created_at", "id", "role", "text", "text_raw", "user_id",
     "agent_id", "client_msg_id", "finish_reason", "input_tokens", "output_tokens", "model",
@@ -215,17 +231,32 @@ async def _full_outbox(messages: list[Message]) -> MemoryOutbox:
     return outbox
 
 
-class CopyOnly:
-    """The store's batch as rows, COPYed in one transaction: no bump, no charge."""
+class PartStore:
+    """The store's first attempt at a big batch with parts left out, to price each part.
 
-    def __init__(self, store: PostgresStore) -> None:
-        self.store = store
+    Rows, sort, authors and transactions as ``bump_then_write_direct`` does them; ``bump``
+    and ``charge`` say which of the upkeep statements run beside the COPY.
+    """
+
+    def __init__(self, store: PostgresStore, *, bump: bool, charge: bool) -> None:
+        self.store, self.bump, self.charge = store, bump, charge
+        self.authors = RecentAuthors()
 
     async def write_messages(self, messages: Sequence[Message]) -> int:
-        batch = Batch(messages)
-        async with self.store._primary.acquire() as conn, conn.transaction():
-            await conn.execute(WRITE_SETTINGS)
-            await conn.copy_records_to_table("messages", records=batch.rows, columns=_RAW_COLUMNS)
+        batch = Batch(messages, self.authors)
+        async with self.store._primary.acquire() as conn:
+            if self.bump:
+                async with conn.transaction():
+                    await conn.execute(BUMP_SETTINGS)
+                    await conn.fetchval(BUMP, *batch.bump_args())
+            async with conn.transaction():
+                await conn.execute(WRITE_SETTINGS)
+                await conn.copy_records_to_table(
+                    "messages", records=batch.rows, columns=_RAW_COLUMNS
+                )
+                if self.charge:
+                    await conn.fetchval(CHARGE, *batch.charge_args())
+        self.authors.remember(batch.authors)
         return len(batch)
 
 
@@ -248,15 +279,21 @@ async def _measure(
     rounds: int,
 ) -> dict[str, Any]:
     runs: dict[str, list[float]] = {}
+    wal_per_row: dict[str, list[float]] = {}
 
     async def scenario(
         name: str, count: int, run: Callable[[], Awaitable[Any]], fresh: bool = True
     ) -> None:
         if fresh:
             await reset(conn)
+        lsn = await conn.fetchval("SELECT pg_current_wal_lsn()")
         rate = await timed(count, run)
+        wal = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1)", lsn)
         runs.setdefault(name, []).append(rate)
-        print(f"  {name:<48} {rate:>10,.0f} rows/s", flush=True)
+        wal_per_row.setdefault(name, []).append(float(wal) / count)
+        print(
+            f"  {name:<48} {rate:>10,.0f} rows/s {float(wal) / count:>7,.0f} WAL B/row", flush=True
+        )
         if name != RAW:
             stored = await conn.fetchval("SELECT count(*) FROM messages")
             assert stored == count, f"{name}: {stored} of {count} stored"
@@ -291,8 +328,16 @@ async def _measure(
             # Filled before the clock starts: the figure is from the first read on.
             outbox = await _full_outbox(work.take(rows))
             await scenario(name, rows, lambda o=outbox, w=writers: _end_to_end(default, o, w))
-        outbox = await _full_outbox(work.take(rows))
-        await scenario(BARE_2, rows, lambda o=outbox: _end_to_end(CopyOnly(default), o, 2))
+        for name, bump, charge, unindexed in PARTS:
+            outbox = await _full_outbox(work.take(rows))
+            part = PartStore(default, bump=bump, charge=charge)
+            if unindexed:  # the floor of any bump: every members' update can be HOT
+                await conn.execute("DROP INDEX members_by_user")
+            try:
+                await scenario(name, rows, lambda o=outbox, p=part: _end_to_end(p, o, 2))
+            finally:
+                if unindexed:
+                    await conn.execute(MEMBERS_BY_USER)
 
     # One INSERT per message, autocommit: the naive writer.
     singles = Batch(work.take(single_rows)).rows
@@ -327,7 +372,7 @@ async def _measure(
         )
     ratios = {
         name: statistics.median(e / r for e, r in zip(runs[name], runs[RAW], strict=False))
-        for name in (E2E_1, E2E_2, BARE_2)
+        for name in (E2E_1, E2E_2, *(part[0] for part in PARTS))
     }
     version = await conn.fetchval("SHOW server_version")
     return {
@@ -336,9 +381,79 @@ async def _measure(
         "runs_rows_per_s": runs,
         "end_to_end_over_raw_copy": ratios,
         "small_batches_rows_per_s": small,
+        "wal_bytes_per_row": {name: statistics.median(b) for name, b in wal_per_row.items()},
         "breakdown_ms_per_10k_batch": await _breakdown(store, conn, work),
+        "upkeep_forms_ms_per_10k_batch": await _upkeep_forms(conn, work),
         "server_version": version,
     }
+
+
+# Other forms of the upkeep, priced beside the store's (``_upkeep_forms``); both lose the one
+# lock order the store's forms take (see storage/store/pg_write.py), so two writers can deadlock.
+PLAIN_BUMP = """
+WITH newest AS (
+    SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS n(conversation_id, at)
+), bump AS (
+    UPDATE conversations c SET updated_at = n.at FROM newest n
+    WHERE c.id = n.conversation_id AND c.updated_at < n.at
+), bump_members AS (
+    UPDATE conversation_members m SET updated_at = n.at FROM newest n
+    WHERE m.conversation_id = n.conversation_id AND m.updated_at < n.at
+)
+SELECT 1
+"""
+UPDATE_THEN_INSERT_CHARGE = """
+WITH r AS (
+    SELECT * FROM unnest($1::text[], $2::date[], $3::bigint[], $4::bigint[]) AS r(who, day, i, o)
+), updated AS (
+    UPDATE usage u SET input_tokens = u.input_tokens + r.i, output_tokens = u.output_tokens + r.o
+    FROM r WHERE u.user_id = r.who AND u.day = r.day
+    RETURNING u.user_id, u.day
+)
+INSERT INTO usage AS u (user_id, day, input_tokens, output_tokens)
+SELECT who, day, i, o FROM r
+WHERE NOT EXISTS (SELECT 1 FROM updated d WHERE d.user_id = r.who AND d.day = r.day)
+ON CONFLICT (user_id, day) DO UPDATE SET
+    input_tokens = u.input_tokens + EXCLUDED.input_tokens,
+    output_tokens = u.output_tokens + EXCLUDED.output_tokens
+"""
+
+
+async def _upkeep_forms(conn: Any, work: Workload) -> dict[str, float]:
+    """The upkeep statements alone, the store's form beside a cheaper-looking one (median of 5).
+
+    Every author is known (as the writer's cache mostly makes it), so both charges do the same
+    work: an update of each user's daily row.
+    """
+    forms = (
+        ("bump (store: locked in id order, then updated)", BUMP, BUMP_SETTINGS),
+        ("bump, plain UPDATE ... FROM (no lock order)", PLAIN_BUMP, BUMP_SETTINGS),
+        ("charge (store: INSERT ... ON CONFLICT DO UPDATE)", CHARGE, WRITE_SETTINGS),
+        ("charge, UPDATE then INSERT the missing (no lock order)", UPDATE_THEN_INSERT_CHARGE,
+         WRITE_SETTINGS),
+    )  # fmt: skip
+    known: dict[str, str] = {}
+    times: dict[str, list[float]] = {}
+    await reset(conn)
+    for _ in range(5):
+        for name, sql, settings in forms:
+            batch = Batch(work.take(BATCH), known)
+            known.update(batch.authors)
+            if sql is PLAIN_BUMP or sql is BUMP:
+                args = batch.bump_args()
+            else:
+                args = batch.charge_args()
+                if sql is UPDATE_THEN_INSERT_CHARGE:
+                    args = [args[0], args[3], args[4], args[5]]
+            started = time.perf_counter()
+            async with conn.transaction():
+                await conn.execute(settings)
+                await conn.fetchval(sql, *args)
+            times.setdefault(name, []).append((time.perf_counter() - started) * 1000)
+    out = {name: round(statistics.median(ms), 1) for name, ms in times.items()}
+    for name, ms in out.items():
+        print(f"  {name:<56} {ms:>7.1f} ms / 10k rows")
+    return out
 
 
 async def _breakdown(store: PostgresStore, conn: Any, work: Workload) -> dict[str, float]:
