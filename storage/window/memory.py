@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import secrets
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from protocol import Message, format_timestamp
+from protocol.ids import uuid4_str
 
 from ..outbox.base import Outbox
 from ..records import AppendResult, MessageDraft, WindowView
@@ -176,7 +176,7 @@ class MemoryWindow:
             if seen is not None:
                 return AppendResult(message=seen[1], duplicate=True)
         offset = window.last_offset + 1
-        message = draft.complete(str(uuid.uuid4()), offset, format_timestamp(datetime.now(UTC)))
+        message = draft.complete(uuid4_str(), offset, format_timestamp(datetime.now(UTC)))
         # Reserve the offset before the only await: should an outbox ever suspend in add(),
         # a concurrent append or an eviction still cannot hand the same offset out again.
         window.last_offset = offset

@@ -35,13 +35,13 @@ with the append there: concurrent appends may overshoot ``max_entries`` by a few
 from __future__ import annotations
 
 import secrets
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
 
 from protocol import Message
+from protocol.ids import uuid4_str
 
 from ..outbox.base import Outbox, OutboxFull
 from ..outbox.redis import AnyRedis, RedisOutbox
@@ -309,7 +309,7 @@ class RedisWindow:
             raise TypeError(f"RedisWindow appends to a RedisOutbox, not {type(outbox).__name__}")
         cid = draft.conversation_id
         keys = self.keys(cid)
-        message_id = str(uuid.uuid4())
+        message_id = uuid4_str()
         payload = draft_payload(message_id, draft)
         shard = outbox.shard_for(cid)
         idem_ttl_ms = 0
