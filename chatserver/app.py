@@ -173,6 +173,7 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         app[keys.METRICS],
         server_id=settings.server_id,
         send_control=broker.send_control,
+        publish_events=broker.publish_many,
         router=Router(settings.light_max_chars),
         cache=make_response_cache(settings, app[keys.REDIS]),
         on_usage=app[keys.LIMITER].add_tokens,

@@ -7,6 +7,7 @@ bytes object serves every recipient using the same encoding.
 from __future__ import annotations
 
 import struct
+from json.encoder import encode_basestring
 from typing import Any
 
 from protocol import Encoding, encode
@@ -30,6 +31,59 @@ def ws_frame(payload: bytes, binary: bool) -> bytes:
 
 def framed(frame: dict[str, Any], encoding: Encoding) -> bytes:
     return ws_frame(encode(frame, encoding), encoding.binary)
+
+
+class DeltaTemplate:
+    """One reply's ``delta`` frames in JSON: all but ``seq`` and ``text`` encoded once.
+
+    A reply streams hundreds of deltas that differ only in those two fields; encoding the
+    whole frame each time was most of a delta's cost. ``encode_basestring`` is the escaping
+    the JSON encoder itself uses for ``ensure_ascii=False``, and the keys come in the order
+    of ``protocol.Delta.to_dict``, so the bytes are the encoder's own (a test holds them
+    equal, escapes and non-BMP text included). A lone surrogate fails the same way too:
+    ``UnicodeEncodeError`` at the UTF-8 step.
+    """
+
+    __slots__ = ("_head", "conversation_id", "generation_id")
+
+    def __init__(self, conversation_id: str, generation_id: str) -> None:
+        self.conversation_id = conversation_id
+        self.generation_id = generation_id
+        self._head = (
+            '{"type":"delta","conversation_id":'
+            + encode_basestring(conversation_id)
+            + ',"generation_id":'
+            + encode_basestring(generation_id)
+            + ',"seq":'
+        )
+
+    def frame(self, seq: int, text: str) -> dict[str, Any]:
+        """The frame as a mapping (MessagePack members, other instances through the broker)."""
+        return {
+            "type": "delta",
+            "conversation_id": self.conversation_id,
+            "generation_id": self.generation_id,
+            "seq": seq,
+            "text": text,
+        }
+
+    def json(self, seq: int, text: str) -> bytes:
+        """The JSON payload of ``frame(seq, text)``, byte for byte as ``encode`` makes it."""
+        return f'{self._head}{seq:d},"text":{encode_basestring(text)}}}'.encode()
+
+    def event(self, seq: int, text: str, published_at: float) -> Event:
+        """The fan-out event of one delta, its JSON WebSocket frame already built."""
+        event = Event.__new__(Event)
+        event.conversation_id = self.conversation_id
+        event.frame = self.frame(seq, text)
+        event.published_at = published_at
+        event.offset = 0
+        event.seq = seq
+        event.generation_id = self.generation_id
+        event.exclude_user = None
+        event._text = ws_frame(self.json(seq, text), False)
+        event._binary = None
+        return event
 
 
 class Event:

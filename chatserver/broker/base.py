@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..events import Event
@@ -33,6 +33,9 @@ class Broker(Protocol):
 
     async def publish(self, event: Event) -> None:
         """Send to every instance subscribed to ``event.conversation_id``, this one included."""
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """``publish`` each event, in order, in one step (a loop pass's reply deltas)."""
 
     async def send_control(self, server_id: str, message: dict[str, Any]) -> None:
         """Deliver ``message`` to the instance ``server_id`` (e.g. cancel a reply it owns)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ..events import Event
@@ -37,6 +38,17 @@ class MemoryBroker:
         if not event.published_at:
             event.published_at = time.time()
         self._deliver(event)
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        # Not stamped: delivered in this very call, their fan-out delay is nil by
+        # construction, and timing each of a reply's deltas cost ~3% of the loop.
+        deliver = self._deliver
+        if deliver is None:
+            return
+        subscribed = self._subscribed
+        for event in events:
+            if event.conversation_id in subscribed:
+                deliver(event)
 
     async def send_control(self, server_id: str, message: dict[str, Any]) -> None:
         if server_id == self.server_id and self.on_control is not None:

@@ -27,7 +27,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -193,6 +193,36 @@ class RedisBroker:
         self._wake.set()
         if self._deliver is not None and channel.encode() in self._channels:
             self._deliver(event)  # local members without a Redis round trip
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """``publish`` each event in order, with one wait for room and one wake.
+
+        The queue's bound is checked once for the whole batch (a loop pass's deltas, at
+        most one per running reply), so it may pass its bound by a batch. The other
+        instances get the publication time (their fan-out delay is measured); local
+        members get the events as they are, unstamped: delivered in this call, their delay
+        is nil by construction (see MemoryBroker.publish_many).
+        """
+        if not events:
+            return
+        await self._wait_room()
+        server_id, outgoing, channels = self.server_id, self._outgoing, self._channels
+        now = time.time()
+        local: list[Event] = []
+        for event in events:
+            channel = self.channel(event.conversation_id)
+            payload = msgpack.packb(
+                [server_id, event.published_at or now, event.conversation_id, event.frame],
+                use_bin_type=True,
+            )
+            outgoing.append((channel, payload))
+            if channel.encode() in channels:
+                local.append(event)
+        self._wake.set()
+        deliver = self._deliver
+        if deliver is not None:
+            for event in local:
+                deliver(event)
 
     async def send_control(self, server_id: str, message: dict[str, Any]) -> None:
         """A message for one instance (e.g. cancel a reply it owns)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from prometheus_client.metrics import MetricWrapperBase
@@ -25,6 +25,7 @@ from storage.records import Conversation, MessageDraft
 from ..agents import AgentCatalog
 from ..conversations import ConversationService
 from ..errors import DEPENDENCY_ERRORS, ServiceError
+from ..events import Event
 from ..metrics import Metrics
 from .buffer import ReplyBuffer, ReplyOwner
 from .cache import ResponseCache, cache_key
@@ -33,7 +34,7 @@ from .local import count_tokens
 from .provider import Finish, Provider, PushProvider, ReplyRequest
 from .routing import Router, is_first_turn
 from .sources import replay, start_stream
-from .streaming import DeltaPump, Publish, ReplyRun
+from .streaming import DeltaPump, Publish, PublishEvents, ReplyRun
 
 log = logging.getLogger("chatserver.generation")
 
@@ -66,6 +67,7 @@ class GenerationManager:
         *,
         server_id: str,
         send_control: SendControl | None = None,
+        publish_events: PublishEvents | None = None,
         router: Router | None = None,
         cache: ResponseCache | None = None,
         on_usage: OnUsage | None = None,
@@ -93,10 +95,17 @@ class GenerationManager:
         self._closing = False
         # Checked once: the provider is fixed for the life of the manager.
         self._push: PushProvider | None = provider if isinstance(provider, PushProvider) else None
-        self._pump = DeltaPump(buffer, publish, self._first_token)
+        if publish_events is None:
+            publish_events = self._publish_each
+        self._pump = DeltaPump(buffer, publish_events, self._first_token)
         # Labelled metric children by (metric, labels): ``labels()`` takes a lock and builds
         # a key on every call, ~8 times a reply. Few combinations (agents x models x reasons).
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    async def _publish_each(self, events: Sequence[Event]) -> None:
+        """Deltas through ``publish`` one by one, when no batch publish is given."""
+        for event in events:
+            await self._publish(event.conversation_id, event.frame)
 
     def _series(self, metric: M, *labels: str) -> M:
         key = (id(metric), labels)

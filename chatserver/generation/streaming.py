@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from protocol import FinishReason, Message
+from protocol.ids import uuid4_str
 
 from ..agents import Agent
+from ..events import DeltaTemplate, Event
 from .buffer import ReplyBuffer, ReplyOwner
 from .cache import CacheKey
 from .provider import Finish, PushStream
@@ -29,6 +30,7 @@ from .provider import Finish, PushStream
 log = logging.getLogger("chatserver.generation")
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+PublishEvents = Callable[[Sequence[Event]], Awaitable[None]]  # the broker's publish_many
 OnFirstToken = Callable[["ReplyRun"], None]
 # Chunks a run may hold before a pull producer waits for the pump (a push provider never
 # runs ahead: it pushes a word per pace, and the pump takes them every tick).
@@ -59,19 +61,21 @@ class ReplyRun:
         "queued_at",
         "reply_to",
         "seq",
+        "template",
         "waiter",
     )
 
     def __init__(
         self, conversation_id: str, agent: Agent, model: str, reply_to: Message, pump: DeltaPump
     ) -> None:
-        self.generation_id = str(uuid.uuid4())
+        self.generation_id = uuid4_str()
         self.conversation_id = conversation_id
         self.agent = agent
         self.model = model
         self.reply_to = reply_to
         self.pump = pump
         self.seq = 0
+        self.template = DeltaTemplate(conversation_id, self.generation_id)
         self.parts: list[str] = []
         # Chunks the pump has not taken yet, joined as they come: a str is no container the
         # garbage collector tracks, a list per delta was (~66,000 a second at 1,000 replies).
@@ -140,7 +144,7 @@ class ReplyRun:
 class DeltaPump:
     """Records and publishes the waiting chunks of every run, a batch per loop tick."""
 
-    def __init__(self, buffer: ReplyBuffer, publish: Publish, on_first: OnFirstToken) -> None:
+    def __init__(self, buffer: ReplyBuffer, publish: PublishEvents, on_first: OnFirstToken) -> None:
         self._buffer = buffer
         self._publish = publish
         self._on_first = on_first
@@ -216,7 +220,8 @@ class DeltaPump:
             for run in batch:
                 _fail(run, f"reply failed: {type(exc).__name__}")
             return
-        publish = self._publish
+        events: list[Event] = []
+        published: list[ReplyRun] = []
         for run, text in zip(batch, texts, strict=True):
             if lost and run.generation_id in lost:
                 log.warning(
@@ -226,23 +231,26 @@ class DeltaPump:
                 run.lost = True
                 run.stop(FinishReason.ERROR.value)
                 continue
-            conversation_id = run.conversation_id
             try:
-                await publish(conversation_id, delta_frame(conversation_id, run, text))
-            except Exception as exc:
+                events.append(run.template.event(run.seq, text, 0.0))
+            except Exception as exc:  # text no codec takes (a lone surrogate): this reply
                 log.warning("publishing a delta failed: %s", exc)
+                _fail(run, f"reply failed: {type(exc).__name__}")
+                continue
+            published.append(run)
+        if not events:
+            return
+        try:
+            await self._publish(events)  # one step for the batch, in order
+        except Exception as exc:
+            log.warning("publishing deltas failed: %s", exc)
+            for run in published:
                 _fail(run, f"reply failed: {type(exc).__name__}")
 
 
 def delta_frame(conversation_id: str, run: ReplyRun, text: str) -> dict[str, Any]:
-    """``Delta(...).to_dict()`` without the dataclass in between (a test holds them equal)."""
-    return {
-        "type": "delta",
-        "conversation_id": conversation_id,
-        "generation_id": run.generation_id,
-        "seq": run.seq,
-        "text": text,
-    }
+    """The ``delta`` frame of ``run``'s current seq (a test holds it to ``Delta.to_dict``)."""
+    return run.template.frame(run.seq, text)
 
 
 def _fail(run: ReplyRun, why: str) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from chatserver.agents import Agent
+from chatserver.events import Event, framed
 from chatserver.generation import sources
 from chatserver.generation.buffer import MemoryReplyBuffer, ReplyBuffer
 from chatserver.generation.gemini import GeminiConfig, RetryPolicy
@@ -22,7 +24,7 @@ from chatserver.generation.local import LocalProvider
 from chatserver.generation.provider import Finish, ReplyRequest
 from chatserver.generation.redis_buffer import RedisReplyBuffer
 from chatserver.generation.streaming import DeltaPump, ReplyRun, delta_frame
-from protocol import Delta, Message
+from protocol import Delta, Encoding, Message
 from tests.fakegemini import FakeGemini, Stream
 from tests.services import RedisServer
 
@@ -135,12 +137,20 @@ def _stall(seconds: float) -> None:
 
 
 class Published:
+    """The broker's ``publish_many``: each batch's events, checked to be whole deltas."""
+
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
+        self.batches = 0
 
-    async def __call__(self, conversation_id: str, frame: dict[str, Any]) -> None:
-        assert frame["conversation_id"] == conversation_id
-        self.frames.append(frame)
+    async def __call__(self, events: Sequence[Event]) -> None:
+        self.batches += 1
+        for event in events:
+            frame = event.frame
+            assert frame["conversation_id"] == event.conversation_id
+            assert (event.generation_id, event.seq) == (frame["generation_id"], frame["seq"])
+            assert event.framed(False) == framed(frame, Encoding.JSON)
+            self.frames.append(frame)
 
 
 def _pump(buffer: ReplyBuffer, published: Published) -> tuple[DeltaPump, list[ReplyRun]]:
