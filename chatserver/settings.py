@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import uuid
@@ -204,7 +205,7 @@ class Settings:
         return Limits(max_frame_bytes=self.max_frame_bytes, max_text_chars=self.max_text_chars)
 
     def tier_limits(self, tier: str) -> TierLimits:
-        return TierLimits.parse(getattr(self, f"limits_{tier}"), env_name(f"limits_{tier}"))
+        return _tier_limits(getattr(self, f"limits_{tier}"), env_name(f"limits_{tier}"))
 
     @property
     def origins(self) -> frozenset[str]:
@@ -414,3 +415,9 @@ def defaults() -> dict[str, Any]:
         if f.default is not MISSING:
             out[f.name] = f.default
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _tier_limits(text: str, name: str) -> TierLimits:
+    """Parsed once per distinct setting: every send asks (a frozen result, safe to share)."""
+    return TierLimits.parse(text, name)

@@ -92,8 +92,9 @@ def optional_message_fields(source: Any) -> dict[str, Any]:
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339, UTC, millisecond precision: ``2026-11-27T20:13:30.123Z``."""
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # isoformat is C all the way (strftime took ~3x as long); it truncates to milliseconds
+    # as the old format did, and ends "+00:00" for UTC.
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:

@@ -40,7 +40,7 @@ class TierLimits:
 
 
 def utc_day(now: datetime | None = None) -> str:
-    return (now or datetime.now(UTC)).strftime("%Y-%m-%d")
+    return (now or datetime.now(UTC)).date().isoformat()  # YYYY-MM-DD, without strftime
 
 
 def ms_until_next_utc_day(now: datetime | None = None) -> int:
