@@ -89,14 +89,21 @@ class LocalHub:
             return
         # The fan-out hot path: per member one dict step and one push. Events that a
         # member's join state or a filter may drop (held while joining, below the join
-        # floor, generation frames, typing) take the session's general path.
-        plain = event.generation_id is None and event.exclude_user is None
+        # floor, generation frames of a member with generation floors, typing) take the
+        # session's general path.
+        plain = event.exclude_user is None
+        generation = event.generation_id is not None
         offset = event.offset
         msgpack = Encoding.MSGPACK
         text: bytes | None = None
         binary: bytes | None = None
         for session, sub in room.members.items():
-            if not plain or sub.held is not None or (offset and offset <= sub.floor_offset):
+            if (
+                not plain
+                or sub.held is not None
+                or (offset and offset <= sub.floor_offset)
+                or (generation and sub.gen_floors)
+            ):
                 session.deliver(event)
             elif session.encoding is msgpack:
                 if binary is None:
