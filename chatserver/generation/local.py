@@ -183,8 +183,10 @@ class LocalProvider:
         """Push the reply into ``sink`` from the shared timer; ``cancel()`` stops it at once."""
         text = compose_reply(request)
         words_in = self._words(request.system_prompt)
+        counts = self._counts  # the lookup inline: a call per message of the context showed
         for message in request.history:
-            words_in += self._words(message.text)
+            count = counts.get(message.text)
+            words_in += self._words(message.text) if count is None else count
         words = text.split(" ")
         limit = request.max_output_tokens
         reason = FinishReason.STOP.value
