@@ -93,7 +93,12 @@ class DeltaTemplate:
         event.seq = seq
         event.generation_id = generation_id
         event.exclude_user = None
-        event._text = bytes((_TEXT_OP, size)) + payload if size < 126 else ws_frame(payload, False)
+        if size < 126:
+            event._text = bytes((_TEXT_OP, size)) + payload
+        elif size < 65536:  # most deltas: ids and framing alone are ~150 bytes
+            event._text = bytes((_TEXT_OP, 126, size >> 8, size & 0xFF)) + payload
+        else:
+            event._text = ws_frame(payload, False)
         event._binary = None
         return event
 

@@ -79,3 +79,12 @@ def test_the_template_event_is_the_regular_event(text: str) -> None:
     assert built.exclude_user is None and regular.exclude_user is None
     assert built.framed(True) == regular.framed(True)
     assert built.framed(False) == regular.framed(False)
+
+
+@pytest.mark.parametrize("payload_size", [125, 126, 127, 65535, 65536, 65537])
+def test_every_header_size_boundary(payload_size: int) -> None:
+    template = DeltaTemplate(CONV, GEN)
+    bare = len(template.json(5, ""))
+    text = "w" * (payload_size - bare)
+    assert len(template.json(5, text)) == payload_size
+    assert template.event(5, text, 1.0).framed(False) == _regular(5, text)
