@@ -12,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from chatserver.broker.base import Broker
 from chatserver.broker.memory import MemoryBroker
 from chatserver.broker.redis import RedisBroker
-from chatserver.events import Event
+from chatserver.events import DeltaTemplate, Event
 
 from .conftest import eventually
 
@@ -106,6 +106,39 @@ async def test_events_cross_instances_once_in_order(make_broker, kind: str) -> N
     await a.publish(_typing("c2", 101))
     await eventually(lambda: len(from_c) == 2)
     assert len(from_b) == 50
+
+
+def _delta(conv: str, seq: int) -> Event:
+    return DeltaTemplate(conv, f"g-{conv}").event(seq, f"word{seq} ", 0.0)
+
+
+async def test_a_batch_is_delivered_in_order_unstamped(broker: Made) -> None:
+    made, received = broker
+    await made.subscribe("c1")
+    await made.subscribe("c2")
+    batch = [_delta("c1" if n % 2 else "c2", n) for n in range(1, 9)] + [_delta("c3", 9)]
+    await made.publish_many(batch)
+    await made.publish_many([])
+    assert received == batch[:8]  # c3 has no local member; the batch's order is kept
+    assert all(e.published_at == 0.0 for e in received)  # delivered in the call: not timed
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_a_batch_crosses_instances_in_order_and_stamped(make_broker, kind: str) -> None:  # type: ignore[no-untyped-def]
+    a, from_a = await make_broker(kind, "server-a")
+    b, from_b = await make_broker(kind, "server-b")
+    await a.subscribe("c1")
+    await b.subscribe("c1")
+    await a.publish(_typing("c1", 0))
+    await a.publish_many([_delta("c1", n) for n in range(1, 41)])
+    await a.publish(_typing("c1", 41))
+    await eventually(lambda: len(from_b) == 42)
+    for got in (from_a, from_b):
+        frames = [e.frame for e in got]
+        assert [f.get("seq") for f in frames[1:41]] == list(range(1, 41))
+        assert frames[0]["user_id"] == "u0" and frames[41]["user_id"] == "u41"
+    assert all(e.published_at > 0 for e in from_b)  # the other instance times them
+    assert [e.framed(False) for e in from_b[1:41]] == [e.framed(False) for e in from_a[1:41]]
 
 
 @pytest.mark.parametrize("kind", ["redis", "redis-cluster"])

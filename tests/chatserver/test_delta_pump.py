@@ -24,7 +24,7 @@ from chatserver.generation.local import LocalProvider
 from chatserver.generation.provider import Finish, ReplyRequest
 from chatserver.generation.redis_buffer import RedisReplyBuffer
 from chatserver.generation.streaming import DeltaPump, ReplyRun, delta_frame
-from protocol import Delta, Encoding, Message
+from protocol import Delta, Encoding, Message, Usage
 from tests.fakegemini import FakeGemini, Stream
 from tests.services import RedisServer
 
@@ -257,3 +257,24 @@ async def test_a_pulled_provider_waits_for_the_pump_past_its_backlog(
     finally:
         await provider.close()
         await fake.close()
+
+
+class _Upstream:
+    def cancel(self) -> None:
+        pass
+
+
+async def test_a_text_no_codec_takes_fails_its_own_reply_only() -> None:
+    buffer = MemoryReplyBuffer()
+    published = Published()
+    pump, _ = _pump(buffer, published)
+    bad, good = await _begin(buffer, pump, "c1"), await _begin(buffer, pump, "c2")
+    bad.handle = good.handle = _Upstream()  # a stream to stop, as the provider's would be
+    bad.chunk("lone \ud800 surrogate")
+    good.chunk("fine words")
+    good.finish(Finish("stop", Usage(1, 2)))
+    assert await asyncio.wait_for(bad.done, 5) is None  # cut short: no finish
+    assert bad.failure == "reply failed: UnicodeEncodeError"
+    finish = await asyncio.wait_for(good.done, 5)
+    assert finish is not None and finish.reason == "stop" and good.failure is None
+    assert [(f["conversation_id"], f["text"]) for f in published.frames] == [("c2", "fine words")]
