@@ -283,6 +283,7 @@ class PostgresServer:
     ) -> None:
         self.bindir = bindir or find_postgres_bindir()
         self.settings = dict(settings or {})  # extra `-c name=value`, after (over) the defaults
+        self._file_copy: bool | None = None  # CREATE DATABASE ... STRATEGY FILE_COPY (15+)
         self._as_user: list[str] = []
         owner: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
@@ -447,7 +448,13 @@ class PostgresServer:
         """``CREATE DATABASE name``; returns its DSN."""
         if not _DB_NAME.fullmatch(name):
             raise ValueError(f"database name {name!r} must match {_DB_NAME.pattern}")
-        self.psql(f'CREATE DATABASE "{name}"')
+        # FILE_COPY: from Postgres 15 the default (WAL_LOG) writes the whole template to the
+        # WAL, ~150 ms against ~50 ms here, and most tests on Postgres make a database of
+        # their own. Older servers only copy files (and know no STRATEGY).
+        if self._file_copy is None:
+            self._file_copy = int(self.psql("SHOW server_version_num").strip()) >= 150000
+        strategy = " STRATEGY FILE_COPY" if self._file_copy else ""
+        self.psql(f'CREATE DATABASE "{name}"{strategy}')
         return self.dsn_for(name)
 
     def drop_database(self, name: str) -> None:
