@@ -72,33 +72,16 @@ class DeltaTemplate:
         return f'{self._head}{seq:d},"text":{encode_basestring(text)}}}'.encode()
 
     def event(self, seq: int, text: str, published_at: float) -> Event:
-        """The fan-out event of one delta, its JSON WebSocket frame already built.
-
-        ``frame``, ``json`` and ``ws_frame`` written out: a call each per delta showed.
-        """
-        conversation_id, generation_id = self.conversation_id, self.generation_id
-        payload = f'{self._head}{seq:d},"text":{encode_basestring(text)}}}'.encode()
-        size = len(payload)
-        event = Event.__new__(Event)
-        event.conversation_id = conversation_id
-        event.frame = {
-            "type": "delta",
-            "conversation_id": conversation_id,
-            "generation_id": generation_id,
-            "seq": seq,
-            "text": text,
-        }
+        """The fan-out event of one delta, its JSON WebSocket frame already built."""
+        event = Event.__new__(Event)  # no frame to inspect: every field is known here
+        event.conversation_id = self.conversation_id
+        event.frame = self.frame(seq, text)
         event.published_at = published_at
         event.offset = 0
         event.seq = seq
-        event.generation_id = generation_id
+        event.generation_id = self.generation_id
         event.exclude_user = None
-        if size < 126:
-            event._text = bytes((_TEXT_OP, size)) + payload
-        elif size < 65536:  # most deltas: ids and framing alone are ~150 bytes
-            event._text = bytes((_TEXT_OP, 126, size >> 8, size & 0xFF)) + payload
-        else:
-            event._text = ws_frame(payload, False)
+        event._text = ws_frame(self.json(seq, text), False)
         event._binary = None
         return event
 

@@ -248,11 +248,6 @@ class DeltaPump:
                 _fail(run, f"reply failed: {type(exc).__name__}")
 
 
-def delta_frame(conversation_id: str, run: ReplyRun, text: str) -> dict[str, Any]:
-    """The ``delta`` frame of ``run``'s current seq (a test holds it to ``Delta.to_dict``)."""
-    return run.template.frame(run.seq, text)
-
-
 def _fail(run: ReplyRun, why: str) -> None:
     if run.failure is None:
         run.failure = why

@@ -23,7 +23,7 @@ from chatserver.generation.gemini_sse import GeminiSseProvider
 from chatserver.generation.local import LocalProvider
 from chatserver.generation.provider import Finish, ReplyRequest
 from chatserver.generation.redis_buffer import RedisReplyBuffer
-from chatserver.generation.streaming import DeltaPump, ReplyRun, delta_frame
+from chatserver.generation.streaming import DeltaPump, ReplyRun
 from protocol import Delta, Encoding, Message, Usage
 from tests.fakegemini import FakeGemini, Stream
 from tests.services import RedisServer
@@ -223,12 +223,12 @@ async def test_deltas_that_cannot_be_recorded_are_not_published(
         await redis.aclose()
 
 
-def test_the_delta_frame_is_the_protocol_delta() -> None:
+def test_a_runs_delta_frame_is_the_protocol_delta() -> None:
     run = ReplyRun(
         "c1", AGENT, "local", _message("hi"), DeltaPump(MemoryReplyBuffer(), Published(), print)
     )
     run.seq = 7
-    built = delta_frame("c1", run, "some text")
+    built = run.template.frame(run.seq, "some text")
     assert built == Delta("c1", run.generation_id, 7, "some text").to_dict()
     assert list(built) == list(Delta("c1", run.generation_id, 7, "some text").to_dict())
 
