@@ -27,11 +27,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from .accounting import DUPLICATE, Receiver, Tally
+from .accounting import DUPLICATE, Receiver, Tally, unmark
 from .stats import Histogram
 from .wsclient import OnClose, OnPayload, WsProtocol
 
-_MASK64 = (1 << 64) - 1
 _TILDE = 0x7E
 _L = 0x4C
 _HIST_LAST = len(Histogram().counts) - 1
@@ -77,19 +76,14 @@ class Deliveries:
     def entry(self, tag: bytes) -> Entry | None:
         """The entry of the message whose marker digits are ``tag``; None if not a marker."""
         entry = self.cache.get(tag)
-        if entry is None:
-            if len(tag) != 32:
+        if entry is None:  # once per message and process: the marker's own parser
+            parsed = unmark(tag.decode("ascii", "replace"))
+            if parsed is None:
                 return None
-            try:
-                value = int(tag, 16)
-            except ValueError:
-                return None
-            key = value >> 64
-            sender = key >> 32
+            sender, seq, sent_ns = parsed
             conv = sender // self.members
-            entry = [conv, sender, key & 0xFFFFFFFF, value & _MASK64, 0, key]
-            entry[4] = self.local_members.get(conv, 0)
-            self.cache[tag] = entry
+            local = self.local_members.get(conv, 0)
+            entry = self.cache[tag] = [conv, sender, seq, sent_ns, local, (sender << 32) | seq]
         return entry
 
     def count(self, receiver: Receiver, tag: bytes, now: int) -> bool:
