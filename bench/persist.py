@@ -62,6 +62,7 @@ from storage.store.pg_write import (  # noqa: E402
     BUMP,
     BUMP_SETTINGS,
     CHARGE,
+    MESSAGE_COLUMNS,
     WRITE_SETTINGS,
     Batch,
     RecentAuthors,
@@ -95,11 +96,7 @@ MEMBERS_BY_USER = (
     "(user_id, updated_at DESC, conversation_id DESC)"
 )
 GOAL = 0.6  # end to end over raw COPY (issue #4)
-_RAW_COLUMNS = [
-    "conversation_id", "offset", "created_at", "id", "role", "text", "text_raw", "user_id",
-    "agent_id", "client_msg_id", "finish_reason", "input_tokens", "output_tokens", "model",
-    "reply_to",
-]  # fmt: skip
+_RAW_COLUMNS = [name for name, _ in MESSAGE_COLUMNS]  # the order of Batch.rows
 
 
 class Workload:
