@@ -14,9 +14,14 @@ are always running). Measured at the client:
   provider's pace (15 ms). The server coalesces words that piled up into one delta, so a
   late stream shows fewer, longer gaps.
 
-The comparator is the provider itself: the same N streams pushed straight from
-``LocalProvider.open()`` (its shared timer, as in the server) in one process (uvloop, no
-server, no network): what the timer alone adds at that concurrency on this machine.
+Two comparators, each started in the same run:
+
+- the provider itself: the same N streams pushed straight from ``LocalProvider.open()`` (its
+  shared timer, as in the server) in one process (uvloop, no server, no network): what the
+  timer alone adds at that concurrency on this machine;
+- the floor of a server: ``bench/peers/bare.py --agent-token-ms``, a bare aiohttp server that
+  answers each message from the same provider with one ``await ws.send_str()`` per delta and
+  nothing else (no store, window, limits or metrics), driven by the same harness.
 
 Writes ``bench/results/ai.json``.
 """
@@ -40,6 +45,7 @@ from bench.common import (
     load,
     log,
     machine,
+    peers,
     pid_of,
     slim,
     verdict,
@@ -124,54 +130,31 @@ def main() -> int:
     parser.add_argument("--ttft-ms", type=int, default=200)
     parser.add_argument("--token-ms", type=int, default=15)
     parser.add_argument("--ramp", type=float, default=3.0)
-    parser.add_argument("--quick", action="store_true", help="10 and 20 replies, 2 s each")
+    parser.add_argument("--quick", action="store_true", help="20 replies for 2 s")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.quick:
-        args.concurrency, args.seconds, args.ramp, args.ttft_ms = "10,20", 2.0, 0.5, 50
+        args.concurrency, args.seconds, args.ramp, args.ttft_ms = "20", 2.0, 0.5, 50
     levels = [int(n) for n in args.concurrency.split(",") if n]
     env = {"CHAT_LOCAL_TTFT_MS": str(args.ttft_ms), "CHAT_LOCAL_TOKEN_MS": str(args.token_ms)}
     table: dict[str, Any] = {}
     runs: dict[str, Any] = {}
     log(f"ai: {levels} concurrent replies, TTFT {args.ttft_ms} ms, {args.token_ms} ms/token")
+    agent = ["--agent-ttft-ms", str(args.ttft_ms), "--agent-token-ms", str(args.token_ms)]
     for n in levels:
         alone = provider_alone(n, args.seconds, args.ttft_ms, args.token_ms)
         with chatservers(1, env=env) as servers:
-            report = load(
-                label=f"ai {n} replies",
-                urls=[servers[0].url],
-                mode="ai",
-                clients=n,
-                members=1,
-                rate=0,
-                window=1,
-                ramp_s=args.ramp,
-                duration_s=args.seconds,
-                text_bytes=48,
-                procs=2,
-                server_pids=[pid_of(servers[0])],
-                provider_ttft_ms=args.ttft_ms,
-                provider_token_ms=args.token_ms,
-                drain_timeout_s=60,
-                max_loss=0,
-            )
+            report = _drive(args, n, "chatserver", servers[0].url, pid_of(servers[0]))
+        with peers("bare", 1, args=agent) as bare:
+            floor = _drive(args, n, "peer", bare[0].url, bare[0].pid)
         runs[str(n)] = slim(report)
-        latency = report["latency_ms"]
+        runs[f"{n} bare"] = slim(floor)
         table[str(n)] = {
-            "replies": report["counts"]["replies"]["ended"],
-            "deltas_per_s": report["rates_per_s"]["deltas"],
-            "ttft_added_p50_ms": latency.get("ttft_added", {}).get("p50"),
-            "ttft_added_p99_ms": latency.get("ttft_added", {}).get("p99"),
-            "gap_added_p50_ms": latency.get("gap_added", {}).get("p50"),
-            "gap_added_p99_ms": latency.get("gap_added", {}).get("p99"),
-            "ack_p99_ms": latency["ack"]["p99"],
-            "defects": report["counts"]["defects"],
-            "server_cpu_pct": report["server"]["cpu_pct_of_one_core"],
-            "server_cpu_us_per_frame": report["server"]["cpu_us_per_delivery"],
-            "harness_cpu_pct": report["harness"]["cpu_pct_of_one_core"],
+            **_figures(report),
             "provider_alone_ttft_added_p50_ms": alone["ttft_added"]["p50"],
             "provider_alone_gap_added_p99_ms": alone["gap_added"]["p99"],
             "provider_alone_cpu_s": alone["cpu_s"],
+            "bare": _figures(floor),
         }
     top = table[str(max(levels))]
     goals = {
@@ -189,20 +172,25 @@ def main() -> int:
     }
     lines = [
         f"Local provider: TTFT {args.ttft_ms} ms, {args.token_ms} ms per token; 1 instance; "
-        f"{args.seconds:g} s per level.",
+        f"{args.seconds:g} s per level. Bare aiohttp: the same provider streamed with one "
+        "`send_str` per delta, nothing stored (the floor).",
         "",
-        "| concurrent replies | replies done | deltas/s | added TTFT p50 / p99 | "
-        "added gap p50 / p99 | provider alone: added TTFT p50, gap p99 | lost/dup | "
-        "server CPU | harness CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| concurrent replies | server | replies done | deltas/s | added TTFT p50 / p99 | "
+        "added gap p50 / p99 | lost/dup | server CPU | server CPU per reply | harness CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for level, f in table.items():
+    for level, row in table.items():
+        for name, f in (("chatserver", row), ("bare aiohttp", row["bare"])):
+            lines.append(
+                f"| {level} | {name} | {f['replies']} | {f['deltas_per_s']} | "
+                f"{f['ttft_added_p50_ms']} / {f['ttft_added_p99_ms']} ms | "
+                f"{f['gap_added_p50_ms']} / {f['gap_added_p99_ms']} ms | {f['defects']} | "
+                f"{f['server_cpu_pct']}% | {f['server_cpu_us_per_reply']} µs | "
+                f"{f['harness_cpu_pct']}% |"
+            )
         lines.append(
-            f"| {level} | {f['replies']} | {f['deltas_per_s']} | {f['ttft_added_p50_ms']} / "
-            f"{f['ttft_added_p99_ms']} ms | {f['gap_added_p50_ms']} / {f['gap_added_p99_ms']} ms"
-            f" | {f['provider_alone_ttft_added_p50_ms']} ms, "
-            f"{f['provider_alone_gap_added_p99_ms']} ms | {f['defects']} | "
-            f"{f['server_cpu_pct']}% | {f['harness_cpu_pct']}% |"
+            f"| {level} | provider alone | | | {row['provider_alone_ttft_added_p50_ms']} ms "
+            f"(p50) | {row['provider_alone_gap_added_p99_ms']} ms (p99) | | | | |"
         )
     lines.append("")
     for key, label in (
@@ -230,6 +218,49 @@ def main() -> int:
         args.out,
     )
     return 0
+
+
+def _drive(args: argparse.Namespace, n: int, dialect: str, url: str, pid: int) -> Any:
+    return load(
+        label=f"ai {n} replies" + ("" if dialect == "chatserver" else f" ({dialect})"),
+        urls=[url],
+        dialect=dialect,
+        mode="ai",
+        clients=n,
+        members=1,
+        rate=0,
+        window=1,
+        ramp_s=args.ramp,
+        duration_s=args.seconds,
+        text_bytes=48,
+        procs=2,
+        server_pids=[pid],
+        provider_ttft_ms=args.ttft_ms,
+        provider_token_ms=args.token_ms,
+        drain_timeout_s=60,
+        max_loss=0,
+    )
+
+
+def _figures(report: Any) -> dict[str, Any]:
+    latency = report["latency_ms"]
+    server = report["server"]
+    replies = report["counts"]["replies"]["ended"]
+    return {
+        "replies": replies,
+        "deltas_per_s": report["rates_per_s"]["deltas"],
+        "ttft_added_p50_ms": latency.get("ttft_added", {}).get("p50"),
+        "ttft_added_p99_ms": latency.get("ttft_added", {}).get("p99"),
+        "gap_added_p50_ms": latency.get("gap_added", {}).get("p50"),
+        "gap_added_p99_ms": latency.get("gap_added", {}).get("p99"),
+        "ack_p99_ms": latency["ack"]["p99"],
+        "defects": report["counts"]["defects"],
+        "server_cpu_pct": server["cpu_pct_of_one_core"],
+        "server_cpu_us_per_frame": server["cpu_us_per_delivery"],
+        # Server CPU from the first send to the end (deltas included) over the replies.
+        "server_cpu_us_per_reply": round(server["cpu_s"] * 1e6 / replies) if replies else None,
+        "harness_cpu_pct": report["harness"]["cpu_pct_of_one_core"],
+    }
 
 
 def _below(value: float | None, limit: float) -> bool | None:

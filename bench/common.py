@@ -113,13 +113,14 @@ def pid_of(server: ServerProc) -> int:
 class PeerProc:
     """A peer server from bench/peers as a subprocess, ready when /healthz answers."""
 
-    def __init__(self, kind: str, redis_url: str | None = None) -> None:
+    def __init__(self, kind: str, redis_url: str | None = None, args: Sequence[str] = ()) -> None:
         self.kind = kind
         self.port = free_port()
         script = ROOT / "bench" / "peers" / ("bare.py" if kind == "bare" else "sio.py")
         argv = [sys.executable, str(script), "--port", str(self.port)]
         if redis_url:
             argv += ["--redis-url", redis_url]
+        argv += args
         handle, name = tempfile.mkstemp(prefix=f"peer-{kind}-", suffix=".log")
         self.log_path = Path(name)
         with os.fdopen(handle, "wb") as log_file:
@@ -160,11 +161,13 @@ class PeerProc:
 
 
 @contextlib.contextmanager
-def peers(kind: str, count: int, redis_url: str | None = None) -> Iterator[list[PeerProc]]:
+def peers(
+    kind: str, count: int, redis_url: str | None = None, args: Sequence[str] = ()
+) -> Iterator[list[PeerProc]]:
     started: list[PeerProc] = []
     try:
         for _ in range(count):
-            started.append(PeerProc(kind, redis_url))
+            started.append(PeerProc(kind, redis_url, args))
         yield started
     finally:
         for peer in started:

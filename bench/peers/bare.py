@@ -16,6 +16,17 @@ harness's ``peer`` dialect, the JSON frames of protocol v1 that a chat load need
 With ``--redis-url`` every message goes through Redis pub/sub (one PUBLISH per message, one
 subscriber connection per process, pattern ``peer:*``), and each process delivers what it
 receives to its local members: two processes on one Redis make a two-instance peer.
+
+With ``--agent-token-ms`` every message also gets an agent reply, the floor of the ``ai``
+scenario: the ack carries the message's id, and the sender's socket gets
+
+    {"type":"gen_start","generation_id":G,"reply_to":id}, then one
+    {"type":"delta","generation_id":G,"seq":n,"text":...} per chunk, then
+    {"type":"gen_end","generation_id":G,"finish_reason":...}
+
+streamed from chatserver's own local provider (the same words at the same pace and the same
+shared timer as in the server), with ``async for chunk in provider.stream(...)`` and one
+``await ws.send_str()`` per delta: nothing stored, no window, no limits, no metrics.
 """
 
 from __future__ import annotations
@@ -24,13 +35,16 @@ import argparse
 import asyncio
 import contextlib
 import json
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 ROOMS = web.AppKey("rooms", dict)
 REDIS = web.AppKey("redis", object)
+AGENT = web.AppKey("agent", object)  # the local provider, when replies are asked for
 
 
 async def deliver(app: web.Application, conversation_id: str, data: str) -> None:
@@ -45,6 +59,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
     await ws.prepare(request)
     joined: set[str] = set()
+    replies: set[asyncio.Task[None]] = set()
     user = f"u-{uuid.uuid4().hex[:8]}"
     await ws.send_str('{"type":"hello"}')
     try:
@@ -67,11 +82,13 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                     )
                 )
             elif kind == "send":
+                message_id = uuid.uuid4().hex
                 await ws.send_str(
                     json.dumps(
                         {
                             "type": "ack",
                             "client_msg_id": frame.get("client_msg_id"),
+                            "message_id": message_id,
                             "ref": frame.get("ref"),
                         }
                     )
@@ -80,7 +97,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                     {
                         "type": "message",
                         "message": {
-                            "id": uuid.uuid4().hex,
+                            "id": message_id,
                             "conversation_id": conversation_id,
                             "user_id": user,
                             "text": frame.get("text"),
@@ -93,10 +110,54 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                     await redis.publish(f"peer:{conversation_id}", data)  # type: ignore[attr-defined]
                 else:
                     await deliver(app, conversation_id, data)
+                if AGENT in app:
+                    text = str(frame.get("text"))
+                    task = asyncio.create_task(reply(app, ws, conversation_id, message_id, text))
+                    replies.add(task)
+                    task.add_done_callback(replies.discard)
     finally:
+        for task in list(replies):
+            task.cancel()
         for conversation_id in joined:
             app[ROOMS].get(conversation_id, set()).discard(ws)
     return ws
+
+
+async def reply(
+    app: web.Application, ws: web.WebSocketResponse, conversation_id: str, asked: str, text: str
+) -> None:
+    """The agent's answer to ``asked``, streamed to the asker as the provider pushes it."""
+    from chatserver.generation.provider import Chunk, ReplyRequest
+    from protocol import Message
+
+    generation_id = uuid.uuid4().hex
+    question = Message(asked, conversation_id, 1, "user", text, "")
+    request = ReplyRequest("general", "local", "", (question,), 0.7, 1024)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.send_str(
+            json.dumps({"type": "gen_start", "generation_id": generation_id, "reply_to": asked})
+        )
+        seq = 0
+        reason = "stop"
+        async for item in app[AGENT].stream(request):  # type: ignore[attr-defined]
+            if isinstance(item, Chunk):
+                seq += 1
+                await ws.send_str(
+                    json.dumps(
+                        {
+                            "type": "delta",
+                            "conversation_id": conversation_id,
+                            "generation_id": generation_id,
+                            "seq": seq,
+                            "text": item.text,
+                        }
+                    )
+                )
+            else:
+                reason = item.reason
+        await ws.send_str(
+            json.dumps({"type": "gen_end", "generation_id": generation_id, "finish_reason": reason})
+        )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -115,9 +176,16 @@ async def subscriber(app: web.Application, url: str) -> None:
             await deliver(app, channel.split(":", 1)[1], item["data"].decode())
 
 
-def make_app(redis_url: str | None) -> web.Application:
+def make_app(
+    redis_url: str | None, agent_ttft_ms: int | None = None, agent_token_ms: int | None = None
+) -> web.Application:
     app = web.Application()
     app[ROOMS] = {}
+    if agent_token_ms is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from chatserver.generation.local import LocalProvider
+
+        app[AGENT] = LocalProvider(agent_ttft_ms or 0, agent_token_ms)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
 
@@ -141,6 +209,8 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001)
     parser.add_argument("--redis-url")
+    parser.add_argument("--agent-ttft-ms", type=int, help="reply to every message (ai)")
+    parser.add_argument("--agent-token-ms", type=int, help="the provider's pace (ai)")
     args = parser.parse_args()
     loop = None
     try:
@@ -150,7 +220,7 @@ def main() -> None:
     except ImportError:
         pass
     web.run_app(
-        make_app(args.redis_url),
+        make_app(args.redis_url, args.agent_ttft_ms, args.agent_token_ms),
         host=args.host,
         port=args.port,
         print=None,

@@ -94,8 +94,11 @@ class LoadConfig:
             raise ConfigError(f"--encoding {self.encoding!r}: expected json or msgpack")
         if self.encoding == "msgpack" and self.dialect != "chatserver":
             raise ConfigError("--encoding msgpack: only the chatserver dialect speaks it")
-        if self.mode == "ai" and self.dialect != "chatserver":
-            raise ConfigError("--mode ai needs the chatserver dialect (peers have no agents)")
+        if self.mode == "ai" and self.dialect == "socketio":
+            # The bare peer answers with the local provider when started with --agent-token-ms.
+            raise ConfigError(
+                "--mode ai needs the chatserver or peer dialect (socketio has no agent)"
+            )
         for name in ("clients", "members", "procs", "window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1")

@@ -261,7 +261,7 @@ def test_cli_measures_idle_memory(server: ServerProc, tmp_path: Path) -> None:
 
 def test_cli_refuses_bad_settings(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "chatserver", "loadtest", "--mode", "ai", "--dialect", "peer"],
+        [sys.executable, "-m", "chatserver", "loadtest", "--mode", "ai", "--dialect", "socketio"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -269,7 +269,7 @@ def test_cli_refuses_bad_settings(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2
-    assert "--mode ai needs the chatserver dialect" in done.stderr
+    assert "--mode ai needs the chatserver or peer dialect" in done.stderr
     with pytest.raises(ConfigError, match="--turns"):
         LoadConfig(members=2, turns=3).validate()
 

@@ -65,7 +65,11 @@ def test_ai(tmp_path: Path) -> None:
         assert level["replies"] > 0 and level["defects"] == 0
         assert level["ttft_added_p50_ms"] is not None
         assert level["provider_alone_gap_added_p99_ms"] is not None
+        # The floor beside it: the bare peer answered every message with the same provider.
+        assert level["bare"]["replies"] > 0 and level["bare"]["defects"] == 0
+        assert level["bare"]["ttft_added_p50_ms"] is not None
     assert "added gap p99" in data["markdown"]
+    assert "| bare aiohttp |" in data["markdown"]
 
 
 def test_product_scale(tmp_path: Path) -> None:
