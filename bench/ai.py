@@ -176,8 +176,9 @@ def main() -> int:
         "`send_str` per delta, nothing stored (the floor).",
         "",
         "| concurrent replies | server | replies done | deltas/s | added TTFT p50 / p99 | "
-        "added gap p50 / p99 | lost/dup | server CPU | server CPU per reply | harness CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "added gap p50 / p99 | lost/dup | server CPU (its event-loop thread) | "
+        "server CPU per reply | write syscalls per reply | harness CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level, row in table.items():
         for name, f in (("chatserver", row), ("bare aiohttp", row["bare"])):
@@ -185,12 +186,13 @@ def main() -> int:
                 f"| {level} | {name} | {f['replies']} | {f['deltas_per_s']} | "
                 f"{f['ttft_added_p50_ms']} / {f['ttft_added_p99_ms']} ms | "
                 f"{f['gap_added_p50_ms']} / {f['gap_added_p99_ms']} ms | {f['defects']} | "
-                f"{f['server_cpu_pct']}% | {f['server_cpu_us_per_reply']} µs | "
+                f"{f['server_cpu_pct']}% ({f['loop_thread_cpu_pct']}%) | "
+                f"{f['server_cpu_us_per_reply']} µs | {f['write_syscalls_per_reply']} | "
                 f"{f['harness_cpu_pct']}% |"
             )
         lines.append(
             f"| {level} | provider alone | | | {row['provider_alone_ttft_added_p50_ms']} ms "
-            f"(p50) | {row['provider_alone_gap_added_p99_ms']} ms (p99) | | | | |"
+            f"(p50) | {row['provider_alone_gap_added_p99_ms']} ms (p99) | | | | | |"
         )
     lines.append("")
     for key, label in (
@@ -259,6 +261,12 @@ def _figures(report: Any) -> dict[str, Any]:
         "server_cpu_us_per_frame": server["cpu_us_per_delivery"],
         # Server CPU from the first send to the end (deltas included) over the replies.
         "server_cpu_us_per_reply": round(server["cpu_s"] * 1e6 / replies) if replies else None,
+        "loop_thread_cpu_pct": server["loop_thread_cpu_pct"],
+        "write_syscalls_per_reply": (
+            round(server["write_syscalls"] / replies, 1)
+            if replies and server["write_syscalls"] is not None
+            else None
+        ),
         "harness_cpu_pct": report["harness"]["cpu_pct_of_one_core"],
     }
 

@@ -7,10 +7,15 @@ import os
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of ``pid`` (its threads included), None if unreadable."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU seconds of ``pid`` (its threads included), None if unreadable.
+
+    With ``thread``, of that one thread only: ``thread=pid`` is the main thread, the one that
+    runs an asyncio server's event loop (its other threads are executors and the like).
+    """
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
+        with open(path, "rb") as handle:
             raw = handle.read()
     except OSError:
         return None
@@ -31,8 +36,28 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def write_syscalls(pid: int) -> int | None:
+    """Write-family system calls ``pid`` made so far (``syscw`` of proc(5)'s io), or None."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as handle:  # readable by the owner or root
+            for line in handle:
+                if line.startswith(b"syscw:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def sample(pids: list[int]) -> dict[str, dict[str, float | int | None]]:
-    return {str(pid): {"cpu_s": cpu_seconds(pid), "rss_kib": rss_kib(pid)} for pid in pids}
+    return {
+        str(pid): {
+            "cpu_s": cpu_seconds(pid),
+            "loop_cpu_s": cpu_seconds(pid, pid),
+            "rss_kib": rss_kib(pid),
+            "syscw": write_syscalls(pid),
+        }
+        for pid in pids
+    }
 
 
 def own_cpu_seconds() -> float:

@@ -14,11 +14,14 @@ Samples = dict[str, dict[str, dict[str, float | int | None]]]
 REQUESTS = ("ack", "join", "rest")  # what the request SLOs apply to
 
 
-def _sum_cpu(samples: Samples, start: str, end: str, pids: list[int]) -> float | None:
+def _sum_cpu(
+    samples: Samples, start: str, end: str, pids: list[int], key: str = "cpu_s"
+) -> float | None:
+    """What ``key`` grew by between two samples, over ``pids``; None if any is unknown."""
     total = 0.0
     for pid in pids:
-        a = samples[start].get(str(pid), {}).get("cpu_s")
-        b = samples[end].get(str(pid), {}).get("cpu_s")
+        a = samples[start].get(str(pid), {}).get(key)
+        b = samples[end].get(str(pid), {}).get(key)
         if a is None or b is None:
             return None
         total += float(b) - float(a)
@@ -72,6 +75,9 @@ def build_report(
     harness_cpu = sum(float(r["cpu_run_s"]) for r in reports) + coordinator_cpu_s
     measured_s = (end_ns - t_go_ns) / 1e9
     server_cpu = _sum_cpu(samples, "go", "end", config.server_pids)
+    # The event loop's own thread: an asyncio server saturates when this nears 100%.
+    loop_cpu = _sum_cpu(samples, "go", "end", config.server_pids, "loop_cpu_s")
+    server_writes = _sum_cpu(samples, "go", "end", config.server_pids, "syscw")
     aux_cpu = _sum_cpu(samples, "go", "end", config.aux_pids)
     fanned = delivered + deltas  # frames the server fanned out that the harness counted
     rss_start = _sum_rss(samples, "start", config.server_pids)
@@ -158,6 +164,11 @@ def build_report(
             "cpu_s": server_cpu,
             "cpu_pct_of_one_core": _per(server_cpu, 1, 100 / measured_s) if measured_s else None,
             "cpu_us_per_delivery": _per(server_cpu, fanned),
+            "loop_thread_cpu_pct": (
+                _per(loop_cpu, len(config.server_pids), 100 / measured_s) if measured_s else None
+            ),
+            "write_syscalls": None if server_writes is None else int(server_writes),
+            "write_syscalls_per_delivery": _per(server_writes, fanned, 1),
             "rss_kib_start": rss_start,
             "rss_kib_idle": rss_idle,
             "rss_kib_end": _sum_rss(samples, "end", config.server_pids),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from chatserver.loadtest import LoadConfig, run_loadtest
+from chatserver.loadtest import LoadConfig, procstat, run_loadtest
 from chatserver.loadtest.accounting import (
     DUPLICATE,
     FRESH,
@@ -272,6 +273,23 @@ def test_cli_refuses_bad_settings(tmp_path: Path) -> None:
     assert "--mode ai needs the chatserver or peer dialect" in done.stderr
     with pytest.raises(ConfigError, match="--turns"):
         LoadConfig(members=2, turns=3).validate()
+
+
+def test_procstat_counts_write_syscalls_and_the_loop_thread(tmp_path: Path) -> None:
+    pid = os.getpid()
+    before = procstat.sample([pid])[str(pid)]
+    fd = os.open(tmp_path / "sink", os.O_WRONLY | os.O_CREAT)
+    try:
+        for _ in range(50):
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    after = procstat.sample([pid])[str(pid)]
+    assert isinstance(before["syscw"], int) and isinstance(after["syscw"], int)
+    assert after["syscw"] - before["syscw"] >= 50
+    loop_cpu, cpu = after["loop_cpu_s"], after["cpu_s"]
+    assert loop_cpu is not None and cpu is not None and 0 <= loop_cpu <= cpu
+    assert procstat.cpu_seconds(pid, thread=999_999_999) is None  # no such thread
 
 
 # -- the accounting can fail -------------------------------------------------------------
