@@ -151,7 +151,8 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
     )
     if result.duplicate:
         return
-    app[keys.METRICS].messages_appended.labels(Role.USER.value).inc()
+    metrics = app[keys.METRICS]
+    metrics.child(metrics.messages_appended, Role.USER.value).inc()
     await publish(app, conversation.id, MessageEvent(message).to_dict())
     generation.start(conversation, message)
 

@@ -313,7 +313,7 @@ class _Connection:
             return None
 
     def _send(self, frame: Any) -> None:
-        self.metrics.frames_out.labels(frame.TYPE).inc()
+        self.metrics.child(self.metrics.frames_out, frame.TYPE).inc()
         if self.session is not None:
             self.session.send(frame)
 
@@ -326,7 +326,7 @@ class _Connection:
             if session.note_bad_frame(self.settings.bad_frame_limit):
                 self.close(CloseCode.POLICY_VIOLATION, "too_many_bad_frames")
             return
-        self.metrics.frames_in.labels(frame.TYPE).inc()
+        self.metrics.child(self.metrics.frames_in, frame.TYPE).inc()
         wait_ms = session.take_frame(self.settings.frames_per_second)
         if wait_ms is not None:
             self.send_error(ErrorCode.RATE_LIMITED, "too many frames", frame.ref, wait_ms)
@@ -345,7 +345,9 @@ class _Connection:
             log.exception("frame handling failed", extra={"session": session.id})
             self.send_error(ErrorCode.INTERNAL, "internal error", frame.ref)
         finally:
-            self.metrics.frame_duration.labels(frame.TYPE).observe(time.perf_counter() - started)
+            self.metrics.child(self.metrics.frame_duration, frame.TYPE).observe(
+                time.perf_counter() - started
+            )
 
 
 def drain_connections(app: web.Application, jitter_ms: int = 1000) -> None:

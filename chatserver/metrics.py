@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar, cast
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,6 +14,9 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 # Milliseconds to tens of seconds: fan-out and HTTP at the low end, replies at the top.
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -25,6 +30,10 @@ _BATCH = (1, 5, 10, 50, 100, 500, 1000, 5000, 10000)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Labelled children by (metric, labels): ``labels()`` takes a lock and builds a key
+        # on every call, ~10 times per reply on the hot paths. Few combinations (frame
+        # types, roles, agents x models x reasons), and a child is never removed.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         # CPU, memory, open fds and start time (Linux), the interpreter, garbage collection.
         ProcessCollector(registry=r)
@@ -164,6 +173,14 @@ class Metrics:
         self.model_retries = Counter(
             "chat_model_retries", "Model requests retried (429/5xx)", ["provider"], registry=r
         )
+
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, remembered."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(M, found)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,9 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
-
-from prometheus_client.metrics import MetricWrapperBase
+from typing import Any, TypeVar
 
 from protocol import ErrorCode, FinishReason, GenEnd, GenStart, Message, Role, Usage
 from storage.records import Conversation, MessageDraft
@@ -42,7 +40,6 @@ SendControl = Callable[[str, dict[str, Any]], Awaitable[None]]
 OnUsage = Callable[[str, int], Awaitable[None]]  # (user billed, tokens)
 _RETRY_FOR_S = 30.0  # how long a finishing reply waits out a Redis or store outage
 T = TypeVar("T")
-M = TypeVar("M", bound=MetricWrapperBase)
 
 __all__ = ["GenerationManager", "ReplyRun"]
 
@@ -98,21 +95,11 @@ class GenerationManager:
         if publish_events is None:
             publish_events = self._publish_each
         self._pump = DeltaPump(buffer, publish_events, self._first_token)
-        # Labelled metric children by (metric, labels): ``labels()`` takes a lock and builds
-        # a key on every call, ~8 times a reply. Few combinations (agents x models x reasons).
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     async def _publish_each(self, events: Sequence[Event]) -> None:
         """Deltas through ``publish`` one by one, when no batch publish is given."""
         for event in events:
             await self._publish(event.conversation_id, event.frame)
-
-    def _series(self, metric: M, *labels: str) -> M:
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return cast(M, child)
 
     @property
     def running(self) -> int:
@@ -143,7 +130,7 @@ class GenerationManager:
             )
         route = self._router.choose(agent, message)
         run = ReplyRun(conversation.id, agent, route.model, message, self._pump)
-        self._series(self._metrics.model_routed, agent.id, route.model, route.route).inc()
+        self._metrics.child(self._metrics.model_routed, agent.id, route.model, route.route).inc()
         if self._cache is not None and agent.cacheable and is_first_turn(message):
             run.cache_key = cache_key(agent, route.model, message.text)
         lane = self._lanes.get(conversation.id)
@@ -276,7 +263,7 @@ class GenerationManager:
 
     def _first_token(self, run: ReplyRun) -> None:
         assert run.first_token_at is not None
-        self._series(self._metrics.ttft, run.agent.id, run.model).observe(
+        self._metrics.child(self._metrics.ttft, run.agent.id, run.model).observe(
             run.first_token_at - run.queued_at
         )
 
@@ -302,10 +289,10 @@ class GenerationManager:
             log.warning("response cache unavailable: %s", exc)
             return None
         if text is None:
-            self._metrics.model_cache_misses.labels(run.agent.id).inc()
+            self._metrics.child(self._metrics.model_cache_misses, run.agent.id).inc()
             return None
         run.cache_hit = True
-        self._metrics.model_cache_hits.labels(run.agent.id).inc()
+        self._metrics.child(self._metrics.model_cache_hits, run.agent.id).inc()
         return text
 
     async def _remember(self, run: ReplyRun, finish: Finish) -> None:
@@ -326,7 +313,7 @@ class GenerationManager:
     async def _finalize(self, run: ReplyRun, finish: Finish, duration: float) -> None:
         if run.lost:
             return  # the instance that took over stored and ended it
-        self._series(self._metrics.reply_duration, run.agent.id, run.model).observe(duration)
+        self._metrics.child(self._metrics.reply_duration, run.agent.id, run.model).observe(duration)
         await self._remember(run, finish)
         # Stored and announced before the buffer goes: an instance dying in between leaves
         # a buffer that another one claims, and its store_and_end finds the message
@@ -369,16 +356,16 @@ class GenerationManager:
                 reason = message.finish_reason or reason
                 error = None if reason != FinishReason.ERROR.value else error
             else:
-                self._series(self._metrics.messages_appended, Role.ASSISTANT.value).inc()
+                self._metrics.child(self._metrics.messages_appended, Role.ASSISTANT.value).inc()
         except ServiceError as exc:
             reason, error = FinishReason.ERROR.value, f"reply not stored: {exc.message}"
         except Exception as exc:  # the clients must still see the reply end
             log.exception("storing a reply failed", extra={"conversation": conversation_id})
             reason, error = FinishReason.ERROR.value, f"reply not stored: {type(exc).__name__}"
-        self._series(self._metrics.replies, reason).inc()
+        self._metrics.child(self._metrics.replies, reason).inc()
         tokens = self._metrics.tokens
-        self._series(tokens, owner.model, "input").inc(finish.usage.input_tokens)
-        self._series(tokens, owner.model, "output").inc(finish.usage.output_tokens)
+        self._metrics.child(tokens, owner.model, "input").inc(finish.usage.input_tokens)
+        self._metrics.child(tokens, owner.model, "output").inc(finish.usage.output_tokens)
         await self._publish(
             conversation_id,
             GenEnd(

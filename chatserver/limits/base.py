@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,8 +40,20 @@ class TierLimits:
         return cls(**values)
 
 
+_DAY_S = 86_400
+# The current UTC day and its number since the epoch: every send and every reply asks,
+# and building a datetime each time cost more than the rest of the in-memory check.
+_today: tuple[int, str] = (-1, "")
+
+
 def utc_day(now: datetime | None = None) -> str:
-    return (now or datetime.now(UTC)).date().isoformat()  # YYYY-MM-DD, without strftime
+    global _today
+    if now is not None:
+        return now.date().isoformat()  # YYYY-MM-DD, without strftime
+    number = int(time.time() // _DAY_S)  # Unix time counts no leap seconds: days are exact
+    if number != _today[0]:
+        _today = (number, datetime.fromtimestamp(number * _DAY_S, UTC).date().isoformat())
+    return _today[1]
 
 
 def ms_until_next_utc_day(now: datetime | None = None) -> int:
