@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
@@ -29,6 +29,7 @@ from .broker.redis import RedisBroker
 from .conversations import ConversationService
 from .drain import drain
 from .errors import DEPENDENCY_ERRORS
+from .events import Event
 from .gateway import resync_joined, websocket_handler
 from .generation.manager import GenerationManager
 from .generation.routing import Router
@@ -164,6 +165,14 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
     async def publish_frame(conversation_id: str, frame: dict[str, object]) -> None:
         await publish(app, conversation_id, frame)
 
+    flusher = app[keys.FLUSHER]
+
+    async def publish_deltas(events: Sequence[Event]) -> None:
+        # The pump's batch is a loop tick's deltas, one per streaming connection: written
+        # now, not after the flusher's passes, which on a busy loop are each its whole I/O.
+        await broker.publish_many(events)
+        flusher.flush_now()
+
     manager = GenerationManager(
         app[keys.CONVERSATIONS],
         publish_frame,
@@ -173,7 +182,7 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         app[keys.METRICS],
         server_id=settings.server_id,
         send_control=broker.send_control,
-        publish_events=broker.publish_many,
+        publish_events=publish_deltas,
         router=Router(settings.light_max_chars),
         cache=make_response_cache(settings, app[keys.REDIS]),
         on_usage=app[keys.LIMITER].add_tokens,

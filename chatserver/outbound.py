@@ -138,3 +138,17 @@ class Flusher:
         self._scheduled = False
         for outbound in dirty:
             outbound.write_now()
+
+    def flush_now(self) -> None:
+        """Write every dirty connection at once, without waiting for the round's passes.
+
+        For a batch that cannot coalesce further: a loop tick's deltas go one per streaming
+        connection, so waiting two more passes only delays them (on a busy loop a pass is
+        the whole of its I/O). The round already scheduled stays scheduled and writes what
+        is queued after this.
+        """
+        dirty = self._dirty
+        if dirty:
+            self._dirty = []
+            for outbound in dirty:
+                outbound.write_now()

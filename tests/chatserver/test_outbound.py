@@ -94,6 +94,26 @@ async def test_frames_of_consecutive_passes_share_one_write(
     assert await _read(peer, 6) == b"onetwo"
 
 
+async def test_flush_now_writes_at_once_and_the_round_writes_what_comes_after(
+    pair: tuple[_Recording, socket.socket],
+) -> None:
+    recording, peer = pair
+    flusher = Flusher(passes=2)
+    a = _outbound(recording, flusher, 1 << 20, _Owner())
+    b = _outbound(recording, flusher, 1 << 20, _Owner())
+    a.push(b"a1")
+    a.push(b"a2")
+    b.push(b"b1")
+    flusher.flush_now()  # no pass has run: both written in this very call, in order
+    assert recording.writes == [[b"a1", b"a2"], [b"b1"]]
+    a.push(b"a3")  # after the early flush: the round scheduled before it takes this one
+    await _passes(3)
+    assert recording.writes == [[b"a1", b"a2"], [b"b1"], [b"a3"]]
+    flusher.flush_now()  # nothing dirty: nothing written
+    assert len(recording.writes) == 3
+    assert await _read(peer, 8) == b"a1a2b1a3"
+
+
 async def test_an_idle_loop_flushes_within_its_passes(
     pair: tuple[_Recording, socket.socket],
 ) -> None:
