@@ -70,6 +70,7 @@ def test_ai(tmp_path: Path) -> None:
         assert level["bare"]["ttft_added_p50_ms"] is not None
     assert "added gap p99" in data["markdown"]
     assert "| bare aiohttp |" in data["markdown"]
+    assert set(data["both_goals_met_up_to"]) == {"chatserver", "bare_aiohttp"}
 
 
 def test_product_scale(tmp_path: Path) -> None:
