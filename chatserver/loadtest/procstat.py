@@ -26,22 +26,20 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
 
 def rss_kib(pid: int) -> int | None:
     """Resident set size in KiB, None if unreadable."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as handle:
-            for line in handle:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return _field(f"/proc/{pid}/status", b"VmRSS:")
 
 
 def write_syscalls(pid: int) -> int | None:
     """Write-family system calls ``pid`` made so far (``syscw`` of proc(5)'s io), or None."""
+    return _field(f"/proc/{pid}/io", b"syscw:")  # readable by the owner or root
+
+
+def _field(path: str, key: bytes) -> int | None:
+    """The number after ``key`` on its line of a /proc file, None if unreadable or absent."""
     try:
-        with open(f"/proc/{pid}/io", "rb") as handle:  # readable by the owner or root
+        with open(path, "rb") as handle:
             for line in handle:
-                if line.startswith(b"syscw:"):
+                if line.startswith(key):
                     return int(line.split()[1])
     except OSError:
         return None
