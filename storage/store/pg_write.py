@@ -74,7 +74,7 @@ _MESSAGE_NAMES = [name for name, _ in MESSAGE_COLUMNS]
 _STAGE_NAMES = [name for name, _ in STAGE_COLUMNS]
 _COLS = ", ".join(f'"{n}"' for n in _MESSAGE_NAMES)
 _KEY = itemgetter(0, 1, 2)  # (conversation_id, offset, created_at): the primary key
-_ROLE, _INPUT, _OUTPUT, _REPLY_TO = 4, 11, 12, 14
+_INPUT, _OUTPUT, _REPLY_TO = 11, 12, 14
 
 # For the write transaction only: JIT compilation costs more than it saves on these plans, and
 # a cached generic plan of an unnest statement (planned for a 10-row guess of the arrays)
@@ -300,16 +300,13 @@ class Batch:
         """The arguments of ``CHARGE``: usage per (user, day), and replies of unknown authors."""
         known: dict[tuple[str, date], list[int]] = {}
         unknown: list[tuple[str, str, date, int, int]] = []
-        authors, earlier = self.authors, self.known
         for row in self.replies:
             reply_to, tokens_in, tokens_out = row[_REPLY_TO], row[_INPUT], row[_OUTPUT]
             day = row[2].astimezone(UTC).date()
-            who = authors.get(reply_to)
+            who = self.author(reply_to)
             if who is None:
-                who = earlier.get(reply_to)
-                if who is None:
-                    unknown.append((row[0], reply_to, day, tokens_in, tokens_out))
-                    continue
+                unknown.append((row[0], reply_to, day, tokens_in, tokens_out))
+                continue
             total = known.get((who, day))
             if total is None:
                 known[(who, day)] = [tokens_in, tokens_out]
