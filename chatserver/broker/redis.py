@@ -179,20 +179,7 @@ class RedisBroker:
     # -- publishing ---------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        channel = self.channel(event.conversation_id)
-        payload = msgpack.packb(
-            [self.server_id, event.published_at, event.conversation_id, event.frame],
-            use_bin_type=True,
-        )
-        await self._wait_room()
-        # Queued for Redis before the local delivery, in one step with no await between:
-        # the writer task is woken ahead of the local flush, so the PUBLISH leaves before
-        # this instance spends milliseconds writing to its own members, and the other
-        # instances fan out in parallel with it. Same order locally as through Redis.
-        self._outgoing.append((channel, payload))
-        self._wake.set()
-        if self._deliver is not None and channel.encode() in self._channels:
-            self._deliver(event)  # local members without a Redis round trip
+        await self.publish_many((event,))
 
     async def publish_many(self, events: Sequence[Event]) -> None:
         """``publish`` each event in order, with one wait for room and one wake.
@@ -200,12 +187,16 @@ class RedisBroker:
         The queue's bound is checked once for the whole batch (a loop pass's deltas, at
         most one per running reply), so it may pass its bound by a batch. The other
         instances get the publication time (their fan-out delay is measured); local
-        members get the events as they are, unstamped: delivered in this call, their delay
-        is nil by construction (see MemoryBroker.publish_many).
+        members get the events as they are: a reply's deltas come unstamped, delivered in
+        this call, their delay is nil by construction (see MemoryBroker.publish_many).
         """
         if not events:
             return
         await self._wait_room()
+        # Queued for Redis before the local delivery, in one step with no await between:
+        # the writer task is woken ahead of the local flush, so the PUBLISH leaves before
+        # this instance spends milliseconds writing to its own members, and the other
+        # instances fan out in parallel with it. Same order locally as through Redis.
         server_id, outgoing, channels = self.server_id, self._outgoing, self._channels
         now = time.time()
         local: list[Event] = []
