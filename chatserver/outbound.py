@@ -133,19 +133,17 @@ class Flusher:
         self._flush()
 
     def _flush(self) -> None:
-        dirty = self._dirty
-        self._dirty = []
         self._scheduled = False
-        for outbound in dirty:
-            outbound.write_now()
+        self.flush_now()
 
     def flush_now(self) -> None:
         """Write every dirty connection at once, without waiting for the round's passes.
 
         For a batch that cannot coalesce further: a loop tick's deltas go one per streaming
         connection, so waiting two more passes only delays them (on a busy loop a pass is
-        the whole of its I/O). The round already scheduled stays scheduled and writes what
-        is queued after this.
+        the whole of its I/O). Whatever else is queued by then (a fan-out of the same pass)
+        leaves with them, a little less coalesced. The round already scheduled stays
+        scheduled and writes what is queued after this.
         """
         dirty = self._dirty
         if dirty:
