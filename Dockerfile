@@ -30,6 +30,8 @@ COPY pyproject.toml README.md ./
 COPY protocol ./protocol
 COPY storage ./storage
 COPY chatserver ./chatserver
+COPY chatclient ./chatclient
+COPY chatload ./chatload
 RUN "$VIRTUAL_ENV/bin/pip" install --no-deps . && "$VIRTUAL_ENV/bin/pip" check
 
 # ---- runtime: the virtualenv on a clean base, a non-root user ---------------------------------

@@ -57,9 +57,9 @@ GOAL_GAP_P99_MS = 10.0
 
 
 async def _provider_alone(concurrency: int, seconds: float, ttft_ms: int, token_ms: int) -> Any:
+    from chatload.stats import Histogram
     from chatserver.generation.local import LocalProvider
     from chatserver.generation.provider import Finish, ReplyRequest
-    from chatserver.loadtest.stats import Histogram
     from protocol import Message
 
     provider = LocalProvider(ttft_ms, token_ms)

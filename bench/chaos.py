@@ -3,7 +3,7 @@
     .venv/bin/python bench/chaos.py --minutes 5
 
 Starts its own Redis (AOF), Postgres primary and streaming replica, and three chatserver
-instances; members (chatserver.member.Member, which reconnect and recover the way the
+instances; members (chatclient.member.Member, which reconnect and recover the way the
 browser client does) talk in several conversations the whole time. Every 10-25 s one fault
 strikes: kill -9 of an instance (restarted a few seconds later, as an orchestrator would),
 SIGTERM drain of one, Redis restarted, Postgres stopped for 10-20 s, the replica stopped
@@ -34,8 +34,8 @@ if str(ROOT) not in sys.path:
 
 import aiohttp  # noqa: E402
 
-from chatserver.client import ChatApi  # noqa: E402
-from chatserver.member import Member  # noqa: E402
+from chatclient.client import ChatApi  # noqa: E402
+from chatclient.member import Member  # noqa: E402
 from tests.serverproc import ServerProc  # noqa: E402
 from tests.services import PostgresReplica, PostgresServer, RedisServer  # noqa: E402
 from tests.system.faults import (  # noqa: E402

@@ -1,7 +1,7 @@
 """What the load scenarios share: servers, peers, a throwaway Redis, the harness, results.
 
 Every scenario starts what it measures in the same run (chatserver instances, the peers,
-Redis, Postgres) on 127.0.0.1, drives each with the same harness (chatserver.loadtest),
+Redis, Postgres) on 127.0.0.1, drives each with the same harness (chatload),
 and writes ``bench/results/<scenario>.json`` with a ``markdown`` block for docs/benchmarks.md.
 This machine has 2 cores shared with other work: only ratios within one run mean much.
 """
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from chatserver.loadtest import LoadConfig, run_loadtest  # noqa: E402
-from chatserver.loadtest.report import summary_line  # noqa: E402
+from chatload import LoadConfig, run_loadtest  # noqa: E402
+from chatload.report import summary_line  # noqa: E402
 from tests.serverproc import ServerProc, free_port  # noqa: E402
 from tests.services import RedisServer  # noqa: E402
 

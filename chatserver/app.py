@@ -25,22 +25,22 @@ from .backends import (
     make_store,
     make_window_and_outbox,
 )
-from .broker.redis import RedisBroker
 from .conversations import ConversationService
-from .drain import drain
 from .errors import DEPENDENCY_ERRORS
-from .events import Event
-from .gateway import resync_joined, websocket_handler
+from .fanout.broker.redis import RedisBroker
+from .fanout.events import Event
+from .fanout.hub import LocalHub
+from .fanout.outbound import Flusher
+from .fanout.publish import publish
 from .generation.manager import GenerationManager
 from .generation.routing import Router
-from .hub import LocalHub
-from .maintenance import partition_maintenance
-from .metrics import Metrics
-from .observe import observe
-from .outbound import Flusher
-from .publish import publish
-from .rest import add_routes, errors_and_metrics
+from .http.rest import add_routes, errors_and_metrics
+from .ops.drain import drain
+from .ops.maintenance import partition_maintenance
+from .ops.metrics import Metrics
+from .ops.observe import observe
 from .settings import Settings
+from .ws.gateway import resync_joined, websocket_handler
 
 log = logging.getLogger("chatserver.app")
 

@@ -16,9 +16,9 @@ from storage.store.sqlite import SqliteStore
 from storage.window.base import HotWindow
 from storage.window.memory import MemoryWindow
 
-from .broker.base import Broker
-from .broker.memory import MemoryBroker
-from .broker.redis import RedisBroker
+from .fanout.broker.base import Broker
+from .fanout.broker.memory import MemoryBroker
+from .fanout.broker.redis import RedisBroker
 from .generation.buffer import MemoryReplyBuffer, ReplyBuffer
 from .generation.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
 from .generation.local import LocalProvider
@@ -27,7 +27,7 @@ from .generation.redis_buffer import RedisReplyBuffer
 from .limits.base import Limiter
 from .limits.memory import MemoryLimiter
 from .limits.redis import RedisLimiter
-from .metrics import Metrics
+from .ops.metrics import Metrics
 from .settings import Settings
 
 RedisClient = Redis | RedisCluster

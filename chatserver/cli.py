@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from . import logs
 from .auth import Authenticator, AuthError
-from .logs import JsonAccessLogger
+from .ops import logs
+from .ops.logs import JsonAccessLogger
 from .settings import Settings, SettingsError, add_flags, load, validate
 
 log = logging.getLogger("chatserver")
@@ -39,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run_server(settings: Settings) -> None:
     from .app import create_app
-    from .drain import drain
+    from .ops.drain import drain
 
     app = create_app(settings)
     runner = web.AppRunner(
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop the partitions entirely older than this many full months before this one",
     )
     partitions.set_defaults(func=_partitions)
-    from .loadtest.cli import add_parser as add_loadtest
+    from chatload.cli import add_parser as add_loadtest
 
     add_loadtest(commands)
     return parser

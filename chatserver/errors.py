@@ -9,7 +9,7 @@ from protocol import ErrorCode
 from storage.outbox.base import OutboxFull
 from storage.store.base import StoreUnavailable
 
-from .broker.base import BrokerUnavailable
+from .fanout.broker.base import BrokerUnavailable
 
 # Failures of Redis or the store that a retry may cure: answered `unavailable`, not `internal`.
 DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (

@@ -1,30 +1,36 @@
-"""Typed keys of the aiohttp application: every shared resource lives under one."""
+"""Typed keys of the aiohttp application: every shared resource lives under one.
+
+The value types are imported for type checking only, so that this module ties no group of the
+package to another at run time: any module may import the keys it needs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
-from protocol import Limits
-from storage.outbox.base import Outbox
-from storage.store.base import Store
-from storage.window.base import HotWindow
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
-from .agents import AgentCatalog
-from .auth import Authenticator
-from .broker.base import Broker
-from .conversations import ConversationService
-from .generation.buffer import ReplyBuffer
-from .generation.manager import GenerationManager
-from .hub import LocalHub
-from .limits.base import Limiter
-from .metrics import Metrics
-from .outbound import Flusher
-from .settings import Settings
+    from protocol import Limits
+    from storage.outbox.base import Outbox
+    from storage.store.base import Store
+    from storage.window.base import HotWindow
+
+    from .agents import AgentCatalog
+    from .auth import Authenticator
+    from .conversations import ConversationService
+    from .fanout.broker.base import Broker
+    from .fanout.hub import LocalHub
+    from .fanout.outbound import Flusher
+    from .generation.buffer import ReplyBuffer
+    from .generation.manager import GenerationManager
+    from .limits.base import Limiter
+    from .ops.metrics import Metrics
+    from .settings import Settings
 
 
 @dataclass
@@ -34,21 +40,23 @@ class RunState:
     connections: set[Any] = field(default_factory=set)  # the gateway's live connections
 
 
-SETTINGS = web.AppKey("settings", Settings)
-LIMITS = web.AppKey("limits", Limits)  # the protocol bounds, built once from the settings
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+LIMITS: web.AppKey[Limits] = web.AppKey(
+    "limits"
+)  # the protocol bounds, built once from the settings
 # The redis.asyncio client, or None in embedded mode.
 REDIS: web.AppKey[Redis | RedisCluster | None] = web.AppKey("redis")
-METRICS = web.AppKey("metrics", Metrics)
-AUTH = web.AppKey("auth", Authenticator)
-AGENTS = web.AppKey("agents", AgentCatalog)
-STATE = web.AppKey("state", RunState)
-FLUSHER = web.AppKey("flusher", Flusher)
-STORE = web.AppKey("store", Store)
-WINDOW = web.AppKey("window", HotWindow)
-OUTBOX = web.AppKey("outbox", Outbox)
-BROKER = web.AppKey("broker", Broker)
-HUB = web.AppKey("hub", LocalHub)
-REPLY_BUFFER = web.AppKey("reply_buffer", ReplyBuffer)
-CONVERSATIONS = web.AppKey("conversations", ConversationService)
-GENERATION = web.AppKey("generation", GenerationManager)
-LIMITER = web.AppKey("limiter", Limiter)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+AGENTS: web.AppKey[AgentCatalog] = web.AppKey("agents")
+STATE: web.AppKey[RunState] = web.AppKey("state")
+FLUSHER: web.AppKey[Flusher] = web.AppKey("flusher")
+STORE: web.AppKey[Store] = web.AppKey("store")
+WINDOW: web.AppKey[HotWindow] = web.AppKey("window")
+OUTBOX: web.AppKey[Outbox] = web.AppKey("outbox")
+BROKER: web.AppKey[Broker] = web.AppKey("broker")
+HUB: web.AppKey[LocalHub] = web.AppKey("hub")
+REPLY_BUFFER: web.AppKey[ReplyBuffer] = web.AppKey("reply_buffer")
+CONVERSATIONS: web.AppKey[ConversationService] = web.AppKey("conversations")
+GENERATION: web.AppKey[GenerationManager] = web.AppKey("generation")
+LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")

@@ -32,7 +32,7 @@ import aiohttp
 
 from protocol import FinishReason, Role, Usage
 
-from ..metrics import Metrics
+from ..ops.metrics import Metrics
 from .local import count_tokens
 from .provider import Chunk, Finish, ReplyRequest, StreamItem
 

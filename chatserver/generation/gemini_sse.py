@@ -21,7 +21,7 @@ import aiohttp
 
 from protocol import FinishReason
 
-from ..metrics import Metrics
+from ..ops.metrics import Metrics
 from .gemini import (
     API_VERSION,
     CachedProbe,

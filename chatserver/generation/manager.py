@@ -23,8 +23,8 @@ from storage.records import Conversation, MessageDraft
 from ..agents import AgentCatalog
 from ..conversations import ConversationService
 from ..errors import DEPENDENCY_ERRORS, ServiceError
-from ..events import Event
-from ..metrics import Metrics
+from ..fanout.events import Event
+from ..ops.metrics import Metrics
 from .buffer import ReplyBuffer, ReplyOwner
 from .cache import ResponseCache, cache_key
 from .leases import keep_leases

@@ -22,7 +22,7 @@ from protocol import FinishReason, Message
 from protocol.ids import uuid4_str
 
 from ..agents import Agent
-from ..events import DeltaTemplate, Event
+from ..fanout.events import DeltaTemplate, Event
 from .buffer import ReplyBuffer, ReplyOwner
 from .cache import CacheKey
 from .provider import Finish, PushStream

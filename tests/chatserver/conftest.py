@@ -14,8 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from chatclient.client import ChatApi, ChatClient
 from chatserver.app import create_app
-from chatserver.client import ChatApi, ChatClient
 from chatserver.generation.buffer import MemoryReplyBuffer, ReplyBuffer
 from chatserver.generation.redis_buffer import RedisReplyBuffer
 from chatserver.settings import Settings

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from chatserver.client import ChatClient
+from chatclient.client import ChatClient
 from protocol import Encoding, ErrorCode, ErrorFrame, MessageEvent, TypingNotice
 
 from .conftest import Harness

@@ -10,9 +10,9 @@ import aiohttp
 import jwt
 import pytest
 
+from chatclient.client import ChatApi, ChatClient, ChatError
 from chatserver import keys
 from chatserver.auth import Authenticator
-from chatserver.client import ChatApi, ChatClient, ChatError
 from protocol import CloseCode, ErrorCode, ErrorFrame, Left, Pong
 
 from .conftest import Harness, MakeHarness

@@ -164,7 +164,7 @@ def test_the_access_log_never_shows_a_query_token(caplog: pytest.LogCaptureFixtu
     from aiohttp.test_utils import make_mocked_request
     from aiohttp.web import Response
 
-    from chatserver.logs import JsonAccessLogger
+    from chatserver.ops.logs import JsonAccessLogger
 
     logger = logging.getLogger("aiohttp.access")
     request = make_mocked_request("GET", "/ws?token=secret.jwt.value")

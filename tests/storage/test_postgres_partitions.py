@@ -14,7 +14,8 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from aiohttp import web
 
-from chatserver import keys, maintenance
+from chatserver import keys
+from chatserver.ops import maintenance
 from protocol import Message, format_timestamp
 from storage import SqliteStore
 from storage.store.pg_partitions import (

@@ -1,6 +1,6 @@
 """A run with traffic on three instances, a fault in the middle, and the ledger checks.
 
-Members behave like the browser client (chatserver.member.Member). After the fault the
+Members behave like the browser client (chatclient.member.Member). After the fault the
 run goes on, then every member settles (one last rejoin with `since`) and the ledger is
 checked against Postgres: every acked message stored exactly once, no member left with a
 gap it was not told about, no duplicate delivery, every started reply ended.
@@ -18,8 +18,8 @@ import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 
-from chatserver.client import ChatApi
-from chatserver.member import Member
+from chatclient.client import ChatApi
+from chatclient.member import Member
 from tests.serverproc import ServerProc
 
 from .scaleout import AUTH, instances, token

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from chatserver.client import ChatClient, ChatError, Closed
+from chatclient.client import ChatClient, ChatError, Closed
 from protocol import (
     Ack,
     Delta,

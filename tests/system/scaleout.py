@@ -6,8 +6,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from chatclient.client import ChatClient
 from chatserver.auth import Authenticator
-from chatserver.client import ChatClient
 from protocol import Encoding
 from tests.serverproc import ServerProc
 

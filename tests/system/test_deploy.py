@@ -35,7 +35,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from chatserver.client import ChatApi, ChatClient
+from chatclient.client import ChatApi, ChatClient
 from protocol import Message
 from tests.serverproc import REPO_ROOT, free_port
 from tests.services import PostgresServer, ServiceError

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from chatserver.client import ChatApi
-from chatserver.member import Member
+from chatclient.client import ChatApi
+from chatclient.member import Member
 from protocol import CloseCode
 from tests.chatserver.rawws import RawWebSocket
 from tests.serverproc import ServerProc

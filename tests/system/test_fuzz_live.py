@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatserver.client import ChatApi, ChatClient
+from chatclient.client import ChatApi, ChatClient
 from protocol import CLIENT_TYPES, CloseCode
 from tests.serverproc import ServerProc
 

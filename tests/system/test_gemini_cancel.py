@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chatserver.client import ChatApi
+from chatclient.client import ChatApi
 from protocol import Delta, GenEnd, GenStart, Usage
 from tests.fakegemini import FakeGemini, Stream
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chatserver.client import ChatApi, ChatClient, ChatError, Closed
+from chatclient.client import ChatApi, ChatClient, ChatError, Closed
 from protocol import ErrorCode, Reconnect
 from tests.serverproc import ServerProc
 

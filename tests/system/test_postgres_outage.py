@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 
-from chatserver.client import ChatApi, ChatClient
+from chatclient.client import ChatApi, ChatClient
 from tests.serverproc import ServerProc
 from tests.services import PostgresServer
 

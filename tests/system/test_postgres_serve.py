@@ -14,7 +14,7 @@ import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from chatserver.client import ChatApi, ChatClient
+from chatclient.client import ChatApi, ChatClient
 from tests.serverproc import REPO_ROOT, ServerProc, ServerProcError
 from tests.services import PgBouncer
 

@@ -25,9 +25,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from chatserver.client import ChatApi, ChatClient
+from chatclient.client import ChatApi, ChatClient
 from protocol import Encoding
-from tests.chatserver.test_metrics import promtool_check_metrics
+from tests.chatserver.ops.test_metrics import promtool_check_metrics
 from tests.serverproc import ServerProc, free_port
 from tests.system.scaleout import AUTH, instances
 

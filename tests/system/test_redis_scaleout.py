@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from chatserver.client import ChatApi, Closed, Reply
+from chatclient.client import ChatApi, Closed, Reply
 from protocol import (
     Delta,
     Encoding,

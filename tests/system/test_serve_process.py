@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from chatserver.client import ChatApi, ChatClient, Closed
+from chatclient.client import ChatApi, ChatClient, Closed
 from protocol import CloseCode, Delta, GenStart, Reconnect
 from tests.serverproc import REPO_ROOT, ServerProc
 

@@ -1,0 +1,2 @@
+"""Fan-out: frames encoded once, the local hub, sessions and their send queues, the brokers
+between instances."""

@@ -1,0 +1,1 @@
+"""The REST API, its middleware and the health probes."""

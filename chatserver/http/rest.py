@@ -1,0 +1,255 @@
+"""REST routes of the contract, health and readiness, metrics and the browser client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from protocol import ErrorCode
+
+from .. import keys
+from ..auth import AuthError, Principal, bearer_token, check_claims
+from ..errors import DEPENDENCY_ERRORS, ServiceError
+from .health import health_report
+
+log = logging.getLogger("chatserver.rest")
+STATIC_DIR = Path(str(resources.files("chatserver").joinpath("static")))
+AGENTS_CACHE = "public, s-maxage=60, stale-while-revalidate=120"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(code: ErrorCode, message: str, status: int | None = None) -> web.Response:
+    status = status or ServiceError(code, message).http_status
+    return web.json_response({"error": {"code": code.value, "message": message}}, status=status)
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ServiceError as exc:
+        status = exc.http_status
+        if exc.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
+            request.app[keys.METRICS].rate_limited.labels(exc.code.value).inc()
+        return error_response(exc.code, exc.message, status)
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status >= 400 and request.path.startswith("/api/"):
+            code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.BAD_REQUEST
+            if exc.status == 413:
+                code = ErrorCode.TOO_LARGE
+            return error_response(code, exc.reason, exc.status)
+        raise
+    except DEPENDENCY_ERRORS as exc:
+        log.warning("dependency unavailable: %s", exc, extra={"path": request.path})
+        status = 503
+        return error_response(ErrorCode.UNAVAILABLE, "temporarily unavailable, retry", 503)
+    except Exception:
+        log.exception("request failed", extra={"path": request.path})
+        return error_response(ErrorCode.INTERNAL, "internal error", 500)
+    finally:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        if name != "/ws":
+            request.app[keys.METRICS].http_duration.labels(
+                name, request.method, str(status)
+            ).observe(time.perf_counter() - started)
+
+
+def require_principal(request: web.Request) -> Principal:
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None:
+        raise ServiceError(ErrorCode.UNAUTHORIZED, "missing Authorization: Bearer token")
+    try:
+        return request.app[keys.AUTH].verify(token)
+    except AuthError as exc:
+        raise ServiceError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ServiceError(ErrorCode.BAD_REQUEST, "body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ServiceError(ErrorCode.BAD_REQUEST, "body must be a JSON object")
+    return body
+
+
+def _int_query(
+    request: web.Request, name: str, default: int | None, lo: int, hi: int
+) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ServiceError(ErrorCode.BAD_REQUEST, f"'{name}' must be an integer") from None
+    if not lo <= value <= hi:
+        raise ServiceError(ErrorCode.BAD_REQUEST, f"'{name}' must be within {lo}..{hi}")
+    return value
+
+
+def _uuid_or_404(text: str) -> str:
+    try:
+        value = uuid.UUID(text)
+    except ValueError:
+        raise ServiceError(ErrorCode.NOT_FOUND, "no such conversation") from None
+    return str(value)
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    require_principal(request)
+    items = [a.public_dict() for a in request.app[keys.AGENTS].public()]
+    return web.json_response({"items": items}, headers={"Cache-Control": AGENTS_CACHE})
+
+
+async def create_conversation(request: web.Request) -> web.Response:
+    principal = require_principal(request)
+    body = await _json_body(request)
+    agent_id = body.get("agent_id")
+    title = body.get("title")
+    members = body.get("members", [])
+    if not isinstance(agent_id, str) or not agent_id:
+        raise ServiceError(ErrorCode.BAD_REQUEST, "'agent_id' must be a non-empty string")
+    if title is not None and not isinstance(title, str):
+        raise ServiceError(ErrorCode.BAD_REQUEST, "'title' must be a string")
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise ServiceError(ErrorCode.BAD_REQUEST, "'members' must be an array of user ids")
+    conversation = await request.app[keys.CONVERSATIONS].create(principal, agent_id, title, members)
+    request.app[keys.METRICS].conversations_created.inc()
+    log.info(
+        "conversation created",
+        extra={
+            "user": principal.user_id,
+            "conversation": conversation.id,
+            "agent": conversation.agent_id,
+            "members": len(conversation.members),
+        },
+    )
+    return web.json_response(conversation.to_dict(), status=201)
+
+
+async def list_conversations(request: web.Request) -> web.Response:
+    principal = require_principal(request)
+    limit = _int_query(request, "limit", 20, 1, 100)
+    assert limit is not None
+    cursor = request.query.get("cursor") or None
+    try:
+        page = await request.app[keys.STORE].list_conversations(principal.user_id, cursor, limit)
+    except ValueError:
+        raise ServiceError(ErrorCode.BAD_REQUEST, "invalid cursor") from None
+    return web.json_response(
+        {
+            "items": [c.to_dict() for c in page.items],
+            "next_cursor": page.next_cursor,
+            "has_more": page.has_more,
+        }
+    )
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    principal = require_principal(request)
+    conversation_id = _uuid_or_404(request.match_info["conversation_id"])
+    limits = request.app[keys.LIMITS]
+    limit = _int_query(request, "limit", limits.history_default_limit, 1, limits.history_max_limit)
+    before = _int_query(request, "before", None, 1, 2**62)
+    assert limit is not None
+    conversations = request.app[keys.CONVERSATIONS]
+    await conversations.require_member(conversation_id, principal.user_id)
+    page = await conversations.history(conversation_id, before, limit)
+    return web.json_response(
+        {"items": [m.to_dict() for m in page.messages], "has_more": page.has_more}
+    )
+
+
+async def admin_stats(request: web.Request) -> web.Response:
+    """What this instance holds right now; for operators (role ``admin``) only."""
+    principal = require_principal(request)
+    if principal.role != "admin":
+        raise ServiceError(ErrorCode.FORBIDDEN, "admin role required")
+    app = request.app
+    state = app[keys.STATE]
+    return web.json_response(
+        {
+            "server_id": app[keys.SETTINGS].server_id,
+            "draining": state.draining,
+            "connections": len(state.connections),
+            "users": len(state.users),
+            "conversations": app[keys.HUB].conversations(),
+            "replies": app[keys.GENERATION].running,
+            "replies_pending": app[keys.GENERATION].pending,
+            "outbox_backlog": await app[keys.OUTBOX].backlog(),
+        }
+    )
+
+
+async def dev_token(request: web.Request) -> web.Response:
+    auth = request.app[keys.AUTH]
+    if not auth.dev_mode:
+        raise web.HTTPNotFound()
+    body = await _json_body(request)
+    user_id = body.get("user_id")
+    tier = body.get("tier", "free")
+    if not isinstance(user_id, str) or not isinstance(tier, str):
+        raise ServiceError(ErrorCode.BAD_REQUEST, "'user_id' and 'tier' must be strings")
+    try:
+        check_claims(user_id, tier, "user")
+    except AuthError as exc:
+        raise ServiceError(ErrorCode.BAD_REQUEST, str(exc)) from None
+    return web.json_response({"token": auth.issue(user_id, tier, "user", ttl_s=24 * 3600)})
+
+
+async def health(request: web.Request) -> web.Response:
+    report = await health_report(request.app)
+    return web.json_response(report, status=200 if report["status"] == "ok" else 503)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[keys.STATE].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    report = await health_report(request.app, include_ai=False)
+    return web.json_response(report, status=200 if report["status"] == "ok" else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[keys.METRICS].exposition()
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/agents", list_agents)
+    app.router.add_post("/api/conversations", create_conversation)
+    app.router.add_get("/api/conversations", list_conversations)
+    app.router.add_get("/api/conversations/{conversation_id}/messages", list_messages)
+    app.router.add_post("/api/dev/token", dev_token)
+    app.router.add_get("/api/admin/stats", admin_stats)
+    app.router.add_get("/api/health", health)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC_DIR, name="static")

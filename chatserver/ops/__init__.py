@@ -1,0 +1,1 @@
+"""Operations: metrics, observers, structured logs, drain on shutdown, partition maintenance."""

@@ -1,0 +1,133 @@
+"""Periodic gauges: what no request path observes by itself.
+
+A cleanup context (``observe``) runs two tasks for the app's lifetime:
+
+- a sampler, every ``SAMPLE_INTERVAL_S``: the outbox backlog, the hot window's hit and miss
+  counts (fed into counters as deltas), the database pools' size / in use / max, active users;
+- a lag monitor: a timer that asks to wake every ``LAG_INTERVAL_S`` and records how late it
+  actually woke (``chat_event_loop_lag_seconds``): anything blocking the loop shows there.
+
+Database pools: a store that has pools exposes them through a ``pool_stats()`` hook returning
+``{"primary": (size, in_use, max), "replica": (...)}``. Without the hook, the asyncpg pools of
+``PostgresStore`` (its ``_primary`` / ``_replica``) are read through asyncpg's public Pool API;
+SQLite has no pool and reports none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from .. import keys
+from .metrics import Metrics
+
+log = logging.getLogger("chatserver.observe")
+
+SAMPLE_INTERVAL_S = 1.0
+LAG_INTERVAL_S = 0.25
+_BACKLOG_TIMEOUT_S = 2.0
+
+PoolStats = tuple[int, int, int]  # open connections, checked out, most allowed
+
+
+def pool_stats(store: object) -> dict[str, PoolStats]:
+    """The store's connection pools by name; empty for a store without pools."""
+    hook = getattr(store, "pool_stats", None)
+    if callable(hook):
+        stats: Mapping[str, PoolStats] = hook()
+        return dict(stats)
+    out: dict[str, PoolStats] = {}
+    for name, attr in (("primary", "_primary"), ("replica", "_replica")):
+        pool = getattr(store, attr, None)
+        if pool is not None and hasattr(pool, "get_idle_size"):
+            size = int(pool.get_size())
+            out[name] = (size, size - int(pool.get_idle_size()), int(pool.get_max_size()))
+    return out
+
+
+class Sampler:
+    """Reads the app's parts and sets the gauges; ``sample()`` is one round."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.metrics: Metrics = app[keys.METRICS]
+        self._hits = 0
+        self._misses = 0
+        self._pools: set[str] = set()
+        self._backlog_failing = False
+
+    async def sample(self) -> None:
+        self.sample_sync()
+        await self._sample_backlog()
+
+    def sample_sync(self) -> None:
+        metrics = self.metrics
+        window = self.app[keys.WINDOW]
+        hits, misses = int(getattr(window, "hits", 0)), int(getattr(window, "misses", 0))
+        # A window that resets its counts starts a new series of deltas, never a negative one.
+        metrics.window_hits.inc(max(0, hits - self._hits))
+        metrics.window_misses.inc(max(0, misses - self._misses))
+        self._hits, self._misses = hits, misses
+        pools = pool_stats(self.app[keys.STORE])
+        for name, (size, in_use, most) in pools.items():
+            metrics.db_pool_size.labels(name).set(size)
+            metrics.db_pool_in_use.labels(name).set(in_use)
+            metrics.db_pool_max.labels(name).set(most)
+        for gone in self._pools - set(pools):  # a pool closed: its series end
+            for gauge in (metrics.db_pool_size, metrics.db_pool_in_use, metrics.db_pool_max):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+        self._pools = set(pools)
+        metrics.active_users.set(len(self.app[keys.STATE].users))
+
+    async def _sample_backlog(self) -> None:
+        try:
+            backlog = await asyncio.wait_for(self.app[keys.OUTBOX].backlog(), _BACKLOG_TIMEOUT_S)
+        except Exception as exc:
+            # The gauge keeps its last value; the dependency's own checks report the outage.
+            if not self._backlog_failing:
+                log.warning("outbox backlog unavailable: %r", exc)
+            self._backlog_failing = True
+            return
+        if self._backlog_failing:
+            log.info("outbox backlog readable again")
+        self._backlog_failing = False
+        self.metrics.outbox_backlog.set(backlog)
+
+
+async def sample_forever(sampler: Sampler, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+    while True:
+        try:
+            await sampler.sample()
+        except Exception:
+            log.exception("sampling metrics failed")
+        await asyncio.sleep(interval_s)
+
+
+async def watch_loop_lag(metrics: Metrics, interval_s: float = LAG_INTERVAL_S) -> None:
+    """Observe how late a timer of ``interval_s`` fires, forever."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time()
+        await asyncio.sleep(interval_s)
+        metrics.loop_lag.observe(max(0.0, loop.time() - asked - interval_s))
+
+
+async def observe(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the sampler and the lag monitor, for the app's lifetime."""
+    sampler = Sampler(app)
+    tasks: list[asyncio.Task[Any]] = [
+        asyncio.create_task(sample_forever(sampler), name="metrics-sampler"),
+        asyncio.create_task(watch_loop_lag(app[keys.METRICS]), name="loop-lag"),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,1 @@
+"""The WebSocket endpoint: the gateway (upgrade, auth, read loop) and the command handlers."""

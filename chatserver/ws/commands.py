@@ -1,0 +1,225 @@
+"""What each client frame does: the use-cases behind the gateway's read loop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from protocol import (
+    Ack,
+    Auth,
+    Cancel,
+    ClientFrame,
+    ErrorCode,
+    History,
+    HistoryPage,
+    Join,
+    Joined,
+    Leave,
+    Left,
+    MessageEvent,
+    Ping,
+    Pong,
+    Role,
+    Send,
+    Typing,
+    TypingNotice,
+)
+from storage.records import AppendResult, MessageDraft
+from storage.window.base import AppendRefused
+
+from .. import keys
+from ..errors import ServiceError
+from ..fanout.publish import publish
+from ..fanout.session import Session
+from ..limits.base import TierLimits
+
+log = logging.getLogger("chatserver.gateway")
+
+Reply = Callable[[Any], None]  # queue a direct reply frame to the client
+
+
+async def dispatch(
+    app: web.Application, session: Session, frame: ClientFrame, reply: Reply
+) -> None:
+    """Carry out one valid client frame; errors are raised as ServiceError."""
+    if isinstance(frame, Send):
+        await _on_send(app, session, frame, reply)
+    elif isinstance(frame, Join):
+        await _on_join(app, session, frame, reply)
+    elif isinstance(frame, Ping):
+        reply(Pong(frame.ts, frame.ref))
+    elif isinstance(frame, Typing):
+        await app[keys.CONVERSATIONS].require_member(frame.conversation_id, session.user_id)
+        notice = TypingNotice(frame.conversation_id, session.user_id)
+        await publish(app, frame.conversation_id, notice.to_dict())
+    elif isinstance(frame, History):
+        await _on_history(app, session, frame, reply)
+    elif isinstance(frame, Leave):
+        await app[keys.HUB].leave(session, frame.conversation_id)
+        reply(Left(frame.conversation_id, frame.ref))
+    elif isinstance(frame, Cancel):
+        await _on_cancel(app, session, frame)
+    elif isinstance(frame, Auth):
+        raise ServiceError(ErrorCode.BAD_FRAME, "already authenticated")
+
+
+async def _on_join(app: web.Application, session: Session, frame: Join, reply: Reply) -> None:
+    conversations = app[keys.CONVERSATIONS]
+    hub = app[keys.HUB]
+    await conversations.require_member(frame.conversation_id, session.user_id)
+    await hub.join(session, frame.conversation_id)
+    try:
+        view = await conversations.join_view(frame.conversation_id, frame.since)
+        snapshot = await app[keys.REPLY_BUFFER].snapshot(frame.conversation_id)
+        if snapshot is not None and any(
+            m.client_msg_id == snapshot.generation_id for m in view.messages
+        ):
+            snapshot = None  # stored already (its buffer is just being released)
+    except BaseException:
+        await hub.leave(session, frame.conversation_id)
+        raise
+    reply(
+        Joined(
+            frame.conversation_id,
+            view.view.epoch,
+            view.view.last_offset,
+            view.recovered,
+            view.messages,
+            snapshot,
+            frame.ref,
+        )
+    )
+    log.info(
+        "joined",
+        extra={
+            "session": session.id,
+            "user": session.user_id,
+            "conversation": frame.conversation_id,
+        },
+    )
+    gen = (snapshot.generation_id, snapshot.seq) if snapshot is not None else None
+    session.release(frame.conversation_id, view.view.last_offset, gen)
+
+
+async def _on_send(app: web.Application, session: Session, frame: Send, reply: Reply) -> None:
+    conversations = app[keys.CONVERSATIONS]
+    generation = app[keys.GENERATION]
+    conversation = await conversations.require_member(frame.conversation_id, session.user_id)
+    if app[keys.AGENTS].get(conversation.agent_id) is None:
+        # Refuse before the ack: an acked question must get its reply.
+        raise ServiceError(
+            ErrorCode.UNAVAILABLE, f"agent {conversation.agent_id!r} is not configured here"
+        )
+    generation.check_capacity(conversation.id)
+    result = await _append_within_limits(
+        app,
+        session,
+        MessageDraft(
+            conversation_id=conversation.id,
+            role=Role.USER.value,
+            text=frame.text,
+            user_id=session.user_id,
+            client_msg_id=frame.client_msg_id,
+        ),
+    )
+    message = result.message
+    reply(
+        Ack(
+            frame.client_msg_id,
+            message.id,
+            message.offset,
+            message.created_at,
+            result.duplicate,
+            frame.ref,
+        )
+    )
+    # Ids only: message text is never logged.
+    log.debug(
+        "message accepted",
+        extra={
+            "session": session.id,
+            "user": session.user_id,
+            "conversation": conversation.id,
+            "message_id": message.id,
+            "offset": message.offset,
+            "duplicate": result.duplicate,
+        },
+    )
+    if result.duplicate:
+        return
+    metrics = app[keys.METRICS]
+    metrics.child(metrics.messages_appended, Role.USER.value).inc()
+    await publish(app, conversation.id, MessageEvent(message).to_dict())
+    generation.start(conversation, message)
+
+
+async def _append_within_limits(
+    app: web.Application, session: Session, draft: MessageDraft
+) -> AppendResult:
+    """Quota and rate by tier, then the append: so before any model call.
+
+    Where the limiter and the window can, the check is the append's gate: one round trip
+    for both, and a resend of an accepted message is answered before the check (never
+    refused). Else the limiter checks first, and a refused resend is looked up.
+    """
+    conversations = app[keys.CONVERSATIONS]
+    limiter = app[keys.LIMITER]
+    principal = session.principal
+    limits = app[keys.SETTINGS].tier_limits(principal.tier)
+    gate = limiter.send_gate(principal.user_id, limits) if conversations.window.gates else None
+    if gate is None:
+        refused = await limiter.check_send(principal.user_id, limits)
+        # A resend of an accepted message (its ack was lost) costs nothing: it gets its
+        # duplicate ack, not a refusal. Looked up only when refused: no round trip more per
+        # send.
+        if refused is not None and (
+            draft.client_msg_id is None
+            or not await conversations.was_sent(
+                draft.conversation_id, principal.user_id, draft.client_msg_id
+            )
+        ):
+            raise _limit_error(refused, limits)
+        return await conversations.append(draft)
+    for _ in range(2):
+        try:
+            return await conversations.append(draft, gate)
+        except AppendRefused as exc:
+            refused = await limiter.gate_refused(principal.user_id, exc.code, exc.value)
+            if refused is not None:
+                raise _limit_error(refused, limits) from None
+    raise ServiceError(ErrorCode.UNAVAILABLE, "the send limits could not be checked", 500)
+
+
+def _limit_error(refused: tuple[str, int], limits: TierLimits) -> ServiceError:
+    code, wait_ms = refused
+    if code == ErrorCode.QUOTA_EXCEEDED.value:
+        return ServiceError(
+            ErrorCode.QUOTA_EXCEEDED,
+            f"daily quota of {limits.daily_tokens} model tokens used up",
+            wait_ms,
+        )
+    return ServiceError(
+        ErrorCode.RATE_LIMITED, f"at most {limits.messages_per_minute} messages per minute", wait_ms
+    )
+
+
+async def _on_history(app: web.Application, session: Session, frame: History, reply: Reply) -> None:
+    conversations = app[keys.CONVERSATIONS]
+    await conversations.require_member(frame.conversation_id, session.user_id)
+    page = await conversations.history(
+        frame.conversation_id, frame.before, frame.effective_limit(app[keys.LIMITS])
+    )
+    reply(HistoryPage(frame.conversation_id, page.messages, page.has_more, frame.ref))
+
+
+async def _on_cancel(app: web.Application, session: Session, frame: Cancel) -> None:
+    generation = app[keys.GENERATION]
+    owner = await generation.locate(frame.generation_id)
+    if owner is None:
+        raise ServiceError(ErrorCode.NOT_FOUND, "no running reply with that generation_id")
+    await app[keys.CONVERSATIONS].require_member(owner.conversation_id, session.user_id)
+    await generation.cancel(owner)

@@ -1,0 +1,367 @@
+"""The WebSocket gateway at /ws: negotiation, auth, the read loop and frame dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+import uuid
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from protocol import (
+    Auth,
+    CloseCode,
+    Encoding,
+    ErrorCode,
+    ErrorFrame,
+    Hello,
+    ProtocolError,
+    Reconnect,
+    decode_client_frame,
+    negotiate,
+)
+
+from .. import keys
+from ..auth import AuthError, Principal, bearer_token
+from ..errors import DEPENDENCY_ERRORS, ServiceError
+from ..fanout.events import framed
+from ..fanout.outbound import Outbound
+from ..fanout.session import Session
+from .commands import dispatch
+
+log = logging.getLogger("chatserver.gateway")
+
+# After a close we give a client this long to read its last frames, then drop the socket.
+_ABORT_AFTER_CLOSE_S = 10.0
+_CLOSE_WAIT_S = 6.0  # the WebSocketResponse close timeout (5 s) and a margin
+_CLOSED_TYPES = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+
+
+def _offered_subprotocols(request: web.Request) -> list[str]:
+    header = request.headers.get("Sec-WebSocket-Protocol", "")
+    return [p.strip() for p in header.split(",") if p.strip()]
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings = app[keys.SETTINGS]
+    if app[keys.STATE].draining:
+        return web.json_response(
+            {"error": {"code": "unavailable", "message": "server is draining"}}, status=503
+        )
+    offered = _offered_subprotocols(request)
+    encoding = negotiate(offered)
+    if encoding is None:
+        return web.Response(
+            status=400,
+            text="unsupported WebSocket subprotocol: offer chat.v1.json or chat.v1.msgpack\n",
+        )
+    ws = web.WebSocketResponse(
+        protocols=(encoding.value,) if offered else (),
+        heartbeat=settings.heartbeat_s,
+        max_msg_size=settings.max_frame_bytes,
+        compress=False,  # one framed bytes object serves every recipient, uncompressed
+        decode_text=False,  # we check UTF-8 ourselves: a bad frame is an error, not a close
+        timeout=5.0,
+    )
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:
+        return ws
+    _bound_kernel_buffer(transport, settings.tcp_send_buffer_bytes)
+    connection = _Connection(app, ws, transport, encoding)
+    connections = app[keys.STATE].connections
+    connections.add(connection)
+    try:
+        await connection.run(request)
+    finally:
+        connections.discard(connection)
+        await connection.finish()
+    return ws
+
+
+def _bound_kernel_buffer(transport: asyncio.BaseTransport, size: int) -> None:
+    """Cap the kernel's send buffer: autotuning lets one stalled peer pin megabytes."""
+    sock = transport.get_extra_info("socket")
+    if size and sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+class _Connection:
+    """One WebSocket from handshake to close."""
+
+    # Thousands of these stay open: no per-instance dict (see the connections benchmark).
+    __slots__ = (
+        "_close_task",
+        "_closing",
+        "app",
+        "close_reason",
+        "counted",
+        "encoding",
+        "limits",
+        "metrics",
+        "outbound",
+        "session",
+        "settings",
+        "transport",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        app: web.Application,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        encoding: Encoding,
+    ) -> None:
+        self.app = app
+        self.ws = ws
+        self.transport = transport
+        self.encoding = encoding
+        self.settings = app[keys.SETTINGS]
+        self.metrics = app[keys.METRICS]
+        self.limits = app[keys.LIMITS]
+        self.session: Session | None = None
+        self.close_reason = "client"
+        self._closing = False
+        self._close_task: asyncio.Task[bool] | None = None
+        self.counted = False  # the session holds one of its user's connection slots
+        self.outbound = Outbound(
+            transport, app[keys.FLUSHER], self.settings.send_buffer_bytes, self
+        )
+
+    # -- sending and closing ------------------------------------------------------------
+
+    def send_error(
+        self,
+        code: ErrorCode,
+        message: str,
+        ref: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        self.metrics.errors.labels(code.value).inc()
+        if code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
+            self.metrics.rate_limited.labels(code.value).inc()
+        frame = ErrorFrame(code.value, message, retry_after_ms, ref).to_dict()
+        self.outbound.push(framed(frame, self.encoding))
+
+    def close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.close_reason = reason
+        self.outbound.stop()
+        self._close_task = asyncio.get_running_loop().create_task(
+            self.ws.close(code=code, message=reason.encode()[:120], drain=False)
+        )
+
+    def going_away(self, after_ms: int, reason: str = "server draining") -> None:
+        if self.session is not None and not self._closing:
+            self._send(Reconnect(reason, after_ms))
+        self.close(CloseCode.GOING_AWAY, "server_draining")
+
+    def on_overflow(self) -> None:
+        self.metrics.slow_consumers.inc()
+        session = self.session
+        log.warning(
+            "slow consumer closed",
+            extra={
+                "session": session.id if session else None,
+                "user": session.user_id if session else None,
+            },
+        )
+        self.close(CloseCode.SLOW_CONSUMER, "slow_consumer")
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, request: web.Request) -> None:
+        origins = self.settings.origins
+        origin = request.headers.get("Origin")
+        dev = self.app[keys.AUTH].dev_mode
+        if origins and not dev and origin is not None and origin not in origins:
+            self.send_error(ErrorCode.FORBIDDEN, "origin not allowed")
+            self.close(CloseCode.FORBIDDEN, "forbidden_origin")
+            return
+        principal = await self._authenticate(request)
+        if principal is None:
+            return
+        state = self.app[keys.STATE]
+        session_id = str(uuid.uuid4())
+        limits = self.settings.tier_limits(principal.tier)
+        if not await self.app[keys.LIMITER].open_connection(principal.user_id, session_id, limits):
+            self.send_error(
+                ErrorCode.RATE_LIMITED, f"at most {limits.connections} connections per user"
+            )
+            self.close(CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections")
+            return
+        self.session = Session(session_id, principal, self.encoding, self.outbound)
+        self.counted = True
+        self.app[keys.HUB].add_session(self.session)
+        state.users[principal.user_id] = state.users.get(principal.user_id, 0) + 1
+        self.metrics.active_users.set(len(state.users))
+        self.metrics.connections.labels(self.encoding.name.lower()).inc()
+        self.metrics.connects.labels(self.encoding.name.lower()).inc()
+        log.info(
+            "connection opened",
+            extra={
+                "session": self.session.id,
+                "user": principal.user_id,
+                "encoding": self.encoding.name.lower(),
+                "remote": request.remote,
+            },
+        )
+        self._send(
+            Hello(
+                self.session.id,
+                principal.user_id,
+                self.settings.server_id,
+                self.settings.heartbeat_s,
+                self.settings.max_frame_bytes,
+            )
+        )
+        # The read loop, inline: one coroutine frame fewer per open connection.
+        session = self.session
+        ws = self.ws
+        while not self._closing:
+            msg = await ws.receive()
+            kind = msg.type
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                await self._handle(session, msg.data, kind is WSMsgType.TEXT)
+            elif kind in _CLOSED_TYPES:
+                break
+
+    async def finish(self) -> None:
+        self.outbound.closed = True
+        if self._close_task is not None:
+            # The close frame must be written before the transport goes.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._close_task), _CLOSE_WAIT_S)
+        if self.session is not None:
+            session = self.session
+            state = self.app[keys.STATE]
+            await self.app[keys.HUB].remove_session(session)
+            left = state.users.get(session.user_id, 1) - 1
+            if left <= 0:
+                state.users.pop(session.user_id, None)
+            else:
+                state.users[session.user_id] = left
+            self.metrics.active_users.set(len(state.users))
+            self.metrics.connections.labels(self.encoding.name.lower()).dec()
+        if self.counted and self.session is not None:
+            # The user's connection slot is free again (with Redis, for every instance).
+            with contextlib.suppress(*DEPENDENCY_ERRORS):
+                await self.app[keys.LIMITER].close_connection(self.session.user_id, self.session.id)
+        reason = self._disconnect_reason()
+        self.metrics.disconnects.labels(reason).inc()
+        if self.session is not None:
+            log.info(
+                "connection closed",
+                extra={"session": self.session.id, "user": self.session.user_id, "reason": reason},
+            )
+        if not self.transport.is_closing():
+            self.transport.close()
+        # A peer that never reads keeps a closed transport's buffer alive: drop it later.
+        asyncio.get_running_loop().call_later(_ABORT_AFTER_CLOSE_S, self.transport.abort)
+
+    def _disconnect_reason(self) -> str:
+        if self._closing:
+            return self.close_reason
+        code = self.ws.close_code
+        if code == CloseCode.MESSAGE_TOO_BIG:
+            return "too_large"
+        return "client"
+
+    async def _authenticate(self, request: web.Request) -> Principal | None:
+        auth = self.app[keys.AUTH]
+        token = bearer_token(request.headers.get("Authorization")) or request.query.get("token")
+        ref = None
+        if token is None:
+            try:
+                msg = await self.ws.receive(timeout=self.settings.auth_timeout_s)
+            except TimeoutError:
+                self.send_error(ErrorCode.UNAUTHORIZED, "no auth frame in time")
+                self.close(CloseCode.UNAUTHORIZED, "auth_timeout")
+                return None
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                return None
+            try:
+                frame = decode_client_frame(
+                    msg.data, self.encoding, self.limits, text=msg.type is WSMsgType.TEXT
+                )
+            except ProtocolError as exc:
+                self.send_error(
+                    ErrorCode.UNAUTHORIZED, f"expected an auth frame: {exc.message}", exc.ref
+                )
+                self.close(CloseCode.UNAUTHORIZED, "unauthorized")
+                return None
+            if not isinstance(frame, Auth):
+                self.send_error(ErrorCode.UNAUTHORIZED, "the first frame must be auth", frame.ref)
+                self.close(CloseCode.UNAUTHORIZED, "unauthorized")
+                return None
+            token, ref = frame.token, frame.ref
+        try:
+            return auth.verify(token)
+        except AuthError as exc:
+            self.send_error(ErrorCode.UNAUTHORIZED, str(exc), ref)
+            self.close(CloseCode.UNAUTHORIZED, "unauthorized")
+            return None
+
+    def _send(self, frame: Any) -> None:
+        self.metrics.child(self.metrics.frames_out, frame.TYPE).inc()
+        if self.session is not None:
+            self.session.send(frame)
+
+    async def _handle(self, session: Session, data: str | bytes, text: bool) -> None:
+        try:
+            frame = decode_client_frame(data, self.encoding, self.limits, text=text)
+        except ProtocolError as exc:
+            self.metrics.frames_in.labels("invalid").inc()
+            self.send_error(exc.code, exc.message, exc.ref)
+            if session.note_bad_frame(self.settings.bad_frame_limit):
+                self.close(CloseCode.POLICY_VIOLATION, "too_many_bad_frames")
+            return
+        self.metrics.child(self.metrics.frames_in, frame.TYPE).inc()
+        wait_ms = session.take_frame(self.settings.frames_per_second)
+        if wait_ms is not None:
+            self.send_error(ErrorCode.RATE_LIMITED, "too many frames", frame.ref, wait_ms)
+            if session.note_bad_frame(self.settings.bad_frame_limit):
+                self.close(CloseCode.POLICY_VIOLATION, "frame_flood")
+            return
+        started = time.perf_counter()
+        try:
+            await dispatch(self.app, session, frame, self._send)
+        except ServiceError as exc:
+            self.send_error(exc.code, exc.message, frame.ref, exc.retry_after_ms)
+        except DEPENDENCY_ERRORS as exc:
+            log.warning("dependency unavailable: %s", exc, extra={"session": session.id})
+            self.send_error(ErrorCode.UNAVAILABLE, "temporarily unavailable", frame.ref, 1000)
+        except Exception:
+            log.exception("frame handling failed", extra={"session": session.id})
+            self.send_error(ErrorCode.INTERNAL, "internal error", frame.ref)
+        finally:
+            self.metrics.child(self.metrics.frame_duration, frame.TYPE).observe(
+                time.perf_counter() - started
+            )
+
+
+def drain_connections(app: web.Application, jitter_ms: int = 1000) -> None:
+    """Tell every client to reconnect elsewhere (spread over ``jitter_ms``), close with 1001."""
+    for connection in list(app[keys.STATE].connections):
+        connection.going_away(random.randint(0, jitter_ms))
+
+
+def resync_joined(app: web.Application, spread_ms: int = 1000) -> None:
+    """The broker missed events: clients in conversations reconnect and rejoin with `since`.
+
+    Reconnects are spread over ``spread_ms`` so they do not arrive all at once.
+    """
+    for connection in list(app[keys.STATE].connections):
+        session = connection.session
+        if session is not None and session.subscriptions:
+            connection.going_away(random.randint(0, spread_ms), "event stream interrupted")
