@@ -347,4 +347,10 @@ def _ref() -> str:
     return uuid.uuid4().hex
 
 
-_UNBOUNDED = DEFAULT_LIMITS.__class__(max_frame_bytes=1 << 30, max_text_chars=1 << 30)
+_UNBOUNDED = DEFAULT_LIMITS.__class__(
+    max_frame_bytes=1 << 30,
+    max_text_chars=1 << 30,
+    max_members=1 << 20,
+    history_max_limit=1 << 20,
+    max_object_keys=1 << 10,
+)

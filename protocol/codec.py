@@ -130,8 +130,7 @@ def decode_object(
                 raise ProtocolError(
                     ErrorCode.BAD_FRAME, "text frame on the MessagePack subprotocol"
                 )
-            # unpackb bounds every length by len(data) itself (max_buffer_size is Unpacker-only)
-            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True, **limits.msgpack_bounds())
     except ProtocolError:
         raise
     except Exception as exc:  # json, msgpack, recursion, unicode: all are malformed input

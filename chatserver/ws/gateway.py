@@ -64,7 +64,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         protocols=(encoding.value,) if offered else (),
         heartbeat=settings.heartbeat_s,
-        max_msg_size=settings.max_frame_bytes,
+        # aiohttp refuses a message of max_msg_size bytes itself; the limit is inclusive
+        max_msg_size=settings.max_frame_bytes + 1,
         compress=False,  # one framed bytes object serves every recipient, uncompressed
         decode_text=False,  # we check UTF-8 ourselves: a bad frame is an error, not a close
         timeout=5.0,
@@ -283,7 +284,10 @@ class _Connection:
         ref = None
         if token is None:
             try:
-                msg = await self.ws.receive(timeout=self.settings.auth_timeout_s)
+                # One deadline for the whole wait: receive's own timeout restarts on every
+                # control frame, so a client pinging every few seconds would never meet it.
+                async with asyncio.timeout(self.settings.auth_timeout_s):
+                    msg = await self.ws.receive()
             except TimeoutError:
                 self.send_error(ErrorCode.UNAUTHORIZED, "no auth frame in time")
                 self.close(CloseCode.UNAUTHORIZED, "auth_timeout")

@@ -661,3 +661,16 @@ def test_limits_defaults_match_the_protocol() -> None:
     assert DEFAULT_LIMITS.history_max_limit == 100
     assert DEFAULT_LIMITS.history_default_limit == 50
     assert Limits(max_frame_bytes=1, history_max_limit=1, history_default_limit=1)
+
+
+def test_msgpack_lengths_are_bounded_by_the_protocol_limits() -> None:
+    limits = Limits(max_members=5, history_max_limit=5, history_default_limit=5, max_object_keys=4)
+    longest = [0] * limits.max_array_items
+    ok = {"type": "ping", "x": longest}
+    assert decode_client_frame(msgpack.packb(ok), Encoding.MSGPACK, limits) == Ping()
+    too_long = msgpack.packb({"type": "ping", "x": [*longest, 0]})
+    assert client_error(too_long, Encoding.MSGPACK, limits).code is ErrorCode.BAD_FRAME
+    wide = msgpack.packb({"type": "ping", "a": 1, "b": 2, "c": 3, "d": 4})
+    assert client_error(wide, Encoding.MSGPACK, limits).code is ErrorCode.BAD_FRAME
+    ext = msgpack.packb({"type": "ping", "x": msgpack.ExtType(1, b"abc")})
+    assert client_error(ext, Encoding.MSGPACK, limits).code is ErrorCode.BAD_FRAME

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 
 import aiohttp
 import jwt
@@ -12,7 +13,7 @@ import pytest
 
 from chatclient.client import ChatClient, Closed
 from chatserver import keys
-from protocol import CloseCode, Encoding, ErrorCode, ErrorFrame, Pong
+from protocol import Ack, CloseCode, Encoding, ErrorCode, ErrorFrame, Pong
 
 from ..conftest import Harness, MakeHarness
 
@@ -114,6 +115,47 @@ async def test_frame_over_max_frame_bytes_closes_1009(make_harness: MakeHarness)
     await _still_served(harness, conv)
 
 
+async def test_a_frame_of_exactly_max_frame_bytes_is_served(make_harness: MakeHarness) -> None:
+    harness = await make_harness(max_frame_bytes=4096)
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    head = '{"type":"send","conversation_id":"%s","client_msg_id":"c1","text":"' % conv
+    frame = head + "x" * (4096 - len(head) - 2) + '"}'
+    assert len(frame.encode()) == 4096
+    await alice.send_raw(frame)
+    ack = await alice.expect(Ack, timeout=5)
+    assert ack.client_msg_id == "c1"
+    await alice.send_raw(frame[:-2] + 'x"}')  # one byte over
+    with pytest.raises(Closed):
+        await alice.expect(Pong, timeout=5)
+    assert alice.close_code == CloseCode.MESSAGE_TOO_BIG
+
+
+async def test_nested_msgpack_headers_before_auth_are_a_cheap_refusal(
+    make_harness: MakeHarness,
+) -> None:
+    """Array headers that claim 65,535 items each, nested 1,000 deep in one 64 KiB frame,
+    would make an unbounded decoder reserve ~500 MB before reading an item."""
+    harness = await make_harness()
+    conv = await harness.conversation("alice", members=["bob"])
+    attack = (b"\xdd\x00\x00\xff\xff" * 1000).ljust(64 * 1024 - 1, b"\x00")
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(harness.ws_url, protocols=(Encoding.MSGPACK.value,))
+        tracemalloc.start()
+        try:
+            await ws.send_bytes(attack)
+            answer = await ws.receive(timeout=5)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        error = msgpack.unpackb(answer.data)
+        assert error["type"] == "error" and error["code"] == ErrorCode.UNAUTHORIZED.value
+        assert "MessagePack" in error["message"]
+        assert peak < 16 * 1024 * 1024  # the server decodes in this process
+        await ws.close()
+    await _still_served(harness, conv)
+
+
 async def test_flood_of_bad_frames_closes_1008(make_harness: MakeHarness) -> None:
     harness = await make_harness(bad_frame_limit=5)
     conv = await harness.conversation("alice", members=["bob"])
@@ -142,6 +184,33 @@ async def test_no_auth_in_time_closes_4401(make_harness: MakeHarness) -> None:
         assert closing.type == aiohttp.WSMsgType.CLOSE
         assert ws.close_code == CloseCode.UNAUTHORIZED
         assert 0.25 <= time.monotonic() - started < 3
+
+
+async def test_pings_do_not_extend_the_auth_deadline(make_harness: MakeHarness) -> None:
+    harness = await make_harness(auth_timeout_s=0.5)
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(harness.ws_url, protocols=("chat.v1.json",), autoping=False)
+        started = time.monotonic()
+
+        async def keep_pinging() -> None:
+            for _ in range(200):  # 10 s at most; each ping used to restart the wait
+                await ws.ping()
+                await asyncio.sleep(0.05)
+
+        pinger = asyncio.create_task(keep_pinging())
+        try:
+            kinds = []
+            while not kinds or kinds[-1] != aiohttp.WSMsgType.CLOSE:
+                msg = await ws.receive(timeout=5)
+                if msg.type is not aiohttp.WSMsgType.PONG:
+                    kinds.append(msg.type)
+                    if msg.type is aiohttp.WSMsgType.TEXT:
+                        assert '"unauthorized"' in msg.data
+        finally:
+            pinger.cancel()
+        assert kinds == [aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.CLOSE]
+        assert ws.close_code == CloseCode.UNAUTHORIZED
+        assert time.monotonic() - started < 3
 
 
 def test_the_default_auth_timeout_is_five_seconds() -> None:
