@@ -34,6 +34,7 @@ from .fanout.outbound import Flusher
 from .fanout.publish import publish
 from .generation.manager import GenerationManager
 from .generation.routing import Router
+from .http.headers import security_headers
 from .http.rest import add_routes, errors_and_metrics
 from .ops.drain import drain
 from .ops.maintenance import partition_maintenance
@@ -61,6 +62,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     )
     app.cleanup_ctx.append(observe)  # periodic gauges and event-loop lag, stopped first
     app.on_shutdown.append(drain)
+    app.on_response_prepare.append(security_headers)
     app.router.add_get("/ws", websocket_handler)
     add_routes(app)
     if app[keys.AUTH].dev_mode:

@@ -50,6 +50,7 @@ from .server_frames import (
     parse_server_frame,
 )
 from .stream_frames import Delta, GenEnd, GenStart, MessageEvent, TypingNotice
+from .text import text_problem
 
 __all__ = [
     "CLIENT_TYPES",
@@ -103,6 +104,7 @@ __all__ = [
     "parse_client_frame",
     "parse_server_frame",
     "parse_timestamp",
+    "text_problem",
     "timestamp_from_ms",
     "timestamp_to_ms",
 ]

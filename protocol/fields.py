@@ -9,6 +9,7 @@ from typing import Any
 
 from .codes import ErrorCode
 from .errors import ProtocolError
+from .text import text_problem
 
 Obj = Mapping[str, Any]
 
@@ -37,6 +38,9 @@ def req_str(obj: Obj, name: str, max_len: int, ref: str | None = None, *, min_le
                 ErrorCode.TOO_LARGE, f"field 'text' is longer than {max_len} characters", ref
             )
         raise _bad(name, f"at most {max_len} characters", ref)
+    problem = text_problem(value, multiline=name == "text")
+    if problem is not None:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"field '{name}' holds {problem}", ref)
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from protocol import ErrorCode
+from protocol import ErrorCode, text_problem
 
 from .. import keys
 from ..auth import AuthError, Principal, bearer_token, check_claims
@@ -24,6 +25,9 @@ log = logging.getLogger("chatserver.rest")
 STATIC_DIR = Path(str(resources.files("chatserver").joinpath("static")))
 AGENTS_CACHE = "public, s-maxage=60, stale-while-revalidate=120"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The status recorded for a request whose client went away first (nginx's convention): not a
+# 5xx, so no client can raise the error-rate alert by hanging up.
+CLIENT_CLOSED = 499
 
 
 def error_response(code: ErrorCode, message: str, status: int | None = None) -> web.Response:
@@ -51,6 +55,14 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
             if exc.status == 413:
                 code = ErrorCode.TOO_LARGE
             return error_response(code, exc.reason, exc.status)
+        raise
+    except ClientGone as exc:
+        log.info("client gone: %s", exc, extra={"path": request.path})
+        status = CLIENT_CLOSED
+        return error_response(ErrorCode.BAD_REQUEST, str(exc), 400)  # nobody reads it
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler of a client that hung up: not a server error either.
+        status = CLIENT_CLOSED
         raise
     except DEPENDENCY_ERRORS as exc:
         log.warning("dependency unavailable: %s", exc, extra={"path": request.path})
@@ -80,12 +92,33 @@ def require_principal(request: web.Request) -> Principal:
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = await request.read()
+    except ConnectionError:
+        # The client went away mid-upload: its doing, not a dependency's (no 503, no alert).
+        raise ClientGone("the request body was cut off") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the stack
         raise ServiceError(ErrorCode.BAD_REQUEST, "body must be a JSON object") from None
     if not isinstance(body, dict):
         raise ServiceError(ErrorCode.BAD_REQUEST, "body must be a JSON object")
     return body
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request was read: nobody to answer."""
+
+
+def _line(value: object, name: str, max_chars: int = 64, *, empty: bool = False) -> str:
+    """A single-line text field of a request body (an id, a title), or a 400 naming it."""
+    if not isinstance(value, str) or (not value and not empty):
+        raise ServiceError(ErrorCode.BAD_REQUEST, f"'{name}' must be a non-empty string")
+    if len(value) > max_chars:
+        raise ServiceError(ErrorCode.BAD_REQUEST, f"'{name}' is longer than {max_chars} characters")
+    problem = text_problem(value)
+    if problem is not None:
+        raise ServiceError(ErrorCode.BAD_REQUEST, f"'{name}' holds {problem}")
+    return value
 
 
 def _int_query(
@@ -123,12 +156,17 @@ async def create_conversation(request: web.Request) -> web.Response:
     agent_id = body.get("agent_id")
     title = body.get("title")
     members = body.get("members", [])
-    if not isinstance(agent_id, str) or not agent_id:
-        raise ServiceError(ErrorCode.BAD_REQUEST, "'agent_id' must be a non-empty string")
-    if title is not None and not isinstance(title, str):
-        raise ServiceError(ErrorCode.BAD_REQUEST, "'title' must be a string")
+    limits = request.app[keys.LIMITS]
+    agent_id = _line(agent_id, "agent_id")
+    if title is not None:
+        if not isinstance(title, str):
+            raise ServiceError(ErrorCode.BAD_REQUEST, "'title' must be a string")
+        title = _line(title, "title", limits.max_title_chars, empty=True)
     if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
         raise ServiceError(ErrorCode.BAD_REQUEST, "'members' must be an array of user ids")
+    if len(members) > limits.max_members:
+        raise ServiceError(ErrorCode.BAD_REQUEST, f"more than {limits.max_members} members")
+    members = [_line(m, "members[]") for m in members]
     conversation = await request.app[keys.CONVERSATIONS].create(principal, agent_id, title, members)
     request.app[keys.METRICS].conversations_created.inc()
     log.info(
@@ -206,6 +244,7 @@ async def dev_token(request: web.Request) -> web.Response:
     tier = body.get("tier", "free")
     if not isinstance(user_id, str) or not isinstance(tier, str):
         raise ServiceError(ErrorCode.BAD_REQUEST, "'user_id' and 'tier' must be strings")
+    user_id = _line(user_id, "user_id")
     try:
         check_claims(user_id, tier, "user")
     except AuthError as exc:

@@ -6,6 +6,11 @@ import base64
 import binascii
 import json
 
+from protocol import text_problem
+
+# Ours are ~100 characters (a timestamp and a UUID); anything much longer is not one of ours.
+MAX_CURSOR_CHARS = 512
+
 
 def encode_cursor(updated_at: str, conversation_id: str) -> str:
     raw = json.dumps([updated_at, conversation_id], separators=(",", ":")).encode()
@@ -14,15 +19,17 @@ def encode_cursor(updated_at: str, conversation_id: str) -> str:
 
 def decode_cursor(cursor: str) -> tuple[str, str]:
     """The (updated_at, id) a cursor points after; ``ValueError`` when it is not one of ours."""
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise ValueError("invalid cursor")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         value = json.loads(raw)
-    except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (binascii.Error, ValueError, RecursionError) as exc:  # ValueError: JSON, UTF-8
         raise ValueError("invalid cursor") from exc
     if (
         not isinstance(value, list)
         or len(value) != 2
-        or not all(isinstance(part, str) for part in value)
+        or not all(isinstance(part, str) and text_problem(part) is None for part in value)
     ):
         raise ValueError("invalid cursor")
     return value[0], value[1]

@@ -50,6 +50,7 @@ from protocol import (
     encode,
     encode_frame,
     negotiate,
+    text_problem,
 )
 
 ENCODINGS = [Encoding.JSON, Encoding.MSGPACK]
@@ -674,3 +675,43 @@ def test_msgpack_lengths_are_bounded_by_the_protocol_limits() -> None:
     assert client_error(wide, Encoding.MSGPACK, limits).code is ErrorCode.BAD_FRAME
     ext = msgpack.packb({"type": "ping", "x": msgpack.ExtType(1, b"abc")})
     assert client_error(ext, Encoding.MSGPACK, limits).code is ErrorCode.BAD_FRAME
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "accepted"),
+    [
+        ("text", "two\tcolumns\nand lines", True),
+        ("text", "nul \x00 inside", False),
+        ("text", "carriage\rreturn", False),
+        ("text", "escape \x1b[31m red", False),
+        ("text", "delete \x7f", False),
+        ("client_msg_id", "tab\there", False),
+        ("client_msg_id", "new\nline", False),
+        ("ref", "bell\x07", False),
+    ],
+)
+def test_text_fields_refuse_nul_and_control_characters(
+    enc: Encoding, field: str, value: str, accepted: bool
+) -> None:
+    frame = {
+        "type": "send",
+        "conversation_id": "00000000-0000-4000-8000-000000000001",
+        "client_msg_id": "m1",
+        "text": "hello",
+        "ref": "r1",
+    }
+    frame[field] = value
+    if accepted:
+        sent = decode_client_frame(wire(frame, enc), enc, DEFAULT_LIMITS)
+        assert getattr(sent, field) == value
+    else:
+        err = client_error(wire(frame, enc), enc)
+        assert err.code is ErrorCode.BAD_FRAME and f"'{field}'" in err.message
+
+
+def test_text_problem_names_what_is_wrong() -> None:
+    assert text_problem("fine text") is None
+    assert text_problem("a\nb", multiline=True) is None
+    assert text_problem("a\nb") == "a control character (U+000A)"
+    assert text_problem("a\x00b", multiline=True) == "a NUL character"
+    assert text_problem("\ud800", multiline=True) == "a lone surrogate (not Unicode text)"

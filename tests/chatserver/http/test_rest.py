@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+
 import jwt
 import pytest
 
@@ -9,7 +12,7 @@ from chatclient.client import ChatApi
 from chatserver import keys
 from chatserver.auth import Authenticator
 
-from ..conftest import Harness, MakeHarness, outbox_drained
+from ..conftest import Harness, MakeHarness, eventually, outbox_drained
 
 SECRET = "a-configured-secret-of-enough-length-0123456789"
 
@@ -96,10 +99,85 @@ async def test_create_conversation_rejects_bad_bodies(
     assert body["error"]["code"] == "bad_request" and message in body["error"]["message"]
 
 
-async def test_create_conversation_rejects_invalid_json(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"{nope",
+        b'{"agent_id": "general", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b"\xff\xfe not utf-8",
+    ],
+    ids=["syntax", "nested-5000", "not-utf8"],
+)
+async def test_create_conversation_rejects_invalid_json(harness: Harness, data: bytes) -> None:
     api = await harness.api("alice")
-    status, body = await api.request("POST", "/api/conversations", data=b"{nope")
+    status, body = await api.request("POST", "/api/conversations", data=data)
     assert (status, body["error"]["code"]) == (400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "problem"),
+    [
+        (b'{"agent_id": "general", "title": "\\ud800"}', "title", "lone surrogate"),
+        (b'{"agent_id": "general", "title": "a\\u0000b"}', "title", "NUL"),
+        (b'{"agent_id": "general", "title": "two\\nlines"}', "title", "control character"),
+        (b'{"agent_id": "general", "members": ["bo\\u0000b"]}', "members[]", "NUL"),
+        (b'{"agent_id": "gen\\u001beral"}', "agent_id", "control character"),
+    ],
+)
+async def test_text_fields_refuse_nul_control_characters_and_lone_surrogates(
+    harness: Harness, body: bytes, field: str, problem: str
+) -> None:
+    api = await harness.api("alice")
+    status, answer = await api.request("POST", "/api/conversations", data=body)
+    assert (status, answer["error"]["code"]) == (400, "bad_request")
+    assert f"'{field}'" in answer["error"]["message"] and problem in answer["error"]["message"]
+    _, listed = await api.request("GET", "/api/conversations")
+    assert listed["items"] == []
+
+
+async def test_an_aborted_upload_is_the_clients_doing_not_a_dependency_failure(
+    harness: Harness,
+) -> None:
+    token = await harness.token("alice")
+    host, port = harness.base_url.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 5000\r\n\r\n"
+        b'{"agent_id": "gen'
+    )
+    await writer.drain()
+    writer.close()
+    metrics = harness.app[keys.METRICS]
+
+    def answered() -> list[str]:
+        text = metrics.exposition().decode()
+        return [
+            line
+            for line in text.splitlines()
+            if line.startswith("chat_http_request_duration_seconds_count")
+            and 'route="/api/conversations"' in line
+            and 'method="POST"' in line
+        ]
+
+    await eventually(lambda: bool(answered()), what="the aborted request to be counted")
+    assert all('status="499"' in line for line in answered()), answered()
+    assert 'chat_errors_total{code="unavailable"}' not in metrics.exposition().decode()
+
+
+async def test_page_and_static_files_carry_the_browser_protections(harness: Harness) -> None:
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        async with harness.http.get(harness.base_url + path) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Content-Type-Options"] == "nosniff"
+            csp = resp.headers["Content-Security-Policy"]
+            assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+            assert resp.headers["Server"] == "chatserver"
+    async with harness.http.get(harness.base_url + "/api/health") as resp:
+        assert resp.headers["Server"] == "chatserver"
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    async with harness.http.ws_connect(harness.ws_url) as ws:
+        assert ws._response.headers["Server"] == "chatserver"
 
 
 async def test_conversation_list_is_keyset_paged_by_recent_update(harness: Harness) -> None:
@@ -133,7 +211,23 @@ async def test_conversation_list_is_keyset_paged_by_recent_update(harness: Harne
     assert body == {"items": [], "next_cursor": None, "has_more": False}
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=x", "cursor=%25%25bad"])
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=101",
+        "limit=x",
+        "cursor=%25%25bad",
+        "cursor=" + _b64(b"[" * 3000),  # nested past the parser's stack
+        "cursor=" + _b64(b'["\\u0000", "x"]'),  # NUL, which Postgres refuses in text
+        "cursor=" + _b64(b'["\\ud800", "x"]'),  # a lone surrogate
+        "cursor=" + "A" * 600,
+    ],
+)
 async def test_conversation_list_rejects_bad_queries(harness: Harness, query: str) -> None:
     api = await harness.api("alice")
     status, body = await api.request("GET", "/api/conversations?" + query)
