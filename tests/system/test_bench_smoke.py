@@ -57,6 +57,14 @@ def test_fanout(tmp_path: Path) -> None:
     assert data["goals"]["chatserver_lost_duplicated_reordered"]["met"]
     assert data["server_cpu_split"]["chatserver"]["per_delivery_us"] is not None
     assert "bare aiohttp + Redis" in data["markdown"]
+    # Per message: the server's CPU and what Redis did (the targets on Redis).
+    for name in ("chatserver", "bare_redis", "socketio_redis"):
+        f = figures[name]["flatout"]
+        assert f["server_cpu_us_per_message"] is not None, name
+        assert f["redis_commands_per_message"] > 0 and f["redis_round_trips_per_message"] > 0
+    assert figures["bare_single"]["flatout"]["redis_commands_per_message"] is None
+    assert data["goals"]["cpu_per_message_vs_bare_redis"]["ratio"] is not None
+    assert "Redis commands/message" in data["markdown"]
 
 
 def test_ai(tmp_path: Path) -> None:
