@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 from chatload import LoadConfig, run_loadtest  # noqa: E402
 from chatload.report import summary_line  # noqa: E402
 from tests.serverproc import ServerProc, free_port  # noqa: E402
-from tests.services import RedisServer  # noqa: E402
+from tests.services import PostgresServer, RedisServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SECRET = "bench-secret-0123456789abcdef0123456789"
@@ -71,6 +71,65 @@ def redis_pid(redis: RedisServer) -> int:
     proc = redis._proc  # the throwaway server is ours: its pid is what we sample
     assert proc is not None
     return proc.pid
+
+
+@contextlib.contextmanager
+def postgres_server(*, fsync: bool = True) -> Iterator[PostgresServer]:
+    """A throwaway Postgres cluster (tests/services.py), its ``chat`` database migrated with
+    ``chatserver migrate`` as an operator would; fsync on by default (the product's shape)."""
+    settings = {"fsync": "on", "synchronous_commit": "on"} if fsync else {}
+    postgres = PostgresServer(settings=settings)
+    try:
+        postgres.start()
+        dsn = postgres.create_database("chat")
+        done = subprocess.run(
+            [sys.executable, "-m", "chatserver", "migrate", "--database-url", dsn],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CHAT_")},
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"chatserver migrate failed: {done.stdout}{done.stderr}")
+        log(f"postgres on port {postgres.port}: {done.stdout.strip().splitlines()[0]}")
+        yield postgres
+    finally:
+        postgres.close()
+
+
+def postgres_pids(postgres: PostgresServer) -> list[int]:
+    """The postmaster and every process it forked (backends, writers) right now."""
+    try:
+        first = (postgres.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+        master = int(first)
+    except (OSError, ValueError):
+        return []
+    pids = [master]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        if int(raw[raw.rindex(b")") + 2 :].split()[1]) == master:  # field 4: the parent
+            pids.append(int(entry.name))
+    return pids
+
+
+def cpu_of(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each process still there (for deltas over processes that come and go)."""
+    from chatload.procstat import cpu_seconds
+
+    found = {pid: cpu_seconds(pid) for pid in pids}
+    return {pid: cpu for pid, cpu in found.items() if cpu is not None}
+
+
+def cpu_grown(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the processes used between two ``cpu_of`` (new ones count from zero)."""
+    return round(sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items()), 3)
 
 
 @contextlib.contextmanager
@@ -265,6 +324,30 @@ def machine() -> dict[str, Any]:
         "note": "2 cores shared with other engineers' test runs: noisy; compare ratios "
         "within one run",
     }
+
+
+def git_commit() -> str:
+    """The commit measured (``+dirty`` when the tree has changes), for the docs' labels."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def write_result(name: str, data: dict[str, Any], out: Path | None = None) -> Path:

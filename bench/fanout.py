@@ -41,6 +41,7 @@ from bench.common import (
     PARKED_AGENT,
     base_args,
     chatservers,
+    git_commit,
     load,
     log,
     machine,
@@ -55,10 +56,13 @@ from bench.common import (
     write_listing,
     write_result,
 )
+from chatload import redisstat
 
 GOAL_P99_RATIO = 1.1
 GOAL_CPU_RATIO = 1 / 3
 GOAL_RATE_RATIO = 3.0
+GOAL_PER_MESSAGE_RATIO = 1.0  # issue 18: server CPU per message (the split) ÷ bare + Redis
+GOAL_SPLIT_DELIVERY_RATIO = 0.2  # ... with per delivery (the split) staying at most this
 PHASES = ("latency", "flatout", "split")
 SPLIT_MEMBERS = 50  # a second flat-out load, to split server CPU into per message + per delivery
 # The per-connection frame budget (200/s, burst 400) is abuse protection, not what this
@@ -114,6 +118,7 @@ def run_target(name: str, redis: Any, args: argparse.Namespace) -> dict[str, Any
             "procs": 2,
             "server_pids": pids,
             "aux_pids": [redis_pid(redis)] if len(urls) > 1 else [],
+            "redis_urls": [redis.url] if len(urls) > 1 else [],
             "drain_timeout_s": args.drain,
             "max_loss": 0,
         }
@@ -175,6 +180,9 @@ def cost_split(big: dict[str, Any], small: dict[str, Any]) -> dict[str, Any]:
 
 def figures(run: dict[str, Any]) -> dict[str, Any]:
     lat = run["latency_ms"]["delivery"]
+    messages = run["counts"]["acked"]
+    cpu, redis_cpu = run["server"]["cpu_s"], run["aux"]["cpu_s"]
+    redis = redisstat.per(run.get("redis") or {}, messages)
     return {
         "delivery_p50_ms": lat["p50"],
         "delivery_p99_ms": lat["p99"],
@@ -194,6 +202,18 @@ def figures(run: dict[str, Any]) -> dict[str, Any]:
         "duplicated": run["counts"]["duplicated"],
         "reordered": run["counts"]["reordered"],
         "disconnects": run["connections"]["disconnects_during_run"],
+        # Per message (acked), whatever the members: the server's CPU and what Redis did.
+        "server_cpu_us_per_message": (
+            round(cpu * 1e6 / messages, 1) if cpu is not None and messages else None
+        ),
+        "redis_cpu_us_per_message": (
+            round(redis_cpu * 1e6 / messages, 1)
+            if redis_cpu is not None and messages and run["aux"]["pids"]
+            else None
+        ),
+        "redis_commands_per_message": redis.get("commands"),
+        "redis_round_trips_per_message": redis.get("round_trips"),
+        "redis_per_message": redis,
     }
 
 
@@ -242,7 +262,8 @@ def main() -> int:
         "figures": table,
         "server_cpu_split": split,
     }
-    data["goals"] = goals(table)
+    data["git_commit"] = git_commit()
+    data["goals"] = goals(table, split)
     data["markdown"] = markdown(table, data["goals"], split, args)
     data["runs"] = {
         name: {phase: slim(run) for phase, run in phases.items()} for name, phases in runs.items()
@@ -251,7 +272,7 @@ def main() -> int:
     return 0
 
 
-def goals(table: dict[str, Any]) -> dict[str, Any]:
+def goals(table: dict[str, Any], split: dict[str, Any] | None = None) -> dict[str, Any]:
     ours = table.get("chatserver", {})
     bare = table.get("bare_redis", {})
     out: dict[str, Any] = {}
@@ -277,6 +298,20 @@ def goals(table: dict[str, Any]) -> dict[str, Any]:
             "ratio": r,
             "goal": f">= {GOAL_RATE_RATIO}",
             "met": r is not None and r >= GOAL_RATE_RATIO,
+        }
+    ours_split, bare_split = (split or {}).get("chatserver"), (split or {}).get("bare_redis")
+    if ours_split and bare_split:
+        r = ratio(ours_split["per_message_us"], bare_split["per_message_us"])
+        out["cpu_per_message_vs_bare_redis"] = {
+            "ratio": r,
+            "goal": f"<= {GOAL_PER_MESSAGE_RATIO}",
+            "met": r is not None and r <= GOAL_PER_MESSAGE_RATIO,
+        }
+        r = ratio(ours_split["per_delivery_us"], bare_split["per_delivery_us"])
+        out["cpu_per_delivery_split_vs_bare_redis"] = {
+            "ratio": r,
+            "goal": f"<= {GOAL_SPLIT_DELIVERY_RATIO}",
+            "met": r is not None and r <= GOAL_SPLIT_DELIVERY_RATIO,
         }
     defects = sum(
         f["lost"] + f["duplicated"] + f["reordered"]
@@ -337,6 +372,30 @@ def markdown(
                 f"{f['delivery_p99_ms']} ms | {f['lost']}/{f['duplicated']}/{f['reordered']} | "
                 f"{f['disconnects']} |"
             )
+    lines += [
+        "",
+        "**Per message** (flat out; server CPU from /proc ÷ acked messages, all members "
+        "included; Redis commands from the `INFO commandstats` delta, calls inside Lua scripts "
+        "included; round trips = Redis read events):",
+        "",
+        "| server | server CPU µs/message | Redis CPU µs/message | Redis commands/message | "
+        "Redis round trips/message |",
+        "|---|---|---|---|---|",
+    ]
+    for name, phases in table.items():
+        f = phases.get("flatout")
+        if f and f["redis_commands_per_message"] is not None:
+            lines.append(
+                f"| {names[name]} | {f['server_cpu_us_per_message']} | "
+                f"{f['redis_cpu_us_per_message']} | {f['redis_commands_per_message']} | "
+                f"{f['redis_round_trips_per_message']} |"
+            )
+    ours = table.get("chatserver", {}).get("flatout", {}).get("redis_per_message", {})
+    if ours.get("by_command"):
+        listed = ", ".join(
+            f"{command.upper()} {calls}" for command, calls in ours["by_command"].items()
+        )
+        lines.append(f"\nchatserver's Redis commands per message, flat out: {listed}.")
     lines.append("")
     for name, cost in split.items():
         if cost:
@@ -350,6 +409,10 @@ def markdown(
         "cpu_per_delivery_vs_bare_redis": "server CPU per delivery vs bare aiohttp + Redis",
         "deliveries_per_s_vs_bare_redis": "deliveries/s vs bare aiohttp + Redis",
         "chatserver_lost_duplicated_reordered": "chatserver lost + duplicated + reordered",
+        "cpu_per_message_vs_bare_redis": "server CPU per message (the split) vs bare "
+        "aiohttp + Redis (issue 18)",
+        "cpu_per_delivery_split_vs_bare_redis": "server CPU per delivery (the split) vs bare "
+        "aiohttp + Redis (issue 18)",
     }
     for key, g in goal.items():
         value = g.get("ratio", g.get("value"))

@@ -3,10 +3,11 @@
     .venv/bin/python bench/run.py [--quick] [--only connections,fanout] [--out bench/results]
 
 Scenarios (each a script of its own, run as a subprocess so one failing does not stop the
-rest): connections, fanout, ai, persist (bench/persist.py, from the Postgres work, when
-present), product-scale. Each writes ``<out>/<scenario>.json`` (persist writes its own file);
+rest): connections, fanout, ai (embedded, the bare floor, and production mode beside the
+python-socketio peer), persist (bench/persist.py, from the Postgres work, when present),
+product-scale. Each writes ``<out>/<scenario>.json`` (persist writes its own file);
 this writes ``<out>/summary.md``: every scenario's markdown block, for docs/benchmarks.md.
-The full run takes about 10-15 minutes on this machine; ``--quick`` about a minute or two.
+The full run takes about 15-20 minutes on this machine; ``--quick`` about two or three.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ class LoadConfig:
     connect_concurrency: int = 200
     server_pids: list[int] = field(default_factory=list)
     aux_pids: list[int] = field(default_factory=list)  # e.g. redis-server: reported apart
+    redis_urls: list[str] = field(default_factory=list)  # INFO deltas (commands, round trips)
     provider_ttft_ms: float | None = None  # to report TTFT above the provider's own
     provider_token_ms: float | None = None  # to report delta gaps above the provider's pace
     slo_p50_ms: float | None = None
@@ -94,11 +95,6 @@ class LoadConfig:
             raise ConfigError(f"--encoding {self.encoding!r}: expected json or msgpack")
         if self.encoding == "msgpack" and self.dialect != "chatserver":
             raise ConfigError("--encoding msgpack: only the chatserver dialect speaks it")
-        if self.mode == "ai" and self.dialect == "socketio":
-            # The bare peer answers with the local provider when started with --agent-token-ms.
-            raise ConfigError(
-                "--mode ai needs the chatserver or peer dialect (socketio has no agent)"
-            )
         for name in ("clients", "members", "procs", "window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1")
@@ -179,6 +175,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="a helper process (e.g. redis-server) sampled and reported apart",
+    )
+    add(
+        "--redis-info",
+        dest="redis_urls",
+        action="append",
+        default=[],
+        help="a Redis (redis://host:port) whose INFO commandstats, reads and CPU are reported "
+        "over the run (repeat)",
     )
     add("--provider-ttft-ms", type=float, help="the provider's own TTFT, for 'added' figures")
     add("--provider-token-ms", type=float, help="the provider's pace, for 'added' gap figures")

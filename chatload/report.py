@@ -52,6 +52,7 @@ def build_report(
     end_ns: int,
     ramp_s: float,
     coordinator_cpu_s: float,
+    redis: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
@@ -185,6 +186,8 @@ def build_report(
         },
         "errors": errors[:20],
     }
+    if redis is not None:  # --redis-info: what Redis did over the same span as the CPU
+        report["redis"] = redis
     report["slo"] = check_slos(config, report)
     return report
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import procstat
+from . import procstat, redisstat
 from .config import ConfigError, LoadConfig, http_base
 from .report import build_report
 
@@ -197,6 +197,7 @@ async def run_loadtest(config: LoadConfig) -> dict[str, Any]:
         for worker in workers:
             await worker.send({"cmd": "go", "t_go_ns": t_go_ns})
         sample_go = procstat.sample(pids + config.aux_pids)
+        redis_go = redisstat.sample(config.redis_urls)
         cpu_go = procstat.own_cpu_seconds()
         wait = config.duration_s + config.ack_timeout_s + 30
         sent = [await w.expect("sent", wait) for w in workers]
@@ -209,6 +210,7 @@ async def run_loadtest(config: LoadConfig) -> dict[str, Any]:
             await worker.send({"cmd": "expect", "acked": acked})
         reports = [await w.expect("report", config.drain_timeout_s + 30) for w in workers]
         sample_end = procstat.sample(pids + config.aux_pids)
+        redis_end = redisstat.sample(config.redis_urls)
         end_ns = time.monotonic_ns()
     finally:
         ticker.cancel()
@@ -232,4 +234,5 @@ async def run_loadtest(config: LoadConfig) -> dict[str, Any]:
         end_ns=end_ns,
         ramp_s=ramp_done - progress.started,
         coordinator_cpu_s=procstat.own_cpu_seconds() - cpu_go,
+        redis=redisstat.delta(redis_go, redis_end) if config.redis_urls else None,
     )

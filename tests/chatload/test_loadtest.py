@@ -261,7 +261,10 @@ def test_cli_measures_idle_memory(server: ServerProc, tmp_path: Path) -> None:
 
 def test_cli_refuses_bad_settings(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "chatserver", "loadtest", "--mode", "ai", "--dialect", "socketio"],
+        [
+            sys.executable,
+            *("-m", "chatserver", "loadtest", "--dialect", "socketio", "--encoding", "msgpack"),
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -269,7 +272,11 @@ def test_cli_refuses_bad_settings(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2
-    assert "--mode ai needs the chatserver or peer dialect" in done.stderr
+    assert "--encoding msgpack: only the chatserver dialect speaks it" in done.stderr
+    # Every dialect may ask for replies: the peers answer when started with an agent
+    # (bench/peers/bare.py and sio.py --agent-token-ms); one without stays unanswered.
+    for name in ("chatserver", "peer", "socketio"):
+        assert LoadConfig(mode="ai", dialect=name).validate().mode == "ai"
     with pytest.raises(ConfigError, match="--turns"):
         LoadConfig(members=2, turns=3).validate()
 

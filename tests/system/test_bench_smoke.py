@@ -57,6 +57,14 @@ def test_fanout(tmp_path: Path) -> None:
     assert data["goals"]["chatserver_lost_duplicated_reordered"]["met"]
     assert data["server_cpu_split"]["chatserver"]["per_delivery_us"] is not None
     assert "bare aiohttp + Redis" in data["markdown"]
+    # Per message: the server's CPU and what Redis did (the targets on Redis).
+    for name in ("chatserver", "bare_redis", "socketio_redis"):
+        f = figures[name]["flatout"]
+        assert f["server_cpu_us_per_message"] is not None, name
+        assert f["redis_commands_per_message"] > 0 and f["redis_round_trips_per_message"] > 0
+    assert figures["bare_single"]["flatout"]["redis_commands_per_message"] is None
+    assert data["goals"]["cpu_per_message_vs_bare_redis"]["ratio"] is not None
+    assert "Redis commands/message" in data["markdown"]
 
 
 def test_ai(tmp_path: Path) -> None:
@@ -70,7 +78,30 @@ def test_ai(tmp_path: Path) -> None:
         assert level["bare"]["ttft_added_p50_ms"] is not None
     assert "added gap p99" in data["markdown"]
     assert "| bare aiohttp |" in data["markdown"]
-    assert set(data["both_goals_met_up_to"]) == {"chatserver", "bare_aiohttp"}
+    assert set(data["both_goals_met_up_to"]) == {
+        "chatserver",
+        "bare_aiohttp",
+        "production",
+        "socketio",
+    }
+    # Production mode (2 instances on Redis and Postgres) and the python-socketio peer (2
+    # processes on the same Redis, every reply frame an emit to the room), in the same run.
+    for level in data["figures"].values():
+        for name in ("production", "socketio"):
+            f = level[name]
+            assert f["replies"] > 0 and f["defects"] == 0, name
+            assert f["ttft_added_p50_ms"] is not None and f["gap_added_p99_ms"] is not None
+            assert f["redis"]["commands"] > 0 and f["redis"]["round_trips"] > 0, name
+            assert f["redis_cpu_us_per_reply"] is not None, name
+        assert level["production"]["redis"]["by_command"]["publish"] > 0
+        assert level["socketio"]["redis"]["by_command"]["publish"] > 0
+        assert level["production"]["postgres_cpu_us_per_reply"] is not None
+    goals = data["production_goals"]
+    assert goals["redis_commands_per_reply"]["value"] > 0
+    assert goals["instance_cpu_per_reply_vs_embedded"]["value"] is not None
+    assert goals["lost_duplicated_reordered"]["met"]
+    assert "Redis commands per reply by command" in data["markdown"]
+    assert data["git_commit"] != "unknown"
 
 
 def test_product_scale(tmp_path: Path) -> None:
