@@ -202,7 +202,9 @@ def test_envelopes_round_trip() -> None:
             "server-a", control
         )
     assert unpack(b"\x93junk") is None
-    assert unpack(ControlEnvelope("s", CancelReply("g")).pack().replace(b"cancel", b"cancex")) is None
+    assert (
+        unpack(ControlEnvelope("s", CancelReply("g")).pack().replace(b"cancel", b"cancex")) is None
+    )
 
 
 async def test_reconnects_after_redis_restarts_and_reports_the_gap(redis_server) -> None:  # type: ignore[no-untyped-def]
