@@ -175,6 +175,11 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         await broker.publish_many(events)
         flusher.flush_now()
 
+    def deliver_deltas(events: Sequence[Event]) -> None:
+        # An unwatched reply's deltas: this instance's members only, written now.
+        broker.deliver_local(events)
+        flusher.flush_now()
+
     manager = GenerationManager(
         app[keys.CONVERSATIONS],
         publish_frame,
@@ -185,6 +190,8 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         server_id=settings.server_id,
         send_control=broker.send_control,
         publish_events=publish_deltas,
+        deliver_events=deliver_deltas,
+        announce=broker.announce,
         router=Router(settings.light_max_chars),
         cache=make_response_cache(settings, app[keys.REDIS]),
         on_usage=app[keys.LIMITER].add_tokens,

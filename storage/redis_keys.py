@@ -8,6 +8,15 @@ touch them together::
     chat:{<conv>}:epoch            epoch of the loaded window; missing = window missing
     chat:{<conv>}:win              window stream, entry id = <offset>-0, trimmed to the size
     chat:{<conv>}:idem:<hash>      idempotency record of (user, client_msg_id)
+    chat:{<conv>}:reply            the running reply: gid, owner, agent, model, reply_to,
+                                   seq, watched
+    chat:{<conv>}:reply_text       its text so far (to the last checkpoint when unwatched)
+    chat:{<conv>}:reply_next       the reply waiting for the slot (it goes next)
+    chat:{<conv>}:watchers         set of the instances with a local member joined
+    chat:{<generation>}:reply_ref  generation id -> conversation id (cancel, owner look-up)
+    chat:{inst-<server>}:alive     an instance's liveness (PX one lease, renewed every third)
+    chat:{inst-<server>}:replies   set of that instance's running replies (conv TAB gen)
+    chat:instances                 set of instance ids that ever ran a reply (the sweep's list)
 
 The outbox is global: ``chat:outbox`` with one shard, else ``chat:outbox:{0}`` ... ``{n-1}``
 (each shard its own hash tag, so the shards spread over a cluster). A conversation's messages
@@ -37,6 +46,28 @@ class ConversationKeys:
         self.epoch = f"{self.base}:epoch"
         self.win = f"{self.base}:win"
 
+    @property
+    def reply(self) -> str:
+        return f"{self.base}:reply"
+
+    @property
+    def reply_text(self) -> str:
+        return f"{self.base}:reply_text"
+
+    @property
+    def reply_next(self) -> str:
+        return f"{self.base}:reply_next"
+
+    @property
+    def watchers(self) -> str:
+        """The instances with a local member joined: publish only when another one is in."""
+        return f"{self.base}:watchers"
+
+    @property
+    def events(self) -> str:
+        """The conversation's pub/sub channel."""
+        return f"{self.base}:events"
+
     def idem(self, user_id: str | None, client_msg_id: str) -> str:
         """The idempotency record of one (user, client_msg_id) in this conversation."""
         raw = f"{user_id or ''}\x00{client_msg_id}".encode()
@@ -54,3 +85,23 @@ def outbox_shard(conversation_id: str, shards: int) -> int:
     if shards == 1:
         return 0
     return zlib.crc32(conversation_id.encode()) % shards
+
+
+def reply_ref_key(prefix: str, generation_id: str) -> str:
+    return f"{prefix}:{{{generation_id}}}:reply_ref"
+
+
+def instance_alive_key(prefix: str, server_id: str) -> str:
+    return f"{prefix}:{{inst-{server_id}}}:alive"
+
+
+def instance_replies_key(prefix: str, server_id: str) -> str:
+    return f"{prefix}:{{inst-{server_id}}}:replies"
+
+
+def instances_key(prefix: str) -> str:
+    return f"{prefix}:instances"
+
+
+def control_channel(prefix: str, server_id: str) -> str:
+    return f"{prefix}:{{ctl-{server_id}}}:control"

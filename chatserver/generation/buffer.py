@@ -1,8 +1,13 @@
 """Resume buffers: the text so far of each running reply, for clients joining mid-stream.
 
-A buffer also records who owns the reply (the instance streaming it) under a lease the
-owner keeps renewing; when an owner dies its lease expires and another instance claims the
-reply, stores the partial text and ends it. One reply runs per conversation at a time.
+A buffer also records who owns the reply (the instance streaming it). The owner's instance
+keeps itself alive (``heartbeat``, one per instance and interval, not per reply); when an
+instance dies its replies are claimed by another one, which stores the partial text and
+ends them. One reply runs per conversation at a time.
+
+A reply is *watched* when another instance has a member in its conversation: then every
+delta is recorded before it is published. An unwatched reply records only checkpoints (with
+the heartbeat) until a watcher asks for it (``mark_watched`` records the text so far).
 """
 
 from __future__ import annotations
@@ -15,6 +20,34 @@ from protocol import GenerationSnapshot
 
 # (conversation_id, generation_id, seq, text): one delta to record.
 Delta = tuple[str, str, int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Text of one reply up to ``seq``, appended unless already recorded up to ``seq``."""
+
+    conversation_id: str
+    generation_id: str
+    seq: int
+    text: str
+    mark_watched: bool = False  # from now on every delta is recorded and published
+    refresh: bool = False  # a checkpoint: extend the entry's time to live
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """The conversation's reply slot, taken."""
+
+    watched: bool  # another instance has a member in: record and publish every delta
+
+
+@dataclass(frozen=True, slots=True)
+class RunningReply:
+    """What a joining instance needs to know of the reply in progress."""
+
+    snapshot: GenerationSnapshot
+    owner: str  # server id
+    watched: bool
 
 
 class LeaseLost(Exception):
@@ -41,8 +74,8 @@ class ClaimedReply:
 class ReplyBuffer(Protocol):
     name: str
 
-    async def begin(self, owner: ReplyOwner) -> bool:
-        """Take the conversation's reply slot; False while another live reply holds it."""
+    async def begin(self, owner: ReplyOwner) -> Slot | None:
+        """Take the conversation's reply slot; None while another live reply holds it."""
 
     async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
         """Record delta ``seq`` before it is published; ``LeaseLost`` if we were taken over."""
@@ -51,17 +84,23 @@ class ReplyBuffer(Protocol):
         """Record a batch of deltas (one loop tick's, of many replies) in one step; the
         generation ids whose lease was lost (their deltas were not recorded)."""
 
+    async def record(self, records: Sequence[Record]) -> set[str]:
+        """``append_many`` with checkpoints and switches to watched among them."""
+
     async def snapshot(self, conversation_id: str) -> GenerationSnapshot | None: ...
+
+    async def running(self, conversation_id: str) -> RunningReply | None:
+        """The reply in progress with its owner and whether it is watched."""
 
     async def end(self, conversation_id: str, generation_id: str) -> None: ...
 
-    async def renew(self, running: list[tuple[str, str]]) -> None:
-        """Extend the leases of the replies this instance streams: (conversation, generation)."""
+    async def heartbeat(self) -> None:
+        """Keep this instance alive (its replies unclaimable) for one more lease."""
 
     async def owner_of(self, generation_id: str) -> ReplyOwner | None: ...
 
     async def expired(self) -> list[tuple[str, str]]:
-        """Replies whose lease ran out (their owner is gone): (conversation, generation)."""
+        """Replies whose owner's instance is gone: (conversation, generation)."""
 
     async def claim(self, conversation_id: str, generation_id: str) -> ClaimedReply | None:
         """Atomically take an expired reply; None if it is live or someone else took it."""
@@ -85,13 +124,15 @@ class MemoryReplyBuffer:
         self._running: dict[str, _Running] = {}
         self._by_generation: dict[str, ReplyOwner] = {}
 
-    async def begin(self, owner: ReplyOwner) -> bool:
+    async def begin(self, owner: ReplyOwner) -> Slot | None:
         current = self._running.get(owner.conversation_id)
         if current is not None and current.owner.generation_id != owner.generation_id:
-            return False
+            return None
         self._running[owner.conversation_id] = _Running(owner)
         self._by_generation[owner.generation_id] = owner
-        return True
+        # "Watched": no other instance exists, but recording here is a list append, and it
+        # keeps the one-instance path exactly as it was (every delta through the broker).
+        return Slot(watched=True)
 
     async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
         running = self._running.get(conversation_id)
@@ -108,9 +149,15 @@ class MemoryReplyBuffer:
             if running is None or running.owner.generation_id != generation_id:
                 lost.add(generation_id)
                 continue
-            running.seq = seq
-            running.parts.append(text)
+            if seq > running.seq:  # sent again: not twice
+                running.seq = seq
+                running.parts.append(text)
         return lost
+
+    async def record(self, records: Sequence[Record]) -> set[str]:
+        return await self.append_many(
+            [(r.conversation_id, r.generation_id, r.seq, r.text) for r in records]
+        )
 
     async def snapshot(self, conversation_id: str) -> GenerationSnapshot | None:
         running = self._running.get(conversation_id)
@@ -118,13 +165,19 @@ class MemoryReplyBuffer:
             return None
         return GenerationSnapshot(running.owner.generation_id, running.seq, "".join(running.parts))
 
+    async def running(self, conversation_id: str) -> RunningReply | None:
+        snapshot = await self.snapshot(conversation_id)
+        if snapshot is None:
+            return None
+        return RunningReply(snapshot, self._running[conversation_id].owner.owner, True)
+
     async def end(self, conversation_id: str, generation_id: str) -> None:
         running = self._running.get(conversation_id)
         if running is not None and running.owner.generation_id == generation_id:
             del self._running[conversation_id]
         self._by_generation.pop(generation_id, None)
 
-    async def renew(self, running: list[tuple[str, str]]) -> None:
+    async def heartbeat(self) -> None:
         return None
 
     async def owner_of(self, generation_id: str) -> ReplyOwner | None:

@@ -1,5 +1,8 @@
-"""Lease upkeep: renew the leases of this instance's replies, end those whose owner died.
+"""Lease upkeep: keep this instance alive, checkpoint its unwatched replies, and end the
+replies of instances that died.
 
+Per instance and interval, not per reply: one heartbeat every third of a lease, and the
+unwatched replies' text recorded with it (a claimer keeps the text to the last checkpoint).
 Runs for the life of the app on every instance; with the memory buffer there is never
 anything to renew or sweep.
 """
@@ -17,13 +20,13 @@ from .provider import Finish
 
 log = logging.getLogger("chatserver.generation")
 
-Running = Callable[[], list[tuple[str, str]]]  # (conversation, generation) of our replies
+Checkpoint = Callable[[], None]  # hand the unwatched replies' text to the pump
 StoreAndEnd = Callable[[ReplyOwner, str, Finish], Awaitable[None]]
 
 
 async def keep_leases(
     buffer: ReplyBuffer,
-    running: Running,
+    checkpoint: Checkpoint,
     store_and_end: StoreAndEnd,
     lease_s: float,
     sweep_s: float,
@@ -31,12 +34,14 @@ async def keep_leases(
     renew_every = lease_s / 3
     loop = asyncio.get_running_loop()
     next_sweep = loop.time() + sweep_s
+    first = True
     while True:
-        await asyncio.sleep(min(renew_every, sweep_s))
+        if not first:
+            await asyncio.sleep(min(renew_every, sweep_s))
+        first = False
         try:
-            ours = running()
-            if ours:
-                await buffer.renew(ours)
+            checkpoint()
+            await buffer.heartbeat()
             if loop.time() >= next_sweep:
                 next_sweep = loop.time() + sweep_s
                 await sweep_orphans(buffer, store_and_end)

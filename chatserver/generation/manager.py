@@ -17,12 +17,22 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from protocol import ErrorCode, FinishReason, GenEnd, GenStart, Message, Role, Usage
+from protocol import (
+    ErrorCode,
+    FinishReason,
+    GenEnd,
+    GenerationSnapshot,
+    GenStart,
+    Message,
+    Role,
+    Usage,
+)
 from storage.records import Conversation, MessageDraft
 
 from ..agents import AgentCatalog
 from ..conversations import ConversationService
 from ..errors import DEPENDENCY_ERRORS, ServiceError
+from ..fanout.envelope import CancelReply, Control, WatchAck, WatchReply
 from ..fanout.events import Event
 from ..ops.metrics import Metrics
 from .buffer import ReplyBuffer, ReplyOwner
@@ -32,13 +42,17 @@ from .local import count_tokens
 from .provider import Finish, Provider, PushProvider, ReplyRequest
 from .routing import Router, is_first_turn
 from .sources import replay, start_stream
-from .streaming import DeltaPump, Publish, PublishEvents, ReplyRun
+from .streaming import DeliverEvents, DeltaPump, Publish, PublishEvents, ReplyRun
 
 log = logging.getLogger("chatserver.generation")
 
-SendControl = Callable[[str, dict[str, Any]], Awaitable[None]]
+SendControl = Callable[[str, Control], Awaitable[None]]
+Announce = Callable[[str, Control], Awaitable[None]]
 OnUsage = Callable[[str, int], Awaitable[None]]  # (user billed, tokens)
 _RETRY_FOR_S = 30.0  # how long a finishing reply waits out a Redis or store outage
+# How long a join waits for the owner of an unwatched reply to record its text; past it
+# (the owner died) the join takes what Redis holds, the last checkpoint.
+WATCH_ACK_TIMEOUT_S = 2.0
 T = TypeVar("T")
 
 __all__ = ["GenerationManager", "ReplyRun"]
@@ -65,6 +79,8 @@ class GenerationManager:
         server_id: str,
         send_control: SendControl | None = None,
         publish_events: PublishEvents | None = None,
+        deliver_events: DeliverEvents | None = None,
+        announce: Announce | None = None,
         router: Router | None = None,
         cache: ResponseCache | None = None,
         on_usage: OnUsage | None = None,
@@ -87,6 +103,13 @@ class GenerationManager:
         self._context = context_messages
         self._slot_wait_s = slot_wait_s
         self._runs: dict[str, ReplyRun] = {}
+        # Runs holding their conversation's slot, until the buffer is released: a join
+        # here reads their text, a watcher elsewhere asks them for it.
+        self._live: dict[str, ReplyRun] = {}
+        self._live_in: dict[str, ReplyRun] = {}  # the same, by conversation
+        self._acks: dict[str, list[asyncio.Future[None]]] = {}  # joins awaiting watch_ack
+        self._deliver_events = deliver_events
+        self._announce = announce
         self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -94,7 +117,13 @@ class GenerationManager:
         self._push: PushProvider | None = provider if isinstance(provider, PushProvider) else None
         if publish_events is None:
             publish_events = self._publish_each
-        self._pump = DeltaPump(buffer, publish_events, self._first_token)
+        self._pump = DeltaPump(
+            buffer,
+            publish_events,
+            self._first_token,
+            deliver_events,
+            self._announce_synced if announce is not None else None,
+        )
 
     async def _publish_each(self, events: Sequence[Event]) -> None:
         """Deltas through ``publish`` one by one, when no batch publish is given."""
@@ -158,13 +187,66 @@ class GenerationManager:
         if owner.owner == self._server_id or self._send_control is None:
             self.cancel_local(owner.generation_id)
             return
-        await self._send_control(
-            owner.owner, {"type": "cancel", "generation_id": owner.generation_id}
-        )
+        await self._send_control(owner.owner, CancelReply(owner.generation_id))
 
-    def on_control(self, message: dict[str, Any]) -> None:
-        if message.get("type") == "cancel" and isinstance(message.get("generation_id"), str):
-            self.cancel_local(message["generation_id"])
+    def on_control(self, message: Control) -> None:
+        if isinstance(message, CancelReply):
+            self.cancel_local(message.generation_id)
+        elif isinstance(message, WatchReply):
+            self._on_watch(message)
+        else:
+            for waiter in self._acks.pop(message.generation_id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _on_watch(self, message: WatchReply) -> None:
+        run = self._live.get(message.generation_id)
+        if run is not None and not run.watched:
+            self._pump.resync(run)  # the pump announces once the text is recorded
+            return
+        # Watched already (every delta recorded), or over and stored: Redis is current.
+        if self._announce is not None:
+            task = asyncio.create_task(self._ack_now(message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _ack_now(self, message: WatchReply) -> None:
+        assert self._announce is not None
+        ack = WatchAck(message.conversation_id, message.generation_id, 0)
+        await self._announce(message.conversation_id, ack)
+
+    async def _announce_synced(self, run: ReplyRun) -> None:
+        assert self._announce is not None
+        ack = WatchAck(run.conversation_id, run.generation_id, run.seq)
+        await self._announce(run.conversation_id, ack)
+
+    async def join_snapshot(self, conversation_id: str) -> GenerationSnapshot | None:
+        """The reply in progress, for a join: every character up to its ``seq`` is in it,
+        every later one is published to this instance (the join's floors do the rest)."""
+        run = self._live_in.get(conversation_id)
+        if run is not None:  # ours: the text is here, the buffer may hold a checkpoint
+            return GenerationSnapshot(run.generation_id, run.seq, "".join(run.parts))
+        running = await self._buffer.running(conversation_id)
+        if running is None or running.watched or running.owner == self._server_id:
+            return running.snapshot if running is not None else None
+        # Unwatched by another instance: it records nothing per delta. Our watchers entry
+        # is in (the join subscribed first), so ask it to record and publish from now on.
+        gen = running.snapshot.generation_id
+        waiter = asyncio.get_running_loop().create_future()
+        self._acks.setdefault(gen, []).append(waiter)
+        try:
+            if self._send_control is not None:
+                await self._send_control(running.owner, WatchReply(conversation_id, gen))
+            await asyncio.wait_for(waiter, WATCH_ACK_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("no watch_ack from %s: joining on its checkpoint", running.owner)
+        finally:
+            waiters = self._acks.get(gen)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._acks[gen]
+        return await self._buffer.snapshot(conversation_id)
 
     def running_replies(self) -> list[tuple[str, str]]:
         return [(r.conversation_id, r.generation_id) for r in self._runs.values()]
@@ -204,12 +286,14 @@ class GenerationManager:
         finish: Finish | None = None
         try:
             await self._take_slot(run)
-            await self._publish(
-                conversation_id,
-                GenStart(
-                    conversation_id, run.generation_id, run.reply_to.id, run.agent.id, run.model
-                ).to_dict(),
-            )
+            self._live[run.generation_id] = self._live_in[conversation_id] = run
+            start = GenStart(
+                conversation_id, run.generation_id, run.reply_to.id, run.agent.id, run.model
+            ).to_dict()
+            if run.watched or self._deliver_events is None:
+                await self._publish(conversation_id, start)
+            else:  # no other instance has a member in: a join there reads the buffer
+                self._deliver_events([Event(conversation_id, start, time.time())])
             view = await self._conversations.read_window(conversation_id, limit=self._context)
             history = view.messages
             if not history or history[-1].offset < run.reply_to.offset:
@@ -273,11 +357,12 @@ class GenerationManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._slot_wait_s
         delay = 0.02
-        while not await self._buffer.begin(owner):
+        while (slot := await self._buffer.begin(owner)) is None:
             if loop.time() > deadline:
                 raise ServiceError(ErrorCode.UNAVAILABLE, "another reply is still streaming")
             await asyncio.sleep(delay)  # rare: replies raced on two instances
             delay = min(delay * 2, 0.5)
+        run.watched = slot.watched
 
     async def _cached_answer(self, run: ReplyRun) -> str | None:
         """A cacheable first turn asked before: the stored answer (counted), else None."""
@@ -310,8 +395,14 @@ class GenerationManager:
         except Exception as exc:
             log.warning("response not cached: %s", exc)
 
+    def _drop_live(self, run: ReplyRun) -> None:
+        self._live.pop(run.generation_id, None)
+        if self._live_in.get(run.conversation_id) is run:
+            del self._live_in[run.conversation_id]
+
     async def _finalize(self, run: ReplyRun, finish: Finish, duration: float) -> None:
         if run.lost:
+            self._drop_live(run)
             return  # the instance that took over stored and ended it
         self._metrics.child(self._metrics.reply_duration, run.agent.id, run.model).observe(duration)
         await self._remember(run, finish)
@@ -319,9 +410,15 @@ class GenerationManager:
         # a buffer that another one claims, and its store_and_end finds the message
         # already there (the generation id is the idempotency key): it ends exactly once.
         await self.store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
-        await self._retrying(
-            "release the reply buffer", self._buffer.end, run.conversation_id, run.generation_id
-        )
+        try:
+            await self._retrying(
+                "release the reply buffer",
+                self._buffer.end,
+                run.conversation_id,
+                run.generation_id,
+            )
+        finally:
+            self._drop_live(run)
         tokens = finish.usage.input_tokens + finish.usage.output_tokens
         user_id = run.reply_to.user_id
         if self._on_usage is not None and user_id is not None and tokens:
@@ -390,4 +487,8 @@ class GenerationManager:
 
     async def keep_leases(self, lease_s: float, sweep_s: float) -> None:
         """Renew our replies' leases and end orphaned ones, for the life of the app."""
-        await keep_leases(self._buffer, self.running_replies, self.store_and_end, lease_s, sweep_s)
+        await keep_leases(self._buffer, self._checkpoint, self.store_and_end, lease_s, sweep_s)
+
+    def _checkpoint(self) -> None:
+        """With each heartbeat: unwatched replies' text into the buffer, for a claimer."""
+        self._pump.checkpoint(list(self._live.values()))

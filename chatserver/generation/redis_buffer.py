@@ -1,16 +1,27 @@
-"""Resume buffers in Redis, shared by every instance, with the owner's lease.
+"""Resume buffers in Redis, shared by every instance, owned under instance liveness.
 
-Per conversation (keys share the conversation's hash tag): a hash with the running
-reply's id, owner, agent, model, the message it answers, its last seq and the lease's end,
-and a string with the text so far. Scripts run on Redis' clock so instances with skewed
-clocks agree on leases. A global sorted set lists running replies by lease end, so any
-instance can find the ones whose owner died; claiming one is atomic, so only one instance
-ends it.
+Per conversation (keys share its hash tag, see storage/redis_keys.py): a hash with the
+running reply's id, owner, agent, model, the message it answers, its last recorded seq and
+whether it is watched, and a string with its text to that seq. A reply that no other
+instance watches is recorded only at checkpoints (with the heartbeat); a watched one delta
+by delta, before each is published.
+
+Liveness is per instance, not per reply: ``heartbeat`` sets ``<prefix>:{inst-<id>}:alive``
+for one lease, every third of a lease. Each instance lists its running replies in a set of
+its own; the sweep of any instance finds instances whose key is gone and claims their
+replies, atomically (one winner). After an owner's death the claimer has the text to the
+last checkpoint (or the last delta, when watched): only the dead instance's own clients saw
+more.
+
+Round trips: on one Redis every call is one pipeline (scripts by EVALSHA, reloaded once if
+Redis lost them). On a cluster the keys of a call span slots: one call per slot group, a
+bounded number in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,103 +30,24 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from protocol import GenerationSnapshot
+from storage.redis_keys import (
+    ConversationKeys,
+    instance_alive_key,
+    instance_replies_key,
+    instances_key,
+    reply_ref_key,
+)
 
-from .buffer import ClaimedReply, Delta, LeaseLost, ReplyOwner
-
-_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+from .buffer import ClaimedReply, Delta, LeaseLost, Record, ReplyOwner, RunningReply, Slot
+from .scripts import script
 
 # How long a reply waiting for its conversation's slot stays next without asking again (it
 # asks at least every 0.5 s; one that gave up or died stops holding the others back).
 _WAITER_MS = 2000
-
-_BEGIN = (
-    _NOW
-    + """
-local cur = redis.call('HGET', KEYS[1], 'gid')
-local waiting = redis.call('GET', KEYS[3])
-if cur and cur ~= ARGV[1] then
-  -- Taken: the first to wait is next. Else an instance whose sender asks again at once
-  -- would take the slot back each time, before a waiter's next try (it polls), for ever.
-  if not waiting then
-    redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[8])
-  elseif waiting == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[3], ARGV[8])
-  end
-  return 0
-end
-if waiting and waiting ~= ARGV[1] then return 0 end  -- free, but promised to the waiter
-if waiting then redis.call('DEL', KEYS[3]) end
-redis.call('DEL', KEYS[1], KEYS[2])
-local lease = now + tonumber(ARGV[6])
-redis.call('HSET', KEYS[1], 'gid', ARGV[1], 'owner', ARGV[2], 'agent', ARGV[3],
-           'model', ARGV[4], 'reply_to', ARGV[5], 'seq', 0, 'lease_until', lease)
-redis.call('SET', KEYS[2], '')
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('PEXPIRE', KEYS[2], ARGV[7])
-return lease
-"""
-)
-
-_APPEND = (
-    _NOW
-    + """
-if redis.call('HGET', KEYS[1], 'gid') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
--- A delta sent again (a pipeline retried after a dropped connection) is not appended twice.
-if tonumber(redis.call('HGET', KEYS[1], 'seq')) < tonumber(ARGV[3]) then
-  redis.call('APPEND', KEYS[2], ARGV[4])
-  redis.call('HSET', KEYS[1], 'seq', ARGV[3])
-end
-local lease = now + tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'lease_until', lease)
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
-return lease
-"""
-)
-
-_RENEW = (
-    _NOW
-    + """
-if redis.call('HGET', KEYS[1], 'gid') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
-local lease = now + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'lease_until', lease)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return lease
-"""
-)
-
-_SNAPSHOT = """
-local gid = redis.call('HGET', KEYS[1], 'gid')
-if not gid then return false end
-return {gid, redis.call('HGET', KEYS[1], 'seq'), redis.call('GET', KEYS[2]) or ''}
-"""
-
-_END = """
-if redis.call('HGET', KEYS[1], 'gid') == ARGV[1] then
-  redis.call('DEL', KEYS[1], KEYS[2])
-  return 1
-end
-return 0
-"""
-
-_CLAIM = (
-    _NOW
-    + """
-if redis.call('HGET', KEYS[1], 'gid') ~= ARGV[1] then return false end
-local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
-if lease > now then return false end
-local f = redis.call('HMGET', KEYS[1], 'owner', 'agent', 'model', 'reply_to', 'seq')
-local text = redis.call('GET', KEYS[2]) or ''
-redis.call('DEL', KEYS[1], KEYS[2])
-return {f[1], f[2], f[3], f[4], f[5], text}
-"""
-)
-
-
 _CLUSTER_FANOUT = 64  # calls in flight at once when a batch spans a cluster's slots
+_SWEEP_BATCH = 100
+
+Call = tuple[Any, list[str], list[Any]]  # (registered script, keys, args)
 
 
 def _s(value: Any) -> str:
@@ -134,143 +66,175 @@ class RedisReplyBuffer:
         lease_s: float = 5.0,
     ) -> None:
         self._redis = redis
-        self._server_id = server_id  # appends and renewals are always by this instance
+        self._server_id = server_id  # records and heartbeats are always by this instance
         self._prefix = prefix
         self._lease_ms = int(lease_s * 1000)
-        # The text outlives the lease so whoever claims a dead owner's reply can read it.
+        # The text outlives the owner's lease so whoever claims its reply can read it;
+        # checkpoints extend it, so a reply longer than this keeps its entry.
         self._ttl_ms = self._lease_ms * 12
-        self._registry = f"{prefix}:replies"
-        self._begin = redis.register_script(_BEGIN)
-        self._append = redis.register_script(_APPEND)
-        self._renew = redis.register_script(_RENEW)
-        self._snapshot = redis.register_script(_SNAPSHOT)
-        self._end = redis.register_script(_END)
-        self._claim = redis.register_script(_CLAIM)
+        self._alive_until = 0.0  # monotonic: our alive key surely exists until then
+        self._instances = instances_key(prefix)
+        self._swept: dict[tuple[str, str], str] = {}  # found by ``expired``: its dead owner
+        self._begin = redis.register_script(script("begin"))
+        self._record = redis.register_script(script("record"))
+        self._snapshot = redis.register_script(script("snapshot"))
+        self._end = redis.register_script(script("end"))
+        self._claim = redis.register_script(script("claim"))
 
     def _keys(self, conversation_id: str) -> list[str]:
-        tag = f"{self._prefix}:{{{conversation_id}}}"
-        return [f"{tag}:reply", f"{tag}:reply_text"]
-
-    def _begin_keys(self, conversation_id: str) -> list[str]:
-        """With the reply waiting for the slot (the longest waiting: it goes next)."""
-        return [*self._keys(conversation_id), f"{self._prefix}:{{{conversation_id}}}:reply_next"]
-
-    def _ref(self, generation_id: str) -> str:
-        return f"{self._prefix}:{{{generation_id}}}:reply_ref"
+        keys = ConversationKeys(self._prefix, conversation_id)
+        return [keys.reply, keys.reply_text]
 
     @staticmethod
     def _member(conversation_id: str, generation_id: str) -> str:
         return f"{conversation_id}\t{generation_id}"
 
-    async def begin(self, owner: ReplyOwner) -> bool:
-        member = self._member(owner.conversation_id, owner.generation_id)
-        # Registered before the buffer exists: an owner dying between the two steps leaves
-        # a hint the sweep drops, never a buffer nobody would ever sweep.
-        seconds, micros = await self._redis.time()
-        hint = int(seconds) * 1000 + int(micros) // 1000 + self._lease_ms
-        await self._redis.zadd(self._registry, {member: hint})
-        lease = await self._begin(
-            keys=self._begin_keys(owner.conversation_id),
-            args=[
-                owner.generation_id,
-                owner.owner,
-                owner.agent_id,
-                owner.model,
-                owner.reply_to,
-                self._lease_ms,
-                self._ttl_ms,
-                _WAITER_MS,
-            ],
-        )
-        if not lease:
-            await self._redis.zrem(self._registry, member)
-            return False
-        await self._redis.zadd(self._registry, {member: int(lease)})
-        await self._redis.set(
-            self._ref(owner.generation_id), owner.conversation_id, px=self._ttl_ms
-        )
-        return True
+    # -- calls ------------------------------------------------------------------------
 
-    async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
-        lease = await self._append(
-            keys=self._keys(conversation_id),
-            args=[generation_id, self._server_id, seq, text, self._lease_ms, self._ttl_ms],
-        )
-        if not lease:
-            raise LeaseLost(generation_id)
-
-    async def append_many(self, deltas: Sequence[Delta]) -> set[str]:
-        """One round trip for a tick's deltas: a pipeline of the same script as ``append``."""
-        if isinstance(self._redis, RedisCluster):
-            # Keys of many slots: one call each, a bounded number in flight at a time.
+    async def _calls(
+        self, calls: Sequence[Call], extra: Sequence[tuple[Any, ...]] = ()
+    ) -> list[Any]:
+        """Script calls (and plain commands ``extra``, sent first) in one round trip on one
+        Redis; the scripts' results, in order."""
+        redis = self._redis
+        if isinstance(redis, RedisCluster):
+            for command in extra:
+                await redis.execute_command(*command)
             results: list[Any] = []
-            for start in range(0, len(deltas), _CLUSTER_FANOUT):
-                part = deltas[start : start + _CLUSTER_FANOUT]
-                results += await asyncio.gather(*(self._append_args(d) for d in part))
-        else:
-            results = await self._append_pipelined(deltas)
-        return {d[1] for d, lease in zip(deltas, results, strict=True) if not lease}
-
-    def _append_args(self, delta: Delta) -> Any:
-        conversation_id, generation_id, seq, text = delta
-        return self._append(
-            keys=self._keys(conversation_id),
-            args=[generation_id, self._server_id, seq, text, self._lease_ms, self._ttl_ms],
-        )
-
-    async def _append_pipelined(self, deltas: Sequence[Delta]) -> list[Any]:
-        assert isinstance(self._redis, Redis)
-        results: list[Any] = [None] * len(deltas)
-        todo = list(range(len(deltas)))
-        for attempt in (1, 2):
-            pipe = self._redis.pipeline(transaction=False)
+            for start in range(0, len(calls), _CLUSTER_FANOUT):
+                part = calls[start : start + _CLUSTER_FANOUT]
+                results += await asyncio.gather(*(s(keys=k, args=a) for s, k, a in part))
+            return results
+        out: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        first = True
+        while True:
+            pipe = redis.pipeline(transaction=False)
+            if first:
+                for command in extra:
+                    pipe.execute_command(*command)
             for index in todo:
-                conversation_id, generation_id, seq, text = deltas[index]
-                args = (generation_id, self._server_id, seq, text, self._lease_ms, self._ttl_ms)
+                scr, keys, args = calls[index]
                 # EVALSHA straight, not through the Script: a pipeline holding a Script
                 # asks SCRIPT EXISTS first, a second round trip on every batch.
-                pipe.evalsha(self._append.sha, 2, *self._keys(conversation_id), *args)
+                pipe.evalsha(scr.sha, len(keys), *keys, *args)
             done: list[Any] = await pipe.execute(raise_on_error=False)
+            done = done[len(extra) :] if first else done
             missing = []
             for index, result in zip(todo, done, strict=True):
-                if isinstance(result, NoScriptError) and attempt == 1:
+                if isinstance(result, NoScriptError) and first:
                     missing.append(index)  # Redis restarted or flushed its scripts
                 elif isinstance(result, Exception):
                     raise result
                 else:
-                    results[index] = result
+                    out[index] = result
             if not missing:
-                break
-            self._append.sha = await self._redis.script_load(self._append.script)
-            todo = missing  # only those: the others were appended already
-        return results
+                return out
+            for scr in {calls[i][0] for i in missing}:
+                scr.sha = await redis.script_load(scr.script)
+            todo, first = missing, False  # only those: the others ran already
 
-    async def snapshot(self, conversation_id: str) -> GenerationSnapshot | None:
-        found = await self._snapshot(keys=self._keys(conversation_id), args=[])
-        if not found:
+    def _alive_command(self) -> list[tuple[Any, ...]]:
+        """Our alive key, when it may be older than a third of a lease (first reply)."""
+        if time.monotonic() < self._alive_until:
+            return []
+        self._alive_until = time.monotonic() + self._lease_ms / 3000
+        return [
+            ("SET", instance_alive_key(self._prefix, self._server_id), "1", "PX", self._lease_ms),
+            ("SADD", self._instances, self._server_id),
+        ]
+
+    # -- the owner's side -------------------------------------------------------------
+
+    async def begin(self, owner: ReplyOwner) -> Slot | None:
+        conv = ConversationKeys(self._prefix, owner.conversation_id)
+        member = self._member(owner.conversation_id, owner.generation_id)
+        mine = instance_replies_key(self._prefix, self._server_id)
+        ref = reply_ref_key(self._prefix, owner.generation_id)
+        # Listed as ours before the buffer exists: an owner dying between the two leaves a
+        # member the sweep drops, never a buffer nobody would ever sweep.
+        extra = [
+            *self._alive_command(),
+            ("SADD", mine, member),
+            ("SET", ref, owner.conversation_id, "PX", self._ttl_ms),
+        ]
+        args = [
+            owner.generation_id,
+            owner.owner,
+            owner.agent_id,
+            owner.model,
+            owner.reply_to,
+            self._ttl_ms,
+            _WAITER_MS,
+        ]
+        keys = [conv.reply, conv.reply_text, conv.reply_next, conv.watchers]
+        (taken,) = await self._calls([(self._begin, keys, args)], extra)
+        if not taken:
+            await self._calls([], [("SREM", mine, member), ("DEL", ref)])
             return None
-        generation_id, seq, text = found
-        return GenerationSnapshot(_s(generation_id), int(seq), _s(text))
+        return Slot(watched=int(taken) == 3)
+
+    async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
+        if await self.append_many([(conversation_id, generation_id, seq, text)]):
+            raise LeaseLost(generation_id)
+
+    async def append_many(self, deltas: Sequence[Delta]) -> set[str]:
+        return await self.record([Record(c, g, s, t) for c, g, s, t in deltas])
+
+    async def record(self, records: Sequence[Record]) -> set[str]:
+        calls: list[Call] = [
+            (
+                self._record,
+                self._keys(r.conversation_id),
+                [
+                    r.generation_id,
+                    self._server_id,
+                    r.seq,
+                    r.text,
+                    self._ttl_ms if r.refresh else 0,
+                    1 if r.mark_watched else 0,
+                ],
+            )
+            for r in records
+        ]
+        results = await self._calls(calls)
+        return {r.generation_id for r, ok in zip(records, results, strict=True) if not ok}
 
     async def end(self, conversation_id: str, generation_id: str) -> None:
-        await self._end(keys=self._keys(conversation_id), args=[generation_id])
-        await self._redis.zrem(self._registry, self._member(conversation_id, generation_id))
-        await self._redis.delete(self._ref(generation_id))
+        mine = instance_replies_key(self._prefix, self._server_id)
+        await self._calls(
+            [(self._end, self._keys(conversation_id), [generation_id])],
+            [
+                ("SREM", mine, self._member(conversation_id, generation_id)),
+                ("DEL", reply_ref_key(self._prefix, generation_id)),
+            ],
+        )
 
-    async def renew(self, running: list[tuple[str, str]]) -> None:
-        leases: dict[str, int] = {}
-        for conversation_id, generation_id in running:
-            lease = await self._renew(
-                keys=self._keys(conversation_id),
-                args=[generation_id, self._server_id, self._lease_ms, self._ttl_ms],
-            )
-            if lease:
-                leases[self._member(conversation_id, generation_id)] = int(lease)
-        if leases:
-            await self._redis.zadd(self._registry, leases)
+    async def heartbeat(self) -> None:
+        self._alive_until = 0.0
+        await self._calls([], self._alive_command())
+
+    # -- anyone's side ----------------------------------------------------------------
+
+    async def _read(self, conversation_id: str) -> list[Any] | None:
+        found = await self._snapshot(keys=self._keys(conversation_id), args=[])
+        return list(found) if found else None
+
+    async def snapshot(self, conversation_id: str) -> GenerationSnapshot | None:
+        found = await self._read(conversation_id)
+        if found is None:
+            return None
+        return GenerationSnapshot(_s(found[0]), int(found[1]), _s(found[2]))
+
+    async def running(self, conversation_id: str) -> RunningReply | None:
+        found = await self._read(conversation_id)
+        if found is None:
+            return None
+        snapshot = GenerationSnapshot(_s(found[0]), int(found[1]), _s(found[2]))
+        return RunningReply(snapshot, _s(found[3]), _s(found[4]) == "1")
 
     async def owner_of(self, generation_id: str) -> ReplyOwner | None:
-        conversation_id = await self._redis.get(self._ref(generation_id))
+        conversation_id = await self._redis.get(reply_ref_key(self._prefix, generation_id))
         if conversation_id is None:
             return None
         conversation_id = _s(conversation_id)
@@ -287,27 +251,62 @@ class RedisReplyBuffer:
             data["reply_to"],
         )
 
+    async def _dead(self) -> list[str]:
+        members = [_s(m) for m in await self._redis.smembers(self._instances)]
+        others = [m for m in members if m != self._server_id]
+        if not others:
+            return []
+        alive = [instance_alive_key(self._prefix, m) for m in others]
+        if isinstance(self._redis, RedisCluster):
+            found = [await self._redis.exists(key) for key in alive]
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in alive:
+                pipe.exists(key)
+            found = await pipe.execute()
+        return [m for m, ok in zip(others, found, strict=True) if not ok]
+
     async def expired(self) -> list[tuple[str, str]]:
-        seconds, micros = await self._redis.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        members = await self._redis.zrangebyscore(self._registry, "-inf", now_ms, start=0, num=100)
-        out = []
-        for member in members:
-            conversation_id, _, generation_id = _s(member).partition("\t")
-            out.append((conversation_id, generation_id))
+        out: list[tuple[str, str]] = []
+        self._swept.clear()
+        for server_id in await self._dead():
+            replies = instance_replies_key(self._prefix, server_id)
+            members = await self._redis.srandmember(replies, _SWEEP_BATCH)
+            if not members:
+                # Nothing left of it. An instance that was only slow re-adds itself with
+                # its next heartbeat.
+                await self._redis.srem(self._instances, server_id)
+                continue
+            for member in members:
+                conversation_id, _, generation_id = _s(member).partition("\t")
+                out.append((conversation_id, generation_id))
+                self._swept[(conversation_id, generation_id)] = server_id
         return out
 
     async def claim(self, conversation_id: str, generation_id: str) -> ClaimedReply | None:
-        found = await self._claim(keys=self._keys(conversation_id), args=[generation_id])
-        if not found:
-            # Still alive (renewed meanwhile) or already ended/claimed: drop a stale hint.
-            snapshot = await self.snapshot(conversation_id)
-            if snapshot is None or snapshot.generation_id != generation_id:
-                await self._redis.zrem(self._registry, self._member(conversation_id, generation_id))
+        keys = self._keys(conversation_id)
+        found = await self._read(conversation_id)
+        if found is None or _s(found[0]) != generation_id:
+            # Ended or claimed already, or never begun: drop it from its dead owner's list.
+            dead = self._swept.pop((conversation_id, generation_id), None)
+            if dead is not None:
+                await self._redis.srem(
+                    instance_replies_key(self._prefix, dead),
+                    self._member(conversation_id, generation_id),
+                )
             return None
-        await self._redis.zrem(self._registry, self._member(conversation_id, generation_id))
-        await self._redis.delete(self._ref(generation_id))
-        owner, agent, model, reply_to, seq, text = (_s(v) for v in found)
+        owner = _s(found[3])
+        alive = await self._redis.exists(instance_alive_key(self._prefix, owner))
+        if alive:
+            return None
+        member = self._member(conversation_id, generation_id)
+        replies = instance_replies_key(self._prefix, owner)
+        claimed = await self._claim(keys=keys, args=[generation_id, owner])
+        await self._redis.srem(replies, member)
+        if not claimed:
+            return None
+        await self._redis.delete(reply_ref_key(self._prefix, generation_id))
+        agent, model, reply_to, seq, text = (_s(v) for v in claimed)
         return ClaimedReply(
             ReplyOwner(conversation_id, generation_id, owner, agent, model, reply_to),
             int(seq),

@@ -4,10 +4,18 @@ Providers push chunks into a ``ReplyRun`` (it is their ``ChunkSink``): from the 
 provider's shared timer directly, from a pull provider's producer task otherwise. Chunks wait
 on the run until the ``DeltaPump`` takes them: one pump per manager, one task while there is
 work, so a loop tick's chunks of every running reply become one batch. Each run's waiting
-chunks coalesce into one delta; the batch is recorded in the resume buffer in one step (one
-Redis round trip) and only then published, so a client joining mid-reply finds in the buffer
-everything published before its snapshot. A run's end goes through the pump too, behind its
-last delta, so ``gen_end`` can never overtake a delta.
+chunks coalesce into one delta.
+
+A *watched* run (another instance has a member in its conversation) has the tick's deltas
+recorded in the resume buffer in one step (one Redis round trip for the whole batch) and
+only then published, so a client joining mid-reply on any instance finds in the buffer
+everything published before its snapshot. An *unwatched* run's deltas go to this instance's
+members only, with no Redis command; its text reaches Redis at checkpoints (``checkpoint``,
+with the heartbeat) or when a watcher asks (``resync``: the text so far is recorded, then
+``watch_ack`` is announced, and from then on the run is watched). Every record of a run
+goes through the pump, one batch after another, so they reach Redis in seq order. A run's
+end goes through the pump too, behind its last delta, so ``gen_end`` can never overtake a
+delta.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from protocol.ids import uuid4_str
 
 from ..agents import Agent
 from ..fanout.events import DeltaTemplate, Event
-from .buffer import ReplyBuffer, ReplyOwner
+from .buffer import Record, ReplyBuffer, ReplyOwner
 from .cache import CacheKey
 from .provider import Finish, PushStream
 
@@ -31,6 +39,8 @@ log = logging.getLogger("chatserver.generation")
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
 PublishEvents = Callable[[Sequence[Event]], Awaitable[None]]  # the broker's publish_many
+DeliverEvents = Callable[[Sequence[Event]], None]  # to this instance's members only
+Announce = Callable[["ReplyRun"], Awaitable[None]]  # watch_ack, once the text is recorded
 OnFirstToken = Callable[["ReplyRun"], None]
 # Chunks a run may hold before a pull producer waits for the pump (a push provider never
 # runs ahead: it pushes a word per pace, and the pump takes them every tick).
@@ -44,6 +54,7 @@ class ReplyRun:
         "cache_hit",
         "cache_key",
         "cancel_reason",
+        "checkpoint_due",
         "conversation_id",
         "done",
         "ended",
@@ -60,9 +71,12 @@ class ReplyRun:
         "pump",
         "queued_at",
         "reply_to",
+        "resync",
+        "saved",
         "seq",
         "template",
         "waiter",
+        "watched",
     )
 
     def __init__(
@@ -94,6 +108,10 @@ class ReplyRun:
         self.cache_key: CacheKey | None = None  # a cacheable first turn
         self.cache_hit = False
         self._owner: ReplyOwner | None = None
+        self.watched = True  # until the slot says otherwise: publish everything
+        self.resync = False  # a watcher asked: record the text so far, then announce
+        self.checkpoint_due = False  # unwatched: record the text so far with the heartbeat
+        self.saved = 0  # how many of ``parts`` the resume buffer holds
 
     def owner(self, server_id: str) -> ReplyOwner:
         owner = self._owner
@@ -144,10 +162,19 @@ class ReplyRun:
 class DeltaPump:
     """Records and publishes the waiting chunks of every run, a batch per loop tick."""
 
-    def __init__(self, buffer: ReplyBuffer, publish: PublishEvents, on_first: OnFirstToken) -> None:
+    def __init__(
+        self,
+        buffer: ReplyBuffer,
+        publish: PublishEvents,
+        on_first: OnFirstToken,
+        deliver: DeliverEvents | None = None,
+        announce: Announce | None = None,
+    ) -> None:
         self._buffer = buffer
         self._publish = publish
         self._on_first = on_first
+        self._deliver = deliver
+        self._announce = announce
         self._dirty: list[ReplyRun] = []  # runs with chunks or an end waiting, in arrival order
         self._task: asyncio.Task[None] | None = None
 
@@ -155,6 +182,19 @@ class DeltaPump:
         self._dirty.append(run)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._drain(), name="delta-pump")
+
+    def resync(self, run: ReplyRun) -> None:
+        """A watcher joined on another instance: record and publish from now on."""
+        run.watched = True
+        run.resync = True
+        self.mark(run)
+
+    def checkpoint(self, runs: Sequence[ReplyRun]) -> None:
+        """Record the unwatched runs' text so far (the heartbeat's upkeep)."""
+        for run in runs:
+            if not run.watched and run.saved < len(run.parts):
+                run.checkpoint_due = True
+                self.mark(run)
 
     def end(self, run: ReplyRun, finish: Finish | None) -> None:
         """No more chunks for ``run``: resolve its ``done`` once what it has is published."""
@@ -181,12 +221,32 @@ class DeltaPump:
             self._task = None  # the next mark starts a new one
 
     async def _flush(self, runs: list[ReplyRun]) -> None:
-        batch: list[ReplyRun] = []
+        batch: list[ReplyRun] = []  # watched runs with a delta: recorded, then published
         texts: list[str] = []
+        records: list[Record] = []
+        synced: list[ReplyRun] = []  # resynced runs: announced once recorded
+        local: list[Event] = []  # unwatched runs' deltas: this instance only, no Redis
         for run in runs:
+            if run.resync or run.checkpoint_due:
+                # Before this tick's delta: the buffer appends in seq order.
+                refresh = not run.resync
+                if run.resync:
+                    synced.append(run)
+                run.resync = run.checkpoint_due = False
+                records.append(
+                    Record(
+                        run.conversation_id,
+                        run.generation_id,
+                        run.seq,
+                        "".join(run.parts[run.saved :]),
+                        mark_watched=run.watched,
+                        refresh=refresh,
+                    )
+                )
+                run.saved = len(run.parts)
             text = run.pending
             if text is None:
-                continue  # only its end is waiting
+                continue  # only its end (or a record) is waiting
             run.pending = None
             if run.waiter is not None:
                 waiter, run.waiter = run.waiter, None
@@ -199,38 +259,62 @@ class DeltaPump:
             if run.first_token_at is None:
                 run.first_token_at = time.perf_counter()
                 self._on_first(run)
-            batch.append(run)
-            texts.append(text)
-        if batch:
-            await self._record_and_publish(batch, texts)
+            if run.watched or self._deliver is None:
+                batch.append(run)
+                texts.append(text)
+                records.append(Record(run.conversation_id, run.generation_id, run.seq, text))
+                run.saved = len(run.parts)
+                continue
+            try:
+                local.append(run.template.event(run.seq, text, 0.0))
+            except Exception as exc:  # text no codec takes (a lone surrogate): this reply
+                log.warning("publishing a delta failed: %s", exc)
+                _fail(run, f"reply failed: {type(exc).__name__}")
+        if local and self._deliver is not None:
+            self._deliver(local)
+        if records:
+            recorded = {run.generation_id: run for run in runs}
+            await self._record_and_publish(batch, texts, records, synced, recorded)
         for run in runs:
             if run.ended and run.pending is None:
                 _resolve(run)
 
-    async def _record_and_publish(self, batch: list[ReplyRun], texts: list[str]) -> None:
+    async def _record_and_publish(
+        self,
+        batch: list[ReplyRun],
+        texts: list[str],
+        records: list[Record],
+        synced: list[ReplyRun],
+        recorded: dict[str, ReplyRun],
+    ) -> None:
         try:
-            lost = await self._buffer.append_many(
-                [
-                    (run.conversation_id, run.generation_id, run.seq, text)
-                    for run, text in zip(batch, texts, strict=True)
-                ]
-            )
+            lost = await self._buffer.record(records)
         except Exception as exc:  # Redis down: these replies fail, as a failed append did
             log.warning("recording deltas failed: %s", exc)
-            for run in batch:
+            for run in (*batch, *synced):
                 _fail(run, f"reply failed: {type(exc).__name__}")
-            return
+            lost = set()
+            batch = []
+        for generation_id in lost:
+            taken = recorded.get(generation_id)
+            if taken is not None and not taken.lost:  # a checkpoint or resync found it taken
+                log.warning(
+                    "reply taken over by another instance",
+                    extra={"conversation": taken.conversation_id},
+                )
+                taken.lost = True
+                taken.stop(FinishReason.ERROR.value)
+        if self._announce is not None:
+            for run in synced:  # the joining instance may read the buffer now
+                try:
+                    await self._announce(run)
+                except Exception as exc:  # it falls back to the buffer after its timeout
+                    log.warning("announcing a watched reply failed: %s", exc)
         events: list[Event] = []
         published: list[ReplyRun] = []
         for run, text in zip(batch, texts, strict=True):
             if lost and run.generation_id in lost:
-                log.warning(
-                    "reply taken over by another instance",
-                    extra={"conversation": run.conversation_id},
-                )
-                run.lost = True
-                run.stop(FinishReason.ERROR.value)
-                continue
+                continue  # stopped above
             try:
                 events.append(run.template.event(run.seq, text, 0.0))
             except Exception as exc:  # text no codec takes (a lone surrogate): this reply

@@ -74,7 +74,7 @@ async def _on_join(app: web.Application, session: Session, frame: Join, reply: R
     await hub.join(session, frame.conversation_id)
     try:
         view = await conversations.join_view(frame.conversation_id, frame.since)
-        snapshot = await app[keys.REPLY_BUFFER].snapshot(frame.conversation_id)
+        snapshot = await app[keys.GENERATION].join_snapshot(frame.conversation_id)
         if snapshot is not None and any(
             m.client_msg_id == snapshot.generation_id for m in view.messages
         ):

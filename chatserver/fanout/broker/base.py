@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
+from ..envelope import Control
 from ..events import Event
 
 Deliver = Callable[[Event], None]
-Control = Callable[[dict[str, Any]], None]
+OnControl = Callable[[Control], None]
 
 
 class BrokerUnavailable(Exception):
@@ -18,7 +19,7 @@ class BrokerUnavailable(Exception):
 class Broker(Protocol):
     name: str
     server_id: str
-    on_control: Control | None  # set by the app: control messages addressed to us
+    on_control: OnControl | None  # set by the app: control messages addressed to us
 
     async def start(self, deliver: Deliver) -> None:
         """Begin handing received events to ``deliver`` (the local hub)."""
@@ -26,10 +27,11 @@ class Broker(Protocol):
     async def close(self) -> None: ...
 
     async def subscribe(self, conversation_id: str) -> None:
-        """Receive the conversation's events from now on (first local member joined)."""
+        """Receive the conversation's events from now on (first local member joined), and
+        be counted among its watchers (``others_watch`` of the other instances)."""
 
     async def unsubscribe(self, conversation_id: str) -> None:
-        """Stop receiving them (last local member left)."""
+        """Stop receiving them (last local member left) and leave its watchers."""
 
     async def publish(self, event: Event) -> None:
         """Send to every instance subscribed to ``event.conversation_id``, this one included."""
@@ -37,7 +39,14 @@ class Broker(Protocol):
     async def publish_many(self, events: Sequence[Event]) -> None:
         """``publish`` each event, in order, in one step (a loop pass's reply deltas)."""
 
-    async def send_control(self, server_id: str, message: dict[str, Any]) -> None:
+    def deliver_local(self, events: Sequence[Event]) -> None:
+        """Hand events to this instance's members only: a reply no other instance watches."""
+
+    async def send_control(self, server_id: str, message: Control) -> None:
         """Deliver ``message`` to the instance ``server_id`` (e.g. cancel a reply it owns)."""
+
+    async def announce(self, conversation_id: str, message: Control) -> None:
+        """A control message to every instance subscribed to the conversation, in order
+        with its events (``watch_ack``)."""
 
     def healthy(self) -> bool: ...

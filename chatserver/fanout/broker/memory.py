@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
+from ..envelope import Control
 from ..events import Event
-from .base import Control, Deliver
+from .base import Deliver, OnControl
 
 
 class MemoryBroker:
@@ -15,7 +15,7 @@ class MemoryBroker:
 
     def __init__(self, server_id: str = "local") -> None:
         self.server_id = server_id
-        self.on_control: Control | None = None
+        self.on_control: OnControl | None = None
         self._deliver: Deliver | None = None
         self._subscribed: set[str] = set()
 
@@ -42,6 +42,9 @@ class MemoryBroker:
     async def publish_many(self, events: Sequence[Event]) -> None:
         # Not stamped: delivered in this very call, their fan-out delay is nil by
         # construction, and timing each of a reply's deltas cost ~3% of the loop.
+        self.deliver_local(events)
+
+    def deliver_local(self, events: Sequence[Event]) -> None:
         deliver = self._deliver
         if deliver is None:
             return
@@ -50,8 +53,12 @@ class MemoryBroker:
             if event.conversation_id in subscribed:
                 deliver(event)
 
-    async def send_control(self, server_id: str, message: dict[str, Any]) -> None:
+    async def send_control(self, server_id: str, message: Control) -> None:
         if server_id == self.server_id and self.on_control is not None:
+            self.on_control(message)
+
+    async def announce(self, conversation_id: str, message: Control) -> None:
+        if conversation_id in self._subscribed and self.on_control is not None:
             self.on_control(message)
 
     def healthy(self) -> bool:

@@ -28,16 +28,18 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
+from storage.redis_keys import ConversationKeys
+from storage.redis_keys import control_channel as control_channel_name
+
+from ..envelope import Control, ControlEnvelope, Envelope, unpack
 from ..events import Event
-from .base import BrokerUnavailable, Control, Deliver
+from .base import BrokerUnavailable, Deliver, OnControl
 from .subscriber import Subscriber
 
 log = logging.getLogger("chatserver.broker.redis")
@@ -45,6 +47,9 @@ log = logging.getLogger("chatserver.broker.redis")
 _BACKOFF_MAX_S = 5.0
 _GAP_DEBOUNCE_S = 1.0
 _FLUSH_ON_CLOSE_S = 5.0  # one reconnect resubscribes many channels: one resync
+# A dead instance's entry in a watchers set only costs needless publishes; it goes with the
+# set a day after the conversation's last join.
+_WATCHERS_TTL_S = 86_400
 
 
 class RedisBroker:
@@ -59,7 +64,7 @@ class RedisBroker:
         cluster: bool = False,
         max_queued: int = 10_000,
         on_gap: Callable[[], None] | None = None,
-        on_control: Control | None = None,
+        on_control: OnControl | None = None,
     ) -> None:
         self._redis = redis
         self.server_id = server_id
@@ -88,10 +93,10 @@ class RedisBroker:
     # -- names --------------------------------------------------------------------------
 
     def channel(self, conversation_id: str) -> str:
-        return f"{self._prefix}:{{{conversation_id}}}:events"
+        return ConversationKeys(self._prefix, conversation_id).events
 
     def control_channel(self, server_id: str) -> str:
-        return f"{self._prefix}:{{ctl-{server_id}}}:control"
+        return control_channel_name(self._prefix, server_id)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -166,6 +171,13 @@ class RedisBroker:
         self._channels[name] = conversation_id
         try:
             await self._subscriber_for(name).subscribe(name)
+            # After the subscription is live: an owner that sees us in the set publishes,
+            # and what it publishes reaches us. Before a join reads its snapshot.
+            watchers = ConversationKeys(self._prefix, conversation_id).watchers
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.sadd(watchers, self.server_id)
+            pipe.expire(watchers, _WATCHERS_TTL_S)
+            await pipe.execute()
         except BaseException:
             self._channels.pop(name, None)
             raise
@@ -174,7 +186,12 @@ class RedisBroker:
         name = self.channel(conversation_id).encode()
         if self._channels.pop(name, None) is None:
             return
-        await self._subscriber_for(name).unsubscribe(name)
+        try:
+            # A failure here leaves a stale entry: needless publishes, nothing lost.
+            watchers = ConversationKeys(self._prefix, conversation_id).watchers
+            await self._redis.srem(watchers, self.server_id)
+        finally:
+            await self._subscriber_for(name).unsubscribe(name)
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -202,10 +219,9 @@ class RedisBroker:
         local: list[Event] = []
         for event in events:
             channel = self.channel(event.conversation_id)
-            payload = msgpack.packb(
-                [server_id, event.published_at or now, event.conversation_id, event.frame],
-                use_bin_type=True,
-            )
+            payload = Envelope(
+                server_id, event.published_at or now, event.conversation_id, event.frame
+            ).pack()
             outgoing.append((channel, payload))
             if channel.encode() in channels:
                 local.append(event)
@@ -215,10 +231,24 @@ class RedisBroker:
             for event in local:
                 deliver(event)
 
-    async def send_control(self, server_id: str, message: dict[str, Any]) -> None:
+    def deliver_local(self, events: Sequence[Event]) -> None:
+        deliver = self._deliver
+        if deliver is None:
+            return
+        channels = self._channels
+        for event in events:
+            if self.channel(event.conversation_id).encode() in channels:
+                deliver(event)
+
+    async def send_control(self, server_id: str, message: Control) -> None:
         """A message for one instance (e.g. cancel a reply it owns)."""
-        payload = msgpack.packb([self.server_id, 0.0, None, message], use_bin_type=True)
+        payload = ControlEnvelope(self.server_id, message).pack()
         await self._enqueue(self.control_channel(server_id), payload)
+
+    async def announce(self, conversation_id: str, message: Control) -> None:
+        """Queued behind the conversation's events already queued: in their order."""
+        payload = ControlEnvelope(self.server_id, message).pack()
+        await self._enqueue(self.channel(conversation_id), payload)
 
     async def _enqueue(self, channel: str, payload: bytes) -> None:
         await self._wait_room()
@@ -295,18 +325,17 @@ class RedisBroker:
     # -- receiving ----------------------------------------------------------------------
 
     def _handle(self, channel: bytes, data: bytes) -> None:
-        try:
-            origin, published_at, conversation_id, frame = msgpack.unpackb(data, raw=False)
-        except Exception:
+        envelope = unpack(data)
+        if envelope is None:
             log.warning("undecodable broker payload on %r", channel)
             return
-        if conversation_id is None:
-            if self.on_control is not None and isinstance(frame, dict):
-                self.on_control(frame)
+        if isinstance(envelope, ControlEnvelope):
+            if self.on_control is not None:
+                self.on_control(envelope.control)
             return
-        if origin == self.server_id:
+        if envelope.origin == self.server_id:
             self.dropped_echoes += 1  # already delivered locally at publish time
             return
         self.received += 1
         if self._deliver is not None:
-            self._deliver(Event(conversation_id, frame, published_at))
+            self._deliver(Event(envelope.conversation_id, envelope.frame, envelope.published_at))

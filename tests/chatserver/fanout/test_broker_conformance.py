@@ -12,7 +12,17 @@ from redis.asyncio.cluster import RedisCluster
 from chatserver.fanout.broker.base import Broker
 from chatserver.fanout.broker.memory import MemoryBroker
 from chatserver.fanout.broker.redis import RedisBroker
+from chatserver.fanout.envelope import (
+    CancelReply,
+    Control,
+    ControlEnvelope,
+    Envelope,
+    WatchAck,
+    WatchReply,
+    unpack,
+)
 from chatserver.fanout.events import DeltaTemplate, Event
+from storage.redis_keys import ConversationKeys
 
 from ..conftest import eventually
 
@@ -81,10 +91,10 @@ async def test_own_publications_arrive_once(broker: Made) -> None:
 
 async def test_control_messages_reach_their_instance(broker: Made) -> None:
     made, _ = broker
-    got: list[dict[str, object]] = []
+    got: list[Control] = []
     made.on_control = got.append
-    await made.send_control(made.server_id, {"type": "cancel", "generation_id": "g"})
-    await eventually(lambda: got == [{"type": "cancel", "generation_id": "g"}])
+    await made.send_control(made.server_id, CancelReply("g"))
+    await eventually(lambda: got == [CancelReply("g")])
 
 
 @pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
@@ -145,10 +155,56 @@ async def test_a_batch_crosses_instances_in_order_and_stamped(make_broker, kind:
 async def test_control_crosses_instances(make_broker, kind: str) -> None:  # type: ignore[no-untyped-def]
     a, _ = await make_broker(kind, "server-a")
     b, _ = await make_broker(kind, "server-b")
-    got: list[dict[str, object]] = []
+    got: list[Control] = []
     b.on_control = got.append
-    await a.send_control("server-b", {"type": "cancel", "generation_id": "g1"})
-    await eventually(lambda: got == [{"type": "cancel", "generation_id": "g1"}])
+    await a.send_control("server-b", CancelReply("g1"))
+    await eventually(lambda: got == [CancelReply("g1")])
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_watchers_and_announcements(  # type: ignore[no-untyped-def]
+    make_broker, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Subscribing puts the instance in the conversation's watchers set (unsubscribing takes
+    it out); an announcement reaches every instance subscribed."""
+    a, _ = await make_broker(kind, "server-a")
+    b, _ = await make_broker(kind, "server-b")
+    redis: Redis | RedisCluster
+    if kind == "redis":
+        redis = Redis.from_url(request.getfixturevalue("redis_url"))
+    else:
+        redis = RedisCluster.from_url(request.getfixturevalue("redis_cluster_url"))
+    got: list[Control] = []
+    b.on_control = got.append
+    watchers = ConversationKeys("chat", "c-w").watchers
+    await b.subscribe("c-w")
+    assert {m.decode() for m in await redis.smembers(watchers)} == {"server-b"}
+    ack = WatchAck("c-w", "g1", 7)
+    await a.announce("c-w", ack)
+    await eventually(lambda: got == [ack])
+    await b.unsubscribe("c-w")
+    assert await redis.smembers(watchers) == set()
+    await redis.aclose()
+
+
+async def test_deliver_local_reaches_only_local_members(broker: Made) -> None:
+    made, received = broker
+    await made.subscribe("c1")
+    made.deliver_local([_typing("c1", 1), _typing("c2", 2)])
+    assert [e.frame["user_id"] for e in received] == ["u1"]
+
+
+def test_envelopes_round_trip() -> None:
+    event = Envelope("server-a", 12.5, "c1", {"type": "delta", "seq": 1})
+    assert unpack(event.pack()) == event
+    for control in (CancelReply("g"), WatchReply("c", "g"), WatchAck("c", "g", 3)):
+        assert unpack(ControlEnvelope("server-a", control).pack()) == ControlEnvelope(
+            "server-a", control
+        )
+    assert unpack(b"\x93junk") is None
+    assert (
+        unpack(ControlEnvelope("s", CancelReply("g")).pack().replace(b"cancel", b"cancex")) is None
+    )
 
 
 async def test_reconnects_after_redis_restarts_and_reports_the_gap(redis_server) -> None:  # type: ignore[no-untyped-def]

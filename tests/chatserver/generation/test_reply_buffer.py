@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from chatserver.generation.buffer import LeaseLost, ReplyBuffer, ReplyOwner
+from chatserver.generation.buffer import LeaseLost, Record, ReplyBuffer, ReplyOwner
 from chatserver.generation.redis_buffer import RedisReplyBuffer
 
 
@@ -52,7 +52,7 @@ async def test_end_clears_only_its_own_generation(buffer: ReplyBuffer) -> None:
 
 async def test_live_replies_are_not_claimable(buffer: ReplyBuffer) -> None:
     assert await buffer.begin(_owner("g1"))
-    await buffer.renew([("c1", "g1")])
+    await buffer.heartbeat()
     assert await buffer.expired() == []
     assert await buffer.claim("c1", "g1") is None
     assert await buffer.snapshot("c1") is not None
@@ -87,7 +87,7 @@ async def test_a_dead_owners_reply_is_claimed_once(redis_url: str) -> None:
         await redis.aclose()
 
 
-async def test_only_the_owner_extends_a_lease(redis_url: str) -> None:
+async def test_only_the_owner_records(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
     owner = RedisReplyBuffer(redis, server_id="server-a", lease_s=0.3)
     other = RedisReplyBuffer(redis, server_id="server-b", lease_s=0.3)
@@ -95,9 +95,31 @@ async def test_only_the_owner_extends_a_lease(redis_url: str) -> None:
         assert await owner.begin(_owner("g1"))
         with pytest.raises(LeaseLost):
             await other.append("c1", "g1", 1, "not mine")
-        await other.renew([("c1", "g1")])  # ignored: not the owner
         ttl = await redis.pttl("chat:{c1}:reply_text")
         assert 0 < ttl <= 3_600  # 12 leases of 0.3 s
+        assert 0 < await redis.pttl("chat:{inst-server-a}:alive") <= 300
+    finally:
+        await redis.aclose()
+
+
+async def test_a_reply_is_watched_when_another_instance_has_a_member_in(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    buffer = RedisReplyBuffer(redis, server_id="server-a")
+    try:
+        await redis.sadd("chat:{c1}:watchers", "server-a")  # only ourselves
+        slot = await buffer.begin(_owner("g1"))
+        assert slot is not None and not slot.watched
+        running = await buffer.running("c1")
+        assert running is not None and not running.watched and running.owner == "server-a"
+        # A checkpoint switching it to watched records the text so far in one step.
+        assert await buffer.record([Record("c1", "g1", 3, "a b c", mark_watched=True)]) == set()
+        running = await buffer.running("c1")
+        assert running is not None and running.watched
+        assert (running.snapshot.seq, running.snapshot.text) == (3, "a b c")
+        await buffer.end("c1", "g1")
+        await redis.sadd("chat:{c2}:watchers", "server-a", "server-b")
+        slot = await buffer.begin(_owner("g2", conv="c2"))
+        assert slot is not None and slot.watched
     finally:
         await redis.aclose()
 

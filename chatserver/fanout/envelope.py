@@ -1,0 +1,135 @@
+"""What travels between instances on Redis pub/sub, typed, with its wire format.
+
+Every payload is one MessagePack array of four items::
+
+    [origin, published_at, conversation_id, body]
+
+- an **event** (on a conversation's channel): ``origin`` the publishing server id,
+  ``published_at`` its wall clock (float seconds; receivers time their fan-out delay from
+  it), ``conversation_id`` a string, ``body`` the fan-out frame (a map, as sent to clients);
+- a **control message** (on an instance's control channel, or a conversation's channel for
+  ``watch_ack``): ``published_at`` 0, ``conversation_id`` nil, ``body`` a map with ``type``:
+
+  ========== ====================================== ==========================================
+  type       fields                                  meaning
+  ========== ====================================== ==========================================
+  cancel     generation_id                           stop this reply (sent to its owner)
+  watch      conversation_id, generation_id          another instance has a member in now:
+                                                     record and publish this reply's deltas
+  watch_ack  conversation_id, generation_id, seq     the owner did: Redis holds the text to
+                                                     ``seq``, every later delta is published
+  ========== ====================================== ==========================================
+
+A control message of an unknown type is ignored (a newer instance may send more kinds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    origin: str
+    published_at: float
+    conversation_id: str
+    frame: dict[str, Any]
+
+    def pack(self) -> bytes:
+        body = [self.origin, self.published_at, self.conversation_id, self.frame]
+        packed: bytes = msgpack.packb(body, use_bin_type=True)
+        return packed
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReply:
+    generation_id: str
+    TYPE = "cancel"
+
+    def body(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "generation_id": self.generation_id}
+
+
+@dataclass(frozen=True, slots=True)
+class WatchReply:
+    conversation_id: str
+    generation_id: str
+    TYPE = "watch"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "conversation_id": self.conversation_id,
+            "generation_id": self.generation_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WatchAck:
+    conversation_id: str
+    generation_id: str
+    seq: int
+    TYPE = "watch_ack"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "conversation_id": self.conversation_id,
+            "generation_id": self.generation_id,
+            "seq": self.seq,
+        }
+
+
+Control = CancelReply | WatchReply | WatchAck
+
+
+@dataclass(frozen=True, slots=True)
+class ControlEnvelope:
+    origin: str
+    control: Control
+
+    def pack(self) -> bytes:
+        packed: bytes = msgpack.packb(
+            [self.origin, 0.0, None, self.control.body()], use_bin_type=True
+        )
+        return packed
+
+
+def control_from(body: Any) -> Control | None:
+    """The typed control message of a decoded body; None if unknown or malformed."""
+    if not isinstance(body, dict):
+        return None
+    kind = body.get("type")
+    gen = body.get("generation_id")
+    if not isinstance(gen, str):
+        return None
+    if kind == CancelReply.TYPE:
+        return CancelReply(gen)
+    conv = body.get("conversation_id")
+    if not isinstance(conv, str):
+        return None
+    if kind == WatchReply.TYPE:
+        return WatchReply(conv, gen)
+    seq = body.get("seq")
+    if kind == WatchAck.TYPE and isinstance(seq, int):
+        return WatchAck(conv, gen, seq)
+    return None
+
+
+def unpack(data: bytes) -> Envelope | ControlEnvelope | None:
+    """A payload read from pub/sub; None if it does not decode (logged by the caller)."""
+    try:
+        origin, published_at, conversation_id, body = msgpack.unpackb(data, raw=False)
+    except Exception:
+        return None
+    if not isinstance(origin, str):
+        return None
+    if conversation_id is None:
+        control = control_from(body)
+        return None if control is None else ControlEnvelope(origin, control)
+    if not isinstance(conversation_id, str) or not isinstance(body, dict):
+        return None
+    return Envelope(origin, float(published_at or 0.0), conversation_id, body)

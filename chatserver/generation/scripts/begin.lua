@@ -1,0 +1,28 @@
+-- Take a conversation's reply slot.
+-- KEYS: reply hash, reply text, reply_next, watchers
+-- ARGV: gid, owner, agent, model, reply_to, ttl ms, waiter ms
+-- Returns 0 when refused, else 1 + 2 * watched (watched: another instance has a member in).
+local cur = redis.call('HGET', KEYS[1], 'gid')
+local waiting = redis.call('GET', KEYS[3])
+if cur and cur ~= ARGV[1] then
+  -- Taken: the first to wait is next. Else an instance whose sender asks again at once
+  -- would take the slot back each time, before a waiter's next try (it polls), for ever.
+  if not waiting then
+    redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[7])
+  elseif waiting == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  end
+  return 0
+end
+if waiting and waiting ~= ARGV[1] then return 0 end  -- free, but promised to the waiter
+if waiting then redis.call('DEL', KEYS[3]) end
+local watched = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  if member ~= ARGV[2] then watched = 1 break end
+end
+redis.call('HSET', KEYS[1], 'gid', ARGV[1], 'owner', ARGV[2], 'agent', ARGV[3],
+           'model', ARGV[4], 'reply_to', ARGV[5], 'seq', 0, 'watched', watched)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+-- Replaces a stale text and gives it its TTL (APPEND would create it without one).
+redis.call('SET', KEYS[2], '', 'PX', ARGV[6])
+return 1 + 2 * watched

@@ -1,0 +1,106 @@
+"""Replies no other instance watches: nothing per delta goes to Redis, yet a member who
+joins on another instance mid-reply sees every character once, and the owner's death keeps
+the text to the last checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from protocol import Delta, GenEnd, GenStart
+
+from .scaleout import connect, instances
+from .test_redis_scaleout import LONG, Backend, _conversation, backend  # noqa: F401
+
+
+async def _calls(redis: Redis, command: str) -> int:
+    stats = await redis.info("commandstats")
+    entry = stats.get(f"cmdstat_{command}")
+    return int(entry["calls"]) if entry else 0
+
+
+async def test_an_unwatched_reply_sends_nothing_to_redis_per_delta(
+    tmp_path: Path, redis_url: str
+) -> None:
+    redis = Redis.from_url(redis_url)
+    with instances(tmp_path, redis_url, count=2, env={"CHAT_LOCAL_TOKEN_MS": "5"}) as (a, _):
+        conv = await _conversation(a.url, "alice", [])
+        alice = await connect(a, "alice")
+        try:
+            await alice.join(conv)
+            publishes, appends = await _calls(redis, "publish"), await _calls(redis, "append")
+            sent = await alice.send(conv, LONG)
+            reply = await alice.reply(sent.message_id)
+            assert reply.end is not None and reply.end.message is not None
+            assert len(reply.deltas) >= 20
+            # The user message and gen_end (a few more would be heartbeats' checkpoints);
+            # before, one PUBLISH and one APPEND per delta.
+            assert await _calls(redis, "publish") - publishes <= 2
+            assert await _calls(redis, "append") - appends <= 3
+        finally:
+            await alice.close()
+            await redis.aclose()
+
+
+async def test_a_member_joining_elsewhere_mid_reply_sees_every_character_once(
+    tmp_path: Path,
+    backend: Backend,  # noqa: F811
+) -> None:
+    env = {"CHAT_LOCAL_TOKEN_MS": "15"}
+    with instances(tmp_path, backend.url, count=2, env=env, args=backend.args) as (a, b):
+        conv = await _conversation(a.url, "alice", ["bob"])
+        alice = await connect(a, "alice")
+        bob = await connect(b, "bob")
+        try:
+            await alice.join(conv)  # bob is not in yet: the reply starts unwatched
+            await alice.send(conv, LONG)
+            start = await alice.expect(GenStart)
+            await alice.expect(Delta, lambda d: d.seq == 5)
+            joined = await bob.join(conv)
+            snapshot = joined.generation
+            assert snapshot is not None and snapshot.generation_id == start.generation_id
+            assert snapshot.seq >= 5
+            rest = await bob.follow(start.generation_id)
+            assert rest.end is not None and rest.end.message is not None
+            seqs = [d.seq for d in rest.deltas]
+            assert seqs == list(range(snapshot.seq + 1, snapshot.seq + 1 + len(seqs)))
+            assert snapshot.text + rest.text == rest.end.message.text
+        finally:
+            await alice.close()
+            await bob.close()
+
+
+async def test_the_owners_death_keeps_the_checkpointed_text(tmp_path: Path, redis_url: str) -> None:
+    env = {"CHAT_LOCAL_TOKEN_MS": "40", "CHAT_REPLY_LEASE_S": "1.5"}
+    with instances(tmp_path, redis_url, count=2, env=env) as (a, b):
+        conv = await _conversation(a.url, "alice", ["bob"])
+        alice = await connect(a, "alice")
+        bob = await connect(b, "bob")
+        try:
+            await alice.join(conv)
+            sent = await alice.send(conv, LONG)  # unwatched: bob is not in
+            start = await alice.expect(GenStart)
+            seen = [await alice.expect(Delta, lambda d, n=n: d.seq == n) for n in range(1, 31)]
+            a.kill()  # past two checkpoints (every 0.5 s)
+            killed_at = time.monotonic()
+            await bob.join(conv)
+            gen = start.generation_id
+            end = await bob.expect(GenEnd, lambda e: e.generation_id == gen, timeout=15)
+            assert time.monotonic() - killed_at < 10
+            assert end.finish_reason == "error" and end.message is not None
+            assert end.message.reply_to == sent.message_id
+            # Checkpointed (not empty), and only what the model said, in order.
+            text = end.message.text
+            assert text and (text.startswith("".join(d.text for d in seen[:5])))
+            assert "".join(d.text for d in seen).startswith(text) or text.startswith(
+                "".join(d.text for d in seen)
+            )
+        finally:
+            await alice.close()
+            await bob.close()
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
