@@ -7,7 +7,7 @@ from typing import Protocol
 
 from protocol import Message
 
-from ..records import Conversation, ConversationPage, MessagePage
+from ..records import Conversation, ConversationPage, MessagePage, User
 
 
 class StoreUnavailable(Exception):
@@ -27,6 +27,9 @@ class Store(Protocol):
 
     async def ensure_user(self, user_id: str, tier: str, role: str) -> None:
         """Create the user row if missing; never downgrades an existing one."""
+
+    async def get_user(self, user_id: str) -> User | None:
+        """The user row as stored (``ensure_user`` made it), or None."""
 
     async def create_conversation(self, conversation: Conversation) -> None: ...
 

@@ -25,7 +25,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from protocol import Message, parse_timestamp
 
-from ..records import Conversation, ConversationPage, MessagePage
+from ..records import Conversation, ConversationPage, MessagePage, User
 from .base import StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
 from .pg_migrate import check_schema, migrate
@@ -215,6 +215,12 @@ class PostgresStore:
                 role,
             )
         )
+
+    async def get_user(self, user_id: str) -> User | None:
+        row = await self._primary_op(
+            lambda conn: conn.fetchrow("SELECT id, tier, role FROM users WHERE id = $1", user_id)
+        )
+        return User(row["id"], row["tier"], row["role"]) if row is not None else None
 
     async def create_conversation(self, conversation: Conversation) -> None:
         c = conversation

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from protocol import Message, format_timestamp
 
-from ..records import Conversation, ConversationPage, MessagePage
+from ..records import Conversation, ConversationPage, MessagePage, User
 from .base import StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
 from .sqlite_ops import (
@@ -142,6 +142,14 @@ class SqliteStore:
             )
 
         await self._w().run(op)
+
+    async def get_user(self, user_id: str) -> User | None:
+        def op(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute("SELECT id, tier, role FROM users WHERE id = ?", (user_id,))
+            found = row.fetchone()
+            return User(*found) if found is not None else None
+
+        return await self._r().run(op)
 
     async def create_conversation(self, conversation: Conversation) -> None:
         c = conversation
