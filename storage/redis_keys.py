@@ -1,4 +1,4 @@
-"""Redis key names of the storage layer, in one place.
+"""Redis key names of the storage layer and of the server, in one place.
 
 Every key starts with a prefix (default ``chat``). The keys of one conversation carry the hash
 tag ``{<conversation_id>}`` so that they live in one Redis Cluster slot and a Lua script may
@@ -8,10 +8,20 @@ touch them together::
     chat:{<conv>}:epoch            epoch of the loaded window; missing = window missing
     chat:{<conv>}:win              window stream, entry id = <offset>-0, trimmed to the size
     chat:{<conv>}:idem:<hash>      idempotency record of (user, client_msg_id)
+    chat:{<conv>}:events           the conversation's fan-out channel between instances
+    chat:{<conv>}:reply            the running reply's state (resume buffer)
+    chat:{<conv>}:reply_text       its text so far
+    chat:{<conv>}:reply_next       the reply waiting for the conversation's reply slot
 
 The outbox is global: ``chat:outbox`` with one shard, else ``chat:outbox:{0}`` ... ``{n-1}``
 (each shard its own hash tag, so the shards spread over a cluster). A conversation's messages
-always go to the same shard (:func:`outbox_shard`).
+always go to the same shard (:func:`outbox_shard`). The other keys::
+
+    chat:replies                   running replies by lease end (any instance sweeps them)
+    chat:{<generation>}:reply_ref  a reply's conversation, by generation id
+    chat:{ctl-<server>}:control    control messages to one instance (cancel a reply)
+    chat:{u:<user>}:<kind>[:...]   a user's limits: conns, rate, tokens:<UTC day>
+    chat:rcache:<digest>           a cached model answer
 """
 
 from __future__ import annotations
@@ -42,6 +52,29 @@ class ConversationKeys:
         raw = f"{user_id or ''}\x00{client_msg_id}".encode()
         return f"{self.base}:idem:{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
 
+    @property
+    def no_idem(self) -> str:
+        """A key in the conversation's slot that is never set: the record of a message that
+        has no ``client_msg_id`` (a script's key list keeps one shape)."""
+        return f"{self.base}:idem:"
+
+    # Built when asked, not in __init__: the append path makes one of these per message.
+    @property
+    def events(self) -> str:
+        return f"{self.base}:events"
+
+    @property
+    def reply(self) -> str:
+        return f"{self.base}:reply"
+
+    @property
+    def reply_text(self) -> str:
+        return f"{self.base}:reply_text"
+
+    @property
+    def reply_next(self) -> str:
+        return f"{self.base}:reply_next"
+
 
 def outbox_key(prefix: str, shards: int, shard: int) -> str:
     if shards == 1:
@@ -54,3 +87,26 @@ def outbox_shard(conversation_id: str, shards: int) -> int:
     if shards == 1:
         return 0
     return zlib.crc32(conversation_id.encode()) % shards
+
+
+def replies_key(prefix: str) -> str:
+    """The registry of running replies (a sorted set by lease end)."""
+    return f"{prefix}:replies"
+
+
+def reply_ref_key(prefix: str, generation_id: str) -> str:
+    return f"{prefix}:{{{generation_id}}}:reply_ref"
+
+
+def control_key(prefix: str, server_id: str) -> str:
+    """The channel of control messages to one instance."""
+    return f"{prefix}:{{ctl-{server_id}}}:control"
+
+
+def user_key(prefix: str, user_id: str, kind: str, *rest: str) -> str:
+    """One of a user's limit keys; a user's keys share a hash tag (one node on a cluster)."""
+    return ":".join([f"{prefix}:{{u:{user_id}}}:{kind}", *rest])
+
+
+def response_cache_key(prefix: str, digest: str) -> str:
+    return f"{prefix}:rcache:{digest}"

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from storage import AppendGate
+from storage.redis_keys import DEFAULT_PREFIX, user_key
 
 from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
 
@@ -87,7 +88,7 @@ class RedisLimiter:
         redis: Redis | RedisCluster,
         seed: UsageSeed,
         *,
-        prefix: str = "chat",
+        prefix: str = DEFAULT_PREFIX,
         connection_ttl_s: float = 30.0,
     ) -> None:
         self._redis = redis
@@ -100,8 +101,7 @@ class RedisLimiter:
         self._starting: set[asyncio.Task[None]] = set()  # counters being started, kept alive
 
     def _key(self, kind: str, user_id: str, *rest: str) -> str:
-        # One user's keys share a hash tag: a cluster keeps them on one node.
-        return ":".join([f"{self._prefix}:{{u:{user_id}}}:{kind}", *rest])
+        return user_key(self._prefix, user_id, kind, *rest)
 
     async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
         day = utc_day()

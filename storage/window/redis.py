@@ -313,7 +313,7 @@ class RedisWindow:
         payload = draft_payload(message_id, draft)
         shard = outbox.shard_for(cid)
         idem_ttl_ms = 0
-        idem_key = f"{keys.base}:idem:"  # a placeholder in the conversation's slot
+        idem_key = keys.no_idem
         if draft.client_msg_id is not None:
             idem_key = keys.idem(draft.user_id, draft.client_msg_id)
             idem_ttl_ms = self._idem_ttl_ms
