@@ -41,6 +41,7 @@ from redis.exceptions import ResponseError
 
 from protocol import Message
 
+from .. import lua
 from ..records import OutboxEntry
 from ..redis_codec import OFFSET, PAYLOAD, TIME_MS, decode_message, message_payload
 from ..redis_keys import DEFAULT_PREFIX, outbox_key, outbox_shard
@@ -52,12 +53,7 @@ AnyRedis: TypeAlias = "Redis | RedisCluster"
 _BLOCK_CHUNK_S = 1.0
 _Raw: TypeAlias = "tuple[int, bytes, dict[bytes, bytes] | None]"  # (shard, stream id, fields)
 
-# Check the bound and add in one step. KEYS: stream. ARGV: max, then field/value pairs.
-_ADD_LUA = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
-return 1
-"""
+_ADD_LUA = lua.script("outbox_add")  # check the bound and add in one step
 
 
 def _entry_id(shards: int, shard: int, stream_id: bytes) -> str:
