@@ -120,9 +120,13 @@ class ConversationService:
                 await self._rebuild(draft.conversation_id)
             except OutboxFull:
                 raise ServiceError(
-                    ErrorCode.UNAVAILABLE, "persistence is behind, retry shortly", 1000
+                    ErrorCode.UNAVAILABLE,
+                    "persistence is behind, retry shortly",
+                    retry_after_ms=1000,
                 ) from None
-        raise ServiceError(ErrorCode.UNAVAILABLE, "conversation window could not be loaded", 500)
+        raise ServiceError(
+            ErrorCode.UNAVAILABLE, "conversation window could not be loaded", retry_after_ms=500
+        )
 
     async def was_sent(self, conversation_id: str, user_id: str, client_msg_id: str) -> bool:
         """Whether this user's message with this client_msg_id was accepted (and still known)."""
@@ -156,7 +160,9 @@ class ConversationService:
             if view is not None:
                 return view
             await self._rebuild(conversation_id)
-        raise ServiceError(ErrorCode.UNAVAILABLE, "conversation window could not be loaded", 500)
+        raise ServiceError(
+            ErrorCode.UNAVAILABLE, "conversation window could not be loaded", retry_after_ms=500
+        )
 
     async def join_view(self, conversation_id: str, since: Since | None) -> JoinView:
         if since is not None:

@@ -11,7 +11,7 @@ from redis.asyncio.cluster import RedisCluster
 from storage import AppendGate, lua
 from storage.redis_keys import DEFAULT_PREFIX, user_key
 
-from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
+from .base import Refusal, TierLimits, UsageSeed, utc_day
 
 _LUA = "chatserver.limits"  # its lua/ directory
 _OPEN = lua.script("open", _LUA)  # count a connection
@@ -26,11 +26,11 @@ _MISSING, _RATE, _QUOTA = -1, 1, 2
 _DAY_TTL_S = 2 * 24 * 3600
 
 
-def _refusal(code: int, value: int) -> tuple[str, int] | None:
+def _refusal(code: int, value: int) -> Refusal | None:
     if code == _QUOTA:
-        return ("quota_exceeded", ms_until_next_utc_day())
+        return Refusal.quota()
     if code == _RATE:
-        return ("rate_limited", value)
+        return Refusal.rate(value)
     return None
 
 
@@ -104,7 +104,7 @@ class RedisLimiter:
     def _send_keys(self, user_id: str, day: str) -> tuple[str, str]:
         return (self._key("rate", user_id), self._key("tokens", user_id, day))
 
-    async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
+    async def check_send(self, user_id: str, limits: TierLimits) -> Refusal | None:
         day = utc_day()
         keys = self._send_keys(user_id, day)
         args = [limits.messages_per_minute, limits.daily_tokens]
@@ -121,7 +121,7 @@ class RedisLimiter:
             (limits.messages_per_minute, limits.daily_tokens),
         )
 
-    async def gate_refused(self, user_id: str, code: int, value: int) -> tuple[str, int] | None:
+    async def gate_refused(self, user_id: str, code: int, value: int) -> Refusal | None:
         if code == _MISSING:
             await self._start_day(user_id, utc_day())
             return None
