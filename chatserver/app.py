@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
-from redis.asyncio.cluster import RedisCluster
 
 from storage.batch_writer import BatchWriter
 
@@ -19,15 +18,14 @@ from .backends import (
     make_broker,
     make_limiter,
     make_provider,
-    make_redis,
     make_reply_buffer,
     make_response_cache,
     make_store,
     make_window_and_outbox,
+    open_redis,
 )
 from .conversations import ConversationService
 from .errors import DEPENDENCY_ERRORS
-from .fanout.broker.redis import RedisBroker
 from .fanout.events import Event
 from .fanout.hub import LocalHub
 from .fanout.outbound import Flusher
@@ -72,12 +70,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    redis = make_redis(app[keys.SETTINGS])
+    redis = await open_redis(app[keys.SETTINGS])
     app[keys.REDIS] = redis
-    if isinstance(redis, RedisCluster):
-        await redis.initialize()  # before many tasks share it: lazy start-up races in redis-py
-    if redis is not None:
-        await redis.ping()  # fail fast with a clear error when Redis is unreachable
     yield
     if redis is not None:
         await redis.aclose()
@@ -143,9 +137,7 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _fanout(app: web.Application) -> AsyncIterator[None]:
-    broker = make_broker(app[keys.SETTINGS], app[keys.REDIS])
-    if isinstance(broker, RedisBroker):
-        broker.on_gap = lambda: resync_joined(app)
+    broker = make_broker(app[keys.SETTINGS], app[keys.REDIS], on_gap=lambda: resync_joined(app))
     metrics = app[keys.METRICS]
     hub = LocalHub(broker, on_fanout=metrics.fanout_delay.observe)
     await broker.start(hub.deliver)

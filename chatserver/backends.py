@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -55,6 +57,17 @@ def make_redis(settings: Settings) -> RedisClient | None:
     )
 
 
+async def open_redis(settings: Settings) -> RedisClient | None:
+    """The Redis client, connected and answering (fail fast with a clear error when Redis is
+    unreachable), or None when no Redis is configured."""
+    redis = make_redis(settings)
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()  # before many tasks share it: lazy start-up races in redis-py
+    if redis is not None:
+        await redis.ping()
+    return redis
+
+
 def make_store(settings: Settings) -> Store:
     """Postgres when ``--database-url`` is set, else the embedded SQLite file."""
     if settings.database_url is not None:
@@ -100,7 +113,11 @@ def make_window_and_outbox(
     return window, outbox
 
 
-def make_broker(settings: Settings, redis: RedisClient | None) -> Broker:
+def make_broker(
+    settings: Settings, redis: RedisClient | None, on_gap: Callable[[], None] | None = None
+) -> Broker:
+    """``on_gap``: events may have been missed (a Redis subscriber reconnected); the
+    in-process broker never misses any."""
     if redis is None:
         return MemoryBroker(settings.server_id)
     return RedisBroker(
@@ -108,6 +125,7 @@ def make_broker(settings: Settings, redis: RedisClient | None) -> Broker:
         server_id=settings.server_id,
         prefix=settings.redis_key_prefix,
         cluster=settings.use_redis_cluster,
+        on_gap=on_gap,
     )
 
 

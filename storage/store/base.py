@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from protocol import Message
@@ -12,6 +12,9 @@ from ..records import Conversation, ConversationPage, MessagePage, User
 
 class StoreUnavailable(Exception):
     """The store cannot be reached or refused the operation; the caller may retry later."""
+
+
+PoolStats = tuple[int, int, int]  # open connections, checked out, most allowed
 
 
 class Store(Protocol):
@@ -24,6 +27,10 @@ class Store(Protocol):
 
     async def ping(self) -> None:
         """Return when the store answers; raise ``StoreUnavailable`` otherwise."""
+
+    def pool_stats(self) -> Mapping[str, PoolStats]:
+        """The store's open connection pools by name (``primary``, ``replica``); empty for a
+        store without pools."""
 
     async def ensure_user(self, user_id: str, tier: str, role: str) -> None:
         """Create the user row if missing; never downgrades an existing one."""

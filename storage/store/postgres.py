@@ -26,7 +26,7 @@ import asyncpg  # type: ignore[import-untyped]
 from protocol import Message, parse_timestamp
 
 from ..records import Conversation, ConversationPage, MessagePage, User
-from .base import StoreUnavailable
+from .base import PoolStats, StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
 from .pg_migrate import check_schema, migrate
 from .pg_partitions import PartitionReport, drop_old_partitions, ensure_partitions
@@ -155,6 +155,14 @@ class PostgresStore:
                     await pool.close()
                 except Exception:
                     pool.terminate()
+
+    def pool_stats(self) -> dict[str, PoolStats]:
+        out: dict[str, PoolStats] = {}
+        for name, pool in (("primary", self._primary), ("replica", self._replica)):
+            if pool is not None:  # asyncpg's public Pool API
+                size = int(pool.get_size())
+                out[name] = (size, size - int(pool.get_idle_size()), int(pool.get_max_size()))
+        return out
 
     # -- running operations --------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from protocol import Message, format_timestamp
 
 from ..records import Conversation, ConversationPage, MessagePage, User
-from .base import StoreUnavailable
+from .base import PoolStats, StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
 from .sqlite_ops import (
     MESSAGE_COLUMNS,
@@ -142,6 +142,9 @@ class SqliteStore:
             )
 
         await self._w().run(op)
+
+    def pool_stats(self) -> dict[str, PoolStats]:
+        return {}  # a connection per worker thread, no pool
 
     async def get_user(self, user_id: str) -> User | None:
         def op(conn: sqlite3.Connection) -> User | None:

@@ -47,6 +47,8 @@ class HotWindow(Protocol):
     name: str
     size: int  # messages kept per conversation
     gates: bool  # whether append() takes an AppendGate
+    hits: int  # reads that found the window (since start), for the metrics
+    misses: int  # reads that found it missing
 
     async def start(self) -> None: ...
 
