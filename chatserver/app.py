@@ -93,6 +93,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         outbox,
         app[keys.AGENTS],
         join_messages=settings.join_messages,
+        limits=settings.limits,
     )
     yield
     await outbox.close()
