@@ -16,7 +16,7 @@ from aiohttp import web
 from .auth import Authenticator, AuthError
 from .ops import logs
 from .ops.logs import JsonAccessLogger
-from .settings import Settings, SettingsError, add_flags, load, validate
+from .settings import Settings, SettingsError, add_flags, load
 
 log = logging.getLogger("chatserver")
 
@@ -84,7 +84,7 @@ def _token(args: argparse.Namespace) -> int:
     if not secret:
         print("chatserver token: CHAT_JWT_SECRET is not set", file=sys.stderr)
         return 2
-    validate(Settings(jwt_secret=secret))  # the same rules as the server's
+    Settings.of(jwt_secret=secret)  # validated by the same rules as the server's
     try:
         print(Authenticator(secret).issue(args.user, args.tier, args.role, args.ttl))
     except AuthError as exc:

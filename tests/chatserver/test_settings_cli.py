@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from chatserver.agents import AgentCatalog, AgentCatalogError
 from chatserver.auth import Authenticator
 from chatserver.cli import build_parser, main
-from chatserver.settings import Settings, SettingsError, load
+from chatserver.settings import SPECS, Settings, SettingsError, defaults, env_name, load
 
 SECRET = "cli-test-secret-with-enough-length-0123456789"
 
@@ -33,7 +34,7 @@ def test_flags_beat_env_and_env_beats_defaults() -> None:
     assert settings.window_size == 300
     assert settings.jwt_secret == SECRET and not settings.dev_auth
     with pytest.raises(AttributeError):
-        settings.port = 1  # type: ignore[misc]  # frozen
+        settings.server.port = 1  # type: ignore[misc]  # frozen
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,7 @@ def test_bad_values_name_the_setting(env: dict[str, str], named: str) -> None:
 
 
 def test_public_dict_hides_secrets() -> None:
-    settings = Settings(jwt_secret=SECRET, database_url="postgresql://u:hunter2@db/chat")
+    settings = Settings.of(jwt_secret=SECRET, database_url="postgresql://u:hunter2@db/chat")
     public = settings.public_dict()
     assert public["jwt_secret"] == "***"
     assert "hunter2" not in public["database_url"]
@@ -173,3 +174,21 @@ def test_the_access_log_never_shows_a_query_token(caplog: pytest.LogCaptureFixtu
     assert "secret.jwt.value" not in caplog.text
     record = caplog.records[-1]
     assert record.path == "/ws" and record.status == 101  # type: ignore[attr-defined]
+
+
+def test_the_readme_lists_every_flag_with_its_default() -> None:
+    """The README's tables are the user's reference: they follow ``defaults()``."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = re.findall(r"^\| `--([a-z0-9-]+)` \| `(CHAT_[A-Z0-9_]+)` \| ([^|]+) \|", readme, re.M)
+    listed = {flag.replace("-", "_"): (env, default.strip()) for flag, env, default in rows}
+    flags = {name for name, spec in SPECS.items() if spec.flag}
+    assert set(listed) == flags
+    for name, (env, default) in listed.items():
+        assert env == env_name(name)
+        value = defaults()[name]
+        if isinstance(value, bool):
+            assert default == ("yes" if value else "no"), name
+        elif value is None:
+            assert default == "unset", name
+        elif default.startswith("`") and name != "server_id":
+            assert default == f"`{value}`", name

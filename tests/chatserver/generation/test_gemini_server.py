@@ -72,7 +72,7 @@ def test_without_a_key_the_server_uses_the_local_model() -> None:
     chat = load({}, {"CHAT_GEMINI_API_KEY": "k2", "GEMINI_API_KEY": "k3"})
     assert chat.gemini_api_key == "k2"
     assert load({}, {"GEMINI_API_KEY": "k3"}).gemini_api_key == "k3"
-    sdk = Settings(gemini_api_key="k", gemini_transport="sdk")
+    sdk = Settings.of(gemini_api_key="k", gemini_transport="sdk")
     assert isinstance(make_provider(sdk), GeminiProvider)
     assert sdk.public_dict()["gemini_api_key"] == "***"
 
