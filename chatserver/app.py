@@ -44,14 +44,16 @@ log = logging.getLogger("chatserver.app")
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_and_metrics], client_max_size=settings.server.max_body_bytes
+    )
     app[keys.SETTINGS] = settings
     app[keys.LIMITS] = settings.limits
     app[keys.METRICS] = metrics if metrics is not None else Metrics()
     app[keys.AUTH] = Authenticator(
-        settings.jwt_secret, settings.jwt_secret_previous, settings.jwt_leeway_s
+        settings.auth.secret, settings.auth.previous_secret, settings.auth.leeway_s
     )
-    app[keys.AGENTS] = AgentCatalog.load(settings.agents)
+    app[keys.AGENTS] = AgentCatalog.load(settings.server.agents)
     app[keys.STATE] = keys.RunState()
     app[keys.FLUSHER] = Flusher()
     app.cleanup_ctx.extend(
@@ -92,7 +94,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         window,
         outbox,
         app[keys.AGENTS],
-        join_messages=settings.join_messages,
+        join_messages=settings.window.join_messages,
         limits=settings.limits,
     )
     yield
@@ -119,8 +121,8 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
         BatchWriter(
             outbox,
             app[keys.STORE],
-            max_batch=settings.batch_max,
-            max_wait_ms=settings.batch_wait_ms,
+            max_batch=settings.persist.batch_max,
+            max_wait_ms=settings.persist.batch_wait_ms,
             on_batch=on_batch,
             on_error=on_error,
         )
@@ -130,7 +132,7 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
         writer.start()
     yield
     # Everything acked is persisted before the store closes.
-    timeout_s = max(10.0, settings.shutdown_grace_s)
+    timeout_s = max(10.0, settings.server.shutdown_grace_s)
     if outbox.shared:  # the other instances' writers take what is left
         await asyncio.gather(*(w.finish(timeout_s=timeout_s) for w in writers))
     else:
@@ -173,18 +175,20 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         provider,
         app[keys.AGENTS],
         app[keys.METRICS],
-        server_id=settings.server_id,
+        server_id=settings.server.server_id,
         send_control=broker.send_control,
         publish_events=publish_deltas,
-        router=Router(settings.light_max_chars),
+        router=Router(settings.replies.light_max_chars),
         cache=make_response_cache(settings, app[keys.REDIS]),
         on_usage=app[keys.LIMITER].add_tokens,
-        max_queued=settings.max_queued_replies,
+        max_queued=settings.replies.max_queued,
     )
     broker.on_control = manager.on_control
     app[keys.GENERATION] = manager
     leases = asyncio.create_task(
-        manager.keep_leases(settings.reply_lease_s, sweep_s=min(2.0, settings.reply_lease_s / 2)),
+        manager.keep_leases(
+            settings.replies.lease_s, sweep_s=min(2.0, settings.replies.lease_s / 2)
+        ),
         name="reply-leases",
     )
     yield

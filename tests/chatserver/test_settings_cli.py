@@ -19,10 +19,10 @@ SECRET = "cli-test-secret-with-enough-length-0123456789"
 
 def test_no_settings_is_the_embedded_default() -> None:
     settings = load({}, {})
-    assert settings.redis_url is None and settings.database_url is None
+    assert settings.redis.url is None and settings.store.url is None
     assert settings.dev_auth
-    assert (settings.local_ttft_ms, settings.local_token_ms) == (150, 15)
-    assert settings.window_size == 200 and settings.auth_timeout_s == 5.0
+    assert (settings.replies.local_ttft_ms, settings.replies.local_token_ms) == (150, 15)
+    assert settings.window.size == 200 and settings.ws.auth_timeout_s == 5.0
 
 
 def test_flags_beat_env_and_env_beats_defaults() -> None:
@@ -30,9 +30,9 @@ def test_flags_beat_env_and_env_beats_defaults() -> None:
     settings = load(
         args, {"CHAT_PORT": "9002", "CHAT_WINDOW_SIZE": "300", "CHAT_JWT_SECRET": SECRET}
     )
-    assert settings.port == 9001 and settings.log_level == "debug"
-    assert settings.window_size == 300
-    assert settings.jwt_secret == SECRET and not settings.dev_auth
+    assert settings.server.port == 9001 and settings.server.log_level == "debug"
+    assert settings.window.size == 300
+    assert settings.auth.secret == SECRET and not settings.dev_auth
     with pytest.raises(AttributeError):
         settings.server.port = 1  # type: ignore[misc]  # frozen
 

@@ -147,7 +147,7 @@ async def test_no_auth_in_time_closes_4401(make_harness: MakeHarness) -> None:
 def test_the_default_auth_timeout_is_five_seconds() -> None:
     from chatserver.settings import Settings
 
-    assert Settings().auth_timeout_s == 5.0
+    assert Settings().ws.auth_timeout_s == 5.0
 
 
 def _forged(
