@@ -95,17 +95,6 @@ class Settings:
     def tier_limits(self, tier: str) -> TierLimits:
         return self.tiers.limits(tier)
 
-    def __getattr__(self, name: str) -> Any:
-        """Transitional: a flat read (``settings.redis_url``) of code not yet rewritten by
-        ``settings_codemod.py`` finds its section's field. Goes once the codemod has run."""
-        path = _FLAT_READS.get(name)
-        if path is None:
-            spec = SPECS.get(name)
-            if spec is None:
-                raise AttributeError(name)
-            path = (spec.section, spec.attr)
-        return getattr(getattr(self, path[0]), path[1])
-
     def public_dict(self) -> dict[str, Any]:
         """Settings safe to log, by flat name: secrets masked, credentials stripped from URLs."""
         out: dict[str, Any] = {}
@@ -161,13 +150,6 @@ def _specs() -> Iterator[Spec]:
 
 
 SPECS: dict[str, Spec] = {spec.name: spec for spec in _specs()}
-# The old properties that became fields (transitional, with __getattr__).
-_FLAT_READS = {
-    "should_migrate": ("store", "migrate"),
-    "behind_pgbouncer": ("store", "pgbouncer"),
-    "use_redis_cluster": ("redis", "cluster"),
-    "origins": ("server", "origins"),
-}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
