@@ -28,8 +28,12 @@ from protocol import (
     Send,
     Since,
 )
+from protocol.backoff import Backoff
 
 from .client import ChatClient, ChatError, Closed
+
+# Between failed connects: 50-100 ms at first, doubling up to 2-4 s.
+_RECONNECT = Backoff(initial_s=0.1, max_s=4.0)
 
 
 @dataclass
@@ -82,17 +86,17 @@ class Member:
         self.sending = True  # cleared at the end of a run: listen only, let replies end
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.05
+        attempt = 0  # failed connects in a row
         while not stop.is_set():
             url = self.urls[self._next_url % len(self.urls)]
             self._next_url += 1
             try:
                 self.client = await ChatClient.connect(url, self._token(self.user), timeout=5)
             except (OSError, Closed, ChatError, TimeoutError):
-                await asyncio.sleep(backoff * (1 + random.random()))
-                backoff = min(backoff * 2, 2.0)
+                attempt += 1
+                await asyncio.sleep(_RECONNECT.delay(attempt))
                 continue
-            backoff = 0.05
+            attempt = 0
             self.ledger.connects += 1
             try:
                 delay_ms = await self._session(self.client, stop)

@@ -83,6 +83,12 @@ class LoadConfig:
     def senders_per_conversation(self) -> int:
         return self.members if self.senders <= 0 else min(self.senders, self.members)
 
+    @property
+    def total_senders(self) -> int:
+        """Clients that send, over every worker (the first ones of each conversation)."""
+        per = self.senders_per_conversation
+        return sum(1 for i in range(self.clients) if i % self.members < per)
+
     def user_id(self, client: int) -> str:
         return f"{self.user_prefix}{client}"
 

@@ -257,7 +257,7 @@ class Worker:
         senders = self.senders
         if not senders:
             return
-        total = _total_senders(self.config)
+        total = self.config.total_senders
         rate = self.config.rate * len(senders) / total
         done = 0
         turn = 0
@@ -390,11 +390,6 @@ class Worker:
 def _filler(size: int) -> str:
     words = ("lorem ipsum dolor sit amet consectetur adipiscing elit " * (size // 8 + 1)).strip()
     return words[: max(1, size - 40)].strip() or "x"
-
-
-def _total_senders(config: LoadConfig) -> int:
-    per = config.senders_per_conversation
-    return sum(1 for i in range(config.clients) if i % config.members < per)
 
 
 def _emit(event: dict[str, Any]) -> None:

@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
-from redis.asyncio.cluster import RedisCluster
 
 from storage.batch_writer import BatchWriter
 
@@ -19,15 +18,14 @@ from .backends import (
     make_broker,
     make_limiter,
     make_provider,
-    make_redis,
     make_reply_buffer,
     make_response_cache,
     make_store,
     make_window_and_outbox,
+    open_redis,
 )
 from .conversations import ConversationService
 from .errors import DEPENDENCY_ERRORS
-from .fanout.broker.redis import RedisBroker
 from .fanout.events import Event
 from .fanout.hub import LocalHub
 from .fanout.outbound import Flusher
@@ -47,14 +45,16 @@ log = logging.getLogger("chatserver.app")
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_and_metrics], client_max_size=settings.server.max_body_bytes
+    )
     app[keys.SETTINGS] = settings
     app[keys.LIMITS] = settings.limits
     app[keys.METRICS] = metrics if metrics is not None else Metrics()
     app[keys.AUTH] = Authenticator(
-        settings.jwt_secret, settings.jwt_secret_previous, settings.jwt_leeway_s
+        settings.auth.secret, settings.auth.previous_secret, settings.auth.leeway_s
     )
-    app[keys.AGENTS] = AgentCatalog.load(settings.agents)
+    app[keys.AGENTS] = AgentCatalog.load(settings.server.agents)
     app[keys.STATE] = keys.RunState()
     app[keys.FLUSHER] = Flusher()
     app.cleanup_ctx.extend(
@@ -74,12 +74,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
-    redis = make_redis(app[keys.SETTINGS])
+    redis = await open_redis(app[keys.SETTINGS])
     app[keys.REDIS] = redis
-    if isinstance(redis, RedisCluster):
-        await redis.initialize()  # before many tasks share it: lazy start-up races in redis-py
-    if redis is not None:
-        await redis.ping()  # fail fast with a clear error when Redis is unreachable
     yield
     if redis is not None:
         await redis.aclose()
@@ -100,7 +96,8 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         window,
         outbox,
         app[keys.AGENTS],
-        join_messages=settings.join_messages,
+        join_messages=settings.window.join_messages,
+        limits=settings.limits,
     )
     yield
     await outbox.close()
@@ -126,8 +123,8 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
         BatchWriter(
             outbox,
             app[keys.STORE],
-            max_batch=settings.batch_max,
-            max_wait_ms=settings.batch_wait_ms,
+            max_batch=settings.persist.batch_max,
+            max_wait_ms=settings.persist.batch_wait_ms,
             on_batch=on_batch,
             on_error=on_error,
         )
@@ -137,7 +134,7 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
         writer.start()
     yield
     # Everything acked is persisted before the store closes.
-    timeout_s = max(10.0, settings.shutdown_grace_s)
+    timeout_s = max(10.0, settings.server.shutdown_grace_s)
     if outbox.shared:  # the other instances' writers take what is left
         await asyncio.gather(*(w.finish(timeout_s=timeout_s) for w in writers))
     else:
@@ -145,9 +142,7 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _fanout(app: web.Application) -> AsyncIterator[None]:
-    broker = make_broker(app[keys.SETTINGS], app[keys.REDIS])
-    if isinstance(broker, RedisBroker):
-        broker.on_gap = lambda: resync_joined(app)
+    broker = make_broker(app[keys.SETTINGS], app[keys.REDIS], on_gap=lambda: resync_joined(app))
     metrics = app[keys.METRICS]
     hub = LocalHub(broker, on_fanout=metrics.fanout_delay.observe)
     await broker.start(hub.deliver)
@@ -187,20 +182,22 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         provider,
         app[keys.AGENTS],
         app[keys.METRICS],
-        server_id=settings.server_id,
+        server_id=settings.server.server_id,
         send_control=broker.send_control,
         publish_events=publish_deltas,
         deliver_events=deliver_deltas,
         announce=broker.announce,
-        router=Router(settings.light_max_chars),
+        router=Router(settings.replies.light_max_chars),
         cache=make_response_cache(settings, app[keys.REDIS]),
         on_usage=app[keys.LIMITER].add_tokens,
-        max_queued=settings.max_queued_replies,
+        max_queued=settings.replies.max_queued,
     )
     broker.on_control = manager.on_control
     app[keys.GENERATION] = manager
     leases = asyncio.create_task(
-        manager.keep_leases(settings.reply_lease_s, sweep_s=min(2.0, settings.reply_lease_s / 2)),
+        manager.keep_leases(
+            settings.replies.lease_s, sweep_s=min(2.0, settings.replies.lease_s / 2)
+        ),
         name="reply-leases",
     )
     yield

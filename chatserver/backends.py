@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -36,18 +38,18 @@ _MAX_CONNECTIONS = 1000  # per node; redis-py's default (100) refuses bursts of 
 
 
 def make_redis(settings: Settings) -> RedisClient | None:
-    if settings.redis_url is None:
+    if settings.redis.url is None:
         return None
     # Ride out a Redis restart or failover of a second or two without failing requests;
     # past that the caller answers `unavailable` and clients retry.
     retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=6)
     errors = [RedisConnectionError, RedisTimeoutError]
-    if settings.use_redis_cluster:
+    if settings.redis.cluster:
         return RedisCluster.from_url(
-            settings.redis_url, retry=retry, max_connections=_MAX_CONNECTIONS
+            settings.redis.url, retry=retry, max_connections=_MAX_CONNECTIONS
         )
     return Redis.from_url(
-        settings.redis_url,
+        settings.redis.url,
         retry=retry,
         retry_on_error=errors,
         health_check_interval=15,
@@ -55,59 +57,75 @@ def make_redis(settings: Settings) -> RedisClient | None:
     )
 
 
+async def open_redis(settings: Settings) -> RedisClient | None:
+    """The Redis client, connected and answering (fail fast with a clear error when Redis is
+    unreachable), or None when no Redis is configured."""
+    redis = make_redis(settings)
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()  # before many tasks share it: lazy start-up races in redis-py
+    if redis is not None:
+        await redis.ping()
+    return redis
+
+
 def make_store(settings: Settings) -> Store:
     """Postgres when ``--database-url`` is set, else the embedded SQLite file."""
-    if settings.database_url is not None:
+    if settings.store.url is not None:
         from storage.store.postgres import PostgresStore  # asyncpg only when asked for
 
         return PostgresStore(
-            settings.database_url,
-            read_dsn=settings.read_database_url,
-            pool_min=settings.pg_pool_min,
-            pool_max=settings.pg_pool_max,
-            command_timeout_s=settings.pg_command_timeout_s,
-            pgbouncer=settings.behind_pgbouncer,
-            migrate=settings.should_migrate,
-            months_ahead=settings.partition_months_ahead,
+            settings.store.url,
+            read_dsn=settings.store.read_url,
+            pool_min=settings.store.pool_min,
+            pool_max=settings.store.pool_max,
+            command_timeout_s=settings.store.command_timeout_s,
+            pgbouncer=settings.store.pgbouncer,
+            migrate=settings.store.migrate,
+            months_ahead=settings.store.partition_months_ahead,
         )
-    return SqliteStore(settings.sqlite_path)
+    return SqliteStore(settings.store.sqlite_path)
 
 
 def make_window_and_outbox(
     settings: Settings, redis: RedisClient | None
 ) -> tuple[HotWindow, Outbox]:
     if redis is None:
-        return MemoryWindow(size=settings.window_size), MemoryOutbox(settings.outbox_max)
+        return MemoryWindow(size=settings.window.size), MemoryOutbox(settings.persist.outbox_max)
     from storage.outbox.redis import RedisOutbox
     from storage.window.redis import RedisWindow
 
-    cluster = settings.use_redis_cluster
+    cluster = settings.redis.cluster
     window = RedisWindow(
         redis,
-        prefix=settings.redis_key_prefix,
-        size=settings.window_size,
-        idempotency_ttl_s=settings.idempotency_ttl_s,
+        prefix=settings.redis.key_prefix,
+        size=settings.window.size,
+        idempotency_ttl_s=settings.window.idempotency_ttl_s,
         cluster=cluster,
     )
     outbox = RedisOutbox(
         redis,
-        prefix=settings.redis_key_prefix,
-        consumer=settings.server_id,
-        max_entries=settings.outbox_max,
-        claim_idle_ms=settings.outbox_claim_idle_ms,
+        prefix=settings.redis.key_prefix,
+        consumer=settings.server.server_id,
+        max_entries=settings.persist.outbox_max,
+        claim_idle_ms=settings.persist.outbox_claim_idle_ms,
         shards=_CLUSTER_OUTBOX_SHARDS if cluster else 1,
     )
     return window, outbox
 
 
-def make_broker(settings: Settings, redis: RedisClient | None) -> Broker:
+def make_broker(
+    settings: Settings, redis: RedisClient | None, on_gap: Callable[[], None] | None = None
+) -> Broker:
+    """``on_gap``: events may have been missed (a Redis subscriber reconnected); the
+    in-process broker never misses any."""
     if redis is None:
-        return MemoryBroker(settings.server_id)
+        return MemoryBroker(settings.server.server_id)
     return RedisBroker(
         redis,
-        server_id=settings.server_id,
-        prefix=settings.redis_key_prefix,
-        cluster=settings.use_redis_cluster,
+        server_id=settings.server.server_id,
+        prefix=settings.redis.key_prefix,
+        cluster=settings.redis.cluster,
+        on_gap=on_gap,
     )
 
 
@@ -117,7 +135,7 @@ def make_limiter(settings: Settings, redis: RedisClient | None, store: Store) ->
 
     if redis is None:
         return MemoryLimiter(seed)
-    return RedisLimiter(redis, seed, prefix=settings.redis_key_prefix)
+    return RedisLimiter(redis, seed, prefix=settings.redis.key_prefix)
 
 
 def make_reply_buffer(settings: Settings, redis: RedisClient | None) -> ReplyBuffer:
@@ -125,33 +143,33 @@ def make_reply_buffer(settings: Settings, redis: RedisClient | None) -> ReplyBuf
         return MemoryReplyBuffer()
     return RedisReplyBuffer(
         redis,
-        server_id=settings.server_id,
-        prefix=settings.redis_key_prefix,
-        lease_s=settings.reply_lease_s,
+        server_id=settings.server.server_id,
+        prefix=settings.redis.key_prefix,
+        lease_s=settings.replies.lease_s,
     )
 
 
 def make_provider(settings: Settings, metrics: Metrics | None = None) -> Provider:
     """Gemini when a key is configured (lean SSE or the SDK, per the setting), else the
     embedded local model (key-free)."""
-    if settings.gemini_api_key is None:
-        return LocalProvider(settings.local_ttft_ms, settings.local_token_ms)
+    if settings.gemini.api_key is None:
+        return LocalProvider(settings.replies.local_ttft_ms, settings.replies.local_token_ms)
     from .generation.gemini import GeminiConfig, GeminiProvider, RetryPolicy
 
     config = GeminiConfig(
-        api_key=settings.gemini_api_key,
-        base_url=settings.gemini_base_url,
-        timeout_s=settings.gemini_timeout_s,
+        api_key=settings.gemini.api_key,
+        base_url=settings.gemini.base_url,
+        timeout_s=settings.gemini.timeout_s,
         retry=RetryPolicy(
-            attempts=settings.gemini_retries + 1,
-            initial_s=settings.gemini_retry_initial_s,
-            max_s=settings.gemini_retry_max_s,
-            jitter_s=settings.gemini_retry_initial_s / 4,
+            attempts=settings.gemini.retries + 1,
+            initial_s=settings.gemini.retry_initial_s,
+            max_s=settings.gemini.retry_max_s,
+            jitter_s=settings.gemini.retry_initial_s / 4,
         ),
-        probe_model=settings.gemini_probe_model,
-        probe_ttl_s=settings.ai_check_ttl_s,
+        probe_model=settings.gemini.probe_model,
+        probe_ttl_s=settings.gemini.check_ttl_s,
     )
-    if settings.gemini_transport == "sdk":
+    if settings.gemini.transport == "sdk":
         return GeminiProvider(config, metrics)
     from .generation.gemini_sse import GeminiSseProvider
 
@@ -161,10 +179,10 @@ def make_provider(settings: Settings, metrics: Metrics | None = None) -> Provide
 def make_response_cache(settings: Settings, redis: RedisClient | None) -> ResponseCache | None:
     """The first-turn answer cache: shared in Redis when configured, else per instance.
     Only for a paid model: the embedded local one costs nothing to ask again."""
-    if settings.response_cache_ttl_s <= 0 or settings.gemini_api_key is None:
+    if settings.replies.cache_ttl_s <= 0 or settings.gemini.api_key is None:
         return None
     if redis is None:
-        return MemoryResponseCache(settings.response_cache_ttl_s, settings.response_cache_entries)
+        return MemoryResponseCache(settings.replies.cache_ttl_s, settings.replies.cache_entries)
     return RedisResponseCache(
-        redis, prefix=settings.redis_key_prefix, ttl_s=settings.response_cache_ttl_s
+        redis, prefix=settings.redis.key_prefix, ttl_s=settings.replies.cache_ttl_s
     )

@@ -16,14 +16,14 @@ from aiohttp import web
 from .auth import Authenticator, AuthError
 from .ops import logs
 from .ops.logs import JsonAccessLogger
-from .settings import Settings, SettingsError, add_flags, load, validate
+from .settings import Settings, SettingsError, add_flags, load
 
 log = logging.getLogger("chatserver")
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load(args)
-    logs.configure(settings.log_level, settings.server_id)
+    logs.configure(settings.server.log_level, settings.server.server_id)
     log.info("settings", extra={"settings": settings.public_dict()})
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     try:
@@ -46,11 +46,11 @@ async def _run_server(settings: Settings) -> None:
         app,
         access_log=logging.getLogger("aiohttp.access"),
         access_log_class=JsonAccessLogger,
-        shutdown_timeout=settings.shutdown_grace_s + 5,
+        shutdown_timeout=settings.server.shutdown_grace_s + 5,
         handle_signals=False,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()
     # Everything alive now (modules, the app, pools) lives as long as the process: out of
     # the collector's sight, or each full collection walks it again (~60 ms pauses at 500
@@ -84,7 +84,7 @@ def _token(args: argparse.Namespace) -> int:
     if not secret:
         print("chatserver token: CHAT_JWT_SECRET is not set", file=sys.stderr)
         return 2
-    validate(Settings(jwt_secret=secret))  # the same rules as the server's
+    Settings.of(jwt_secret=secret)  # validated by the same rules as the server's
     try:
         print(Authenticator(secret).issue(args.user, args.tier, args.role, args.ttl))
     except AuthError as exc:
@@ -95,7 +95,7 @@ def _token(args: argparse.Namespace) -> int:
 
 def _postgres_settings(args: argparse.Namespace, command: str) -> Settings:
     settings = load({"database_url": args.database_url})
-    if settings.database_url is None:
+    if settings.store.url is None:
         raise SettingsError(f"{command} needs --database-url or CHAT_DATABASE_URL")
     return settings
 
@@ -103,22 +103,24 @@ def _postgres_settings(args: argparse.Namespace, command: str) -> Settings:
 async def _maintain(settings: Settings, migrate: bool, retain_months: int | None) -> None:
     from storage.store.postgres import PostgresStore
 
-    assert settings.database_url is not None
+    assert settings.store.url is not None
     store = PostgresStore(
-        settings.database_url,
+        settings.store.url,
         pool_min=1,
         pool_max=1,
-        command_timeout_s=max(settings.pg_command_timeout_s, 300.0),  # DDL may wait on locks
-        pgbouncer=settings.behind_pgbouncer,
+        command_timeout_s=max(settings.store.command_timeout_s, 300.0),  # DDL may wait on locks
+        pgbouncer=settings.store.pgbouncer,
         migrate=migrate,
-        months_ahead=settings.partition_months_ahead,
+        months_ahead=settings.store.partition_months_ahead,
     )
     await store.start()  # migrates when asked, checks the schema, creates partitions ahead
     try:
         if migrate:
             print(f"migrations applied: {store.applied_migrations or 'none (up to date)'}")
         created = store.start_partitions.created if store.start_partitions else []
-        print(f"partitions: {settings.partition_months_ahead} months ahead; created {created}")
+        print(
+            f"partitions: {settings.store.partition_months_ahead} months ahead; created {created}"
+        )
         if retain_months is not None:
             dropped = await store.drop_old_partitions(retain_months)
             print(
@@ -134,7 +136,7 @@ def _run_maintenance(args: argparse.Namespace, migrate: bool, retain: int | None
     from storage.store.pg_migrate import SchemaError
 
     settings = _postgres_settings(args, args.command)
-    logs.configure(settings.log_level, settings.server_id)
+    logs.configure(settings.server.log_level, settings.server.server_id)
     try:
         asyncio.run(_maintain(settings, migrate, retain))
     except (StoreUnavailable, SchemaError, ValueError) as exc:

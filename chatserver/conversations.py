@@ -7,7 +7,7 @@ import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
 
-from protocol import ErrorCode, Message, Since, format_timestamp
+from protocol import DEFAULT_LIMITS, ErrorCode, Limits, Message, Since, format_timestamp
 from storage.outbox.base import Outbox, OutboxFull
 from storage.records import AppendResult, Conversation, MessageDraft, MessagePage, WindowView
 from storage.store.base import Store
@@ -36,8 +36,7 @@ class ConversationService:
         agents: AgentCatalog,
         *,
         join_messages: int = 50,
-        max_members: int = 100,
-        max_title_chars: int = 200,
+        limits: Limits = DEFAULT_LIMITS,
         cache_size: int = 10_000,
     ) -> None:
         self.store = store
@@ -45,8 +44,7 @@ class ConversationService:
         self.outbox = outbox
         self.agents = agents
         self.join_messages = join_messages
-        self.max_members = max_members
-        self.max_title_chars = max_title_chars
+        self.limits = limits  # the same bounds as the WebSocket frames (settings.limits)
         self._cache: OrderedDict[str, Conversation] = OrderedDict()
         self._cache_size = cache_size
         self._rebuilding: dict[str, asyncio.Future[None]] = {}
@@ -54,19 +52,23 @@ class ConversationService:
     async def create(
         self, owner: Principal, agent_id: str, title: str | None, members: list[str]
     ) -> Conversation:
+        limits = self.limits
         if self.agents.get(agent_id) is None:
-            raise ServiceError(ErrorCode.BAD_REQUEST, f"unknown agent_id {agent_id[:64]!r}")
+            shown = agent_id[: limits.max_id_chars]
+            raise ServiceError(ErrorCode.BAD_REQUEST, f"unknown agent_id {shown!r}")
         title = (title or "").strip()
-        if len(title) > self.max_title_chars:
+        if len(title) > limits.max_title_chars:
             raise ServiceError(
-                ErrorCode.BAD_REQUEST, f"title longer than {self.max_title_chars} characters"
+                ErrorCode.BAD_REQUEST, f"title longer than {limits.max_title_chars} characters"
             )
         everyone = list(dict.fromkeys([owner.user_id, *members]))
-        if len(everyone) > self.max_members:
-            raise ServiceError(ErrorCode.BAD_REQUEST, f"more than {self.max_members} members")
+        if len(everyone) > limits.max_members:
+            raise ServiceError(ErrorCode.BAD_REQUEST, f"more than {limits.max_members} members")
         for member in everyone:
-            if not member or len(member) > 64:
-                raise ServiceError(ErrorCode.BAD_REQUEST, "member ids must be 1..64 characters")
+            if not member or len(member) > limits.max_id_chars:
+                raise ServiceError(
+                    ErrorCode.BAD_REQUEST, f"member ids must be 1..{limits.max_id_chars} characters"
+                )
         await self.store.ensure_user(owner.user_id, owner.tier, owner.role)
         for member in everyone[1:]:
             await self.store.ensure_user(member, "free", "user")
@@ -120,9 +122,13 @@ class ConversationService:
                 await self._rebuild(draft.conversation_id)
             except OutboxFull:
                 raise ServiceError(
-                    ErrorCode.UNAVAILABLE, "persistence is behind, retry shortly", 1000
+                    ErrorCode.UNAVAILABLE,
+                    "persistence is behind, retry shortly",
+                    retry_after_ms=1000,
                 ) from None
-        raise ServiceError(ErrorCode.UNAVAILABLE, "conversation window could not be loaded", 500)
+        raise ServiceError(
+            ErrorCode.UNAVAILABLE, "conversation window could not be loaded", retry_after_ms=500
+        )
 
     async def was_sent(self, conversation_id: str, user_id: str, client_msg_id: str) -> bool:
         """Whether this user's message with this client_msg_id was accepted (and still known)."""
@@ -156,7 +162,9 @@ class ConversationService:
             if view is not None:
                 return view
             await self._rebuild(conversation_id)
-        raise ServiceError(ErrorCode.UNAVAILABLE, "conversation window could not be loaded", 500)
+        raise ServiceError(
+            ErrorCode.UNAVAILABLE, "conversation window could not be loaded", retry_after_ms=500
+        )
 
     async def join_view(self, conversation_id: str, since: Since | None) -> JoinView:
         if since is not None:

@@ -38,7 +38,8 @@ HTTP_STATUS = {
 
 
 class ServiceError(Exception):
-    def __init__(self, code: ErrorCode, message: str, retry_after_ms: int | None = None) -> None:
+    # retry_after_ms is keyword-only: ``ServiceError(code, "...", 500)`` would read as HTTP 500.
+    def __init__(self, code: ErrorCode, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -13,6 +13,7 @@ from .records import (
     MessageDraft,
     MessagePage,
     OutboxEntry,
+    User,
     WindowView,
 )
 from .store.base import Store, StoreUnavailable
@@ -38,6 +39,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoreUnavailable",
+    "User",
     "WindowMissing",
     "WindowView",
 ]

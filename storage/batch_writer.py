@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
+
+from protocol.backoff import Backoff
 
 from .outbox.base import Outbox
 from .records import OutboxEntry
@@ -46,8 +47,7 @@ class BatchWriter:
         self.store = store
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self.backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._on_batch = on_batch
         self._on_error = on_error
         self._task: asyncio.Task[None] | None = None
@@ -58,13 +58,9 @@ class BatchWriter:
         self.errors = 0
 
     def backoff_delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number ``attempt`` (1, 2, ...): capped, jittered.
-
-        The jitter keeps many instances from hammering a recovering database in step; the
-        lower half is kept so the delay still grows.
-        """
-        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(attempt - 1, 60))
-        return random.uniform(ceiling / 2, ceiling)
+        """Seconds to wait before retry number ``attempt`` (1, 2, ...): capped, jittered, so
+        that many instances do not hammer a recovering database in step."""
+        return self.backoff.delay(attempt)
 
     @property
     def running(self) -> bool:

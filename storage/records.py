@@ -9,6 +9,13 @@ from protocol import Message, Usage
 
 
 @dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    tier: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
 class Conversation:
     id: str
     agent_id: str

@@ -1,4 +1,4 @@
-"""Redis key names of the storage layer, in one place.
+"""Redis key names of the storage layer and of the server, in one place.
 
 Every key starts with a prefix (default ``chat``). The keys of one conversation carry the hash
 tag ``{<conversation_id>}`` so that they live in one Redis Cluster slot and a Lua script may
@@ -13,6 +13,7 @@ touch them together::
     chat:{<conv>}:reply_text       its text so far (to the last checkpoint when unwatched)
     chat:{<conv>}:reply_next       the reply waiting for the slot (it goes next)
     chat:{<conv>}:watchers         set of the instances with a local member joined
+    chat:{<conv>}:events           the conversation's fan-out channel between instances
     chat:{<generation>}:reply_ref  generation id -> conversation id (cancel, owner look-up)
     chat:{inst-<server>}:alive     an instance's liveness (PX one lease, renewed every third)
     chat:{inst-<server>}:replies   set of that instance's running replies (conv TAB gen)
@@ -20,7 +21,13 @@ touch them together::
 
 The outbox is global: ``chat:outbox`` with one shard, else ``chat:outbox:{0}`` ... ``{n-1}``
 (each shard its own hash tag, so the shards spread over a cluster). A conversation's messages
-always go to the same shard (:func:`outbox_shard`).
+always go to the same shard (:func:`outbox_shard`). The other keys::
+
+    chat:replies                   running replies by lease end (any instance sweeps them)
+    chat:{<generation>}:reply_ref  a reply's conversation, by generation id
+    chat:{ctl-<server>}:control    control messages to one instance (cancel a reply)
+    chat:{u:<user>}:<kind>[:...]   a user's limits: conns, rate, tokens:<UTC day>
+    chat:rcache:<digest>           a cached model answer
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class ConversationKeys:
         self.epoch = f"{self.base}:epoch"
         self.win = f"{self.base}:win"
 
+    # Built when asked, not in __init__: the append path makes one of these per message.
     @property
     def reply(self) -> str:
         return f"{self.base}:reply"
@@ -72,6 +80,12 @@ class ConversationKeys:
         """The idempotency record of one (user, client_msg_id) in this conversation."""
         raw = f"{user_id or ''}\x00{client_msg_id}".encode()
         return f"{self.base}:idem:{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
+
+    @property
+    def no_idem(self) -> str:
+        """A key in the conversation's slot that is never set: the record of a message that
+        has no ``client_msg_id`` (a script's key list keeps one shape)."""
+        return f"{self.base}:idem:"
 
 
 def outbox_key(prefix: str, shards: int, shard: int) -> str:
@@ -104,4 +118,14 @@ def instances_key(prefix: str) -> str:
 
 
 def control_channel(prefix: str, server_id: str) -> str:
+    """The channel of control messages to one instance."""
     return f"{prefix}:{{ctl-{server_id}}}:control"
+
+
+def user_key(prefix: str, user_id: str, kind: str, *rest: str) -> str:
+    """One of a user's limit keys; a user's keys share a hash tag (one node on a cluster)."""
+    return ":".join([f"{prefix}:{{u:{user_id}}}:{kind}", *rest])
+
+
+def response_cache_key(prefix: str, digest: str) -> str:
+    return f"{prefix}:rcache:{digest}"

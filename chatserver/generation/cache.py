@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from storage.redis_keys import response_cache_key
+
 from ..agents import Agent
 
 MAX_ANSWER_CHARS = 64 * 1024  # longer answers are not worth a cache slot
@@ -100,7 +102,7 @@ class RedisResponseCache:
         self.ttl_s = ttl_s
 
     def redis_key(self, key: CacheKey) -> str:
-        return f"{self._prefix}:rcache:{key.digest()}"
+        return response_cache_key(self._prefix, key.digest())
 
     async def get(self, key: CacheKey) -> str | None:
         value = await self._redis.get(self.redis_key(key))

@@ -12,7 +12,7 @@ One reply = one ``client.aio.models.generate_content_stream`` call:
   reason too: never a silent success;
 - the stream runs in the caller's task (the manager's producer task): ``task.cancel()``
   raises inside the SDK's read, which closes the HTTP connection at once. (Breaking out of
-  the SDK's iterator does not close it; see DESIGN.md.)
+  the SDK's iterator does not close it: the connection would stay open until collected.)
 
 The mapping from Gemini's answer to a ``Finish`` is shared with the lean SSE path
 (``gemini_sse.py``): both must behave the same against the same fake server.

@@ -157,6 +157,7 @@ class _Ticker:
 
 class LocalProvider:
     name = "local"
+    probe = None  # no upstream to ask: healthy() tells all
 
     def __init__(self, ttft_ms: int = 150, token_ms: int = 15) -> None:
         self.ttft_s = ttft_ms / 1000

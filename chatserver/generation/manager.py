@@ -144,11 +144,15 @@ class GenerationManager:
 
     def check_capacity(self, conversation_id: str) -> None:
         if self._closing:
-            raise ServiceError(ErrorCode.UNAVAILABLE, "server is shutting down", 1000)
+            raise ServiceError(
+                ErrorCode.UNAVAILABLE, "server is shutting down", retry_after_ms=1000
+            )
         lane = self._lanes.get(conversation_id)
         if lane is not None and lane.waiting > self._max_queued:
             raise ServiceError(
-                ErrorCode.RATE_LIMITED, "too many replies pending in this conversation", 1000
+                ErrorCode.RATE_LIMITED,
+                "too many replies pending in this conversation",
+                retry_after_ms=1000,
             )
 
     def start(self, conversation: Conversation, message: Message) -> ReplyRun:

@@ -8,7 +8,7 @@ when it is there.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -51,6 +51,11 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
     def healthy(self) -> bool: ...
+
+    @property
+    def probe(self) -> Callable[[], Awaitable[object]] | None:
+        """A cheap call to the upstream (cached) for the health check, or None when
+        ``healthy()`` tells all there is (an embedded model)."""
 
 
 class ChunkSink(Protocol):

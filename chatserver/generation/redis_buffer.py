@@ -30,6 +30,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from protocol import GenerationSnapshot
+from storage.lua import script as lua_script
 from storage.redis_keys import (
     ConversationKeys,
     instance_alive_key,
@@ -39,7 +40,8 @@ from storage.redis_keys import (
 )
 
 from .buffer import ClaimedReply, Delta, LeaseLost, Record, ReplyOwner, RunningReply, Slot
-from .scripts import script
+
+_LUA = "chatserver.generation"  # the package whose lua/ holds these scripts
 
 # How long a reply waiting for its conversation's slot stays next without asking again (it
 # asks at least every 0.5 s; one that gave up or died stops holding the others back).
@@ -75,11 +77,11 @@ class RedisReplyBuffer:
         self._alive_until = 0.0  # monotonic: our alive key surely exists until then
         self._instances = instances_key(prefix)
         self._swept: dict[tuple[str, str], str] = {}  # found by ``expired``: its dead owner
-        self._begin = redis.register_script(script("begin"))
-        self._record = redis.register_script(script("record"))
-        self._snapshot = redis.register_script(script("snapshot"))
-        self._end = redis.register_script(script("end"))
-        self._claim = redis.register_script(script("claim"))
+        self._begin = redis.register_script(lua_script("begin", _LUA))
+        self._record = redis.register_script(lua_script("record", _LUA))
+        self._snapshot = redis.register_script(lua_script("snapshot", _LUA))
+        self._end = redis.register_script(lua_script("end", _LUA))
+        self._claim = redis.register_script(lua_script("claim", _LUA))
 
     def _keys(self, conversation_id: str) -> list[str]:
         keys = ConversationKeys(self._prefix, conversation_id)

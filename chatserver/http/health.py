@@ -55,7 +55,7 @@ async def health_report(app: web.Application, include_ai: bool = True) -> dict[s
     checks: dict[str, Any] = {"database": database, "redis": redis}
     if include_ai:
         provider = app[keys.GENERATION].provider
-        probe = getattr(provider, "probe", None)  # a cheap upstream call, cached (Gemini)
+        probe = provider.probe  # a cheap upstream call, cached (Gemini)
         if probe is not None:
             ai = await _check(probe())
         else:

@@ -223,7 +223,7 @@ async def admin_stats(request: web.Request) -> web.Response:
     state = app[keys.STATE]
     return web.json_response(
         {
-            "server_id": app[keys.SETTINGS].server_id,
+            "server_id": app[keys.SETTINGS].server.server_id,
             "draining": state.draining,
             "connections": len(state.connections),
             "users": len(state.users),

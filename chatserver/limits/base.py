@@ -8,10 +8,28 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from protocol import ErrorCode
 from storage import AppendGate
 
 # Tokens a user already used on a UTC day, read from the store when a counter starts.
 UsageSeed = Callable[[str, str], Awaitable[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a send may not go now, and in how many ms asking again makes sense."""
+
+    code: ErrorCode  # RATE_LIMITED or QUOTA_EXCEEDED
+    retry_after_ms: int
+
+    @classmethod
+    def rate(cls, wait_ms: int) -> Refusal:
+        return cls(ErrorCode.RATE_LIMITED, wait_ms)
+
+    @classmethod
+    def quota(cls) -> Refusal:
+        """The day's tokens are used up: until the next UTC day."""
+        return cls(ErrorCode.QUOTA_EXCEEDED, ms_until_next_utc_day())
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +94,8 @@ class Limiter(Protocol):
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         """Count tokens the model really used for the user today."""
 
-    async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
-        """Quota, then rate, in one step: None to go ahead, else (error code, ms to wait).
+    async def check_send(self, user_id: str, limits: TierLimits) -> Refusal | None:
+        """Quota, then rate, in one step: None to go ahead, else why not.
 
         A message refused for its quota takes no token from the rate bucket.
         """
@@ -86,6 +104,6 @@ class Limiter(Protocol):
         """The same check as a gate for the window's append (one round trip for both), or
         None when this limiter has none (then ``check_send`` comes first)."""
 
-    async def gate_refused(self, user_id: str, code: int, value: int) -> tuple[str, int] | None:
-        """What a refusal by ``send_gate``'s gate means: (error code, ms to wait), or None
+    async def gate_refused(self, user_id: str, code: int, value: int) -> Refusal | None:
+        """What a refusal by ``send_gate``'s gate means, or None
         when the gate could not decide yet (the day's counter is started now: append again)."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+from protocol import ErrorCode
 from storage import AppendGate
 
-from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
+from .base import Refusal, TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
 
 _MAX_USERS = 100_000  # buckets and day counters kept; the least recently used go first
 
@@ -63,17 +64,17 @@ class MemoryLimiter:
         _, used = await self._today(user_id)
         return ms_until_next_utc_day() if used >= limits.daily_tokens else None
 
-    async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
+    async def check_send(self, user_id: str, limits: TierLimits) -> Refusal | None:
         reset_ms = await self._quota_retry_ms(user_id, limits)
         if reset_ms is not None:
-            return ("quota_exceeded", reset_ms)
+            return Refusal(ErrorCode.QUOTA_EXCEEDED, reset_ms)
         wait_ms = await self._take_message(user_id, limits)
-        return ("rate_limited", wait_ms) if wait_ms is not None else None
+        return Refusal.rate(wait_ms) if wait_ms is not None else None
 
     def send_gate(self, user_id: str, limits: TierLimits) -> AppendGate | None:
         return None  # in-process: check_send is as cheap
 
-    async def gate_refused(self, user_id: str, code: int, value: int) -> tuple[str, int] | None:
+    async def gate_refused(self, user_id: str, code: int, value: int) -> Refusal | None:
         raise TypeError("the memory limiter makes no gates")
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:

@@ -8,74 +8,29 @@ import contextlib
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from storage import AppendGate
+from storage import AppendGate, lua
+from storage.redis_keys import DEFAULT_PREFIX, user_key
 
-from .base import TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
+from .base import Refusal, TierLimits, UsageSeed, utc_day
 
-_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
-
-# Connections: a sorted set of connection ids scored by when they stop counting.
-# 0: refused; 1: counted; 2: counted, and today's token counter (KEYS[2]) does not exist yet.
-_OPEN = (
-    _NOW
-    + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-if redis.call('EXISTS', KEYS[2]) == 0 then return 2 end
-return 1
-"""
-)
-
-_RENEW = (
-    _NOW
-    + """
-if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) then
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-end
-return 1
-"""
-)
-
-# A send's whole check: today's tokens (K[2]) against the quota (A[2]), then the token bucket
-# (K[1]; capacity A[1], messages per minute, refilled continuously). {0, 0}: go ahead;
-# {1, ms} rate limited; {2, 0} quota used up; {-1, 0}: today's counter does not exist yet
-# (the caller seeds it from the store and checks again). The body of a function of K and A:
-# run alone (check_send) or as the gate of the window's append (send_gate), which then costs
-# no round trip of its own.
-SEND_CHECK_LUA = (
-    _NOW
-    + """
-local used = redis.call('GET', K[2])
-if not used then return {-1, 0} end
-if tonumber(used) >= tonumber(A[2]) then return {2, 0} end
-local capacity = tonumber(A[1])
-local rate = capacity / 60000
-local tokens = tonumber(redis.call('HGET', K[1], 't') or capacity)
-local at = tonumber(redis.call('HGET', K[1], 'at') or now)
-tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / rate) end
-redis.call('HSET', K[1], 't', tostring(tokens), 'at', now)
-redis.call('PEXPIRE', K[1], 120000)
-if wait > 0 then return {1, wait} end
-return {0, 0}
-"""
-)
-_CHECK_SEND = f"return (function(K, A)\n{SEND_CHECK_LUA}\nend)(KEYS, ARGV)"
+_LUA = "chatserver.limits"  # its lua/ directory
+_OPEN = lua.script("open", _LUA)  # count a connection
+_RENEW = lua.script("renew", _LUA)
+# A send's whole check, the body of a function of K and A: run alone (check_send) or as the
+# gate of the window's append (send_gate), which then costs no round trip of its own.
+SEND_CHECK_LUA = lua.source("send_check", _LUA)
+_CHECK_SEND = lua.gate_alone(SEND_CHECK_LUA)
+# send_check.lua's codes: -1 today's counter does not exist yet, 1 rate limited, 2 quota.
 _MISSING, _RATE, _QUOTA = -1, 1, 2
 
 _DAY_TTL_S = 2 * 24 * 3600
 
 
-def _refusal(code: int, value: int) -> tuple[str, int] | None:
+def _refusal(code: int, value: int) -> Refusal | None:
     if code == _QUOTA:
-        return ("quota_exceeded", ms_until_next_utc_day())
+        return Refusal.quota()
     if code == _RATE:
-        return ("rate_limited", value)
+        return Refusal.rate(value)
     return None
 
 
@@ -87,7 +42,7 @@ class RedisLimiter:
         redis: Redis | RedisCluster,
         seed: UsageSeed,
         *,
-        prefix: str = "chat",
+        prefix: str = DEFAULT_PREFIX,
         connection_ttl_s: float = 30.0,
     ) -> None:
         self._redis = redis
@@ -100,8 +55,7 @@ class RedisLimiter:
         self._starting: set[asyncio.Task[None]] = set()  # counters being started, kept alive
 
     def _key(self, kind: str, user_id: str, *rest: str) -> str:
-        # One user's keys share a hash tag: a cluster keeps them on one node.
-        return ":".join([f"{self._prefix}:{{u:{user_id}}}:{kind}", *rest])
+        return user_key(self._prefix, user_id, kind, *rest)
 
     async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
         day = utc_day()
@@ -150,7 +104,7 @@ class RedisLimiter:
     def _send_keys(self, user_id: str, day: str) -> tuple[str, str]:
         return (self._key("rate", user_id), self._key("tokens", user_id, day))
 
-    async def check_send(self, user_id: str, limits: TierLimits) -> tuple[str, int] | None:
+    async def check_send(self, user_id: str, limits: TierLimits) -> Refusal | None:
         day = utc_day()
         keys = self._send_keys(user_id, day)
         args = [limits.messages_per_minute, limits.daily_tokens]
@@ -167,7 +121,7 @@ class RedisLimiter:
             (limits.messages_per_minute, limits.daily_tokens),
         )
 
-    async def gate_refused(self, user_id: str, code: int, value: int) -> tuple[str, int] | None:
+    async def gate_refused(self, user_id: str, code: int, value: int) -> Refusal | None:
         if code == _MISSING:
             await self._start_day(user_id, utc_day())
             return None

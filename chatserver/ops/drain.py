@@ -30,9 +30,9 @@ async def drain(app: web.Application) -> None:
     generation = app[keys.GENERATION]
     log.info("draining", extra={"replies": generation.running})
     if app[keys.REDIS] is not None:
-        drain_connections(app, settings.drain_jitter_ms)
-        await generation.shutdown(settings.shutdown_grace_s)
+        drain_connections(app, settings.server.drain_jitter_ms)
+        await generation.shutdown(settings.server.shutdown_grace_s)
     else:
-        await generation.shutdown(settings.shutdown_grace_s)
-        drain_connections(app, settings.drain_jitter_ms)
+        await generation.shutdown(settings.server.shutdown_grace_s)
+        drain_connections(app, settings.server.drain_jitter_ms)
     log.info("drained")

@@ -7,10 +7,8 @@ A cleanup context (``observe``) runs two tasks for the app's lifetime:
 - a lag monitor: a timer that asks to wake every ``LAG_INTERVAL_S`` and records how late it
   actually woke (``chat_event_loop_lag_seconds``): anything blocking the loop shows there.
 
-Database pools: a store that has pools exposes them through a ``pool_stats()`` hook returning
-``{"primary": (size, in_use, max), "replica": (...)}``. Without the hook, the asyncpg pools of
-``PostgresStore`` (its ``_primary`` / ``_replica``) are read through asyncpg's public Pool API;
-SQLite has no pool and reports none.
+Database pools: ``Store.pool_stats()`` returns ``{"primary": (size, in_use, max), "replica":
+(...)}``; SQLite has no pool and reports none.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -31,23 +29,6 @@ log = logging.getLogger("chatserver.observe")
 SAMPLE_INTERVAL_S = 1.0
 LAG_INTERVAL_S = 0.25
 _BACKLOG_TIMEOUT_S = 2.0
-
-PoolStats = tuple[int, int, int]  # open connections, checked out, most allowed
-
-
-def pool_stats(store: object) -> dict[str, PoolStats]:
-    """The store's connection pools by name; empty for a store without pools."""
-    hook = getattr(store, "pool_stats", None)
-    if callable(hook):
-        stats: Mapping[str, PoolStats] = hook()
-        return dict(stats)
-    out: dict[str, PoolStats] = {}
-    for name, attr in (("primary", "_primary"), ("replica", "_replica")):
-        pool = getattr(store, attr, None)
-        if pool is not None and hasattr(pool, "get_idle_size"):
-            size = int(pool.get_size())
-            out[name] = (size, size - int(pool.get_idle_size()), int(pool.get_max_size()))
-    return out
 
 
 class Sampler:
@@ -68,12 +49,12 @@ class Sampler:
     def sample_sync(self) -> None:
         metrics = self.metrics
         window = self.app[keys.WINDOW]
-        hits, misses = int(getattr(window, "hits", 0)), int(getattr(window, "misses", 0))
+        hits, misses = window.hits, window.misses
         # A window that resets its counts starts a new series of deltas, never a negative one.
         metrics.window_hits.inc(max(0, hits - self._hits))
         metrics.window_misses.inc(max(0, misses - self._misses))
         self._hits, self._misses = hits, misses
-        pools = pool_stats(self.app[keys.STORE])
+        pools = self.app[keys.STORE].pool_stats()
         for name, (size, in_use, most) in pools.items():
             metrics.db_pool_size.labels(name).set(size)
             metrics.db_pool_in_use.labels(name).set(in_use)

@@ -1,5 +1,5 @@
 // The browser client of chatserver: one page, no build step, no external resources.
-// Wire contract: PROTOCOL.md (WebSocket subprotocol chat.v1.json, REST under /api).
+// Wire contract: docs/protocol.md (WebSocket subprotocol chat.v1.json, REST under /api).
 // All message text is rendered with textContent, never as HTML.
 
 const SUBPROTOCOL = "chat.v1.json";

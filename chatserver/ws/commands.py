@@ -35,9 +35,9 @@ from .. import keys
 from ..errors import ServiceError
 from ..fanout.publish import publish
 from ..fanout.session import Session
-from ..limits.base import TierLimits
+from ..limits.base import Refusal, TierLimits
 
-log = logging.getLogger("chatserver.gateway")
+log = logging.getLogger("chatserver.commands")
 
 Reply = Callable[[Any], None]  # queue a direct reply frame to the client
 
@@ -191,19 +191,23 @@ async def _append_within_limits(
             refused = await limiter.gate_refused(principal.user_id, exc.code, exc.value)
             if refused is not None:
                 raise _limit_error(refused, limits) from None
-    raise ServiceError(ErrorCode.UNAVAILABLE, "the send limits could not be checked", 500)
+    raise ServiceError(
+        ErrorCode.UNAVAILABLE, "the send limits could not be checked", retry_after_ms=500
+    )
 
 
-def _limit_error(refused: tuple[str, int], limits: TierLimits) -> ServiceError:
-    code, wait_ms = refused
-    if code == ErrorCode.QUOTA_EXCEEDED.value:
+def _limit_error(refused: Refusal, limits: TierLimits) -> ServiceError:
+    wait_ms = refused.retry_after_ms
+    if refused.code is ErrorCode.QUOTA_EXCEEDED:
         return ServiceError(
             ErrorCode.QUOTA_EXCEEDED,
             f"daily quota of {limits.daily_tokens} model tokens used up",
-            wait_ms,
+            retry_after_ms=wait_ms,
         )
     return ServiceError(
-        ErrorCode.RATE_LIMITED, f"at most {limits.messages_per_minute} messages per minute", wait_ms
+        ErrorCode.RATE_LIMITED,
+        f"at most {limits.messages_per_minute} messages per minute",
+        retry_after_ms=wait_ms,
     )
 
 

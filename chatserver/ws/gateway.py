@@ -63,9 +63,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         )
     ws = web.WebSocketResponse(
         protocols=(encoding.value,) if offered else (),
-        heartbeat=settings.heartbeat_s,
+        heartbeat=settings.ws.heartbeat_s,
         # aiohttp refuses a message of max_msg_size bytes itself; the limit is inclusive
-        max_msg_size=settings.max_frame_bytes + 1,
+        max_msg_size=settings.ws.max_frame_bytes + 1,
         compress=False,  # one framed bytes object serves every recipient, uncompressed
         decode_text=False,  # we check UTF-8 ourselves: a bad frame is an error, not a close
         timeout=5.0,
@@ -74,7 +74,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     if transport is None:
         return ws
-    _bound_kernel_buffer(transport, settings.tcp_send_buffer_bytes)
+    _bound_kernel_buffer(transport, settings.ws.tcp_send_buffer_bytes)
     connection = _Connection(app, ws, transport, encoding)
     connections = app[keys.STATE].connections
     connections.add(connection)
@@ -134,7 +134,7 @@ class _Connection:
         self._close_task: asyncio.Task[bool] | None = None
         self.counted = False  # the session holds one of its user's connection slots
         self.outbound = Outbound(
-            transport, app[keys.FLUSHER], self.settings.send_buffer_bytes, self
+            transport, app[keys.FLUSHER], self.settings.ws.send_buffer_bytes, self
         )
 
     # -- sending and closing ------------------------------------------------------------
@@ -182,7 +182,7 @@ class _Connection:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def run(self, request: web.Request) -> None:
-        origins = self.settings.origins
+        origins = self.settings.server.origins
         origin = request.headers.get("Origin")
         dev = self.app[keys.AUTH].dev_mode
         if origins and not dev and origin is not None and origin not in origins:
@@ -221,9 +221,9 @@ class _Connection:
             Hello(
                 self.session.id,
                 principal.user_id,
-                self.settings.server_id,
-                self.settings.heartbeat_s,
-                self.settings.max_frame_bytes,
+                self.settings.server.server_id,
+                self.settings.ws.heartbeat_s,
+                self.settings.ws.max_frame_bytes,
             )
         )
         # The read loop, inline: one coroutine frame fewer per open connection.
@@ -286,7 +286,7 @@ class _Connection:
             try:
                 # One deadline for the whole wait: receive's own timeout restarts on every
                 # control frame, so a client pinging every few seconds would never meet it.
-                async with asyncio.timeout(self.settings.auth_timeout_s):
+                async with asyncio.timeout(self.settings.ws.auth_timeout_s):
                     msg = await self.ws.receive()
             except TimeoutError:
                 self.send_error(ErrorCode.UNAUTHORIZED, "no auth frame in time")
@@ -327,14 +327,14 @@ class _Connection:
         except ProtocolError as exc:
             self.metrics.frames_in.labels("invalid").inc()
             self.send_error(exc.code, exc.message, exc.ref)
-            if session.note_bad_frame(self.settings.bad_frame_limit):
+            if session.note_bad_frame(self.settings.ws.bad_frame_limit):
                 self.close(CloseCode.POLICY_VIOLATION, "too_many_bad_frames")
             return
         self.metrics.child(self.metrics.frames_in, frame.TYPE).inc()
-        wait_ms = session.take_frame(self.settings.frames_per_second)
+        wait_ms = session.take_frame(self.settings.ws.frames_per_second)
         if wait_ms is not None:
             self.send_error(ErrorCode.RATE_LIMITED, "too many frames", frame.ref, wait_ms)
-            if session.note_bad_frame(self.settings.bad_frame_limit):
+            if session.note_bad_frame(self.settings.ws.bad_frame_limit):
                 self.close(CloseCode.POLICY_VIOLATION, "frame_flood")
             return
         started = time.perf_counter()

@@ -577,7 +577,7 @@ STOP = asyncio.Event()
 async def serving(server_id: str, **options: Any) -> AsyncIterator[str]:
     """An embedded server on a free port with a SQLite file of its own; yields its base URL."""
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
+        settings = Settings.of(
             sqlite_path=str(Path(tmp) / f"{server_id}.sqlite3"),
             server_id=server_id,
             local_ttft_ms=100,

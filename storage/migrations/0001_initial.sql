@@ -1,4 +1,4 @@
--- 0001: the initial schema (DESIGN.md, "Postgres").
+-- 0001: the initial schema (docs/architecture.md, "Postgres").
 -- Ids are text: the server makes UUIDs, but the store keeps whatever ids it is given.
 -- Timestamps are timestamptz; the protocol's RFC 3339 millisecond strings round-trip exactly.
 -- No foreign keys from messages or conversations: the batch writer must never be blocked by

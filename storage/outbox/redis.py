@@ -33,7 +33,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 from redis.asyncio import Redis, RedisCluster
@@ -41,10 +41,12 @@ from redis.exceptions import ResponseError
 
 from protocol import Message
 
+from .. import lua
 from ..records import OutboxEntry
 from ..redis_codec import OFFSET, PAYLOAD, TIME_MS, decode_message, message_payload
 from ..redis_keys import DEFAULT_PREFIX, outbox_key, outbox_shard
 from .base import OutboxFull
+from .stream_ids import padded_entry_id, parse_entry_id, raw_id, stream_items
 
 log = logging.getLogger("storage.outbox.redis")
 
@@ -52,49 +54,12 @@ AnyRedis: TypeAlias = "Redis | RedisCluster"
 _BLOCK_CHUNK_S = 1.0
 _Raw: TypeAlias = "tuple[int, bytes, dict[bytes, bytes] | None]"  # (shard, stream id, fields)
 
-# Check the bound and add in one step. KEYS: stream. ARGV: max, then field/value pairs.
-_ADD_LUA = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
-return 1
-"""
-
-
-def _entry_id(shards: int, shard: int, stream_id: bytes) -> str:
-    """A zero-padded form of the stream id, so that string order is stream order."""
-    ms, _, seq = stream_id.partition(b"-")
-    padded = f"{int(ms):015d}-{int(seq or b'0'):010d}"
-    return padded if shards == 1 else f"{shard:03d}/{padded}"
-
-
-def _id(stream_id: bytes | str) -> bytes:
-    return stream_id if isinstance(stream_id, bytes) else stream_id.encode()
-
-
-def _parse_entry_id(shards: int, entry_id: str) -> tuple[int, str] | None:
-    shard_part, sep, padded = entry_id.rpartition("/")
-    try:
-        shard = int(shard_part) if sep else 0
-        ms, dash, seq = padded.partition("-")
-        if not dash or not 0 <= shard < shards:
-            return None
-        return shard, f"{int(ms)}-{int(seq)}"
-    except ValueError:
-        return None
+_ADD_LUA = lua.script("outbox_add")  # check the bound and add in one step
 
 
 def _observe(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _stream_items(response: Any) -> Iterable[tuple[Any, Any]]:
-    """(stream key, entries) pairs of an XREADGROUP reply, RESP2 or RESP3."""
-    if not response:
-        return ()
-    if isinstance(response, dict):
-        return response.items()
-    return ((item[0], item[1]) for item in response)
 
 
 class RedisOutbox:
@@ -253,7 +218,7 @@ class RedisOutbox:
         self._out.difference_update(entry_ids)
         by_shard: dict[int, list[str]] = {}
         for entry_id in entry_ids:
-            parsed = _parse_entry_id(self.shards, entry_id)
+            parsed = parse_entry_id(self.shards, entry_id)
             if parsed is not None:
                 by_shard.setdefault(parsed[0], []).append(parsed[1])
         if by_shard:
@@ -315,7 +280,9 @@ class RedisOutbox:
         if not more:
             self._own_cursor = ["0-0"] * self.shards
         held = self._out | {entry.entry_id for entry in self._buffer}
-        lost = [raw for raw in raws if _entry_id(self.shards, raw[0], _id(raw[1])) not in held]
+        lost = [
+            raw for raw in raws if padded_entry_id(self.shards, raw[0], raw_id(raw[1])) not in held
+        ]
         if lost:
             log.warning("took back %d outbox entries whose read was lost", len(lost))
             await self._accept(lost)
@@ -339,7 +306,7 @@ class RedisOutbox:
             return []
         shard_of = {self.keys[shard].encode(): shard for shard in unit}
         raws: list[_Raw] = []
-        for key, entries in _stream_items(response):
+        for key, entries in stream_items(response):
             shard = shard_of[key if isinstance(key, bytes) else str(key).encode()]
             raws.extend((shard, entry[0], entry[1]) for entry in entries)
         return raws
@@ -392,7 +359,7 @@ class RedisOutbox:
                 )
                 poison.setdefault(shard, []).append(sid)
                 continue
-            entry_id = _entry_id(self.shards, shard, sid.encode())
+            entry_id = padded_entry_id(self.shards, shard, sid.encode())
             self._buffer.append(OutboxEntry(entry_id=entry_id, message=message))
         if poison:
             self.poisoned += sum(len(ids) for ids in poison.values())

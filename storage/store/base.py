@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from protocol import Message
 
-from ..records import Conversation, ConversationPage, MessagePage
+from ..records import Conversation, ConversationPage, MessagePage, User
 
 
 class StoreUnavailable(Exception):
     """The store cannot be reached or refused the operation; the caller may retry later."""
+
+
+PoolStats = tuple[int, int, int]  # open connections, checked out, most allowed
 
 
 class Store(Protocol):
@@ -25,8 +28,15 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Return when the store answers; raise ``StoreUnavailable`` otherwise."""
 
+    def pool_stats(self) -> Mapping[str, PoolStats]:
+        """The store's open connection pools by name (``primary``, ``replica``); empty for a
+        store without pools."""
+
     async def ensure_user(self, user_id: str, tier: str, role: str) -> None:
         """Create the user row if missing; never downgrades an existing one."""
+
+    async def get_user(self, user_id: str) -> User | None:
+        """The user row as stored (``ensure_user`` made it), or None."""
 
     async def create_conversation(self, conversation: Conversation) -> None: ...
 

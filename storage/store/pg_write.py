@@ -44,6 +44,9 @@ from typing import Any
 
 from protocol import Message
 
+from .schema import INDEX, PRIMARY_KEY, message_values
+from .schema import MESSAGE_COLUMNS as COLUMNS
+
 # At and above this many rows a batch goes through COPY; below, through unnest (measured by
 # bench/persist.py: even up to ~100 rows, COPY ahead from ~500).
 COPY_THRESHOLD = 500
@@ -51,30 +54,15 @@ COPY_THRESHOLD = 500
 STAGE_TABLE = "chat_stage"
 
 # (column, Postgres type) of a message row, in the order ``Batch.rows`` holds them.
-MESSAGE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("conversation_id", "text"),
-    ("offset", "bigint"),
-    ("created_at", "timestamptz"),
-    ("id", "text"),
-    ("role", "text"),
-    ("text", "text"),
-    ("text_raw", "bytea"),
-    ("user_id", "text"),
-    ("agent_id", "text"),
-    ("client_msg_id", "text"),
-    ("finish_reason", "text"),
-    ("input_tokens", "integer"),
-    ("output_tokens", "integer"),
-    ("model", "text"),
-    ("reply_to", "text"),
-)
+MESSAGE_COLUMNS: tuple[tuple[str, str], ...] = tuple((c.name, c.pg_type) for c in COLUMNS)
 # Staged rows add the replied-to message's author when it is in the same batch.
 STAGE_COLUMNS = (*MESSAGE_COLUMNS, ("charge_to", "text"))
 _MESSAGE_NAMES = [name for name, _ in MESSAGE_COLUMNS]
 _STAGE_NAMES = [name for name, _ in STAGE_COLUMNS]
 _COLS = ", ".join(f'"{n}"' for n in _MESSAGE_NAMES)
-_KEY = itemgetter(0, 1, 2)  # (conversation_id, offset, created_at): the primary key
-_INPUT, _OUTPUT, _REPLY_TO = 11, 12, 14
+_KEY = itemgetter(*(INDEX[name] for name in PRIMARY_KEY))
+_CONVERSATION, _CREATED = INDEX["conversation_id"], INDEX["created_at"]
+_INPUT, _OUTPUT, _REPLY_TO = INDEX["input_tokens"], INDEX["output_tokens"], INDEX["reply_to"]
 
 # For the write transaction only: JIT compilation costs more than it saves on these plans, and
 # a cached generic plan of an unnest statement (planned for a 10-row guess of the arrays)
@@ -237,23 +225,7 @@ class Batch:
                 authors[m.id] = user
             if cid not in newest or at > newest[cid]:
                 newest[cid] = at
-            row = (
-                cid,
-                m.offset,
-                at,
-                m.id,
-                m.role,
-                text,
-                raw,
-                user,
-                m.agent_id,
-                m.client_msg_id,
-                m.finish_reason,
-                usage.input_tokens if usage is not None else None,
-                usage.output_tokens if usage is not None else None,
-                m.model,
-                m.reply_to,
-            )
+            row = message_values(m, at, text, raw)
             rows.append(row)
             if (
                 usage is not None
@@ -302,10 +274,10 @@ class Batch:
         unknown: list[tuple[str, str, date, int, int]] = []
         for row in self.replies:
             reply_to, tokens_in, tokens_out = row[_REPLY_TO], row[_INPUT], row[_OUTPUT]
-            day = row[2].astimezone(UTC).date()
+            day = row[_CREATED].astimezone(UTC).date()
             who = self.author(reply_to)
             if who is None:
-                unknown.append((row[0], reply_to, day, tokens_in, tokens_out))
+                unknown.append((row[_CONVERSATION], reply_to, day, tokens_in, tokens_out))
                 continue
             total = known.get((who, day))
             if total is None:

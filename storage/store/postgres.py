@@ -25,8 +25,8 @@ import asyncpg  # type: ignore[import-untyped]
 
 from protocol import Message, parse_timestamp
 
-from ..records import Conversation, ConversationPage, MessagePage
-from .base import StoreUnavailable
+from ..records import Conversation, ConversationPage, MessagePage, User
+from .base import PoolStats, StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
 from .pg_migrate import check_schema, migrate
 from .pg_partitions import PartitionReport, drop_old_partitions, ensure_partitions
@@ -156,6 +156,14 @@ class PostgresStore:
                 except Exception:
                     pool.terminate()
 
+    def pool_stats(self) -> dict[str, PoolStats]:
+        out: dict[str, PoolStats] = {}
+        for name, pool in (("primary", self._primary), ("replica", self._replica)):
+            if pool is not None:  # asyncpg's public Pool API
+                size = int(pool.get_size())
+                out[name] = (size, size - int(pool.get_idle_size()), int(pool.get_max_size()))
+        return out
+
     # -- running operations --------------------------------------------------------------
 
     async def _run(self, pool: Any, op: Op[T], *, transaction: bool = False) -> T:
@@ -215,6 +223,12 @@ class PostgresStore:
                 role,
             )
         )
+
+    async def get_user(self, user_id: str) -> User | None:
+        row = await self._primary_op(
+            lambda conn: conn.fetchrow("SELECT id, tier, role FROM users WHERE id = $1", user_id)
+        )
+        return User(row["id"], row["tier"], row["role"]) if row is not None else None
 
     async def create_conversation(self, conversation: Conversation) -> None:
         c = conversation

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 from protocol import Message, format_timestamp
 
-from ..records import Conversation, ConversationPage, MessagePage
-from .base import StoreUnavailable
+from ..records import Conversation, ConversationPage, MessagePage, User
+from .base import PoolStats, StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
 from .sqlite_ops import (
     MESSAGE_COLUMNS,
@@ -142,6 +142,17 @@ class SqliteStore:
             )
 
         await self._w().run(op)
+
+    def pool_stats(self) -> dict[str, PoolStats]:
+        return {}  # a connection per worker thread, no pool
+
+    async def get_user(self, user_id: str) -> User | None:
+        def op(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute("SELECT id, tier, role FROM users WHERE id = ?", (user_id,))
+            found = row.fetchone()
+            return User(*found) if found is not None else None
+
+        return await self._r().run(op)
 
     async def create_conversation(self, conversation: Conversation) -> None:
         c = conversation

@@ -8,18 +8,28 @@ from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
 
-from protocol import Message, Usage, parse_timestamp
+from protocol import Message, parse_timestamp
 
 from ..records import Conversation
 from .base import StoreUnavailable
+from .schema import (
+    SQLITE_COLUMNS,
+    SQLITE_NAMES,
+    column_list,
+    message_from_row,
+    message_values,
+    sqlite_values,
+)
 
 log = logging.getLogger("storage.store.sqlite")
 
 SCHEMA_VERSION = 1
 
+_MESSAGE_COLUMNS_DDL = ",\n    ".join(f"{c.quoted} {c.sqlite_type}" for c in SQLITE_COLUMNS)
+
 # Timestamps are kept as the protocol's RFC 3339 strings: fixed width, UTC, milliseconds, so
 # lexicographic order is time order and they round-trip byte for byte.
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY,
@@ -44,20 +54,7 @@ CREATE TABLE IF NOT EXISTS conversation_members (
 );
 CREATE INDEX IF NOT EXISTS members_by_user ON conversation_members (user_id, conversation_id);
 CREATE TABLE IF NOT EXISTS messages (
-    id TEXT NOT NULL,
-    conversation_id TEXT NOT NULL,
-    "offset" INTEGER NOT NULL,
-    role TEXT NOT NULL,
-    text TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    user_id TEXT,
-    agent_id TEXT,
-    client_msg_id TEXT,
-    finish_reason TEXT,
-    input_tokens INTEGER,
-    output_tokens INTEGER,
-    model TEXT,
-    reply_to TEXT,
+    {_MESSAGE_COLUMNS_DDL},
     UNIQUE (conversation_id, "offset")
 );
 CREATE INDEX IF NOT EXISTS messages_by_id ON messages (id);
@@ -72,53 +69,23 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 """
 
-MESSAGE_COLUMNS = (
-    'id, conversation_id, "offset", role, text, created_at, user_id, agent_id, client_msg_id, '
-    "finish_reason, input_tokens, output_tokens, model, reply_to"
-)
+MESSAGE_COLUMNS = column_list(SQLITE_COLUMNS)
 _INSERT_MESSAGE = (
     f"INSERT OR IGNORE INTO messages ({MESSAGE_COLUMNS}) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"VALUES ({', '.join('?' * len(SQLITE_COLUMNS))})"
 )
 
 
 def message_row(m: Message) -> tuple[Any, ...]:
-    usage = m.usage
-    return (
-        m.id,
-        m.conversation_id,
-        m.offset,
-        m.role,
-        m.text,
-        m.created_at,
-        m.user_id,
-        m.agent_id,
-        m.client_msg_id,
-        m.finish_reason,
-        usage.input_tokens if usage is not None else None,
-        usage.output_tokens if usage is not None else None,
-        m.model,
-        m.reply_to,
-    )
+    """The values of the SQLite columns (it keeps the text and the timestamp as they are)."""
+    values: tuple[Any, ...] = sqlite_values(message_values(m, m.created_at, m.text, None))
+    return values
 
 
 def row_message(row: Sequence[Any]) -> Message:
-    usage = Usage(row[10], row[11]) if row[10] is not None else None
-    return Message(
-        id=row[0],
-        conversation_id=row[1],
-        offset=row[2],
-        role=row[3],
-        text=row[4],
-        created_at=row[5],
-        user_id=row[6],
-        agent_id=row[7],
-        client_msg_id=row[8],
-        finish_reason=row[9],
-        usage=usage,
-        model=row[12],
-        reply_to=row[13],
-    )
+    """The message of a row selected as ``MESSAGE_COLUMNS``."""
+    named = dict(zip(SQLITE_NAMES, row, strict=True))
+    return message_from_row(named, text=named["text"], created_at=named["created_at"])
 
 
 def _usage_day(created_at: str) -> str:

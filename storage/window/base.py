@@ -35,6 +35,7 @@ class AppendGate:
     accepted message is never refused) and the window's own checks (an append that will be
     retried has not passed it yet), right before anything is written. Only windows whose
     ``gates`` is true take one (a single Redis: on a cluster the gate's keys live elsewhere).
+    The body may call the shared prelude's helpers (``now_ms()``: ``storage/lua/prelude.lua``).
     """
 
     lua: str
@@ -46,6 +47,8 @@ class HotWindow(Protocol):
     name: str
     size: int  # messages kept per conversation
     gates: bool  # whether append() takes an AppendGate
+    hits: int  # reads that found the window (since start), for the metrics
+    misses: int  # reads that found it missing
 
     async def start(self) -> None: ...
 

@@ -43,6 +43,7 @@ from redis.asyncio import RedisCluster
 from protocol import Message
 from protocol.ids import uuid4_str
 
+from .. import lua
 from ..outbox.base import Outbox, OutboxFull
 from ..outbox.redis import AnyRedis, RedisOutbox
 from ..records import AppendResult, MessageDraft, WindowView
@@ -58,108 +59,15 @@ from ..redis_codec import (
 from ..redis_keys import DEFAULT_PREFIX, ConversationKeys
 from .base import AppendGate, AppendRefused, WindowMissing
 
-# KEYS: epoch, seq, win. ARGV: max id, min id, count (0: no messages).
-# Returns nil when the window is missing, else {epoch, last offset, first id or "", entries}.
-_READ_LUA = """
-local epoch = redis.call('GET', KEYS[1])
-if not epoch then return false end
-local last = redis.call('GET', KEYS[2]) or '0'
-local first = ''
-local head = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
-if #head > 0 then first = head[1][1] end
-local entries = {}
-if tonumber(ARGV[3]) > 0 then
-  entries = redis.call('XREVRANGE', KEYS[3], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
-end
-return {epoch, last, first, entries}
-"""
+# Read when the module is imported: a missing or broken file fails at start-up, not mid-append.
+# The append script's ``--GATE--`` line is a Lua comment: without a gate it is just that.
+_READ_LUA = lua.script("window_read")
+_APPEND_LUA = lua.script("window_append")
+_REBUILD_LUA = lua.script("window_rebuild")
+_MARK_QUEUED_LUA = lua.script("window_mark_queued")
 
-# KEYS: seq, epoch, win, idem[, outbox]. ARGV: payload, size, idem ttl ms (0: no record),
-# key ttl s, outbox max, record state ("d": in the outbox, "p": not yet).
-# Returns {0, offset, ms} | {1, record} duplicate | {2} missing | {3} full
-# | {4, code, value} refused by the gate (with a gate: its keys and args follow the outbox's).
-_APPEND_LUA = """
-local idem_ttl = tonumber(ARGV[3])
-if idem_ttl > 0 then
-  local seen = redis.call('GET', KEYS[4])
-  if seen then return {1, seen} end
-end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {2} end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  -- The counter vanished under a live window: never restart at 1, rebuild instead.
-  redis.call('DEL', KEYS[2], KEYS[3])
-  return {2}
-end
-local outbox = KEYS[5]
-if outbox and redis.call('XLEN', outbox) >= tonumber(ARGV[5]) then return {3} end
---GATE--
-local offset = string.format('%d', redis.call('INCR', KEYS[1]))
-local now = redis.call('TIME')
-local ms = string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
-redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], offset .. '-0', 'm', ARGV[1], 't', ms)
-if outbox then
-  redis.call('XADD', outbox, '*', 'm', ARGV[1], 'o', offset, 't', ms)
-end
-if idem_ttl > 0 then
-  redis.call('SET', KEYS[4], ARGV[6] .. offset .. ':' .. ms .. ':' .. ARGV[1], 'PX', idem_ttl)
-end
-local ttl = tonumber(ARGV[4])
-redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('EXPIRE', KEYS[3], ttl)
-redis.call('EXPIRE', KEYS[1], 2 * ttl)
-return {0, tonumber(offset), tonumber(ms)}
-"""
-
-# KEYS: seq, epoch, win, idem keys... ARGV: epoch, last offset, key ttl s, idem ttl ms, n,
-# then n triples (offset, payload, index of the idem key among KEYS[4..] or 0).
-# The messages are the store's contiguous tail ending at ARGV[2], at most `size` of them.
-_REBUILD_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local last = tonumber(ARGV[2])
-local counter = tonumber(redis.call('GET', KEYS[1]) or '0')
--- Newer offsets than the store's tail exist (still in the outbox): hold nothing rather than
--- a run that does not reach the counter.
-local keep = counter <= last
-if counter > last then last = counter end
-local ttl = tonumber(ARGV[3])
-local idem_ttl = tonumber(ARGV[4])
-redis.call('DEL', KEYS[3])
-redis.call('SET', KEYS[1], string.format('%d', last), 'EX', 2 * ttl)
-for i = 0, tonumber(ARGV[5]) - 1 do
-  local offset = ARGV[6 + 3 * i]
-  local payload = ARGV[7 + 3 * i]
-  local idem = tonumber(ARGV[8 + 3 * i])
-  if keep then redis.call('XADD', KEYS[3], offset .. '-0', 'm', payload) end
-  if idem > 0 and idem_ttl > 0 then
-    redis.call('SET', KEYS[3 + idem], 'd' .. offset .. '::' .. payload, 'NX', 'PX', idem_ttl)
-  end
-end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ttl)
-if keep then redis.call('EXPIRE', KEYS[3], ttl) end
-return 1
-"""
-
-# Where a gate goes in the append script: its keys and args are the ones after the append's.
-_GATE_LUA = """
-do
-  local K, A = {}, {}
-  for i = 6, #KEYS do K[#K + 1] = KEYS[i] end
-  for i = 7, #ARGV do A[#A + 1] = ARGV[i] end
-  local verdict = (function(K, A)
-%s
-  end)(K, A)
-  if tonumber(verdict[1]) ~= 0 then return {4, verdict[1], verdict[2]} end
-end
-"""
-_REFUSED = 4
-
-# Cluster path: the message of this record reached the outbox. An expired record stays gone.
-_MARK_QUEUED_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('SETRANGE', KEYS[1], 0, 'd') end
-return 1
-"""
-
-_OK, _DUPLICATE, _MISSING, _FULL = 0, 1, 2, 3
+# The codes of window_append.lua's replies.
+_OK, _DUPLICATE, _MISSING, _FULL, _REFUSED = 0, 1, 2, 3, 4
 _QUEUED, _UNQUEUED = b"d", b"p"  # first byte of an idempotency record
 
 
@@ -217,7 +125,7 @@ class RedisWindow:
         self.cluster = cluster or isinstance(redis, RedisCluster)
         self.gates = not self.cluster
         self._read_script = redis.register_script(_READ_LUA)
-        self._append_script = redis.register_script(_APPEND_LUA.replace("--GATE--", ""))
+        self._append_script = redis.register_script(_APPEND_LUA)
         self._gated_scripts: dict[str, Any] = {}  # by the gate's Lua: one per kind of gate
         self._rebuild_script = redis.register_script(_REBUILD_LUA)
         self._mark_script = redis.register_script(_MARK_QUEUED_LUA)
@@ -298,7 +206,7 @@ class RedisWindow:
         if script is None:
             if len(self._gated_scripts) >= 16:  # gates come from a few fixed sources
                 raise ValueError("too many kinds of append gates")
-            source = _APPEND_LUA.replace("--GATE--", _GATE_LUA % gate.lua)
+            source = lua.gated("window_append", gate.lua)
             script = self._gated_scripts[gate.lua] = self.redis.register_script(source)
         return script
 
@@ -313,7 +221,7 @@ class RedisWindow:
         payload = draft_payload(message_id, draft)
         shard = outbox.shard_for(cid)
         idem_ttl_ms = 0
-        idem_key = f"{keys.base}:idem:"  # a placeholder in the conversation's slot
+        idem_key = keys.no_idem
         if draft.client_msg_id is not None:
             idem_key = keys.idem(draft.user_id, draft.client_msg_id)
             idem_ttl_ms = self._idem_ttl_ms

@@ -65,7 +65,7 @@ UNLIMITED = "messages_per_minute=1000000,connections=10000,daily_tokens=10000000
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
+    return Settings.of(
         port=0,
         sqlite_path=str(tmp_path / "chat.sqlite3"),
         local_ttft_ms=5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +12,17 @@ import pytest
 from chatserver.agents import AgentCatalog, AgentCatalogError
 from chatserver.auth import Authenticator
 from chatserver.cli import build_parser, main
-from chatserver.settings import Settings, SettingsError, load
+from chatserver.settings import SPECS, Settings, SettingsError, defaults, env_name, load
 
 SECRET = "cli-test-secret-with-enough-length-0123456789"
 
 
 def test_no_settings_is_the_embedded_default() -> None:
     settings = load({}, {})
-    assert settings.redis_url is None and settings.database_url is None
+    assert settings.redis.url is None and settings.store.url is None
     assert settings.dev_auth
-    assert (settings.local_ttft_ms, settings.local_token_ms) == (150, 15)
-    assert settings.window_size == 200 and settings.auth_timeout_s == 5.0
+    assert (settings.replies.local_ttft_ms, settings.replies.local_token_ms) == (150, 15)
+    assert settings.window.size == 200 and settings.ws.auth_timeout_s == 5.0
 
 
 def test_flags_beat_env_and_env_beats_defaults() -> None:
@@ -29,11 +30,11 @@ def test_flags_beat_env_and_env_beats_defaults() -> None:
     settings = load(
         args, {"CHAT_PORT": "9002", "CHAT_WINDOW_SIZE": "300", "CHAT_JWT_SECRET": SECRET}
     )
-    assert settings.port == 9001 and settings.log_level == "debug"
-    assert settings.window_size == 300
-    assert settings.jwt_secret == SECRET and not settings.dev_auth
+    assert settings.server.port == 9001 and settings.server.log_level == "debug"
+    assert settings.window.size == 300
+    assert settings.auth.secret == SECRET and not settings.dev_auth
     with pytest.raises(AttributeError):
-        settings.port = 1  # type: ignore[misc]  # frozen
+        settings.server.port = 1  # type: ignore[misc]  # frozen
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,7 @@ def test_bad_values_name_the_setting(env: dict[str, str], named: str) -> None:
 
 
 def test_public_dict_hides_secrets() -> None:
-    settings = Settings(jwt_secret=SECRET, database_url="postgresql://u:hunter2@db/chat")
+    settings = Settings.of(jwt_secret=SECRET, database_url="postgresql://u:hunter2@db/chat")
     public = settings.public_dict()
     assert public["jwt_secret"] == "***"
     assert "hunter2" not in public["database_url"]
@@ -173,3 +174,21 @@ def test_the_access_log_never_shows_a_query_token(caplog: pytest.LogCaptureFixtu
     assert "secret.jwt.value" not in caplog.text
     record = caplog.records[-1]
     assert record.path == "/ws" and record.status == 101  # type: ignore[attr-defined]
+
+
+def test_the_readme_lists_every_flag_with_its_default() -> None:
+    """The README's tables are the user's reference: they follow ``defaults()``."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = re.findall(r"^\| `--([a-z0-9-]+)` \| `(CHAT_[A-Z0-9_]+)` \| ([^|]+) \|", readme, re.M)
+    listed = {flag.replace("-", "_"): (env, default.strip()) for flag, env, default in rows}
+    flags = {name for name, spec in SPECS.items() if spec.flag}
+    assert set(listed) == flags
+    for name, (env, default) in listed.items():
+        assert env == env_name(name)
+        value = defaults()[name]
+        if isinstance(value, bool):
+            assert default == ("yes" if value else "no"), name
+        elif value is None:
+            assert default == "unset", name
+        elif default.startswith("`") and name != "server_id":
+            assert default == f"`{value}`", name

@@ -1,4 +1,4 @@
-"""Conformance of both encodings to PROTOCOL.md: one suite, run once per encoding."""
+"""Conformance of both encodings to the wire protocol (docs/protocol.md): one suite, run once per encoding."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from protocol import Message, Usage, timestamp_from_ms
-from storage import Conversation, Store
+from storage import Conversation, Store, User
 
 if TYPE_CHECKING:
     from conftest import MessageFactory, StoreMaker
@@ -44,9 +44,13 @@ async def test_ping_answers(store: Store) -> None:
     await store.ping()
 
 
-async def test_ensure_user_is_repeatable(store: Store) -> None:
+async def test_ensure_user_is_repeatable_and_never_downgrades(store: Store) -> None:
+    assert await store.get_user("u1") is None
     await store.ensure_user("u1", "pro", "admin")
-    await store.ensure_user("u1", "free", "user")
+    await store.ensure_user("u1", "free", "user")  # a second sign-in with a stale token
+    assert await store.get_user("u1") == User("u1", "pro", "admin")
+    await store.ensure_user("u2", "free", "user")
+    assert await store.get_user("u2") == User("u2", "free", "user")
 
 
 async def test_conversation_round_trip(store: Store) -> None:

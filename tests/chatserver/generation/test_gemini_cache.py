@@ -98,9 +98,11 @@ async def test_the_redis_cache_keeps_one_expiring_key_under_the_prefix(redis_url
 
 def test_the_settings_choose_the_cache() -> None:
     assert make_response_cache(Settings(), None) is None  # the local model costs nothing
-    keyed = Settings(gemini_api_key="k")
+    keyed = Settings.of(gemini_api_key="k")
     assert isinstance(make_response_cache(keyed, None), MemoryResponseCache)
-    assert make_response_cache(Settings(gemini_api_key="k", response_cache_ttl_s=0), None) is None
+    assert (
+        make_response_cache(Settings.of(gemini_api_key="k", response_cache_ttl_s=0), None) is None
+    )
     redis = Redis()  # never connected: only chosen
     assert isinstance(make_response_cache(keyed, redis), RedisResponseCache)
 

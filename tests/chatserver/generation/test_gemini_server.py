@@ -68,11 +68,11 @@ def _metric(harness: Harness, name: str, **labels: str) -> float:
 def test_without_a_key_the_server_uses_the_local_model() -> None:
     assert isinstance(make_provider(load({}, {})), LocalProvider)
     keyed = load({}, {"GOOGLE_API_KEY": "k1"})
-    assert keyed.gemini_api_key == "k1" and isinstance(make_provider(keyed), GeminiSseProvider)
+    assert keyed.gemini.api_key == "k1" and isinstance(make_provider(keyed), GeminiSseProvider)
     chat = load({}, {"CHAT_GEMINI_API_KEY": "k2", "GEMINI_API_KEY": "k3"})
-    assert chat.gemini_api_key == "k2"
-    assert load({}, {"GEMINI_API_KEY": "k3"}).gemini_api_key == "k3"
-    sdk = Settings(gemini_api_key="k", gemini_transport="sdk")
+    assert chat.gemini.api_key == "k2"
+    assert load({}, {"GEMINI_API_KEY": "k3"}).gemini.api_key == "k3"
+    sdk = Settings.of(gemini_api_key="k", gemini_transport="sdk")
     assert isinstance(make_provider(sdk), GeminiProvider)
     assert sdk.public_dict()["gemini_api_key"] == "***"
 

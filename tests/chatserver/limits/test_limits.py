@@ -39,8 +39,8 @@ async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Limiter]:
 async def test_the_bucket_allows_a_minutes_worth_then_says_when(limiter: Limiter) -> None:
     assert [await limiter.check_send("u", TIGHT) for _ in range(3)] == [None, None, None]
     refused = await limiter.check_send("u", TIGHT)
-    assert refused is not None and refused[0] == "rate_limited"
-    assert 0 < refused[1] <= 20_000  # one message per 20 s at 3 a minute
+    assert refused is not None and refused.code is ErrorCode.RATE_LIMITED
+    assert 0 < refused.retry_after_ms <= 20_000  # one message per 20 s at 3 a minute
     assert await limiter.check_send("other", TIGHT) is None  # per user
 
 
@@ -57,21 +57,25 @@ async def test_the_daily_quota_starts_from_the_store_and_counts_usage(limiter: L
     assert await limiter.check_send("heavy", TIGHT) is None  # 90 of 100 used
     await limiter.add_tokens("heavy", 15)
     refused = await limiter.check_send("heavy", TIGHT)
-    assert refused is not None and refused[0] == "quota_exceeded"
-    assert abs(refused[1] - ms_until_next_utc_day()) < 5_000
+    assert refused is not None and refused.code is ErrorCode.QUOTA_EXCEEDED
+    assert abs(refused.retry_after_ms - ms_until_next_utc_day()) < 5_000
     assert await limiter.check_send("light", TIGHT) is None
 
 
 async def test_check_send_is_quota_then_rate_in_one_step(limiter: Limiter) -> None:
     assert [await limiter.check_send("u", TIGHT) for _ in range(3)] == [None, None, None]
     refused = await limiter.check_send("u", TIGHT)
-    assert refused is not None and refused[0] == "rate_limited" and 0 < refused[1] <= 20_000
+    assert (
+        refused is not None
+        and refused.code is ErrorCode.RATE_LIMITED
+        and 0 < refused.retry_after_ms <= 20_000
+    )
     # heavy starts at 90 of 100 tokens (the store's figure); over quota, no rate token is taken
     await limiter.add_tokens("heavy", 15)
     for _ in range(5):
         refused = await limiter.check_send("heavy", TIGHT)
-        assert refused is not None and refused[0] == "quota_exceeded"
-        assert abs(refused[1] - ms_until_next_utc_day()) < 5_000
+        assert refused is not None and refused.code is ErrorCode.QUOTA_EXCEEDED
+        assert abs(refused.retry_after_ms - ms_until_next_utc_day()) < 5_000
 
 
 async def test_a_dead_instances_connections_stop_counting(redis_url: str) -> None:
@@ -118,7 +122,7 @@ async def test_the_send_gate_in_the_appends_script_starts_the_day_then_counts(
         with pytest.raises(AppendRefused) as spent:
             await window.append(draft, outbox, gate)
         refusal = await limiter.gate_refused("heavy", spent.value.code, spent.value.value)
-        assert refusal is not None and refusal[0] == "quota_exceeded"
+        assert refusal is not None and refusal.code is ErrorCode.QUOTA_EXCEEDED
         light = limiter.send_gate("light", TIGHT)  # TIGHT: 3 messages a minute
         await limiter.gate_refused("light", -1, 0)  # starts light's day
         other = MessageDraft(conversation_id="c1", role="user", text="x", user_id="light")
@@ -127,7 +131,11 @@ async def test_the_send_gate_in_the_appends_script_starts_the_day_then_counts(
         with pytest.raises(AppendRefused) as fast:
             await window.append(other, outbox, light)
         refusal = await limiter.gate_refused("light", fast.value.code, fast.value.value)
-        assert refusal is not None and refusal[0] == "rate_limited" and refusal[1] > 0
+        assert (
+            refusal is not None
+            and refusal.code is ErrorCode.RATE_LIMITED
+            and refusal.retry_after_ms > 0
+        )
         assert await outbox.backlog() == 4
     finally:
         await redis.flushdb()
@@ -160,7 +168,7 @@ async def test_a_connection_starts_the_days_counter_off_the_send_path(redis_url:
         assert seeded == [("heavy", utc_day())]
         await limiter.add_tokens("heavy", 15)
         refused = await limiter.check_send("heavy", TIGHT)
-        assert refused is not None and refused[0] == "quota_exceeded"
+        assert refused is not None and refused.code is ErrorCode.QUOTA_EXCEEDED
         # A second connection the same day reads nothing more from the store.
         assert await limiter.open_connection("heavy", "c2", TIGHT)
         assert seeded == [("heavy", utc_day())]
@@ -304,7 +312,7 @@ async def test_an_exhausted_quota_stops_replies_before_any_model_call(
 
     async def counted() -> bool:  # the reply's usage reached the (shared) counter
         refused = await limiter.check_send("alice", tight)
-        return refused is not None and refused[0] == "quota_exceeded"
+        return refused is not None and refused.code is ErrorCode.QUOTA_EXCEEDED
 
     await eventually(counted)
     with pytest.raises(ChatError) as info:

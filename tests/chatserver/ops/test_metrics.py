@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from chatclient.client import ChatError
 from chatserver import keys
 from chatserver.ops.metrics import Metrics
-from chatserver.ops.observe import Sampler, pool_stats
+from chatserver.ops.observe import Sampler
 from protocol import Encoding, ErrorFrame
 from tests.chatserver.conftest import Harness, MakeHarness, eventually, outbox_drained
 
@@ -271,16 +271,8 @@ async def test_event_loop_lag_is_measured(harness: Harness) -> None:
 
 async def test_sqlite_reports_no_pool(harness: Harness) -> None:
     await Sampler(harness.app).sample()
-    assert pool_stats(harness.app[keys.STORE]) == {}
+    assert harness.app[keys.STORE].pool_stats() == {}
     assert "chat_db_pool_size{" not in await scrape(harness)
-
-
-def test_pool_stats_hook_wins() -> None:
-    class Pooled:
-        def pool_stats(self) -> dict[str, tuple[int, int, int]]:
-            return {"primary": (5, 2, 20), "replica": (1, 0, 10)}
-
-    assert pool_stats(Pooled()) == {"primary": (5, 2, 20), "replica": (1, 0, 10)}
 
 
 async def test_postgres_pool_use(make_harness: MakeHarness, postgres_dsn: str) -> None:

@@ -216,7 +216,7 @@ async def test_pings_do_not_extend_the_auth_deadline(make_harness: MakeHarness) 
 def test_the_default_auth_timeout_is_five_seconds() -> None:
     from chatserver.settings import Settings
 
-    assert Settings().auth_timeout_s == 5.0
+    assert Settings().ws.auth_timeout_s == 5.0
 
 
 def _forged(

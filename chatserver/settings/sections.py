@@ -1,0 +1,340 @@
+"""The sections of the settings: one frozen dataclass each, validated when it is made."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from ..limits.base import TierLimits
+from .declare import (
+    SettingsError,
+    bad,
+    default_server_id,
+    env_name,
+    not_negative,
+    positive,
+    setting,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = setting("host", "127.0.0.1", "str", "address to listen on")
+    port: int = setting("port", 8080, "int", "port to listen on (0: any free port)")
+    server_id: str = setting("server_id", None, "str", "instance name", factory=default_server_id)
+    log_level: str = setting("log_level", "info", "str", "debug | info | warning | error")
+    agents: str | None = setting(
+        "agents", None, "optional_str", "agents TOML file (default: built-in)"
+    )
+    allowed_origins: str = setting(
+        "allowed_origins", "", "str", "comma-separated browser origins allowed on /ws (empty: any)"
+    )
+    max_body_bytes: int = setting("max_body_bytes", 256 * 1024, "int", "largest REST request body")
+    drain_jitter_ms: int = setting(
+        "drain_jitter_ms", 2000, "int", "clients told to reconnect spread over this many ms"
+    )
+    shutdown_grace_s: float = setting(
+        "shutdown_grace_s", 10.0, "float", "time to finish replies on stop"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise bad(self, "port", "must be 0..65535")
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise bad(self, "log_level", "debug|info|warning|error")
+        positive(self, "max_body_bytes")
+        not_negative(self, "drain_jitter_ms", "shutdown_grace_s")
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip() for o in self.allowed_origins.split(",") if o.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class WsSettings:
+    heartbeat_s: int = setting("heartbeat_s", 30, "int", "WebSocket ping interval, seconds")
+    auth_timeout_s: float = setting(
+        "auth_timeout_s", 5.0, "float", "time allowed for the auth frame"
+    )
+    max_frame_bytes: int = setting("max_frame_bytes", 64 * 1024, "int", "largest client frame")
+    max_text_chars: int = setting("max_text_chars", 8000, "int", "longest message text")
+    send_buffer_bytes: int = setting(
+        "send_buffer_bytes", 1024 * 1024, "int", "per-connection outbound bound before 4408"
+    )
+    tcp_send_buffer_bytes: int = setting(
+        "tcp_send_buffer_bytes",
+        256 * 1024,
+        "int",
+        "kernel send buffer per WebSocket (0: kernel autotuning, up to MBs)",
+    )
+    frames_per_second: int = setting(
+        "frames_per_second", 200, "int", "client frames per second per connection (burst: twice)"
+    )
+    bad_frame_limit: int = setting(
+        "bad_frame_limit", 20, "int", "bad frames tolerated per connection per minute before 1008"
+    )
+
+    def __post_init__(self) -> None:
+        positive(
+            self,
+            "heartbeat_s",
+            "auth_timeout_s",
+            "max_frame_bytes",
+            "max_text_chars",
+            "send_buffer_bytes",
+            "frames_per_second",
+            "bad_frame_limit",
+        )
+        not_negative(self, "tcp_send_buffer_bytes")
+        if self.max_frame_bytes < 1024:
+            raise bad(self, "max_frame_bytes", "must be >= 1024")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    secret: str | None = setting(
+        "jwt_secret",
+        None,
+        "optional_str",
+        "HS256 secret of client tokens; unset: dev auth mode",
+        flag=False,
+        secret=True,
+    )
+    previous_secret: str | None = setting(
+        "jwt_secret_previous",
+        None,
+        "optional_str",
+        "the rotated-out secret: its tokens stay valid",
+        flag=False,
+        secret=True,
+    )
+    leeway_s: int = setting("jwt_leeway_s", 30, "int", "clock skew allowed on token expiry")
+
+    def __post_init__(self) -> None:
+        for attr, name in (("secret", "jwt_secret"), ("previous_secret", "jwt_secret_previous")):
+            value = getattr(self, attr)
+            if value is not None and len(value.encode()) < 32:  # never echo a secret
+                raise SettingsError(f"{env_name(name)}: must be at least 32 bytes (HS256 key)")
+        if self.previous_secret is not None and self.secret is None:
+            raise SettingsError("CHAT_JWT_SECRET_PREVIOUS needs CHAT_JWT_SECRET")
+        not_negative(self, "leeway_s")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    sqlite_path: str = setting(
+        "sqlite_path", "chatserver.sqlite3", "str", "SQLite file of the embedded store"
+    )
+    url: str | None = setting("database_url", None, "optional_str", "Postgres URL of the primary")
+    read_url: str | None = setting(
+        "read_database_url", None, "optional_str", "Postgres URL of a read replica"
+    )
+    migrate: bool = setting("migrate", False, "bool", "yes: apply Postgres migrations at start-up")
+    pool_min: int = setting("pg_pool_min", 2, "int", "Postgres pool: connections kept open")
+    pool_max: int = setting("pg_pool_max", 20, "int", "Postgres pool: most connections")
+    command_timeout_s: float = setting(
+        "pg_command_timeout_s", 10.0, "float", "Postgres: longest statement before it is abandoned"
+    )
+    pgbouncer: bool = setting(
+        "pgbouncer",
+        False,
+        "bool",
+        "yes: behind PgBouncer in transaction mode (no prepared statement cache)",
+    )
+    partition_months_ahead: int = setting(
+        "partition_months_ahead", 3, "int", "monthly message partitions created ahead of now"
+    )
+
+    def __post_init__(self) -> None:
+        for attr in ("url", "read_url"):
+            url = getattr(self, attr)
+            if url is not None and urlparse(url).scheme not in {"postgres", "postgresql"}:
+                raise bad(self, attr, "not a Postgres URL")
+        if self.read_url is not None and self.url is None:
+            raise SettingsError("CHAT_READ_DATABASE_URL needs CHAT_DATABASE_URL (the primary)")
+        positive(self, "pool_min", "pool_max", "command_timeout_s", "partition_months_ahead")
+        if self.pool_min > self.pool_max:
+            raise bad(self, "pool_min", "must not exceed CHAT_PG_POOL_MAX")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str | None = setting("redis_url", None, "optional_str", "Redis URL: enables scale-out")
+    key_prefix: str = setting("redis_key_prefix", "chat", "str", "prefix of every Redis key")
+    cluster: bool = setting(
+        "redis_cluster", False, "bool", "yes: the Redis URL names a cluster (sharded pub/sub)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.url is not None and urlparse(self.url).scheme not in {"redis", "rediss", "unix"}:
+            raise bad(self, "url", "not a Redis URL")
+        if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
+            raise bad(self, "key_prefix", "non-empty, no braces")
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSettings:
+    size: int = setting("window_size", 200, "int", "messages kept hot per conversation")
+    join_messages: int = setting("join_messages", 50, "int", "messages sent with a fresh join")
+    idempotency_ttl_s: int = setting(
+        "idempotency_ttl_s", 24 * 3600, "int", "how long a client_msg_id is remembered"
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "size", "join_messages", "idempotency_ttl_s")
+        if self.join_messages > self.size:
+            raise bad(self, "join_messages", "must not exceed CHAT_WINDOW_SIZE")
+
+
+@dataclass(frozen=True, slots=True)
+class PersistSettings:
+    outbox_max: int = setting("outbox_max", 100_000, "int", "embedded outbox bound")
+    outbox_claim_idle_ms: int = setting(
+        "outbox_claim_idle_ms",
+        30_000,
+        "int",
+        "outbox entries pending this long are claimed by another",
+    )
+    batch_max: int = setting("batch_max", 10_000, "int", "largest persistence batch")
+    batch_writers: int = setting(
+        "batch_writers", 0, "int", "batch writers per instance (0: 2 on Postgres, 1 on SQLite)"
+    )
+    batch_wait_ms: int = setting(
+        "batch_wait_ms", 50, "int", "longest idle wait of the batch writer for its first message"
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "outbox_max", "outbox_claim_idle_ms", "batch_max", "batch_wait_ms")
+        not_negative(self, "batch_writers")
+
+
+@functools.lru_cache(maxsize=64)
+def _tier_limits(text: str, name: str) -> TierLimits:
+    """Parsed once per distinct setting: every send asks (a frozen result, safe to share)."""
+    return TierLimits.parse(text, name)
+
+
+@dataclass(frozen=True, slots=True)
+class TierSettings:
+    free: str = setting(
+        "limits_free",
+        "messages_per_minute=20,connections=5,daily_tokens=100000",
+        "str",
+        "free tier: messages per minute, connections, daily model tokens",
+    )
+    pro: str = setting(
+        "limits_pro",
+        "messages_per_minute=60,connections=20,daily_tokens=1000000",
+        "str",
+        "pro tier limits (same form)",
+    )
+    enterprise: str = setting(
+        "limits_enterprise",
+        "messages_per_minute=600,connections=100,daily_tokens=20000000",
+        "str",
+        "enterprise tier limits (same form)",
+    )
+
+    def __post_init__(self) -> None:
+        for tier in ("free", "pro", "enterprise"):
+            try:
+                self.limits(tier)
+            except ValueError as exc:
+                raise SettingsError(f"{exc} (got {getattr(self, tier)!r})") from None
+
+    def limits(self, tier: str) -> TierLimits:
+        """The limits of a tier (``free``, ``pro``, ``enterprise``)."""
+        if tier not in ("free", "pro", "enterprise"):
+            raise ValueError(f"unknown tier {tier!r}")
+        return _tier_limits(getattr(self, tier), env_name(f"limits_{tier}"))
+
+
+@dataclass(frozen=True, slots=True)
+class ReplySettings:
+    lease_s: float = setting(
+        "reply_lease_s", 5.0, "float", "lease of a running reply; renewed while it streams"
+    )
+    max_queued: int = setting(
+        "max_queued_replies", 4, "int", "replies waiting behind a running one, per conversation"
+    )
+    local_ttft_ms: int = setting("local_ttft_ms", 150, "int", "local model: time to first token")
+    local_token_ms: int = setting("local_token_ms", 15, "int", "local model: time per word")
+    light_max_chars: int = setting(
+        "light_max_chars",
+        200,
+        "int",
+        "routing: a first turn this short goes to the agent's light_model (0: off)",
+    )
+    cache_ttl_s: int = setting(
+        "response_cache_ttl_s",
+        3600,
+        "int",
+        "cacheable agents: first-turn answers kept this long (0: off)",
+    )
+    cache_entries: int = setting(
+        "response_cache_entries", 10_000, "int", "memory response cache: most answers kept (LRU)"
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "lease_s", "max_queued", "cache_entries")
+        not_negative(self, "local_ttft_ms", "local_token_ms", "light_max_chars", "cache_ttl_s")
+
+
+# With a key, replies come from Gemini (else from the local model).
+@dataclass(frozen=True, slots=True)
+class GeminiSettings:
+    api_key: str | None = setting(
+        "gemini_api_key",
+        None,
+        "optional_str",
+        "Gemini API key (else GEMINI_API_KEY / GOOGLE_API_KEY); unset: the local model",
+        flag=False,
+        secret=True,
+    )
+    base_url: str | None = setting(
+        "gemini_base_url",
+        None,
+        "optional_str",
+        "Gemini API base URL (a proxy, a test fake); unset: Google's",
+    )
+    transport: str = setting(
+        "gemini_transport",
+        "sse",
+        "str",
+        "'sse': lean aiohttp SSE streaming; 'sdk': the google-genai SDK",
+    )
+    timeout_s: float = setting(
+        "gemini_timeout_s",
+        30.0,
+        "float",
+        "Gemini: longest wait for the first chunk or the next one",
+    )
+    retries: int = setting(
+        "gemini_retries", 3, "int", "Gemini: retries of a 429/5xx answer before the first chunk"
+    )
+    retry_initial_s: float = setting(
+        "gemini_retry_initial_s", 0.5, "float", "Gemini: first retry delay (doubles, plus jitter)"
+    )
+    retry_max_s: float = setting("gemini_retry_max_s", 8.0, "float", "Gemini: longest retry delay")
+    probe_model: str = setting(
+        "gemini_probe_model",
+        "gemini-2.5-flash-lite",
+        "str",
+        "model the AI health check looks up",
+    )
+    check_ttl_s: float = setting(
+        "ai_check_ttl_s",
+        30.0,
+        "float",
+        "the AI health check calls the model API at most this often",
+    )
+
+    def __post_init__(self) -> None:
+        if self.transport not in {"sse", "sdk"}:
+            raise bad(self, "transport", "sse|sdk")
+        if self.base_url is not None and urlparse(self.base_url).scheme not in {"http", "https"}:
+            raise bad(self, "base_url", "not an http(s) URL")
+        positive(self, "timeout_s", "retry_initial_s", "retry_max_s", "check_ttl_s")
+        if not 0 <= self.retries <= 10:
+            raise bad(self, "retries", "must be 0..10")

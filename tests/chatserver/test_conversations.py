@@ -1,0 +1,41 @@
+"""ConversationService.create checks its input against protocol.Limits (one set of bounds)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chatserver.agents import AgentCatalog
+from chatserver.auth import Principal
+from chatserver.conversations import ConversationService
+from chatserver.errors import ServiceError
+from protocol import Limits
+from storage import MemoryOutbox, MemoryWindow, SqliteStore
+
+TIGHT = Limits(max_members=3, max_title_chars=5, max_id_chars=4)
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[ConversationService]:
+    store = SqliteStore(str(tmp_path / "chat.db"))
+    await store.start()
+    yield ConversationService(
+        store, MemoryWindow(), MemoryOutbox(), AgentCatalog.load(None), limits=TIGHT
+    )
+    await store.close()
+
+
+async def test_the_limits_bound_title_members_and_ids(service: ConversationService) -> None:
+    agent = next(iter(service.agents)).id
+    owner = Principal("own")
+    made = await service.create(owner, agent, "five!", ["u2", "u3"])
+    assert made.members == ("own", "u2", "u3")
+    for title, members, error in [
+        ("sixsix", [], "title longer than 5 characters"),
+        ("t", ["u2", "u3", "u4"], "more than 3 members"),
+        ("t", ["long1"], "member ids must be 1..4 characters"),
+    ]:
+        with pytest.raises(ServiceError, match=error):
+            await service.create(owner, agent, title, members)
