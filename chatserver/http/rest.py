@@ -30,9 +30,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT_CLOSED = 499
 
 
-def error_response(code: ErrorCode, message: str, status: int | None = None) -> web.Response:
+def error_response(
+    code: ErrorCode, message: str, status: int | None = None, retry_after_ms: int | None = None
+) -> web.Response:
     status = status or ServiceError(code, message).http_status
-    return web.json_response({"error": {"code": code.value, "message": message}}, status=status)
+    error: dict[str, Any] = {"code": code.value, "message": message}
+    headers = {}
+    if retry_after_ms is not None:
+        error["retry_after_ms"] = retry_after_ms
+        headers["Retry-After"] = str(max(1, -(-retry_after_ms // 1000)))  # whole seconds, up
+    return web.json_response({"error": error}, status=status, headers=headers)
 
 
 @web.middleware
@@ -47,7 +54,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         status = exc.http_status
         if exc.code in (ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED):
             request.app[keys.METRICS].rate_limited.labels(exc.code.value).inc()
-        return error_response(exc.code, exc.message, status)
+        return error_response(exc.code, exc.message, status, exc.retry_after_ms)
     except web.HTTPException as exc:
         status = exc.status
         if exc.status >= 400 and request.path.startswith("/api/"):
@@ -88,6 +95,22 @@ def require_principal(request: web.Request) -> Principal:
         return request.app[keys.AUTH].verify(token)
     except AuthError as exc:
         raise ServiceError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+
+
+async def authorized(request: web.Request) -> Principal:
+    """The caller, authenticated and within its tier's REST rate (shared by every instance
+    through Redis in production)."""
+    principal = require_principal(request)
+    app = request.app
+    per_minute = app[keys.SETTINGS].tier_limits(principal.tier).requests_per_minute
+    refusal = await app[keys.LIMITER].take(principal.user_id, "rest", per_minute)
+    if refusal is not None:
+        raise ServiceError(
+            refusal.code,
+            f"at most {per_minute} requests per minute",
+            retry_after_ms=refusal.retry_after_ms,
+        )
+    return principal
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -145,13 +168,13 @@ def _uuid_or_404(text: str) -> str:
 
 
 async def list_agents(request: web.Request) -> web.Response:
-    require_principal(request)
+    await authorized(request)
     items = [a.public_dict() for a in request.app[keys.AGENTS].public()]
     return web.json_response({"items": items}, headers={"Cache-Control": AGENTS_CACHE})
 
 
 async def create_conversation(request: web.Request) -> web.Response:
-    principal = require_principal(request)
+    principal = await authorized(request)
     body = await _json_body(request)
     agent_id = body.get("agent_id")
     title = body.get("title")
@@ -167,6 +190,7 @@ async def create_conversation(request: web.Request) -> web.Response:
     if len(members) > limits.max_members:
         raise ServiceError(ErrorCode.BAD_REQUEST, f"more than {limits.max_members} members")
     members = [_line(m, "members[]") for m in members]
+    await _admit_creation(request.app, principal)
     conversation = await request.app[keys.CONVERSATIONS].create(principal, agent_id, title, members)
     request.app[keys.METRICS].conversations_created.inc()
     log.info(
@@ -181,8 +205,26 @@ async def create_conversation(request: web.Request) -> web.Response:
     return web.json_response(conversation.to_dict(), status=201)
 
 
+async def _admit_creation(app: web.Application, principal: Principal) -> None:
+    """The tier's creations per minute, then its cap on conversations owned at once: one user
+    cannot fill the store, nor (through invented members) everybody's lists."""
+    limits = app[keys.SETTINGS].tier_limits(principal.tier)
+    per_minute = limits.conversations_per_minute
+    refusal = await app[keys.LIMITER].take(principal.user_id, "create", per_minute)
+    if refusal is not None:
+        raise ServiceError(
+            refusal.code,
+            f"at most {per_minute} new conversations per minute",
+            retry_after_ms=refusal.retry_after_ms,
+        )
+    if await app[keys.STORE].count_owned_conversations(principal.user_id) >= limits.conversations:
+        raise ServiceError(
+            ErrorCode.QUOTA_EXCEEDED, f"at most {limits.conversations} conversations per user"
+        )
+
+
 async def list_conversations(request: web.Request) -> web.Response:
-    principal = require_principal(request)
+    principal = await authorized(request)
     limit = _int_query(request, "limit", 20, 1, 100)
     assert limit is not None
     cursor = request.query.get("cursor") or None
@@ -200,7 +242,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 
 
 async def list_messages(request: web.Request) -> web.Response:
-    principal = require_principal(request)
+    principal = await authorized(request)
     conversation_id = _uuid_or_404(request.match_info["conversation_id"])
     limits = request.app[keys.LIMITS]
     limit = _int_query(request, "limit", limits.history_default_limit, 1, limits.history_max_limit)
@@ -216,7 +258,7 @@ async def list_messages(request: web.Request) -> web.Response:
 
 async def admin_stats(request: web.Request) -> web.Response:
     """What this instance holds right now; for operators (role ``admin``) only."""
-    principal = require_principal(request)
+    principal = await authorized(request)
     if principal.role != "admin":
         raise ServiceError(ErrorCode.FORBIDDEN, "admin role required")
     app = request.app

@@ -32,19 +32,29 @@ class Refusal:
         return cls(ErrorCode.QUOTA_EXCEEDED, ms_until_next_utc_day())
 
 
+# What a tier's setting must name; the others keep their defaults when left out (settings
+# written before they existed still parse).
+_REQUIRED = frozenset({"messages_per_minute", "connections", "daily_tokens"})
+
+
 @dataclass(frozen=True, slots=True)
 class TierLimits:
     messages_per_minute: int
     connections: int
     daily_tokens: int
+    requests_per_minute: int = 120  # authenticated REST requests
+    conversations: int = 1000  # conversations a user owns at once
+    conversations_per_minute: int = 10  # creations
 
     @classmethod
     def parse(cls, text: str, name: str) -> TierLimits:
-        """``messages_per_minute=20,connections=5,daily_tokens=100000``."""
+        """``messages_per_minute=20,connections=5,daily_tokens=100000`` and, optionally,
+        ``requests_per_minute=…,conversations=…,conversations_per_minute=…``."""
+        known = set(cls.__dataclass_fields__)
         values: dict[str, int] = {}
         for part in text.split(","):
             key, _, raw = part.strip().partition("=")
-            if key not in {"messages_per_minute", "connections", "daily_tokens"}:
+            if key not in known:
                 raise ValueError(f"{name}: unknown limit {key!r}")
             try:
                 values[key] = int(raw)
@@ -52,7 +62,7 @@ class TierLimits:
                 raise ValueError(f"{name}: {key} must be an integer, got {raw!r}") from None
             if values[key] < 1:
                 raise ValueError(f"{name}: {key} must be positive")
-        missing = {"messages_per_minute", "connections", "daily_tokens"} - set(values)
+        missing = _REQUIRED - set(values)
         if missing:
             raise ValueError(f"{name}: missing {', '.join(sorted(missing))}")
         return cls(**values)
@@ -93,6 +103,10 @@ class Limiter(Protocol):
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         """Count tokens the model really used for the user today."""
+
+    async def take(self, user_id: str, kind: str, per_minute: int) -> Refusal | None:
+        """One action of ``kind`` (``rest``, ``create``) from the user's bucket of that kind:
+        ``per_minute`` at most, in bursts of as many. None to go ahead, else rate_limited."""
 
     async def check_send(self, user_id: str, limits: TierLimits) -> Refusal | None:
         """Quota, then rate, in one step: None to go ahead, else why not.

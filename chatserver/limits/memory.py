@@ -23,16 +23,24 @@ class MemoryLimiter:
         self._used: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     async def _take_message(self, user_id: str, limits: TierLimits) -> int | None:
-        capacity = float(limits.messages_per_minute)
+        return self._take_from(user_id, limits.messages_per_minute)
+
+    def _take_from(self, key: str, per_minute: int) -> int | None:
+        """A token from bucket ``key`` (refilled continuously): None, or ms to wait."""
+        capacity = float(per_minute)
         rate = capacity / 60.0  # tokens per second
         now = time.monotonic()
-        tokens, at = self._buckets.pop(user_id, (capacity, now))
+        tokens, at = self._buckets.pop(key, (capacity, now))
         tokens = min(capacity, tokens + (now - at) * rate)
         if tokens >= 1:
-            self._remember(self._buckets, user_id, (tokens - 1, now))
+            self._remember(self._buckets, key, (tokens - 1, now))
             return None
-        self._remember(self._buckets, user_id, (tokens, now))
+        self._remember(self._buckets, key, (tokens, now))
         return max(1, int((1 - tokens) / rate * 1000))
+
+    async def take(self, user_id: str, kind: str, per_minute: int) -> Refusal | None:
+        wait_ms = self._take_from(f"{kind}\x00{user_id}", per_minute)
+        return Refusal.rate(wait_ms) if wait_ms is not None else None
 
     async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
         held = self._connections.setdefault(user_id, set())

@@ -16,6 +16,7 @@ from .base import Refusal, TierLimits, UsageSeed, utc_day
 _LUA = "chatserver.limits"  # its lua/ directory
 _OPEN = lua.script("open", _LUA)  # count a connection
 _RENEW = lua.script("renew", _LUA)
+_BUCKET = lua.script("bucket", _LUA)  # one token of a kind's bucket (REST, creations)
 # A send's whole check, the body of a function of K and A: run alone (check_send) or as the
 # gate of the window's append (send_gate), which then costs no round trip of its own.
 SEND_CHECK_LUA = lua.source("send_check", _LUA)
@@ -52,6 +53,7 @@ class RedisLimiter:
         self._open = redis.register_script(_OPEN)
         self._renew = redis.register_script(_RENEW)
         self._check = redis.register_script(_CHECK_SEND)
+        self._bucket = redis.register_script(_BUCKET)
         self._starting: set[asyncio.Task[None]] = set()  # counters being started, kept alive
 
     def _key(self, kind: str, user_id: str, *rest: str) -> str:
@@ -133,3 +135,7 @@ class RedisLimiter:
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         if tokens > 0:
             await self._redis.incrby(await self._used_key(user_id), tokens)
+
+    async def take(self, user_id: str, kind: str, per_minute: int) -> Refusal | None:
+        wait = int(await self._bucket(keys=[self._key(kind, user_id)], args=[per_minute]))
+        return Refusal.rate(wait) if wait > 0 else None

@@ -219,19 +219,23 @@ def _tier_limits(text: str, name: str) -> TierLimits:
 class TierSettings:
     free: str = setting(
         "limits_free",
-        "messages_per_minute=20,connections=5,daily_tokens=100000",
+        "messages_per_minute=20,connections=5,daily_tokens=100000,"
+        "requests_per_minute=120,conversations=200,conversations_per_minute=10",
         "str",
-        "free tier: messages per minute, connections, daily model tokens",
+        "free tier: messages per minute, connections, daily model tokens, REST requests per "
+        "minute, conversations owned, conversations created per minute",
     )
     pro: str = setting(
         "limits_pro",
-        "messages_per_minute=60,connections=20,daily_tokens=1000000",
+        "messages_per_minute=60,connections=20,daily_tokens=1000000,"
+        "requests_per_minute=600,conversations=2000,conversations_per_minute=30",
         "str",
         "pro tier limits (same form)",
     )
     enterprise: str = setting(
         "limits_enterprise",
-        "messages_per_minute=600,connections=100,daily_tokens=20000000",
+        "messages_per_minute=600,connections=100,daily_tokens=20000000,"
+        "requests_per_minute=3000,conversations=20000,conversations_per_minute=120",
         "str",
         "enterprise tier limits (same form)",
     )

@@ -75,6 +75,10 @@ class Store(Protocol):
         self, conversation_id: str, user_id: str, client_msg_id: str
     ) -> Message | None: ...
 
+    async def count_owned_conversations(self, user_id: str) -> int:
+        """How many conversations the user owns (created); fresh, from the primary."""
+        ...
+
     async def usage_on(self, user_id: str, day: str) -> int:
         """Tokens (input + output) used by the user on that UTC day (``YYYY-MM-DD``)."""
         ...

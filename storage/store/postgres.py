@@ -28,6 +28,7 @@ from protocol import Message, parse_timestamp
 from ..records import Conversation, ConversationPage, MessagePage, User
 from .base import PoolStats, StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
+from .pg_errors import is_unavailable
 from .pg_migrate import check_schema, migrate
 from .pg_partitions import PartitionReport, drop_old_partitions, ensure_partitions
 from .pg_rows import CONVERSATION_COLUMNS, MESSAGE_COLUMNS, row_conversation, row_message
@@ -45,23 +46,6 @@ log = logging.getLogger("storage.store.postgres")
 
 T = TypeVar("T")
 Op = Callable[[Any], Awaitable[T]]
-
-# SQLSTATE classes that mean "not now" rather than "never": connection exception, transaction
-# rollback (deadlock, serialization, recovery conflict on a replica), insufficient resources,
-# operator intervention (shutdown, starting up), system error. Plus read-only transaction
-# (a primary that was demoted) and lock not available.
-_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
-_TRANSIENT_STATES = frozenset({"25006", "55P03"})
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """True for failures a retry may cure: the server or the network, not the request."""
-    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
-        return True
-    if isinstance(exc, asyncpg.PostgresError):
-        state = str(getattr(exc, "sqlstate", "") or "")
-        return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
-    return False
 
 
 class PostgresStore:
@@ -380,6 +364,14 @@ class PostgresStore:
             )
         )
         return row_message(row) if row is not None else None
+
+    async def count_owned_conversations(self, user_id: str) -> int:
+        value = await self._primary_op(
+            lambda conn: conn.fetchval(
+                "SELECT count(*) FROM conversations WHERE owner_id = $1", user_id
+            )
+        )
+        return int(value)
 
     async def usage_on(self, user_id: str, day: str) -> int:
         when = date.fromisoformat(day)

@@ -271,6 +271,15 @@ class SqliteStore:
 
         return await self._r().run(op)
 
+    async def count_owned_conversations(self, user_id: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM conversations WHERE owner_id = ?", (user_id,)
+            ).fetchone()
+            return int(row[0])
+
+        return await self._w().run(op)
+
     async def usage_on(self, user_id: str, day: str) -> int:
         def op(conn: sqlite3.Connection) -> int:
             row = conn.execute(

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS conversations_by_updated ON conversations (updated_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations (owner_id);
 CREATE TABLE IF NOT EXISTS conversation_members (
     conversation_id TEXT NOT NULL,
     user_id TEXT NOT NULL,

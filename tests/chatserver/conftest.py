@@ -42,8 +42,8 @@ class Harness:
     async def token(self, user_id: str, tier: str = "free") -> str:
         return await ChatApi(self.base_url, None, self.http).dev_token(user_id, tier)
 
-    async def api(self, user_id: str) -> ChatApi:
-        return ChatApi(self.base_url, await self.token(user_id), self.http)
+    async def api(self, user_id: str, tier: str = "free") -> ChatApi:
+        return ChatApi(self.base_url, await self.token(user_id, tier), self.http)
 
     async def connect(
         self, user_id: str, encoding: Encoding = Encoding.JSON, auth: str = "header"

@@ -69,6 +69,16 @@ async def test_owner_is_always_a_member(store: Store) -> None:
     assert [c.id for c in page.items] == ["c1"]
 
 
+async def test_owned_conversations_are_counted(store: Store) -> None:
+    assert await store.count_owned_conversations("u1") == 0
+    await store.create_conversation(conversation("c1", owner="u1", members=("u1", "u2")))
+    await store.create_conversation(conversation("c2", owner="u1"))
+    await store.create_conversation(conversation("c3", owner="u2", members=("u2", "u1")))
+    await store.create_conversation(conversation("c2", owner="u1"))  # replayed: one
+    assert await store.count_owned_conversations("u1") == 2  # a member of c3, not its owner
+    assert await store.count_owned_conversations("u2") == 1
+
+
 async def test_messages_round_trip_every_field(store: Store, new_message: MessageFactory) -> None:
     user = new_message("c1", client_msg_id="k1")
     reply = new_message(

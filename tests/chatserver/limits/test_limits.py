@@ -44,6 +44,88 @@ async def test_the_bucket_allows_a_minutes_worth_then_says_when(limiter: Limiter
     assert await limiter.check_send("other", TIGHT) is None  # per user
 
 
+async def test_take_is_a_bucket_per_user_and_kind(limiter: Limiter) -> None:
+    assert [await limiter.take("u", "rest", 2) for _ in range(2)] == [None, None]
+    refused = await limiter.take("u", "rest", 2)
+    assert refused is not None and refused.code is ErrorCode.RATE_LIMITED
+    assert 0 < refused.retry_after_ms <= 30_000  # one request per 30 s at 2 a minute
+    assert await limiter.take("u", "create", 2) is None  # another kind, another bucket
+    assert await limiter.take("v", "rest", 2) is None  # another user
+    assert await limiter.check_send("u", TIGHT) is None  # not the messages' bucket
+
+
+async def test_take_is_shared_by_every_instance_through_redis(redis_url: str) -> None:
+    async def seed(user_id: str, day: str) -> int:
+        return 0
+
+    one, two = Redis.from_url(redis_url), Redis.from_url(redis_url)
+    try:
+        a, b = RedisLimiter(one, seed), RedisLimiter(two, seed)
+        assert await a.take("u", "rest", 2) is None
+        assert await b.take("u", "rest", 2) is None
+        assert await a.take("u", "rest", 2) is not None
+        assert await b.take("u", "rest", 2) is not None
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_rest_requests_are_rate_limited_per_user_and_tier(make_harness: MakeHarness) -> None:
+    harness = await make_harness(
+        limits_free="messages_per_minute=20,connections=5,daily_tokens=1000,requests_per_minute=3"
+    )
+    alice = await harness.api("alice")
+    statuses = [(await alice.request("GET", "/api/conversations"))[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    async with harness.http.get(
+        harness.base_url + "/api/conversations", headers=alice._headers()
+    ) as resp:
+        body = await resp.json()
+        assert resp.status == 429 and body["error"]["code"] == "rate_limited"
+        assert 0 < body["error"]["retry_after_ms"] <= 20_000
+        assert 1 <= int(resp.headers["Retry-After"]) <= 20
+    bob = await harness.api("bob")
+    assert (await bob.request("GET", "/api/conversations"))[0] == 200
+    pro = await harness.api("carol", tier="pro")  # its own tier's rate (600 a minute)
+    assert [(await pro.request("GET", "/api/agents"))[0] for _ in range(5)] == [200] * 5
+
+
+async def test_conversation_creations_per_minute_are_bounded_by_tier(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(
+        limits_free="messages_per_minute=20,connections=5,daily_tokens=1000,"
+        "conversations_per_minute=2"
+    )
+    alice = await harness.api("alice")
+    for _ in range(2):
+        await alice.create_conversation()
+    status, body = await alice.request("POST", "/api/conversations", json={"agent_id": "general"})
+    assert status == 429 and body["error"]["code"] == "rate_limited"
+    assert "per minute" in body["error"]["message"] and body["error"]["retry_after_ms"] > 0
+    await (await harness.api("bob")).create_conversation()  # per user
+
+
+async def test_conversations_owned_are_capped_by_tier(make_harness: MakeHarness) -> None:
+    harness = await make_harness(
+        limits_free="messages_per_minute=20,connections=5,daily_tokens=1000,"
+        "conversations=3,conversations_per_minute=100"
+    )
+    alice = await harness.api("alice")
+    for _ in range(3):
+        await alice.create_conversation()
+    # Another user's conversation naming alice as a member is not hers to count.
+    await (await harness.api("bob")).create_conversation(members=["alice"])
+    status, body = await alice.request("POST", "/api/conversations", json={"agent_id": "general"})
+    assert status == 429 and body["error"]["code"] == "quota_exceeded"
+    assert "at most 3 conversations" in body["error"]["message"]
+    _, listed = await alice.request("GET", "/api/conversations")
+    assert sorted(c["owner_id"] for c in listed["items"]) == ["alice"] * 3 + ["bob"]
+    pro = await harness.api("alice2", tier="pro")  # the pro tier's own cap (2,000)
+    for _ in range(4):
+        await pro.create_conversation()
+
+
 async def test_connections_are_capped_per_user(limiter: Limiter) -> None:
     assert await limiter.open_connection("u", "c1", TIGHT)
     assert await limiter.open_connection("u", "c2", TIGHT)
