@@ -144,7 +144,11 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
 async def _fanout(app: web.Application) -> AsyncIterator[None]:
     broker = make_broker(app[keys.SETTINGS], app[keys.REDIS], on_gap=lambda: resync_joined(app))
     metrics = app[keys.METRICS]
-    hub = LocalHub(broker, on_fanout=metrics.fanout_delay.observe)
+    hub = LocalHub(
+        broker,
+        on_fanout=metrics.fanout_delay.observe,
+        on_member_removed=app[keys.CONVERSATIONS].forget,
+    )
     await broker.start(hub.deliver)
     app[keys.BROKER] = broker
     app[keys.HUB] = hub

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -16,6 +17,10 @@ from storage.window.base import AppendGate, HotWindow, WindowMissing
 from .agents import AgentCatalog
 from .auth import Principal
 from .errors import ServiceError
+
+# How long a conversation read from the store is trusted: a member removed on another instance
+# stops being let in here within this, even with no member of it connected here.
+CACHE_S = 10.0
 
 
 class JoinView:
@@ -47,6 +52,7 @@ class ConversationService:
         self.limits = limits  # the same bounds as the WebSocket frames (settings.limits)
         self._cache: OrderedDict[str, Conversation] = OrderedDict()
         self._cache_size = cache_size
+        self._cached_at: dict[str, float] = {}  # when each cached conversation was read
         self._rebuilding: dict[str, asyncio.Future[None]] = {}
 
     async def create(
@@ -88,13 +94,29 @@ class ConversationService:
 
     def _remember(self, conversation: Conversation) -> None:
         self._cache[conversation.id] = conversation
+        self._cached_at[conversation.id] = time.monotonic()
         self._cache.move_to_end(conversation.id)
         while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+            gone, _ = self._cache.popitem(last=False)
+            self._cached_at.pop(gone, None)
+
+    async def leave(self, conversation_id: str, user_id: str) -> None:
+        """Take a member out of a conversation (its own choice). This instance forgets the
+        membership at once; another one within ``CACHE_S``, or at once when it has members
+        of the conversation connected (the caller publishes the removal to them)."""
+        await self.require_member(conversation_id, user_id)
+        await self.store.remove_member(conversation_id, user_id)
+        self._cache.pop(conversation_id, None)
+        self._cached_at.pop(conversation_id, None)
+
+    def forget(self, conversation_id: str) -> None:
+        """Drop a cached conversation (its members changed elsewhere)."""
+        self._cache.pop(conversation_id, None)
+        self._cached_at.pop(conversation_id, None)
 
     async def get(self, conversation_id: str) -> Conversation | None:
         cached = self._cache.get(conversation_id)
-        if cached is not None:
+        if cached is not None and time.monotonic() - self._cached_at[conversation_id] < CACHE_S:
             self._cache.move_to_end(conversation_id)
             return cached
         conversation = await self.store.get_conversation(conversation_id)

@@ -86,6 +86,11 @@ class DeltaTemplate:
         return event
 
 
+# Between instances only, never sent to a client: a member left the conversation, so each
+# instance ends that user's subscriptions to it (they get `left`) and forgets the membership.
+MEMBER_REMOVED = "member_removed"
+
+
 class Event:
     """A frame fanned out to a conversation's members, with what filters need to know."""
 
@@ -98,6 +103,7 @@ class Event:
         "generation_id",
         "offset",
         "published_at",
+        "removed_user",
         "seq",
     )
 
@@ -123,6 +129,9 @@ class Event:
             self.generation_id = str(frame["generation_id"])
         elif kind == "typing":
             self.exclude_user = str(frame["user_id"])
+        self.removed_user: str | None = None
+        if kind == MEMBER_REMOVED:
+            self.removed_user = str(frame["user_id"])
         self._text: bytes | None = None
         self._binary: bytes | None = None
 

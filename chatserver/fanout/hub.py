@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from protocol import Encoding
+from protocol import Encoding, Left
 
 from .broker.base import Broker
 from .events import Event
@@ -24,10 +24,17 @@ class _Room:
 
 
 class LocalHub:
-    def __init__(self, broker: Broker, on_fanout: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        on_fanout: Callable[[float], None] | None = None,
+        on_member_removed: Callable[[str], None] | None = None,
+    ) -> None:
         self._broker = broker
         self._rooms: dict[str, _Room] = {}
         self._on_fanout = on_fanout
+        self._on_member_removed = on_member_removed
+        self._leaving: set[asyncio.Task[None]] = set()  # unsubscribes under way, kept alive
         self.sessions: set[Session] = set()
 
     def add_session(self, session: Session) -> None:
@@ -84,6 +91,9 @@ class LocalHub:
         return True
 
     def deliver(self, event: Event) -> None:
+        if event.removed_user is not None:
+            self._remove_member(event.conversation_id, event.removed_user)
+            return
         room = self._rooms.get(event.conversation_id)
         if room is None:
             return
@@ -115,6 +125,23 @@ class LocalHub:
                 session.outbound.push(text)
         if self._on_fanout is not None and event.published_at:
             self._on_fanout(time.time() - event.published_at)
+
+    def _remove_member(self, conversation_id: str, user_id: str) -> None:
+        if self._on_member_removed is not None:
+            self._on_member_removed(conversation_id)
+        room = self._rooms.get(conversation_id)
+        if room is None:
+            return
+        for session in [s for s in room.members if s.user_id == user_id]:
+            # Out of the room now, in this step: nothing published after the removal reaches it.
+            session.subscriptions.pop(conversation_id, None)
+            room.members.pop(session, None)
+            session.send(Left(conversation_id))
+        if not room.members and room.ready.done():
+            del self._rooms[conversation_id]
+            task = asyncio.get_running_loop().create_task(self._broker.unsubscribe(conversation_id))
+            self._leaving.add(task)
+            task.add_done_callback(self._leaving.discard)
 
     def local_members(self, conversation_id: str) -> int:
         room = self._rooms.get(conversation_id)

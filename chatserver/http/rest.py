@@ -19,6 +19,8 @@ from protocol import ErrorCode, text_problem
 from .. import keys
 from ..auth import AuthError, Principal, bearer_token, check_claims
 from ..errors import DEPENDENCY_ERRORS, ServiceError
+from ..fanout.events import MEMBER_REMOVED
+from ..fanout.publish import publish
 from .health import health_report
 
 log = logging.getLogger("chatserver.rest")
@@ -241,6 +243,18 @@ async def list_conversations(request: web.Request) -> web.Response:
     )
 
 
+async def leave_conversation(request: web.Request) -> web.Response:
+    """The caller stops being a member: its connections to the conversation get `left`, on
+    every instance, and it can neither join nor read it any more."""
+    principal = await authorized(request)
+    conversation_id = _uuid_or_404(request.match_info["conversation_id"])
+    await request.app[keys.CONVERSATIONS].leave(conversation_id, principal.user_id)
+    removed = {"type": MEMBER_REMOVED, "conversation_id": conversation_id}
+    await publish(request.app, conversation_id, {**removed, "user_id": principal.user_id})
+    log.info("member left", extra={"user": principal.user_id, "conversation": conversation_id})
+    return web.Response(status=204)
+
+
 async def list_messages(request: web.Request) -> web.Response:
     principal = await authorized(request)
     conversation_id = _uuid_or_404(request.match_info["conversation_id"])
@@ -326,6 +340,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/conversations", create_conversation)
     app.router.add_get("/api/conversations", list_conversations)
     app.router.add_get("/api/conversations/{conversation_id}/messages", list_messages)
+    app.router.add_delete("/api/conversations/{conversation_id}/members/me", leave_conversation)
     app.router.add_post("/api/dev/token", dev_token)
     app.router.add_get("/api/admin/stats", admin_stats)
     app.router.add_get("/api/health", health)

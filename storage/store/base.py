@@ -75,6 +75,10 @@ class Store(Protocol):
         self, conversation_id: str, user_id: str, client_msg_id: str
     ) -> Message | None: ...
 
+    async def remove_member(self, conversation_id: str, user_id: str) -> bool:
+        """Take the user out of the conversation's members; False when it was not one."""
+        ...
+
     async def count_owned_conversations(self, user_id: str) -> int:
         """How many conversations the user owns (created); fresh, from the primary."""
         ...

@@ -365,6 +365,16 @@ class PostgresStore:
         )
         return row_message(row) if row is not None else None
 
+    async def remove_member(self, conversation_id: str, user_id: str) -> bool:
+        status = await self._primary_op(
+            lambda conn: conn.execute(
+                "DELETE FROM conversation_members WHERE conversation_id = $1 AND user_id = $2",
+                conversation_id,
+                user_id,
+            )
+        )
+        return str(status) != "DELETE 0"
+
     async def count_owned_conversations(self, user_id: str) -> int:
         value = await self._primary_op(
             lambda conn: conn.fetchval(

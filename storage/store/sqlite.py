@@ -271,6 +271,17 @@ class SqliteStore:
 
         return await self._r().run(op)
 
+    async def remove_member(self, conversation_id: str, user_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            with transaction(conn):
+                cursor = conn.execute(
+                    "DELETE FROM conversation_members WHERE conversation_id = ? AND user_id = ?",
+                    (conversation_id, user_id),
+                )
+            return cursor.rowcount > 0
+
+        return await self._w().run(op)
+
     async def count_owned_conversations(self, user_id: str) -> int:
         def op(conn: sqlite3.Connection) -> int:
             row = conn.execute(

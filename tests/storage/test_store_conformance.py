@@ -69,6 +69,17 @@ async def test_owner_is_always_a_member(store: Store) -> None:
     assert [c.id for c in page.items] == ["c1"]
 
 
+async def test_a_member_is_removed_from_the_conversation_and_its_list(store: Store) -> None:
+    await store.create_conversation(conversation("c1", owner="u1", members=("u1", "u2", "u3")))
+    assert await store.remove_member("c1", "u2")
+    assert not await store.remove_member("c1", "u2")  # not a member any more
+    assert not await store.remove_member("nope", "u1")
+    found = await store.get_conversation("c1")
+    assert found is not None and found.members == ("u1", "u3")
+    assert (await store.list_conversations("u2", None, 10)).items == ()
+    assert [c.id for c in (await store.list_conversations("u3", None, 10)).items] == ["c1"]
+
+
 async def test_owned_conversations_are_counted(store: Store) -> None:
     assert await store.count_owned_conversations("u1") == 0
     await store.create_conversation(conversation("c1", owner="u1", members=("u1", "u2")))
