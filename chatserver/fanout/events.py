@@ -81,6 +81,7 @@ class DeltaTemplate:
         event.seq = seq
         event.generation_id = self.generation_id
         event.exclude_user = None
+        event.removed_user = None
         event._text = ws_frame(self.json(seq, text), False)
         event._binary = None
         return event
