@@ -1,7 +1,12 @@
 # chatserver image.
 #
 #   docker build -t chatserver .
-#   docker run --rm -p 8080:8080 chatserver            # embedded default, dev auth
+#   docker run --rm -p 8080:8080 -e CHAT_JWT_SECRET=... chatserver   # embedded default
+#   docker run --rm -p 8080:8080 -e CHAT_ALLOW_DEV_AUTH=yes chatserver # dev auth, a throwaway
+#
+# Without CHAT_JWT_SECRET the server would run in dev auth mode (tokens for anyone); on the
+# image's CHAT_HOST=0.0.0.0 that is refused at start-up (exit status 2) unless
+# CHAT_ALLOW_DEV_AUTH=yes says so explicitly.
 #
 # Configuration is by CHAT_* environment variables only (README.md, "Settings"); the image sets
 # CHAT_HOST, CHAT_PORT and CHAT_SQLITE_PATH. The server is PID 1 (exec-form CMD, no shell), so

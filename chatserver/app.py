@@ -13,7 +13,7 @@ from storage.batch_writer import BatchWriter
 
 from . import keys
 from .agents import AgentCatalog
-from .auth import Authenticator
+from .auth import authenticator
 from .backends import (
     make_broker,
     make_limiter,
@@ -39,24 +39,27 @@ from .ops.maintenance import partition_maintenance
 from .ops.metrics import Metrics
 from .ops.observe import observe
 from .settings import Settings
+from .ws.admission import Admission
 from .ws.gateway import resync_joined, websocket_handler
+from .ws.typing_gate import TypingGate
 
 log = logging.getLogger("chatserver.app")
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
+    settings.check_dev_auth()  # before anything starts: the CLI exits 2 on it
     app = web.Application(
         middlewares=[errors_and_metrics], client_max_size=settings.server.max_body_bytes
     )
     app[keys.SETTINGS] = settings
     app[keys.LIMITS] = settings.limits
     app[keys.METRICS] = metrics if metrics is not None else Metrics()
-    app[keys.AUTH] = Authenticator(
-        settings.auth.secret, settings.auth.previous_secret, settings.auth.leeway_s
-    )
+    app[keys.AUTH] = authenticator(settings)
     app[keys.AGENTS] = AgentCatalog.load(settings.server.agents)
     app[keys.STATE] = keys.RunState()
     app[keys.FLUSHER] = Flusher()
+    app[keys.ADMISSION] = Admission.of(settings.ws)
+    app[keys.TYPING] = TypingGate(settings.ws.typing_interval_ms)
     app.cleanup_ctx.extend(
         [_redis, _storage, partition_maintenance, _persistence, _limits, _fanout, _generation]
     )

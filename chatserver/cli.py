@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import gc
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
 
 from aiohttp import web
 
-from .auth import Authenticator, AuthError
+from .auth import AuthError, authenticator
 from .ops import logs
 from .ops.logs import JsonAccessLogger
 from .settings import Settings, SettingsError, add_flags, load
@@ -23,6 +22,7 @@ log = logging.getLogger("chatserver")
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load(args)
+    settings.check_dev_auth()  # refused before anything starts (exit 2)
     logs.configure(settings.server.log_level, settings.server.server_id)
     log.info("settings", extra={"settings": settings.public_dict()})
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
@@ -44,6 +44,9 @@ async def _run_server(settings: Settings) -> None:
     app = create_app(settings)
     runner = web.AppRunner(
         app,
+        # aiohttp arms this at connection start and re-arms it between requests: a socket
+        # that sends nothing, or stops mid-request, is closed after it (its default: 1 h).
+        keepalive_timeout=settings.server.http_idle_timeout_s,
         access_log=logging.getLogger("aiohttp.access"),
         access_log_class=JsonAccessLogger,
         shutdown_timeout=settings.server.shutdown_grace_s + 5,
@@ -80,13 +83,20 @@ async def _run_server(settings: Settings) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    secret = os.environ.get("CHAT_JWT_SECRET")
-    if not secret:
+    # The same settings as the server's, by the same rules: the secret, aud, iss, lifetime.
+    settings = load({})
+    if settings.auth.secret is None:
         print("chatserver token: CHAT_JWT_SECRET is not set", file=sys.stderr)
         return 2
-    Settings.of(jwt_secret=secret)  # validated by the same rules as the server's
+    if args.ttl > settings.auth.max_lifetime_s:
+        print(
+            f"chatserver token: --ttl {args.ttl} is over CHAT_JWT_MAX_LIFETIME_S "
+            f"({settings.auth.max_lifetime_s}): the server would refuse the token",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        print(Authenticator(secret).issue(args.user, args.tier, args.role, args.ttl))
+        print(authenticator(settings).issue(args.user, args.tier, args.role, args.ttl))
     except AuthError as exc:
         print(f"chatserver token: {exc}", file=sys.stderr)
         return 2

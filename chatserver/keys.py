@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .limits.base import Limiter
     from .ops.metrics import Metrics
     from .settings import Settings
+    from .ws.admission import Admission
+    from .ws.typing_gate import TypingGate
 
 
 @dataclass
@@ -60,3 +62,5 @@ REPLY_BUFFER: web.AppKey[ReplyBuffer] = web.AppKey("reply_buffer")
 CONVERSATIONS: web.AppKey[ConversationService] = web.AppKey("conversations")
 GENERATION: web.AppKey[GenerationManager] = web.AppKey("generation")
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
+ADMISSION: web.AppKey[Admission] = web.AppKey("admission")  # sockets not yet authenticated
+TYPING: web.AppKey[TypingGate] = web.AppKey("typing")

@@ -101,6 +101,24 @@ def configure(level: str, instance: str) -> None:
     root.setLevel(level.upper())
     # The access log goes through the same handler, as JSON.
     logging.getLogger("aiohttp.access").setLevel(level.upper())
+    # A malformed HTTP request (a request line past 8190 bytes, a bad header) is the client's
+    # fault, answered 400 by aiohttp, which logs it as an error with a traceback: anyone could
+    # fill the error log and page someone. Logged at info, one line, instead.
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientFaultFilter) for f in server_log.filters):
+        server_log.addFilter(_ClientFaultFilter())
     # Python warnings and a crash's traceback become JSON lines too, not raw stderr text.
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
+
+
+class _ClientFaultFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"{record.msg}: {type(exc).__name__} {exc.code}"
+            record.exc_info = record.exc_text = None
+        return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -85,6 +86,27 @@ class Settings:
     def dev_auth(self) -> bool:
         return self.auth.secret is None
 
+    def check_dev_auth(self) -> None:
+        """Refuse dev auth mode (tokens for anyone) where it could be reached or hold real data.
+
+        Checked when the app is made, not by every ``Settings``: a test may build settings
+        step by step, but nothing serves with them unchecked.
+        """
+        if not self.dev_auth or self.server.allow_dev_auth:
+            return
+        where = []
+        if not _loopback(self.server.host):
+            where.append(f"on host {self.server.host!r} (not loopback)")
+        if self.store.url is not None:
+            where.append("with CHAT_DATABASE_URL")
+        if self.redis.url is not None:
+            where.append("with CHAT_REDIS_URL")
+        if where:
+            raise SettingsError(
+                f"dev auth mode (no CHAT_JWT_SECRET) refused {' and '.join(where)}: "
+                "set CHAT_JWT_SECRET, or CHAT_ALLOW_DEV_AUTH=yes to allow it"
+            )
+
     @property
     def limits(self) -> Limits:
         """The bounds on client input (protocol)."""
@@ -106,6 +128,15 @@ class Settings:
                 value = strip_password(value)
             out[spec.name] = value
         return out
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 
 Every field of a section carries in its metadata the setting's flat ``name`` (the CLI flag is
 ``--<name with dashes>``, the environment variable ``CHAT_<NAME>``), how a string becomes its
-value (``kind``: int, float, str, optional_str or bool; written out, never guessed from the
-annotation), its help text, whether it has a flag, and whether it is a secret.
+value (``kind``: int, float, str, optional_str, secret or bool; written out, never guessed from
+the annotation), its help text, whether it has a flag, and whether it is a secret.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "float": float,
     "str": str,
     "optional_str": lambda raw: raw or None,
+    # Unset is None, but set-and-empty stays "" so that its section refuses it: an empty
+    # CHAT_JWT_SECRET must not quietly mean "no secret" (dev auth mode).
+    "secret": str,
     "bool": _bool,
 }
 KIND_WORDS = {"bool": "yes or no", "int": "an int", "float": "a float"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -37,13 +38,27 @@ class ServerSettings:
     shutdown_grace_s: float = setting(
         "shutdown_grace_s", 10.0, "float", "time to finish replies on stop"
     )
+    # aiohttp's own default is an hour, armed at connection start: a socket that sends
+    # nothing, or half a request, would hold a file descriptor that long.
+    http_idle_timeout_s: float = setting(
+        "http_idle_timeout_s",
+        75.0,
+        "float",
+        "close an HTTP connection idle (or mid-request) this long",
+    )
+    allow_dev_auth: bool = setting(
+        "allow_dev_auth",
+        False,
+        "bool",
+        "yes: allow dev auth mode on a non-loopback host or with Postgres/Redis",
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise bad(self, "port", "must be 0..65535")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise bad(self, "log_level", "debug|info|warning|error")
-        positive(self, "max_body_bytes")
+        positive(self, "max_body_bytes", "http_idle_timeout_s")
         not_negative(self, "drain_jitter_ms", "shutdown_grace_s")
 
     @property
@@ -74,6 +89,30 @@ class WsSettings:
     bad_frame_limit: int = setting(
         "bad_frame_limit", 20, "int", "bad frames tolerated per connection per minute before 1008"
     )
+    max_pending_auth: int = setting(
+        "max_pending_auth", 1000, "int", "WebSockets not yet authenticated, per instance"
+    )
+    max_pending_auth_per_address: int = setting(
+        "max_pending_auth_per_address",
+        20,
+        "int",
+        "WebSockets not yet authenticated, per client address",
+    )
+    trusted_proxies: str = setting(
+        "trusted_proxies",
+        "",
+        "str",
+        "comma-separated proxy IPs whose X-Forwarded-For names the client address",
+    )
+    max_joined: int = setting(
+        "max_joined", 100, "int", "conversations joined at once per connection"
+    )
+    typing_interval_ms: int = setting(
+        "typing_interval_ms",
+        300,
+        "int",
+        "at most one typing notice per user and conversation this often (0: no coalescing)",
+    )
 
     def __post_init__(self) -> None:
         positive(
@@ -85,8 +124,20 @@ class WsSettings:
             "send_buffer_bytes",
             "frames_per_second",
             "bad_frame_limit",
+            "max_pending_auth",
+            "max_pending_auth_per_address",
+            "max_joined",
         )
-        not_negative(self, "tcp_send_buffer_bytes")
+        not_negative(self, "tcp_send_buffer_bytes", "typing_interval_ms")
+        for address in self.proxies:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise bad(self, "trusted_proxies", "comma-separated IP addresses") from None
+
+    @property
+    def proxies(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.trusted_proxies.split(",") if p.strip())
         if self.max_frame_bytes < 1024:
             raise bad(self, "max_frame_bytes", "must be >= 1024")
 
@@ -96,7 +147,7 @@ class AuthSettings:
     secret: str | None = setting(
         "jwt_secret",
         None,
-        "optional_str",
+        "secret",
         "HS256 secret of client tokens; unset: dev auth mode",
         flag=False,
         secret=True,
@@ -104,21 +155,36 @@ class AuthSettings:
     previous_secret: str | None = setting(
         "jwt_secret_previous",
         None,
-        "optional_str",
+        "secret",
         "the rotated-out secret: its tokens stay valid",
         flag=False,
         secret=True,
     )
     leeway_s: int = setting("jwt_leeway_s", 30, "int", "clock skew allowed on token expiry")
+    audience: str | None = setting(
+        "jwt_audience", None, "optional_str", "when set, tokens must carry this aud"
+    )
+    issuer: str | None = setting(
+        "jwt_issuer", None, "optional_str", "when set, tokens must carry this iss"
+    )
+    max_lifetime_s: int = setting(
+        "jwt_max_lifetime_s",
+        7 * 24 * 3600,
+        "int",
+        "longest token lifetime (exp - iat) accepted",
+    )
 
     def __post_init__(self) -> None:
         for attr, name in (("secret", "jwt_secret"), ("previous_secret", "jwt_secret_previous")):
             value = getattr(self, attr)
+            if value == "":  # set but empty: never a silent fall back to dev auth mode
+                raise SettingsError(f"{env_name(name)}: set but empty (unset it for dev auth mode)")
             if value is not None and len(value.encode()) < 32:  # never echo a secret
                 raise SettingsError(f"{env_name(name)}: must be at least 32 bytes (HS256 key)")
         if self.previous_secret is not None and self.secret is None:
             raise SettingsError("CHAT_JWT_SECRET_PREVIOUS needs CHAT_JWT_SECRET")
         not_negative(self, "leeway_s")
+        positive(self, "max_lifetime_s")
 
 
 @dataclass(frozen=True, slots=True)

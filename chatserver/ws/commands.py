@@ -53,6 +53,9 @@ async def dispatch(
     elif isinstance(frame, Ping):
         reply(Pong(frame.ts, frame.ref))
     elif isinstance(frame, Typing):
+        # Coalesced before the membership check: a flood costs neither a look-up nor fan-out.
+        if not app[keys.TYPING].allow(session.user_id, frame.conversation_id):
+            return
         await app[keys.CONVERSATIONS].require_member(frame.conversation_id, session.user_id)
         notice = TypingNotice(frame.conversation_id, session.user_id)
         await publish(app, frame.conversation_id, notice.to_dict())
@@ -70,6 +73,15 @@ async def dispatch(
 async def _on_join(app: web.Application, session: Session, frame: Join, reply: Reply) -> None:
     conversations = app[keys.CONVERSATIONS]
     hub = app[keys.HUB]
+    # Each joined conversation holds a subscription (with Redis, a channel) for the
+    # connection: bounded. A re-join of a joined one is always allowed.
+    max_joined = app[keys.SETTINGS].ws.max_joined
+    if frame.conversation_id not in session.subscriptions and (
+        len(session.subscriptions) >= max_joined
+    ):
+        raise ServiceError(
+            ErrorCode.RATE_LIMITED, f"at most {max_joined} conversations joined per connection"
+        )
     await conversations.require_member(frame.conversation_id, session.user_id)
     await hub.join(session, frame.conversation_id)
     try:

@@ -9,6 +9,7 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -49,7 +50,6 @@ def _offered_subprotocols(request: web.Request) -> list[str]:
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
-    settings = app[keys.SETTINGS]
     if app[keys.STATE].draining:
         return web.json_response(
             {"error": {"code": "unavailable", "message": "server is draining"}}, status=503
@@ -61,6 +61,20 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             status=400,
             text="unsupported WebSocket subprotocol: offer chat.v1.json or chat.v1.msgpack\n",
         )
+    refused, release = app[keys.ADMISSION].admit_request(request)
+    if refused is not None:
+        return refused
+    try:
+        return await _serve_socket(request, encoding, offered, release)
+    finally:
+        release()  # if authentication never ended (the upgrade failed, say)
+
+
+async def _serve_socket(
+    request: web.Request, encoding: Encoding, offered: list[str], admitted: Callable[[], None]
+) -> web.StreamResponse:
+    app = request.app
+    settings = app[keys.SETTINGS]
     ws = web.WebSocketResponse(
         protocols=(encoding.value,) if offered else (),
         heartbeat=settings.ws.heartbeat_s,
@@ -79,7 +93,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     connections = app[keys.STATE].connections
     connections.add(connection)
     try:
-        await connection.run(request)
+        await connection.run(request, admitted)
     finally:
         connections.discard(connection)
         await connection.finish()
@@ -181,17 +195,26 @@ class _Connection:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def run(self, request: web.Request) -> None:
+    async def run(self, request: web.Request, admitted: Callable[[], None]) -> None:
+        try:
+            principal = await self._admit(request)
+        finally:
+            admitted()  # no longer an unauthenticated socket, whatever the outcome
+        if principal is None:
+            return
+        await self._open(request, principal)
+
+    async def _admit(self, request: web.Request) -> Principal | None:
         origins = self.settings.server.origins
         origin = request.headers.get("Origin")
         dev = self.app[keys.AUTH].dev_mode
         if origins and not dev and origin is not None and origin not in origins:
             self.send_error(ErrorCode.FORBIDDEN, "origin not allowed")
             self.close(CloseCode.FORBIDDEN, "forbidden_origin")
-            return
-        principal = await self._authenticate(request)
-        if principal is None:
-            return
+            return None
+        return await self._authenticate(request)
+
+    async def _open(self, request: web.Request, principal: Principal) -> None:
         state = self.app[keys.STATE]
         session_id = str(uuid.uuid4())
         limits = self.settings.tier_limits(principal.tier)

@@ -95,6 +95,12 @@ async def make_harness(settings: Settings) -> AsyncIterator[MakeHarness]:
     made: list[Harness] = []
 
     async def make(**overrides: Any) -> Harness:
+        if ("redis_url" in overrides or "database_url" in overrides) and (
+            "jwt_secret" not in overrides
+        ):
+            # The harness hands out tokens from /api/dev/token: with Redis or Postgres that
+            # dev auth mode must be allowed explicitly, as a deployment would have to.
+            overrides = {"allow_dev_auth": True, **overrides}
         app = create_app(settings.with_overrides(**overrides) if overrides else settings)
         server = TestServer(app)
         await server.start_server()

@@ -1,13 +1,18 @@
-"""Hypothesis against a live server: random and mutated frames, both encodings.
+"""Hypothesis against a live server: random and mutated frames, both encodings; then REST
+bodies, cursors and hostile MessagePack frames while a bystander pings.
 
 Bounded by the example count. Whatever arrives, the server answers with errors or a
-documented close (never 1011), logs no unhandled exception, and keeps serving others.
+documented close (never 1011), REST never answers 5xx, logs no unhandled exception, and
+keeps serving others: the bystander's ping round trips stay short (p99 under 25 ms) while
+the fuzz runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,8 +24,9 @@ from hypothesis import strategies as st
 
 from chatclient.client import ChatApi, ChatClient
 from protocol import CLIENT_TYPES, CloseCode
-from tests.serverproc import ServerProc
+from tests.serverproc import REPO_ROOT, ServerProc
 
+from .fuzz_inputs import hostile_frames, pre_auth_frames, rest_bodies, rest_queries
 from .scaleout import SECRET, token
 
 ALLOWED_CLOSES = {
@@ -165,6 +171,112 @@ def test_random_and_mutated_frames(
     code = asyncio.run(_barrage(server, sent))
     assert code is None or code in ALLOWED_CLOSES, f"closed with {code}"
     assert code != CloseCode.INTERNAL_ERROR
+
+
+BYSTANDER_P99_MS = 25.0
+FUZZ_DEADLINE_S = 30.0
+# Each fuzzing client sends at this pace (rate control, not synchronisation): a steady
+# hostile stream, as the issue's attack was (17 frames a second from each of 4 sockets), not
+# a flood whose queue alone would delay the bystander on a machine of two shared cores.
+PACE_S = 0.005
+
+
+async def _rest_fuzz(server: ServerProc, conversation: str, seed: int) -> list[str]:
+    """Bodies and query strings; every answer must be a documented 2xx/4xx, never 5xx."""
+    bad: list[str] = []
+    headers = {"Authorization": f"Bearer {token('fuzzer')}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(base_url=server.url, headers=headers) as http:
+        for body in rest_bodies(seed):
+            await asyncio.sleep(PACE_S)
+            async with http.post("/api/conversations", data=body) as response:
+                await response.read()
+                if response.status not in (201, 400, 413, 429):
+                    bad.append(f"POST {body[:60]!r}: {response.status}")
+        for path, query in rest_queries(seed, conversation):
+            await asyncio.sleep(PACE_S)
+            async with http.get(path, params=query) as response:
+                await response.read()
+                if response.status not in (200, 400, 404, 429):
+                    bad.append(f"GET {path} {str(query)[:60]}: {response.status}")
+    return bad
+
+
+async def _frames_fuzz(server: ServerProc, seed: int) -> list[str]:
+    """Hostile MessagePack frames on an authenticated socket; then a ping must be answered."""
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(
+            server.ws_url,
+            protocols=("chat.v1.msgpack",),
+            headers={"Authorization": f"Bearer {token('fuzzer')}"},
+        )
+        await ws.receive(timeout=10)  # hello
+        for data in hostile_frames(seed):
+            if ws.closed:
+                break
+            await asyncio.sleep(PACE_S)
+            await ws.send_bytes(data)
+        if not ws.closed:
+            await ws.send_bytes(msgpack.packb({"type": "ping", "ts": "end"}))
+        while True:
+            msg = await ws.receive(timeout=10)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                code = ws.close_code
+                return [] if code in ALLOWED_CLOSES else [f"frames: closed with {code}"]
+            binary = msg.type is aiohttp.WSMsgType.BINARY
+            if binary and msgpack.unpackb(msg.data).get("ts") == "end":
+                await ws.close()
+                return []
+
+
+async def _pre_auth_fuzz(server: ServerProc) -> list[str]:
+    """The would-be auth frame is the attack: each socket is refused with 4401."""
+    bad = []
+    async with aiohttp.ClientSession() as http:
+        for data in pre_auth_frames():
+            await asyncio.sleep(PACE_S)
+            ws = await http.ws_connect(server.ws_url, protocols=("chat.v1.msgpack",))
+            await ws.send_bytes(data)
+            while (await ws.receive(timeout=10)).type not in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+            ):
+                pass
+            if ws.close_code not in (CloseCode.UNAUTHORIZED, CloseCode.MESSAGE_TOO_BIG):
+                bad.append(f"pre-auth: closed with {ws.close_code}")
+    return bad
+
+
+def test_rest_cursors_and_msgpack_fuzz_leave_a_bystander_unharmed(
+    server: ServerProc, conversation: str
+) -> None:
+    bystander = subprocess.Popen(
+        [sys.executable, "-m", "tests.system.bystander", server.ws_url, token("bystander"), "5"],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert bystander.stdout is not None and bystander.stdin is not None
+        assert bystander.stdout.readline().strip() == "ready"
+
+        async def fuzz() -> list[str]:
+            async with asyncio.timeout(FUZZ_DEADLINE_S):
+                found = await asyncio.gather(
+                    *(_rest_fuzz(server, conversation, seed) for seed in range(2)),
+                    *(_frames_fuzz(server, seed) for seed in range(2)),
+                    _pre_auth_fuzz(server),
+                )
+            return [line for lines in found for line in lines]
+
+        bad = asyncio.run(fuzz())
+        rtts = sorted(json.loads(bystander.communicate("stop\n", timeout=30)[0]))
+    finally:
+        bystander.kill()
+    assert bad == [], bad[:5]
+    assert len(rtts) >= 30, f"the fuzz was over too soon to measure: {len(rtts)} pings"
+    p99 = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]
+    assert p99 < BYSTANDER_P99_MS, f"bystander ping p99 {p99:.1f} ms over {len(rtts)} pings"
 
 
 def test_after_the_fuzz_the_server_serves_and_logged_no_crash(

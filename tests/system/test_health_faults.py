@@ -22,6 +22,8 @@ import pytest
 from tests.serverproc import ServerProc
 from tests.services import PostgresServer, RedisServer
 
+from .scaleout import SECRET
+
 REPO = Path(__file__).resolve().parents[2]
 HAS_POSTGRES_STORE = (REPO / "storage" / "store" / "postgres.py").exists()
 DEADLINE_S = 30.0
@@ -67,7 +69,9 @@ def server(tmp_path: Path, redis_url: str, request: pytest.FixtureRequest) -> It
     if HAS_POSTGRES_STORE:
         dsn = request.getfixturevalue("postgres_dsn")
         args += ["--database-url", dsn, "--migrate", "yes"]
-    proc = ServerProc(tmp_path, env={"CHAT_LOG_LEVEL": "warning"}, args=args)
+    # As in production: a secret (dev auth mode is refused with Redis); no client needs one.
+    env = {"CHAT_LOG_LEVEL": "warning", "CHAT_JWT_SECRET": SECRET}
+    proc = ServerProc(tmp_path, env=env, args=args)
     proc.start()
     try:
         yield proc

@@ -35,6 +35,8 @@ async def test_postgres_outage_keeps_acking_and_loses_nothing(
             "CHAT_LOCAL_TTFT_MS": "1",
             "CHAT_LOCAL_TOKEN_MS": "0",
             "CHAT_LOG_LEVEL": "error",
+            # The test's tokens come from /api/dev/token: allowed explicitly with Postgres.
+            "CHAT_ALLOW_DEV_AUTH": "yes",
             # Rate limits are not under test here: sends must not wait on them.
             "CHAT_LIMITS_FREE": "messages_per_minute=100000,connections=5,daily_tokens=1000000000",
         },

@@ -18,6 +18,9 @@ from chatclient.client import ChatApi, ChatClient
 from tests.serverproc import REPO_ROOT, ServerProc, ServerProcError
 from tests.services import PgBouncer
 
+# The tests' tokens come from /api/dev/token: with Postgres, dev auth mode must be allowed.
+DEV_AUTH = {"CHAT_ALLOW_DEV_AUTH": "yes"}
+
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
@@ -50,7 +53,7 @@ async def _stored(dsn: str, ids: list[str], timeout_s: float = 15) -> int:
 async def test_serve_needs_the_schema_and_migrate_provides_it(
     tmp_path: Path, postgres_dsn: str
 ) -> None:
-    unmigrated = ServerProc(tmp_path, args=["--database-url", postgres_dsn])
+    unmigrated = ServerProc(tmp_path, env=DEV_AUTH, args=["--database-url", postgres_dsn])
     with pytest.raises(ServerProcError, match="chatserver migrate"):
         unmigrated.start()
     unmigrated.close()
@@ -62,7 +65,7 @@ async def test_serve_needs_the_schema_and_migrate_provides_it(
     assert done.returncode == 0, done.stderr
     assert "retention 12 months" in done.stdout
 
-    with ServerProc(tmp_path, args=["--database-url", postgres_dsn]) as server:
+    with ServerProc(tmp_path, env=DEV_AUTH, args=["--database-url", postgres_dsn]) as server:
         async with aiohttp.ClientSession() as http:
             api = ChatApi(server.url, None, http)
             api.token = await api.dev_token("alice")
@@ -77,7 +80,7 @@ async def test_serve_through_pgbouncer_in_transaction_mode(
     tmp_path: Path, pgbouncer_dsn: str, pgbouncer: PgBouncer, postgres_dsn: str
 ) -> None:
     args = ["--database-url", pgbouncer_dsn, "--pgbouncer", "yes", "--migrate", "yes"]
-    env = {"CHAT_LOCAL_TTFT_MS": "1", "CHAT_LOCAL_TOKEN_MS": "0"}
+    env = {"CHAT_LOCAL_TTFT_MS": "1", "CHAT_LOCAL_TOKEN_MS": "0", **DEV_AUTH}
     with ServerProc(tmp_path, env=env, args=args) as server:
         async with aiohttp.ClientSession() as http:
             api = ChatApi(server.url, None, http)
