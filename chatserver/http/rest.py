@@ -117,10 +117,16 @@ async def authorized(request: web.Request) -> Principal:
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
-        raw = await request.read()
+        # A body that stalls holds a handler (and aiohttp's idle timer waits meanwhile).
+        async with asyncio.timeout(request.app[keys.SETTINGS].server.http_idle_timeout_s):
+            raw = await request.read()
     except ConnectionError:
         # The client went away mid-upload: its doing, not a dependency's (no 503, no alert).
         raise ClientGone("the request body was cut off") from None
+    except TimeoutError:
+        raise ServiceError(
+            ErrorCode.BAD_REQUEST, "the request body did not arrive in time"
+        ) from None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the stack

@@ -165,6 +165,26 @@ async def test_an_aborted_upload_is_the_clients_doing_not_a_dependency_failure(
     assert 'chat_errors_total{code="unavailable"}' not in metrics.exposition().decode()
 
 
+async def test_a_stalled_body_is_answered_within_the_idle_timeout(
+    make_harness: MakeHarness,
+) -> None:
+    harness = await make_harness(http_idle_timeout_s=0.5)
+    token = await harness.token("alice")
+    host, port = harness.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 5000\r\n\r\n"
+        b'{"agent_id": "gen'
+    )
+    await writer.drain()
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 400 ")
+    finally:
+        writer.close()
+
+
 async def test_page_and_static_files_carry_the_browser_protections(harness: Harness) -> None:
     for path in ("/", "/static/app.js", "/static/style.css"):
         async with harness.http.get(harness.base_url + path) as resp:
