@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv deps run test lint fmt clean bench
+.PHONY: venv deps run test lint fmt clean bench lock
 # deps must finish before the venv is built (it may install python3-venv)
 .NOTPARALLEL:
 
@@ -21,6 +21,16 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	touch $@
+
+# requirements.lock: one universal lock (environment markers) for CPython 3.11.0 and later on
+# every platform, every pin with the hashes of its wheels (prebuilt only, as the image installs
+# them). Pins already in the lock are kept where they still fit; LOCK_ARGS=--upgrade moves
+# everything to the newest releases, LOCK_ARGS="--upgrade-package NAME" one package.
+LOCK_ARGS ?=
+lock: venv
+	$(BIN)/uv pip compile --quiet --no-config --universal --python-version 3.11 \
+		--only-binary :all: --generate-hashes --custom-compile-command 'make lock' \
+		--output-file requirements.lock $(LOCK_ARGS) pyproject.toml
 
 deps:
 	./scripts/ensure-system-deps.sh
