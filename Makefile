@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`, each with its own throwaway Redis and Postgres; the
+# suite waits on processes and sockets more than it computes, so 4 fill 2 cores (0: serial)
+TEST_WORKERS ?= 4
 
 .PHONY: venv deps run test lint fmt clean bench lock
 # deps must finish before the venv is built (it may install python3-venv)
@@ -39,7 +42,7 @@ run: venv
 	$(BIN)/chatserver serve $(ARGS)
 
 test: deps venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # load scenarios beside their peers, ~10-15 min (docs/benchmarks.md); BENCH_ARGS=--quick: ~2 min
 bench: venv
