@@ -1,7 +1,7 @@
 """The Dockerfile, built for real and run: buildah on a debootstrapped Debian 12 base.
 
 tests/system/image.py says how (no registry, no daemon here). One build per run, shared by
-the tests of this module (they run on one xdist worker: the ``image`` group):
+the tests of this module (one xdist worker runs them all: tests/conftest.py, SHARED_MODULES):
 
 - the image's promises, read from the built image's own config (what Docker would run):
   non-root user, exec-form CMD and no ENTRYPOINT, the exec-form HEALTHCHECK on /healthz,
@@ -39,7 +39,7 @@ from . import image
 
 TAG = "localhost/chatserver-test:latest"
 BUILD_TAG = "localhost/chatserver-test-build:latest"
-pytestmark = [pytest.mark.xdist_group("image"), pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.heavy, pytest.mark.timeout(1500)]
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _dockerfile_instructions() -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def test_the_image_keeps_its_promises(built: Built) -> None:
+def test_dockerfile_promises(built: Built) -> None:
     config = built.config
     user = config["User"]
     assert user and user.split(":")[0] not in ("0", "root"), f"runs as {user!r}"

@@ -98,6 +98,7 @@ def _make(venv: Path, *args: str, timeout: float = 600) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(900)
 def test_debian_python_makes_the_venv_runs_and_tests(tmp_path: Path) -> None:
     if not DEBIAN_PYTHON.exists():
