@@ -14,9 +14,10 @@
 # get 503, clients are told to reconnect elsewhere, replies finish, the outbox is flushed, exit 0.
 # Give `docker stop --time` / compose `stop_grace_period` more than CHAT_SHUTDOWN_GRACE_S.
 #
-# tests/system/test_deploy.py builds this image's Python environment the way the build stage
-# below does (same COPY sources, same RUN commands, same CMD): keep RUN lines in terms of
-# $VIRTUAL_ENV and paths relative to WORKDIR.
+# PYTHON_IMAGE may name another Debian-based image that has `python` (with `-m venv`),
+# `groupadd` and `useradd`: tests/system/test_image.py builds this file for real with buildah
+# (`buildah bud --isolation chroot`) on a Debian 12 base made with debootstrap (python3,
+# python3-venv, python-is-python3), and runs the image.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

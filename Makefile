@@ -7,8 +7,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`, each with its own throwaway Redis and Postgres; the
+# suite waits on processes and sockets more than it computes, so 4 fill 2 cores (0: serial)
+TEST_WORKERS ?= 4
 
-.PHONY: venv deps run test lint fmt clean bench
+.PHONY: venv deps run test lint fmt clean bench lock
 # deps must finish before the venv is built (it may install python3-venv)
 .NOTPARALLEL:
 
@@ -22,6 +25,16 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	touch $@
 
+# requirements.lock: one universal lock (environment markers) for CPython 3.11.0 and later on
+# every platform, every pin with the hashes of its wheels (prebuilt only, as the image installs
+# them). Pins already in the lock are kept where they still fit; LOCK_ARGS=--upgrade moves
+# everything to the newest releases, LOCK_ARGS="--upgrade-package NAME" one package.
+LOCK_ARGS ?=
+lock: venv
+	$(BIN)/uv pip compile --quiet --no-config --universal --python-version 3.11 \
+		--only-binary :all: --generate-hashes --custom-compile-command 'make lock' \
+		--output-file requirements.lock $(LOCK_ARGS) pyproject.toml
+
 deps:
 	./scripts/ensure-system-deps.sh
 
@@ -29,7 +42,7 @@ run: venv
 	$(BIN)/chatserver serve $(ARGS)
 
 test: deps venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # load scenarios beside their peers, ~10-15 min (docs/benchmarks.md); BENCH_ARGS=--quick: ~2 min
 bench: venv

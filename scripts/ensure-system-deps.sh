@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the system binaries the tests need are installed (Debian packages):
 #   redis-server, a Postgres server (initdb under /usr/lib/postgresql/*/bin), chromium,
-#   promtool (prometheus), nginx, and python3-venv for `make venv`.
+#   promtool (prometheus), nginx, python3-venv for `make venv` (for Debian's own
+#   /usr/bin/python3 too: tests/system/test_install.py builds a venv with it), and buildah and
+#   debootstrap, which build the Docker image for real (tests/system/test_image.py).
 # As root, missing packages are installed with apt-get; otherwise the script names them and
 # fails. It never starts system services: the tests start their own throwaway servers.
 # Quiet and idempotent when everything is present.
@@ -17,7 +19,13 @@ missing_packages() {
     [[ -x /usr/bin/chromium ]] || echo chromium
     have promtool || echo prometheus
     have nginx || echo nginx
-    python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv
+    have buildah || echo buildah
+    have debootstrap || echo debootstrap
+    if [[ -x /usr/bin/python3 ]]; then
+        /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv
+    else
+        python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv
+    fi
 }
 
 mapfile -t missing < <(missing_packages)

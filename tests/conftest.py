@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -54,6 +54,34 @@ def _launch(make: Callable[[], S]) -> S:
     else:
         return server
     pytest.fail(reason, pytrace=False)  # outside `except`: no chained traceback
+
+
+# Test modules whose tests share one costly module fixture (the image build): each is one work
+# unit for pytest-xdist, so that one worker runs all its tests and builds once. Every other
+# test is a unit of its own. (xdist's own `xdist_group` marks do not reach its scheduler under
+# pytest 9: it renames `item._nodeid`, which pytest 9 no longer reads.)
+SHARED_MODULES = frozenset({"tests/system/test_image.py"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ``heavy`` tests first (a stable sort: the rest keep their order). On xdist workers
+    (``make test``) they then start at once, on workers of their own, beside the many short
+    ones."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):  # type: ignore[misc]
+        """One unit per test, one per module of SHARED_MODULES; units go out in collection
+        order (the units of most tests first), at most two waiting on each worker."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_MODULES else nodeid
+
+    return Scheduler(config, log)
 
 
 @pytest.fixture(scope="session")

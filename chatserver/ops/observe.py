@@ -68,7 +68,11 @@ class Sampler:
 
     async def _sample_backlog(self) -> None:
         try:
-            backlog = await asyncio.wait_for(self.app[keys.OUTBOX].backlog(), _BACKLOG_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+            # lands as its awaitable finishes, and the sampler then outlives the shutdown that
+            # cancelled it (the app's cleanup waits for it forever)
+            async with asyncio.timeout(_BACKLOG_TIMEOUT_S):
+                backlog = await self.app[keys.OUTBOX].backlog()
         except Exception as exc:
             # The gauge keeps its last value; the dependency's own checks report the outage.
             if not self._backlog_failing:

@@ -3,9 +3,8 @@
 - nginx (Debian's) with deploy/nginx.conf in front of two instances on one Redis: WebSocket
   traffic through it, one instance drained with SIGTERM, its clients moved through nginx to the
   other one with nothing lost and no gap.
-- The image's Python environment, built the way the Dockerfile's build stage builds it (same
-  context, same ENV, same RUN commands), serving with the runtime stage's CMD and env only.
-- The Dockerfile's, nginx.conf's and the lock's promises, read from the files.
+- nginx.conf's promises, read from the file (the image: tests/system/test_image.py; the lock:
+  tests/system/test_install.py).
 - `docker compose -f deploy/compose.yaml config` validates the compose file; its Prometheus
   targets writer, run here, writes what `promtool check config` accepts.
 - The Postgres replication scripts of the compose file make a streaming replica.
@@ -24,29 +23,23 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from chatclient.client import ChatApi, ChatClient
 from protocol import Message
 from tests.serverproc import REPO_ROOT, free_port
 from tests.services import PostgresServer, ServiceError
 
-from . import dockerfile
 from .nginxproc import NginxProc
 from .roaming import Roaming
-from .scaleout import SECRET, instances, token
+from .scaleout import instances, token
 
 COMPOSE_FILE = REPO_ROOT / "deploy" / "compose.yaml"
-LOCK = REPO_ROOT / "requirements.lock"
 COMPOSE_SECRETS = {
     "CHAT_JWT_SECRET": "compose-config-test-secret-0123456789",
     "POSTGRES_PASSWORD": "pw-primary",
@@ -216,167 +209,7 @@ async def test_nginx_moves_the_clients_of_a_draining_instance(
 
 
 # --------------------------------------------------------------------------------------------
-# the image's Python environment
-
-
-def _replay_build(stage: dockerfile.Stage, root: Path) -> tuple[Path, Path]:
-    """Do what the build stage does, in ``root``: returns (the virtualenv, the workdir)."""
-    venv = root / "venv"
-    workdir: Path | None = None
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CHAT_", "PIP_", "VIRTUAL_ENV", "PYTHON"))
-    }
-    # the machine's pip settings (local indexes, find-links, constraints) are not in an image
-    env["PIP_CONFIG_FILE"] = os.devnull
-    for keep in ("PIP_CERT", "PIP_DEFAULT_TIMEOUT"):  # how this machine reaches PyPI
-        if keep in os.environ:
-            env[keep] = os.environ[keep]
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    for keyword, args in stage.instructions:
-        if keyword == "ENV":
-            for key, value in dockerfile.Stage("", None, [(keyword, args)]).env().items():
-                if key == "VIRTUAL_ENV":
-                    value = str(venv)
-                if key == "PIP_NO_CACHE_DIR":
-                    continue  # the one liberty taken: pip may use the local wheel cache
-                env[key] = value
-        elif keyword == "WORKDIR":
-            assert workdir is None, "one WORKDIR in the build stage"
-            workdir = root / args.strip("/")
-            workdir.mkdir(parents=True)
-        elif keyword == "COPY":
-            *sources, dest = args.split()
-            assert workdir is not None and not any(s.startswith("--") for s in sources)
-            for source in sources:  # COPY a b ./ or COPY dir ./dir: the context's layout
-                assert dest in ("./", f"./{source}"), f"COPY {args}: not mirrored"
-            assert dockerfile.copy_context(sources, workdir), f"COPY {args}: nothing copied"
-        elif keyword == "RUN":
-            assert workdir is not None
-            done = subprocess.run(
-                ["/bin/sh", "-c", args],
-                cwd=workdir,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=540,
-            )
-            assert done.returncode == 0, f"RUN {args}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
-        else:
-            raise AssertionError(f"{keyword} in the build stage: teach this test about it")
-    assert workdir is not None
-    return venv, workdir
-
-
-def _runtime_env(stage: dockerfile.Stage, venv: Path, data: Path) -> dict[str, str]:
-    """The runtime stage's ENV (the virtualenv's bin first on PATH), and nothing else."""
-    env = stage.env()
-    assert env["PATH"].startswith("/opt/venv/bin:")
-    env["PATH"] = f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin"
-    env["CHAT_SQLITE_PATH"] = str(data / Path(env["CHAT_SQLITE_PATH"]).name)
-    return env
-
-
-def _get(url: str) -> tuple[int, str, bytes]:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.status, response.headers.get("Content-Type", ""), response.read()
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        with contextlib.suppress(OSError):
-            if _get(f"http://127.0.0.1:{port}/healthz")[0] == 200:
-                return
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.1)
-
-
-@pytest.mark.timeout(600)
-def test_the_image_environment_serves(tmp_path: Path, postgres_dsn: str) -> None:
-    build, runtime = dockerfile.stages()
-    venv, _ = _replay_build(build, tmp_path / "build")
-    data = tmp_path / "data"
-    data.mkdir()
-    env = _runtime_env(runtime, venv, data)
-    assert shutil.which("chatserver", path=env["PATH"]) == str(venv / "bin" / "chatserver")
-    where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import chatserver; print(chatserver.__file__)"],
-        cwd=data,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert where.stdout.startswith(str(venv)), "installed into the venv, not run from the repo"
-
-    # The packaged migrations apply (the compose file's `migrate` job runs this command).
-    migrate = subprocess.run(
-        ["chatserver", "migrate"],
-        cwd=data,
-        env={**env, "CHAT_DATABASE_URL": postgres_dsn},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert migrate.returncode == 0, migrate.stdout + migrate.stderr
-    assert "migrations applied" in migrate.stdout
-
-    port = free_port()
-    env.update(CHAT_PORT=str(port), CHAT_JWT_SECRET=SECRET)
-    command = runtime.exec_form("CMD")
-    assert command == ["chatserver", "serve"]
-    options, check = dockerfile.healthcheck(runtime)
-    log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=data, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_healthy(proc, port, log)
-        status, kind, body = _get(f"http://127.0.0.1:{port}/")
-        assert status == 200 and kind.startswith("text/html") and b"<html" in body.lower()
-        status, _, _ = _get(f"http://127.0.0.1:{port}/static/app.js")
-        assert status == 200
-        timeout = float(options["timeout"].rstrip("s"))
-        assert subprocess.run(check, env=env, timeout=timeout + 5).returncode == 0
-        proc.send_signal(signal.SIGTERM)  # what `docker stop` sends (STOPSIGNAL)
-        assert proc.wait(30) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert f"chatserver listening on http://127.0.0.1:{port}/" in log.read_text()
-    assert (data / "chatserver.sqlite3").exists()  # CHAT_SQLITE_PATH, from the env only
-    down = subprocess.run(check, env=env, capture_output=True, timeout=timeout + 5)
-    assert down.returncode != 0  # and the health check notices a dead server
-
-
-def test_dockerfile_promises() -> None:
-    stages = dockerfile.stages()
-    assert len(stages) == 2, "multi-stage: build, then runtime"
-    build, runtime = stages
-    assert build.name == "build" and build.base == runtime.base
-    assert runtime.base.startswith("python:3.11-slim"), runtime.base
-    runs = " ".join(build.all("RUN"))
-    assert "--require-hashes" in runs and "-r requirements.lock" in runs
-    assert "install --no-deps ." in runs and "-e ." not in runs
-    user = runtime.last("USER")
-    assert user is not None and user.split(":")[0] not in ("0", "root")
-    options, check = dockerfile.healthcheck(runtime)
-    assert "/healthz" in " ".join(check) and {"interval", "timeout", "retries"} <= set(options)
-    assert runtime.last("STOPSIGNAL") == "SIGTERM"
-    assert runtime.exec_form("CMD") == ["chatserver", "serve"]
-    assert runtime.last("ENTRYPOINT") is None  # nothing (no shell) between docker and the server
-    env = runtime.env()
-    assert (env["CHAT_HOST"], env["CHAT_PORT"]) == ("0.0.0.0", "8080")
-    assert not runtime.all("ARG") and not build.all("ARG")  # configured by CHAT_* env only
-    ignore = dockerfile.DockerIgnore()
-    for path in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "bench/x", "a.sqlite3"):
-        assert ignore.excluded(path), path
-    for path in ("requirements.lock", "pyproject.toml", "chatserver/static/index.html"):
-        assert not ignore.excluded(path), path
-    assert ignore.excluded("chatserver/__pycache__/app.cpython-311.pyc")
+# nginx.conf
 
 
 def test_nginx_conf_promises() -> None:
@@ -398,43 +231,6 @@ def test_nginx_conf_promises() -> None:
     compose = (REPO_ROOT / "deploy" / "nginx" / "upstreams.compose.conf").read_text()
     assert "resolver 127.0.0.11" in compose  # Docker's DNS
     assert "server chatserver:8080 resolve max_fails=" in compose and "fail_timeout=" in compose
-
-
-def _lock() -> dict[str, tuple[str, int]]:
-    """name -> (version, number of hashes)."""
-    pins: dict[str, tuple[str, int]] = {}
-    name = ""
-    for line in LOCK.read_text().splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.startswith("--hash=sha256:"):
-            version, hashes = pins[name]
-            pins[name] = (version, hashes + 1)
-            continue
-        requirement = Requirement(stripped.rstrip("\\").strip())
-        name = canonicalize_name(requirement.name)
-        (spec,) = requirement.specifier
-        assert spec.operator == "==", stripped
-        pins[name] = (spec.version, 0)
-    return pins
-
-
-def test_the_lock_pins_every_runtime_dependency() -> None:
-    pins = _lock()
-    assert all(hashes > 0 for _, hashes in pins.values()), "every pin carries its hashes"
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    for text in project["dependencies"]:
-        requirement = Requirement(text)
-        if requirement.marker is not None and not requirement.marker.evaluate():
-            continue
-        name = canonicalize_name(requirement.name)
-        assert name in pins, f"{requirement.name} is not in requirements.lock: regenerate it"
-        assert requirement.specifier.contains(pins[name][0], prereleases=True), (
-            f"requirements.lock pins {name}=={pins[name][0]}, pyproject wants {requirement}"
-        )
-    for extra in ("hiredis",):  # redis[hiredis]
-        assert extra in pins
 
 
 # --------------------------------------------------------------------------------------------

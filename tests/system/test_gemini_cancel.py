@@ -59,15 +59,19 @@ async def test_a_cancel_on_another_instance_closes_the_upstream_within_100ms(
             await alice.join(conv)
             await bob.join(conv)
             await alice.send(conv, "tell me a long story about everything")  # A owns it
-            start = await bob.expect(GenStart)
-            await bob.expect(Delta, lambda d: d.seq >= 3)
+            # the first reply of an instance builds its Gemini client (the SDK's: seconds of
+            # imports on a busy machine): wait for the stream, the cancel is what is timed
+            start = await bob.expect(GenStart, timeout=30)
+            await bob.expect(Delta, lambda d: d.seq >= 3, timeout=30)
             sent = time.monotonic()
             await bob.cancel(start.generation_id)  # sent to B, which does not stream it
             gone = await fake.wait_disconnect(0)
             elapsed = gone - sent
             assert elapsed < 0.1, f"upstream closed {1000 * elapsed:.0f} ms after the cancel"
             for client in (alice, bob):
-                end = await client.expect(GenEnd, lambda e: e.generation_id == start.generation_id)
+                end = await client.expect(
+                    GenEnd, lambda e: e.generation_id == start.generation_id, timeout=30
+                )
                 assert end.finish_reason == "cancelled"
                 assert end.message is not None and end.message.text.startswith("w0 w1 w2 ")
             assert len(fake.requests) == 1 and fake.requests[0].chunks_sent < 500

@@ -60,15 +60,17 @@ async def test_live_replies_are_not_claimable(buffer: ReplyBuffer) -> None:
 
 async def test_a_dead_owners_reply_is_claimed_once(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
-    dead = RedisReplyBuffer(redis, server_id="server-a", lease_s=0.2)
-    alive = RedisReplyBuffer(redis, server_id="server-b", lease_s=0.2)
+    # a lease of 1 s: the reply's data lives 12 leases, so a busy machine's pause between
+    # seeing the lease run out and the claims cannot outlast the data itself
+    dead = RedisReplyBuffer(redis, server_id="server-a", lease_s=1.0)
+    alive = RedisReplyBuffer(redis, server_id="server-b", lease_s=1.0)
     try:
         assert await dead.begin(_owner("g1"))
         await dead.append("c1", "g1", 1, "partial ")
         await dead.append("c1", "g1", 2, "text")
         assert await alive.expired() == []
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
+        deadline = loop.time() + 10
         while not await alive.expired():  # the lease runs out on Redis' clock
             assert loop.time() < deadline
             await asyncio.sleep(0.02)

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatclient.client import ChatError
 from chatserver import keys
 from chatserver.ops.metrics import Metrics
-from chatserver.ops.observe import Sampler
+from chatserver.ops.observe import Sampler, sample_forever
 from protocol import Encoding, ErrorFrame
 from tests.chatserver.conftest import Harness, MakeHarness, eventually, outbox_drained
 
@@ -370,3 +371,35 @@ async def test_a_hung_dependency_answers_down_within_the_timeout(
     assert body["checks"]["redis"]["status"] == "ok"
     async with harness.http.get(harness.base_url + "/api/health") as resp:
         assert resp.status == 503
+
+
+async def test_the_sampler_stops_when_cancelled_as_the_backlog_read_ends() -> None:
+    """A shutdown's cancel that lands as the backlog read finishes ends the sampler; under
+    Python 3.11's wait_for it was swallowed and the app's cleanup waited for ever."""
+    release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    reading = asyncio.Event()
+
+    class Outbox:
+        async def backlog(self) -> int:
+            reading.set()
+            await release
+            return 7
+
+    class BacklogOnly(Sampler):
+        async def sample(self) -> None:
+            await self._sample_backlog()
+
+    app = web.Application()
+    app[keys.METRICS] = Metrics()
+    app[keys.OUTBOX] = Outbox()
+    task = asyncio.create_task(sample_forever(BacklogOnly(app), interval_s=0.01))
+    await asyncio.wait_for(reading.wait(), 5)
+    release.set_result(None)
+    await asyncio.sleep(0)  # the read ends in this turn of the loop, the cancel right after it
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    outlived = task not in done
+    while not task.done():  # a failure still leaves no sampler running
+        task.cancel()
+        await asyncio.wait({task}, timeout=1)
+    assert not outlived and task.cancelled(), "the sampler outlived its cancel"
