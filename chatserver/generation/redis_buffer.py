@@ -31,6 +31,7 @@ from redis.exceptions import NoScriptError
 
 from protocol import GenerationSnapshot
 from storage.lua import script as lua_script
+from storage.lua import source as lua_source
 from storage.redis_keys import (
     ConversationKeys,
     instance_alive_key,
@@ -38,6 +39,7 @@ from storage.redis_keys import (
     instances_key,
     reply_ref_key,
 )
+from storage.window.base import AppendGate
 
 from .buffer import ClaimedReply, Delta, LeaseLost, Record, ReplyOwner, RunningReply, Slot
 
@@ -48,6 +50,9 @@ _LUA = "chatserver.generation"  # the package whose lua/ holds these scripts
 _WAITER_MS = 2000
 _CLUSTER_FANOUT = 64  # calls in flight at once when a batch spans a cluster's slots
 _SWEEP_BATCH = 100
+
+# The release gate of a reply's own append: a function body of the window's gate.
+_RELEASE_LUA = lua_source("release", _LUA)
 
 Call = tuple[Any, list[str], list[Any]]  # (registered script, keys, args)
 
@@ -77,6 +82,10 @@ class RedisReplyBuffer:
         self._alive_until = 0.0  # monotonic: our alive key surely exists until then
         self._instances = instances_key(prefix)
         self._swept: dict[tuple[str, str], str] = {}  # found by ``expired``: its dead owner
+        # Ended replies still listed as ours: taken off the list with the next heartbeat (one
+        # SREM per interval, not per reply). A listed reply that ended is harmless: only a
+        # sweep after our death reads the list, and its claim finds nothing to take.
+        self._ended: list[str] = []
         self._begin = redis.register_script(lua_script("begin", _LUA))
         self._record = redis.register_script(lua_script("record", _LUA))
         self._snapshot = redis.register_script(lua_script("snapshot", _LUA))
@@ -202,19 +211,29 @@ class RedisReplyBuffer:
         results = await self._calls(calls)
         return {r.generation_id for r, ok in zip(records, results, strict=True) if not ok}
 
-    async def end(self, conversation_id: str, generation_id: str) -> None:
-        mine = instance_replies_key(self._prefix, self._server_id)
-        await self._calls(
-            [(self._end, self._keys(conversation_id), [generation_id])],
-            [
-                ("SREM", mine, self._member(conversation_id, generation_id)),
-                ("DEL", reply_ref_key(self._prefix, generation_id)),
-            ],
-        )
+    def release_gate(self, conversation_id: str, generation_id: str) -> AppendGate | None:
+        if isinstance(self._redis, RedisCluster):
+            return None  # a cluster's window takes no gates
+        return AppendGate(_RELEASE_LUA, tuple(self._keys(conversation_id)), (generation_id,))
+
+    async def end(self, conversation_id: str, generation_id: str, released: bool = False) -> None:
+        # The reply_ref key is left to its TTL: a cancel that finds it reads the hash, whose
+        # generation is no longer this one.
+        if not released:
+            await self._calls([(self._end, self._keys(conversation_id), [generation_id])])
+        self._ended.append(self._member(conversation_id, generation_id))
 
     async def heartbeat(self) -> None:
         self._alive_until = 0.0
-        await self._calls([], self._alive_command())
+        ended, self._ended = self._ended, []
+        extra = self._alive_command()
+        if ended:
+            extra.append(("SREM", instance_replies_key(self._prefix, self._server_id), *ended))
+        try:
+            await self._calls([], extra)
+        except BaseException:
+            self._ended = ended + self._ended  # taken off with the next one
+            raise
 
     # -- anyone's side ----------------------------------------------------------------
 
