@@ -37,7 +37,6 @@ from storage.redis_keys import (
     instance_alive_key,
     instance_replies_key,
     instances_key,
-    reply_ref_key,
 )
 from storage.window.base import AppendGate
 
@@ -55,6 +54,11 @@ _SWEEP_BATCH = 100
 _RELEASE_LUA = lua_source("release", _LUA)
 
 Call = tuple[Any, list[str], list[Any]]  # (registered script, keys, args)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _s(value: Any) -> str:
@@ -161,14 +165,10 @@ class RedisReplyBuffer:
         conv = ConversationKeys(self._prefix, owner.conversation_id)
         member = self._member(owner.conversation_id, owner.generation_id)
         mine = instance_replies_key(self._prefix, self._server_id)
-        ref = reply_ref_key(self._prefix, owner.generation_id)
         # Listed as ours before the buffer exists: an owner dying between the two leaves a
-        # member the sweep drops, never a buffer nobody would ever sweep.
-        extra = [
-            *self._alive_command(),
-            ("SADD", mine, member),
-            ("SET", ref, owner.conversation_id, "PX", self._ttl_ms),
-        ]
+        # member the sweep drops, never a buffer nobody would ever sweep. The list is also
+        # how a cancel finds the reply's conversation (owner_of): no key per reply for that.
+        extra = [*self._alive_command(), ("SADD", mine, member)]
         args = [
             owner.generation_id,
             owner.owner,
@@ -181,7 +181,7 @@ class RedisReplyBuffer:
         keys = [conv.reply, conv.reply_text, conv.reply_next, conv.watchers]
         (taken,) = await self._calls([(self._begin, keys, args)], extra)
         if not taken:
-            await self._calls([], [("SREM", mine, member), ("DEL", ref)])
+            await self._calls([], [("SREM", mine, member)])
             return None
         return Slot(watched=int(taken) == 3)
 
@@ -217,8 +217,6 @@ class RedisReplyBuffer:
         return AppendGate(_RELEASE_LUA, tuple(self._keys(conversation_id)), (generation_id,))
 
     async def end(self, conversation_id: str, generation_id: str, released: bool = False) -> None:
-        # The reply_ref key is left to its TTL: a cancel that finds it reads the hash, whose
-        # generation is no longer this one.
         if not released:
             await self._calls([(self._end, self._keys(conversation_id), [generation_id])])
         self._ended.append(self._member(conversation_id, generation_id))
@@ -254,15 +252,25 @@ class RedisReplyBuffer:
         snapshot = GenerationSnapshot(_s(found[0]), int(found[1]), _s(found[2]))
         return RunningReply(snapshot, _s(found[3]), _s(found[4]) == "1")
 
+    async def _conversation_of(self, generation_id: str) -> str | None:
+        """Which conversation a running reply is in: its entry in its owner's list, found by a
+        scan of every instance's list (a cancel from another instance, rare: no key per reply
+        is kept for it)."""
+        pattern = f"*\t{_glob_escape(generation_id)}"
+        for server_id in [_s(m) for m in await self._redis.smembers(self._instances)]:
+            key = instance_replies_key(self._prefix, server_id)
+            async for member in self._redis.sscan_iter(key, match=pattern, count=1000):
+                return _s(member).partition("\t")[0]
+        return None
+
     async def owner_of(self, generation_id: str) -> ReplyOwner | None:
-        conversation_id = await self._redis.get(reply_ref_key(self._prefix, generation_id))
+        conversation_id = await self._conversation_of(generation_id)
         if conversation_id is None:
             return None
-        conversation_id = _s(conversation_id)
         fields = await self._redis.hgetall(self._keys(conversation_id)[0])
         data = {_s(k): _s(v) for k, v in fields.items()}
         if data.get("gid") != generation_id:
-            return None
+            return None  # ended (its list entry goes with the next heartbeat) or claimed
         return ReplyOwner(
             conversation_id,
             generation_id,
@@ -326,7 +334,6 @@ class RedisReplyBuffer:
         await self._redis.srem(replies, member)
         if not claimed:
             return None
-        await self._redis.delete(reply_ref_key(self._prefix, generation_id))
         agent, model, reply_to, seq, text = (_s(v) for v in claimed)
         return ClaimedReply(
             ReplyOwner(conversation_id, generation_id, owner, agent, model, reply_to),
