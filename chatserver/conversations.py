@@ -188,6 +188,14 @@ class ConversationService:
             ErrorCode.UNAVAILABLE, "conversation window could not be loaded", retry_after_ms=500
         )
 
+    async def recent(self, conversation_id: str, limit: int) -> tuple[Message, ...]:
+        """The newest messages, for a reply's context: one plain read when the window is
+        there, else the full read (which rebuilds a missing window)."""
+        messages = await self.window.recent(conversation_id, limit)
+        if messages is not None:
+            return messages
+        return (await self.read_window(conversation_id, limit=limit)).messages
+
     async def join_view(self, conversation_id: str, since: Since | None) -> JoinView:
         if since is not None:
             view = await self.read_window(

@@ -14,19 +14,17 @@ touch them together::
     chat:{<conv>}:reply_next       the reply waiting for the slot (it goes next)
     chat:{<conv>}:watchers         set of the instances with a local member joined
     chat:{<conv>}:events           the conversation's fan-out channel between instances
-    chat:{<generation>}:reply_ref  generation id -> conversation id (cancel, owner look-up)
     chat:{inst-<server>}:alive     an instance's liveness (PX one lease, renewed every third)
-    chat:{inst-<server>}:replies   set of that instance's running replies (conv TAB gen)
+    chat:{inst-<server>}:replies   set of that instance's running replies (conv TAB gen); a
+                                   cancel from elsewhere finds a reply's conversation here
     chat:instances                 set of instance ids that ever ran a reply (the sweep's list)
 
 The outbox is global: ``chat:outbox`` with one shard, else ``chat:outbox:{0}`` ... ``{n-1}``
 (each shard its own hash tag, so the shards spread over a cluster). A conversation's messages
 always go to the same shard (:func:`outbox_shard`). The other keys::
 
-    chat:replies                   running replies by lease end (any instance sweeps them)
-    chat:{<generation>}:reply_ref  a reply's conversation, by generation id
     chat:{ctl-<server>}:control    control messages to one instance (cancel a reply)
-    chat:{u:<user>}:<kind>[:...]   a user's limits: conns, rate, tokens:<UTC day>
+    chat:{u:<user>}:<kind>[:...]   a user's limits: conns, bucket, tokens:<UTC day>
     chat:rcache:<digest>           a cached model answer
 """
 
@@ -99,10 +97,6 @@ def outbox_shard(conversation_id: str, shards: int) -> int:
     if shards == 1:
         return 0
     return zlib.crc32(conversation_id.encode()) % shards
-
-
-def reply_ref_key(prefix: str, generation_id: str) -> str:
-    return f"{prefix}:{{{generation_id}}}:reply_ref"
 
 
 def instance_alive_key(prefix: str, server_id: str) -> str:

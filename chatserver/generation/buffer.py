@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from protocol import GenerationSnapshot
+from storage.window.base import AppendGate
 
 # (conversation_id, generation_id, seq, text): one delta to record.
 Delta = tuple[str, str, int, str]
@@ -92,7 +93,14 @@ class ReplyBuffer(Protocol):
     async def running(self, conversation_id: str) -> RunningReply | None:
         """The reply in progress with its owner and whether it is watched."""
 
-    async def end(self, conversation_id: str, generation_id: str) -> None: ...
+    def release_gate(self, conversation_id: str, generation_id: str) -> AppendGate | None:
+        """A gate for the reply's own append that releases the entry in the same atomic step
+        (so no join or claim sees the reply both running and stored); None when this buffer
+        cannot (memory, or a cluster whose window takes no gates): ``end`` releases it."""
+
+    async def end(self, conversation_id: str, generation_id: str, released: bool = False) -> None:
+        """Release the entry; ``released``: the append's gate did, only the bookkeeping is
+        left."""
 
     async def heartbeat(self) -> None:
         """Keep this instance alive (its replies unclaimable) for one more lease."""
@@ -171,7 +179,10 @@ class MemoryReplyBuffer:
             return None
         return RunningReply(snapshot, self._running[conversation_id].owner.owner, True)
 
-    async def end(self, conversation_id: str, generation_id: str) -> None:
+    def release_gate(self, conversation_id: str, generation_id: str) -> AppendGate | None:
+        return None  # in process: end() releases it, nobody can look in between
+
+    async def end(self, conversation_id: str, generation_id: str, released: bool = False) -> None:
         running = self._running.get(conversation_id)
         if running is not None and running.owner.generation_id == generation_id:
             del self._running[conversation_id]

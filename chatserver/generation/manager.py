@@ -298,8 +298,7 @@ class GenerationManager:
                 await self._publish(conversation_id, start)
             else:  # no other instance has a member in: a join there reads the buffer
                 self._deliver_events([Event(conversation_id, start, time.time())])
-            view = await self._conversations.read_window(conversation_id, limit=self._context)
-            history = view.messages
+            history = await self._conversations.recent(conversation_id, self._context)
             if not history or history[-1].offset < run.reply_to.offset:
                 history = (*history, run.reply_to)
             request = ReplyRequest(
@@ -410,16 +409,18 @@ class GenerationManager:
             return  # the instance that took over stored and ended it
         self._metrics.child(self._metrics.reply_duration, run.agent.id, run.model).observe(duration)
         await self._remember(run, finish)
-        # Stored and announced before the buffer goes: an instance dying in between leaves
-        # a buffer that another one claims, and its store_and_end finds the message
-        # already there (the generation id is the idempotency key): it ends exactly once.
-        await self.store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
+        # Stored before the buffer goes, in the append's own step where the window takes
+        # gates (else just after): an instance dying in between leaves a buffer that another
+        # one claims, and its store_and_end finds the message already there (the
+        # generation id is the idempotency key): it ends exactly once.
+        released = await self._store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
         try:
             await self._retrying(
                 "release the reply buffer",
                 self._buffer.end,
                 run.conversation_id,
                 run.generation_id,
+                released,
             )
         finally:
             self._drop_live(run)
@@ -433,7 +434,12 @@ class GenerationManager:
 
     async def store_and_end(self, owner: ReplyOwner, text: str, finish: Finish) -> None:
         """Store the reply like any message, then publish ``gen_end`` with it."""
+        await self._store_and_end(owner, text, finish)
+
+    async def _store_and_end(self, owner: ReplyOwner, text: str, finish: Finish) -> bool:
+        """``store_and_end``; True when the append also released the reply's buffer entry."""
         conversation_id = owner.conversation_id
+        released = False
         message: Message | None = None
         reason = finish.reason
         error = finish.error
@@ -450,9 +456,16 @@ class GenerationManager:
             model=owner.model,
             reply_to=owner.reply_to,
         )
+        # Where the window takes gates, the append releases the buffer entry in its own step.
+        gate = None
+        if self._conversations.window.gates:
+            gate = self._buffer.release_gate(conversation_id, owner.generation_id)
         try:
-            result = await self._retrying("store the reply", self._conversations.append, draft)
+            result = await self._retrying(
+                "store the reply", self._conversations.append, draft, gate
+            )
             message = result.message
+            released = gate is not None and not result.duplicate
             if result.duplicate:  # ended before (by the owner, or a claim): say it as it was
                 reason = message.finish_reason or reason
                 error = None if reason != FinishReason.ERROR.value else error
@@ -473,6 +486,7 @@ class GenerationManager:
                 conversation_id, owner.generation_id, reason, finish.usage, message, error
             ).to_dict(),
         )
+        return released
 
     async def _retrying(self, what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Ride out a dependency outage (Redis or the store restarting) for a while."""

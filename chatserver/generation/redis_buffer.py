@@ -31,13 +31,14 @@ from redis.exceptions import NoScriptError
 
 from protocol import GenerationSnapshot
 from storage.lua import script as lua_script
+from storage.lua import source as lua_source
 from storage.redis_keys import (
     ConversationKeys,
     instance_alive_key,
     instance_replies_key,
     instances_key,
-    reply_ref_key,
 )
+from storage.window.base import AppendGate
 
 from .buffer import ClaimedReply, Delta, LeaseLost, Record, ReplyOwner, RunningReply, Slot
 
@@ -49,7 +50,15 @@ _WAITER_MS = 2000
 _CLUSTER_FANOUT = 64  # calls in flight at once when a batch spans a cluster's slots
 _SWEEP_BATCH = 100
 
+# The release gate of a reply's own append: a function body of the window's gate.
+_RELEASE_LUA = lua_source("release", _LUA)
+
 Call = tuple[Any, list[str], list[Any]]  # (registered script, keys, args)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _s(value: Any) -> str:
@@ -77,6 +86,10 @@ class RedisReplyBuffer:
         self._alive_until = 0.0  # monotonic: our alive key surely exists until then
         self._instances = instances_key(prefix)
         self._swept: dict[tuple[str, str], str] = {}  # found by ``expired``: its dead owner
+        # Ended replies still listed as ours: taken off the list with the next heartbeat (one
+        # SREM per interval, not per reply). A listed reply that ended is harmless: only a
+        # sweep after our death reads the list, and its claim finds nothing to take.
+        self._ended: list[str] = []
         self._begin = redis.register_script(lua_script("begin", _LUA))
         self._record = redis.register_script(lua_script("record", _LUA))
         self._snapshot = redis.register_script(lua_script("snapshot", _LUA))
@@ -152,14 +165,10 @@ class RedisReplyBuffer:
         conv = ConversationKeys(self._prefix, owner.conversation_id)
         member = self._member(owner.conversation_id, owner.generation_id)
         mine = instance_replies_key(self._prefix, self._server_id)
-        ref = reply_ref_key(self._prefix, owner.generation_id)
         # Listed as ours before the buffer exists: an owner dying between the two leaves a
-        # member the sweep drops, never a buffer nobody would ever sweep.
-        extra = [
-            *self._alive_command(),
-            ("SADD", mine, member),
-            ("SET", ref, owner.conversation_id, "PX", self._ttl_ms),
-        ]
+        # member the sweep drops, never a buffer nobody would ever sweep. The list is also
+        # how a cancel finds the reply's conversation (owner_of): no key per reply for that.
+        extra = [*self._alive_command(), ("SADD", mine, member)]
         args = [
             owner.generation_id,
             owner.owner,
@@ -172,7 +181,7 @@ class RedisReplyBuffer:
         keys = [conv.reply, conv.reply_text, conv.reply_next, conv.watchers]
         (taken,) = await self._calls([(self._begin, keys, args)], extra)
         if not taken:
-            await self._calls([], [("SREM", mine, member), ("DEL", ref)])
+            await self._calls([], [("SREM", mine, member)])
             return None
         return Slot(watched=int(taken) == 3)
 
@@ -202,19 +211,27 @@ class RedisReplyBuffer:
         results = await self._calls(calls)
         return {r.generation_id for r, ok in zip(records, results, strict=True) if not ok}
 
-    async def end(self, conversation_id: str, generation_id: str) -> None:
-        mine = instance_replies_key(self._prefix, self._server_id)
-        await self._calls(
-            [(self._end, self._keys(conversation_id), [generation_id])],
-            [
-                ("SREM", mine, self._member(conversation_id, generation_id)),
-                ("DEL", reply_ref_key(self._prefix, generation_id)),
-            ],
-        )
+    def release_gate(self, conversation_id: str, generation_id: str) -> AppendGate | None:
+        if isinstance(self._redis, RedisCluster):
+            return None  # a cluster's window takes no gates
+        return AppendGate(_RELEASE_LUA, tuple(self._keys(conversation_id)), (generation_id,))
+
+    async def end(self, conversation_id: str, generation_id: str, released: bool = False) -> None:
+        if not released:
+            await self._calls([(self._end, self._keys(conversation_id), [generation_id])])
+        self._ended.append(self._member(conversation_id, generation_id))
 
     async def heartbeat(self) -> None:
         self._alive_until = 0.0
-        await self._calls([], self._alive_command())
+        ended, self._ended = self._ended, []
+        extra = self._alive_command()
+        if ended:
+            extra.append(("SREM", instance_replies_key(self._prefix, self._server_id), *ended))
+        try:
+            await self._calls([], extra)
+        except BaseException:
+            self._ended = ended + self._ended  # taken off with the next one
+            raise
 
     # -- anyone's side ----------------------------------------------------------------
 
@@ -235,15 +252,25 @@ class RedisReplyBuffer:
         snapshot = GenerationSnapshot(_s(found[0]), int(found[1]), _s(found[2]))
         return RunningReply(snapshot, _s(found[3]), _s(found[4]) == "1")
 
+    async def _conversation_of(self, generation_id: str) -> str | None:
+        """Which conversation a running reply is in: its entry in its owner's list, found by a
+        scan of every instance's list (a cancel from another instance, rare: no key per reply
+        is kept for it)."""
+        pattern = f"*\t{_glob_escape(generation_id)}"
+        for server_id in [_s(m) for m in await self._redis.smembers(self._instances)]:
+            key = instance_replies_key(self._prefix, server_id)
+            async for member in self._redis.sscan_iter(key, match=pattern, count=1000):
+                return _s(member).partition("\t")[0]
+        return None
+
     async def owner_of(self, generation_id: str) -> ReplyOwner | None:
-        conversation_id = await self._redis.get(reply_ref_key(self._prefix, generation_id))
+        conversation_id = await self._conversation_of(generation_id)
         if conversation_id is None:
             return None
-        conversation_id = _s(conversation_id)
         fields = await self._redis.hgetall(self._keys(conversation_id)[0])
         data = {_s(k): _s(v) for k, v in fields.items()}
         if data.get("gid") != generation_id:
-            return None
+            return None  # ended (its list entry goes with the next heartbeat) or claimed
         return ReplyOwner(
             conversation_id,
             generation_id,
@@ -307,7 +334,6 @@ class RedisReplyBuffer:
         await self._redis.srem(replies, member)
         if not claimed:
             return None
-        await self._redis.delete(reply_ref_key(self._prefix, generation_id))
         agent, model, reply_to, seq, text = (_s(v) for v in claimed)
         return ClaimedReply(
             ReplyOwner(conversation_id, generation_id, owner, agent, model, reply_to),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -12,6 +13,9 @@ from storage import AppendGate, lua
 from storage.redis_keys import DEFAULT_PREFIX, user_key
 
 from .base import Refusal, TierLimits, UsageSeed, utc_day
+
+_KNOWN_FOR_S = 60.0
+_KNOWN_MAX = 100_000
 
 _LUA = "chatserver.limits"  # its lua/ directory
 _OPEN = lua.script("open", _LUA)  # count a connection
@@ -55,6 +59,10 @@ class RedisLimiter:
         self._check = redis.register_script(_CHECK_SEND)
         self._bucket = redis.register_script(_BUCKET)
         self._starting: set[asyncio.Task[None]] = set()  # counters being started, kept alive
+        # Day counters seen to exist, until when (monotonic): a counter lives two days from
+        # its start, so add_tokens need not ask again on every reply (only after a minute, in
+        # case Redis lost its data; until then such a loss undercounts, never overcounts).
+        self._known: dict[str, float] = {}
 
     def _key(self, kind: str, user_id: str, *rest: str) -> str:
         return user_key(self._prefix, user_id, kind, *rest)
@@ -99,12 +107,20 @@ class RedisLimiter:
         """Today's token counter, started from the store's figure when it is new."""
         day = utc_day()
         key = self._key("tokens", user_id, day)
+        now = time.monotonic()
+        if self._known.get(key, 0.0) > now:
+            return key
         if not await self._redis.exists(key):
             await self._start_day(user_id, day)
+        if len(self._known) >= _KNOWN_MAX:
+            self._known = {k: t for k, t in self._known.items() if t > now}
+        if len(self._known) < _KNOWN_MAX:
+            self._known[key] = now + _KNOWN_FOR_S
         return key
 
     def _send_keys(self, user_id: str, day: str) -> tuple[str, str]:
-        return (self._key("rate", user_id), self._key("tokens", user_id, day))
+        # "bucket", not the former "rate": a string now, where that was a hash.
+        return (self._key("bucket", user_id), self._key("tokens", user_id, day))
 
     async def check_send(self, user_id: str, limits: TierLimits) -> Refusal | None:
         day = utc_day()

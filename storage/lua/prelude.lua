@@ -1,10 +1,15 @@
 -- The prelude of every script (storage.lua prepends it once): helpers shared by all of them.
 
 -- Milliseconds on Redis' clock: every instance reads the same clock, so instances whose own
--- clocks are skewed still agree on leases, token buckets and message times.
+-- clocks are skewed still agree on leases, token buckets and message times. Read once per
+-- script (a script is one atomic step): a gated append and its gate share one TIME.
+local now_read
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not now_read then
+    local t = redis.call('TIME')
+    now_read = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now_read
 end
 
 -- The reply-buffer scripts' KEYS[1] is a conversation's reply hash: true when its running

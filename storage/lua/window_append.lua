@@ -1,21 +1,22 @@
 -- Append one message to a conversation's window (and, on a single Redis, to the outbox).
 -- KEYS: seq, epoch, win, idem[, outbox]. ARGV: payload, size, idem ttl ms (0: no record),
--- key ttl s, outbox max, record state ("d": in the outbox, "p": not yet).
+-- key ttl s, outbox max (0: no bound), record state ("d": in the outbox, "p": not yet),
+-- ttl every (refresh the TTLs when the offset is a multiple of it).
 -- Returns {0, offset, ms} | {1, record} duplicate | {2} missing | {3} full
 -- | {4, code, value} refused by the gate (with a gate: its keys and args follow the outbox's).
+-- One MGET reads the idempotency record and both keys whose absence means a missing window.
+local found = redis.call('MGET', KEYS[4], KEYS[2], KEYS[1])
 local idem_ttl = tonumber(ARGV[3])
-if idem_ttl > 0 then
-  local seen = redis.call('GET', KEYS[4])
-  if seen then return {1, seen} end
-end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {2} end
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if idem_ttl > 0 and found[1] then return {1, found[1]} end
+if not found[2] then return {2} end
+if not found[3] then
   -- The counter vanished under a live window: never restart at 1, rebuild instead.
   redis.call('DEL', KEYS[2], KEYS[3])
   return {2}
 end
 local outbox = KEYS[5]
-if outbox and redis.call('XLEN', outbox) >= tonumber(ARGV[5]) then return {3} end
+local bound = tonumber(ARGV[5])
+if outbox and bound > 0 and redis.call('XLEN', outbox) >= bound then return {3} end
 --GATE--
 local offset = string.format('%d', redis.call('INCR', KEYS[1]))
 local ms = string.format('%d', now_ms())
@@ -26,8 +27,13 @@ end
 if idem_ttl > 0 then
   redis.call('SET', KEYS[4], ARGV[6] .. offset .. ':' .. ms .. ':' .. ARGV[1], 'PX', idem_ttl)
 end
-local ttl = tonumber(ARGV[4])
-redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('EXPIRE', KEYS[3], ttl)
-redis.call('EXPIRE', KEYS[1], 2 * ttl)
+-- The window is a cache (a miss rebuilds it under a new epoch), so its TTLs move forward
+-- every few appends, not on each: the rebuild gave all three keys theirs, and the counter's
+-- stays twice the window's, so it never vanishes first.
+if tonumber(offset) % tonumber(ARGV[7]) == 0 then
+  local ttl = tonumber(ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+  redis.call('EXPIRE', KEYS[1], 2 * ttl)
+end
 return {0, tonumber(offset), tonumber(ms)}

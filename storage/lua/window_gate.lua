@@ -4,7 +4,7 @@
 do
   local K, A = {}, {}
   for i = 6, #KEYS do K[#K + 1] = KEYS[i] end
-  for i = 7, #ARGV do A[#A + 1] = ARGV[i] end
+  for i = 8, #ARGV do A[#A + 1] = ARGV[i] end
   local verdict = (function(K, A)
 --BODY--
   end)(K, A)

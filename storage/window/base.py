@@ -68,6 +68,11 @@ class HotWindow(Protocol):
         """
         ...
 
+    async def recent(self, conversation_id: str, limit: int) -> tuple[Message, ...] | None:
+        """The newest ``limit`` messages, oldest first, as cheaply as the window can (a
+        reply's context); None when they cannot be read this way (``read`` then says why)."""
+        ...
+
     async def rebuild(
         self, conversation_id: str, messages: Sequence[Message], last_offset: int
     ) -> None:

@@ -100,6 +100,10 @@ class MemoryWindow:
         """Windows held in full (not counting tombstones)."""
         return len(self._windows)
 
+    async def recent(self, conversation_id: str, limit: int) -> tuple[Message, ...] | None:
+        view = await self.read(conversation_id, limit=limit)
+        return None if view is None else view.messages
+
     async def read(
         self,
         conversation_id: str,

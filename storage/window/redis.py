@@ -40,7 +40,7 @@ from typing import Any
 
 from redis.asyncio import RedisCluster
 
-from protocol import Message
+from protocol import Message, Role
 from protocol.ids import uuid4_str
 
 from .. import lua
@@ -65,6 +65,10 @@ _READ_LUA = lua.script("window_read")
 _APPEND_LUA = lua.script("window_append")
 _REBUILD_LUA = lua.script("window_rebuild")
 _MARK_QUEUED_LUA = lua.script("window_mark_queued")
+
+# The append moves the window's TTLs forward when the offset is a multiple of this: a window
+# written to at least this often in a TTL stays, a quieter one is rebuilt when next used.
+TTL_EVERY = 16
 
 # The codes of window_append.lua's replies.
 _OK, _DUPLICATE, _MISSING, _FULL, _REFUSED = 0, 1, 2, 3, 4
@@ -179,6 +183,24 @@ class RedisWindow:
             epoch=epoch.decode(), last_offset=last, first_offset=first, messages=messages
         )
 
+    async def recent(self, conversation_id: str, limit: int) -> tuple[Message, ...] | None:
+        """The newest ``limit`` messages, oldest first, from one plain XREVRANGE (no epoch or
+        counter: a reply's context needs neither); None when the stream holds nothing (a
+        missing window: ``read`` tells it apart and the service rebuilds)."""
+        entries: Any = await self.redis.xrevrange(self.keys(conversation_id).win, count=limit)
+        if not entries:
+            return None
+        self.hits += 1
+        # redis-py hands XREVRANGE's fields over as a dict (a script's reply stays a list).
+        return tuple(
+            decode_trusted(
+                fields[b"m"],
+                int(stream_id.split(b"-", 1)[0]),
+                int(fields[TIME_MS]) if TIME_MS in fields else None,
+            )
+            for stream_id, fields in reversed(entries)
+        )
+
     async def rebuild(
         self, conversation_id: str, messages: Sequence[Message], last_offset: int
     ) -> None:
@@ -231,8 +253,11 @@ class RedisWindow:
             self.size,
             idem_ttl_ms,
             self.key_ttl_s,
-            outbox.max_entries,
+            # An answer's question passed the bound already: the overshoot is at most one
+            # entry per running reply, and an answer refused here would only be retried.
+            0 if draft.role == Role.ASSISTANT.value else outbox.max_entries,
             _UNQUEUED if self.cluster else _QUEUED,
+            TTL_EVERY,
         ]
         script = self._append_script
         if self.cluster:

@@ -41,7 +41,6 @@ def test_global_and_user_keys() -> None:
     assert rk.instance_alive_key("p", "s1") == "p:{inst-s1}:alive"
     assert rk.instance_replies_key("p", "s1") == "p:{inst-s1}:replies"
     assert rk.instances_key("p") == "p:instances"
-    assert rk.reply_ref_key("p", "g1") == "p:{g1}:reply_ref"
     assert rk.control_channel("p", "s1") == "p:{ctl-s1}:control"
     assert rk.response_cache_key("p", "abc") == "p:rcache:abc"
     conns = rk.user_key("p", "u1", "conns")

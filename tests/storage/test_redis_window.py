@@ -15,7 +15,7 @@ from storage import MemoryOutbox, MessageDraft, WindowMissing
 from storage.outbox.redis import RedisOutbox
 from storage.redis_codec import decode_message
 from storage.redis_keys import ConversationKeys
-from storage.window.redis import RedisWindow
+from storage.window.redis import TTL_EVERY, RedisWindow
 
 if TYPE_CHECKING:
     from conftest import MessageFactory, RedisClients
@@ -148,12 +148,32 @@ async def test_keys_have_ttls_refreshed_on_append(redis_clients: RedisClients) -
     assert 59 <= await redis.ttl(keys.idem("u1", "k1")) <= 60
     for key in (keys.epoch, keys.win, keys.seq):
         await redis.expire(key, 5)
-    await window.append(draft(), outbox)
+    # Refreshed every TTL_EVERY offsets, not on each append (the window is a cache).
+    for _ in range(2, TTL_EVERY):
+        await window.append(draft(), outbox)
+    assert [await redis.ttl(k) <= 5 for k in (keys.epoch, keys.win, keys.seq)] == [True] * 3
+    await window.append(draft(), outbox)  # offset TTL_EVERY
     assert [await redis.ttl(k) >= 990 for k in (keys.epoch, keys.win, keys.seq)] == [True] * 3
     # Every key of the conversation is in one cluster slot.
     names = [keys.epoch, keys.win, keys.seq, keys.idem("u1", "k1")]
     if redis_clients.cluster:
         assert len({redis.keyslot(n) for n in names}) == 1  # type: ignore[union-attr]
+
+
+async def test_an_empty_rebuild_leaves_a_stream_with_its_ttl(redis_clients: RedisClients) -> None:
+    # The appends refresh TTLs only every TTL_EVERY offsets: a stream created by an append
+    # would have none and outlive its window.
+    window, outbox = await make_pair(redis_clients, key_ttl_s=1000)
+    await window.rebuild(CID, [], 0)
+    keys = ConversationKeys("chat", CID)
+    assert 990 <= await window.redis.ttl(keys.win) <= 1000
+    first = await window.append(draft("one"), outbox)
+    assert first.message.offset == 1
+    assert 990 <= await window.redis.ttl(keys.win) <= 1000
+    view = await window.read(CID, limit=10)
+    assert view is not None and [m.text for m in view.messages] == ["one"]
+    assert view.first_offset == 1 and view.last_offset == 1
+    assert await window.recent(CID, 10) == view.messages
 
 
 async def test_a_flushall_is_a_miss_and_rebuild_goes_on_from_the_store(

@@ -104,3 +104,49 @@ async def test_the_owners_death_keeps_the_checkpointed_text(tmp_path: Path, redi
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+async def _all_calls(redis: Redis) -> dict[str, int]:
+    stats = await redis.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+# The batch writers' reads of the outbox: they poll while idle, so their count depends on time,
+# not on the reply (under load a batch serves many messages: ~1.4 commands per reply).
+_POLLING = {"xreadgroup", "xack", "xdel", "xautoclaim", "info"}
+# Issue 18: 265 commands per reply at first, 58 after its first round, 30 after its second.
+MAX_COMMANDS_PER_UNWATCHED_REPLY = 32
+
+
+async def test_an_unwatched_reply_costs_few_redis_commands_end_to_end(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The whole reply: the question's append, the slot, the context, the answer's append
+    (which releases the slot), the publishes and the usage, counted by INFO commandstats
+    (which counts the commands a script calls too)."""
+    redis = Redis.from_url(redis_url)
+    # A long lease: no heartbeat falls inside (a sweep may: 2 commands, within the margin).
+    env = {"CHAT_LOCAL_TOKEN_MS": "5", "CHAT_LOCAL_TTFT_MS": "5", "CHAT_REPLY_LEASE_S": "60"}
+    with instances(tmp_path, redis_url, count=2, env=env) as (a, _):
+        conv = await _conversation(a.url, "alice", [])
+        alice = await connect(a, "alice")
+        try:
+            await alice.join(conv)
+            warm = await alice.send(conv, "a first question, so every counter exists")
+            assert (await alice.reply(warm.message_id)).end is not None
+            before = await _all_calls(redis)
+            sent = await alice.send(conv, "how many commands does a reply take?")
+            reply = await alice.reply(sent.message_id)
+            assert reply.end is not None and reply.end.message is not None
+            after = await _all_calls(redis)
+            spent = {
+                name: after[name] - before.get(name, 0)
+                for name in after
+                if name not in _POLLING and after[name] != before.get(name, 0)
+            }
+            # 30 now; the margin is a sweep's (SMEMBERS of the instances, EXISTS).
+            assert sum(spent.values()) <= MAX_COMMANDS_PER_UNWATCHED_REPLY, spent
+            assert spent.get("publish", 0) <= 2, spent  # the question and gen_end
+        finally:
+            await alice.close()
+            await redis.aclose()

@@ -23,6 +23,7 @@ end
 redis.call('HSET', KEYS[1], 'gid', ARGV[1], 'owner', ARGV[2], 'agent', ARGV[3],
            'model', ARGV[4], 'reply_to', ARGV[5], 'seq', 0, 'watched', watched)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
--- Replaces a stale text and gives it its TTL (APPEND would create it without one).
-redis.call('SET', KEYS[2], '', 'PX', ARGV[6])
+-- No text key yet: the first record creates it (with the hash's TTL). None is left over
+-- from an earlier reply: every release and claim deletes both keys, and a text only ever
+-- gets the TTL its hash has.
 return 1 + 2 * watched

@@ -97,8 +97,12 @@ async def test_only_the_owner_records(redis_url: str) -> None:
         assert await owner.begin(_owner("g1"))
         with pytest.raises(LeaseLost):
             await other.append("c1", "g1", 1, "not mine")
-        ttl = await redis.pttl("chat:{c1}:reply_text")
+        ttl = await redis.pttl("chat:{c1}:reply")
         assert 0 < ttl <= 3_600  # 12 leases of 0.3 s
+        # begin makes no text key; the first record makes it, with the hash's time to live.
+        assert not await redis.exists("chat:{c1}:reply_text")
+        await owner.append("c1", "g1", 1, "mine")
+        assert 0 < await redis.pttl("chat:{c1}:reply_text") <= 3_600
         assert 0 < await redis.pttl("chat:{inst-server-a}:alive") <= 300
     finally:
         await redis.aclose()
