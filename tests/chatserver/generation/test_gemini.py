@@ -143,13 +143,14 @@ async def test_429_then_success_is_retried_with_backoff(
     make: MakeProvider, fake: FakeGemini
 ) -> None:
     fake.script(Status(429), Status(503), Stream(["fine"]))
-    started = time.monotonic()
     text, finish = await _run(make(), _request("hi"))
     assert (text, finish.reason) == ("fine", "stop")
     assert len(fake.requests) == 3
     gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(fake.requests)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1, f"exponential backoff expected: {gaps}"
-    assert time.monotonic() - started < 1.0
+    # Ours, not a hidden retry of the SDK's (1-10 s a step). Between the requests, not from
+    # the start: the SDK's first call builds its client (seconds on a busy machine).
+    assert max(gaps) < 1.0, gaps
 
 
 async def test_5xx_until_the_limit_ends_with_error(make: MakeProvider, fake: FakeGemini) -> None:
