@@ -50,7 +50,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatserver.generation.gemini import GeminiConfig, GeminiProvider, RetryPolicy  # noqa: E402
+from chatserver.generation.gemini import GeminiProvider  # noqa: E402
+from chatserver.generation.gemini_common import GeminiConfig, RetryPolicy  # noqa: E402
 from chatserver.generation.gemini_sse import GeminiSseProvider  # noqa: E402
 from chatserver.generation.provider import Chunk, Finish, ReplyRequest  # noqa: E402
 from protocol import Message  # noqa: E402

@@ -154,7 +154,8 @@ def make_provider(settings: Settings, metrics: Metrics | None = None) -> Provide
     embedded local model (key-free)."""
     if settings.gemini.api_key is None:
         return LocalProvider(settings.replies.local_ttft_ms, settings.replies.local_token_ms)
-    from .generation.gemini import GeminiConfig, GeminiProvider, RetryPolicy
+    from .generation.gemini import GeminiProvider
+    from .generation.gemini_common import GeminiConfig, RetryPolicy
 
     config = GeminiConfig(
         api_key=settings.gemini.api_key,

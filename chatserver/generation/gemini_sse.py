@@ -22,7 +22,7 @@ import aiohttp
 from protocol import FinishReason
 
 from ..ops.metrics import Metrics
-from .gemini import (
+from .gemini_common import (
     API_VERSION,
     CachedProbe,
     GeminiConfig,

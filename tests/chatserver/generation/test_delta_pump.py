@@ -18,7 +18,7 @@ from chatserver.agents import Agent
 from chatserver.fanout.events import Event, framed
 from chatserver.generation import sources
 from chatserver.generation.buffer import MemoryReplyBuffer, ReplyBuffer
-from chatserver.generation.gemini import GeminiConfig, RetryPolicy
+from chatserver.generation.gemini_common import GeminiConfig, RetryPolicy
 from chatserver.generation.gemini_sse import GeminiSseProvider
 from chatserver.generation.local import LocalProvider
 from chatserver.generation.provider import Finish, ReplyRequest

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from chatserver.generation.gemini import (
+from chatserver.generation.gemini import GeminiProvider
+from chatserver.generation.gemini_common import (
     CachedProbe,
     GeminiConfig,
-    GeminiProvider,
     RetryPolicy,
     request_body,
 )

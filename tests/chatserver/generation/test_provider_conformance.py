@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from chatserver.generation.gemini import GeminiConfig, GeminiProvider, RetryPolicy
+from chatserver.generation.gemini import GeminiProvider
+from chatserver.generation.gemini_common import GeminiConfig, RetryPolicy
 from chatserver.generation.gemini_sse import GeminiSseProvider
 from chatserver.generation.local import LocalProvider
 from chatserver.generation.provider import Chunk, Finish, Provider, ReplyRequest, StreamItem
