@@ -103,16 +103,22 @@ async def authorized(request: web.Request) -> Principal:
     """The caller, authenticated and within its tier's REST rate (shared by every instance
     through Redis in production)."""
     principal = require_principal(request)
-    app = request.app
-    per_minute = app[keys.SETTINGS].tier_limits(principal.tier).requests_per_minute
-    refusal = await app[keys.LIMITER].take(principal.user_id, "rest", per_minute)
+    per_minute = request.app[keys.SETTINGS].tier_limits(principal.tier).requests_per_minute
+    await _take(request.app, principal, "rest", per_minute, "requests")
+    return principal
+
+
+async def _take(
+    app: web.Application, principal: Principal, kind: str, per_minute: int, what: str
+) -> None:
+    """One from the user's bucket of ``kind``, or ``rate_limited`` saying when to try again."""
+    refusal = await app[keys.LIMITER].take(principal.user_id, kind, per_minute)
     if refusal is not None:
         raise ServiceError(
             refusal.code,
-            f"at most {per_minute} requests per minute",
+            f"at most {per_minute} {what} per minute",
             retry_after_ms=refusal.retry_after_ms,
         )
-    return principal
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -217,14 +223,7 @@ async def _admit_creation(app: web.Application, principal: Principal) -> None:
     """The tier's creations per minute, then its cap on conversations owned at once: one user
     cannot fill the store, nor (through invented members) everybody's lists."""
     limits = app[keys.SETTINGS].tier_limits(principal.tier)
-    per_minute = limits.conversations_per_minute
-    refusal = await app[keys.LIMITER].take(principal.user_id, "create", per_minute)
-    if refusal is not None:
-        raise ServiceError(
-            refusal.code,
-            f"at most {per_minute} new conversations per minute",
-            retry_after_ms=refusal.retry_after_ms,
-        )
+    await _take(app, principal, "create", limits.conversations_per_minute, "new conversations")
     if await app[keys.STORE].count_owned_conversations(principal.user_id) >= limits.conversations:
         raise ServiceError(
             ErrorCode.QUOTA_EXCEEDED, f"at most {limits.conversations} conversations per user"
