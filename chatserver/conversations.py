@@ -7,7 +7,8 @@ import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
 
-from protocol import DEFAULT_LIMITS, ErrorCode, Limits, Message, Since, format_timestamp
+from protocol import DEFAULT_LIMITS, ErrorCode, Limits, Message, Role, Since, format_timestamp
+from storage.jobs.base import ReplyJobs
 from storage.outbox.base import Outbox, OutboxFull
 from storage.records import AppendResult, Conversation, MessageDraft, MessagePage, WindowView
 from storage.store.base import Store
@@ -38,8 +39,10 @@ class ConversationService:
         join_messages: int = 50,
         limits: Limits = DEFAULT_LIMITS,
         cache_size: int = 10_000,
+        jobs: ReplyJobs | None = None,
     ) -> None:
         self.store = store
+        self.jobs = jobs  # a question's reply job is written with its append
         self.window = window
         self.outbox = outbox
         self.agents = agents
@@ -113,11 +116,13 @@ class ConversationService:
     async def append(self, draft: MessageDraft, gate: AppendGate | None = None) -> AppendResult:
         """Append to the window (and outbox); ``gate`` is checked in the same step.
 
-        Raises ``AppendRefused`` when the gate refuses.
+        Raises ``AppendRefused`` when the gate refuses. A user's message is a question: its
+        reply job is part of the same step (``AppendResult.job_id``).
         """
+        jobs = self.jobs if draft.role == Role.USER.value else None
         for _ in range(3):
             try:
-                return await self.window.append(draft, self.outbox, gate)
+                return await self.window.append(draft, self.outbox, gate, jobs)
             except WindowMissing:
                 await self._rebuild(draft.conversation_id)
             except OutboxFull:

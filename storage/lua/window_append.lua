@@ -1,8 +1,9 @@
 -- Append one message to a conversation's window (and, on a single Redis, to the outbox).
 -- KEYS: seq, epoch, win, idem[, outbox]. ARGV: payload, size, idem ttl ms (0: no record),
--- key ttl s, outbox max, record state ("d": in the outbox, "p": not yet).
--- Returns {0, offset, ms} | {1, record} duplicate | {2} missing | {3} full
--- | {4, code, value} refused by the gate (with a gate: its keys and args follow the outbox's).
+-- key ttl s, outbox max, record state ("d": in the outbox, "p": not yet); on a single Redis
+-- also KEYS jobs stream, conversation's jobs and ARGV the job's holder ('': no job).
+-- Returns {0, offset, ms[, job id]} | {1, record} duplicate | {2} missing | {3} full
+-- | {4, code, value} refused by the gate (with a gate: its keys and args follow the job's).
 local idem_ttl = tonumber(ARGV[3])
 if idem_ttl > 0 then
   local seen = redis.call('GET', KEYS[4])
@@ -30,4 +31,9 @@ local ttl = tonumber(ARGV[4])
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('EXPIRE', KEYS[3], ttl)
 redis.call('EXPIRE', KEYS[1], 2 * ttl)
+local job = ARGV[7]
+if job and job ~= '' then  -- a question: its reply job, in this same step
+  job = add_job(KEYS[6], KEYS[7], job, ARGV[1], offset, ms, ttl)
+  return {0, tonumber(offset), tonumber(ms), job}
+end
 return {0, tonumber(offset), tonumber(ms)}
