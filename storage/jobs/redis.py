@@ -47,7 +47,9 @@ def _job(entry: Any, claimed: bool) -> ReplyJob | None:
     if not fields:  # deleted while pending
         return None
     # redis-py hands the fields as a dict (or a flat list, depending on its parser)
-    values = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2]))
+    values = (
+        fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
+    )
     message = decode_message(values[b"m"], int(values[b"o"]), int(values[b"t"]))
     return ReplyJob(job_id, message, claimed)
 
@@ -96,7 +98,13 @@ class RedisReplyJobs:
     async def add(self, message: Message) -> str:
         listed = self.listed(message.conversation_id)
         created = timestamp_to_ms(message.created_at)
-        args = [self.holder, message_payload(message), message.offset, created, self.key_ttl_s]
+        args: list[Any] = [
+            self.holder,
+            message_payload(message),
+            message.offset,
+            created,
+            self.key_ttl_s,
+        ]
         if not self.cluster:
             return _s(await self._add(keys=[self.key, listed], args=args))
         job_id = _s(await self._add(keys=[self.key], args=args))
@@ -128,8 +136,14 @@ class RedisReplyJobs:
             return []
         try:
             reply = await self.redis.execute_command(
-                "XAUTOCLAIM", self.key, GROUP, self.holder, self.lease_ms, self._cursor,
-                "COUNT", count,
+                "XAUTOCLAIM",
+                self.key,
+                GROUP,
+                self.holder,
+                self.lease_ms,
+                self._cursor,
+                "COUNT",
+                count,
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
