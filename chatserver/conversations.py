@@ -125,6 +125,14 @@ class ConversationService:
                 return await self.window.append(draft, self.outbox, gate, jobs)
             except WindowMissing:
                 await self._rebuild(draft.conversation_id)
+                # Rebuilt (Redis lost its data, or the window expired): the new window
+                # knows only its newest messages; an older one resent is in the store.
+                if draft.client_msg_id is not None:
+                    stored = await self.store.find_by_client_msg_id(
+                        draft.conversation_id, draft.user_id, draft.client_msg_id
+                    )
+                    if stored is not None:
+                        return AppendResult(message=stored, duplicate=True)
             except OutboxFull:
                 raise ServiceError(
                     ErrorCode.UNAVAILABLE,
@@ -138,6 +146,14 @@ class ConversationService:
     async def was_sent(self, conversation_id: str, user_id: str, client_msg_id: str) -> bool:
         """Whether this user's message with this client_msg_id was accepted (and still known)."""
         return await self.window.knows(conversation_id, user_id, client_msg_id)
+
+    async def was_answered(self, conversation_id: str, generation_id: str) -> bool:
+        """Whether the reply ``generation_id`` is stored: in the window's idempotency
+        records, else (Redis lost them) in the store."""
+        if await self.window.knows(conversation_id, None, generation_id):
+            return True
+        found = await self.store.find_by_client_msg_id(conversation_id, None, generation_id)
+        return found is not None
 
     async def _rebuild(self, conversation_id: str) -> None:
         """Load a missing window from the store; concurrent callers share one load."""

@@ -63,8 +63,10 @@ class ReplyJobs(Protocol):
         """The question is answered: the job is never handed out again."""
         ...
 
-    async def renew(self) -> list[str]:
-        """Extend the lease of every job this instance holds; their ids."""
+    async def renew(self, job_ids: Sequence[str]) -> list[str]:
+        """Extend the leases of these jobs (the ones this instance runs or queues); the ids
+        still held. A job held but not renewed (its run was lost) goes idle and is claimed
+        like a dead holder's."""
         ...
 
     async def claim(self, count: int) -> list[ReplyJob]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from protocol import Message
 
@@ -70,8 +70,8 @@ class MemoryReplyJobs:
             if not queue:
                 del self._by_conversation[cid]
 
-    async def renew(self) -> list[str]:
-        return list(self._jobs)
+    async def renew(self, job_ids: Sequence[str]) -> list[str]:
+        return [job_id for job_id in job_ids if job_id in self._jobs]
 
     async def claim(self, count: int) -> list[ReplyJob]:
         taken: list[ReplyJob] = []

@@ -21,6 +21,7 @@ leaves a job that runs again and finds its answer stored, never a conversation h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -127,8 +128,10 @@ class RedisReplyJobs:
         else:
             await self._done(keys=[self.key, listed], args=[job.job_id])
 
-    async def renew(self) -> list[str]:
-        ids = await self._renew(keys=[self.key], args=[self.holder, _RENEW_MAX])
+    async def renew(self, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        ids = await self._renew(keys=[self.key], args=[self.holder, _RENEW_MAX, *job_ids])
         return [_s(i) for i in ids]
 
     async def claim(self, count: int) -> list[ReplyJob]:

@@ -75,7 +75,7 @@ async def test_a_live_holders_jobs_are_not_claimed(
     holder = await jobs_harness.make("a")
     other = await jobs_harness.make("b")
     job = await _job(holder, new_message("c1"))
-    assert await holder.renew() == [job.job_id]
+    assert await holder.renew([job.job_id, "1-1"]) == [job.job_id]
     assert await other.claim(10) == []
 
 
@@ -94,7 +94,8 @@ async def test_a_dead_holders_unfinished_jobs_are_claimed_once(
     assert all(j.claimed for j in taken)
     assert (await new.turn(taken[0])).go is True
     assert (await new.turn(taken[1])).go is False
-    assert sorted(await new.renew()) == sorted(j.job_id for j in taken)
+    ids = sorted(j.job_id for j in taken)
+    assert sorted(await new.renew(ids)) == ids
     for job in taken:
         await new.done(job)
     assert (await new.stats()).outstanding == 0
