@@ -41,7 +41,7 @@ from ..ops.metrics import Metrics
 from .buffer import ReplyBuffer, ReplyOwner
 from .cache import ResponseCache, cache_key
 from .jobs import generation_id_for
-from .leases import keep_leases
+from .leases import end_orphan, keep_leases
 from .local import count_tokens
 from .provider import Finish, Provider, PushProvider, ReplyRequest
 from .routing import Router, is_first_turn
@@ -306,27 +306,26 @@ class GenerationManager:
 
     async def _run(self, run: ReplyRun, lane: _Lane, job: ReplyJob | None) -> None:
         ended = False  # the question has its end (stored, or ended before): the job is done
+        # In line on the lane now, in start order (a lane serves first come, first served),
+        # while the job's first turn (its announced mark) goes to Redis at once: awaiting the
+        # turn first would let replies reach the lane in the order Redis answered.
+        acquiring = asyncio.ensure_future(lane.lock.acquire())
+        entered = False
         try:
             turn = await self._first_turn(job)
-            async with lane.lock:
-                if self._closing:
-                    if job is not None:
-                        return  # kept: another instance, or the next start, answers it
-                    # Never leave an acked question without an end: say why it has no answer.
-                    restarted = "the server restarted before replying"
-                    finish = Finish(FinishReason.ERROR.value, Usage(0, 0), restarted)
-                    await self.store_and_end(run.owner(self._server_id), "", finish)
-                    return
-                if job is not None and turn is not None:
-                    await self._wait_turn(job, turn)
-                    if await self._answered(run):
-                        ended = True  # an earlier run of this job (or the orphan sweep)
-                        return
-                await self._stream(run)
-                ended = True
+            await acquiring
+            entered = True
+            try:
+                ended = await self._answer(run, job, turn)
+            finally:
+                lane.lock.release()
         except Exception:
             log.exception("reply failed", extra={"conversation": run.conversation_id})
         finally:
+            if not acquiring.done():
+                acquiring.cancel()  # a cancelled acquire never leaves the lock taken
+            elif not entered and not acquiring.cancelled() and acquiring.exception() is None:
+                lane.lock.release()
             lane.waiting -= 1
             self._pending -= 1
             if lane.waiting == 0 and self._lanes.get(run.conversation_id) is lane:
@@ -337,6 +336,25 @@ class GenerationManager:
                     await self._job_done(job)
                 elif not self._closing:
                     self.retry_jobs.append(job)
+
+    async def _answer(self, run: ReplyRun, job: ReplyJob | None, turn: Turn | None) -> bool:
+        """In the lane: the reply, unless answered before; whether the question has its end."""
+        if self._closing:
+            if job is not None:
+                return False  # kept: another instance, or the next start, answers it
+            # Never leave an acked question without an end: say why it has no answer.
+            restarted = "the server restarted before replying"
+            finish = Finish(FinishReason.ERROR.value, Usage(0, 0), restarted)
+            await self.store_and_end(run.owner(self._server_id), "", finish)
+            return True
+        if job is not None and turn is not None:
+            await self._wait_turn(job, turn)
+            if job.claimed and await self._cut_off(run):
+                return True  # its owner died mid-reply: the partial text is its answer
+            if await self._answered(run):
+                return True  # an earlier run of this job (or the orphan sweep) ended it
+        await self._stream(run)
+        return True
 
     async def _first_turn(self, job: ReplyJob | None) -> Turn | None:
         """At once, before the lane: marks the job announced (a claimer then knows the
@@ -360,6 +378,18 @@ class GenerationManager:
             attempt += 1
             await asyncio.sleep(min(0.5, 0.02 * 2**attempt))
             turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
+
+    async def _cut_off(self, run: ReplyRun) -> bool:
+        """A claimed job whose reply was streaming elsewhere: never a second stream. Ended
+        here with its partial text (or by the sweep that wins its claim, or by its owner
+        if that one was only slow)."""
+        running = await self._buffer.running(run.conversation_id)
+        if running is None or running.snapshot.generation_id != run.generation_id:
+            return False
+        if running.owner == self._server_id:
+            return False
+        await end_orphan(self._buffer, self.store_and_end, run.conversation_id, run.generation_id)
+        return True
 
     async def _answered(self, run: ReplyRun) -> bool:
         """Whether this question's answer is stored already (the job ran before)."""
