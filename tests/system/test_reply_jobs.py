@@ -111,3 +111,39 @@ async def test_kill_between_the_append_and_the_fanout_announces_and_answers(
             await alice.close()
             await bob.close()
             crashing.close()
+
+
+async def test_embedded_restart_answers_the_queued_questions(tmp_path: Path) -> None:
+    env = {
+        "CHAT_JWT_SECRET": SECRET,
+        "CHAT_LOCAL_TTFT_MS": "5",
+        "CHAT_LOCAL_TOKEN_MS": "100",  # the first reply outlives the shutdown grace
+        "CHAT_SHUTDOWN_GRACE_S": "0.5",
+        "CHAT_LOG_LEVEL": "warning",
+    }
+    with ServerProc(tmp_path / "alone", env=env) as server:
+        conv = await _conversation(server.url, "alice", [])
+        alice = await connect(server, "alice")
+        await alice.join(conv)
+        asked = [(await alice.send(conv, t)).message_id for t in (LONG, "two", "three")]
+        await alice.expect(GenStart)
+        server.restart()  # SIGTERM: the first reply is cut at the grace, two wait
+        await alice.close()
+        alice = await connect(server, "alice")
+        try:
+            joined = await alice.join(conv)
+            answers = {m.reply_to: m for m in joined.messages if m.role == "assistant"}
+            deadline = time.monotonic() + 10
+            while set(answers) != set(asked) and time.monotonic() < deadline:
+                end = await alice.expect(GenEnd, timeout=max(0.1, deadline - time.monotonic()))
+                assert end.message is not None and end.message.reply_to not in answers
+                answers[end.message.reply_to] = end.message
+            assert set(answers) == set(asked), "a queued question was not answered"
+            assert answers[asked[0]].finish_reason == "error"  # cut at the grace: kept
+            assert [answers[q].finish_reason for q in asked[1:]] == ["stop", "stop"]
+            # in the conversation's order, once each
+            final = await alice.join(conv)
+            replies = [m.reply_to for m in final.messages if m.role == "assistant"]
+            assert replies == asked
+        finally:
+            await alice.close()
