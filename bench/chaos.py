@@ -43,6 +43,7 @@ from tests.system.faults import (  # noqa: E402
     members_quiet,
     open_replies,
     servers_quiet,
+    wait_answered,
     wait_stored,
 )
 from tests.system.scaleout import SECRET, token  # noqa: E402
@@ -217,6 +218,8 @@ async def run(
                 gaps.append(member.user)
         acked = set().union(*(set(m.ledger.acked) for m in members))
         stored = await wait_stored(dsn, acked, timeout=60)
+        questions = {mid for m in members for mid in m.ledger.acked}
+        answers = await wait_answered(dsn, questions, timeout=60)
         started_replies = set().union(*(m.ledger.replies_started for m in members))
         ended: dict[str, str] = {}
         for m in members:
@@ -239,6 +242,9 @@ async def run(
                 Counter(ended[g] for g in started_replies if g in ended)
             ),
             "replies_never_ended": len(started_replies - set(ended)),
+            # issue 19: every acked question has exactly one stored answer (goal: 0 and 0)
+            "unanswered": len(questions - set(answers)),
+            "answered_twice": sum(1 for n in answers.values() if n > 1),
             "reconnects": sum(m.ledger.connects for m in members) - len(members),
             "rejoins_recovered": sum(m.ledger.recovered for m in members),
             "rejoins_told_to_reload": sum(m.ledger.reloads for m in members),
@@ -278,6 +284,8 @@ def main() -> int:
         or ledger["bad_recoveries"]
         or ledger["untold_gaps"]
         or ledger["replies_never_ended"]
+        or ledger["unanswered"]
+        or ledger["answered_twice"]
     )
     return 1 if failed else 0
 

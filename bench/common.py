@@ -43,6 +43,7 @@ SERVER_ENV = {
     "CHAT_JWT_SECRET": SECRET,
     "CHAT_LIMITS_FREE": UNLIMITED,
     "CHAT_MAX_QUEUED_REPLIES": "100000000",
+    "CHAT_MAX_REPLIES_PER_INSTANCE": "100000000",  # parked replies hold their questions
     "CHAT_LOG_LEVEL": "warning",
     "CHAT_SHUTDOWN_GRACE_S": "1",  # between loads: stop fast (parked replies end as errors)
     "CHAT_DRAIN_JITTER_MS": "100",

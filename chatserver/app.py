@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from storage.batch_writer import BatchWriter
+from storage.jobs.memory import MemoryReplyJobs
 
 from . import keys
 from .agents import AgentCatalog
@@ -19,6 +20,7 @@ from .backends import (
     make_limiter,
     make_provider,
     make_reply_buffer,
+    make_reply_jobs,
     make_response_cache,
     make_store,
     make_window_and_outbox,
@@ -30,6 +32,7 @@ from .fanout.events import Event
 from .fanout.hub import LocalHub
 from .fanout.outbound import Flusher
 from .fanout.publish import publish
+from .generation.jobs import keep_jobs
 from .generation.manager import GenerationManager
 from .generation.routing import Router
 from .http.headers import security_headers
@@ -43,6 +46,8 @@ from .ws.admission import Admission
 from .ws.gateway import resync_joined, websocket_handler
 from .ws.typing_gate import TypingGate
 
+# Embedded mode: questions of the last day without an answer are answered after a restart.
+_RECOVER_S = 86400.0
 log = logging.getLogger("chatserver.app")
 
 
@@ -88,9 +93,11 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     store = make_store(settings)
     window, outbox = make_window_and_outbox(settings, app[keys.REDIS])
+    jobs = make_reply_jobs(settings, app[keys.REDIS])
     await store.start()
     await window.start()
     await outbox.start()
+    await jobs.start()
     app[keys.STORE] = store
     app[keys.WINDOW] = window
     app[keys.OUTBOX] = outbox
@@ -101,8 +108,14 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         app[keys.AGENTS],
         join_messages=settings.window.join_messages,
         limits=settings.limits,
+        jobs=jobs,
     )
+    if isinstance(jobs, MemoryReplyJobs):  # the previous run's questions still unanswered
+        recovered = jobs.recover(await store.unanswered(_RECOVER_S))
+        if recovered:
+            log.warning("answering %d questions left unanswered by the last run", recovered)
     yield
+    await jobs.close()
     await outbox.close()
     await window.close()
     await store.close()
@@ -198,6 +211,9 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         cache=make_response_cache(settings, app[keys.REDIS]),
         on_usage=app[keys.LIMITER].add_tokens,
         max_queued=settings.replies.max_queued,
+        jobs=app[keys.CONVERSATIONS].jobs,
+        max_held=settings.replies.max_held,
+        attempts=settings.replies.attempts,
     )
     broker.on_control = manager.on_control
     app[keys.GENERATION] = manager
@@ -207,10 +223,20 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         ),
         name="reply-leases",
     )
+    jobs = manager.jobs
+    upkeep = None
+    if jobs is not None:
+        upkeep = asyncio.create_task(
+            keep_jobs(manager, jobs, settings.replies.lease_s), name="reply-jobs"
+        )
     yield
     leases.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await leases
+    if upkeep is not None:
+        upkeep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await upkeep
     await manager.shutdown(0)
     await provider.close()
 

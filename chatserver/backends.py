@@ -11,6 +11,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from storage.jobs.base import ReplyJobs
+from storage.jobs.memory import MemoryReplyJobs
 from storage.outbox.base import Outbox
 from storage.outbox.memory import MemoryOutbox
 from storage.store.base import Store
@@ -84,6 +86,21 @@ def make_store(settings: Settings) -> Store:
             months_ahead=settings.store.partition_months_ahead,
         )
     return SqliteStore(settings.store.sqlite_path)
+
+
+def make_reply_jobs(settings: Settings, redis: RedisClient | None) -> ReplyJobs:
+    """Where every acknowledged question's reply job is kept until answered."""
+    if redis is None:
+        return MemoryReplyJobs()
+    from storage.jobs.redis import RedisReplyJobs
+
+    return RedisReplyJobs(
+        redis,
+        holder=settings.server.server_id,
+        prefix=settings.redis.key_prefix,
+        lease_s=settings.replies.lease_s,
+        cluster=settings.redis.cluster,
+    )
 
 
 def make_window_and_outbox(

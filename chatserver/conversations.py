@@ -8,7 +8,8 @@ import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
 
-from protocol import DEFAULT_LIMITS, ErrorCode, Limits, Message, Since, format_timestamp
+from protocol import DEFAULT_LIMITS, ErrorCode, Limits, Message, Role, Since, format_timestamp
+from storage.jobs.base import ReplyJobs
 from storage.outbox.base import Outbox, OutboxFull
 from storage.records import AppendResult, Conversation, MessageDraft, MessagePage, WindowView
 from storage.store.base import Store
@@ -43,8 +44,10 @@ class ConversationService:
         join_messages: int = 50,
         limits: Limits = DEFAULT_LIMITS,
         cache_size: int = 10_000,
+        jobs: ReplyJobs | None = None,
     ) -> None:
         self.store = store
+        self.jobs = jobs  # a question's reply job is written with its append
         self.window = window
         self.outbox = outbox
         self.agents = agents
@@ -135,13 +138,23 @@ class ConversationService:
     async def append(self, draft: MessageDraft, gate: AppendGate | None = None) -> AppendResult:
         """Append to the window (and outbox); ``gate`` is checked in the same step.
 
-        Raises ``AppendRefused`` when the gate refuses.
+        Raises ``AppendRefused`` when the gate refuses. A user's message is a question: its
+        reply job is part of the same step (``AppendResult.job_id``).
         """
+        jobs = self.jobs if draft.role == Role.USER.value else None
         for _ in range(3):
             try:
-                return await self.window.append(draft, self.outbox, gate)
+                return await self.window.append(draft, self.outbox, gate, jobs)
             except WindowMissing:
                 await self._rebuild(draft.conversation_id)
+                # Rebuilt (Redis lost its data, or the window expired): the new window
+                # knows only its newest messages; an older one resent is in the store.
+                if draft.client_msg_id is not None:
+                    stored = await self.store.find_by_client_msg_id(
+                        draft.conversation_id, draft.user_id, draft.client_msg_id
+                    )
+                    if stored is not None:
+                        return AppendResult(message=stored, duplicate=True)
             except OutboxFull:
                 raise ServiceError(
                     ErrorCode.UNAVAILABLE,
@@ -155,6 +168,14 @@ class ConversationService:
     async def was_sent(self, conversation_id: str, user_id: str, client_msg_id: str) -> bool:
         """Whether this user's message with this client_msg_id was accepted (and still known)."""
         return await self.window.knows(conversation_id, user_id, client_msg_id)
+
+    async def was_answered(self, conversation_id: str, generation_id: str) -> bool:
+        """Whether the reply ``generation_id`` is stored: in the window's idempotency
+        records, else (Redis lost them) in the store."""
+        if await self.window.knows(conversation_id, None, generation_id):
+            return True
+        found = await self.store.find_by_client_msg_id(conversation_id, None, generation_id)
+        return found is not None
 
     async def _rebuild(self, conversation_id: str) -> None:
         """Load a missing window from the store; concurrent callers share one load."""

@@ -88,6 +88,7 @@ class MessageDraft:
 class AppendResult:
     message: Message
     duplicate: bool
+    job_id: str | None = None  # the reply job written with the append (a question)
 
 
 @dataclass(frozen=True, slots=True)

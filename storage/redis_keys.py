@@ -65,6 +65,11 @@ class ConversationKeys:
         return f"{self.base}:reply_next"
 
     @property
+    def jobs(self) -> str:
+        """The conversation's unfinished reply jobs by offset (storage/jobs/redis.py)."""
+        return f"{self.base}:jobs"
+
+    @property
     def watchers(self) -> str:
         """The instances with a local member joined: publish only when another one is in."""
         return f"{self.base}:watchers"
@@ -105,6 +110,11 @@ def instance_alive_key(prefix: str, server_id: str) -> str:
 
 def instance_replies_key(prefix: str, server_id: str) -> str:
     return f"{prefix}:{{inst-{server_id}}}:replies"
+
+
+def jobs_key(prefix: str) -> str:
+    """The reply jobs of every conversation: a stream with the consumer group ``repliers``."""
+    return f"{prefix}:jobs"
 
 
 def instances_key(prefix: str) -> str:

@@ -107,6 +107,9 @@ class GeminiProvider:
                     contents=contents_of(request.history),
                     config=self._config(request),
                 )
+                # ``opened`` stays False: the SDK sends the request on the first read, so an
+                # error status and an error event before the first chunk look alike here;
+                # both are left to the SDK's request retries.
                 while True:
                     try:
                         async with asyncio.timeout(timeout_s):

@@ -18,7 +18,7 @@ import aiohttp
 from protocol import FinishReason, Role, Usage
 
 from .local import count_tokens
-from .provider import Finish, ReplyRequest
+from .provider import Finish, ReplyRequest, is_retryable
 
 API_VERSION = "v1beta"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -132,9 +132,21 @@ class GeminiStreamError(Exception):
 class Tally:
     """What one stream said so far; turns its end (or its failure) into a ``Finish``."""
 
-    __slots__ = ("blocked", "chunks", "finish", "output", "prompt", "streamed", "thoughts")
+    __slots__ = (
+        "blocked",
+        "chunks",
+        "finish",
+        "opened",
+        "output",
+        "prompt",
+        "streamed",
+        "thoughts",
+    )
 
     def __init__(self) -> None:
+        # The request was answered 200: a later error status (an error event) was not
+        # retried by the request's own retries, which give up only on statuses before it.
+        self.opened = False
         self.chunks = 0
         self.streamed: list[str] = []
         self.finish: str | None = None
@@ -180,7 +192,20 @@ class Tally:
         return Finish(FinishReason.ERROR.value, usage, f"the model stopped: {reason}")
 
     def failed(self, exc: BaseException, config: GeminiConfig) -> Finish:
-        return Finish(FinishReason.ERROR.value, self.usage(), self.describe(exc, config))
+        return Finish(
+            FinishReason.ERROR.value,
+            self.usage(),
+            self.describe(exc, config),
+            retryable=self.retryable(exc, config),
+        )
+
+    def retryable(self, exc: BaseException, config: GeminiConfig) -> bool:
+        """Worth another attempt of the reply: nothing streamed yet, a retryable error
+        (``provider.is_retryable``), and not a status the request's own retries (at most
+        ``CHAT_GEMINI_RETRIES`` + 1 requests) already gave up on."""
+        code = getattr(exc, "code", None)
+        retried = isinstance(code, int) and code in config.retry.status_codes and not self.opened
+        return not self.chunks and not retried and is_retryable(exc)
 
     def describe(self, exc: BaseException, config: GeminiConfig) -> str:
         code = getattr(exc, "code", None)

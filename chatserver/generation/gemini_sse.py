@@ -79,6 +79,7 @@ class GeminiSseProvider:
                 body = json.dumps(request_body(request), separators=(",", ":")).encode()
                 url = self._url(request.model, ":streamGenerateContent?alt=sse")
                 response = await self._open(url, body)
+                tally.opened = True
                 async for text in _events(response.content, tally):
                     tally.chunks += 1
                     tally.streamed.append(text)

@@ -54,16 +54,27 @@ async def keep_leases(
 async def sweep_orphans(buffer: ReplyBuffer, store_and_end: StoreAndEnd) -> None:
     """Claim and end every reply whose lease ran out, keeping its partial text."""
     for conversation_id, generation_id in await buffer.expired():
-        claimed = await buffer.claim(conversation_id, generation_id)
-        if claimed is None:
-            continue
-        log.warning(
-            "ending a reply whose instance died",
-            extra={"conversation": conversation_id, "owner": claimed.owner.owner},
-        )
-        finish = Finish(
-            FinishReason.ERROR.value,
-            Usage(0, 0),
-            "the instance streaming this reply stopped; the partial text is kept",
-        )
-        await store_and_end(claimed.owner, claimed.text, finish)
+        await end_orphan(buffer, store_and_end, conversation_id, generation_id)
+
+
+async def end_orphan(
+    buffer: ReplyBuffer, store_and_end: StoreAndEnd, conversation_id: str, generation_id: str
+) -> bool:
+    """End a reply cut off by its owner's death with its partial text, if we win its claim.
+
+    Its reply job is not run again: the partial text was shown, and a second attempt would
+    be a second visible answer to one question (docs/architecture.md, reply jobs)."""
+    claimed = await buffer.claim(conversation_id, generation_id)
+    if claimed is None:
+        return False
+    log.warning(
+        "ending a reply whose instance died",
+        extra={"conversation": conversation_id, "owner": claimed.owner.owner},
+    )
+    finish = Finish(
+        FinishReason.ERROR.value,
+        Usage(0, 0),
+        "the instance streaming this reply stopped; the partial text is kept",
+    )
+    await store_and_end(claimed.owner, claimed.text, finish)
+    return True

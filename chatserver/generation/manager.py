@@ -24,9 +24,12 @@ from protocol import (
     GenerationSnapshot,
     GenStart,
     Message,
+    MessageEvent,
     Role,
     Usage,
 )
+from protocol.backoff import Backoff
+from storage.jobs.base import ReplyJob, ReplyJobs, Turn
 from storage.records import Conversation, MessageDraft
 
 from ..agents import AgentCatalog
@@ -37,7 +40,8 @@ from ..fanout.events import Event
 from ..ops.metrics import Metrics
 from .buffer import ReplyBuffer, ReplyOwner
 from .cache import ResponseCache, cache_key
-from .leases import keep_leases
+from .jobs import generation_id_for
+from .leases import end_orphan, keep_leases
 from .local import count_tokens
 from .provider import Finish, Provider, PushProvider, ReplyRequest
 from .routing import Router, is_first_turn
@@ -87,14 +91,17 @@ class GenerationManager:
         max_queued: int = 4,
         context_messages: int = 50,
         slot_wait_s: float = 60.0,
+        jobs: ReplyJobs | None = None,
+        max_held: int = 256,
+        attempts: int = 3,
     ) -> None:
-        self._conversations = conversations
+        self._conversations = self.conversations = conversations
         self._publish = publish
         self._buffer = buffer
         self.provider = provider
-        self._agents = agents
-        self._metrics = metrics
-        self._server_id = server_id
+        self._agents = self.agents = agents
+        self._metrics = self.metrics = metrics
+        self._server_id = self.server_id = server_id
         self._send_control = send_control
         self._router = router if router is not None else Router()
         self._cache = cache
@@ -102,6 +109,12 @@ class GenerationManager:
         self._max_queued = max_queued
         self._context = context_messages
         self._slot_wait_s = slot_wait_s
+        self.jobs = jobs
+        self._max_held = max_held
+        self._attempts = attempts
+        self._backoff = Backoff(0.5, 8.0)  # between attempts of a reply (model errors)
+        self.held: dict[str, ReplyJob] = {}  # the jobs this instance runs or queues, by id
+        self.retry_jobs: list[ReplyJob] = []  # failed before an end: run again (claims.py)
         self._runs: dict[str, ReplyRun] = {}
         # Runs holding their conversation's slot, until the buffer is released: a join
         # here reads their text, a watcher elsewhere asks them for it.
@@ -111,6 +124,7 @@ class GenerationManager:
         self._deliver_events = deliver_events
         self._announce = announce
         self._lanes: dict[str, _Lane] = {}
+        self._pending = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         # Checked once: the provider is fixed for the life of the manager.
@@ -137,15 +151,25 @@ class GenerationManager:
     @property
     def pending(self) -> int:
         """Replies running or waiting for their conversation's turn."""
-        return sum(lane.waiting for lane in self._lanes.values())
+        return self._pending
 
     def get(self, generation_id: str) -> ReplyRun | None:
         return self._runs.get(generation_id)
+
+    def room(self) -> int:
+        """How many more questions this instance may take on (its bound minus held)."""
+        return self._max_held - self.pending
 
     def check_capacity(self, conversation_id: str) -> None:
         if self._closing:
             raise ServiceError(
                 ErrorCode.UNAVAILABLE, "server is shutting down", retry_after_ms=1000
+            )
+        if self.pending >= self._max_held:
+            raise ServiceError(
+                ErrorCode.RATE_LIMITED,
+                "this server answers its most questions at once",
+                retry_after_ms=1000,
             )
         lane = self._lanes.get(conversation_id)
         if lane is not None and lane.waiting > self._max_queued:
@@ -155,14 +179,26 @@ class GenerationManager:
                 retry_after_ms=1000,
             )
 
-    def start(self, conversation: Conversation, message: Message) -> ReplyRun:
+    def start(
+        self, conversation: Conversation, message: Message, job: ReplyJob | None = None
+    ) -> ReplyRun:
+        """Answer ``message``; with its reply job, done once the answer is stored."""
         agent = self._agents.get(conversation.agent_id)
         if agent is None:
             raise ServiceError(
                 ErrorCode.INTERNAL, f"agent {conversation.agent_id!r} is not configured"
             )
         route = self._router.choose(agent, message)
-        run = ReplyRun(conversation.id, agent, route.model, message, self._pump)
+        # Derived from the question: a job run twice (claimed, retried, resent) answers
+        # under one generation id, the stored answer's idempotency key.
+        run = ReplyRun(
+            conversation.id,
+            agent,
+            route.model,
+            message,
+            self._pump,
+            generation_id_for(message.id),
+        )
         self._metrics.child(self._metrics.model_routed, agent.id, route.model, route.route).inc()
         if self._cache is not None and agent.cacheable and is_first_turn(message):
             run.cache_key = cache_key(agent, route.model, message.text)
@@ -170,7 +206,10 @@ class GenerationManager:
         if lane is None:
             lane = self._lanes[conversation.id] = _Lane()
         lane.waiting += 1
-        task = asyncio.create_task(self._run(run, lane), name=f"reply-{run.generation_id}")
+        self._pending += 1
+        if job is not None:
+            self.held[job.job_id] = job
+        task = asyncio.create_task(self._run(run, lane, job), name=f"reply-{run.generation_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return run
@@ -265,22 +304,108 @@ class GenerationManager:
                     run.stop(FinishReason.ERROR.value)
                 await asyncio.wait(pending, timeout=5)
 
-    async def _run(self, run: ReplyRun, lane: _Lane) -> None:
+    async def _run(self, run: ReplyRun, lane: _Lane, job: ReplyJob | None) -> None:
+        ended = False  # the question has its end (stored, or ended before): the job is done
+        # In line on the lane now, in start order (a lane serves first come, first served),
+        # while the job's first turn (its announced mark) goes to Redis at once: awaiting the
+        # turn first would let replies reach the lane in the order Redis answered.
+        acquiring = asyncio.ensure_future(lane.lock.acquire())
+        entered = False
         try:
-            async with lane.lock:
-                if self._closing:
-                    # Never leave an acked question without an end: say why it has no answer.
-                    restarted = "the server restarted before replying"
-                    finish = Finish(FinishReason.ERROR.value, Usage(0, 0), restarted)
-                    await self.store_and_end(run.owner(self._server_id), "", finish)
-                    return
-                await self._stream(run)
+            turn = await self._first_turn(job)
+            await acquiring
+            entered = True
+            try:
+                ended = await self._answer(run, job, turn)
+            finally:
+                lane.lock.release()
         except Exception:
             log.exception("reply failed", extra={"conversation": run.conversation_id})
         finally:
+            if not acquiring.done():
+                acquiring.cancel()  # a cancelled acquire never leaves the lock taken
+            elif not entered and not acquiring.cancelled() and acquiring.exception() is None:
+                lane.lock.release()
             lane.waiting -= 1
+            self._pending -= 1
             if lane.waiting == 0 and self._lanes.get(run.conversation_id) is lane:
                 del self._lanes[run.conversation_id]
+            if job is not None:
+                del self.held[job.job_id]
+                if ended:
+                    await self._job_done(job)
+                elif not self._closing:
+                    self.retry_jobs.append(job)
+
+    async def _answer(self, run: ReplyRun, job: ReplyJob | None, turn: Turn | None) -> bool:
+        """In the lane: the reply, unless answered before; whether the question has its end."""
+        if self._closing:
+            if job is not None:
+                return False  # kept: another instance, or the next start, answers it
+            # Never leave an acked question without an end: say why it has no answer.
+            restarted = "the server restarted before replying"
+            finish = Finish(FinishReason.ERROR.value, Usage(0, 0), restarted)
+            await self.store_and_end(run.owner(self._server_id), "", finish)
+            return True
+        if job is not None and turn is not None:
+            await self._wait_turn(job, turn)
+            if job.claimed and await self._cut_off(run):
+                return True  # its owner died mid-reply: the partial text is its answer
+            if await self._answered(run):
+                return True  # an earlier run of this job (or the orphan sweep) ended it
+        await self._stream(run)
+        return True
+
+    async def _first_turn(self, job: ReplyJob | None) -> Turn | None:
+        """At once, before the lane: marks the job announced (a claimer then knows the
+        question was fanned out); a claimed job never announced is announced now."""
+        if job is None or self.jobs is None:
+            return None
+        turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
+        if job.claimed and not turn.announced:
+            message = job.message
+            await self._publish(message.conversation_id, MessageEvent(message).to_dict())
+        return turn
+
+    async def _wait_turn(self, job: ReplyJob, turn: Turn) -> None:
+        """Older questions of the conversation first, wherever they are held; past the slot
+        wait, go anyway (an answer late is better than none)."""
+        assert self.jobs is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._slot_wait_s
+        attempt = 0
+        while not turn.go and loop.time() < deadline:
+            attempt += 1
+            await asyncio.sleep(min(0.5, 0.02 * 2**attempt))
+            turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
+
+    async def _cut_off(self, run: ReplyRun) -> bool:
+        """A claimed job whose reply was streaming elsewhere: never a second stream. Ended
+        here with its partial text (or by the sweep that wins its claim, or by its owner
+        if that one was only slow)."""
+        running = await self._buffer.running(run.conversation_id)
+        if running is None or running.snapshot.generation_id != run.generation_id:
+            return False
+        if running.owner == self._server_id:
+            return False
+        await end_orphan(self._buffer, self.store_and_end, run.conversation_id, run.generation_id)
+        return True
+
+    async def _answered(self, run: ReplyRun) -> bool:
+        """Whether this question's answer is stored already (the job ran before)."""
+        return await self._retrying(
+            "look for a stored answer",
+            self._conversations.was_answered,
+            run.conversation_id,
+            run.generation_id,
+        )
+
+    async def _job_done(self, job: ReplyJob) -> None:
+        assert self.jobs is not None
+        try:
+            await self._retrying("finish a reply job", self.jobs.done, job)
+        except Exception as exc:  # claimed later, it finds its answer stored
+            log.warning("reply job not marked done: %s", exc)
 
     async def _stream(self, run: ReplyRun) -> None:
         conversation_id = run.conversation_id
@@ -310,14 +435,22 @@ class GenerationManager:
                 max_output_tokens=run.agent.max_output_tokens,
             )
             cached = await self._cached_answer(run)
-            run.done = asyncio.get_running_loop().create_future()
-            if cached is not None:
-                replay(cached, run)
-            else:
-                start_stream(self.provider, self._push, request, run)
-            if run.cancel_reason is not None:  # cancelled while we were setting up
-                run.stop(run.cancel_reason)
-            finish = await run.done
+            attempt = 1
+            while True:
+                run.done = asyncio.get_running_loop().create_future()
+                if cached is not None:
+                    replay(cached, run)
+                else:
+                    start_stream(self.provider, self._push, request, run)
+                if run.cancel_reason is not None:  # cancelled while we were setting up
+                    run.stop(run.cancel_reason)
+                finish = await run.done
+                if not self._again(run, finish, attempt):
+                    break
+                self._metrics.reply_jobs_retried.inc()
+                await asyncio.sleep(self._backoff.delay(attempt))
+                attempt += 1
+                run.rearm()
             if run.failure is not None:
                 finish = Finish(FinishReason.ERROR.value, Usage(0, 0), run.failure)
         except Exception as exc:
@@ -347,6 +480,19 @@ class GenerationManager:
         ):
             finish = Finish(run.cancel_reason, finish.usage, "server shutting down")
         await self._finalize(run, finish, time.perf_counter() - started)
+
+    def _again(self, run: ReplyRun, finish: Finish | None, attempt: int) -> bool:
+        """Another attempt: a retryable model error before any text (nobody saw a word)."""
+        return (
+            finish is not None
+            and finish.retryable
+            and attempt < self._attempts
+            and not run.parts
+            and run.pending is None
+            and run.cancel_reason is None
+            and run.failure is None
+            and not self._closing
+        )
 
     def _first_token(self, run: ReplyRun) -> None:
         assert run.first_token_at is not None
@@ -477,6 +623,8 @@ class GenerationManager:
             log.exception("storing a reply failed", extra={"conversation": conversation_id})
             reason, error = FinishReason.ERROR.value, f"reply not stored: {type(exc).__name__}"
         self._metrics.child(self._metrics.replies, reason).inc()
+        if reason == FinishReason.ERROR.value:
+            self._metrics.reply_jobs_failed.inc()
         tokens = self._metrics.tokens
         self._metrics.child(tokens, owner.model, "input").inc(finish.usage.input_tokens)
         self._metrics.child(tokens, owner.model, "output").inc(finish.usage.output_tokens)

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import aiohttp
+
 from protocol import Message, Usage
 
 
@@ -35,6 +37,24 @@ class Finish:
     reason: str  # a protocol FinishReason value
     usage: Usage
     error: str | None = None
+    retryable: bool = False  # an error worth another attempt (see ``is_retryable``)
+
+
+# The model's answers worth another attempt of the whole reply (after the provider's own
+# request retries): timeouts, rate limits and server errors. A 4xx other than 408 and 429
+# is the request's fault (bad key, bad model, blocked prompt): asking again gives the same.
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a reply that failed with ``exc`` before its first chunk may be tried again:
+    an HTTP status in ``RETRYABLE_STATUS`` (``GeminiStreamError`` or the SDK's ``APIError``,
+    both with ``code``, also an ``error`` event inside a stream), a timeout, a connection
+    that could not be made or was cut."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code in RETRYABLE_STATUS
+    return isinstance(exc, (TimeoutError, ConnectionError, aiohttp.ClientError))
 
 
 StreamItem = Chunk | Finish

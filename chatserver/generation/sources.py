@@ -11,7 +11,7 @@ import logging
 
 from protocol import FinishReason, Usage
 
-from .provider import Chunk, Finish, Provider, PushProvider, ReplyRequest
+from .provider import Chunk, Finish, Provider, PushProvider, ReplyRequest, is_retryable
 from .streaming import BACKLOG_LIMIT, ReplyRun
 
 log = logging.getLogger("chatserver.generation")
@@ -78,7 +78,12 @@ async def _produce(provider: Provider, request: ReplyRequest, run: ReplyRun) -> 
         raise
     except Exception as exc:
         log.warning("provider failed: %s", exc)
-        finish = Finish(FinishReason.ERROR.value, Usage(0, 0), f"model error: {exc}")
+        finish = Finish(
+            FinishReason.ERROR.value,
+            Usage(0, 0),
+            f"model error: {exc}",
+            retryable=not run.parts and run.pending is None and is_retryable(exc),
+        )
     finally:
         # Also when cancelled: the canceller ended the run already (a no-op then).
         run.pump.end(run, finish)

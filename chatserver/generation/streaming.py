@@ -80,9 +80,15 @@ class ReplyRun:
     )
 
     def __init__(
-        self, conversation_id: str, agent: Agent, model: str, reply_to: Message, pump: DeltaPump
+        self,
+        conversation_id: str,
+        agent: Agent,
+        model: str,
+        reply_to: Message,
+        pump: DeltaPump,
+        generation_id: str | None = None,
     ) -> None:
-        self.generation_id = uuid4_str()
+        self.generation_id = generation_id or uuid4_str()
         self.conversation_id = conversation_id
         self.agent = agent
         self.model = model
@@ -144,6 +150,14 @@ class ReplyRun:
         self.pump.end(self, finish)
 
     # -------------------------------------------------------------------------------
+
+    def rearm(self) -> None:
+        """Ready for another attempt after a failure before any text: nothing was shown."""
+        assert not self.parts and self.pending is None
+        self.ended = False
+        self.final = None
+        self.handle = None
+        self.done = None
 
     def backlog(self) -> int:
         return self.pending_count if self.pending is not None else 0

@@ -85,6 +85,30 @@ class Metrics:
         )
         self.tokens = Counter("chat_tokens", "Model tokens", ["model", "direction"], registry=r)
         self.active_replies = Gauge("chat_active_replies", "Replies streaming now", registry=r)
+        # Reply jobs (one per acknowledged question until its answer is stored).
+        self.reply_jobs_queued = Counter(
+            "chat_reply_jobs_queued", "Reply jobs written with a question here", registry=r
+        )
+        self.reply_jobs_held = Gauge(
+            "chat_reply_jobs_held", "Reply jobs this instance runs or queues", registry=r
+        )
+        self.reply_jobs_retried = Counter(
+            "chat_reply_jobs_retried", "Reply attempts made again after a model error", registry=r
+        )
+        self.reply_jobs_claimed = Counter(
+            "chat_reply_jobs_claimed", "Reply jobs taken over from a stopped instance", registry=r
+        )
+        self.reply_jobs_failed = Counter(
+            "chat_reply_jobs_failed", "Questions answered with finish_reason error", registry=r
+        )
+        self.reply_jobs_outstanding = Gauge(
+            "chat_reply_jobs_outstanding", "Reply jobs not done, all instances", registry=r
+        )
+        self.reply_jobs_oldest_age = Gauge(
+            "chat_reply_jobs_oldest_age_seconds",
+            "Age of the oldest reply job not done (all instances)",
+            registry=r,
+        )
         self.messages_appended = Counter(
             "chat_messages_appended", "Messages acked (appended)", ["role"], registry=r
         )

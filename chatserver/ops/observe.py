@@ -45,6 +45,21 @@ class Sampler:
     async def sample(self) -> None:
         self.sample_sync()
         await self._sample_backlog()
+        await self._sample_jobs()
+
+    async def _sample_jobs(self) -> None:
+        generation = self.app.get(keys.GENERATION)
+        jobs = generation.jobs if generation is not None else None
+        if jobs is None:
+            return
+        self.metrics.reply_jobs_held.set(len(generation.held) if generation else 0)
+        try:
+            stats = await asyncio.wait_for(jobs.stats(), _BACKLOG_TIMEOUT_S)
+        except Exception as exc:  # Redis away: the gauges keep their last value
+            log.debug("reply job stats unavailable: %r", exc)
+            return
+        self.metrics.reply_jobs_outstanding.set(stats.outstanding)
+        self.metrics.reply_jobs_oldest_age.set(stats.oldest_age_s)
 
     def sample_sync(self) -> None:
         metrics = self.metrics

@@ -328,6 +328,22 @@ class ReplySettings:
     max_queued: int = setting(
         "max_queued_replies", 4, "int", "replies waiting behind a running one, per conversation"
     )
+    max_held: int = setting(
+        "max_replies_per_instance",
+        256,
+        "int",
+        "questions one instance answers at once (running and queued); past it sends are refused",
+    )
+    attempts: int = setting(
+        "reply_attempts", 3, "int", "model attempts per reply for retryable errors (before text)"
+    )
+    crash_after_append: bool = setting(
+        "test_crash_after_append",
+        False,
+        "bool",
+        "tests only: exit at once after the first append, before its fan-out",
+        flag=False,
+    )
     local_ttft_ms: int = setting("local_ttft_ms", 150, "int", "local model: time to first token")
     local_token_ms: int = setting("local_token_ms", 15, "int", "local model: time per word")
     light_max_chars: int = setting(
@@ -347,7 +363,7 @@ class ReplySettings:
     )
 
     def __post_init__(self) -> None:
-        positive(self, "lease_s", "max_queued", "cache_entries")
+        positive(self, "lease_s", "max_queued", "cache_entries", "max_held", "attempts")
         not_negative(self, "local_ttft_ms", "local_token_ms", "light_max_chars", "cache_ttl_s")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from protocol import (
     Typing,
     TypingNotice,
 )
+from storage.jobs.base import ReplyJob
 from storage.records import AppendResult, MessageDraft
 from storage.window.base import AppendRefused
 
@@ -165,8 +167,14 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
         return
     metrics = app[keys.METRICS]
     metrics.child(metrics.messages_appended, Role.USER.value).inc()
+    if app[keys.SETTINGS].replies.crash_after_append:
+        os._exit(70)  # tests only: the instance dies between the append and the fan-out
     await publish(app, conversation.id, MessageEvent(message).to_dict())
-    generation.start(conversation, message)
+    job = None
+    if result.job_id is not None:
+        metrics.reply_jobs_queued.inc()
+        job = ReplyJob(result.job_id, message)
+    generation.start(conversation, message, job)
 
 
 async def _append_within_limits(

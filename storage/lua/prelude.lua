@@ -18,3 +18,20 @@ local function owns(gid, owner)
   local f = redis.call('HMGET', KEYS[1], 'gid', 'owner')
   return f[1] == gid and f[2] == owner
 end
+
+-- A reply job (storage/jobs/redis.py): an entry of the jobs stream, in the pending list of
+-- the group `repliers` under `holder` from the start (nobody reads new entries: jobs are
+-- only ever claimed), and listed by offset in the conversation's jobs (`listed`, when in
+-- this script's slot) with score 2 * offset, made odd once its holder announced it.
+local function add_job(stream, listed, holder, payload, offset, ms, ttl)
+  local id = redis.call('XADD', stream, '*', 'm', payload, 'o', offset, 't', ms)
+  if redis.pcall('XCLAIM', stream, 'repliers', holder, 0, id, 'FORCE', 'JUSTID').err then
+    redis.call('XGROUP', 'CREATE', stream, 'repliers', '0')  -- lost with Redis' data
+    redis.call('XCLAIM', stream, 'repliers', holder, 0, id, 'FORCE', 'JUSTID')
+  end
+  if listed then
+    redis.call('ZADD', listed, 2 * tonumber(offset), id)
+    redis.call('EXPIRE', listed, ttl)
+  end
+  return id
+end

@@ -1,9 +1,10 @@
 -- Append one message to a conversation's window (and, on a single Redis, to the outbox).
 -- KEYS: seq, epoch, win, idem[, outbox]. ARGV: payload, size, idem ttl ms (0: no record),
 -- key ttl s, outbox max (0: no bound), record state ("d": in the outbox, "p": not yet),
--- ttl every (refresh the TTLs when the offset is a multiple of it).
--- Returns {0, offset, ms} | {1, record} duplicate | {2} missing | {3} full
--- | {4, code, value} refused by the gate (with a gate: its keys and args follow the outbox's).
+-- ttl every (refresh the TTLs when the offset is a multiple of it); on a single Redis also
+-- KEYS jobs stream, conversation's jobs and ARGV the job's holder ('': no job).
+-- Returns {0, offset, ms[, job id]} | {1, record} duplicate | {2} missing | {3} full
+-- | {4, code, value} refused by the gate (with a gate: its keys and args follow the job's).
 -- One MGET reads the idempotency record and both keys whose absence means a missing window.
 local found = redis.call('MGET', KEYS[4], KEYS[2], KEYS[1])
 local idem_ttl = tonumber(ARGV[3])
@@ -30,10 +31,15 @@ end
 -- The window is a cache (a miss rebuilds it under a new epoch), so its TTLs move forward
 -- every few appends, not on each: the rebuild gave all three keys theirs, and the counter's
 -- stays twice the window's, so it never vanishes first.
+local ttl = tonumber(ARGV[4])
 if tonumber(offset) % tonumber(ARGV[7]) == 0 then
-  local ttl = tonumber(ARGV[4])
   redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('EXPIRE', KEYS[3], ttl)
   redis.call('EXPIRE', KEYS[1], 2 * ttl)
+end
+local job = ARGV[8]
+if job and job ~= '' then  -- a question: its reply job, in this same step
+  job = add_job(KEYS[6], KEYS[7], job, ARGV[1], offset, ms, ttl)
+  return {0, tonumber(offset), tonumber(ms), job}
 end
 return {0, tonumber(offset), tonumber(ms)}

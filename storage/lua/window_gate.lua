@@ -1,10 +1,10 @@
 -- What window_append.lua runs at its gate line when a gate is given: the gate is the body of a
--- function of K and A, its keys and args the ones after the append's. It returns
+-- function of K and A, its keys and args the ones after the append's (and the reply job's). It returns
 -- {code, value}: 0 goes ahead, anything else refuses the append with {4, code, value}.
 do
   local K, A = {}, {}
-  for i = 6, #KEYS do K[#K + 1] = KEYS[i] end
-  for i = 8, #ARGV do A[#A + 1] = ARGV[i] end
+  for i = 8, #KEYS do K[#K + 1] = KEYS[i] end
+  for i = 9, #ARGV do A[#A + 1] = ARGV[i] end
   local verdict = (function(K, A)
 --BODY--
   end)(K, A)

@@ -72,8 +72,16 @@ class Store(Protocol):
         ...
 
     async def find_by_client_msg_id(
-        self, conversation_id: str, user_id: str, client_msg_id: str
-    ) -> Message | None: ...
+        self, conversation_id: str, user_id: str | None, client_msg_id: str
+    ) -> Message | None:
+        """The stored message of (user, client_msg_id); a reply's with ``user_id`` None
+        (its client_msg_id is its generation id)."""
+        ...
+
+    async def unanswered(self, within_s: float, limit: int = 10_000) -> list[Message]:
+        """Users' messages of the last ``within_s`` seconds that no stored reply answers
+        (``reply_to``), oldest first per conversation: an embedded restart answers them."""
+        ...
 
     async def remove_member(self, conversation_id: str, user_id: str) -> bool:
         """Take the user out of the conversation's members; False when it was not one."""

@@ -351,15 +351,16 @@ class PostgresStore:
         return int(value)
 
     async def find_by_client_msg_id(
-        self, conversation_id: str, user_id: str, client_msg_id: str
+        self, conversation_id: str, user_id: str | None, client_msg_id: str
     ) -> Message | None:
         # Primary: idempotency checks must see the message stored a moment ago.
         row = await self._primary_op(
             lambda conn: conn.fetchrow(
                 f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
-                'AND client_msg_id = $3 AND user_id = $2 ORDER BY "offset" LIMIT 1',
+                "AND client_msg_id = $3 AND user_id IS NOT DISTINCT FROM $2 "
+                'ORDER BY "offset" LIMIT 1',
                 storable(conversation_id),
-                storable(user_id),
+                None if user_id is None else storable(user_id),
                 storable(client_msg_id),  # as a hostile id was stored (see write_messages)
             )
         )
@@ -382,6 +383,21 @@ class PostgresStore:
             )
         )
         return int(value)
+
+    async def unanswered(self, within_s: float, limit: int = 10_000) -> list[Message]:
+        columns = ", ".join(f"q.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
+        rows = await self._primary_op(
+            lambda conn: conn.fetch(
+                f"SELECT {columns} FROM messages q WHERE q.role = 'user' "
+                "AND q.created_at >= now() - make_interval(secs => $1) "
+                "AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.conversation_id = "
+                "q.conversation_id AND a.reply_to = q.id) "
+                'ORDER BY q.conversation_id, q."offset" LIMIT $2',
+                float(within_s),
+                limit,
+            )
+        )
+        return [row_message(row) for row in rows]
 
     async def usage_on(self, user_id: str, day: str) -> int:
         when = date.fromisoformat(day)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -259,12 +260,12 @@ class SqliteStore:
         return await self._r().run(op)
 
     async def find_by_client_msg_id(
-        self, conversation_id: str, user_id: str, client_msg_id: str
+        self, conversation_id: str, user_id: str | None, client_msg_id: str
     ) -> Message | None:
         def op(conn: sqlite3.Connection) -> Message | None:
             row = conn.execute(
                 f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? "
-                'AND user_id = ? AND client_msg_id = ? ORDER BY "offset" LIMIT 1',
+                'AND user_id IS ? AND client_msg_id = ? ORDER BY "offset" LIMIT 1',
                 (conversation_id, user_id, client_msg_id),
             ).fetchone()
             return row_message(row) if row is not None else None
@@ -290,6 +291,21 @@ class SqliteStore:
             return int(row[0])
 
         return await self._w().run(op)
+
+    async def unanswered(self, within_s: float, limit: int = 10_000) -> list[Message]:
+        since = format_timestamp(datetime.fromtimestamp(time.time() - within_s, UTC))
+        columns = ", ".join(f"q.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
+        sql = (
+            f"SELECT {columns} FROM messages q WHERE q.role = 'user' AND q.created_at >= ? "
+            "AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.conversation_id = "
+            'q.conversation_id AND a.reply_to = q.id) ORDER BY q.conversation_id, q."offset" '
+            "LIMIT ?"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[Message]:
+            return [row_message(row) for row in conn.execute(sql, (since, limit)).fetchall()]
+
+        return await self._r().run(op)
 
     async def usage_on(self, user_id: str, day: str) -> int:
         def op(conn: sqlite3.Connection) -> int:

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from protocol import Message
 
+from ..jobs.base import ReplyJobs
 from ..outbox.base import Outbox
 from ..records import AppendResult, MessageDraft, WindowView
 
@@ -83,9 +84,14 @@ class HotWindow(Protocol):
         ...
 
     async def append(
-        self, draft: MessageDraft, outbox: Outbox, gate: AppendGate | None = None
+        self,
+        draft: MessageDraft,
+        outbox: Outbox,
+        gate: AppendGate | None = None,
+        jobs: ReplyJobs | None = None,
     ) -> AppendResult:
-        """One atomic step: next offset, window entry, outbox entry, idempotency record.
+        """One atomic step: next offset, window entry, outbox entry, idempotency record,
+        and with ``jobs`` the question's reply job (its id in the result).
 
         A repeated (conversation, user, client_msg_id) returns the first message with
         ``duplicate=True`` and appends nothing. Raises ``WindowMissing`` when the

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from protocol import Message, format_timestamp
 from protocol.ids import uuid4_str
 
+from ..jobs.base import ReplyJobs
 from ..outbox.base import Outbox
 from ..records import AppendResult, MessageDraft, WindowView
 from .base import AppendGate, WindowMissing
@@ -162,7 +163,11 @@ class MemoryWindow:
         self._evict()
 
     async def append(
-        self, draft: MessageDraft, outbox: Outbox, gate: AppendGate | None = None
+        self,
+        draft: MessageDraft,
+        outbox: Outbox,
+        gate: AppendGate | None = None,
+        jobs: ReplyJobs | None = None,
     ) -> AppendResult:
         if gate is not None:
             raise TypeError("the memory window runs no gates (check before appending)")
@@ -196,7 +201,9 @@ class MemoryWindow:
         if key is not None:
             self._seen[key] = (now + self.idempotency_ttl_s, message)
             self._prune_seen(now)
-        return AppendResult(message=message, duplicate=False)
+        # In-process jobs never suspend in add(): the job is part of this same step.
+        job_id = await jobs.add(message) if jobs is not None else None
+        return AppendResult(message=message, duplicate=False, job_id=job_id)
 
     async def forget(self, conversation_id: str) -> None:
         window = self._windows.pop(conversation_id, None)

@@ -44,6 +44,8 @@ from protocol import Message, Role
 from protocol.ids import uuid4_str
 
 from .. import lua
+from ..jobs.base import ReplyJobs
+from ..jobs.redis import RedisReplyJobs
 from ..outbox.base import Outbox, OutboxFull
 from ..outbox.redis import AnyRedis, RedisOutbox
 from ..records import AppendResult, MessageDraft, WindowView
@@ -233,7 +235,11 @@ class RedisWindow:
         return script
 
     async def append(
-        self, draft: MessageDraft, outbox: Outbox, gate: AppendGate | None = None
+        self,
+        draft: MessageDraft,
+        outbox: Outbox,
+        gate: AppendGate | None = None,
+        jobs: ReplyJobs | None = None,
     ) -> AppendResult:
         if not isinstance(outbox, RedisOutbox):
             raise TypeError(f"RedisWindow appends to a RedisOutbox, not {type(outbox).__name__}")
@@ -265,7 +271,10 @@ class RedisWindow:
                 raise TypeError("a window on a cluster runs no gates (check before appending)")
             await outbox.check_room(shard)
         else:
-            script_keys.append(outbox.keys[shard])
+            # The reply job's keys come next, always (the gate's keys and args follow them).
+            job_key = jobs.key if isinstance(jobs, RedisReplyJobs) else keys.no_idem
+            script_keys += [outbox.keys[shard], job_key, keys.jobs]
+            script_args.append(jobs.holder if isinstance(jobs, RedisReplyJobs) else "")
             if gate is not None:
                 script = self._gated_script(gate)
                 script_keys.extend(gate.keys)
@@ -290,13 +299,15 @@ class RedisWindow:
         if code == _FULL:
             raise OutboxFull(f"outbox shard {shard} holds {outbox.max_entries} entries")
         offset, created_ms = int(reply[1]), int(reply[2])
+        message = message_from_draft(message_id, draft, offset, created_ms)
+        job_id = reply[3].decode() if len(reply) > 3 else None
         if self.cluster:
             await outbox.push(shard, payload, offset, created_ms)
             if idem_ttl_ms:
                 await self._mark_script(keys=[idem_key])
-        return AppendResult(
-            message=message_from_draft(message_id, draft, offset, created_ms), duplicate=False
-        )
+            if jobs is not None:  # another slot: after the script, like the outbox entry
+                job_id = await jobs.add(message)
+        return AppendResult(message=message, duplicate=False, job_id=job_id)
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:
         key = self.keys(conversation_id).idem(user_id, client_msg_id)

@@ -6,6 +6,7 @@ fixtures are parametrized over the dict's keys, so every conformance test then r
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from redis.asyncio import Redis, RedisCluster
 
 from protocol import Message, timestamp_from_ms
 from storage import MemoryOutbox, MemoryWindow, SqliteStore
+from storage.jobs.base import ReplyJobs
+from storage.jobs.memory import MemoryReplyJobs
+from storage.jobs.redis import RedisReplyJobs
 from storage.outbox.base import Outbox
 from storage.outbox.redis import RedisOutbox
 from storage.store.base import Store
@@ -259,3 +263,51 @@ class MessageFactory:
 @pytest.fixture
 def new_message() -> MessageFactory:
     return MessageFactory()
+
+
+# -- reply jobs ------------------------------------------------------------------------
+
+# A test's jobs: ``make(holder)`` is one instance's view; ``die(old, new, unfinished)``
+# makes ``old``'s unfinished jobs claimable by ``new`` the way each implementation does it:
+# in process, a restart recovers them from the store; in Redis, ``old``'s lease runs out.
+JOB_LEASE_S = 0.3
+
+
+@dataclass
+class JobsHarness:
+    make: Callable[[str], Awaitable[ReplyJobs]]
+    die: Callable[[ReplyJobs, ReplyJobs, list[Message]], Awaitable[None]]
+
+
+async def _recover(old: ReplyJobs, new: ReplyJobs, unfinished: list[Message]) -> None:
+    assert isinstance(new, MemoryReplyJobs)
+    new.recover(unfinished)
+
+
+async def _lease_runs_out(old: ReplyJobs, new: ReplyJobs, unfinished: list[Message]) -> None:
+    # Nothing to do but stop renewing: the claim itself waits for the idle time.
+    await asyncio.sleep(0)
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def jobs_harness(request: pytest.FixtureRequest) -> AsyncIterator[JobsHarness]:
+    services = _services(request)
+    made: list[ReplyJobs] = []
+
+    async def make(holder: str) -> ReplyJobs:
+        jobs: ReplyJobs
+        if services is None:
+            jobs = MemoryReplyJobs()
+        else:
+            jobs = RedisReplyJobs(
+                services.new(), holder=holder, lease_s=JOB_LEASE_S, cluster=services.cluster
+            )
+        await jobs.start()
+        made.append(jobs)
+        return jobs
+
+    yield JobsHarness(make, _recover if services is None else _lease_runs_out)
+    for jobs in made:
+        await jobs.close()
+    if services is not None:
+        await services.aclose()

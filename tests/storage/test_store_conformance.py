@@ -217,7 +217,10 @@ async def test_max_offset(store: Store, new_message: MessageFactory) -> None:
 async def test_find_by_client_msg_id(store: Store, new_message: MessageFactory) -> None:
     mine = new_message("c1", user_id="u1", client_msg_id="k1")
     theirs = new_message("c1", user_id="u2", client_msg_id="k1")
-    await store.write_messages([mine, theirs, new_message("c1", user_id="u1")])
+    reply = new_message("c1", role="assistant", client_msg_id="g1")
+    await store.write_messages([mine, theirs, new_message("c1", user_id="u1"), reply])
+    assert await store.find_by_client_msg_id("c1", None, "g1") == reply  # a reply: no user
+    assert await store.find_by_client_msg_id("c1", None, "k1") is None
     assert await store.find_by_client_msg_id("c1", "u1", "k1") == mine
     assert await store.find_by_client_msg_id("c1", "u2", "k1") == theirs
     assert await store.find_by_client_msg_id("c1", "u1", "k2") is None

@@ -37,6 +37,26 @@ class Outcome:
     healthy_after: bool  # the surviving instances ready again without a hand
 
 
+async def wait_answered(dsn: str, acked: set[str], timeout: float) -> dict[str, int]:
+    """Stored answers per acked question (``reply_to``), once each has one or at the timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        db = await asyncpg.connect(dsn)
+        try:
+            rows = await db.fetch(
+                "SELECT reply_to, count(*) AS n FROM messages WHERE role = 'assistant' "
+                "AND reply_to = ANY($1::text[]) GROUP BY reply_to",
+                list(acked),
+            )
+        finally:
+            await db.close()
+        answers = {r["reply_to"]: r["n"] for r in rows}
+        if set(answers) >= acked or loop.time() > deadline:
+            return answers
+        await asyncio.sleep(0.2)
+
+
 async def wait_stored(dsn: str, acked: set[str], timeout: float) -> dict[str, int]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

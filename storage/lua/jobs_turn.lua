@@ -1,0 +1,20 @@
+-- May this job run now? Marks it announced (its holder fanned the question out).
+-- KEYS: the conversation's jobs[, jobs stream: when in this slot, stale listings are
+-- dropped]. ARGV: job id, offset.
+-- Returns {go, announced before this call}.
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local announced = 1  -- not listed (done already): nothing to announce
+if score then
+  local s = tonumber(score)
+  announced = s % 2
+  if announced == 0 then redis.call('ZADD', KEYS[1], 'XX', s + 1, ARGV[1]) end
+end
+local below = '(' .. (2 * tonumber(ARGV[2]))
+while true do
+  local head = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', below, 'LIMIT', 0, 1)
+  if #head == 0 then return {1, announced} end
+  if not KEYS[2] or #redis.call('XRANGE', KEYS[2], head[1], head[1]) > 0 then
+    return {0, announced}
+  end
+  redis.call('ZREM', KEYS[1], head[1])  -- its entry is gone: it holds nobody back
+end
