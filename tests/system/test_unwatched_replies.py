@@ -114,8 +114,9 @@ async def _all_calls(redis: Redis) -> dict[str, int]:
 # The batch writers' reads of the outbox: they poll while idle, so their count depends on time,
 # not on the reply (under load a batch serves many messages: ~1.4 commands per reply).
 _POLLING = {"xreadgroup", "xack", "xdel", "xautoclaim", "info"}
-# Issue 18: 265 commands per reply at first, 58 after its first round, 30 after its second.
-MAX_COMMANDS_PER_UNWATCHED_REPLY = 32
+# 265 commands per reply at first, 58 after a first round of cuts, 30 after a second; the
+# durable reply job then adds ~11 (its add in the append, its turn, its end): 41 today.
+MAX_COMMANDS_PER_UNWATCHED_REPLY = 43
 
 
 async def test_an_unwatched_reply_costs_few_redis_commands_end_to_end(
@@ -144,7 +145,7 @@ async def test_an_unwatched_reply_costs_few_redis_commands_end_to_end(
                 for name in after
                 if name not in _POLLING and after[name] != before.get(name, 0)
             }
-            # 30 now; the margin is a sweep's (SMEMBERS of the instances, EXISTS).
+            # 41 now; the margin is a sweep's (SMEMBERS of the instances, EXISTS).
             assert sum(spent.values()) <= MAX_COMMANDS_PER_UNWATCHED_REPLY, spent
             assert spent.get("publish", 0) <= 2, spent  # the question and gen_end
         finally:
