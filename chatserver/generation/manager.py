@@ -12,65 +12,49 @@ final message like any other. Replies of one conversation run one after another.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 from protocol import (
     ErrorCode,
     FinishReason,
-    GenEnd,
-    GenerationSnapshot,
     GenStart,
     Message,
-    MessageEvent,
-    Role,
     Usage,
 )
 from protocol.backoff import Backoff
 from storage.jobs.base import ReplyJob, ReplyJobs, Turn
-from storage.records import Conversation, MessageDraft
+from storage.records import Conversation
 
 from ..agents import AgentCatalog
 from ..conversations import ConversationService
-from ..errors import DEPENDENCY_ERRORS, ServiceError
-from ..fanout.envelope import CancelReply, Control, WatchAck, WatchReply
+from ..errors import ServiceError
 from ..fanout.events import Event
 from ..ops.metrics import Metrics
-from .buffer import ReplyBuffer, ReplyOwner
+from .buffer import ReplyBuffer
 from .cache import ResponseCache, cache_key
 from .jobs import generation_id_for
-from .leases import end_orphan, keep_leases
+from .leases import keep_leases
 from .local import count_tokens
+from .manager_finishing import _Finishing
+from .manager_job_steps import _JobSteps
+from .manager_remote import _Remote
+from .manager_state import (
+    Announce,
+    Lane,
+    OnUsage,
+    SendControl,
+    log,
+)
 from .provider import Finish, Provider, PushProvider, ReplyRequest
 from .routing import Router, is_first_turn
 from .sources import replay, start_stream
 from .streaming import DeliverEvents, DeltaPump, Publish, PublishEvents, ReplyRun
 
-log = logging.getLogger("chatserver.generation")
-
-SendControl = Callable[[str, Control], Awaitable[None]]
-Announce = Callable[[str, Control], Awaitable[None]]
-OnUsage = Callable[[str, int], Awaitable[None]]  # (user billed, tokens)
-_RETRY_FOR_S = 30.0  # how long a finishing reply waits out a Redis or store outage
-# How long a join waits for the owner of an unwatched reply to record its text; past it
-# (the owner died) the join takes what Redis holds, the last checkpoint.
-WATCH_ACK_TIMEOUT_S = 2.0
-T = TypeVar("T")
-
 __all__ = ["GenerationManager", "ReplyRun"]
 
 
-class _Lane:
-    __slots__ = ("lock", "waiting")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.waiting = 0
-
-
-class GenerationManager:
+class GenerationManager(_Remote, _JobSteps, _Finishing):
     def __init__(
         self,
         conversations: ConversationService,
@@ -123,7 +107,7 @@ class GenerationManager:
         self._acks: dict[str, list[asyncio.Future[None]]] = {}  # joins awaiting watch_ack
         self._deliver_events = deliver_events
         self._announce = announce
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[str, Lane] = {}
         self._pending = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -204,7 +188,7 @@ class GenerationManager:
             run.cache_key = cache_key(agent, route.model, message.text)
         lane = self._lanes.get(conversation.id)
         if lane is None:
-            lane = self._lanes[conversation.id] = _Lane()
+            lane = self._lanes[conversation.id] = Lane()
         lane.waiting += 1
         self._pending += 1
         if job is not None:
@@ -213,83 +197,6 @@ class GenerationManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return run
-
-    def cancel_local(self, generation_id: str) -> bool:
-        run = self._runs.get(generation_id)
-        return run is not None and run.stop(FinishReason.CANCELLED.value)
-
-    async def locate(self, generation_id: str) -> ReplyOwner | None:
-        """Who streams this reply: this instance or, through the buffer, another one."""
-        run = self._runs.get(generation_id)
-        if run is not None:
-            return run.owner(self._server_id)
-        return await self._buffer.owner_of(generation_id)
-
-    async def cancel(self, owner: ReplyOwner) -> None:
-        """Stop a reply wherever it runs: here at once, elsewhere through the broker."""
-        if owner.owner == self._server_id or self._send_control is None:
-            self.cancel_local(owner.generation_id)
-            return
-        await self._send_control(owner.owner, CancelReply(owner.generation_id))
-
-    def on_control(self, message: Control) -> None:
-        if isinstance(message, CancelReply):
-            self.cancel_local(message.generation_id)
-        elif isinstance(message, WatchReply):
-            self._on_watch(message)
-        else:
-            for waiter in self._acks.pop(message.generation_id, ()):
-                if not waiter.done():
-                    waiter.set_result(None)
-
-    def _on_watch(self, message: WatchReply) -> None:
-        run = self._live.get(message.generation_id)
-        if run is not None and not run.watched:
-            self._pump.resync(run)  # the pump announces once the text is recorded
-            return
-        # Watched already (every delta recorded), or over and stored: Redis is current.
-        if self._announce is not None:
-            task = asyncio.create_task(self._ack_now(message))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _ack_now(self, message: WatchReply) -> None:
-        assert self._announce is not None
-        ack = WatchAck(message.conversation_id, message.generation_id, 0)
-        await self._announce(message.conversation_id, ack)
-
-    async def _announce_synced(self, run: ReplyRun) -> None:
-        assert self._announce is not None
-        ack = WatchAck(run.conversation_id, run.generation_id, run.seq)
-        await self._announce(run.conversation_id, ack)
-
-    async def join_snapshot(self, conversation_id: str) -> GenerationSnapshot | None:
-        """The reply in progress, for a join: every character up to its ``seq`` is in it,
-        every later one is published to this instance (the join's floors do the rest)."""
-        run = self._live_in.get(conversation_id)
-        if run is not None:  # ours: the text is here, the buffer may hold a checkpoint
-            return GenerationSnapshot(run.generation_id, run.seq, "".join(run.parts))
-        running = await self._buffer.running(conversation_id)
-        if running is None or running.watched or running.owner == self._server_id:
-            return running.snapshot if running is not None else None
-        # Unwatched by another instance: it records nothing per delta. Our watchers entry
-        # is in (the join subscribed first), so ask it to record and publish from now on.
-        gen = running.snapshot.generation_id
-        waiter = asyncio.get_running_loop().create_future()
-        self._acks.setdefault(gen, []).append(waiter)
-        try:
-            if self._send_control is not None:
-                await self._send_control(running.owner, WatchReply(conversation_id, gen))
-            await asyncio.wait_for(waiter, WATCH_ACK_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("no watch_ack from %s: joining on its checkpoint", running.owner)
-        finally:
-            waiters = self._acks.get(gen)
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._acks[gen]
-        return await self._buffer.snapshot(conversation_id)
 
     def running_replies(self) -> list[tuple[str, str]]:
         return [(r.conversation_id, r.generation_id) for r in self._runs.values()]
@@ -304,7 +211,7 @@ class GenerationManager:
                     run.stop(FinishReason.ERROR.value)
                 await asyncio.wait(pending, timeout=5)
 
-    async def _run(self, run: ReplyRun, lane: _Lane, job: ReplyJob | None) -> None:
+    async def _run(self, run: ReplyRun, lane: Lane, job: ReplyJob | None) -> None:
         ended = False  # the question has its end (stored, or ended before): the job is done
         # In line on the lane now, in start order (a lane serves first come, first served),
         # while the job's first turn (its announced mark) goes to Redis at once: awaiting the
@@ -355,57 +262,6 @@ class GenerationManager:
                 return True  # an earlier run of this job (or the orphan sweep) ended it
         await self._stream(run)
         return True
-
-    async def _first_turn(self, job: ReplyJob | None) -> Turn | None:
-        """At once, before the lane: marks the job announced (a claimer then knows the
-        question was fanned out); a claimed job never announced is announced now."""
-        if job is None or self.jobs is None:
-            return None
-        turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
-        if job.claimed and not turn.announced:
-            message = job.message
-            await self._publish(message.conversation_id, MessageEvent(message).to_dict())
-        return turn
-
-    async def _wait_turn(self, job: ReplyJob, turn: Turn) -> None:
-        """Older questions of the conversation first, wherever they are held; past the slot
-        wait, go anyway (an answer late is better than none)."""
-        assert self.jobs is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._slot_wait_s
-        attempt = 0
-        while not turn.go and loop.time() < deadline:
-            attempt += 1
-            await asyncio.sleep(min(0.5, 0.02 * 2**attempt))
-            turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
-
-    async def _cut_off(self, run: ReplyRun) -> bool:
-        """A claimed job whose reply was streaming elsewhere: never a second stream. Ended
-        here with its partial text (or by the sweep that wins its claim, or by its owner
-        if that one was only slow)."""
-        running = await self._buffer.running(run.conversation_id)
-        if running is None or running.snapshot.generation_id != run.generation_id:
-            return False
-        if running.owner == self._server_id:
-            return False
-        await end_orphan(self._buffer, self.store_and_end, run.conversation_id, run.generation_id)
-        return True
-
-    async def _answered(self, run: ReplyRun) -> bool:
-        """Whether this question's answer is stored already (the job ran before)."""
-        return await self._retrying(
-            "look for a stored answer",
-            self._conversations.was_answered,
-            run.conversation_id,
-            run.generation_id,
-        )
-
-    async def _job_done(self, job: ReplyJob) -> None:
-        assert self.jobs is not None
-        try:
-            await self._retrying("finish a reply job", self.jobs.done, job)
-        except Exception as exc:  # claimed later, it finds its answer stored
-            log.warning("reply job not marked done: %s", exc)
 
     async def _stream(self, run: ReplyRun) -> None:
         conversation_id = run.conversation_id
@@ -512,144 +368,6 @@ class GenerationManager:
             await asyncio.sleep(delay)  # rare: replies raced on two instances
             delay = min(delay * 2, 0.5)
         run.watched = slot.watched
-
-    async def _cached_answer(self, run: ReplyRun) -> str | None:
-        """A cacheable first turn asked before: the stored answer (counted), else None."""
-        if run.cache_key is None or self._cache is None:
-            return None
-        try:
-            text = await self._cache.get(run.cache_key)
-        except Exception as exc:  # the cache is an optimisation: ask the model
-            log.warning("response cache unavailable: %s", exc)
-            return None
-        if text is None:
-            self._metrics.child(self._metrics.model_cache_misses, run.agent.id).inc()
-            return None
-        run.cache_hit = True
-        self._metrics.child(self._metrics.model_cache_hits, run.agent.id).inc()
-        return text
-
-    async def _remember(self, run: ReplyRun, finish: Finish) -> None:
-        """Keep a whole first-turn answer of a cacheable agent for the next asker."""
-        if (
-            run.cache_key is None
-            or self._cache is None
-            or run.cache_hit
-            or run.cancel_reason is not None
-            or finish.reason != FinishReason.STOP.value
-        ):
-            return
-        try:
-            await self._cache.put(run.cache_key, "".join(run.parts))
-        except Exception as exc:
-            log.warning("response not cached: %s", exc)
-
-    def _drop_live(self, run: ReplyRun) -> None:
-        self._live.pop(run.generation_id, None)
-        if self._live_in.get(run.conversation_id) is run:
-            del self._live_in[run.conversation_id]
-
-    async def _finalize(self, run: ReplyRun, finish: Finish, duration: float) -> None:
-        if run.lost:
-            self._drop_live(run)
-            return  # the instance that took over stored and ended it
-        self._metrics.child(self._metrics.reply_duration, run.agent.id, run.model).observe(duration)
-        await self._remember(run, finish)
-        # Stored before the buffer goes, in the append's own step where the window takes
-        # gates (else just after): an instance dying in between leaves a buffer that another
-        # one claims, and its store_and_end finds the message already there (the
-        # generation id is the idempotency key): it ends exactly once.
-        released = await self._store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
-        try:
-            await self._retrying(
-                "release the reply buffer",
-                self._buffer.end,
-                run.conversation_id,
-                run.generation_id,
-                released,
-            )
-        finally:
-            self._drop_live(run)
-        tokens = finish.usage.input_tokens + finish.usage.output_tokens
-        user_id = run.reply_to.user_id
-        if self._on_usage is not None and user_id is not None and tokens:
-            try:
-                await self._on_usage(user_id, tokens)
-            except Exception as exc:  # the quota counter lags; the store has the truth
-                log.warning("usage not counted: %s", exc)
-
-    async def store_and_end(self, owner: ReplyOwner, text: str, finish: Finish) -> None:
-        """Store the reply like any message, then publish ``gen_end`` with it."""
-        await self._store_and_end(owner, text, finish)
-
-    async def _store_and_end(self, owner: ReplyOwner, text: str, finish: Finish) -> bool:
-        """``store_and_end``; True when the append also released the reply's buffer entry."""
-        conversation_id = owner.conversation_id
-        released = False
-        message: Message | None = None
-        reason = finish.reason
-        error = finish.error
-        draft = MessageDraft(
-            conversation_id=conversation_id,
-            role=Role.ASSISTANT.value,
-            text=text,
-            agent_id=owner.agent_id,
-            # The generation id as idempotency key: a retried append, or a second instance
-            # ending the same reply, returns the first stored message instead of a copy.
-            client_msg_id=owner.generation_id,
-            finish_reason=reason,
-            usage=finish.usage,
-            model=owner.model,
-            reply_to=owner.reply_to,
-        )
-        # Where the window takes gates, the append releases the buffer entry in its own step.
-        gate = None
-        if self._conversations.window.gates:
-            gate = self._buffer.release_gate(conversation_id, owner.generation_id)
-        try:
-            result = await self._retrying(
-                "store the reply", self._conversations.append, draft, gate
-            )
-            message = result.message
-            released = gate is not None and not result.duplicate
-            if result.duplicate:  # ended before (by the owner, or a claim): say it as it was
-                reason = message.finish_reason or reason
-                error = None if reason != FinishReason.ERROR.value else error
-            else:
-                self._metrics.child(self._metrics.messages_appended, Role.ASSISTANT.value).inc()
-        except ServiceError as exc:
-            reason, error = FinishReason.ERROR.value, f"reply not stored: {exc.message}"
-        except Exception as exc:  # the clients must still see the reply end
-            log.exception("storing a reply failed", extra={"conversation": conversation_id})
-            reason, error = FinishReason.ERROR.value, f"reply not stored: {type(exc).__name__}"
-        self._metrics.child(self._metrics.replies, reason).inc()
-        if reason == FinishReason.ERROR.value:
-            self._metrics.reply_jobs_failed.inc()
-        tokens = self._metrics.tokens
-        self._metrics.child(tokens, owner.model, "input").inc(finish.usage.input_tokens)
-        self._metrics.child(tokens, owner.model, "output").inc(finish.usage.output_tokens)
-        await self._publish(
-            conversation_id,
-            GenEnd(
-                conversation_id, owner.generation_id, reason, finish.usage, message, error
-            ).to_dict(),
-        )
-        return released
-
-    async def _retrying(self, what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Ride out a dependency outage (Redis or the store restarting) for a while."""
-        delay = 0.05
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _RETRY_FOR_S
-        while True:
-            try:
-                return await call(*args)
-            except DEPENDENCY_ERRORS as exc:
-                if loop.time() > deadline:
-                    raise
-                log.warning("could not %s, retrying: %s", what, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     async def keep_leases(self, lease_s: float, sweep_s: float) -> None:
         """Renew our replies' leases and end orphaned ones, for the life of the app."""

@@ -1,0 +1,72 @@
+"""A reply's durable job, step by step: its first turn, waiting for its turn in the
+conversation's order, a reply cut off by its owner's death, an answer already stored, done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from protocol import (
+    MessageEvent,
+)
+from storage.jobs.base import ReplyJob, Turn
+
+from .leases import end_orphan
+from .manager_state import (
+    ManagerState,
+    log,
+)
+from .streaming import ReplyRun
+
+
+class _JobSteps(ManagerState):
+    async def _first_turn(self, job: ReplyJob | None) -> Turn | None:
+        """At once, before the lane: marks the job announced (a claimer then knows the
+        question was fanned out); a claimed job never announced is announced now."""
+        if job is None or self.jobs is None:
+            return None
+        turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
+        if job.claimed and not turn.announced:
+            message = job.message
+            await self._publish(message.conversation_id, MessageEvent(message).to_dict())
+        return turn
+
+    async def _wait_turn(self, job: ReplyJob, turn: Turn) -> None:
+        """Older questions of the conversation first, wherever they are held; past the slot
+        wait, go anyway (an answer late is better than none)."""
+        assert self.jobs is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._slot_wait_s
+        attempt = 0
+        while not turn.go and loop.time() < deadline:
+            attempt += 1
+            await asyncio.sleep(min(0.5, 0.02 * 2**attempt))
+            turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
+
+    async def _cut_off(self, run: ReplyRun) -> bool:
+        """A claimed job whose reply was streaming elsewhere: never a second stream. Ended
+        here with its partial text (or by the sweep that wins its claim, or by its owner
+        if that one was only slow)."""
+        running = await self._buffer.running(run.conversation_id)
+        if running is None or running.snapshot.generation_id != run.generation_id:
+            return False
+        if running.owner == self._server_id:
+            return False
+        await end_orphan(self._buffer, self.store_and_end, run.conversation_id, run.generation_id)
+        return True
+
+    async def _answered(self, run: ReplyRun) -> bool:
+        """Whether this question's answer is stored already (the job ran before)."""
+        return await self._retrying(
+            "look for a stored answer",
+            self._conversations.was_answered,
+            run.conversation_id,
+            run.generation_id,
+        )
+
+    async def _job_done(self, job: ReplyJob) -> None:
+        assert self.jobs is not None
+        try:
+            await self._retrying("finish a reply job", self.jobs.done, job)
+        except Exception as exc:  # claimed later, it finds its answer stored
+            log.warning("reply job not marked done: %s", exc)

@@ -1,0 +1,92 @@
+"""What the parts of ``GenerationManager`` share: its state, declared once for type checking
+(``GenerationManager.__init__`` sets it), the constants, and the steps one part calls in
+another (each defined where it belongs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from protocol.backoff import Backoff
+    from storage.jobs.base import ReplyJob, ReplyJobs
+
+    from ..agents import AgentCatalog
+    from ..conversations import ConversationService
+    from ..fanout.envelope import Control
+    from ..ops.metrics import Metrics
+    from .buffer import ReplyBuffer, ReplyOwner
+    from .cache import ResponseCache
+    from .provider import Finish, Provider, PushProvider
+    from .routing import Router
+    from .streaming import DeliverEvents, DeltaPump, Publish, ReplyRun
+
+log = logging.getLogger("chatserver.generation")
+
+SendControl = Callable[[str, "Control"], Awaitable[None]]
+Announce = Callable[[str, "Control"], Awaitable[None]]
+OnUsage = Callable[[str, int], Awaitable[None]]  # (user billed, tokens)
+RETRY_FOR_S = 30.0  # how long a finishing reply waits out a Redis or store outage
+# How long a join waits for the owner of an unwatched reply to record its text; past it
+# (the owner died) the join takes what Redis holds, the last checkpoint.
+WATCH_ACK_TIMEOUT_S = 2.0
+T = TypeVar("T")
+
+
+class Lane:
+    """One conversation's replies on this instance: one runs, the others wait their turn."""
+
+    __slots__ = ("lock", "waiting")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+
+
+class ManagerState:
+    conversations: ConversationService
+    _conversations: ConversationService
+    _publish: Publish
+    _buffer: ReplyBuffer
+    provider: Provider
+    agents: AgentCatalog
+    _agents: AgentCatalog
+    metrics: Metrics
+    _metrics: Metrics
+    server_id: str
+    _server_id: str
+    _send_control: SendControl | None
+    _router: Router
+    _cache: ResponseCache | None
+    _on_usage: OnUsage | None
+    _max_queued: int
+    _context: int
+    _slot_wait_s: float
+    jobs: ReplyJobs | None
+    _max_held: int
+    _attempts: int
+    _backoff: Backoff
+    held: dict[str, ReplyJob]
+    retry_jobs: list[ReplyJob]
+    _runs: dict[str, ReplyRun]
+    _live: dict[str, ReplyRun]
+    _live_in: dict[str, ReplyRun]
+    _acks: dict[str, list[asyncio.Future[None]]]
+    _deliver_events: DeliverEvents | None
+    _announce: Announce | None
+    _lanes: dict[str, Lane]
+    _pending: int
+    _tasks: set[asyncio.Task[None]]
+    _closing: bool
+    _push: PushProvider | None
+    _pump: DeltaPump
+
+    # Steps one part takes in another (defined there; these only name them for the checker).
+    async def _retrying(self, what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+        raise NotImplementedError
+
+    async def store_and_end(self, owner: ReplyOwner, text: str, finish: Finish) -> None:
+        raise NotImplementedError
