@@ -21,12 +21,11 @@ from protocol import Limits
 
 from ..limits.base import TierLimits
 from .declare import KIND_WORDS, PARSERS, SettingsError, env_name, strip_password
+from .replies import GeminiSettings, ReplySettings
 from .sections import (
     AuthSettings,
-    GeminiSettings,
     PersistSettings,
     RedisSettings,
-    ReplySettings,
     ServerSettings,
     StoreSettings,
     TierSettings,

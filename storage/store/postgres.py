@@ -28,7 +28,7 @@ from protocol import Message, parse_timestamp
 from ..records import Conversation, ConversationPage, MessagePage, User
 from .base import PoolStats, StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
-from .pg_errors import is_unavailable
+from .pg_connect import create_pool, is_unavailable, pool_options
 from .pg_migrate import check_schema, migrate
 from .pg_partitions import PartitionReport, drop_old_partitions, ensure_partitions
 from .pg_rows import CONVERSATION_COLUMNS, MESSAGE_COLUMNS, row_conversation, row_message
@@ -88,26 +88,10 @@ class PostgresStore:
     # -- lifecycle -----------------------------------------------------------------------
 
     def _pool_options(self, min_size: int) -> dict[str, Any]:
-        server_settings = {"application_name": "chatserver"}
-        if not self.pgbouncer:
-            # PgBouncer refuses unknown startup parameters; there, writes SET LOCAL it instead.
-            server_settings["jit"] = "off"  # JIT compiles cost more than these queries
-        return {
-            "min_size": min_size,
-            "max_size": self.pool_max,
-            "command_timeout": self.command_timeout_s,
-            "timeout": self.command_timeout_s,  # connecting
-            "statement_cache_size": 0 if self.pgbouncer else 100,
-            "server_settings": server_settings,
-        }
+        return pool_options(min_size, self.pool_max, self.command_timeout_s, self.pgbouncer)
 
     async def _create_pool(self, dsn: str, min_size: int) -> Any:
-        try:
-            return await asyncpg.create_pool(dsn, **self._pool_options(min_size))
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise StoreUnavailable(f"cannot connect to Postgres: {exc!r}") from exc
-            raise
+        return await create_pool(dsn, self._pool_options(min_size))
 
     async def start(self) -> None:
         self._primary = await self._create_pool(self.dsn, self.pool_min)

@@ -1,0 +1,120 @@
+"""The settings of replies: the local model, queues and attempts, routing, the response
+cache, and Gemini."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from .declare import (
+    bad,
+    not_negative,
+    positive,
+    setting,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplySettings:
+    lease_s: float = setting(
+        "reply_lease_s", 5.0, "float", "lease of a running reply; renewed while it streams"
+    )
+    max_queued: int = setting(
+        "max_queued_replies", 4, "int", "replies waiting behind a running one, per conversation"
+    )
+    max_held: int = setting(
+        "max_replies_per_instance",
+        256,
+        "int",
+        "questions one instance answers at once (running and queued); past it sends are refused",
+    )
+    attempts: int = setting(
+        "reply_attempts", 3, "int", "model attempts per reply for retryable errors (before text)"
+    )
+    crash_after_append: bool = setting(
+        "test_crash_after_append",
+        False,
+        "bool",
+        "tests only: exit at once after the first append, before its fan-out",
+        flag=False,
+    )
+    local_ttft_ms: int = setting("local_ttft_ms", 150, "int", "local model: time to first token")
+    local_token_ms: int = setting("local_token_ms", 15, "int", "local model: time per word")
+    light_max_chars: int = setting(
+        "light_max_chars",
+        200,
+        "int",
+        "routing: a first turn this short goes to the agent's light_model (0: off)",
+    )
+    cache_ttl_s: int = setting(
+        "response_cache_ttl_s",
+        3600,
+        "int",
+        "cacheable agents: first-turn answers kept this long (0: off)",
+    )
+    cache_entries: int = setting(
+        "response_cache_entries", 10_000, "int", "memory response cache: most answers kept (LRU)"
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "lease_s", "max_queued", "cache_entries", "max_held", "attempts")
+        not_negative(self, "local_ttft_ms", "local_token_ms", "light_max_chars", "cache_ttl_s")
+
+
+# With a key, replies come from Gemini (else from the local model).
+@dataclass(frozen=True, slots=True)
+class GeminiSettings:
+    api_key: str | None = setting(
+        "gemini_api_key",
+        None,
+        "optional_str",
+        "Gemini API key (else GEMINI_API_KEY / GOOGLE_API_KEY); unset: the local model",
+        flag=False,
+        secret=True,
+    )
+    base_url: str | None = setting(
+        "gemini_base_url",
+        None,
+        "optional_str",
+        "Gemini API base URL (a proxy, a test fake); unset: Google's",
+    )
+    transport: str = setting(
+        "gemini_transport",
+        "sse",
+        "str",
+        "'sse': lean aiohttp SSE streaming; 'sdk': the google-genai SDK",
+    )
+    timeout_s: float = setting(
+        "gemini_timeout_s",
+        30.0,
+        "float",
+        "Gemini: longest wait for the first chunk or the next one",
+    )
+    retries: int = setting(
+        "gemini_retries", 3, "int", "Gemini: retries of a 429/5xx answer before the first chunk"
+    )
+    retry_initial_s: float = setting(
+        "gemini_retry_initial_s", 0.5, "float", "Gemini: first retry delay (doubles, plus jitter)"
+    )
+    retry_max_s: float = setting("gemini_retry_max_s", 8.0, "float", "Gemini: longest retry delay")
+    probe_model: str = setting(
+        "gemini_probe_model",
+        "gemini-2.5-flash-lite",
+        "str",
+        "model the AI health check looks up",
+    )
+    check_ttl_s: float = setting(
+        "ai_check_ttl_s",
+        30.0,
+        "float",
+        "the AI health check calls the model API at most this often",
+    )
+
+    def __post_init__(self) -> None:
+        if self.transport not in {"sse", "sdk"}:
+            raise bad(self, "transport", "sse|sdk")
+        if self.base_url is not None and urlparse(self.base_url).scheme not in {"http", "https"}:
+            raise bad(self, "base_url", "not an http(s) URL")
+        positive(self, "timeout_s", "retry_initial_s", "retry_max_s", "check_ttl_s")
+        if not 0 <= self.retries <= 10:
+            raise bad(self, "retries", "must be 0..10")
