@@ -40,6 +40,7 @@ from .manager_finishing import _Finishing
 from .manager_job_steps import _JobSteps
 from .manager_remote import _Remote
 from .manager_state import (
+    SLOT_POLL,
     Announce,
     Lane,
     OnUsage,
@@ -361,12 +362,11 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
         owner = run.owner(self._server_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._slot_wait_s
-        delay = 0.02
+        delays = SLOT_POLL.delays()
         while (slot := await self._buffer.begin(owner)) is None:
             if loop.time() > deadline:
                 raise ServiceError(ErrorCode.UNAVAILABLE, "another reply is still streaming")
-            await asyncio.sleep(delay)  # rare: replies raced on two instances
-            delay = min(delay * 2, 0.5)
+            await asyncio.sleep(next(delays))  # rare: replies raced on two instances
         run.watched = slot.watched
 
     async def keep_leases(self, lease_s: float, sweep_s: float) -> None:

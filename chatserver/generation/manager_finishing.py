@@ -19,6 +19,7 @@ from storage.records import MessageDraft
 from ..errors import DEPENDENCY_ERRORS, ServiceError
 from .buffer import ReplyOwner
 from .manager_state import (
+    OUTAGE_RETRY,
     RETRY_FOR_S,
     ManagerState,
     T,
@@ -154,9 +155,9 @@ class _Finishing(ManagerState):
 
     async def _retrying(self, what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Ride out a dependency outage (Redis or the store restarting) for a while."""
-        delay = 0.05
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETRY_FOR_S
+        delays = OUTAGE_RETRY.delays()
         while True:
             try:
                 return await call(*args)
@@ -164,5 +165,4 @@ class _Finishing(ManagerState):
                 if loop.time() > deadline:
                     raise
                 log.warning("could not %s, retrying: %s", what, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(next(delays))

@@ -13,6 +13,7 @@ from storage.jobs.base import ReplyJob, Turn
 
 from .leases import end_orphan
 from .manager_state import (
+    SLOT_POLL,
     ManagerState,
     log,
 )
@@ -37,10 +38,9 @@ class _JobSteps(ManagerState):
         assert self.jobs is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._slot_wait_s
-        attempt = 0
+        delays = SLOT_POLL.delays()
         while not turn.go and loop.time() < deadline:
-            attempt += 1
-            await asyncio.sleep(min(0.5, 0.02 * 2**attempt))
+            await asyncio.sleep(next(delays))
             turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
 
     async def _cut_off(self, run: ReplyRun) -> bool:

@@ -10,8 +10,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from protocol.backoff import Backoff
+
 if TYPE_CHECKING:
-    from protocol.backoff import Backoff
     from storage.jobs.base import ReplyJob, ReplyJobs
 
     from ..agents import AgentCatalog
@@ -34,6 +35,10 @@ RETRY_FOR_S = 30.0  # how long a finishing reply waits out a Redis or store outa
 # (the owner died) the join takes what Redis holds, the last checkpoint.
 WATCH_ACK_TIMEOUT_S = 2.0
 T = TypeVar("T")
+# Asking again for a reply slot or a job's turn that another reply holds (it ends soon).
+SLOT_POLL = Backoff(0.02, 0.5)
+# Riding out Redis or the store restarting while a reply finishes.
+OUTAGE_RETRY = Backoff(0.05, 2.0)
 
 
 class Lane:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
+from protocol.backoff import Backoff
 from storage.redis_keys import ConversationKeys
 from storage.redis_keys import control_channel as control_channel_name
 
@@ -44,7 +44,7 @@ from .subscriber import Subscriber
 
 log = logging.getLogger("chatserver.broker.redis")
 
-_BACKOFF_MAX_S = 5.0
+RECONNECT = Backoff(0.05, 5.0)  # publishing again after Redis failed
 _GAP_DEBOUNCE_S = 1.0
 _FLUSH_ON_CLOSE_S = 5.0  # one reconnect resubscribes many channels: one resync
 # A dead instance's entry in a watchers set only costs needless publishes; it goes with the
@@ -261,7 +261,7 @@ class RedisBroker:
             await self._room.wait()
 
     async def _publish_loop(self) -> None:
-        backoff = 0.05
+        retry = 0
         me = asyncio.current_task()
         assert me is not None
         while True:
@@ -284,11 +284,12 @@ class RedisBroker:
                                 pipe.publish(channel, payload)
                         await pipe.execute()
                 except (RedisError, OSError) as exc:
-                    log.warning("publish failed, retrying in %.2fs: %s", backoff, exc)
-                    await asyncio.sleep(backoff + random.uniform(0, backoff))
-                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                    retry += 1
+                    delay = RECONNECT.delay(retry)
+                    log.warning("publish failed, retrying in %.2fs: %s", delay, exc)
+                    await asyncio.sleep(delay)
                     continue
-                backoff = 0.05
+                retry = 0
                 for _ in batch:
                     self._outgoing.popleft()
                 if len(self._outgoing) < self._max_queued:

@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from protocol.backoff import Backoff
+
 from .base import BrokerUnavailable
 
 log = logging.getLogger("chatserver.broker.redis")
 
 SUBSCRIBE_TIMEOUT_S = 5.0
-_BACKOFF_MAX_S = 5.0
+RECONNECT = Backoff(0.05, 5.0)  # reconnecting the pub/sub connection
 
 
 class Subscriber:
@@ -109,13 +110,13 @@ class Subscriber:
         self._on_gap()
 
     async def _read_loop(self) -> None:
-        backoff = 0.05
+        retry = 0
         while True:
             await self._has_channels.wait()
             try:
                 if self._pubsub is None or not self.connected:
                     await self._reconnect()
-                    backoff = 0.05
+                    retry = 0
                 message = await self._pubsub.get_message(timeout=None)
                 if message is not None:
                     self._handle(message)
@@ -127,8 +128,8 @@ class Subscriber:
                 if self.connected:
                     log.warning("Redis pub/sub connection lost: %s", exc)
                 self.connected = False
-                await asyncio.sleep(backoff + random.uniform(0, backoff))
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                retry += 1
+                await asyncio.sleep(RECONNECT.delay(retry))
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
