@@ -129,7 +129,7 @@ class GeminiProvider:
                 yield finish
                 return
             finish = tally.ended()
-            if finish.reason == FinishReason.ERROR.value:
+            if finish.reason == FinishReason.ERROR:
                 self._count_error(finish)
             yield finish
         finally:

@@ -177,23 +177,23 @@ class Tally:
     def ended(self) -> Finish:
         usage = self.usage()
         if self.blocked is not None:
-            return Finish(FinishReason.SAFETY.value, usage, f"prompt blocked: {self.blocked}")
+            return Finish(FinishReason.SAFETY, usage, f"prompt blocked: {self.blocked}")
         reason = self.finish
         if reason is None:
             return Finish(
-                FinishReason.ERROR.value, usage, "the model stream ended without a finish reason"
+                FinishReason.ERROR, usage, "the model stream ended without a finish reason"
             )
         if reason == "STOP":
-            return Finish(FinishReason.STOP.value, usage)
+            return Finish(FinishReason.STOP, usage)
         if reason == "MAX_TOKENS":
-            return Finish(FinishReason.LENGTH.value, usage)
+            return Finish(FinishReason.LENGTH, usage)
         if reason in _SAFETY:
-            return Finish(FinishReason.SAFETY.value, usage, f"stopped by the model: {reason}")
-        return Finish(FinishReason.ERROR.value, usage, f"the model stopped: {reason}")
+            return Finish(FinishReason.SAFETY, usage, f"stopped by the model: {reason}")
+        return Finish(FinishReason.ERROR, usage, f"the model stopped: {reason}")
 
     def failed(self, exc: BaseException, config: GeminiConfig) -> Finish:
         return Finish(
-            FinishReason.ERROR.value,
+            FinishReason.ERROR,
             self.usage(),
             self.describe(exc, config),
             retryable=self.retryable(exc, config),

@@ -93,7 +93,7 @@ class GeminiSseProvider:
                 yield finish
                 return
             finish = tally.ended()
-            if finish.reason == FinishReason.ERROR.value:
+            if finish.reason == FinishReason.ERROR:
                 self._count_error(finish)
             yield finish
         finally:

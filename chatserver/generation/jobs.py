@@ -86,7 +86,7 @@ async def resume(manager: GenerationManager, job: ReplyJob) -> None:
             message.id,
         )
         why = f"agent {agent_id!r} is not configured"
-        await manager.store_and_end(owner, "", Finish(FinishReason.ERROR.value, Usage(0, 0), why))
+        await manager.store_and_end(owner, "", Finish(FinishReason.ERROR, Usage(0, 0), why))
         await jobs_done(manager, job)
         return
     manager.start(conversation, message, job)

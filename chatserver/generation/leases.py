@@ -72,7 +72,7 @@ async def end_orphan(
         extra={"conversation": conversation_id, "owner": claimed.owner.owner},
     )
     finish = Finish(
-        FinishReason.ERROR.value,
+        FinishReason.ERROR,
         Usage(0, 0),
         "the instance streaming this reply stopped; the partial text is kept",
     )

@@ -190,10 +190,10 @@ class LocalProvider:
             words_in += self._words(message.text) if count is None else count
         words = text.split(" ")
         limit = request.max_output_tokens
-        reason = FinishReason.STOP.value
+        reason = FinishReason.STOP
         if len(words) > limit:
             words = words[:limit]
-            reason = FinishReason.LENGTH.value
+            reason = FinishReason.LENGTH
         finish = Finish(reason, Usage(words_in, len(words)))
         stream = _LocalStream(self, words, finish, sink)
         stream.due = asyncio.get_running_loop().time() + self.ttft_s

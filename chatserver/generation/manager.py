@@ -209,7 +209,7 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             if pending:
                 for run in list(self._runs.values()):
-                    run.stop(FinishReason.ERROR.value)
+                    run.stop(FinishReason.ERROR)
                 await asyncio.wait(pending, timeout=5)
 
     async def _run(self, run: ReplyRun, lane: Lane, job: ReplyJob | None) -> None:
@@ -252,7 +252,7 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 return False  # kept: another instance, or the next start, answers it
             # Never leave an acked question without an end: say why it has no answer.
             restarted = "the server restarted before replying"
-            finish = Finish(FinishReason.ERROR.value, Usage(0, 0), restarted)
+            finish = Finish(FinishReason.ERROR, Usage(0, 0), restarted)
             await self.store_and_end(run.owner(self._server_id), "", finish)
             return True
         if job is not None and turn is not None:
@@ -309,31 +309,29 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 attempt += 1
                 run.rearm()
             if run.failure is not None:
-                finish = Finish(FinishReason.ERROR.value, Usage(0, 0), run.failure)
+                finish = Finish(FinishReason.ERROR, Usage(0, 0), run.failure)
         except Exception as exc:
             log.exception("reply stream failed", extra={"conversation": conversation_id})
-            finish = Finish(
-                FinishReason.ERROR.value, Usage(0, 0), f"reply failed: {type(exc).__name__}"
-            )
+            finish = Finish(FinishReason.ERROR, Usage(0, 0), f"reply failed: {type(exc).__name__}")
         finally:
             if run.handle is not None and not run.ended:
-                run.stop(run.cancel_reason or FinishReason.ERROR.value)
+                run.stop(run.cancel_reason or FinishReason.ERROR)
             self._runs.pop(run.generation_id, None)
             self._metrics.active_replies.dec()
         if finish is None:
             # Cut short: the provider never reported usage; count what was streamed.
             streamed = Usage(0, count_tokens("".join(run.parts)))
             finish = Finish(
-                run.cancel_reason or FinishReason.ERROR.value,
+                run.cancel_reason or FinishReason.ERROR,
                 streamed,
                 None
-                if run.cancel_reason == FinishReason.CANCELLED.value
+                if run.cancel_reason == FinishReason.CANCELLED
                 else "the model stream ended without a finish",
             )
         elif (
             run.failure is None
             and run.cancel_reason is not None
-            and run.cancel_reason != FinishReason.CANCELLED.value
+            and run.cancel_reason != FinishReason.CANCELLED
         ):
             finish = Finish(run.cancel_reason, finish.usage, "server shutting down")
         await self._finalize(run, finish, time.perf_counter() - started)

@@ -53,7 +53,7 @@ class _Finishing(ManagerState):
             or self._cache is None
             or run.cache_hit
             or run.cancel_reason is not None
-            or finish.reason != FinishReason.STOP.value
+            or finish.reason != FinishReason.STOP
         ):
             return
         try:
@@ -130,17 +130,17 @@ class _Finishing(ManagerState):
             message = result.message
             released = gate is not None and not result.duplicate
             if result.duplicate:  # ended before (by the owner, or a claim): say it as it was
-                reason = message.finish_reason or reason
-                error = None if reason != FinishReason.ERROR.value else error
+                reason = FinishReason(message.finish_reason) if message.finish_reason else reason
+                error = None if reason != FinishReason.ERROR else error
             else:
                 self._metrics.child(self._metrics.messages_appended, Role.ASSISTANT.value).inc()
         except ServiceError as exc:
-            reason, error = FinishReason.ERROR.value, f"reply not stored: {exc.message}"
+            reason, error = FinishReason.ERROR, f"reply not stored: {exc.message}"
         except Exception as exc:  # the clients must still see the reply end
             log.exception("storing a reply failed", extra={"conversation": conversation_id})
-            reason, error = FinishReason.ERROR.value, f"reply not stored: {type(exc).__name__}"
+            reason, error = FinishReason.ERROR, f"reply not stored: {type(exc).__name__}"
         self._metrics.child(self._metrics.replies, reason).inc()
-        if reason == FinishReason.ERROR.value:
+        if reason == FinishReason.ERROR:
             self._metrics.reply_jobs_failed.inc()
         tokens = self._metrics.tokens
         self._metrics.child(tokens, owner.model, "input").inc(finish.usage.input_tokens)

@@ -25,7 +25,7 @@ from .streaming import ReplyRun
 class _Remote(ManagerState):
     def cancel_local(self, generation_id: str) -> bool:
         run = self._runs.get(generation_id)
-        return run is not None and run.stop(FinishReason.CANCELLED.value)
+        return run is not None and run.stop(FinishReason.CANCELLED)
 
     async def locate(self, generation_id: str) -> ReplyOwner | None:
         """Who streams this reply: this instance or, through the buffer, another one."""

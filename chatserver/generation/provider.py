@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import aiohttp
 
-from protocol import Message, Usage
+from protocol import FinishReason, Message, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    reason: str  # a protocol FinishReason value
+    reason: FinishReason
     usage: Usage
     error: str | None = None
     retryable: bool = False  # an error worth another attempt (see ``is_retryable``)

@@ -37,7 +37,7 @@ def replay(text: str, run: ReplyRun) -> None:
         piece = " ".join(words[start : start + _REPLAY_WORDS])
         last = start + _REPLAY_WORDS >= len(words)
         run.chunk(piece if last else piece + " ")
-    run.finish(Finish(FinishReason.STOP.value, Usage(0, 0)))
+    run.finish(Finish(FinishReason.STOP, Usage(0, 0)))
 
 
 class _TaskStream:
@@ -79,7 +79,7 @@ async def _produce(provider: Provider, request: ReplyRequest, run: ReplyRun) -> 
     except Exception as exc:
         log.warning("provider failed: %s", exc)
         finish = Finish(
-            FinishReason.ERROR.value,
+            FinishReason.ERROR,
             Usage(0, 0),
             f"model error: {exc}",
             retryable=not run.parts and run.pending is None and is_retryable(exc),

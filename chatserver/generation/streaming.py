@@ -106,7 +106,7 @@ class ReplyRun:
         self.ended = False  # the provider finished or was stopped: nothing more comes
         self.final: Finish | None = None  # the provider's finish; None when cut short
         self.waiter: asyncio.Future[None] | None = None  # a pull producer over its backlog
-        self.cancel_reason: str | None = None
+        self.cancel_reason: FinishReason | None = None
         self.failure: str | None = None  # recording or publishing a delta failed
         self.queued_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -162,7 +162,7 @@ class ReplyRun:
     def backlog(self) -> int:
         return self.pending_count if self.pending is not None else 0
 
-    def stop(self, reason: str) -> bool:
+    def stop(self, reason: FinishReason) -> bool:
         """Cut the reply short (cancel, shutdown, takeover); True if it was still streaming."""
         if self.cancel_reason is None:
             self.cancel_reason = reason
@@ -229,7 +229,7 @@ class DeltaPump:
                     log.exception("delta pump failed")
                     for run in runs:
                         run.failure = run.failure or "reply failed: internal error"
-                        run.stop(FinishReason.ERROR.value)
+                        run.stop(FinishReason.ERROR)
                         _resolve(run)
         finally:
             self._task = None  # the next mark starts a new one
@@ -317,7 +317,7 @@ class DeltaPump:
                     extra={"conversation": taken.conversation_id},
                 )
                 taken.lost = True
-                taken.stop(FinishReason.ERROR.value)
+                taken.stop(FinishReason.ERROR)
         if self._announce is not None:
             for run in synced:  # the joining instance may read the buffer now
                 try:
@@ -349,7 +349,7 @@ class DeltaPump:
 def _fail(run: ReplyRun, why: str) -> None:
     if run.failure is None:
         run.failure = why
-    run.stop(FinishReason.ERROR.value)
+    run.stop(FinishReason.ERROR)
 
 
 def _resolve(run: ReplyRun) -> None:
