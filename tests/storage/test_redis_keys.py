@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from redis.crc import key_slot
 
 from storage import redis_keys as rk
@@ -47,3 +50,20 @@ def test_global_and_user_keys() -> None:
     tokens = rk.user_key("p", "u1", "tokens", "2026-11-18")
     assert (conns, tokens) == ("p:{u:u1}:conns", "p:{u:u1}:tokens:2026-11-18")
     assert key_slot(conns.encode()) == key_slot(tokens.encode())
+
+
+def test_no_module_builds_a_key_of_its_own() -> None:
+    """Every Redis key name comes from storage/redis_keys.py: a key built elsewhere is one the
+    key table in docs/architecture.md and the slot rules do not know about."""
+    root = Path(__file__).resolve().parents[2]
+    built_here = re.compile(r"""f["'][^"']*\{[^}]*prefix[^}]*\}:""")
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for package in ("storage", "chatserver")
+        for path in sorted((root / package).rglob("*.py"))
+        if path.name != "redis_keys.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if built_here.search(line)
+    ]
+    assert offenders == []
+    assert built_here.search('f"{self._prefix}:outbox"')  # the pattern does catch one
