@@ -12,6 +12,7 @@ final message like any other. Replies of one conversation run one after another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -125,6 +126,7 @@ class GenerationManager:
         self._announce = announce
         self._lanes: dict[str, _Lane] = {}
         self._pending = 0
+        self._turns: dict[str, asyncio.Event] = {}  # set when a job of the conversation ends
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         # Checked once: the provider is fixed for the life of the manager.
@@ -306,26 +308,17 @@ class GenerationManager:
 
     async def _run(self, run: ReplyRun, lane: _Lane, job: ReplyJob | None) -> None:
         ended = False  # the question has its end (stored, or ended before): the job is done
-        # In line on the lane now, in start order (a lane serves first come, first served),
-        # while the job's first turn (its announced mark) goes to Redis at once: awaiting the
-        # turn first would let replies reach the lane in the order Redis answered.
-        acquiring = asyncio.ensure_future(lane.lock.acquire())
-        entered = False
         try:
             turn = await self._first_turn(job)
-            await acquiring
-            entered = True
-            try:
+            if job is not None and turn is not None:
+                # Before the lane, not in it: an older question claimed here later would
+                # queue in the lane behind this one while this one waits for it.
+                await self._wait_turn(job, turn)
+            async with lane.lock:
                 ended = await self._answer(run, job, turn)
-            finally:
-                lane.lock.release()
         except Exception:
             log.exception("reply failed", extra={"conversation": run.conversation_id})
         finally:
-            if not acquiring.done():
-                acquiring.cancel()  # a cancelled acquire never leaves the lock taken
-            elif not entered and not acquiring.cancelled() and acquiring.exception() is None:
-                lane.lock.release()
             lane.waiting -= 1
             self._pending -= 1
             if lane.waiting == 0 and self._lanes.get(run.conversation_id) is lane:
@@ -348,7 +341,6 @@ class GenerationManager:
             await self.store_and_end(run.owner(self._server_id), "", finish)
             return True
         if job is not None and turn is not None:
-            await self._wait_turn(job, turn)
             if job.claimed and await self._cut_off(run):
                 return True  # its owner died mid-reply: the partial text is its answer
             if await self._answered(run):
@@ -374,9 +366,13 @@ class GenerationManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._slot_wait_s
         attempt = 0
-        while not turn.go and loop.time() < deadline:
+        cid = job.message.conversation_id
+        while not turn.go and loop.time() < deadline and not self._closing:
             attempt += 1
-            await asyncio.sleep(min(0.5, 0.02 * 2**attempt))
+            # Polled (the older job may be anywhere), woken at once when one ends here.
+            turned = self._turns.setdefault(cid, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(turned.wait(), min(0.5, 0.02 * 2**attempt))
             turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
 
     async def _cut_off(self, run: ReplyRun) -> bool:
@@ -406,6 +402,9 @@ class GenerationManager:
             await self._retrying("finish a reply job", self.jobs.done, job)
         except Exception as exc:  # claimed later, it finds its answer stored
             log.warning("reply job not marked done: %s", exc)
+        turned = self._turns.pop(job.message.conversation_id, None)
+        if turned is not None:
+            turned.set()  # the next question of the conversation may go
 
     async def _stream(self, run: ReplyRun) -> None:
         conversation_id = run.conversation_id
