@@ -340,8 +340,8 @@ class GenerationManager:
             finish = Finish(FinishReason.ERROR.value, Usage(0, 0), restarted)
             await self.store_and_end(run.owner(self._server_id), "", finish)
             return True
-        if job is not None and turn is not None:
-            if job.claimed and await self._cut_off(run):
+        if job is not None and job.claimed:  # a fresh job has not run anywhere before
+            if await self._cut_off(run):
                 return True  # its owner died mid-reply: the partial text is its answer
             if await self._answered(run):
                 return True  # an earlier run of this job (or the orphan sweep) ended it
