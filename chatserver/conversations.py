@@ -12,7 +12,7 @@ from protocol import DEFAULT_LIMITS, ErrorCode, Limits, Message, Role, Since, fo
 from storage.jobs.base import ReplyJobs
 from storage.outbox.base import Outbox, OutboxFull
 from storage.records import AppendResult, Conversation, MessageDraft, MessagePage, WindowView
-from storage.store.base import Store
+from storage.store.base import Store, StoreUnavailable
 from storage.window.base import AppendGate, HotWindow, WindowMissing
 
 from .agents import AgentCatalog
@@ -174,7 +174,10 @@ class ConversationService:
         records, else (Redis lost them) in the store."""
         if await self.window.knows(conversation_id, None, generation_id):
             return True
-        found = await self.store.find_by_client_msg_id(conversation_id, None, generation_id)
+        try:
+            found = await self.store.find_by_client_msg_id(conversation_id, None, generation_id)
+        except StoreUnavailable:  # the window is the usual witness: do not wait for the store
+            return False
         return found is not None
 
     async def _rebuild(self, conversation_id: str) -> None:

@@ -12,6 +12,7 @@ and never made twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from typing import TYPE_CHECKING
@@ -60,7 +61,9 @@ async def keep_jobs(manager: GenerationManager, jobs: ReplyJobs, lease_s: float)
 async def claim_jobs(manager: GenerationManager, jobs: ReplyJobs) -> int:
     """Start the jobs that failed here before an end, then claim dead holders' jobs, within
     this instance's room; how many were started."""
-    retry, manager.retry_jobs = manager.retry_jobs, []
+    # Run before and failed: like a claimed job, it looks for an answer stored meanwhile.
+    retry = [dataclasses.replace(job, claimed=True) for job in manager.retry_jobs]
+    manager.retry_jobs = []
     claimed = await jobs.claim(max(0, manager.room() - len(retry)))
     if claimed:
         manager.metrics.reply_jobs_claimed.inc(len(claimed))

@@ -110,6 +110,7 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
         self._announce = announce
         self._lanes: dict[str, Lane] = {}
         self._pending = 0
+        self._turns: dict[str, asyncio.Event] = {}  # set when a job of the conversation ends
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         # Checked once: the provider is fixed for the life of the manager.
@@ -214,26 +215,17 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
 
     async def _run(self, run: ReplyRun, lane: Lane, job: ReplyJob | None) -> None:
         ended = False  # the question has its end (stored, or ended before): the job is done
-        # In line on the lane now, in start order (a lane serves first come, first served),
-        # while the job's first turn (its announced mark) goes to Redis at once: awaiting the
-        # turn first would let replies reach the lane in the order Redis answered.
-        acquiring = asyncio.ensure_future(lane.lock.acquire())
-        entered = False
         try:
             turn = await self._first_turn(job)
-            await acquiring
-            entered = True
-            try:
+            if job is not None and turn is not None:
+                # Before the lane, not in it: an older question claimed here later would
+                # queue in the lane behind this one while this one waits for it.
+                await self._wait_turn(job, turn)
+            async with lane.lock:
                 ended = await self._answer(run, job, turn)
-            finally:
-                lane.lock.release()
         except Exception:
             log.exception("reply failed", extra={"conversation": run.conversation_id})
         finally:
-            if not acquiring.done():
-                acquiring.cancel()  # a cancelled acquire never leaves the lock taken
-            elif not entered and not acquiring.cancelled() and acquiring.exception() is None:
-                lane.lock.release()
             lane.waiting -= 1
             self._pending -= 1
             if lane.waiting == 0 and self._lanes.get(run.conversation_id) is lane:
@@ -255,9 +247,8 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
             finish = Finish(FinishReason.ERROR, Usage(0, 0), restarted)
             await self.store_and_end(run.owner(self._server_id), "", finish)
             return True
-        if job is not None and turn is not None:
-            await self._wait_turn(job, turn)
-            if job.claimed and await self._cut_off(run):
+        if job is not None and job.claimed:  # a fresh job has not run anywhere before
+            if await self._cut_off(run):
                 return True  # its owner died mid-reply: the partial text is its answer
             if await self._answered(run):
                 return True  # an earlier run of this job (or the orphan sweep) ended it

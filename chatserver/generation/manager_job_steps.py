@@ -5,6 +5,7 @@ conversation's order, a reply cut off by its owner's death, an answer already st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from protocol import (
     MessageEvent,
@@ -39,8 +40,13 @@ class _JobSteps(ManagerState):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._slot_wait_s
         delays = SLOT_POLL.delays()
-        while not turn.go and loop.time() < deadline:
-            await asyncio.sleep(next(delays))
+        cid = job.message.conversation_id
+        while not turn.go and loop.time() < deadline and not self._closing:
+            # Polled (the older job may be anywhere), woken at once when one ends here.
+            turned = self._turns.setdefault(cid, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(next(delays)):  # not wait_for: see ops/observe.py
+                    await turned.wait()
             turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
 
     async def _cut_off(self, run: ReplyRun) -> bool:
@@ -70,3 +76,6 @@ class _JobSteps(ManagerState):
             await self._retrying("finish a reply job", self.jobs.done, job)
         except Exception as exc:  # claimed later, it finds its answer stored
             log.warning("reply job not marked done: %s", exc)
+        turned = self._turns.pop(job.message.conversation_id, None)
+        if turned is not None:
+            turned.set()  # the next question of the conversation may go

@@ -114,11 +114,18 @@ class RedisReplyJobs:
         return job_id
 
     async def turn(self, job: ReplyJob) -> Turn:
-        keys = [self.listed(job.message.conversation_id)]
-        if not self.cluster:
-            keys.append(self.key)
-        go, announced = await self._turn(keys=keys, args=[job.job_id, job.message.offset])
-        return Turn(go=bool(int(go)), announced=bool(int(announced)))
+        listed = self.listed(job.message.conversation_id)
+        keys = [listed] if self.cluster else [listed, self.key]
+        args: list[Any] = [job.job_id, job.message.offset]
+        reply = await self._turn(keys=keys, args=args)
+        announced = bool(int(reply[1]))
+        while len(reply) > 2:  # a cluster: is the older job still in the stream?
+            head = _s(reply[2])
+            if await self.redis.xrange(self.key, head, head):
+                break
+            await self.redis.zrem(listed, head)  # gone (done halfway, or lost): stale
+            reply = await self._turn(keys=keys, args=args)
+        return Turn(go=bool(int(reply[0])), announced=announced)
 
     async def done(self, job: ReplyJob) -> None:
         listed = self.listed(job.message.conversation_id)
