@@ -27,6 +27,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from protocol import GenerationSnapshot
@@ -135,6 +136,10 @@ class RedisReplyBuffer:
                 pipe.evalsha(scr.sha, len(keys), *keys, *args)
             done: list[Any] = await pipe.execute(raise_on_error=False)
             done = done[len(extra) :] if first else done
+            if len(done) != len(todo):
+                # Seen with Redis going away mid-pipeline: fewer answers than calls. Nothing
+                # can be said of the calls without one: a connection failure, like any other.
+                raise RedisConnectionError(f"a pipeline of {len(todo)} calls got {len(done)}")
             missing = []
             for index, result in zip(todo, done, strict=True):
                 if isinstance(result, NoScriptError) and first:

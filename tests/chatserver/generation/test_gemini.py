@@ -176,10 +176,11 @@ async def test_no_hidden_retry_on_connection_errors(make: MakeProvider) -> None:
     # Nothing listens there: with 0 retries the failure is immediate (the SDK's hidden
     # default would sleep 1-10 s and try again).
     provider = make(base_url=f"http://127.0.0.1:{free_port()}", retry=RetryPolicy(attempts=1))
+    await _run(provider, _request("warm-up"))  # the SDK builds its client: seconds when busy
     started = time.monotonic()
     _, finish = await _run(provider, _request("hi"))
     assert finish.reason == "error" and "cannot reach the model" in (finish.error or "")
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 0.9  # a hidden retry sleeps 1 s at least
 
 
 async def test_an_error_event_mid_stream_keeps_the_partial_text(
@@ -232,13 +233,15 @@ async def test_finish_reasons_map_to_the_contract(
 
 
 async def test_a_slow_first_byte_times_out(make: MakeProvider, fake: FakeGemini) -> None:
-    fake.script(Stream(["late"], first_byte_delay_s=5))
+    fake.script(Stream(["warm"]), Stream(["late"], first_byte_delay_s=5))
+    provider = make(timeout_s=0.3)
+    await _run(provider, _request("warm-up"))  # the SDK builds its client: seconds when busy
     started = time.monotonic()
-    _, finish = await _run(make(timeout_s=0.3), _request("hi"))
+    _, finish = await _run(provider, _request("hi"))
     elapsed = time.monotonic() - started
     assert finish.reason == "error" and "no data from the model for 0.3 s" in (finish.error or "")
     assert 0.25 < elapsed < 1.5
-    gone = await fake.wait_disconnect(0)
+    gone = await fake.wait_disconnect(1)  # the timed request, after the warm-up
     assert gone - started < 1.5  # and the upstream request was abandoned
 
 
