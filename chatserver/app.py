@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 
 from storage.batch_writer import BatchWriter
-from storage.jobs.memory import MemoryReplyJobs
 
 from . import keys
 from .agents import AgentCatalog
@@ -110,7 +109,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         limits=settings.limits,
         jobs=jobs,
     )
-    if isinstance(jobs, MemoryReplyJobs):  # the previous run's questions still unanswered
+    if not jobs.shared:  # the previous run's questions still unanswered, its jobs gone
         recovered = jobs.recover(await store.unanswered(_RECOVER_S))
         if recovered:
             log.warning("answering %d questions left unanswered by the last run", recovered)

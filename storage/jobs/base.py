@@ -16,7 +16,7 @@ question's id, and the answer is stored with it as its idempotency key, so a job
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,6 +74,11 @@ class ReplyJobs(Protocol):
         ...
 
     async def stats(self) -> JobStats: ...
+
+    def recover(self, questions: Iterable[Message]) -> int:
+        """Jobs for the previous run's unanswered questions (``Store.unanswered``), when the
+        jobs themselves did not outlive it (``shared`` is False); how many."""
+        ...
 
 
 def oldest_first(jobs: Sequence[ReplyJob]) -> list[ReplyJob]:

@@ -21,7 +21,7 @@ leaves a job that runs again and finds its answer stored, never a conversation h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -167,3 +167,7 @@ class RedisReplyJobs:
     async def stats(self) -> JobStats:
         outstanding, age_ms = await self._stats(keys=[self.key])
         return JobStats(int(outstanding), int(age_ms) / 1000)
+
+    def recover(self, questions: Iterable[Message]) -> int:
+        # The jobs live in Redis and outlive any instance: nothing to rebuild from the store.
+        return 0
