@@ -89,7 +89,9 @@ class _Remote(ManagerState):
         try:
             if self._send_control is not None:
                 await self._send_control(running.owner, WatchReply(conversation_id, gen))
-            await asyncio.wait_for(waiter, WATCH_ACK_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel
+            async with asyncio.timeout(WATCH_ACK_TIMEOUT_S):
+                await waiter
         except TimeoutError:
             log.warning("no watch_ack from %s: joining on its checkpoint", running.owner)
         finally:

@@ -54,7 +54,8 @@ class Sampler:
             return
         self.metrics.reply_jobs_held.set(len(generation.held) if generation else 0)
         try:
-            stats = await asyncio.wait_for(jobs.stats(), _BACKLOG_TIMEOUT_S)
+            async with asyncio.timeout(_BACKLOG_TIMEOUT_S):  # not wait_for: see _sample_backlog
+                stats = await jobs.stats()
         except Exception as exc:  # Redis away: the gauges keep their last value
             log.debug("reply job stats unavailable: %r", exc)
             return

@@ -403,3 +403,38 @@ async def test_the_sampler_stops_when_cancelled_as_the_backlog_read_ends() -> No
         task.cancel()
         await asyncio.wait({task}, timeout=1)
     assert not outlived and task.cancelled(), "the sampler outlived its cancel"
+
+
+async def test_the_sampler_stops_when_cancelled_as_the_job_stats_read_ends() -> None:
+    """The same race on the reply jobs' gauges (their read had brought wait_for back)."""
+    release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    reading = asyncio.Event()
+
+    class Jobs:
+        async def stats(self) -> Any:
+            reading.set()
+            await release
+            raise RuntimeError("never sampled: the cancel comes first")
+
+    class Generation:
+        jobs = Jobs()
+        held: dict[str, Any] = {}
+
+    class JobsOnly(Sampler):
+        async def sample(self) -> None:
+            await self._sample_jobs()
+
+    app = web.Application()
+    app[keys.METRICS] = Metrics()
+    app[keys.GENERATION] = Generation()  # type: ignore[assignment]
+    task = asyncio.create_task(sample_forever(JobsOnly(app), interval_s=0.01))
+    await asyncio.wait_for(reading.wait(), 5)
+    release.set_result(None)
+    await asyncio.sleep(0)  # the read ends in this turn of the loop, the cancel right after it
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    outlived = task not in done
+    while not task.done():  # a failure still leaves no sampler running
+        task.cancel()
+        await asyncio.wait({task}, timeout=1)
+    assert not outlived and task.cancelled(), "the sampler outlived its cancel"
