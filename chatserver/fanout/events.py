@@ -82,6 +82,7 @@ class DeltaTemplate:
         event.generation_id = self.generation_id
         event.exclude_user = None
         event.removed_user = None
+        event.ends = None
         event._text = ws_frame(self.json(seq, text), False)
         event._binary = None
         return event
@@ -99,6 +100,7 @@ class Event:
         "_binary",
         "_text",
         "conversation_id",
+        "ends",
         "exclude_user",
         "frame",
         "generation_id",
@@ -133,6 +135,9 @@ class Event:
         self.removed_user: str | None = None
         if kind == MEMBER_REMOVED:
             self.removed_user = str(frame["user_id"])
+        # A reply's end may be announced twice (its owner died after announcing it, and the
+        # instance that claims it announces it again): the hub passes on the first only.
+        self.ends: str | None = str(frame["generation_id"]) if kind == "gen_end" else None
         self._text: bytes | None = None
         self._binary: bytes | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from protocol import Encoding, Left
@@ -11,6 +12,10 @@ from protocol import Encoding, Left
 from .broker.base import Broker
 from .events import Event
 from .session import Session, Subscription
+
+# Ends remembered to drop a second announcement: far more than replies end within the
+# seconds that separate the two announcements of one.
+_ENDED_KEPT = 10_000
 
 
 class _Room:
@@ -36,6 +41,7 @@ class LocalHub:
         self._on_member_removed = on_member_removed
         self._leaving: set[asyncio.Task[None]] = set()  # unsubscribes under way, kept alive
         self.sessions: set[Session] = set()
+        self._ended: OrderedDict[str, None] = OrderedDict()  # generations whose end went out
 
     def add_session(self, session: Session) -> None:
         self.sessions.add(session)
@@ -94,6 +100,12 @@ class LocalHub:
         if event.removed_user is not None:
             self._remove_member(event.conversation_id, event.removed_user)
             return
+        if event.ends is not None:
+            if event.ends in self._ended:
+                return  # announced before: a client sees one end per reply
+            self._ended[event.ends] = None
+            if len(self._ended) > _ENDED_KEPT:
+                self._ended.popitem(last=False)
         room = self._rooms.get(event.conversation_id)
         if room is None:
             return
