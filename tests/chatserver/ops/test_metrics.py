@@ -392,17 +392,7 @@ async def test_the_sampler_stops_when_cancelled_as_the_backlog_read_ends() -> No
     app = web.Application()
     app[keys.METRICS] = Metrics()
     app[keys.OUTBOX] = Outbox()
-    task = asyncio.create_task(sample_forever(BacklogOnly(app), interval_s=0.01))
-    await asyncio.wait_for(reading.wait(), 5)
-    release.set_result(None)
-    await asyncio.sleep(0)  # the read ends in this turn of the loop, the cancel right after it
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=5)
-    outlived = task not in done
-    while not task.done():  # a failure still leaves no sampler running
-        task.cancel()
-        await asyncio.wait({task}, timeout=1)
-    assert not outlived and task.cancelled(), "the sampler outlived its cancel"
+    await _cancel_as_the_read_ends(BacklogOnly(app), reading, release)
 
 
 async def test_the_sampler_stops_when_cancelled_as_the_job_stats_read_ends() -> None:
@@ -427,7 +417,14 @@ async def test_the_sampler_stops_when_cancelled_as_the_job_stats_read_ends() -> 
     app = web.Application()
     app[keys.METRICS] = Metrics()
     app[keys.GENERATION] = Generation()  # type: ignore[assignment]
-    task = asyncio.create_task(sample_forever(JobsOnly(app), interval_s=0.01))
+    await _cancel_as_the_read_ends(JobsOnly(app), reading, release)
+
+
+async def _cancel_as_the_read_ends(
+    sampler: Sampler, reading: asyncio.Event, release: asyncio.Future[None]
+) -> None:
+    """Cancel the sampling loop in the very turn its read ends; it must stop, not go on."""
+    task = asyncio.create_task(sample_forever(sampler, interval_s=0.01))
     await asyncio.wait_for(reading.wait(), 5)
     release.set_result(None)
     await asyncio.sleep(0)  # the read ends in this turn of the loop, the cancel right after it
