@@ -39,40 +39,39 @@ class Outcome:
 
 async def wait_answered(dsn: str, acked: set[str], timeout: float) -> dict[str, int]:
     """Stored answers per acked question (``reply_to``), once each has one or at the timeout."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        db = await asyncpg.connect(dsn)
-        try:
-            rows = await db.fetch(
-                "SELECT reply_to, count(*) AS n FROM messages WHERE role = 'assistant' "
-                "AND reply_to = ANY($1::text[]) GROUP BY reply_to",
-                list(acked),
-            )
-        finally:
-            await db.close()
-        answers = {r["reply_to"]: r["n"] for r in rows}
-        if set(answers) >= acked or loop.time() > deadline:
-            return answers
-        await asyncio.sleep(0.2)
+    return await _wait_counted(
+        dsn,
+        "SELECT reply_to AS id, count(*) AS n FROM messages WHERE role = 'assistant' "
+        "AND reply_to = ANY($1::text[]) GROUP BY reply_to",
+        acked,
+        timeout,
+    )
 
 
 async def wait_stored(dsn: str, acked: set[str], timeout: float) -> dict[str, int]:
+    """Copies in Postgres per acked message id, once each has one or at the timeout."""
+    return await _wait_counted(
+        dsn,
+        "SELECT id::text AS id, count(*) AS n FROM messages WHERE id::text = ANY($1::text[])"
+        " GROUP BY id",
+        acked,
+        timeout,
+    )
+
+
+async def _wait_counted(dsn: str, sql: str, ids: set[str], timeout: float) -> dict[str, int]:
+    """``sql``'s (id, n) rows for ``ids``, polled until every id has a row or the timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         db = await asyncpg.connect(dsn)
         try:
-            rows = await db.fetch(
-                "SELECT id::text AS id, count(*) AS n FROM messages WHERE id::text = ANY($1::text[])"
-                " GROUP BY id",
-                list(acked),
-            )
+            rows = await db.fetch(sql, list(ids))
         finally:
             await db.close()
-        stored = {r["id"]: r["n"] for r in rows}
-        if set(stored) >= acked or loop.time() > deadline:
-            return stored
+        counted = {r["id"]: r["n"] for r in rows}
+        if set(counted) >= ids or loop.time() > deadline:
+            return counted
         await asyncio.sleep(0.2)
 
 
