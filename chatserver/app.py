@@ -140,6 +140,7 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
             app[keys.STORE],
             max_batch=settings.persist.batch_max,
             max_wait_ms=settings.persist.batch_wait_ms,
+            min_interval_ms=settings.persist.batch_interval_ms,
             on_batch=on_batch,
             on_error=on_error,
         )

@@ -32,6 +32,7 @@ from .limits.base import Limiter
 from .limits.memory import MemoryLimiter
 from .limits.redis import RedisLimiter
 from .ops.metrics import Metrics
+from .redis_ticks import TickPipelinedRedis
 from .settings import Settings
 
 RedisClient = Redis | RedisCluster
@@ -50,7 +51,9 @@ def make_redis(settings: Settings) -> RedisClient | None:
         return RedisCluster.from_url(
             settings.redis.url, retry=retry, max_connections=_MAX_CONNECTIONS
         )
-    return Redis.from_url(
+    # Standalone: every command of a loop tick in one pipeline (redis_ticks.py). A cluster
+    # client pipelines per node on its own terms; it keeps one command per call.
+    return TickPipelinedRedis.from_url(
         settings.redis.url,
         retry=retry,
         retry_on_error=errors,

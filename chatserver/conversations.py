@@ -135,16 +135,20 @@ class ConversationService:
             raise ServiceError(ErrorCode.FORBIDDEN, "not a member of this conversation")
         return conversation
 
-    async def append(self, draft: MessageDraft, gate: AppendGate | None = None) -> AppendResult:
+    async def append(
+        self, draft: MessageDraft, gate: AppendGate | None = None, answers: str | None = None
+    ) -> AppendResult:
         """Append to the window (and outbox); ``gate`` is checked in the same step.
 
         Raises ``AppendRefused`` when the gate refuses. A user's message is a question: its
-        reply job is part of the same step (``AppendResult.job_id``).
+        reply job is part of the same step (``AppendResult.job_id``). An answer to the reply
+        job ``answers`` finishes it in the same step where the window can
+        (``AppendResult.job_done``).
         """
-        jobs = self.jobs if draft.role == Role.USER.value else None
+        jobs = self.jobs if draft.role == Role.USER.value or answers is not None else None
         for _ in range(3):
             try:
-                return await self.window.append(draft, self.outbox, gate, jobs)
+                return await self.window.append(draft, self.outbox, gate, jobs, answers)
             except WindowMissing:
                 await self._rebuild(draft.conversation_id)
                 # Rebuilt (Redis lost its data, or the window expired): the new window

@@ -36,6 +36,7 @@ class BatchWriter:
         *,
         max_batch: int = 10_000,
         max_wait_ms: float = 50,
+        min_interval_ms: float = 0,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
         on_batch: Callable[[int, float], None] | None = None,
@@ -47,6 +48,9 @@ class BatchWriter:
         self.store = store
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
+        # Paced under load: each batch costs a transaction and an outbox read and ack, whatever
+        # its size, and a batch read at once after the last one holds what came meanwhile.
+        self.min_interval_s = min_interval_ms / 1000
         self.backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._on_batch = on_batch
         self._on_error = on_error
@@ -140,7 +144,19 @@ class BatchWriter:
                     log.info("batch writer drained the outbox")
                     return
                 continue
+            started = asyncio.get_running_loop().time()
             await self._write(entries)
+            if len(entries) < self.max_batch:
+                await self._pace(started)
+
+    async def _pace(self, started: float) -> None:
+        """Until ``min_interval_s`` after the batch started; at once when stopping."""
+        loop = asyncio.get_running_loop()
+        while not (self._draining or self._finishing):
+            rest = started + self.min_interval_s - loop.time()
+            if rest <= 0:
+                return
+            await asyncio.sleep(min(rest, _DRAIN_WAIT_S))
 
     async def _write(self, entries: Sequence[OutboxEntry]) -> None:
         messages = [entry.message for entry in entries]

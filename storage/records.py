@@ -89,6 +89,7 @@ class AppendResult:
     message: Message
     duplicate: bool
     job_id: str | None = None  # the reply job written with the append (a question)
+    job_done: bool = False  # the job it answers was finished in the same step (an answer)
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,6 +195,7 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
         self._pending += 1
         if job is not None:
             self.held[job.job_id] = job
+            run.job_id = job.job_id
         task = asyncio.create_task(self._run(run, lane, job), name=f"reply-{run.generation_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -233,7 +234,7 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
             if job is not None:
                 del self.held[job.job_id]
                 if ended:
-                    await self._job_done(job)
+                    await self._job_done(job, finished=run.job_done)
                 elif not self._closing:
                     self.retry_jobs.append(job)
 

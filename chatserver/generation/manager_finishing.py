@@ -76,7 +76,11 @@ class _Finishing(ManagerState):
         # gates (else just after): an instance dying in between leaves a buffer that another
         # one claims, and its store_and_end finds the message already there (the
         # generation id is the idempotency key): it ends exactly once.
-        released = await self._store_and_end(run.owner(self._server_id), "".join(run.parts), finish)
+        # The usage charge does not wait for the store: both go to Redis in one round trip.
+        released, _ = await asyncio.gather(
+            self._store_and_end(run.owner(self._server_id), "".join(run.parts), finish, run),
+            self._charge(run, finish),
+        )
         try:
             await self._retrying(
                 "release the reply buffer",
@@ -87,6 +91,9 @@ class _Finishing(ManagerState):
             )
         finally:
             self._drop_live(run)
+
+    async def _charge(self, run: ReplyRun, finish: Finish) -> None:
+        """The reply's tokens against its asker's daily quota."""
         tokens = finish.usage.input_tokens + finish.usage.output_tokens
         user_id = run.reply_to.user_id
         if self._on_usage is not None and user_id is not None and tokens:
@@ -99,8 +106,12 @@ class _Finishing(ManagerState):
         """Store the reply like any message, then publish ``gen_end`` with it."""
         await self._store_and_end(owner, text, finish)
 
-    async def _store_and_end(self, owner: ReplyOwner, text: str, finish: Finish) -> bool:
-        """``store_and_end``; True when the append also released the reply's buffer entry."""
+    async def _store_and_end(
+        self, owner: ReplyOwner, text: str, finish: Finish, run: ReplyRun | None = None
+    ) -> bool:
+        """``store_and_end``; True when the append also released the reply's buffer entry.
+        With the ``run`` of a reply job, the append finishes the job where it can
+        (``run.job_done``)."""
         conversation_id = owner.conversation_id
         released = False
         message: Message | None = None
@@ -124,9 +135,12 @@ class _Finishing(ManagerState):
         if self._conversations.window.gates:
             gate = self._buffer.release_gate(conversation_id, owner.generation_id)
         try:
+            answers = run.job_id if run is not None else None
             result = await self._retrying(
-                "store the reply", self._conversations.append, draft, gate
+                "store the reply", self._conversations.append, draft, gate, answers
             )
+            if run is not None:
+                run.job_done = result.job_done
             message = result.message
             released = gate is not None and not result.duplicate
             if result.duplicate:  # ended before (by the owner, or a claim): say it as it was

@@ -70,10 +70,12 @@ class _JobSteps(ManagerState):
             run.generation_id,
         )
 
-    async def _job_done(self, job: ReplyJob) -> None:
+    async def _job_done(self, job: ReplyJob, *, finished: bool = False) -> None:
+        """Done (``finished``: by the answer's own append), and the next one may go."""
         assert self.jobs is not None
         try:
-            await self._retrying("finish a reply job", self.jobs.done, job)
+            if not finished:
+                await self._retrying("finish a reply job", self.jobs.done, job)
         except Exception as exc:  # claimed later, it finds its answer stored
             log.warning("reply job not marked done: %s", exc)
         turned = self._turns.pop(job.message.conversation_id, None)

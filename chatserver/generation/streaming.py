@@ -63,6 +63,8 @@ class ReplyRun:
         "first_token_at",
         "generation_id",
         "handle",
+        "job_done",
+        "job_id",
         "lost",
         "model",
         "parts",
@@ -118,6 +120,8 @@ class ReplyRun:
         self.resync = False  # a watcher asked: record the text so far, then announce
         self.checkpoint_due = False  # unwatched: record the text so far with the heartbeat
         self.saved = 0  # how many of ``parts`` the resume buffer holds
+        self.job_id: str | None = None  # the reply job this reply answers
+        self.job_done = False  # its answer's append finished that job too
 
     def owner(self, server_id: str) -> ReplyOwner:
         owner = self._owner

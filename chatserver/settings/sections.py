@@ -269,10 +269,17 @@ class PersistSettings:
     batch_wait_ms: int = setting(
         "batch_wait_ms", 50, "int", "longest idle wait of the batch writer for its first message"
     )
+    batch_interval_ms: int = setting(
+        "batch_interval_ms",
+        40,
+        "int",
+        "shortest time between the starts of one writer's batches (0: none): fewer, larger "
+        "batches under load",
+    )
 
     def __post_init__(self) -> None:
         positive(self, "outbox_max", "outbox_claim_idle_ms", "batch_max", "batch_wait_ms")
-        not_negative(self, "batch_writers")
+        not_negative(self, "batch_writers", "batch_interval_ms")
 
 
 @functools.lru_cache(maxsize=64)

@@ -2,13 +2,10 @@
 -- KEYS: the conversation's jobs[, jobs stream: when in this slot, stale listings are
 -- dropped]. ARGV: job id, offset.
 -- Returns {go, announced before this call[, the older job holding it back]}.
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-local announced = 1  -- not listed (done already): nothing to announce
-if score then
-  local s = tonumber(score)
-  announced = s % 2
-  if announced == 0 then redis.call('ZADD', KEYS[1], 'XX', s + 1, ARGV[1]) end
-end
+-- The odd score marks it announced: changed only when listed (XX) with the even score (GT);
+-- not listed means done already, nothing to announce.
+local marked = redis.call('ZADD', KEYS[1], 'XX', 'GT', 'CH', 2 * tonumber(ARGV[2]) + 1, ARGV[1])
+local announced = 1 - marked
 local below = '(' .. (2 * tonumber(ARGV[2]))
 while true do
   local head = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', below, 'LIMIT', 0, 1)

@@ -35,3 +35,11 @@ local function add_job(stream, listed, holder, payload, offset, ms, ttl)
   end
   return id
 end
+
+-- A job answered: out of the conversation's listing (`listed`, when in this script's slot)
+-- and out of the stream and its pending list. Returns the entries deleted (0: done before).
+local function finish_job(stream, listed, id)
+  if listed then redis.call('ZREM', listed, id) end
+  redis.call('XACK', stream, 'repliers', id)
+  return redis.call('XDEL', stream, id)
+end

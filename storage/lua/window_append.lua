@@ -2,7 +2,8 @@
 -- KEYS: seq, epoch, win, idem[, outbox]. ARGV: payload, size, idem ttl ms (0: no record),
 -- key ttl s, outbox max (0: no bound), record state ("d": in the outbox, "p": not yet),
 -- ttl every (refresh the TTLs when the offset is a multiple of it); on a single Redis also
--- KEYS jobs stream, conversation's jobs and ARGV the job's holder ('': no job).
+-- KEYS jobs stream, conversation's jobs and ARGV the job's holder ('': no job), the job this
+-- message answers, finished in the same step ('': none).
 -- Returns {0, offset, ms[, job id]} | {1, record} duplicate | {2} missing | {3} full
 -- | {4, code, value} refused by the gate (with a gate: its keys and args follow the job's).
 -- One MGET reads the idempotency record and both keys whose absence means a missing window.
@@ -37,6 +38,8 @@ if tonumber(offset) % tonumber(ARGV[7]) == 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
   redis.call('EXPIRE', KEYS[1], 2 * ttl)
 end
+local answered = ARGV[9]
+if answered and answered ~= '' then finish_job(KEYS[6], KEYS[7], answered) end
 local job = ARGV[8]
 if job and job ~= '' then  -- a question: its reply job, in this same step
   job = add_job(KEYS[6], KEYS[7], job, ARGV[1], offset, ms, ttl)

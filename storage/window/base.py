@@ -89,9 +89,13 @@ class HotWindow(Protocol):
         outbox: Outbox,
         gate: AppendGate | None = None,
         jobs: ReplyJobs | None = None,
+        answers: str | None = None,
     ) -> AppendResult:
         """One atomic step: next offset, window entry, outbox entry, idempotency record,
-        and with ``jobs`` the question's reply job (its id in the result).
+        and with ``jobs`` the question's reply job (its id in the result). With ``jobs`` and
+        ``answers`` (a job id) the message is that job's answer instead: windows that can
+        finish the job in the same step do (``job_done`` in the result); else the caller
+        finishes it.
 
         A repeated (conversation, user, client_msg_id) returns the first message with
         ``duplicate=True`` and appends nothing. Raises ``WindowMissing`` when the

@@ -168,7 +168,10 @@ class MemoryWindow:
         outbox: Outbox,
         gate: AppendGate | None = None,
         jobs: ReplyJobs | None = None,
+        answers: str | None = None,
     ) -> AppendResult:
+        if answers is not None:
+            jobs = None  # an answer adds no job; its caller finishes the one it answers
         if gate is not None:
             raise TypeError("the memory window runs no gates (check before appending)")
         cid = draft.conversation_id

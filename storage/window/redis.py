@@ -240,6 +240,7 @@ class RedisWindow:
         outbox: Outbox,
         gate: AppendGate | None = None,
         jobs: ReplyJobs | None = None,
+        answers: str | None = None,
     ) -> AppendResult:
         if not isinstance(outbox, RedisOutbox):
             raise TypeError(f"RedisWindow appends to a RedisOutbox, not {type(outbox).__name__}")
@@ -266,15 +267,20 @@ class RedisWindow:
             TTL_EVERY,
         ]
         script = self._append_script
+        finishes = answers is not None and isinstance(jobs, RedisReplyJobs) and not self.cluster
+        job_key = jobs.key if isinstance(jobs, RedisReplyJobs) else keys.no_idem
+        if answers is not None:
+            jobs = None  # an answer adds no job
         if self.cluster:
             if gate is not None:
                 raise TypeError("a window on a cluster runs no gates (check before appending)")
             await outbox.check_room(shard)
         else:
-            # The reply job's keys come next, always (the gate's keys and args follow them).
-            job_key = jobs.key if isinstance(jobs, RedisReplyJobs) else keys.no_idem
+            # The reply jobs' keys come next, always (the gate's keys and args follow them):
+            # the job a question adds, or the one an answer finishes.
             script_keys += [outbox.keys[shard], job_key, keys.jobs]
             script_args.append(jobs.holder if isinstance(jobs, RedisReplyJobs) else "")
+            script_args.append(answers if finishes else "")
             if gate is not None:
                 script = self._gated_script(gate)
                 script_keys.extend(gate.keys)
@@ -307,7 +313,7 @@ class RedisWindow:
                 await self._mark_script(keys=[idem_key])
             if jobs is not None:  # another slot: after the script, like the outbox entry
                 job_id = await jobs.add(message)
-        return AppendResult(message=message, duplicate=False, job_id=job_id)
+        return AppendResult(message=message, duplicate=False, job_id=job_id, job_done=finishes)
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:
         key = self.keys(conversation_id).idem(user_id, client_msg_id)

@@ -239,6 +239,38 @@ async def test_default_batch_takes_the_whole_backlog(
     assert progress.sizes == [5_000]
 
 
+async def test_a_paced_writer_gathers_what_comes_during_its_interval(
+    outbox: Outbox, store: Store, new_message: MessageFactory
+) -> None:
+    """A lone message is stored at once; the ones that trickle in while the writer waits out
+    its interval go in one batch, not one each."""
+    progress = Progress()
+    writer = fast_writer(outbox, store, progress, min_interval_ms=1_000)
+    writer.start()
+    try:
+        await fill(outbox, new_message, 1)
+        await progress.wait_for(written=1)
+        await fill(outbox, new_message, 10)  # one by one, well within the interval
+        await progress.wait_for(written=11)
+    finally:
+        await writer.stop(drain=True)
+    assert progress.sizes == [1, 10]
+
+
+async def test_pacing_never_holds_a_stop(
+    outbox: Outbox, store: Store, new_message: MessageFactory
+) -> None:
+    progress = Progress()
+    writer = fast_writer(outbox, store, progress, min_interval_ms=600_000)
+    writer.start()
+    await fill(outbox, new_message, 1)
+    await progress.wait_for(written=1)
+    await fill(outbox, new_message, 5)  # the writer waits out its ten minutes
+    await asyncio.wait_for(writer.stop(drain=True), DEADLINE_S)
+    assert await outbox.backlog() == 0
+    assert len(await stored(store)) == 6
+
+
 async def test_a_locked_sqlite_file_is_waited_out(
     tmp_path: Path, new_message: MessageFactory
 ) -> None:

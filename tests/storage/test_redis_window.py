@@ -290,3 +290,34 @@ async def test_a_retried_script_is_our_own_append_not_a_duplicate(redis_url: str
         assert await outbox.backlog() == 1
     finally:
         await redis.aclose()
+
+
+async def test_an_answer_finishes_its_question_s_job_in_its_own_step(
+    redis_clients: RedisClients,
+) -> None:
+    """On a single Redis the answer's append finishes the job it answers (no second call);
+    on a cluster the job lives in another slot and its caller finishes it."""
+    from storage.jobs.redis import RedisReplyJobs
+
+    window, outbox = await make_pair(redis_clients)
+    jobs = RedisReplyJobs(window.redis, holder="w1", cluster=redis_clients.cluster)
+    await jobs.start()
+    await window.rebuild(CID, [], 0)
+    asked = await window.append(draft("a question", key="q1"), outbox, jobs=jobs)
+    assert asked.job_id is not None and not asked.job_done
+    assert (await jobs.stats()).outstanding == 1
+    answer = MessageDraft(
+        conversation_id=CID, role="assistant", text="an answer", client_msg_id="gen-1"
+    )
+    answered = await window.append(answer, outbox, jobs=jobs, answers=asked.job_id)
+    assert answered.job_id is None  # an answer adds no job of its own
+    if redis_clients.cluster:
+        assert not answered.job_done
+        assert (await jobs.stats()).outstanding == 1
+    else:
+        assert answered.job_done
+        assert (await jobs.stats()).outstanding == 0
+        assert await window.redis.zcard(ConversationKeys(window.prefix, CID).jobs) == 0
+    again = await window.append(answer, outbox, jobs=jobs, answers=asked.job_id)
+    assert again.duplicate and not again.job_done  # a resent answer finishes nothing
+    await jobs.close()

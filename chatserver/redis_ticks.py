@@ -1,0 +1,119 @@
+"""A Redis client that sends every command of one event-loop tick in one pipeline.
+
+Replies, sends and background upkeep each issue a few Redis commands; under load, dozens of
+them are issued in the same tick of the loop, from different tasks. Sent one by one, each
+costs a pooled connection, a write, a read and a wake-up. Gathered per tick, they cost one
+of each for all of them, and Redis reads them in one event (see ``chatload.redisstat``'s
+``round_trips``). Nothing is delayed: the batch goes out at the end of the tick it was
+started in, before the loop waits for I/O again.
+
+Semantics stay those of single commands: each caller gets its own reply or its own error
+(a script's ``NOSCRIPT`` included, so ``Script`` reloads as before); a connection error
+fails the commands of that batch, after the client's retries, like it would fail each. A
+caller that stops waiting (a timeout) only drops its reply; the others are unaffected.
+Commands that block on the server (``BLOCK``, ``B*POP``) keep their own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.asyncio import Redis
+
+_Pending = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+
+
+def _blocks(args: tuple[Any, ...]) -> bool:
+    """A command the server may hold: it must not hold a whole batch with it."""
+    name = args[0]
+    if isinstance(name, bytes):
+        name = name.decode()
+    name = str(name).upper()
+    if (name.startswith("B") and name.endswith("POP")) or name in {"BLMOVE", "BRPOPLPUSH", "WAIT"}:
+        return True
+    if name in {"XREAD", "XREADGROUP"}:
+        return any(isinstance(a, (str, bytes)) and a in ("BLOCK", b"BLOCK") for a in args)
+    return False
+
+
+class TickPipelinedRedis(Redis):
+    """``redis.asyncio.Redis`` whose commands are gathered per loop tick (module docstring).
+
+    Explicit pipelines (``pipeline()``) and Pub/Sub are untouched: they have their own
+    connection and their own round trip, as before."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batch: list[_Pending] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self.batches = 0  # pipelines sent (for tests and the batch-size gauge)
+        self.batched = 0  # commands sent in them
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self.connection is not None or _blocks(args):
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._batch is None:
+            self._batch = []
+            loop.call_soon(self._flush)
+        self._batch.append((args, options, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch or [], None
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        live = [entry for entry in batch if not entry[2].done()]
+        if not live:
+            return
+        self.batches += 1
+        self.batched += len(live)
+        if len(live) == 1:
+            args, options, future = live[0]
+            try:
+                result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+            except BaseException as exc:
+                _fail(future, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                if not future.done():
+                    future.set_result(result)
+            return
+        pipe = self.pipeline(transaction=False)
+        for args, options, _ in live:
+            pipe.execute_command(*args, **options)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for _, _, future in live:
+                _fail(future, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, _, future), result in zip(live, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self._sending:  # replies in flight reach their callers before the pool closes
+            await asyncio.wait(set(self._sending), timeout=5)
+        await super().aclose(close_connection_pool)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(exc, asyncio.CancelledError):
+        future.cancel()
+    else:
+        future.set_exception(exc)

@@ -1,0 +1,112 @@
+"""The tick-pipelined Redis client against a real Redis: one round trip for the commands of a
+tick, each caller its own answer or error, and nothing held by a blocking command."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from chatserver.redis_ticks import TickPipelinedRedis
+from tests.services import RedisServer
+
+
+@pytest.fixture
+async def ticked(redis_url: str) -> AsyncIterator[TickPipelinedRedis]:
+    client = TickPipelinedRedis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _reads(probe: Redis) -> int:
+    """Request reads Redis has handled: one per round trip (chatload.redisstat)."""
+    return int((await probe.info("stats"))["total_reads_processed"])
+
+
+async def test_the_commands_of_one_tick_share_one_round_trip(
+    ticked: TickPipelinedRedis, redis_url: str
+) -> None:
+    await ticked.ping()  # the pooled connection exists: its HELLO/handshake are not counted
+    probe = Redis.from_url(redis_url)
+    before_reads, before_batches = await _reads(probe), ticked.batches
+    results = await asyncio.gather(*(ticked.incr(f"k{i % 5}") for i in range(50)))
+    # the 50 increments of 5 keys, each caller its own answer, in the order issued
+    assert sorted(results) == sorted(n for _ in range(5) for n in range(1, 11))
+    assert [results[i] for i in range(0, 50, 5)] == list(range(1, 11))
+    assert ticked.batches - before_batches == 1
+    # one read for the 50, one for the probe's second INFO
+    assert await _reads(probe) - before_reads == 2
+    await probe.aclose()
+
+
+async def test_commands_of_later_ticks_go_in_later_batches(ticked: TickPipelinedRedis) -> None:
+    before = ticked.batches
+    for i in range(3):
+        await ticked.set(f"seq{i}", i)
+    assert ticked.batches - before == 3
+    assert await ticked.mget("seq0", "seq1", "seq2") == [b"0", b"1", b"2"]
+
+
+async def test_an_error_reaches_its_own_caller_only(ticked: TickPipelinedRedis) -> None:
+    await ticked.set("text", "not a number")
+    good, bad, other = await asyncio.gather(
+        ticked.incr("counter"), ticked.incr("text"), ticked.get("text"), return_exceptions=True
+    )
+    assert good == 1
+    assert isinstance(bad, ResponseError)
+    assert other == b"not a number"
+
+
+async def test_a_script_unknown_to_redis_is_loaded_and_run(ticked: TickPipelinedRedis) -> None:
+    script = ticked.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    assert await script(keys=["s"], args=[2]) == 2
+    await ticked.script_flush()  # as after a Redis restart: NOSCRIPT, then a reload
+    results = await asyncio.gather(*(script(keys=["s"], args=[1]) for _ in range(3)))
+    assert sorted(results) == [3, 4, 5]
+
+
+async def test_a_caller_that_stops_waiting_leaves_the_others_their_answers(
+    ticked: TickPipelinedRedis,
+) -> None:
+    loop = asyncio.get_running_loop()
+    waiting = [loop.create_task(ticked.incr("n")) for _ in range(4)]
+    await asyncio.sleep(0)  # the four are queued in this tick's batch, not sent yet
+    waiting[0].cancel()
+    done = await asyncio.gather(*waiting[1:])
+    assert waiting[0].cancelled()
+    assert sorted(done) == [1, 2, 3]  # the cancelled one was never sent
+    assert int(await ticked.get("n") or 0) == 3
+
+
+async def test_a_blocking_read_does_not_hold_the_batch(ticked: TickPipelinedRedis) -> None:
+    await ticked.xgroup_create("stream", "group", id="0", mkstream=True)
+    blocked = asyncio.ensure_future(
+        ticked.xreadgroup("group", "reader", {"stream": ">"}, count=1, block=5000)
+    )
+    async with asyncio.timeout(2):
+        assert await ticked.set("meanwhile", 1)  # answered while the read is parked
+        await ticked.xadd("stream", {"f": "v"})
+        entries = await blocked
+    assert entries[0][1][0][1] == {b"f": b"v"}
+
+
+async def test_a_lost_server_fails_every_caller_of_the_batch() -> None:
+    server = RedisServer()
+    server.start()
+    client = TickPipelinedRedis.from_url(server.url, socket_connect_timeout=1)
+    try:
+        await client.ping()
+        server.stop()
+        results = await asyncio.gather(
+            *(client.incr(f"x{i}") for i in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, RedisConnectionError) for r in results), results
+    finally:
+        await client.aclose()
+        server.close()
