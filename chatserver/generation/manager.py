@@ -263,7 +263,13 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
         started = time.perf_counter()
         finish: Finish | None = None
         try:
-            await self._take_slot(run)
+            # The context is read beside the slot, in the same round trip: the turn (or the
+            # lane) let this reply go only once every older answer was stored.
+            waited, history = await asyncio.gather(
+                self._take_slot(run), self._conversations.recent(conversation_id, self._context)
+            )
+            if waited:  # another reply held the slot (a race): read what it stored too
+                history = await self._conversations.recent(conversation_id, self._context)
             self._live[run.generation_id] = self._live_in[conversation_id] = run
             start = GenStart(
                 conversation_id, run.generation_id, run.reply_to.id, run.agent.id, run.model
@@ -272,7 +278,6 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 await self._publish(conversation_id, start)
             else:  # no other instance has a member in: a join there reads the buffer
                 self._deliver_events([Event(conversation_id, start, time.time())])
-            history = await self._conversations.recent(conversation_id, self._context)
             if not history or history[-1].offset < run.reply_to.offset:
                 history = (*history, run.reply_to)
             request = ReplyRequest(
@@ -347,17 +352,21 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
             run.first_token_at - run.queued_at
         )
 
-    async def _take_slot(self, run: ReplyRun) -> None:
-        """One reply per conversation across instances: wait while another one streams."""
+    async def _take_slot(self, run: ReplyRun) -> bool:
+        """One reply per conversation across instances: wait while another one streams.
+        Whether it had to wait."""
         owner = run.owner(self._server_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._slot_wait_s
         delays = SLOT_POLL.delays()
+        waited = False
         while (slot := await self._buffer.begin(owner)) is None:
             if loop.time() > deadline:
                 raise ServiceError(ErrorCode.UNAVAILABLE, "another reply is still streaming")
+            waited = True
             await asyncio.sleep(next(delays))  # rare: replies raced on two instances
         run.watched = slot.watched
+        return waited
 
     async def keep_leases(self, lease_s: float, sweep_s: float) -> None:
         """Renew our replies' leases and end orphaned ones, for the life of the app."""
