@@ -136,10 +136,13 @@ class Tally:
     def describe(self, exc: BaseException, tries: Tries, wait_s: float, thinking: bool) -> str:
         """What happened, truthfully: the requests made, the waits asked for."""
         code = getattr(exc, "code", None)
+        made = tries.made
+        attempts = f"after {made} attempt{'s' if made != 1 else ''}"
         if isinstance(exc, ModelBusyError):
             retry_after_ms = tries.gave_up.retry_after_ms if tries.gave_up else None
             when = f": try again in {retry_after_ms / 1000:g} s" if retry_after_ms else ""
-            return f"model rate limited: {exc}{when}"[:500]
+            before = f" {attempts}" if made else ""  # the requests it let through failed
+            return f"model rate limited{before}: {exc}{when}"[:500]
         if isinstance(exc, TimeoutError):
             what = f"no data from the model for {wait_s:g} s"
             if thinking and not self.chunks:
@@ -155,8 +158,6 @@ class Tally:
             what = f"{type(exc).__name__}: {exc}"
         if self.chunks:
             return f"model stream failed after {self.chunks} chunks: {what}"[:500]
-        made = tries.made
-        attempts = f"after {made} attempt{'s' if made != 1 else ''}"
         gave_up = tries.gave_up
         why = gave_up.why if gave_up is not None else ""
         if code == 429:
