@@ -85,6 +85,9 @@ async def fake(tls: ssl.SSLContext) -> AsyncIterator[FakeGemini]:
     await server.close()
 
 
+_REPO = Path(__file__).resolve().parents[3]
+
+
 @pytest.fixture
 async def proxy() -> AsyncIterator[Proxy]:
     process = await asyncio.create_subprocess_exec(
@@ -94,7 +97,7 @@ async def proxy() -> AsyncIterator[Proxy]:
         "--port",
         "0",
         stdout=asyncio.subprocess.PIPE,
-        cwd=Path(__file__).resolve().parents[3],
+        cwd=_REPO,
     )
     assert process.stdout is not None
     async with asyncio.timeout(10):

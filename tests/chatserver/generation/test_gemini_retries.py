@@ -6,6 +6,7 @@ requests really made."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 
@@ -118,7 +119,7 @@ async def test_the_guard_holds_a_burst_back_instead_of_sending_it(
     results = await asyncio.gather(*(run_stream(provider, gemini_request("hi")) for _ in range(3)))
     assert [finish.reason for _, finish in results] == ["stop"] * 3
     burst = sorted(fake.requests[1:], key=lambda r: r.received_at)
-    for earlier, later in zip(burst, burst[1:], strict=False):
+    for earlier, later in itertools.pairwise(burst):
         assert earlier.ended_at is not None and later.received_at >= earlier.ended_at, (
             "two requests to the model at once past its cap"
         )

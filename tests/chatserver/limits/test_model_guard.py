@@ -19,6 +19,8 @@ from chatserver.limits.model_guard import (
 from chatserver.limits.model_guard_memory import MemoryModelGuard
 from chatserver.limits.model_guard_redis import RedisModelGuard
 
+from ..conftest import eventually
+
 TABLE = ModelLimitTable(
     ModelLimits(concurrent=2, per_minute=0),
     {"gemini-2.5-pro": ModelLimits(concurrent=0, per_minute=3), "free": ModelLimits(0, 0)},
@@ -60,9 +62,7 @@ async def test_requests_in_flight_are_capped_per_model_until_one_is_released(
         return isinstance(await guard.acquire("gemini-2.5-flash"), Permit)
 
     # The Redis guard frees the place off the caller's path: soon, not necessarily at once.
-    async with asyncio.timeout(5):
-        while not await granted_again():
-            await asyncio.sleep(0.01)
+    await eventually(granted_again, timeout=5, what="(the released place)")
 
 
 async def test_a_model_name_and_its_resource_name_share_the_places(guard: ModelGuard) -> None:
@@ -133,9 +133,11 @@ async def test_a_dead_holders_places_expire_and_a_live_ones_are_renewed(redis_ur
         refused = await live.acquire("gemini-2.5-flash")
         assert isinstance(refused, Busy)
         started = time.monotonic()
-        async with asyncio.timeout(5):  # the dead place frees itself within its lease
-            while isinstance(await live.acquire("gemini-2.5-flash"), Busy):
-                await asyncio.sleep(0.02)
+
+        async def granted() -> bool:
+            return isinstance(await live.acquire("gemini-2.5-flash"), Permit)
+
+        await eventually(granted, timeout=5, what="(the dead holder's place)")  # its lease ran out
         assert time.monotonic() - started < 2
         # The live holder's two places outlast several leases: renewed, never taken.
         deadline = time.monotonic() + 1.0
