@@ -160,6 +160,8 @@ class Tally:
             return f"model stream failed after {self.chunks} chunks: {what}"[:500]
         gave_up = tries.gave_up
         why = gave_up.why if gave_up is not None else ""
+        if why:
+            what = what.rstrip(". ")
         if code == 429:
             return f"model rate limited {attempts}: {what}{why}"[:500]
         retried_kind = (
