@@ -9,6 +9,7 @@ or that there is none (``gave_up`` then says why, for the reply's error).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 from collections.abc import Callable
@@ -29,6 +30,8 @@ RETRY_ERRORS: tuple[type[BaseException], ...] = (
     aiohttp.ClientOSError,
     aiohttp.ClientPayloadError,
 )
+log = logging.getLogger("chatserver.generation")
+
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?)s\s*")  # google.protobuf.Duration in JSON: "37s"
 
@@ -151,7 +154,13 @@ class Tries:
             return
         waited = False
         while True:
-            verdict = await self._guard.acquire(self.model)
+            try:
+                verdict = await self._guard.acquire(self.model)
+            except Exception as exc:
+                # The guard spares the quota; it must not fail replies when Redis blips.
+                log.warning("model guard unavailable, request sent unguarded: %s", exc)
+                self.made += 1
+                return
             if isinstance(verdict, Permit):
                 self.permit = verdict
                 self.made += 1

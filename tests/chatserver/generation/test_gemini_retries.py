@@ -11,14 +11,17 @@ import re
 import time
 
 import pytest
+from redis.asyncio import Redis
 
 from chatserver.generation.gemini_answer import GeminiStreamError
 from chatserver.generation.gemini_common import RetryPolicy
 from chatserver.generation.gemini_retry import retry_info_delay
 from chatserver.limits.model_guard import ModelLimits, ModelLimitTable
 from chatserver.limits.model_guard_memory import MemoryModelGuard
+from chatserver.limits.model_guard_redis import RedisModelGuard
 from chatserver.ops.metrics import Metrics
 from tests.fakegemini import FakeGemini, Status, Stream
+from tests.serverproc import free_port
 
 from .conftest import FAST_RETRY, MakeProvider, gemini_request, run_stream
 
@@ -151,6 +154,20 @@ async def test_every_retry_is_admitted_by_the_guard(make: MakeProvider, fake: Fa
     _, finish = await run_stream(make(guard=guard), gemini_request("hi"))
     assert len(fake.requests) == 2 == _requests_said(finish.error)
     assert finish.error_code == "model_rate_limited" and "a minute" in (finish.error or "")
+
+
+async def test_a_guard_that_cannot_be_reached_lets_the_request_go(
+    make: MakeProvider, fake: FakeGemini
+) -> None:
+    # The guard spares the quota; a Redis outage must not fail the replies it guards.
+    unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    guard = RedisModelGuard(unreachable, ModelLimitTable(ModelLimits(concurrent=1)))
+    try:
+        text, finish = await run_stream(make(guard=guard), gemini_request("hi"))
+    finally:
+        await guard.close()
+        await unreachable.aclose()
+    assert finish.reason == "stop" and text and len(fake.requests) == 1
 
 
 def test_retry_info_is_read_from_either_form_of_the_error() -> None:
