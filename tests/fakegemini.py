@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import signal
 import ssl
 import time
@@ -49,17 +48,15 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakegemini_wire import (
+    echo_chunks,
+    error_body,
+    prompt_tokens,
+    sse_event,
+    thinking_spent,
+)
+
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-_STATUS_NAMES = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    429: "RESOURCE_EXHAUSTED",
-    500: "INTERNAL",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
 
 
 @dataclass(frozen=True)
@@ -107,37 +104,6 @@ class Recorded:
     disconnected_at: float | None = None  # the client went away before the end
     chunks_sent: int = 0
     gone: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def _error_body(code: int, message: str, retry_delay: str | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {
-        "code": code,
-        "message": message,
-        "status": _STATUS_NAMES.get(code, ""),
-    }
-    if retry_delay is not None:  # as Google answers a per-minute quota
-        error["details"] = [
-            {
-                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                "violations": [{"quotaMetric": "generate_content_free_tier_requests"}],
-            },
-            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay},
-        ]
-    return {"error": error}
-
-
-def _count(text: str) -> int:
-    return max(1, len(text.split()))
-
-
-def _prompt_tokens(body: dict[str, Any]) -> int:
-    words = 0
-    for content in body.get("contents", []):
-        for part in content.get("parts", []):
-            words += _count(part.get("text", ""))
-    for part in (body.get("systemInstruction") or {}).get("parts", []):
-        words += _count(part.get("text", ""))
-    return words
 
 
 class FakeGemini:
@@ -205,7 +171,7 @@ class FakeGemini:
         self.probed.append(f"{kind}/{name}")
         if self.probe_status != 200:
             return web.json_response(
-                _error_body(self.probe_status, "probe failed"), status=self.probe_status
+                error_body(self.probe_status, "probe failed"), status=self.probe_status
             )
         return web.json_response(
             {"name": f"{kind}/{name}", "displayName": name, "inputTokenLimit": 1048576}
@@ -216,7 +182,7 @@ class FakeGemini:
         if request.path.split("/")[2] == "tunedModels":
             model = f"tunedModels/{model}"
         if method != "streamGenerateContent":
-            return web.json_response(_error_body(404, f"no method {method!r}"), status=404)
+            return web.json_response(error_body(404, f"no method {method!r}"), status=404)
         body = await request.json()
         behaviour = self._script.popleft() if self._script else self.default
         record = Recorded(
@@ -236,7 +202,7 @@ class FakeGemini:
                 if behaviour.delay_s:
                     await asyncio.sleep(behaviour.delay_s)
                 response: web.StreamResponse = web.json_response(
-                    _error_body(behaviour.status, behaviour.message, behaviour.retry_delay),
+                    error_body(behaviour.status, behaviour.message, behaviour.retry_delay),
                     status=behaviour.status,
                 )
             else:
@@ -258,20 +224,20 @@ class FakeGemini:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         response.enable_chunked_encoding()
         await response.prepare(request)
-        prompt = _prompt_tokens(record.body)
+        prompt = prompt_tokens(record.body)
         if spec.block_reason is not None:
             blocked = {
                 "promptFeedback": {"blockReason": spec.block_reason},
                 "usageMetadata": {"promptTokenCount": prompt, "totalTokenCount": prompt},
                 "modelVersion": model,
             }
-            await response.write(_event(blocked))
+            await response.write(sse_event(blocked))
             await response.write_eof()
             return response
-        chunks = list(spec.chunks) if spec.chunks is not None else _echo(record.body)
+        chunks = list(spec.chunks) if spec.chunks is not None else echo_chunks(record.body)
         finish = spec.finish
         generation = record.body.get("generationConfig") or {}
-        thoughts = _thoughts(spec.thoughts_tokens, generation.get("thinkingConfig"))
+        thoughts = thinking_spent(spec.thoughts_tokens, generation.get("thinkingConfig"))
         limit = generation.get("maxOutputTokens")
         if isinstance(limit, int) and thoughts + len(chunks) > limit:  # a chunk is a token
             thoughts = min(thoughts, limit)  # thinking first: it may leave nothing
@@ -288,7 +254,7 @@ class FakeGemini:
                 },
                 "modelVersion": model,
             }
-            await response.write(_event(event))
+            await response.write(sse_event(event))
             await response.write_eof()
             return response
         total = len(chunks)
@@ -303,7 +269,7 @@ class FakeGemini:
                 record.disconnected_at = time.monotonic()
                 return response
             if spec.error_after is not None and index == spec.error_after:
-                pending.append(_event(_error_body(spec.error_code, "mid-stream failure")))
+                pending.append(sse_event(error_body(spec.error_code, "mid-stream failure")))
                 await self._flush(response, pending)
                 await response.write_eof()
                 return response
@@ -334,7 +300,7 @@ class FakeGemini:
                 else:
                     usage = {"promptTokenCount": (spec.usage or (prompt, 0))[0]}
                 event["usageMetadata"] = usage
-            pending.append(_event(event))
+            pending.append(sse_event(event))
             record.chunks_sent += 1
         await self._flush(response, pending)
         await response.write_eof()
@@ -345,32 +311,6 @@ class FakeGemini:
         if pending:
             await response.write(b"".join(pending))
             pending.clear()
-
-
-def _thoughts(wanted: int, config: Any) -> int:
-    """The thinking tokens a stream spends: what it wants, within ``thinkingBudget``
-    (google-genai writes it ``thinking_budget``: proto JSON takes both names, as Google
-    does)."""
-    budget = None
-    if isinstance(config, dict):
-        budget = config.get("thinkingBudget", config.get("thinking_budget"))
-    if isinstance(budget, int) and budget >= 0:
-        return min(wanted, budget)
-    return wanted  # no budget, or -1: the model decides
-
-
-def _echo(body: dict[str, Any]) -> list[str]:
-    """A predictable answer: "You said: <the last user text>", one word per chunk."""
-    said = ""
-    for content in body.get("contents", []):
-        if content.get("role") == "user":
-            said = " ".join(p.get("text", "") for p in content.get("parts", []))
-    words = f"You said: {said}".split()
-    return [w if i == len(words) - 1 else w + " " for i, w in enumerate(words)]
-
-
-def _event(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\r\n\r\n"
 
 
 # -- standalone (the benchmark's fake, in its own process) ------------------------------
