@@ -93,7 +93,11 @@ class GeminiSettings:
         "Gemini: longest wait for the first chunk or the next one",
     )
     retries: int = setting(
-        "gemini_retries", 3, "int", "Gemini: retries of a 429/5xx answer before the first chunk"
+        "gemini_retries",
+        3,
+        "int",
+        "Gemini: retries of a 429/5xx answer, an error event or a failed connection before "
+        "the first chunk",
     )
     retry_initial_s: float = setting(
         "gemini_retry_initial_s", 0.5, "float", "Gemini: first retry delay (doubles, plus jitter)"
