@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ class Agent:
     max_output_tokens: int = 1024
     public: bool = True
     cacheable: bool = False
+    # Gemini's thinkingBudget: 0 off, -1 the model decides, N at most N tokens; None: not
+    # sent (the model's default; Gemini 2.5 Flash and Pro think by default).
+    thinking_budget: int | None = None
 
     def public_dict(self) -> dict[str, Any]:
         return {
@@ -44,7 +48,17 @@ _OPTIONAL: dict[str, tuple[type, ...]] = {
     "max_output_tokens": (int,),
     "public": (bool,),
     "cacheable": (bool,),
+    "thinking_budget": (int,),
 }
+# Gemini's largest budget (2.5 Pro: 32,768; Flash: 24,576).
+MAX_THINKING_BUDGET = 32_768
+# A model name as Gemini's REST paths take it: an id, or a resource name ``models/<id>`` or
+# ``tunedModels/<id>``. Nothing else: the name becomes a URL path (and a Redis key's tag).
+MODEL_NAME = re.compile(r"(?:(?:models|tunedModels)/)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def is_model_name(name: str) -> bool:
+    return MODEL_NAME.fullmatch(name) is not None
 
 
 def _agent(entry: Any, where: str) -> Agent:
@@ -66,8 +80,28 @@ def _agent(entry: Any, where: str) -> Agent:
         raise AgentCatalogError(f"{where}: 'id' longer than 64 characters")
     if not 0 <= float(entry.get("temperature", 0.7)) <= 2:
         raise AgentCatalogError(f"{where}: 'temperature' must be within 0..2")
-    if int(entry.get("max_output_tokens", 1024)) < 1:
+    max_output = int(entry.get("max_output_tokens", 1024))
+    if max_output < 1:
         raise AgentCatalogError(f"{where}: 'max_output_tokens' must be positive")
+    for key in ("model", "light_model"):
+        if key in entry and not is_model_name(entry[key]):
+            raise AgentCatalogError(
+                f"{where}: '{key}' must be a model id or models/<id>, tunedModels/<id>"
+            )
+    budget = entry.get("thinking_budget")
+    if budget is not None:
+        if not -1 <= budget <= MAX_THINKING_BUDGET:
+            raise AgentCatalogError(
+                f"{where}: 'thinking_budget' must be -1 (dynamic), 0 (off) "
+                f"or up to {MAX_THINKING_BUDGET}"
+            )
+        # Thinking tokens count against max_output_tokens: a budget that fills it leaves
+        # no room for the answer (finish `length` with no text).
+        if budget >= max_output:
+            raise AgentCatalogError(
+                f"{where}: 'thinking_budget' ({budget}) leaves no room for the answer "
+                f"within 'max_output_tokens' ({max_output})"
+            )
     return Agent(**{**entry, "temperature": float(entry.get("temperature", 0.7))})
 
 

@@ -17,6 +17,7 @@ from .auth import authenticator
 from .backends import (
     make_broker,
     make_limiter,
+    make_model_guard,
     make_provider,
     make_reply_buffer,
     make_reply_jobs,
@@ -174,7 +175,8 @@ async def _fanout(app: web.Application) -> AsyncIterator[None]:
 
 async def _generation(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    provider = make_provider(settings, app[keys.METRICS])  # Gemini with a key, else local
+    guard = make_model_guard(settings, app[keys.REDIS])  # caps on requests to each model
+    provider = make_provider(settings, app[keys.METRICS], guard)  # Gemini with a key, else local
     buffer = make_reply_buffer(settings, app[keys.REDIS])
     app[keys.REPLY_BUFFER] = buffer
     broker = app[keys.BROKER]
@@ -239,6 +241,8 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
             await upkeep
     await manager.shutdown(0)
     await provider.close()
+    if guard is not None:
+        await guard.close()
 
 
 async def _limits(app: web.Application) -> AsyncIterator[None]:

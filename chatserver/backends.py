@@ -30,6 +30,9 @@ from .generation.provider import Provider
 from .generation.redis_buffer import RedisReplyBuffer
 from .limits.base import Limiter
 from .limits.memory import MemoryLimiter
+from .limits.model_guard import ModelGuard
+from .limits.model_guard_memory import MemoryModelGuard
+from .limits.model_guard_redis import RedisModelGuard
 from .limits.redis import RedisLimiter
 from .ops.metrics import Metrics
 from .redis_ticks import TickPipelinedRedis
@@ -169,32 +172,48 @@ def make_reply_buffer(settings: Settings, redis: RedisClient | None) -> ReplyBuf
     )
 
 
-def make_provider(settings: Settings, metrics: Metrics | None = None) -> Provider:
+def make_model_guard(settings: Settings, redis: RedisClient | None) -> ModelGuard | None:
+    """The caps on requests to each model: shared in Redis when configured, else per
+    instance; none without a Gemini key (the local model costs nothing)."""
+    if settings.gemini.api_key is None:
+        return None
+    table = settings.gemini.model_table()
+    if redis is None:
+        return MemoryModelGuard(table)
+    return RedisModelGuard(redis, table, prefix=settings.redis.key_prefix)
+
+
+def make_provider(
+    settings: Settings, metrics: Metrics | None = None, guard: ModelGuard | None = None
+) -> Provider:
     """Gemini when a key is configured (lean SSE or the SDK, per the setting), else the
     embedded local model (key-free)."""
-    if settings.gemini.api_key is None:
+    gemini = settings.gemini
+    if gemini.api_key is None:
         return LocalProvider(settings.replies.local_ttft_ms, settings.replies.local_token_ms)
     from .generation.gemini import GeminiProvider
     from .generation.gemini_common import GeminiConfig, RetryPolicy
 
     config = GeminiConfig(
-        api_key=settings.gemini.api_key,
-        base_url=settings.gemini.base_url,
-        timeout_s=settings.gemini.timeout_s,
+        api_key=gemini.api_key,
+        base_url=gemini.base_url,
+        timeout_s=gemini.timeout_s,
         retry=RetryPolicy(
-            attempts=settings.gemini.retries + 1,
-            initial_s=settings.gemini.retry_initial_s,
-            max_s=settings.gemini.retry_max_s,
-            jitter_s=settings.gemini.retry_initial_s / 4,
+            attempts=gemini.retries + 1,
+            initial_s=gemini.retry_initial_s,
+            max_s=gemini.retry_max_s,
+            jitter_s=gemini.retry_initial_s / 4,
+            budget_s=gemini.retry_budget_s,
         ),
-        probe_model=settings.gemini.probe_model,
-        probe_ttl_s=settings.gemini.check_ttl_s,
+        probe_model=gemini.probe_model,
+        probe_ttl_s=gemini.check_ttl_s,
+        thinking_timeout_s=gemini.thinking_timeout_s,
     )
-    if settings.gemini.transport == "sdk":
-        return GeminiProvider(config, metrics)
+    if gemini.transport == "sdk":
+        return GeminiProvider(config, metrics, guard)
     from .generation.gemini_sse import GeminiSseProvider
 
-    return GeminiSseProvider(config, metrics)
+    return GeminiSseProvider(config, metrics, guard)
 
 
 def make_response_cache(settings: Settings, redis: RedisClient | None) -> ResponseCache | None:

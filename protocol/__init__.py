@@ -24,7 +24,16 @@ from .codec import (
     encode_frame,
     negotiate,
 )
-from .codes import PROTOCOL_VERSION, CloseCode, ErrorCode, FinishReason, Role, Tier, UserRole
+from .codes import (
+    PROTOCOL_VERSION,
+    CloseCode,
+    ErrorCode,
+    FinishReason,
+    ReplyErrorCode,
+    Role,
+    Tier,
+    UserRole,
+)
 from .errors import ProtocolError
 from .limits import DEFAULT_LIMITS, Limits
 from .message import (
@@ -85,6 +94,7 @@ __all__ = [
     "Pong",
     "ProtocolError",
     "Reconnect",
+    "ReplyErrorCode",
     "Role",
     "Send",
     "ServerFrame",

@@ -40,6 +40,22 @@ class FinishReason(StrEnum):
     ERROR = "error"
 
 
+class ReplyErrorCode(StrEnum):
+    """``gen_end.error_code``: why a reply ended with ``error``, for a client to show.
+
+    Sent only where the server knows the kind; a client treats a code it does not know (a
+    later version may add some) as a plain error.
+    """
+
+    # The model's rate limit or quota (HTTP 429), or this service's own cap on requests to
+    # the model; ``retry_after_ms`` says when asking again may succeed, when known.
+    MODEL_RATE_LIMITED = "model_rate_limited"
+    # The model failed (5xx), could not be reached, cut the stream or stalled past the wait.
+    MODEL_UNAVAILABLE = "model_unavailable"
+    # The model refused the request (4xx other than 408 and 429: key, model name, argument).
+    MODEL_REJECTED = "model_rejected"
+
+
 class Role(StrEnum):
     USER = "user"
     ASSISTANT = "assistant"

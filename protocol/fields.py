@@ -94,6 +94,12 @@ def req_bool(obj: Obj, name: str, ref: str | None = None) -> bool:
     return value
 
 
+def opt_bool(obj: Obj, name: str, ref: str | None = None) -> bool | None:
+    if obj.get(name) is None:
+        return None
+    return req_bool(obj, name, ref)
+
+
 def req_obj(obj: Obj, name: str, ref: str | None = None) -> Obj:
     value = obj.get(name)
     if not isinstance(value, Mapping):

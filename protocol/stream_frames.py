@@ -8,11 +8,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .fields import Obj, frame_head, opt_obj, opt_str, req_enum, req_int, req_obj, req_str
+from .fields import (
+    Obj,
+    frame_head,
+    opt_bool,
+    opt_int,
+    opt_obj,
+    opt_str,
+    req_enum,
+    req_int,
+    req_obj,
+    req_str,
+)
 from .message import FINISH_REASONS, Message, Usage
 
 _ID = 64
 _TEXT = 1 << 30
+# gen_end.error_code: not an enum on decode, so that a client keeps parsing gen_end when the
+# server learns a new code (docs/protocol.md: treat an unknown one as a plain error).
+_CODE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +52,11 @@ class GenStart:
     agent_id: str
     model: str
     ref: str | None = None
+    # The model may think before its first delta (no text for a while): sent only when true.
+    thinking: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             **frame_head(self),
             "conversation_id": self.conversation_id,
             "generation_id": self.generation_id,
@@ -48,6 +64,9 @@ class GenStart:
             "agent_id": self.agent_id,
             "model": self.model,
         }
+        if self.thinking:
+            out["thinking"] = True
+        return out
 
     @classmethod
     def parse(cls, obj: Obj) -> GenStart:
@@ -58,6 +77,7 @@ class GenStart:
             req_str(obj, "agent_id", _ID),
             req_str(obj, "model", 128),
             opt_str(obj, "ref", _ID),
+            bool(opt_bool(obj, "thinking")),
         )
 
 
@@ -100,6 +120,9 @@ class GenEnd:
     message: Message | None
     error: str | None = None
     ref: str | None = None
+    error_code: str | None = None  # with ``error``: what kind of failure (``model_…``)
+    retry_after_ms: int | None = None  # with ``error_code``: when asking again may succeed
+    thinking_tokens: int | None = None  # of ``usage.output_tokens``, spent thinking
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -112,6 +135,12 @@ class GenEnd:
         }
         if self.error is not None:
             out["error"] = self.error
+        if self.error_code is not None:
+            out["error_code"] = self.error_code
+        if self.retry_after_ms is not None:
+            out["retry_after_ms"] = self.retry_after_ms
+        if self.thinking_tokens is not None:
+            out["thinking_tokens"] = self.thinking_tokens
         return out
 
     @classmethod
@@ -125,6 +154,9 @@ class GenEnd:
             Message.from_dict(message) if message is not None else None,
             opt_str(obj, "error", 1024),
             opt_str(obj, "ref", _ID),
+            opt_str(obj, "error_code", _CODE),
+            opt_int(obj, "retry_after_ms", lo=0),
+            opt_int(obj, "thinking_tokens", lo=0),
         )
 
 

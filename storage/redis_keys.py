@@ -25,6 +25,8 @@ always go to the same shard (:func:`outbox_shard`). The other keys::
 
     chat:{ctl-<server>}:control    control messages to one instance (cancel a reply)
     chat:{u:<user>}:<kind>[:...]   a user's limits: conns, bucket, tokens:<UTC day>
+    chat:{m:<model>}:inflight      a model's requests in flight (the model guard's permits)
+    chat:{m:<model>}:started       a model's requests started within the last minute
     chat:rcache:<digest>           a cached model answer
 """
 
@@ -129,6 +131,11 @@ def control_channel(prefix: str, server_id: str) -> str:
 def user_key(prefix: str, user_id: str, kind: str, *rest: str) -> str:
     """One of a user's limit keys; a user's keys share a hash tag (one node on a cluster)."""
     return ":".join([f"{prefix}:{{u:{user_id}}}:{kind}", *rest])
+
+
+def model_key(prefix: str, model: str, kind: str) -> str:
+    """One of a model's guard keys (``inflight``, ``started``), under one hash tag."""
+    return f"{prefix}:{{m:{model}}}:{kind}"
 
 
 def response_cache_key(prefix: str, digest: str) -> str:

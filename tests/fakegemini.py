@@ -8,14 +8,21 @@
     await fake.wait_disconnect(0)          # monotonic time the client went away
     await fake.close()
 
-Routes (what google-genai calls with ``api_version="v1beta"``):
+Routes (what google-genai calls with ``api_version="v1beta"``; ``tunedModels/{model}`` too):
 
 - ``POST /v1beta/models/{model}:streamGenerateContent?alt=sse``: the next scripted
   behaviour (else ``fake.default``) answers: a :class:`Stream` of SSE events
   ``data: {"candidates":[{"content":{"parts":[{"text":…}],"role":"model"},"finishReason":…}],
-  "usageMetadata":{…}}``, or a :class:`Status` error answer with Google's error body.
+  "usageMetadata":{…}}``, or a :class:`Status` error answer with Google's error body (with
+  a ``google.rpc.RetryInfo`` when it has a ``retry_delay``). Any other path is a 404, as at
+  Google: ``models/models/…`` included.
 - ``GET /v1beta/models/{model}``: the model resource (the cheap health probe), counted in
-  ``fake.probes``; ``fake.probe_status`` makes it fail.
+  ``fake.probes`` (the names in ``fake.probed``); ``fake.probe_status`` makes it fail.
+
+A stream *thinks* like Gemini 2.5: ``thoughts_tokens`` of thinking (none with a
+``thinkingBudget`` of 0, at most the budget otherwise) count against ``maxOutputTokens``
+before the answer's chunks do, and ``think_s`` is the silence before the first chunk.
+``start(ssl_context=...)`` serves HTTPS.
 
 Every stream request is recorded (:class:`Recorded`) with when it arrived, when its answer
 ended and when the client disconnected before the end: the server runs with handler
@@ -32,8 +39,8 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import signal
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,17 +48,15 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakegemini_wire import (
+    echo_chunks,
+    error_body,
+    prompt_tokens,
+    sse_event,
+    thinking_spent,
+)
+
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-_STATUS_NAMES = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    429: "RESOURCE_EXHAUSTED",
-    500: "INTERNAL",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,8 @@ class Stream:
     finish: str | None = "STOP"  # on the last chunk; None: the stream never says why it ended
     usage: tuple[int, int] | None = None  # (prompt, candidates); default: counted; see no_usage
     no_usage: bool = False
-    thoughts_tokens: int = 0
+    thoughts_tokens: int = 0  # what it thinks when nothing limits it
+    think_s: float = 0.0  # after the response headers, before the first chunk
     drop_after: int | None = None  # cut the TCP connection after this many chunks
     error_after: int | None = None  # send an error event after this many chunks, then end
     error_code: int = 500
@@ -79,6 +85,7 @@ class Status:
     status: int
     message: str = "scripted failure"
     delay_s: float = 0.0
+    retry_delay: str | None = None  # google.rpc.RetryInfo's retryDelay, e.g. "37s"
 
 
 Behaviour = Stream | Status
@@ -99,38 +106,23 @@ class Recorded:
     gone: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def _error_body(code: int, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "status": _STATUS_NAMES.get(code, "")}}
-
-
-def _count(text: str) -> int:
-    return max(1, len(text.split()))
-
-
-def _prompt_tokens(body: dict[str, Any]) -> int:
-    words = 0
-    for content in body.get("contents", []):
-        for part in content.get("parts", []):
-            words += _count(part.get("text", ""))
-    for part in (body.get("systemInstruction") or {}).get("parts", []):
-        words += _count(part.get("text", ""))
-    return words
-
-
 class FakeGemini:
     def __init__(self, default: Behaviour | None = None) -> None:
         self.default: Behaviour = default if default is not None else Stream()
         self._script: collections.deque[Behaviour] = collections.deque()
         self.requests: list[Recorded] = []
         self.probes = 0
+        self.probed: list[str] = []  # the names looked up, as the path gave them
         self.probe_status = 200
         self._arrived = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
         app = web.Application()
-        app.router.add_post("/v1beta/models/{model}", self._generate)
-        app.router.add_get("/v1beta/models/{model}", self._get_model)
+        for kind in ("models", "tunedModels"):
+            app.router.add_post(f"/v1beta/{kind}/{{model}}", self._generate)
+            app.router.add_get(f"/v1beta/{kind}/{{model}}", self._get_model)
         self.app = app
+        self.scheme = "http"
 
     # -- control --------------------------------------------------------------------
 
@@ -139,12 +131,15 @@ class FakeGemini:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=4096)
+        self.scheme = "https" if ssl_context is not None else "http"
+        site = web.TCPSite(self._runner, host, port, backlog=4096, ssl_context=ssl_context)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         return self.base_url
@@ -171,19 +166,23 @@ class FakeGemini:
 
     async def _get_model(self, request: web.Request) -> web.Response:
         self.probes += 1
+        kind = request.path.split("/")[2]
+        name = request.match_info["model"]
+        self.probed.append(f"{kind}/{name}")
         if self.probe_status != 200:
             return web.json_response(
-                _error_body(self.probe_status, "probe failed"), status=self.probe_status
+                error_body(self.probe_status, "probe failed"), status=self.probe_status
             )
-        name = request.match_info["model"]
         return web.json_response(
-            {"name": f"models/{name}", "displayName": name, "inputTokenLimit": 1048576}
+            {"name": f"{kind}/{name}", "displayName": name, "inputTokenLimit": 1048576}
         )
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         model, _, method = request.match_info["model"].partition(":")
+        if request.path.split("/")[2] == "tunedModels":
+            model = f"tunedModels/{model}"
         if method != "streamGenerateContent":
-            return web.json_response(_error_body(404, f"no method {method!r}"), status=404)
+            return web.json_response(error_body(404, f"no method {method!r}"), status=404)
         body = await request.json()
         behaviour = self._script.popleft() if self._script else self.default
         record = Recorded(
@@ -203,7 +202,8 @@ class FakeGemini:
                 if behaviour.delay_s:
                     await asyncio.sleep(behaviour.delay_s)
                 response: web.StreamResponse = web.json_response(
-                    _error_body(behaviour.status, behaviour.message), status=behaviour.status
+                    error_body(behaviour.status, behaviour.message, behaviour.retry_delay),
+                    status=behaviour.status,
                 )
             else:
                 response = await self._stream(request, record, behaviour, model)
@@ -224,21 +224,39 @@ class FakeGemini:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         response.enable_chunked_encoding()
         await response.prepare(request)
-        prompt = _prompt_tokens(record.body)
+        prompt = prompt_tokens(record.body)
         if spec.block_reason is not None:
             blocked = {
                 "promptFeedback": {"blockReason": spec.block_reason},
                 "usageMetadata": {"promptTokenCount": prompt, "totalTokenCount": prompt},
                 "modelVersion": model,
             }
-            await response.write(_event(blocked))
+            await response.write(sse_event(blocked))
             await response.write_eof()
             return response
-        chunks = list(spec.chunks) if spec.chunks is not None else _echo(record.body)
+        chunks = list(spec.chunks) if spec.chunks is not None else echo_chunks(record.body)
         finish = spec.finish
-        limit = (record.body.get("generationConfig") or {}).get("maxOutputTokens")
-        if isinstance(limit, int) and len(chunks) > limit:  # a chunk stands for a token
-            chunks, finish = chunks[:limit], "MAX_TOKENS"
+        generation = record.body.get("generationConfig") or {}
+        thoughts = thinking_spent(spec.thoughts_tokens, generation.get("thinkingConfig"))
+        limit = generation.get("maxOutputTokens")
+        if isinstance(limit, int) and thoughts + len(chunks) > limit:  # a chunk is a token
+            thoughts = min(thoughts, limit)  # thinking first: it may leave nothing
+            chunks, finish = chunks[: limit - thoughts], "MAX_TOKENS"
+        if spec.think_s:
+            await asyncio.sleep(spec.think_s)
+        if not chunks:  # all of it went to thinking: one event with the finish and usage
+            event = {
+                "candidates": [{"content": {"parts": [], "role": "model"}, "finishReason": finish}],
+                "usageMetadata": {
+                    "promptTokenCount": prompt,
+                    "totalTokenCount": prompt + thoughts,
+                    "thoughtsTokenCount": thoughts,
+                },
+                "modelVersion": model,
+            }
+            await response.write(sse_event(event))
+            await response.write_eof()
+            return response
         total = len(chunks)
         pending: list[bytes] = []
         loop = asyncio.get_running_loop()
@@ -251,7 +269,7 @@ class FakeGemini:
                 record.disconnected_at = time.monotonic()
                 return response
             if spec.error_after is not None and index == spec.error_after:
-                pending.append(_event(_error_body(spec.error_code, "mid-stream failure")))
+                pending.append(sse_event(error_body(spec.error_code, "mid-stream failure")))
                 await self._flush(response, pending)
                 await response.write_eof()
                 return response
@@ -275,14 +293,14 @@ class FakeGemini:
                     usage = {
                         "promptTokenCount": used[0],
                         "candidatesTokenCount": used[1],
-                        "totalTokenCount": used[0] + used[1] + spec.thoughts_tokens,
+                        "totalTokenCount": used[0] + used[1] + thoughts,
                     }
-                    if spec.thoughts_tokens:
-                        usage["thoughtsTokenCount"] = spec.thoughts_tokens
+                    if thoughts:
+                        usage["thoughtsTokenCount"] = thoughts
                 else:
                     usage = {"promptTokenCount": (spec.usage or (prompt, 0))[0]}
                 event["usageMetadata"] = usage
-            pending.append(_event(event))
+            pending.append(sse_event(event))
             record.chunks_sent += 1
         await self._flush(response, pending)
         await response.write_eof()
@@ -293,20 +311,6 @@ class FakeGemini:
         if pending:
             await response.write(b"".join(pending))
             pending.clear()
-
-
-def _echo(body: dict[str, Any]) -> list[str]:
-    """A predictable answer: "You said: <the last user text>", one word per chunk."""
-    said = ""
-    for content in body.get("contents", []):
-        if content.get("role") == "user":
-            said = " ".join(p.get("text", "") for p in content.get("parts", []))
-    words = f"You said: {said}".split()
-    return [w if i == len(words) - 1 else w + " " for i, w in enumerate(words)]
-
-
-def _event(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\r\n\r\n"
 
 
 # -- standalone (the benchmark's fake, in its own process) ------------------------------

@@ -43,6 +43,8 @@ class CacheKey:
 
 def cache_key(agent: Agent, model: str, prompt: str) -> CacheKey:
     setup = f"{agent.system_prompt}\x1f{agent.temperature}\x1f{agent.max_output_tokens}"
+    if agent.thinking_budget is not None:  # absent: the keys of before it existed
+        setup += f"\x1f{agent.thinking_budget}"
     fingerprint = hashlib.blake2b(setup.encode(), digest_size=6).hexdigest()
     return CacheKey(f"{agent.id}#{fingerprint}", model, normalise_prompt(prompt))
 

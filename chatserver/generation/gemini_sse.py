@@ -1,13 +1,15 @@
 """The lean Gemini path: the same REST endpoint as the SDK, read with aiohttp and ``json``.
 
-``POST {base}/v1beta/models/{model}:streamGenerateContent?alt=sse`` with the SDK's body and
-``x-goog-api-key``; the answer is Server-Sent Events, one JSON object per ``data:`` line.
+``POST {base}/v1beta/{name}:streamGenerateContent?alt=sse`` (``name``: ``models/<id>`` or
+``tunedModels/<id>``) with the SDK's body and ``x-goog-api-key``; the answer is Server-Sent
+Events, one JSON object per ``data:`` line.
 The SDK spends ~330 µs of CPU per chunk (pydantic models, several generator layers); this
 path parses the same events for a fraction of that. Same contract as ``GeminiProvider``
-(``gemini.py``): same retries (429/5xx before the first byte, capped exponential backoff
-with jitter), same timeout, same mapping of the answer to a ``Finish``; cancelling the task
-closes the connection (``finally: response.close()``). Selected with
-``CHAT_GEMINI_TRANSPORT=sse``.
+(``gemini.py``): same retries (``gemini_retry.Tries``: 429/5xx or an error event before the
+first chunk, capped exponential backoff with jitter or Google's ``RetryInfo``), same
+timeouts, same mapping of the answer to a ``Finish``; cancelling the task closes the
+connection (``finally: response.close()``). Selected with ``CHAT_GEMINI_TRANSPORT=sse``
+(the default).
 """
 
 from __future__ import annotations
@@ -15,129 +17,150 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 
 from protocol import FinishReason
 
+from ..limits.model_guard import ModelGuard
 from ..ops.metrics import Metrics
+from .gemini_answer import GeminiStreamError, Tally, error_kind
 from .gemini_common import (
     API_VERSION,
+    PROBE_TIMEOUT_S,
     CachedProbe,
     GeminiConfig,
-    GeminiStreamError,
-    Tally,
-    error_kind,
+    may_think,
+    model_path,
     new_session,
     request_body,
 )
+from .gemini_retry import ModelBusyError, Tries
 from .provider import Chunk, Finish, ReplyRequest, StreamItem
-
-# Failures to reach the server at all, retried like a 429/5xx (as the SDK does).
-_RETRY_ERRORS = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
-)
 
 
 class GeminiSseProvider:
     name = "gemini-sse"
 
-    def __init__(self, config: GeminiConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: GeminiConfig,
+        metrics: Metrics | None = None,
+        guard: ModelGuard | None = None,
+    ) -> None:
         self.config = config
         self._metrics = metrics
+        self._guard = guard
         self._session: aiohttp.ClientSession | None = None
         self._headers = {
             "Content-Type": "application/json",
             "x-goog-api-key": config.api_key,
             "User-Agent": "chatserver-gemini-sse",
         }
-        # sock_read bounds the wait for the headers and for each read of the body.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.timeout_s, sock_read=config.timeout_s
-        )
+        # sock_read bounds the wait for the headers and for each read of the body; a reply
+        # that may think waits longer for its first chunk (the headers included).
+        self._timeouts = {
+            thinking: aiohttp.ClientTimeout(
+                total=None, sock_connect=config.timeout_s, sock_read=config.first_wait_s(thinking)
+            )
+            for thinking in (False, True)
+        }
         self.active = 0
         self.probe = CachedProbe(self._probe_once, config.probe_ttl_s)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = new_session(self._timeout)
+            self._session = new_session(self._timeouts[False])
         return self._session
 
     def _url(self, model: str, method: str) -> str:
-        return f"{self.config.url}/{API_VERSION}/models/{model}{method}"
+        return f"{self.config.url}/{API_VERSION}/{model_path(model)}{method}"
+
+    def thinks(self, model: str, thinking_budget: int | None) -> bool:
+        return may_think(model, thinking_budget)
 
     async def stream(self, request: ReplyRequest) -> AsyncIterator[StreamItem]:
+        thinking = may_think(request.model, request.thinking_budget)
+        tries = Tries(self.config.retry, request.model, self._guard, self._on_guard)
+        body = json.dumps(request_body(request), separators=(",", ":")).encode()
+        url = self._url(request.model, ":streamGenerateContent?alt=sse")
         tally = Tally()
-        response: aiohttp.ClientResponse | None = None
-        clean = False
+        failure: Exception | None = None
         self.active += 1
         try:
-            try:
-                body = json.dumps(request_body(request), separators=(",", ":")).encode()
-                url = self._url(request.model, ":streamGenerateContent?alt=sse")
-                response = await self._open(url, body)
-                tally.opened = True
-                async for text in _events(response.content, tally):
-                    tally.chunks += 1
-                    tally.streamed.append(text)
-                    yield Chunk(text)
-                clean = True
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                finish = tally.failed(exc, self.config)
-                self._count_error(finish, exc)
-                yield finish
-                return
-            finish = tally.ended()
-            if finish.reason == FinishReason.ERROR:
-                self._count_error(finish)
+            while True:  # one request a turn: retried while no text has streamed
+                tally = Tally()
+                response: aiohttp.ClientResponse | None = None
+                clean = False
+                delay: float | None = None
+                try:
+                    await tries.admit()
+                    response = await self._post(url, body, thinking)
+                    async for text in _events(response.content, tally):
+                        tally.chunks += 1
+                        if tally.chunks == 1 and thinking:
+                            _read_timeout(response, self.config.timeout_s)
+                        tally.streamed.append(text)
+                        yield Chunk(text)
+                    clean = True
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if not tally.chunks and not isinstance(exc, ModelBusyError):
+                        delay = tries.next_delay(exc)
+                    if delay is None:
+                        failure = exc
+                finally:
+                    tries.release()
+                    if response is not None:
+                        if clean:
+                            response.release()  # read to the end: the connection is reused
+                        else:
+                            response.close()  # cancelled or failed: close the connection now
+                if delay is None:
+                    break
+                if self._metrics is not None:
+                    self._metrics.model_retries.labels(self.name).inc()
+                await asyncio.sleep(delay)
+            if failure is not None:
+                waited = (
+                    self.config.timeout_s if tally.chunks else self.config.first_wait_s(thinking)
+                )
+                finish = tally.failed(failure, tries, waited, thinking)
+                self._count_error(finish, failure)
+            else:
+                finish = tally.ended()
+                if finish.reason == FinishReason.ERROR:
+                    self._count_error(finish)
             yield finish
         finally:
             self.active -= 1
-            if response is not None:
-                if clean:
-                    response.release()  # read to the end: the connection can be reused
-                else:
-                    response.close()  # cancelled or failed: close the connection now
 
-    async def _open(self, url: str, body: bytes) -> aiohttp.ClientResponse:
-        """POST with retries; the response once it answered 200 (its body not read)."""
-        retry = self.config.retry
-        session = self._http()
-        attempt = 1
-        while True:
-            try:
-                response = await session.post(url, data=body, headers=self._headers)
-            except _RETRY_ERRORS:
-                if attempt >= retry.attempts:
-                    raise
-            else:
-                if response.status == 200:
-                    return response
-                try:
-                    payload: Any = await response.json(content_type=None)
-                except (ValueError, aiohttp.ClientError):
-                    payload = {"error": {"message": response.reason or ""}}
-                finally:
-                    response.release()
-                error = GeminiStreamError.from_body(response.status, payload)
-                if response.status not in retry.status_codes or attempt >= retry.attempts:
-                    raise error
-            if self._metrics is not None:
-                self._metrics.model_retries.labels(self.name).inc()
-            await asyncio.sleep(retry.delay(attempt))
-            attempt += 1
+    async def _post(self, url: str, body: bytes, thinking: bool) -> aiohttp.ClientResponse:
+        """One request; the response once it answered 200 (its body not read)."""
+        response = await self._http().post(
+            url, data=body, headers=self._headers, timeout=self._timeouts[thinking]
+        )
+        if response.status == 200:
+            return response
+        try:
+            payload = await response.json(content_type=None)
+        except (ValueError, aiohttp.ClientError):
+            payload = {"error": {"message": response.reason or ""}}
+        finally:
+            response.release()
+        raise GeminiStreamError.from_body(response.status, payload)
+
+    def _on_guard(self, model: str, limit: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.model_throttled.labels(model, limit, outcome).inc()
 
     def _count_error(self, finish: Finish, exc: BaseException | None = None) -> None:
         if self._metrics is not None:
             self._metrics.model_errors.labels(self.name, error_kind(finish, exc)).inc()
 
     async def _probe_once(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=2.0)
+        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
         url = self._url(self.config.probe_model, "")
         async with self._http().get(url, headers=self._headers, timeout=timeout) as response:
             if response.status != 200:
@@ -152,6 +175,20 @@ class GeminiSseProvider:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _read_timeout(response: aiohttp.ClientResponse, seconds: float) -> None:
+    """From the first chunk on, each next one is waited for ``seconds`` (the thinking wait
+    is over). aiohttp reads the new value when it next re-arms its timer: at once here
+    (a private call, guarded), else when the next bytes arrive."""
+    connection = response.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is None:
+        return
+    protocol.read_timeout = seconds
+    rearm = getattr(protocol, "_reschedule_timeout", None)
+    if callable(rearm):
+        rearm()
 
 
 async def _events(content: aiohttp.StreamReader, tally: Tally) -> AsyncIterator[str]:

@@ -220,6 +220,9 @@ class LocalProvider:
     def healthy(self) -> bool:
         return True
 
+    def thinks(self, model: str, thinking_budget: int | None) -> bool:
+        return False  # it answers at its pace, whatever the agent's budget
+
 
 class _QueueSink:
     __slots__ = ("_queue",)

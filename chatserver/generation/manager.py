@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from protocol import (
     ErrorCode,
@@ -272,7 +273,12 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 history = await self._conversations.recent(conversation_id, self._context)
             self._live[run.generation_id] = self._live_in[conversation_id] = run
             start = GenStart(
-                conversation_id, run.generation_id, run.reply_to.id, run.agent.id, run.model
+                conversation_id,
+                run.generation_id,
+                run.reply_to.id,
+                run.agent.id,
+                run.model,
+                thinking=self.provider.thinks(run.model, run.agent.thinking_budget),
             ).to_dict()
             if run.watched or self._deliver_events is None:
                 await self._publish(conversation_id, start)
@@ -287,6 +293,7 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 history=history,
                 temperature=run.agent.temperature,
                 max_output_tokens=run.agent.max_output_tokens,
+                thinking_budget=run.agent.thinking_budget,
             )
             cached = await self._cached_answer(run)
             attempt = 1
@@ -305,6 +312,9 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 await asyncio.sleep(self._backoff.delay(attempt))
                 attempt += 1
                 run.rearm()
+            if attempt > 1 and finish is not None and finish.error is not None:
+                # The provider's text tells of its last attempt only: say there were more.
+                finish = replace(finish, error=f"{finish.error} (reply tried {attempt} times)")
             if run.failure is not None:
                 finish = Finish(FinishReason.ERROR, Usage(0, 0), run.failure)
         except Exception as exc:

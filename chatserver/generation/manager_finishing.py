@@ -157,12 +157,27 @@ class _Finishing(ManagerState):
         if reason == FinishReason.ERROR:
             self._metrics.reply_jobs_failed.inc()
         tokens = self._metrics.tokens
+        thinking = finish.thinking_tokens
         self._metrics.child(tokens, owner.model, "input").inc(finish.usage.input_tokens)
-        self._metrics.child(tokens, owner.model, "output").inc(finish.usage.output_tokens)
+        # Apart: the answer's tokens and the thinking ones (billed as output, both of them).
+        answer = finish.usage.output_tokens - thinking
+        self._metrics.child(tokens, owner.model, "output").inc(max(0, answer))
+        if thinking:
+            self._metrics.child(tokens, owner.model, "thinking").inc(thinking)
+        # the code belongs to the model's error, not to a failure to store the reply
+        failed = reason == FinishReason.ERROR and error is not None and error == finish.error
         await self._publish(
             conversation_id,
             GenEnd(
-                conversation_id, owner.generation_id, reason, finish.usage, message, error
+                conversation_id,
+                owner.generation_id,
+                reason,
+                finish.usage,
+                message,
+                error,
+                error_code=finish.error_code if failed else None,
+                retry_after_ms=finish.retry_after_ms if failed else None,
+                thinking_tokens=thinking or None,
             ).to_dict(),
         )
         return released

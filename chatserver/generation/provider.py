@@ -24,7 +24,8 @@ class ReplyRequest:
     system_prompt: str
     history: Sequence[Message]  # the conversation's recent window, oldest first
     temperature: float
-    max_output_tokens: int
+    max_output_tokens: int  # thinking included (Gemini counts thoughts against it)
+    thinking_budget: int | None = None  # 0 off, -1 dynamic, None: the model's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,9 @@ class Finish:
     usage: Usage
     error: str | None = None
     retryable: bool = False  # an error worth another attempt (see ``is_retryable``)
+    error_code: str | None = None  # a ``protocol.ReplyErrorCode``, when the kind is known
+    retry_after_ms: int | None = None  # when asking the model again may succeed
+    thinking_tokens: int = 0  # of ``usage.output_tokens``, spent thinking
 
 
 # The model's answers worth another attempt of the whole reply (after the provider's own
@@ -71,6 +75,11 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
     def healthy(self) -> bool: ...
+
+    def thinks(self, model: str, thinking_budget: int | None) -> bool:
+        """Whether a reply of ``model`` may think before its first chunk (a long silence:
+        ``gen_start.thinking`` tells the clients, the first chunk is waited for longer)."""
+        ...
 
     @property
     def probe(self) -> Callable[[], Awaitable[object]] | None:

@@ -197,6 +197,12 @@ class Metrics:
         self.model_retries = Counter(
             "chat_model_retries", "Model requests retried (429/5xx)", ["provider"], registry=r
         )
+        self.model_throttled = Counter(
+            "chat_model_throttled",
+            "Replies held back by the model guard: waited for it, or refused past the budget",
+            ["model", "limit", "outcome"],
+            registry=r,
+        )
 
     def child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, remembered."""

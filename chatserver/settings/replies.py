@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from ..agents import is_model_name
+from ..limits.model_guard import ModelLimits, ModelLimitTable
 from .declare import (
     bad,
     not_negative,
@@ -91,12 +93,47 @@ class GeminiSettings:
         "Gemini: longest wait for the first chunk or the next one",
     )
     retries: int = setting(
-        "gemini_retries", 3, "int", "Gemini: retries of a 429/5xx answer before the first chunk"
+        "gemini_retries",
+        3,
+        "int",
+        "Gemini: retries of a 429/5xx answer, an error event or a failed connection before "
+        "the first chunk",
     )
     retry_initial_s: float = setting(
         "gemini_retry_initial_s", 0.5, "float", "Gemini: first retry delay (doubles, plus jitter)"
     )
     retry_max_s: float = setting("gemini_retry_max_s", 8.0, "float", "Gemini: longest retry delay")
+    retry_budget_s: float = setting(
+        "gemini_retry_budget_s",
+        10.0,
+        "float",
+        "Gemini: longest a reply waits in all between its requests (backoff, RetryInfo, the "
+        "model guard); a longer wait asked for ends the reply at once (model_rate_limited)",
+    )
+    thinking_timeout_s: float = setting(
+        "gemini_thinking_timeout_s",
+        120.0,
+        "float",
+        "Gemini: longest wait for the first chunk of a reply whose model may think",
+    )
+    max_concurrent: int = setting(
+        "gemini_max_concurrent",
+        100,
+        "int",
+        "Gemini: requests in flight at once per model, across instances (0: no cap)",
+    )
+    requests_per_minute: int = setting(
+        "gemini_requests_per_minute",
+        0,
+        "int",
+        "Gemini: requests started per minute per model, across instances (0: no cap)",
+    )
+    model_limits: str = setting(
+        "gemini_model_limits",
+        "",
+        "str",
+        "Gemini: per-model caps, MODEL=CONCURRENT/PER_MINUTE,... (else the two above)",
+    )
     probe_model: str = setting(
         "gemini_probe_model",
         "gemini-2.5-flash-lite",
@@ -115,6 +152,25 @@ class GeminiSettings:
             raise bad(self, "transport", "sse|sdk")
         if self.base_url is not None and urlparse(self.base_url).scheme not in {"http", "https"}:
             raise bad(self, "base_url", "not an http(s) URL")
-        positive(self, "timeout_s", "retry_initial_s", "retry_max_s", "check_ttl_s")
+        positive(
+            self,
+            "timeout_s",
+            "retry_initial_s",
+            "retry_max_s",
+            "check_ttl_s",
+            "thinking_timeout_s",
+        )
+        not_negative(self, "retry_budget_s", "max_concurrent", "requests_per_minute")
         if not 0 <= self.retries <= 10:
             raise bad(self, "retries", "must be 0..10")
+        if not is_model_name(self.probe_model):
+            raise bad(self, "probe_model", "a model id, or models/<id>, tunedModels/<id>")
+        try:
+            self.model_table()
+        except ValueError as exc:
+            raise bad(self, "model_limits", str(exc)) from None
+
+    def model_table(self) -> ModelLimitTable:
+        """The model guard's caps: the per-model ones, else the defaults."""
+        default = ModelLimits(self.max_concurrent, self.requests_per_minute)
+        return ModelLimitTable.parse(self.model_limits, default)

@@ -435,7 +435,13 @@ function ensureGeneration(c, generationId, agentId) {
   return g;
 }
 
+function setTypingNote(g, text) {
+  const note = g.el.querySelector(".typing-note");
+  if (note) note.textContent = text;
+}
+
 function setGenerationText(g, text, seq) {
+  if (g.seq === 0 && seq > 0) setTypingNote(g, "is replying…");
   g.text = text;
   g.seq = seq;
   keepScrolled(() => {
@@ -649,7 +655,10 @@ function handleFrame(f) {
     }
     case "gen_start": {
       const c = currentFor(f.conversation_id);
-      if (c) ensureGeneration(c, f.generation_id, f.agent_id);
+      if (!c) return;
+      const g = ensureGeneration(c, f.generation_id, f.agent_id);
+      // The model thinks before it writes: say so until the first delta.
+      if (f.thinking === true && g.seq === 0) setTypingNote(g, "is thinking…");
       return;
     }
     case "delta":
@@ -748,6 +757,11 @@ function onDelta(f) {
 function onGenEnd(f) {
   const c = currentFor(f.conversation_id);
   if (!c) return;
+  if (f.error_code === "model_rate_limited") {
+    const seconds = Math.ceil(Number(f.retry_after_ms) / 1000);
+    const wait = seconds > 0 ? ` Try again in ${seconds} s.` : "";
+    showAlert(`The model is busy right now (rate limit reached).${wait}`);
+  }
   const g = c.generations.get(f.generation_id);
   if (f.message && typeof f.message.offset === "number") {
     const msg = { ...f.message };

@@ -48,6 +48,11 @@ def test_flags_beat_env_and_env_beats_defaults() -> None:
         ({"CHAT_DATABASE_URL": "mysql://x"}, "CHAT_DATABASE_URL"),
         ({"CHAT_JWT_SECRET": "short"}, "CHAT_JWT_SECRET"),
         ({"CHAT_AUTH_TIMEOUT_S": "soon"}, "CHAT_AUTH_TIMEOUT_S='soon'"),
+        ({"CHAT_GEMINI_MODEL_LIMITS": "gemini-2.5-pro=20"}, "CONCURRENT/PER_MINUTE"),
+        ({"CHAT_GEMINI_MODEL_LIMITS": "gemini-2.5-pro=-1/5"}, "CHAT_GEMINI_MODEL_LIMITS"),
+        ({"CHAT_GEMINI_PROBE_MODEL": "models/../x"}, "CHAT_GEMINI_PROBE_MODEL"),
+        ({"CHAT_GEMINI_RETRY_BUDGET_S": "-1"}, "CHAT_GEMINI_RETRY_BUDGET_S"),
+        ({"CHAT_GEMINI_THINKING_TIMEOUT_S": "0"}, "CHAT_GEMINI_THINKING_TIMEOUT_S"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], named: str) -> None:
@@ -103,6 +108,26 @@ def test_agents_file_overrides_the_catalogue(tmp_path: Path) -> None:
             'public="yes"\n',
             "public",
         ),
+        (
+            '[[agents]]\nid="a"\nname="A"\ndescription="d"\nsystem_prompt="s"\n'
+            'model="gemini-2.5-pro"\nmax_output_tokens=1024\nthinking_budget=1024\n',
+            "leaves no room for the answer",
+        ),
+        (
+            '[[agents]]\nid="a"\nname="A"\ndescription="d"\nsystem_prompt="s"\n'
+            'model="gemini-2.5-pro"\nthinking_budget=-2\n',
+            "thinking_budget",
+        ),
+        (
+            '[[agents]]\nid="a"\nname="A"\ndescription="d"\nsystem_prompt="s"\n'
+            'model="gemini-2.5-pro"\nthinking_budget=true\n',
+            "thinking_budget",
+        ),
+        (
+            '[[agents]]\nid="a"\nname="A"\ndescription="d"\nsystem_prompt="s"\n'
+            'model="models/gemini 2.5"\n',
+            "'model' must be a model id",
+        ),
         ("", "[[agents]]"),
     ],
 )
@@ -112,6 +137,32 @@ def test_bad_agent_files_say_what_is_wrong(tmp_path: Path, text: str, named: str
     with pytest.raises(AgentCatalogError) as info:
         AgentCatalog.load(str(path))
     assert named in str(info.value)
+
+
+def test_an_agent_names_its_model_in_either_form_and_may_bound_its_thinking(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        '[[agents]]\nid = "pro"\nname = "Pro"\ndescription = "d"\nsystem_prompt = "s"\n'
+        'model = "models/gemini-2.5-pro"\nlight_model = "tunedModels/support-7"\n'
+        "max_output_tokens = 4096\nthinking_budget = -1\n"
+        '[[agents]]\nid = "flash"\nname = "Flash"\ndescription = "d"\nsystem_prompt = "s"\n'
+        'model = "gemini-2.5-flash"\n'
+    )
+    catalog = AgentCatalog.load(str(path))
+    pro, flash = catalog.get("pro"), catalog.get("flash")
+    assert pro is not None and pro.thinking_budget == -1 and pro.model == "models/gemini-2.5-pro"
+    assert flash is not None and flash.thinking_budget is None  # absent: not sent
+
+
+def test_the_builtin_agents_leave_room_for_the_answer() -> None:
+    for agent in AgentCatalog.load(None):
+        assert agent.thinking_budget is not None, f"{agent.id}: Gemini 2.5 would think freely"
+        if agent.thinking_budget > 0:
+            assert agent.max_output_tokens - agent.thinking_budget >= 1024, agent.id
+        if "pro" in agent.model:
+            assert agent.thinking_budget != 0, f"{agent.id}: 2.5 Pro cannot turn thinking off"
 
 
 def test_missing_agents_file() -> None:

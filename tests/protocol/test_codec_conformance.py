@@ -141,6 +141,7 @@ SERVER_FRAMES: list[ServerFrame] = [
     GenStart(
         conversation_id=CONV, generation_id=GEN, reply_to=MSG, agent_id="echo", model="echo-1"
     ),
+    GenStart(CONV, GEN, MSG, "finance", "models/gemini-2.5-pro", thinking=True),
     Delta(conversation_id=CONV, generation_id=GEN, seq=1, text="Hel"),
     Delta(CONV, GEN, 2, ""),
     GenEnd(CONV, GEN, "stop", Usage(12, 34), AGENT_MSG),
@@ -148,6 +149,18 @@ SERVER_FRAMES: list[ServerFrame] = [
     GenEnd(CONV, GEN, "error", Usage(1, 2), AGENT_MSG, error="upstream timed out"),
     GenEnd(CONV, GEN, "length", Usage(1, 2), AGENT_MSG),
     GenEnd(CONV, GEN, "safety", Usage(1, 2), AGENT_MSG),
+    GenEnd(CONV, GEN, "stop", Usage(9, 700), AGENT_MSG, thinking_tokens=650),
+    GenEnd(
+        CONV,
+        GEN,
+        "error",
+        Usage(0, 0),
+        AGENT_MSG,
+        error="model rate limited",
+        error_code="model_rate_limited",
+        retry_after_ms=37_000,
+    ),
+    GenEnd(CONV, GEN, "error", Usage(0, 0), None, "down", error_code="a_code_from_later"),
     TypingNotice(conversation_id=CONV, user_id="bob"),
     HistoryPage(conversation_id=CONV, messages=(USER_MSG, AGENT_MSG), has_more=True, ref="h"),
     HistoryPage(CONV, (), False),

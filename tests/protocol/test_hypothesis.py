@@ -172,6 +172,7 @@ SERVER_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         agent_id=ids,
         model=text(1, 128),
         ref=refs,
+        thinking=st.booleans(),
     ),
     Delta: st.builds(
         Delta,
@@ -190,6 +191,9 @@ SERVER_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         message=st.none() | messages,
         error=st.none() | text(1, 1024),
         ref=refs,
+        error_code=st.none() | text(1, 64),
+        retry_after_ms=st.none() | counts,
+        thinking_tokens=st.none() | counts,
     ),
     TypingNotice: st.builds(TypingNotice, conversation_id=ids, user_id=ids, ref=refs),
     HistoryPage: st.builds(

@@ -9,85 +9,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from chatserver.generation.gemini import GeminiProvider
-from chatserver.generation.gemini_common import (
-    CachedProbe,
-    GeminiConfig,
-    RetryPolicy,
-    request_body,
-)
-from chatserver.generation.gemini_sse import GeminiSseProvider
-from chatserver.generation.provider import Chunk, Finish, ReplyRequest, StreamItem
-from chatserver.ops.metrics import Metrics
-from protocol import Message, Usage
+from chatserver.generation.gemini_common import CachedProbe, RetryPolicy, request_body
+from chatserver.generation.provider import Chunk, Finish, ReplyRequest
+from protocol import Usage
 from tests.fakegemini import FakeGemini, Status, Stream
 from tests.serverproc import free_port
 
-GeminiKind = type[GeminiProvider] | type[GeminiSseProvider]
-MakeProvider = Callable[..., GeminiProvider | GeminiSseProvider]
-FAST_RETRY = RetryPolicy(attempts=3, initial_s=0.05, max_s=0.2, jitter_s=0.01)
-
-
-def _message(offset: int, role: str, text: str) -> Message:
-    return Message(
-        f"m{offset}",
-        "c1",
-        offset,
-        role,
-        text,
-        "2026-01-01T00:00:00.000Z",
-        user_id="u1" if role == "user" else None,
-    )
-
-
-def _request(*texts: str, model: str = "gemini-2.5-flash", max_tokens: int = 100) -> ReplyRequest:
-    history = tuple(
-        _message(i + 1, "user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(texts)
-    )
-    return ReplyRequest("general", model, "Be brief.", history, 0.25, max_tokens)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeGemini]:
-    server = FakeGemini()
-    await server.start()
-    yield server
-    await server.close()
-
-
-@pytest.fixture(params=[GeminiProvider, GeminiSseProvider], ids=["sdk", "sse"])
-async def make(request: pytest.FixtureRequest, fake: FakeGemini) -> AsyncIterator[MakeProvider]:
-    kind: GeminiKind = request.param
-    made: list[GeminiProvider | GeminiSseProvider] = []
-
-    def build(**overrides: object) -> GeminiProvider | GeminiSseProvider:
-        options: dict[str, object] = {
-            "api_key": "test-key",
-            "base_url": fake.base_url,
-            "timeout_s": 2.0,
-            "retry": FAST_RETRY,
-        }
-        options.update(overrides)
-        provider = kind(GeminiConfig(**options), Metrics())  # type: ignore[arg-type]
-        made.append(provider)
-        return provider
-
-    yield build
-    for provider in made:
-        await provider.close()
-
-
-async def _run(
-    provider: GeminiProvider | GeminiSseProvider, request: ReplyRequest
-) -> tuple[str, Finish]:
-    items: list[StreamItem] = [item async for item in provider.stream(request)]
-    finishes = [i for i in items if isinstance(i, Finish)]
-    assert len(finishes) == 1 and items[-1] is finishes[0], "exactly one Finish, last"
-    return "".join(i.text for i in items if isinstance(i, Chunk)), finishes[0]
+from .conftest import FAST_RETRY, MakeProvider
+from .conftest import gemini_request as _request
+from .conftest import message as _message
+from .conftest import run_stream as _run
 
 
 async def test_the_request_carries_the_agent_and_the_window(
@@ -135,8 +69,8 @@ async def test_chunks_stream_and_usage_comes_from_usage_metadata(
     fake.script(Stream(["Hel", "lo ", "there"], usage=(17, 9), thoughts_tokens=5))
     text, finish = await _run(make(), _request("hi"))
     assert text == "Hello there"
-    # thinking tokens are billed as output, so they count
-    assert finish == Finish("stop", Usage(17, 9 + 5))
+    # thinking tokens are billed as output, so they count; and they are told apart
+    assert finish == Finish("stop", Usage(17, 9 + 5), thinking_tokens=5)
 
 
 async def test_429_then_success_is_retried_with_backoff(
@@ -237,7 +171,7 @@ async def test_a_slow_first_byte_times_out(make: MakeProvider, fake: FakeGemini)
     provider = make(timeout_s=0.3)
     await _run(provider, _request("warm-up"))  # the SDK builds its client: seconds when busy
     started = time.monotonic()
-    _, finish = await _run(provider, _request("hi"))
+    _, finish = await _run(provider, _request("hi", thinking_budget=0))  # no thinking wait
     elapsed = time.monotonic() - started
     assert finish.reason == "error" and "no data from the model for 0.3 s" in (finish.error or "")
     assert 0.25 < elapsed < 1.5
