@@ -41,6 +41,7 @@ from storage.redis_keys import (
 )
 from storage.window.base import AppendGate
 
+from ..redis_ticks import TickPipelinedRedis
 from .buffer import ClaimedReply, Delta, LeaseLost, Record, ReplyOwner, RunningReply, Slot
 
 _LUA = "chatserver.generation"  # the package whose lua/ holds these scripts
@@ -121,6 +122,8 @@ class RedisReplyBuffer:
                 part = calls[start : start + _CLUSTER_FANOUT]
                 results += await asyncio.gather(*(s(keys=k, args=a) for s, k, a in part))
             return results
+        if isinstance(redis, TickPipelinedRedis):
+            return await self._ticked_calls(redis, calls, extra)
         out: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         first = True
@@ -153,6 +156,36 @@ class RedisReplyBuffer:
             for scr in {calls[i][0] for i in missing}:
                 scr.sha = await redis.script_load(scr.script)
             todo, first = missing, False  # only those: the others ran already
+
+    @staticmethod
+    async def _ticked_calls(
+        redis: TickPipelinedRedis, calls: Sequence[Call], extra: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """``_calls`` on a client that pipelines per loop tick: each call on its own, so that
+        they share the tick's pipeline with everything else sent meanwhile."""
+        answers = await asyncio.gather(
+            *(redis.execute_command(*command) for command in extra),
+            *(redis.evalsha(scr.sha, len(keys), *keys, *args) for scr, keys, args in calls),
+            return_exceptions=True,
+        )
+        for answer in answers[: len(extra)]:
+            if isinstance(answer, BaseException):
+                raise answer
+        out = list(answers[len(extra) :])
+        missing = [i for i, answer in enumerate(out) if isinstance(answer, NoScriptError)]
+        for scr in {calls[i][0] for i in missing}:  # Redis restarted or flushed its scripts
+            scr.sha = await redis.script_load(scr.script)
+        if missing:
+            again = await asyncio.gather(
+                *(calls[i][0](keys=calls[i][1], args=calls[i][2]) for i in missing),
+                return_exceptions=True,
+            )
+            for index, answer in zip(missing, again, strict=True):
+                out[index] = answer
+        for answer in out:
+            if isinstance(answer, BaseException):
+                raise answer
+        return out
 
     def _alive_command(self) -> list[tuple[Any, ...]]:
         """Our alive key, when it may be older than a third of a lease (first reply)."""

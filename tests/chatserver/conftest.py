@@ -18,6 +18,7 @@ from chatclient.client import ChatApi, ChatClient
 from chatserver.app import create_app
 from chatserver.generation.buffer import MemoryReplyBuffer, ReplyBuffer
 from chatserver.generation.redis_buffer import RedisReplyBuffer
+from chatserver.redis_ticks import TickPipelinedRedis
 from chatserver.settings import Settings
 from protocol import Encoding
 
@@ -79,13 +80,15 @@ def settings(tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-ticked"])
 async def buffer(request: pytest.FixtureRequest) -> AsyncIterator[ReplyBuffer]:
-    """A resume buffer of each kind (the Redis one on the test's own Redis)."""
+    """A resume buffer of each kind (the Redis one on the test's own Redis, with a plain
+    client and with the per-tick pipelining one the server uses)."""
     if request.param == "memory":
         yield MemoryReplyBuffer()
         return
-    redis = Redis.from_url(request.getfixturevalue("redis_url"))
+    client = TickPipelinedRedis if request.param == "redis-ticked" else Redis
+    redis = client.from_url(request.getfixturevalue("redis_url"))
     yield RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
     await redis.aclose()
 

@@ -10,6 +10,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from chatserver.generation.buffer import LeaseLost, Record, ReplyBuffer, ReplyOwner
 from chatserver.generation.redis_buffer import RedisReplyBuffer
+from chatserver.redis_ticks import TickPipelinedRedis
 
 
 def _owner(gen: str = "g1", conv: str = "c1", server: str = "server-a") -> ReplyOwner:
@@ -184,8 +185,11 @@ async def test_the_first_reply_to_wait_for_the_conversation_goes_next(redis_url:
         await redis.aclose()
 
 
-async def test_a_batch_survives_redis_forgetting_its_scripts(redis_url: str) -> None:
-    redis = Redis.from_url(redis_url)
+@pytest.mark.parametrize("client", [Redis, TickPipelinedRedis])
+async def test_a_batch_survives_redis_forgetting_its_scripts(
+    redis_url: str, client: type[Redis]
+) -> None:
+    redis = client.from_url(redis_url)
     buffer = RedisReplyBuffer(redis, server_id="server-a", lease_s=5)
     try:
         assert await buffer.begin(_owner("g1"))
