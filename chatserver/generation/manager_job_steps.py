@@ -14,6 +14,7 @@ from storage.jobs.base import ReplyJob, Turn
 
 from .leases import end_orphan
 from .manager_state import (
+    LOCAL_TURN_WAIT_S,
     SLOT_POLL,
     ManagerState,
     log,
@@ -41,13 +42,26 @@ class _JobSteps(ManagerState):
         deadline = loop.time() + self._slot_wait_s
         delays = SLOT_POLL.delays()
         cid = job.message.conversation_id
-        while not turn.go and loop.time() < deadline and not self._closing:
-            # Polled (the older job may be anywhere), woken at once when one ends here.
-            turned = self._turns.setdefault(cid, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(next(delays)):  # not wait_for: see ops/observe.py
-                    await turned.wait()
-            turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
+        offset = job.message.offset
+        waiting = self._waiting_turn.setdefault(cid, set())
+        waiting.add(offset)
+        try:
+            while not turn.go and loop.time() < deadline and not self._closing:
+                # Woken at once when a job of the conversation ends here. Polled only by the
+                # oldest question waiting here, and only while what holds it back is held
+                # elsewhere: the others would only ask Redis what it cannot know yet.
+                elsewhere = turn.blocker is None or turn.blocker not in self.held
+                first = offset == min(waiting)
+                pause = next(delays) if elsewhere and first else LOCAL_TURN_WAIT_S
+                turned = self._turns.setdefault(cid, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):  # not wait_for: see ops/observe.py
+                        await turned.wait()
+                turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
+        finally:
+            waiting.discard(offset)
+            if not waiting and self._waiting_turn.get(cid) is waiting:
+                del self._waiting_turn[cid]
 
     async def _cut_off(self, run: ReplyRun) -> bool:
         """A claimed job whose reply was streaming elsewhere: never a second stream. Ended

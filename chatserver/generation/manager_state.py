@@ -37,6 +37,9 @@ WATCH_ACK_TIMEOUT_S = 2.0
 T = TypeVar("T")
 # Asking again for a reply slot or a job's turn that another reply holds (it ends soon).
 SLOT_POLL = Backoff(0.02, 0.5)
+# A question held back by one held here, or behind an older one waiting here: woken by its end;
+# this only bounds the wait should that wake-up never come (the older one failed, to retry).
+LOCAL_TURN_WAIT_S = 1.0
 # Riding out Redis or the store restarting while a reply finishes.
 OUTAGE_RETRY = Backoff(0.05, 2.0)
 
@@ -85,6 +88,7 @@ class ManagerState:
     _lanes: dict[str, Lane]
     _pending: int
     _turns: dict[str, asyncio.Event]
+    _waiting_turn: dict[str, set[int]]
     _tasks: set[asyncio.Task[None]]
     _closing: bool
     _push: PushProvider | None

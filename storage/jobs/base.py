@@ -34,6 +34,7 @@ class ReplyJob:
 class Turn:
     go: bool  # no older job of the conversation is unfinished
     announced: bool  # the holder reached the job once before: the question was fanned out
+    blocker: str | None = None  # when it may not go: the older job holding it back
 
 
 @dataclass(frozen=True, slots=True)

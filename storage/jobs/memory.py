@@ -57,7 +57,8 @@ class MemoryReplyJobs:
         announced = job.job_id in self._announced or job.job_id not in self._jobs
         if job.job_id in self._jobs:
             self._announced.add(job.job_id)
-        return Turn(go=not queue or queue[0] == job.job_id, announced=announced)
+        go = not queue or queue[0] == job.job_id
+        return Turn(go=go, announced=announced, blocker=None if go or not queue else queue[0])
 
     async def done(self, job: ReplyJob) -> None:
         self._announced.discard(job.job_id)

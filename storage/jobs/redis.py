@@ -119,13 +119,14 @@ class RedisReplyJobs:
         args: list[Any] = [job.job_id, job.message.offset]
         reply = await self._turn(keys=keys, args=args)
         announced = bool(int(reply[1]))
-        while len(reply) > 2:  # a cluster: is the older job still in the stream?
+        while len(reply) > 3:  # a cluster: is the older job still in the stream?
             head = _s(reply[2])
             if await self.redis.xrange(self.key, head, head):
                 break
             await self.redis.zrem(listed, head)  # gone (done halfway, or lost): stale
             reply = await self._turn(keys=keys, args=args)
-        return Turn(go=bool(int(reply[0])), announced=announced)
+        blocker = _s(reply[2]) if len(reply) > 2 else None
+        return Turn(go=bool(int(reply[0])), announced=announced, blocker=blocker)
 
     async def done(self, job: ReplyJob) -> None:
         listed = self.listed(job.message.conversation_id)

@@ -37,8 +37,11 @@ async def test_jobs_of_a_conversation_take_turns_in_order(
     second = await _job(jobs, new_message("c1"))
     other = await _job(jobs, new_message("c2"))
     assert first.job_id != second.job_id
-    assert (await jobs.turn(second)).go is False  # the older question goes first
+    held_back = await jobs.turn(second)
+    assert held_back.go is False  # the older question goes first
+    assert held_back.blocker == first.job_id  # and says which one holds it back
     assert (await jobs.turn(first)).go is True
+    assert (await jobs.turn(first)).blocker is None
     assert (await jobs.turn(other)).go is True  # another conversation is not held back
     await jobs.done(first)
     assert (await jobs.turn(second)).go is True
