@@ -111,9 +111,8 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
         self._announce = announce
         self._lanes: dict[str, Lane] = {}
         self._pending = 0
-        self._turns: dict[str, asyncio.Event] = {}  # set when a job of the conversation ends
-        # The offsets of the questions waiting here for their turn, by conversation.
-        self._waiting_turn: dict[str, set[int]] = {}
+        # The questions waiting here for their turn, by conversation: offset -> wake-up.
+        self._waiting_turn: dict[str, dict[int, asyncio.Event]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         # Checked once: the provider is fixed for the life of the manager.

@@ -36,32 +36,46 @@ class _JobSteps(ManagerState):
 
     async def _wait_turn(self, job: ReplyJob, turn: Turn) -> None:
         """Older questions of the conversation first, wherever they are held; past the slot
-        wait, go anyway (an answer late is better than none)."""
+        wait, go anyway (an answer late is better than none).
+
+        Only the oldest question waiting here asks Redis again, and it polls only while the
+        job holding it back is held elsewhere: one held here wakes it when it ends. The
+        younger ones sleep until they are the oldest (each would only learn that the one
+        before it has not ended): a queue of n costs a few checks per question, not n."""
         assert self.jobs is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._slot_wait_s
         delays = SLOT_POLL.delays()
         cid = job.message.conversation_id
         offset = job.message.offset
-        waiting = self._waiting_turn.setdefault(cid, set())
-        waiting.add(offset)
+        waiting = self._waiting_turn.setdefault(cid, {})
+        woken = waiting[offset] = asyncio.Event()
         try:
             while not turn.go and loop.time() < deadline and not self._closing:
-                # Woken at once when a job of the conversation ends here. Polled only by the
-                # oldest question waiting here, and only while what holds it back is held
-                # elsewhere: the others would only ask Redis what it cannot know yet.
-                elsewhere = turn.blocker is None or turn.blocker not in self.held
-                first = offset == min(waiting)
-                pause = next(delays) if elsewhere and first else LOCAL_TURN_WAIT_S
-                turned = self._turns.setdefault(cid, asyncio.Event())
+                if offset != min(waiting):
+                    pause = deadline - loop.time()
+                elif turn.blocker is None or turn.blocker not in self.held:
+                    pause = next(delays)
+                else:  # only bounds the wait should the wake-up never come
+                    pause = LOCAL_TURN_WAIT_S
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):  # not wait_for: see ops/observe.py
-                        await turned.wait()
+                        await woken.wait()
+                woken.clear()  # after the wait: a wake-up during the check below is kept
                 turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
         finally:
-            waiting.discard(offset)
-            if not waiting and self._waiting_turn.get(cid) is waiting:
-                del self._waiting_turn[cid]
+            del waiting[offset]
+            if not waiting:
+                if self._waiting_turn.get(cid) is waiting:
+                    del self._waiting_turn[cid]
+            elif not turn.go:  # it leaves without its turn (stopping, failing): the next
+                self._wake_turn(cid)  # oldest takes over the watch
+
+    def _wake_turn(self, conversation_id: str) -> None:
+        """The oldest question waiting here in the conversation checks its turn again."""
+        waiting = self._waiting_turn.get(conversation_id)
+        if waiting:
+            waiting[min(waiting)].set()
 
     async def _cut_off(self, run: ReplyRun) -> bool:
         """A claimed job whose reply was streaming elsewhere: never a second stream. Ended
@@ -92,6 +106,4 @@ class _JobSteps(ManagerState):
                 await self._retrying("finish a reply job", self.jobs.done, job)
         except Exception as exc:  # claimed later, it finds its answer stored
             log.warning("reply job not marked done: %s", exc)
-        turned = self._turns.pop(job.message.conversation_id, None)
-        if turned is not None:
-            turned.set()  # the next question of the conversation may go
+        self._wake_turn(job.message.conversation_id)  # the next question may go

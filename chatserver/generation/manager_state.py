@@ -87,8 +87,7 @@ class ManagerState:
     _announce: Announce | None
     _lanes: dict[str, Lane]
     _pending: int
-    _turns: dict[str, asyncio.Event]
-    _waiting_turn: dict[str, set[int]]
+    _waiting_turn: dict[str, dict[int, asyncio.Event]]
     _tasks: set[asyncio.Task[None]]
     _closing: bool
     _push: PushProvider | None

@@ -214,8 +214,10 @@ async def test_deltas_that_cannot_be_recorded_are_not_published(
         pump, _ = _pump(buffer, published)
         provider = LocalProvider(ttft_ms=50, token_ms=5)
         run = await _begin(buffer, pump, "c1")
+        # Redis goes away before the stream opens: before the first word, however slow the
+        # machine (stopping it after the open raced the first word under load).
+        redis_server.stop()
         run.handle = provider.open(_request("a b c"), run)
-        redis_server.stop()  # Redis goes away before the first word is due
         assert await asyncio.wait_for(run.done, 10) is None
         assert run.failure is not None and run.failure.startswith("reply failed: ")
         assert published.frames == [] and provider.active == 0
