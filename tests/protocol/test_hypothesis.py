@@ -46,6 +46,7 @@ from protocol import (
     ServerFrame,
     Since,
     Typing,
+    Presence,
     TypingNotice,
     Usage,
     decode_client_frame,
@@ -196,6 +197,12 @@ SERVER_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         thinking_tokens=st.none() | counts,
     ),
     TypingNotice: st.builds(TypingNotice, conversation_id=ids, user_id=ids, ref=refs),
+    Presence: st.builds(
+        Presence,
+        conversation_id=ids,
+        online=st.lists(ids, max_size=5).map(tuple),
+        ref=refs,
+    ),
     HistoryPage: st.builds(
         HistoryPage, conversation_id=ids, messages=message_lists, has_more=st.booleans(), ref=refs
     ),
