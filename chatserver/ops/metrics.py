@@ -172,6 +172,9 @@ class Metrics:
             buckets=_LAG,
             registry=r,
         )
+        self.presence_frames = Counter(
+            "chat_presence_frames", "Presence frames queued to members", registry=r
+        )
         self.slow_consumers = Counter(
             "chat_slow_consumers", "Connections closed for falling behind (4408)", registry=r
         )

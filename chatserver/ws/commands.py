@@ -34,7 +34,7 @@ from storage.records import AppendResult, MessageDraft
 from storage.window.base import AppendRefused
 
 from .. import keys
-from ..errors import ServiceError
+from ..errors import DEPENDENCY_ERRORS, ServiceError
 from ..fanout.publish import publish
 from ..fanout.session import Session
 from ..limits.base import Refusal, TierLimits
@@ -117,6 +117,12 @@ async def _on_join(app: web.Application, session: Session, frame: Join, reply: R
     )
     gen = (snapshot.generation_id, snapshot.seq) if snapshot is not None else None
     session.release(frame.conversation_id, view.view.last_offset, gen)
+    # After `joined`: who is online, this member included. Not the join's failure if the
+    # store does not answer: the next change, or renewal, brings the list.
+    try:
+        await app[keys.PRESENCE].welcome(session, frame.conversation_id)
+    except DEPENDENCY_ERRORS as exc:
+        log.warning("presence not sent on join: %r", exc, extra={"session": session.id})
 
 
 async def _on_send(app: web.Application, session: Session, frame: Send, reply: Reply) -> None:
