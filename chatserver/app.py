@@ -171,8 +171,13 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _fanout(app: web.Application) -> AsyncIterator[None]:
-    broker = make_broker(app[keys.SETTINGS], app[keys.REDIS], on_gap=lambda: resync_joined(app))
     metrics = app[keys.METRICS]
+
+    def on_gap() -> None:
+        metrics.event_stream_gaps.inc()
+        resync_joined(app)
+
+    broker = make_broker(app[keys.SETTINGS], app[keys.REDIS], on_gap=on_gap)
     hub = LocalHub(
         broker,
         on_fanout=metrics.fanout_delay.observe,

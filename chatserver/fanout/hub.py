@@ -55,6 +55,7 @@ class LocalHub:
         self.sessions: set[Session] = set()
         self._ended: OrderedDict[str, None] = OrderedDict()  # generations whose end went out
         self.presence: PresenceHooks | None = None
+        self.delivered = 0  # fan-out frames handed to joined connections (a metric's source)
 
     def add_session(self, session: Session) -> None:
         self.sessions.add(session)
@@ -127,6 +128,7 @@ class LocalHub:
         room = self._rooms.get(event.conversation_id)
         if room is None:
             return
+        self.delivered += len(room.members)
         # The fan-out hot path: per member one dict step and one push. Events that a
         # member's join state or a filter may drop (held while joining, below the join
         # floor, generation frames of a member with generation floors, typing) take the
