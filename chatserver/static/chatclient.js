@@ -106,7 +106,7 @@ export class ReplyStream extends EventTarget {
   }
 
   _snapshot(seq, text) {
-    if (seq < this.seq) return;
+    if (seq <= this.seq) return; // nothing past what this stream has
     const delta = text.slice(this.text.length);
     this.seq = seq;
     this.text = text;
