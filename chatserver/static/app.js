@@ -313,7 +313,7 @@ async function startConversation(event) {
 
 function showEmptyChat() {
   const agentId = els.agent.value;
-  els.chatTitle.textContent = "New conversation";
+  els.chatTitle.textContent = "New chat";
   els.chatSubtitle.textContent = agentId
     ? `Type a message to start a conversation with ${agentName(agentId)}, or open one from the list.`
     : "Start a conversation or open one from the list.";
