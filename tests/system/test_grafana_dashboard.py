@@ -73,6 +73,12 @@ def _targets() -> list[tuple[str, str]]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _needs_prometheus() -> None:
+    if not Path(PROMETHEUS).exists():
+        pytest.fail(f"{PROMETHEUS} missing: run scripts/ensure-system-deps.sh", pytrace=False)
+
+
 def test_the_dashboard_has_the_products_panels_and_is_provisioned() -> None:
     dashboard = _dashboard()
     assert dashboard["uid"] == "chatserver" and dashboard["schemaVersion"] >= 36
@@ -183,7 +189,6 @@ async def _load(servers: list[ServerProc], stop: asyncio.Event) -> dict[str, int
 async def test_every_panel_query_returns_data_from_a_real_prometheus(
     tmp_path: Path, redis_url: str, postgres_dsn: str, gemini: FakeGemini
 ) -> None:
-    assert Path(PROMETHEUS).exists(), f"{PROMETHEUS} missing: run scripts/ensure-system-deps.sh"
     env = {
         "CHAT_GEMINI_API_KEY": "test-key",
         "CHAT_GEMINI_BASE_URL": gemini.base_url,

@@ -31,7 +31,9 @@ async def presence(client: ChatClient, conv: str, online: tuple[str, ...]) -> Pr
 
 
 def presences(client: ChatClient, conv: str) -> list[tuple[str, ...]]:
-    return [f.online for f in client.pending() if isinstance(f, Presence) and f.conversation_id == conv]
+    return [
+        f.online for f in client.pending() if isinstance(f, Presence) and f.conversation_id == conv
+    ]
 
 
 async def test_join_gets_the_list_then_first_and_last_connections_change_it(app: Harness) -> None:

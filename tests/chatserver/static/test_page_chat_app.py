@@ -15,18 +15,14 @@ from playwright.async_api import Browser, Page, expect
 from chatclient.client import ChatApi
 from tests.fakegemini import FakeGemini, Stream
 
-from .test_browser import (  # noqa: F401  (fixtures)
+from .pagekit import (
     FAST,
     REPLY_TIMEOUT_MS,
     StartServer,
-    browser,
-    chromium,
     expected_reply,
     finished_reply,
     message,
     open_page,
-    page,
-    start_server,
 )
 
 MARKDOWN_REPLY = [

@@ -16,17 +16,13 @@ from playwright.async_api import Page, WebSocket
 from chatclient.client import ChatApi
 from chatserver.auth import Authenticator
 
-from .test_browser import (  # noqa: F401  (fixtures)
+from .pagekit import (
     FAST,
     REPLY_TIMEOUT_MS,
     SLOW,
     CuttableProxy,
     StartServer,
-    browser,
-    chromium,
     expected_reply,
-    page,
-    start_server,
 )
 
 WAIT_MS = 20_000
@@ -95,7 +91,9 @@ def frames_sent(page: Page) -> list[str]:
     return sent
 
 
-async def test_connect_join_send_and_a_streamed_reply(start_server: StartServer, page: Page) -> None:
+async def test_connect_join_send_and_a_streamed_reply(
+    start_server: StartServer, page: Page
+) -> None:
     server = start_server(FAST)
     conv = await _conversation(server.url, "ann")
     await load_module(page, server.url, await _token(server.url, "ann"))
@@ -113,8 +111,8 @@ async def test_connect_join_send_and_a_streamed_reply(start_server: StartServer,
     assert ack["client_msg_id"] == "m-1" and ack["offset"] == 1 and ack["duplicate"] is False
     reply = await until(page, "window.replies[0]?.end && window.replies[0]", REPLY_TIMEOUT_MS)
     assert reply["end"]["finish_reason"] == "stop"
-    assert reply["text"] == reply["end"]["message"]["text"] == expected_reply(
-        "hello from the module"
+    assert (
+        reply["text"] == reply["end"]["message"]["text"] == expected_reply("hello from the module")
     )
     assert reply["seqs"] == list(range(1, len(reply["seqs"]) + 1))  # each once, in order
     assert await page.evaluate("(c) => client.since(c).offset", conv) == 2
@@ -161,7 +159,9 @@ async def test_a_connection_dropped_mid_reply_resumes_without_gap_or_repeat(
         await page.evaluate("client.connect()")
         joined = await page.evaluate("(c) => client.join(c)", conv)
         long_text = " ".join(f"w{i}" for i in range(20))
-        await page.evaluate("([c, t]) => client.send(c, t, {clientMsgId: 'long'})", [conv, long_text])
+        await page.evaluate(
+            "([c, t]) => client.send(c, t, {clientMsgId: 'long'})", [conv, long_text]
+        )
         await until(page, "window.replies[0]?.seqs.length >= 3", REPLY_TIMEOUT_MS)
 
         # the network goes away mid-reply; a message sent meanwhile waits in the module
@@ -250,7 +250,9 @@ async def test_reconnect_frame_sets_the_delay_then_backoff_between_failures(
 
 
 async def test_a_refused_send_says_why_and_when(start_server: StartServer, page: Page) -> None:
-    server = start_server({**FAST, "CHAT_LIMITS_FREE": "messages_per_minute=1,connections=5,daily_tokens=100000"})
+    server = start_server(
+        {**FAST, "CHAT_LIMITS_FREE": "messages_per_minute=1,connections=5,daily_tokens=100000"}
+    )
     conv = await _conversation(server.url, "ann")
     await load_module(page, server.url, await _token(server.url, "ann"))
     await page.evaluate("client.connect()")
