@@ -2,7 +2,7 @@
 // The protocol lives in chatclient.js (connect, auth, join with since, sends kept across
 // reconnects, reply streams, reconnect with backoff); this file is the page around it.
 // Message text is set with textContent; agent replies are Markdown rendered by markdown.js
-// (markdown-it, then DOMPurify, as DOM nodes): no untrusted text goes through innerHTML.
+// (markdown-it, then DOMPurify, as DOM nodes): this code never parses a string as HTML.
 
 import { ChatClient } from "./chatclient.js";
 import { renderMarkdown } from "./markdown.js";

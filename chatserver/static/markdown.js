@@ -1,6 +1,6 @@
 // Markdown of agent replies, as DOM nodes: markdown-it (raw HTML off: a "<script>" in the text
 // stays text) and DOMPurify over its output, which comes back as a DocumentFragment. Nothing
-// here assigns innerHTML; the vendored libraries are in vendor/ (vendor/README.md).
+// here parses markup from a string; the vendored libraries are in vendor/ (vendor/README.md).
 
 import markdownit from "./vendor/markdown-it.js";
 import DOMPurify from "./vendor/purify.js";
