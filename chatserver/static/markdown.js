@@ -1,6 +1,6 @@
 // Markdown of agent replies, as DOM nodes: markdown-it (raw HTML off: a "<script>" in the text
-// stays text) and DOMPurify over its output, which comes back as a DocumentFragment. Nothing
-// here parses markup from a string; the vendored libraries are in vendor/ (vendor/README.md).
+// stays text) makes markup that only DOMPurify parses, cleans and hands back as a
+// DocumentFragment. The vendored libraries are in vendor/ (vendor/README.md).
 
 import markdownit from "./vendor/markdown-it.js";
 import DOMPurify from "./vendor/purify.js";
