@@ -399,7 +399,13 @@ export class ChatClient extends EventTarget {
     const c = this.conversation(conversationId);
     c.wanted = false;
     c.joined = false;
+    this._forgetReplies(conversationId);
     return this._request("leave", { type: "leave", conversation_id: conversationId });
+  }
+
+  /** Not joined any more: its streaming replies will hear no more (a rejoin starts anew). */
+  _forgetReplies(conversationId) {
+    for (const stream of this.replies(conversationId)) this._replies.delete(stream.generationId);
   }
 
   /**
@@ -610,6 +616,7 @@ export class ChatClient extends EventTarget {
       c.wanted = false;
       c.joined = false;
     }
+    this._forgetReplies(f.conversation_id);
     this._answer(f);
     emit(this, "left", f);
   }
