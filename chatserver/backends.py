@@ -35,10 +35,10 @@ from .limits.model_guard_memory import MemoryModelGuard
 from .limits.model_guard_redis import RedisModelGuard
 from .limits.redis import RedisLimiter
 from .ops.metrics import Metrics
-from .redis_ticks import TickPipelinedRedis
 from .presence.base import PresenceStore
 from .presence.memory import MemoryPresence
 from .presence.redis import RedisPresence
+from .redis_ticks import TickPipelinedRedis
 from .settings import Settings
 
 RedisClient = Redis | RedisCluster
