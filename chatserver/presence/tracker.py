@@ -128,6 +128,10 @@ class PresenceTracker:
         if reads is not None:
             reads.sessions.discard(session)
 
+    def idle(self) -> bool:
+        """Nothing under way: the store is in step, and every change went out (tests)."""
+        return not (self._dirty or self._syncing or self._reads or self._to_announce)
+
     def held(self) -> dict[str, list[str]]:
         """The users this instance holds joined, by conversation."""
         out: dict[str, list[str]] = {}
