@@ -194,3 +194,27 @@ async def test_the_header_shows_who_else_is_online(
     finally:
         for context in contexts:
             await context.close()
+
+
+async def test_a_send_past_the_daily_quota_says_when_it_resets(
+    start_server: StartServer, page: Page
+) -> None:
+    limits = "messages_per_minute=100,connections=5,daily_tokens=1"
+    server = start_server({**FAST, "CHAT_LIMITS_FREE": limits})
+    await open_page(page, server.url + "/")
+    await expect(page.get_by_label("Agent")).to_contain_text("General assistant")
+    await composer(page).fill("first")
+    await composer(page).press("Enter")
+    await expect(finished_reply(page, 2)).to_be_visible(timeout=REPLY_TIMEOUT_MS)
+
+    await composer(page).fill("over the quota")
+    await composer(page).press("Enter")
+    failed = page.locator('li.msg[data-failed="true"]')
+    await expect(failed).to_have_attribute("data-error-code", "quota_exceeded")
+    await expect(failed.locator(".refusal-why")).to_have_text(
+        "Daily limit reached: daily quota of 1 model tokens used up. It resets at midnight UTC."
+    )
+    await expect(failed.locator(".refusal-when")).to_have_text(
+        re.compile(r"^You can retry in (\d+ s|\d+ min|\d+ h \d+ min)\.$")
+    )
+    await expect(failed.get_by_role("button", name="Retry")).to_be_disabled()
