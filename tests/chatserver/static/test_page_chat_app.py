@@ -49,6 +49,8 @@ async def test_typing_on_an_empty_page_starts_a_conversation(
     box = composer(page)
     await expect(box).to_be_enabled()  # no "Start conversation" needed first
     await expect(box).to_have_attribute("placeholder", "Message General assistant")
+    await page.get_by_label("Agent").select_option(label="Health coach")
+    await expect(box).to_have_attribute("placeholder", "Message Health coach")
 
     said = "plan a weekend in Lisbon"
     await box.fill(said)
@@ -56,7 +58,7 @@ async def test_typing_on_an_empty_page_starts_a_conversation(
     await expect(box).to_have_value("")
     # the conversation exists, titled after the message, with the selected agent
     await expect(page.get_by_role("heading", name=said)).to_be_visible()
-    await expect(page.get_by_text("with General assistant")).to_be_visible()
+    await expect(page.get_by_text("with Health coach")).to_be_visible()
     await expect(page.get_by_role("button", name=re.compile(re.escape(said)))).to_be_visible()
     await expect(message(page, "user", 1).locator(".text")).to_have_text(said)
     await expect(finished_reply(page, 2).locator(".text")).to_have_text(
