@@ -226,11 +226,15 @@ class PresenceTracker:
     # -- reads and frames ------------------------------------------------------------------
 
     async def welcome(self, session: Session, conversation_id: str) -> None:
-        """After ``joined``: the joiner's own entry in the store, then its presence frame."""
+        """After ``joined``: the joiner's own entry in the store, then its presence frame.
+
+        Shielded: a caller that stops waiting (a timeout) leaves both to finish, and the
+        frame still goes to the joiner; other joins waiting on the same read are not touched.
+        """
         syncing = self._syncing.get((conversation_id, session.user_id))
         if syncing is not None:
             await asyncio.shield(syncing)
-        await self._request(conversation_id, session)
+        await asyncio.shield(self._request(conversation_id, session))
 
     def _request(self, conversation_id: str, session: Session | None) -> asyncio.Future[None]:
         reads = self._reads.get(conversation_id)

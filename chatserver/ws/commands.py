@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -40,6 +41,9 @@ from ..fanout.session import Session
 from ..limits.base import Refusal, TierLimits
 
 log = logging.getLogger("chatserver.commands")
+
+_WELCOME_WAIT_S = 2.0  # a join waits this long at most for its presence frame
+_WELCOME_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *DEPENDENCY_ERRORS)
 
 Reply = Callable[[Any], None]  # queue a direct reply frame to the client
 
@@ -117,12 +121,13 @@ async def _on_join(app: web.Application, session: Session, frame: Join, reply: R
     )
     gen = (snapshot.generation_id, snapshot.seq) if snapshot is not None else None
     session.release(frame.conversation_id, view.view.last_offset, gen)
-    # After `joined`: who is online, this member included. Not the join's failure if the
-    # store does not answer: the next change, or renewal, brings the list.
+    # After `joined`: who is online, this member included. A slow or failing store does not
+    # hold the connection's next frames: the list follows when it is read.
     try:
-        await app[keys.PRESENCE].welcome(session, frame.conversation_id)
-    except DEPENDENCY_ERRORS as exc:
-        log.warning("presence not sent on join: %r", exc, extra={"session": session.id})
+        async with asyncio.timeout(_WELCOME_WAIT_S):
+            await app[keys.PRESENCE].welcome(session, frame.conversation_id)
+    except _WELCOME_ERRORS as exc:
+        log.warning("presence not sent with the join: %r", exc, extra={"session": session.id})
 
 
 async def _on_send(app: web.Application, session: Session, frame: Send, reply: Reply) -> None:
