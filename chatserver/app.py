@@ -18,6 +18,7 @@ from .backends import (
     make_broker,
     make_limiter,
     make_model_guard,
+    make_presence,
     make_provider,
     make_reply_buffer,
     make_reply_jobs,
@@ -28,6 +29,7 @@ from .backends import (
 )
 from .conversations import ConversationService
 from .errors import DEPENDENCY_ERRORS
+from .fanout.envelope import Control, PresenceChanged
 from .fanout.events import Event
 from .fanout.hub import LocalHub
 from .fanout.outbound import Flusher
@@ -41,6 +43,7 @@ from .ops.drain import drain
 from .ops.maintenance import partition_maintenance
 from .ops.metrics import Metrics
 from .ops.observe import observe
+from .presence.tracker import PresenceTracker
 from .settings import Settings
 from .ws.admission import Admission
 from .ws.gateway import resync_joined, websocket_handler
@@ -66,7 +69,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app[keys.ADMISSION] = Admission.of(settings.ws)
     app[keys.TYPING] = TypingGate(settings.ws.typing_interval_ms)
     app.cleanup_ctx.extend(
-        [_redis, _storage, partition_maintenance, _persistence, _limits, _fanout, _generation]
+        [
+            _redis,
+            _storage,
+            partition_maintenance,
+            _persistence,
+            _limits,
+            _fanout,
+            _presence,
+            _generation,
+        ]
     )
     app.cleanup_ctx.append(observe)  # periodic gauges and event-loop lag, stopped first
     app.on_shutdown.append(drain)
@@ -159,8 +171,13 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _fanout(app: web.Application) -> AsyncIterator[None]:
-    broker = make_broker(app[keys.SETTINGS], app[keys.REDIS], on_gap=lambda: resync_joined(app))
     metrics = app[keys.METRICS]
+
+    def on_gap() -> None:
+        metrics.event_stream_gaps.inc()
+        resync_joined(app)
+
+    broker = make_broker(app[keys.SETTINGS], app[keys.REDIS], on_gap=on_gap)
     hub = LocalHub(
         broker,
         on_fanout=metrics.fanout_delay.observe,
@@ -171,6 +188,27 @@ async def _fanout(app: web.Application) -> AsyncIterator[None]:
     app[keys.HUB] = hub
     yield
     await broker.close()
+
+
+async def _presence(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    broker = app[keys.BROKER]
+    metrics = app[keys.METRICS]
+    tracker = PresenceTracker(
+        make_presence(settings, app[keys.REDIS]),
+        app[keys.HUB],
+        server_id=settings.server.server_id,
+        ttl_s=settings.ws.presence_ttl_s,
+        interval_s=settings.ws.presence_interval_ms / 1000,
+        announce=broker.announce,
+        on_frame=metrics.presence_frames.inc,
+    )
+    app[keys.HUB].presence = tracker
+    app[keys.PRESENCE] = tracker
+    tracker.start()
+    yield
+    app[keys.HUB].presence = None
+    await tracker.close()
 
 
 async def _generation(app: web.Application) -> AsyncIterator[None]:
@@ -217,7 +255,15 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         max_held=settings.replies.max_held,
         attempts=settings.replies.attempts,
     )
-    broker.on_control = manager.on_control
+    presence = app[keys.PRESENCE]
+
+    def on_control(message: Control) -> None:
+        if isinstance(message, PresenceChanged):
+            presence.on_control(message)
+        else:
+            manager.on_control(message)
+
+    broker.on_control = on_control
     app[keys.GENERATION] = manager
     leases = asyncio.create_task(
         manager.keep_leases(

@@ -35,6 +35,9 @@ from .limits.model_guard_memory import MemoryModelGuard
 from .limits.model_guard_redis import RedisModelGuard
 from .limits.redis import RedisLimiter
 from .ops.metrics import Metrics
+from .presence.base import PresenceStore
+from .presence.memory import MemoryPresence
+from .presence.redis import RedisPresence
 from .redis_ticks import TickPipelinedRedis
 from .settings import Settings
 
@@ -149,6 +152,17 @@ def make_broker(
         prefix=settings.redis.key_prefix,
         cluster=settings.redis.cluster,
         on_gap=on_gap,
+    )
+
+
+def make_presence(settings: Settings, redis: RedisClient | None) -> PresenceStore:
+    if redis is None:
+        return MemoryPresence()
+    return RedisPresence(
+        redis,
+        server_id=settings.server.server_id,
+        ttl_s=settings.ws.presence_ttl_s,
+        prefix=settings.redis.key_prefix,
     )
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .generation.manager import GenerationManager
     from .limits.base import Limiter
     from .ops.metrics import Metrics
+    from .presence.tracker import PresenceTracker
     from .settings import Settings
     from .ws.admission import Admission
     from .ws.typing_gate import TypingGate
@@ -64,3 +65,4 @@ GENERATION: web.AppKey[GenerationManager] = web.AppKey("generation")
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 ADMISSION: web.AppKey[Admission] = web.AppKey("admission")  # sockets not yet authenticated
 TYPING: web.AppKey[TypingGate] = web.AppKey("typing")
+PRESENCE: web.AppKey[PresenceTracker] = web.AppKey("presence")

@@ -58,7 +58,7 @@ from .server_frames import (
     ServerFrame,
     parse_server_frame,
 )
-from .stream_frames import Delta, GenEnd, GenStart, MessageEvent, TypingNotice
+from .stream_frames import Delta, GenEnd, GenStart, MessageEvent, Presence, TypingNotice
 from .text import text_problem
 
 __all__ = [
@@ -92,6 +92,7 @@ __all__ = [
     "MessageEvent",
     "Ping",
     "Pong",
+    "Presence",
     "ProtocolError",
     "Reconnect",
     "ReplyErrorCode",

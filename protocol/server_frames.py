@@ -22,7 +22,7 @@ from .fields import (
     req_str,
 )
 from .message import Message
-from .stream_frames import Delta, GenEnd, GenStart, MessageEvent, TypingNotice
+from .stream_frames import Delta, GenEnd, GenStart, MessageEvent, Presence, TypingNotice
 
 ERROR_CODES = frozenset(c.value for c in ErrorCode)
 _ID = 64
@@ -265,6 +265,7 @@ ServerFrame = (
     | Delta
     | GenEnd
     | TypingNotice
+    | Presence
     | HistoryPage
     | Pong
     | Reconnect
@@ -283,6 +284,7 @@ _PARSERS: dict[str, Callable[[Obj], ServerFrame]] = {
         Delta,
         GenEnd,
         TypingNotice,
+        Presence,
         HistoryPage,
         Pong,
         Reconnect,

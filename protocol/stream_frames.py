@@ -1,4 +1,5 @@
-"""Server frames of a conversation's live stream: messages, replies token by token, typing.
+"""Server frames of a conversation's live stream: messages, replies token by token, typing,
+presence.
 
 These are the frames fanned out to every member; the direct replies live in server_frames.
 """
@@ -17,6 +18,7 @@ from .fields import (
     opt_str,
     req_enum,
     req_int,
+    req_list,
     req_obj,
     req_str,
 )
@@ -181,3 +183,27 @@ class TypingNotice:
             req_str(obj, "user_id", _ID),
             opt_str(obj, "ref", _ID),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Who of a conversation's members is online (has a connection joined to it, on any
+    instance): the whole list, sorted, so a client replaces what it had."""
+
+    TYPE: ClassVar[str] = "presence"
+    conversation_id: str
+    online: tuple[str, ...]
+    ref: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **frame_head(self),
+            "conversation_id": self.conversation_id,
+            "online": list(self.online),
+        }
+
+    @classmethod
+    def parse(cls, obj: Obj) -> Presence:
+        online = req_list(obj, "online")
+        users = tuple(req_str({"online": user}, "online", _ID) for user in online)
+        return cls(req_str(obj, "conversation_id", _ID), users, opt_str(obj, "ref", _ID))

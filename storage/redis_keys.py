@@ -14,6 +14,8 @@ touch them together::
     chat:{<conv>}:reply_next       the reply waiting for the slot (it goes next)
     chat:{<conv>}:watchers         set of the instances with a local member joined
     chat:{<conv>}:events           the conversation's fan-out channel between instances
+    chat:{<conv>}:presence         sorted set of (instance NUL user) entries of the members
+                                   joined there, scored by expiry (ms), renewed by the instance
     chat:{inst-<server>}:alive     an instance's liveness (PX one lease, renewed every third)
     chat:{inst-<server>}:replies   set of that instance's running replies (conv TAB gen); a
                                    cancel from elsewhere finds a reply's conversation here
@@ -75,6 +77,11 @@ class ConversationKeys:
     def watchers(self) -> str:
         """The instances with a local member joined: publish only when another one is in."""
         return f"{self.base}:watchers"
+
+    @property
+    def presence(self) -> str:
+        """Who is online in the conversation: an entry per (instance, user), with an expiry."""
+        return f"{self.base}:presence"
 
     @property
     def events(self) -> str:

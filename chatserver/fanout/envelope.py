@@ -18,6 +18,9 @@ Every payload is one MessagePack array of four items::
                                                      record and publish this reply's deltas
   watch_ack  conversation_id, generation_id, seq     the owner did: Redis holds the text to
                                                      ``seq``, every later delta is published
+  presence   conversation_id, origin                 the conversation's online list changed
+                                                     (on its channel): members' instances
+                                                     read it again (chatserver/presence/)
   ========== ====================================== ==========================================
 
 A control message of an unknown type is ignored (a newer instance may send more kinds).
@@ -83,7 +86,17 @@ class WatchAck:
         }
 
 
-Control = CancelReply | WatchReply | WatchAck
+@dataclass(frozen=True, slots=True)
+class PresenceChanged:
+    conversation_id: str
+    origin: str  # the instance whose members changed it (it knows already)
+    TYPE = "presence"
+
+    def body(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "conversation_id": self.conversation_id, "origin": self.origin}
+
+
+Control = CancelReply | WatchReply | WatchAck | PresenceChanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +116,11 @@ def control_from(body: Any) -> Control | None:
     if not isinstance(body, dict):
         return None
     kind = body.get("type")
+    if kind == PresenceChanged.TYPE:
+        conv, origin = body.get("conversation_id"), body.get("origin")
+        if isinstance(conv, str) and isinstance(origin, str):
+            return PresenceChanged(conv, origin)
+        return None
     gen = body.get("generation_id")
     if not isinstance(gen, str):
         return None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from protocol import Encoding, Left
 
@@ -16,6 +17,17 @@ from .session import Session, Subscription
 # Ends remembered to drop a second announcement: far more than replies end within the
 # seconds that separate the two announcements of one.
 _ENDED_KEPT = 10_000
+
+
+class PresenceHooks(Protocol):
+    """Told of every subscription that starts or ends (chatserver/presence/)."""
+
+    def entered(self, session: Session, conversation_id: str) -> None: ...
+
+    def exited(self, session: Session, conversation_id: str) -> None: ...
+
+
+_NO_MEMBERS: Mapping[Session, Subscription] = {}
 
 
 class _Room:
@@ -42,6 +54,8 @@ class LocalHub:
         self._leaving: set[asyncio.Task[None]] = set()  # unsubscribes under way, kept alive
         self.sessions: set[Session] = set()
         self._ended: OrderedDict[str, None] = OrderedDict()  # generations whose end went out
+        self.presence: PresenceHooks | None = None
+        self.delivered = 0  # fan-out frames handed to joined connections (a metric's source)
 
     def add_session(self, session: Session) -> None:
         self.sessions.add(session)
@@ -58,6 +72,7 @@ class LocalHub:
             # A re-join restarts the floors: the new `joined` frame resets the client's view.
             old.held = []
             old.gen_floors = None
+            old.presence = None
             return old
         sub = Subscription()
         session.subscriptions[conversation_id] = sub
@@ -82,11 +97,15 @@ class LocalHub:
                 room.members.pop(session, None)
                 session.subscriptions.pop(conversation_id, None)
                 raise
+        if self.presence is not None:
+            self.presence.entered(session, conversation_id)
         return sub
 
     async def leave(self, session: Session, conversation_id: str) -> bool:
         if session.subscriptions.pop(conversation_id, None) is None:
             return False
+        if self.presence is not None:
+            self.presence.exited(session, conversation_id)
         room = self._rooms.get(conversation_id)
         if room is None:
             return True
@@ -109,6 +128,7 @@ class LocalHub:
         room = self._rooms.get(event.conversation_id)
         if room is None:
             return
+        self.delivered += len(room.members)
         # The fan-out hot path: per member one dict step and one push. Events that a
         # member's join state or a filter may drop (held while joining, below the join
         # floor, generation frames of a member with generation floors, typing) take the
@@ -149,11 +169,18 @@ class LocalHub:
             session.subscriptions.pop(conversation_id, None)
             room.members.pop(session, None)
             session.send(Left(conversation_id))
+            if self.presence is not None:
+                self.presence.exited(session, conversation_id)
         if not room.members and room.ready.done():
             del self._rooms[conversation_id]
             task = asyncio.get_running_loop().create_task(self._broker.unsubscribe(conversation_id))
             self._leaving.add(task)
             task.add_done_callback(self._leaving.discard)
+
+    def room(self, conversation_id: str) -> Mapping[Session, Subscription]:
+        """This instance's members joined to the conversation, with their subscriptions."""
+        room = self._rooms.get(conversation_id)
+        return room.members if room is not None else _NO_MEMBERS
 
     def local_members(self, conversation_id: str) -> int:
         room = self._rooms.get(conversation_id)

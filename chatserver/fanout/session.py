@@ -19,12 +19,13 @@ class Subscription:
     there and are replayed through the floors once ``joined`` is queued.
     """
 
-    __slots__ = ("floor_offset", "gen_floors", "held")
+    __slots__ = ("floor_offset", "gen_floors", "held", "presence")
 
     def __init__(self) -> None:
         self.floor_offset = 0
         self.gen_floors: dict[str, int] | None = None
         self.held: list[Event] | None = []
+        self.presence: tuple[str, ...] | None = None  # the online list last sent
 
 
 class Session:

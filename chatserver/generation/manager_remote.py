@@ -46,7 +46,7 @@ class _Remote(ManagerState):
             self.cancel_local(message.generation_id)
         elif isinstance(message, WatchReply):
             self._on_watch(message)
-        else:
+        elif isinstance(message, WatchAck):
             for waiter in self._acks.pop(message.generation_id, ()):
                 if not waiter.done():
                     waiter.set_result(None)

@@ -16,6 +16,8 @@ from prometheus_client import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
+from protocol import ErrorCode
+
 M = TypeVar("M", bound=MetricWrapperBase)
 
 # Milliseconds to tens of seconds: fan-out and HTTP at the low end, replies at the top.
@@ -53,6 +55,13 @@ class Metrics:
             "chat_frames_out", "Direct server frames by type", ["type"], registry=r
         )
         self.errors = Counter("chat_errors", "Error frames sent, by code", ["code"], registry=r)
+        for code in ErrorCode:  # every code's series exists from the start, at 0
+            self.errors.labels(code.value)
+        self.deliveries = Counter(
+            "chat_deliveries",
+            "Fan-out frames handed to this instance's joined connections",
+            registry=r,
+        )
         self.fanout_delay = Histogram(
             "chat_fanout_delay_seconds",
             "Publish to local enqueue",
@@ -85,6 +94,11 @@ class Metrics:
         )
         self.tokens = Counter("chat_tokens", "Model tokens", ["model", "direction"], registry=r)
         self.active_replies = Gauge("chat_active_replies", "Replies streaming now", registry=r)
+        self.replies_queued = Gauge(
+            "chat_replies_queued",
+            "Replies waiting here for their conversation's turn or the model",
+            registry=r,
+        )
         # Reply jobs (one per acknowledged question until its answer is stored).
         self.reply_jobs_queued = Counter(
             "chat_reply_jobs_queued", "Reply jobs written with a question here", registry=r
@@ -170,6 +184,26 @@ class Metrics:
             "chat_event_loop_lag_seconds",
             "How late a periodic timer fires: event-loop scheduling delay",
             buckets=_LAG,
+            registry=r,
+        )
+        self.presence_frames = Counter(
+            "chat_presence_frames", "Presence frames queued to members", registry=r
+        )
+        # Redis, from this instance's side (none in embedded mode).
+        self.redis_up = Gauge(
+            "chat_redis_up",
+            "1 when the last sampled Redis round trip and the pub/sub connection were fine",
+            registry=r,
+        )
+        self.redis_latency = Histogram(
+            "chat_redis_round_trip_seconds",
+            "The sampler's Redis round trip (the outbox backlog read)",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.event_stream_gaps = Counter(
+            "chat_event_stream_gaps",
+            "Redis pub/sub reconnects after which joined clients were told to rejoin",
             registry=r,
         )
         self.slow_consumers = Counter(

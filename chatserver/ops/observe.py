@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +42,7 @@ class Sampler:
         self._misses = 0
         self._pools: set[str] = set()
         self._backlog_failing = False
+        self._delivered = 0
 
     async def sample(self) -> None:
         self.sample_sync()
@@ -81,20 +83,35 @@ class Sampler:
                     gauge.remove(gone)
         self._pools = set(pools)
         metrics.active_users.set(len(self.app[keys.STATE].users))
+        hub = self.app.get(keys.HUB)
+        if hub is not None:
+            metrics.deliveries.inc(max(0, hub.delivered - self._delivered))
+            self._delivered = hub.delivered
+        generation = self.app.get(keys.GENERATION)
+        if generation is not None:
+            metrics.replies_queued.set(max(0, generation.pending - generation.running))
 
     async def _sample_backlog(self) -> None:
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
             # lands as its awaitable finishes, and the sampler then outlives the shutdown that
             # cancelled it (the app's cleanup waits for it forever)
+            outbox = self.app[keys.OUTBOX]
+            started = time.perf_counter()
             async with asyncio.timeout(_BACKLOG_TIMEOUT_S):
-                backlog = await self.app[keys.OUTBOX].backlog()
+                backlog = await outbox.backlog()
         except Exception as exc:
             # The gauge keeps its last value; the dependency's own checks report the outage.
             if not self._backlog_failing:
                 log.warning("outbox backlog unavailable: %r", exc)
             self._backlog_failing = True
+            if self.app[keys.OUTBOX].shared:
+                self.metrics.redis_up.set(0)
             return
+        if outbox.shared:  # the read was a Redis round trip: Redis' health, as seen from here
+            self.metrics.redis_latency.observe(time.perf_counter() - started)
+            broker = self.app.get(keys.BROKER)
+            self.metrics.redis_up.set(1 if broker is None or broker.healthy() else 0)
         if self._backlog_failing:
             log.info("outbox backlog readable again")
         self._backlog_failing = False

@@ -113,6 +113,18 @@ class WsSettings:
         "int",
         "at most one typing notice per user and conversation this often (0: no coalescing)",
     )
+    presence_interval_ms: int = setting(
+        "presence_interval_ms",
+        500,
+        "int",
+        "presence changes of a conversation go out at most this often, coalesced",
+    )
+    presence_ttl_s: float = setting(
+        "presence_ttl_s",
+        30.0,
+        "float",
+        "a dead instance's users drop out of presence within this long (Redis)",
+    )
 
     def __post_init__(self) -> None:
         positive(
@@ -127,8 +139,11 @@ class WsSettings:
             "max_pending_auth",
             "max_pending_auth_per_address",
             "max_joined",
+            "presence_interval_ms",
         )
         not_negative(self, "tcp_send_buffer_bytes", "typing_interval_ms")
+        if self.presence_ttl_s < 1:
+            raise bad(self, "presence_ttl_s", "must be at least 1 second")
         for address in self.proxies:
             try:
                 ipaddress.ip_address(address)

@@ -1,12 +1,15 @@
-// The browser client of chatserver: one page, no build step, no external resources.
-// Wire contract: docs/protocol.md (WebSocket subprotocol chat.v1.json, REST under /api).
-// All message text is rendered with textContent, never as HTML.
+// The browser page of chatserver: one page, no build step, no external resources.
+// The protocol lives in chatclient.js (connect, auth, join with since, sends kept across
+// reconnects, reply streams, reconnect with backoff); this file is the page around it.
+// Message text is set with textContent; agent replies are Markdown rendered by markdown.js
+// (markdown-it, then DOMPurify, as DOM nodes): this code never parses a string as HTML.
 
-const SUBPROTOCOL = "chat.v1.json";
-const BACKOFF_BASE_MS = 500;
-const BACKOFF_MAX_MS = 15000;
+import { ChatClient } from "./chatclient.js";
+import { renderMarkdown } from "./markdown.js";
+
 const HISTORY_PAGE = 50;
 const ALERT_TTL_MS = 10000;
+const TITLE_CHARS = 60;
 const FINISH_LABELS = {
   cancelled: "(stopped)",
   length: "(cut off: length limit)",
@@ -27,6 +30,7 @@ const els = {
   moreConvs: $("more-conversations"),
   chatTitle: $("chat-title"),
   chatSubtitle: $("chat-subtitle"),
+  presence: $("presence"),
   status: $("status"),
   alerts: $("alerts"),
   scroller: document.querySelector(".messages"),
@@ -41,6 +45,7 @@ const els = {
 const state = {
   token: null,
   devMode: false,
+  freshToken: false, // the server refused the token: ask for a new one before reconnecting
   userId: null,
   agents: new Map(), // id -> agent
   conversations: new Map(), // id -> conversation (REST object)
@@ -48,14 +53,8 @@ const state = {
   convCursor: null,
   current: null, // the open conversation, see openConversation()
   pending: new Map(), // client_msg_id -> {clientMsgId, conversationId, text, el}
-  ws: null,
-  ready: false, // hello received on state.ws
-  attempts: 0,
-  reconnectTimer: null,
-  reconnectAfterMs: null, // from a `reconnect` frame
-  heartbeatTimer: null,
-  lastFrameAt: 0,
-  heartbeatS: 30,
+  starting: false, // a conversation is being created from the composer
+  client: null,
   fatal: false,
 };
 
@@ -72,7 +71,6 @@ class ApiError extends Error {
 
 function uuid() {
   if (globalThis.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
-  // Outside a secure context randomUUID is missing; getRandomValues is always there.
   const b = crypto.getRandomValues(new Uint8Array(16));
   b[6] = (b[6] & 0x0f) | 0x40;
   b[8] = (b[8] & 0x3f) | 0x80;
@@ -100,6 +98,14 @@ function formatTime(iso) {
     : d.toLocaleString([], { dateStyle: "short", timeStyle: "short" });
 }
 
+function formatWait(ms) {
+  const s = Math.max(1, Math.ceil(ms / 1000));
+  if (s < 90) return `${s} s`;
+  const min = Math.ceil(s / 60);
+  if (min < 90) return `${min} min`;
+  return `${Math.floor(min / 60)} h ${min % 60} min`;
+}
+
 function showAlert(text, { sticky = false, kind = "error" } = {}) {
   const box = el("div", { class: `alert alert-${kind}` });
   box.append(el("span", {}, text));
@@ -119,8 +125,7 @@ function fatal(text) {
   setStatus("offline", "Not connected");
   for (const c of [els.agent, els.title, els.start, els.input, els.send, els.stop]) c.disabled = true;
   if (state.agents.size === 0) els.agent.replaceChildren(el("option", { value: "" }, "Not available"));
-  clearTimeout(state.reconnectTimer);
-  if (state.ws) state.ws.close(1000, "signed out");
+  if (state.client) state.client.close(1000, "signed out");
 }
 
 function setStatus(kind, text) {
@@ -172,6 +177,14 @@ async function devToken() {
   return data.token;
 }
 
+async function socketToken() {
+  if (state.freshToken && state.devMode) {
+    state.token = await devToken(); // the dev token expired (or the server restarted)
+  }
+  state.freshToken = false;
+  return state.token;
+}
+
 async function api(path, { method = "GET", body, retried = false } = {}) {
   const headers = { Authorization: `Bearer ${state.token}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
@@ -205,11 +218,13 @@ async function loadAgents() {
   els.agent.disabled = state.agents.size === 0;
   els.start.disabled = state.agents.size === 0;
   showAgentDescription();
+  updateControls();
 }
 
 function showAgentDescription() {
   const agent = state.agents.get(els.agent.value);
   els.agentDescription.textContent = agent ? agent.description || "" : "";
+  if (!state.current) showEmptyChat();
 }
 
 function agentName(agentId) {
@@ -267,18 +282,22 @@ function touchConversation(id) {
   renderConversations();
 }
 
+async function createConversation(agentId, title) {
+  const body = { agent_id: agentId };
+  if (title) body.title = title;
+  const conv = await api("/api/conversations", { method: "POST", body });
+  state.conversations.set(conv.id, conv);
+  state.convOrder = [conv.id, ...state.convOrder.filter((x) => x !== conv.id)];
+  return conv;
+}
+
 async function startConversation(event) {
   event.preventDefault();
   const agentId = els.agent.value;
   if (!agentId) return;
-  const body = { agent_id: agentId };
-  const title = els.title.value.trim();
-  if (title) body.title = title;
   els.start.disabled = true;
   try {
-    const conv = await api("/api/conversations", { method: "POST", body });
-    state.conversations.set(conv.id, conv);
-    state.convOrder = [conv.id, ...state.convOrder.filter((x) => x !== conv.id)];
+    const conv = await createConversation(agentId, els.title.value.trim());
     els.title.value = "";
     openConversation(conv);
     els.input.focus();
@@ -292,40 +311,45 @@ async function startConversation(event) {
 // ---------------------------------------------------------------------------------------
 // the open conversation
 
+function showEmptyChat() {
+  const agentId = els.agent.value;
+  els.chatTitle.textContent = "New chat";
+  els.chatSubtitle.textContent = agentId
+    ? `Type a message to start a conversation with ${agentName(agentId)}, or open one from the list.`
+    : "Start a conversation or open one from the list.";
+  els.input.placeholder = agentId ? `Message ${agentName(agentId)}` : "Open a conversation to start chatting";
+  els.presence.textContent = "";
+}
+
 function openConversation(conv) {
   const previous = state.current;
   if (previous && previous.id === conv.id) return;
-  if (previous && state.ready) sendFrame({ type: "leave", conversation_id: previous.id });
+  if (previous) state.client.leave(previous.id).catch(() => {});
   state.current = {
     id: conv.id,
     conv,
-    epoch: null,
-    lastOffset: 0, // every offset up to this one has been seen: the `since` of a re-join
     oldestOffset: null,
     hasOlder: false,
     loadingOlder: false,
     joined: false,
     messages: new Map(), // offset -> {msg, el}
-    generations: new Map(), // generation_id -> {id, seq, text, el, cancelling}
+    generations: new Map(), // generation_id -> {id, stream, el, textEl, cancelling}
   };
   localStorage.setItem("chat.lastConversation", conv.id);
   els.messages.replaceChildren();
+  els.presence.textContent = "";
   els.chatTitle.textContent = conversationLabel(conv);
   els.chatSubtitle.textContent = `with ${agentName(conv.agent_id)}`;
-  els.input.disabled = false;
   els.input.placeholder = `Message ${agentName(conv.agent_id)}`;
   for (const p of state.pending.values()) if (p.conversationId === conv.id) els.messages.append(p.el);
   renderConversations();
   updateControls();
-  if (state.ready) joinCurrent();
-}
-
-function joinCurrent() {
-  const c = state.current;
-  if (!c || !state.ready) return;
-  const frame = { type: "join", conversation_id: c.id, ref: "join" };
-  if (c.epoch !== null) frame.since = { offset: c.lastOffset, epoch: c.epoch };
-  sendFrame(frame);
+  const id = conv.id;
+  state.client.join(id).catch((err) => {
+    if (err.code === "closed" || state.current?.id !== id) return;
+    if (err.code === "not_found" || err.code === "forbidden") localStorage.removeItem("chat.lastConversation");
+    showAlert(`Could not open the conversation: ${err.message} (${err.code})`);
+  });
 }
 
 function currentFor(conversationId) {
@@ -350,6 +374,16 @@ function authorOf(msg) {
   return msg.user_id && msg.user_id !== state.userId ? msg.user_id : "You";
 }
 
+/** The text of a message: Markdown for the agent's, plain text for people's. */
+function fillText(node, role, text) {
+  if (role === "assistant") {
+    node.classList.add("markdown");
+    node.replaceChildren(renderMarkdown(text));
+  } else {
+    node.textContent = text;
+  }
+}
+
 function renderMessage(msg) {
   const li = el("li", {
     class: "msg",
@@ -360,7 +394,9 @@ function renderMessage(msg) {
   const meta = el("div", { class: "meta" });
   meta.append(el("span", { class: "author" }, authorOf(msg)));
   if (msg.created_at) meta.append(el("time", { datetime: msg.created_at }, formatTime(msg.created_at)));
-  li.append(meta, el("div", { class: "text" }, msg.text ?? ""));
+  const text = el("div", { class: "text" });
+  fillText(text, msg.role, msg.text ?? "");
+  li.append(meta, text);
   const reason = msg.finish_reason;
   if (reason && reason !== "stop") {
     li.dataset.finishReason = reason;
@@ -395,7 +431,6 @@ function upsertMessage(c, msg) {
   });
   c.messages.set(msg.offset, { msg, el: li });
   if (c.oldestOffset === null || msg.offset < c.oldestOffset) c.oldestOffset = msg.offset;
-  while (c.messages.has(c.lastOffset + 1)) c.lastOffset += 1;
   if (msg.client_msg_id && state.pending.has(msg.client_msg_id)) {
     state.pending.get(msg.client_msg_id).el.remove();
     state.pending.delete(msg.client_msg_id);
@@ -410,27 +445,43 @@ function clearWindow(c) {
   c.oldestOffset = null;
 }
 
-function ensureGeneration(c, generationId, agentId) {
-  let g = c.generations.get(generationId);
+function showReply(c, stream) {
+  let g = c.generations.get(stream.generationId);
   if (g) return g;
   const li = el("li", {
     class: "msg",
     "data-role": "assistant",
     "data-streaming": "true",
-    "data-generation-id": generationId,
+    "data-generation-id": stream.generationId,
     "aria-busy": "true",
   });
   const meta = el("div", { class: "meta" });
-  meta.append(el("span", { class: "author" }, agentName(agentId || c.conv.agent_id)));
-  meta.append(el("span", { class: "typing-note" }, "is replying…"));
-  const text = el("div", { class: "text" });
+  meta.append(el("span", { class: "author" }, agentName(stream.agentId || c.conv.agent_id)));
+  // The model thinks before it writes: say so until the first delta.
+  const thinking = stream.thinking && stream.seq === 0;
+  meta.append(el("span", { class: "typing-note" }, thinking ? "is thinking…" : "is replying…"));
+  const text = el("div", { class: "text markdown" });
   li.append(meta, text);
-  g = { id: generationId, seq: 0, text: "", el: li, textEl: text, cancelling: false };
-  c.generations.set(generationId, g);
+  g = { id: stream.generationId, stream, el: li, textEl: text, cancelling: false, frame: 0 };
+  c.generations.set(stream.generationId, g);
   keepScrolled(() => {
     const firstPending = els.messages.querySelector("li[data-pending]");
     els.messages.insertBefore(li, firstPending);
   });
+  const render = () => {
+    g.frame = 0;
+    keepScrolled(() => g.textEl.replaceChildren(renderMarkdown(stream.text)));
+  };
+  stream.addEventListener("delta", () => {
+    if (thinking && stream.seq > 0) setTypingNote(g, "is replying…");
+    // Markdown is rendered whole: at most once per animation frame, however fast deltas come.
+    if (!g.frame) g.frame = requestAnimationFrame(render);
+  });
+  stream.addEventListener("end", (event) => {
+    if (g.frame) cancelAnimationFrame(g.frame);
+    endReply(c, g, event.detail);
+  });
+  if (stream.text) render();
   updateControls();
   return g;
 }
@@ -440,34 +491,81 @@ function setTypingNote(g, text) {
   if (note) note.textContent = text;
 }
 
-function setGenerationText(g, text, seq) {
-  if (g.seq === 0 && seq > 0) setTypingNote(g, "is replying…");
-  g.text = text;
-  g.seq = seq;
-  keepScrolled(() => {
-    g.textEl.textContent = text;
-  });
+function endReply(c, g, end) {
+  if (c.generations.get(g.id) !== g) return;
+  if (end.error_code === "model_rate_limited") {
+    const seconds = Math.ceil(Number(end.retry_after_ms) / 1000);
+    const wait = seconds > 0 ? ` Try again in ${seconds} s.` : "";
+    showAlert(`The model is busy right now (rate limit reached).${wait}`);
+  }
+  c.generations.delete(g.id);
+  if (end.message && typeof end.message.offset === "number") {
+    g.el.remove();
+    const msg = { ...end.message };
+    if (!msg.finish_reason) msg.finish_reason = end.finish_reason;
+    if (state.current === c) upsertMessage(c, msg);
+  } else if (end.missed) {
+    g.el.remove(); // ended while we were away: what was stored comes with joined or history
+  } else {
+    // No stored message came with it: keep the partial text as a finished bubble.
+    g.textEl.replaceChildren(renderMarkdown(g.stream.text));
+    delete g.el.dataset.streaming;
+    g.el.removeAttribute("aria-busy");
+    g.el.querySelector(".typing-note")?.remove();
+    const reason = end.finish_reason || "error";
+    if (reason !== "stop") {
+      g.el.dataset.finishReason = reason;
+      g.el.append(el("div", { class: "finish" }, FINISH_LABELS[reason] || `(${reason})`));
+    }
+  }
+  updateControls();
 }
 
 function updateControls() {
   const c = state.current;
-  const open = Boolean(c) && !state.fatal;
-  els.input.disabled = !open;
-  els.send.disabled = !open;
-  const streaming = open && state.ready && [...c.generations.values()].some((g) => !g.cancelling);
-  els.stop.disabled = !streaming;
-  els.loadOlder.hidden = !(open && c.hasOlder);
-  els.loadOlder.disabled = !(open && state.ready && !c.loadingOlder);
+  const ready = !state.fatal && (Boolean(c) || state.agents.size > 0);
+  els.input.disabled = !ready;
+  els.send.disabled = !ready || state.starting;
+  const connected = Boolean(state.client?.connected);
+  const streaming = Boolean(c) && connected && [...c.generations.values()].some((g) => !g.cancelling);
+  els.stop.disabled = state.fatal || !streaming;
+  els.loadOlder.hidden = !(c && c.hasOlder);
+  els.loadOlder.disabled = !(c && connected && !c.loadingOlder);
+}
+
+function showPresence(frame) {
+  const c = currentFor(frame.conversation_id);
+  if (!c) return;
+  const others = frame.online.filter((u) => u !== state.userId);
+  els.presence.dataset.online = frame.online.join(" ");
+  els.presence.textContent = others.length ? `Online: ${others.join(", ")}` : "Only you are here";
 }
 
 // ---------------------------------------------------------------------------------------
 // sending, stopping, loading older messages
 
-function submitMessage(event) {
+async function submitMessage(event) {
   event?.preventDefault();
-  const c = state.current;
   const text = els.input.value;
-  if (!c || !text.trim()) return;
+  if (!text.trim() || state.fatal || state.starting) return;
+  if (!state.current) {
+    // An empty page: the first message starts a conversation with the selected agent.
+    const agentId = els.agent.value;
+    if (!agentId) return;
+    state.starting = true;
+    updateControls();
+    try {
+      const title = text.trim().split(/\s+/).join(" ").slice(0, TITLE_CHARS);
+      openConversation(await createConversation(agentId, title));
+    } catch (err) {
+      showAlert(`Could not start the conversation: ${err.message}`);
+      return;
+    } finally {
+      state.starting = false;
+      updateControls();
+    }
+  }
+  const c = state.current;
   const clientMsgId = uuid();
   const li = el("li", { class: "msg", "data-role": "user", "data-pending": "true" });
   const meta = el("div", { class: "meta" });
@@ -483,244 +581,131 @@ function submitMessage(event) {
 }
 
 function transmit(p) {
-  const c = state.current;
-  if (!state.ready || !c || !c.joined || c.id !== p.conversationId) return; // sent after (re)join
-  sendFrame({
-    type: "send",
-    conversation_id: p.conversationId,
-    client_msg_id: p.clientMsgId,
-    text: p.text,
-    ref: p.clientMsgId,
+  state.client.send(p.conversationId, p.text, { clientMsgId: p.clientMsgId }).catch((err) => {
+    if (err.code === "closed") return;
+    failPending(p, err);
   });
 }
 
-function failPending(p, why) {
+/** Why a send was refused, and when it may go again, for people. */
+function refusal(err) {
+  const wait = err.retryAfterMs;
+  switch (err.code) {
+    case "rate_limited":
+      return { why: `Too many messages: ${err.message}.`, wait: wait ?? 1000 };
+    case "quota_exceeded":
+      return { why: `Daily limit reached: ${err.message}. It resets at midnight UTC.`, wait };
+    case "too_large":
+      return { why: `Too long: ${err.message}. Shorten it and send it again.`, wait: null };
+    case "unavailable":
+      return { why: `The server cannot take it right now: ${err.message}.`, wait: wait ?? 1000 };
+    default:
+      return { why: `${err.message} (${err.code}).`, wait };
+  }
+}
+
+function failPending(p, err) {
   state.pending.delete(p.clientMsgId);
+  const { why, wait } = refusal(err);
   p.el.dataset.failed = "true";
+  p.el.dataset.errorCode = err.code;
   delete p.el.dataset.pending;
   const note = p.el.querySelector(".pending-note");
-  if (note) note.textContent = `not sent: ${why}`;
+  if (note) note.textContent = "not sent";
+  const reason = el("div", { class: "refusal", role: "status" });
+  reason.append(el("span", { class: "refusal-why" }, why));
   const retry = el("button", { type: "button", class: "link" }, "Retry");
+  if (wait !== null && wait !== undefined) {
+    const until = Date.now() + wait;
+    const when = el("span", { class: "refusal-when" });
+    reason.append(" ", when);
+    retry.disabled = true;
+    const tick = () => {
+      const left = until - Date.now();
+      if (left <= 0 || !p.el.isConnected) {
+        when.textContent = "You can retry now.";
+        retry.disabled = false;
+        return;
+      }
+      when.textContent = `You can retry in ${formatWait(left)}.`;
+      setTimeout(tick, Math.min(1000, left));
+    };
+    tick();
+  }
   retry.addEventListener("click", () => {
-    p.el.remove();
-    if (state.current?.id === p.conversationId) {
-      els.input.value = p.text;
-      submitMessage();
-    }
+    // The same client_msg_id: a refused send appended nothing, a retry is stored once.
+    delete p.el.dataset.failed;
+    delete p.el.dataset.errorCode;
+    p.el.dataset.pending = "true";
+    reason.remove();
+    retry.remove();
+    if (note) note.textContent = "sending…";
+    state.pending.set(p.clientMsgId, p);
+    transmit(p);
   });
-  p.el.append(retry);
+  p.el.append(reason, retry);
+  showAlert(`Message not sent. ${why}${wait ? ` You can retry in ${formatWait(wait)}.` : ""}`);
 }
 
 function stopReply() {
   const c = state.current;
-  if (!c || !state.ready) return;
+  if (!c || !state.client.connected) return;
   const running = [...c.generations.values()].filter((g) => !g.cancelling);
   const g = running[running.length - 1];
   if (!g) return;
   g.cancelling = true;
-  sendFrame({ type: "cancel", generation_id: g.id, ref: "cancel:" + g.id });
   updateControls();
-}
-
-function loadOlder() {
-  const c = state.current;
-  if (!c || !state.ready || c.loadingOlder || c.oldestOffset === null) return;
-  c.loadingOlder = true;
-  sendFrame({
-    type: "history",
-    conversation_id: c.id,
-    before: c.oldestOffset,
-    limit: HISTORY_PAGE,
-    ref: "older",
-  });
-  updateControls();
-}
-
-// ---------------------------------------------------------------------------------------
-// the WebSocket
-
-function wsUrl() {
-  return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
-}
-
-function sendFrame(frame) {
-  const ws = state.ws;
-  if (!ws || ws.readyState !== WebSocket.OPEN) return false;
-  ws.send(JSON.stringify(frame));
-  return true;
-}
-
-function connect() {
-  clearTimeout(state.reconnectTimer);
-  state.reconnectTimer = null;
-  if (state.fatal) return;
-  if (state.ws) return;
-  setStatus("connecting", state.attempts ? "Reconnecting…" : "Connecting…");
-  const ws = new WebSocket(wsUrl(), SUBPROTOCOL);
-  state.ws = ws;
-  state.ready = false;
-  ws.addEventListener("open", () => {
-    ws.send(JSON.stringify({ type: "auth", token: state.token }));
-  });
-  ws.addEventListener("message", (event) => {
-    if (state.ws !== ws) return;
-    state.lastFrameAt = Date.now();
-    let frame;
-    try {
-      frame = JSON.parse(event.data);
-    } catch {
-      return;
-    }
-    if (frame && typeof frame.type === "string") handleFrame(frame);
-  });
-  ws.addEventListener("close", (event) => {
-    if (state.ws !== ws) return;
-    state.ws = null;
-    state.ready = false;
-    clearInterval(state.heartbeatTimer);
-    if (state.current) state.current.joined = false;
+  g.stream.cancel().catch((err) => {
+    g.cancelling = false;
     updateControls();
-    onClosed(event);
+    if (err.code !== "disconnected" && err.code !== "closed") showAlert(`Could not stop: ${err.message}`);
   });
 }
 
-async function onClosed(event) {
-  if (state.fatal) return;
-  if (event.code === 4401) {
-    if (state.devMode) {
-      try {
-        state.token = await devToken();
-      } catch (err) {
-        fatal(`Sign-in failed: ${err.message}`);
-        return;
-      }
-    } else {
-      sessionStorage.removeItem("chat.token");
-      fatal("The server rejected the sign-in token. Open the page again with a fresh #token=… .");
-      return;
-    }
+async function loadOlder() {
+  const c = state.current;
+  if (!c || !state.client.connected || c.loadingOlder || c.oldestOffset === null) return;
+  c.loadingOlder = true;
+  updateControls();
+  try {
+    const page = await state.client.history(c.id, { before: c.oldestOffset, limit: HISTORY_PAGE });
+    if (state.current === c) showOlder(c, page);
+  } catch (err) {
+    if (err.code !== "closed") showAlert(`Could not load older messages: ${err.message}`);
+  } finally {
+    c.loadingOlder = false;
+    updateControls();
   }
-  if (event.code === 4403) {
-    fatal("The server does not accept connections from this page's origin.");
-    return;
-  }
-  let delay;
-  if (state.reconnectAfterMs !== null) {
-    delay = state.reconnectAfterMs + Math.random() * 250;
-    state.reconnectAfterMs = null;
-    state.attempts = Math.max(state.attempts, 1);
-  } else {
-    const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** state.attempts);
-    delay = ceiling / 2 + (Math.random() * ceiling) / 2;
-    state.attempts += 1;
-  }
-  scheduleReconnect(delay);
 }
 
-function scheduleReconnect(delayMs) {
-  clearTimeout(state.reconnectTimer);
-  setStatus("offline", `Connection lost. Reconnecting in ${(delayMs / 1000).toFixed(1)} s…`);
-  state.reconnectTimer = setTimeout(connect, delayMs);
-}
-
-function startHeartbeat() {
-  clearInterval(state.heartbeatTimer);
-  const periodMs = Math.max(5, state.heartbeatS) * 1000;
-  state.heartbeatTimer = setInterval(() => {
-    const ws = state.ws;
-    if (!ws) return;
-    if (Date.now() - state.lastFrameAt > 2 * periodMs + 5000) {
-      ws.close(4000, "no traffic"); // a silently dead connection: the close handler reconnects
-      return;
-    }
-    sendFrame({ type: "ping", ts: Date.now() });
-  }, periodMs);
+function showOlder(c, page) {
+  const scroller = els.scroller;
+  const fromBottom = scroller.scrollHeight - scroller.scrollTop;
+  for (const m of page.messages || []) {
+    // Older messages go above: insertStored keeps offsets in order without scrolling.
+    if (c.messages.has(m.offset)) continue;
+    const li = renderMessage(m);
+    insertStored(li, m.offset);
+    c.messages.set(m.offset, { msg: m, el: li });
+    if (c.oldestOffset === null || m.offset < c.oldestOffset) c.oldestOffset = m.offset;
+  }
+  scroller.scrollTop = scroller.scrollHeight - fromBottom; // keep the view where it was
+  c.hasOlder = Boolean(page.has_more);
 }
 
 // ---------------------------------------------------------------------------------------
-// server frames
+// the connection (chatclient.js) and what it reports
 
-function handleFrame(f) {
-  switch (f.type) {
-    case "hello":
-      return onHello(f);
-    case "joined":
-      return onJoined(f);
-    case "ack":
-      return onAck(f);
-    case "message": {
-      const c = currentFor(f.message?.conversation_id);
-      if (c) upsertMessage(c, f.message);
-      return;
-    }
-    case "gen_start": {
-      const c = currentFor(f.conversation_id);
-      if (!c) return;
-      const g = ensureGeneration(c, f.generation_id, f.agent_id);
-      // The model thinks before it writes: say so until the first delta.
-      if (f.thinking === true && g.seq === 0) setTypingNote(g, "is thinking…");
-      return;
-    }
-    case "delta":
-      return onDelta(f);
-    case "gen_end":
-      return onGenEnd(f);
-    case "history":
-      return onHistory(f);
-    case "reconnect":
-      state.reconnectAfterMs = Math.max(0, Number(f.after_ms) || 0);
-      setStatus("connecting", "The server is restarting. Reconnecting shortly…");
-      return;
-    case "error":
-      return onError(f);
-    default:
-      return; // pong, left, typing and future frames: nothing to do
-  }
-}
-
-function onHello(f) {
-  state.ready = true;
-  state.attempts = 0;
-  state.userId = f.user_id || state.userId;
-  state.heartbeatS = Number(f.heartbeat_s) || 30;
-  els.whoami.textContent = `Signed in as ${state.userId}`;
-  setStatus("connected", "Connected");
-  startHeartbeat();
-  joinCurrent();
-  updateControls();
-}
-
-function onJoined(f) {
+function onJoined({ frame: f, recovered }) {
   const c = currentFor(f.conversation_id);
   if (!c) return;
-  const recovered = f.recovered === true && c.epoch !== null && c.epoch === f.epoch;
   const messages = Array.isArray(f.messages) ? f.messages : [];
-  if (!recovered) {
-    // A fresh window: what we held may be stale (new epoch), so start over from the server's.
-    clearWindow(c);
-    c.lastOffset = Number(f.offset) || 0;
-  }
+  if (!recovered) clearWindow(c); // a fresh window: what we held may be stale (new epoch)
   for (const m of messages) upsertMessage(c, m);
-  if (!recovered) {
-    c.hasOlder = c.oldestOffset !== null && c.oldestOffset > 1;
-    c.lastOffset = Math.max(c.lastOffset, Number(f.offset) || 0);
-  }
-  c.epoch = f.epoch;
-  // Replies that ended while we were away are in `messages`; drop their streaming bubbles.
-  const live = f.generation || null;
-  for (const g of [...c.generations.values()]) {
-    if (!live || g.id !== live.generation_id) {
-      g.el.remove();
-      c.generations.delete(g.id);
-    }
-  }
-  if (live) {
-    const g = ensureGeneration(c, live.generation_id);
-    setGenerationText(g, live.text || "", Number(live.seq) || 0);
-  }
+  if (!recovered) c.hasOlder = c.oldestOffset !== null && c.oldestOffset > 1;
+  // The module ended the streams of replies that ended while we were away; show the live one.
+  for (const stream of state.client.replies(c.id)) showReply(c, stream);
   c.joined = true;
-  c.loadingOlder = false;
-  for (const p of state.pending.values()) if (p.conversationId === c.id) transmit(p);
   updateControls();
   if (!recovered) els.scroller.scrollTop = els.scroller.scrollHeight;
 }
@@ -745,94 +730,57 @@ function onAck(f) {
   state.pending.delete(f.client_msg_id);
 }
 
-function onDelta(f) {
-  const c = currentFor(f.conversation_id);
-  if (!c) return;
-  const g = ensureGeneration(c, f.generation_id);
-  const seq = Number(f.seq);
-  if (!(seq > g.seq)) return; // already have it (e.g. included in joined.generation)
-  setGenerationText(g, g.text + (f.text || ""), seq);
-}
-
-function onGenEnd(f) {
-  const c = currentFor(f.conversation_id);
-  if (!c) return;
-  if (f.error_code === "model_rate_limited") {
-    const seconds = Math.ceil(Number(f.retry_after_ms) / 1000);
-    const wait = seconds > 0 ? ` Try again in ${seconds} s.` : "";
-    showAlert(`The model is busy right now (rate limit reached).${wait}`);
-  }
-  const g = c.generations.get(f.generation_id);
-  if (f.message && typeof f.message.offset === "number") {
-    const msg = { ...f.message };
-    if (!msg.finish_reason) msg.finish_reason = f.finish_reason;
-    if (g) {
-      g.el.remove();
-      c.generations.delete(g.id);
-    }
-    upsertMessage(c, msg);
-  } else if (g) {
-    // No stored message came with it: keep the partial text as a finished bubble.
-    c.generations.delete(g.id);
-    delete g.el.dataset.streaming;
-    g.el.removeAttribute("aria-busy");
-    g.el.querySelector(".typing-note")?.remove();
-    const reason = f.finish_reason || "error";
-    if (reason !== "stop") {
-      g.el.dataset.finishReason = reason;
-      g.el.append(el("div", { class: "finish" }, FINISH_LABELS[reason] || `(${reason})`));
-    }
-  }
-  updateControls();
-}
-
-function onHistory(f) {
-  const c = currentFor(f.conversation_id);
-  if (!c) return;
-  const scroller = els.scroller;
-  const fromBottom = scroller.scrollHeight - scroller.scrollTop;
-  for (const m of f.messages || []) {
-    // Older messages go above: insertStored keeps offsets in order without scrolling.
-    if (c.messages.has(m.offset)) continue;
-    const li = renderMessage(m);
-    insertStored(li, m.offset);
-    c.messages.set(m.offset, { msg: m, el: li });
-    if (c.oldestOffset === null || m.offset < c.oldestOffset) c.oldestOffset = m.offset;
-  }
-  scroller.scrollTop = scroller.scrollHeight - fromBottom; // keep the view where it was
-  c.hasOlder = Boolean(f.has_more);
-  c.loadingOlder = false;
-  updateControls();
-}
-
-function onError(f) {
-  const ref = typeof f.ref === "string" ? f.ref : "";
-  const detail = `${f.message || "error"}` + (f.code ? ` (${f.code})` : "");
-  const p = state.pending.get(ref);
-  if (p) {
-    let why = detail;
-    if (f.code === "rate_limited" && f.retry_after_ms) {
-      why += `; try again in ${Math.ceil(f.retry_after_ms / 1000)} s`;
-    }
-    failPending(p, why);
-    showAlert(`Message not sent: ${why}`);
-    return;
-  }
-  const c = state.current;
-  if (ref.startsWith("cancel:") && c) {
-    const g = c.generations.get(ref.slice("cancel:".length));
-    if (g) g.cancelling = false;
+function connectClient() {
+  const client = new ChatClient({ token: socketToken });
+  state.client = client;
+  client.addEventListener("open", (e) => {
+    state.userId = e.detail.hello.user_id || state.userId;
+    els.whoami.textContent = `Signed in as ${state.userId}`;
+    setStatus("connected", "Connected");
     updateControls();
-    if (f.code === "not_found") return; // the reply ended before the cancel arrived
-  }
-  if (ref === "older" && c) {
-    c.loadingOlder = false;
+  });
+  client.addEventListener("close", (e) => {
+    if (state.current) state.current.joined = false;
+    if (e.detail.code === 4401) {
+      if (state.devMode) {
+        state.freshToken = true;
+      } else {
+        sessionStorage.removeItem("chat.token");
+        fatal("The server rejected the sign-in token. Open the page again with a fresh #token=… .");
+        return;
+      }
+    }
     updateControls();
-  }
-  if (ref === "join" && c && (f.code === "not_found" || f.code === "forbidden")) {
-    localStorage.removeItem("chat.lastConversation");
-  }
-  showAlert(`Server error: ${detail}`);
+  });
+  client.addEventListener("reconnecting", (e) => {
+    const { delayMs, reason } = e.detail;
+    if (reason === "server") setStatus("connecting", "The server is restarting. Reconnecting shortly…");
+    else setStatus("offline", `Connection lost. Reconnecting in ${(delayMs / 1000).toFixed(1)} s…`);
+  });
+  client.addEventListener("reconnect", () => {
+    setStatus("connecting", "The server is restarting. Reconnecting shortly…");
+  });
+  client.addEventListener("fatal", (e) => {
+    if (!state.fatal) fatal(`Not connected: ${e.detail.message}.`);
+  });
+  client.addEventListener("joined", (e) => onJoined(e.detail));
+  client.addEventListener("ack", (e) => onAck(e.detail));
+  client.addEventListener("message", (e) => {
+    const c = currentFor(e.detail.conversation_id);
+    if (c) upsertMessage(c, e.detail);
+  });
+  client.addEventListener("reply", (e) => {
+    const c = currentFor(e.detail.conversationId);
+    if (c && c.joined) showReply(c, e.detail);
+  });
+  client.addEventListener("presence", (e) => showPresence(e.detail));
+  client.addEventListener("left", (e) => {
+    const c = currentFor(e.detail.conversation_id);
+    if (c && !e.detail.ref) showAlert("You are no longer a member of this conversation.");
+  });
+  client.addEventListener("error", (e) => showAlert(`Server error: ${e.detail.message} (${e.detail.code})`));
+  setStatus("connecting", "Connecting…");
+  client.connect().catch(() => {}); // a fatal close is reported by the "fatal" event
 }
 
 // ---------------------------------------------------------------------------------------
@@ -843,16 +791,19 @@ function wireUi() {
   els.agent.addEventListener("change", showAgentDescription);
   els.composer.addEventListener("submit", submitMessage);
   els.input.addEventListener("keydown", (event) => {
+    // Enter sends; Shift+Enter is a new line (the textarea's own behaviour).
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) submitMessage(event);
+  });
+  els.input.addEventListener("input", () => {
+    const c = state.current;
+    if (c && c.joined && els.input.value) state.client.typing(c.id);
   });
   els.stop.addEventListener("click", stopReply);
   els.loadOlder.addEventListener("click", loadOlder);
   els.moreConvs.addEventListener("click", () =>
     loadConversations(true).catch((err) => showAlert(`Could not load conversations: ${err.message}`)),
   );
-  window.addEventListener("online", () => {
-    if (!state.ws && !state.fatal) connect();
-  });
+  window.addEventListener("online", () => state.client?.reconnectNow());
 }
 
 async function main() {
@@ -867,7 +818,7 @@ async function main() {
     fatal(err.message || "Sign-in failed.");
     return;
   }
-  connect();
+  connectClient();
   try {
     await Promise.all([loadAgents(), loadConversations()]);
   } catch (err) {
@@ -881,6 +832,7 @@ async function main() {
   renderConversations(); // agent names are known now
   const last = localStorage.getItem("chat.lastConversation");
   if (last && state.conversations.has(last) && !state.current) openConversation(state.conversations.get(last));
+  else if (!state.current) showEmptyChat();
 }
 
 main();

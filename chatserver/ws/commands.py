@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -34,12 +35,15 @@ from storage.records import AppendResult, MessageDraft
 from storage.window.base import AppendRefused
 
 from .. import keys
-from ..errors import ServiceError
+from ..errors import DEPENDENCY_ERRORS, ServiceError
 from ..fanout.publish import publish
 from ..fanout.session import Session
 from ..limits.base import Refusal, TierLimits
 
 log = logging.getLogger("chatserver.commands")
+
+_WELCOME_WAIT_S = 2.0  # a join waits this long at most for its presence frame
+_WELCOME_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *DEPENDENCY_ERRORS)
 
 Reply = Callable[[Any], None]  # queue a direct reply frame to the client
 
@@ -117,6 +121,13 @@ async def _on_join(app: web.Application, session: Session, frame: Join, reply: R
     )
     gen = (snapshot.generation_id, snapshot.seq) if snapshot is not None else None
     session.release(frame.conversation_id, view.view.last_offset, gen)
+    # After `joined`: who is online, this member included. A slow or failing store does not
+    # hold the connection's next frames: the list follows when it is read.
+    try:
+        async with asyncio.timeout(_WELCOME_WAIT_S):
+            await app[keys.PRESENCE].welcome(session, frame.conversation_id)
+    except _WELCOME_ERRORS as exc:
+        log.warning("presence not sent with the join: %r", exc, extra={"session": session.id})
 
 
 async def _on_send(app: web.Application, session: Session, frame: Send, reply: Reply) -> None:

@@ -225,6 +225,10 @@ async def session(base: str) -> None:
         await bob.send({"type": "join", "conversation_id": cid, "ref": "j2"})
         epoch = (await bob.until("joined"))["epoch"]
 
+        section("presence: after joined, then to the others when a member comes or goes")
+        await bob.until("presence")
+        await alice.until("presence", online=["alice", "bob"])
+
         section("send -> ack, message to every member, then the agent's reply stream")
         await alice.send(
             {

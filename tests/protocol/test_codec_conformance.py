@@ -36,6 +36,7 @@ from protocol import (
     MessageEvent,
     Ping,
     Pong,
+    Presence,
     ProtocolError,
     Reconnect,
     Send,
@@ -162,6 +163,8 @@ SERVER_FRAMES: list[ServerFrame] = [
     ),
     GenEnd(CONV, GEN, "error", Usage(0, 0), None, "down", error_code="a_code_from_later"),
     TypingNotice(conversation_id=CONV, user_id="bob"),
+    Presence(conversation_id=CONV, online=("alice", "bob")),
+    Presence(CONV, ()),
     HistoryPage(conversation_id=CONV, messages=(USER_MSG, AGENT_MSG), has_more=True, ref="h"),
     HistoryPage(CONV, (), False),
     Pong(),
@@ -216,7 +219,7 @@ def test_samples_cover_every_frame_type_of_the_protocol() -> None:
     documented_client = {"auth", "join", "leave", "send", "cancel", "typing", "history", "ping"}
     documented_server = {
         "hello", "joined", "left", "ack", "message", "gen_start", "delta", "gen_end",
-        "typing", "history", "pong", "reconnect", "error",
+        "typing", "history", "pong", "reconnect", "error", "presence",
     }  # fmt: skip
     assert documented_client == CLIENT_TYPES
     assert documented_server == SERVER_TYPES
@@ -613,6 +616,9 @@ def test_msgpack_ext_values_are_bad_field_values() -> None:
         {"type": "delta", "conversation_id": CONV, "generation_id": GEN, "seq": 0, "text": "x"},
         {"type": "hello", "session_id": "s", "user_id": "u", "server_id": "n", "heartbeat_s": 1.5,
          "max_frame_bytes": 1, "protocol": 1},
+        {"type": "presence", "conversation_id": CONV, "online": "alice"},
+        {"type": "presence", "conversation_id": CONV, "online": ["alice", 7]},
+        {"type": "presence", "conversation_id": CONV, "online": [""]},
     ],
 )  # fmt: skip
 def test_invalid_server_frames_are_bad_frames(obj: dict[str, Any], enc: Encoding) -> None:

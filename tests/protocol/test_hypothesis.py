@@ -39,6 +39,7 @@ from protocol import (
     MessageEvent,
     Ping,
     Pong,
+    Presence,
     ProtocolError,
     Reconnect,
     Role,
@@ -196,6 +197,12 @@ SERVER_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         thinking_tokens=st.none() | counts,
     ),
     TypingNotice: st.builds(TypingNotice, conversation_id=ids, user_id=ids, ref=refs),
+    Presence: st.builds(
+        Presence,
+        conversation_id=ids,
+        online=st.lists(ids, max_size=5).map(tuple),
+        ref=refs,
+    ),
     HistoryPage: st.builds(
         HistoryPage, conversation_id=ids, messages=message_lists, has_more=st.booleans(), ref=refs
     ),

@@ -9,226 +9,26 @@ Playwright assertion with a deadline; nothing sleeps.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 
-import pytest
-from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+from playwright.async_api import Page, expect
 
-from tests.serverproc import REPO_ROOT, ServerProc
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-REPLY_TIMEOUT_MS = 20_000
-FAST = {"CHAT_LOCAL_TTFT_MS": "50", "CHAT_LOCAL_TOKEN_MS": "5"}
-SLOW = {"CHAT_LOCAL_TTFT_MS": "100", "CHAT_LOCAL_TOKEN_MS": "150"}
-
-StartServer = Callable[..., ServerProc]
-
-
-class CuttableProxy:
-    """A TCP proxy in front of the server whose connections the test can drop at will."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.accepting = True
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> CuttableProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.accepting:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        link = (writer, up_writer)
-        self._links.add(link)
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            self._links.discard(link)
-
-    def cut(self) -> None:
-        """Drop every open connection at once, as a network failure would."""
-        for down, up in list(self._links):
-            down.transport.abort()
-            up.transport.abort()
-
-    async def close(self) -> None:
-        self.accepting = False
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.transport.abort()
-
-
-def expected_reply(said: str) -> str:
-    """The local model's deterministic answer (chatserver/generation/local.py)."""
-    words = said.split()
-    return (
-        f"You said: {said} Backwards, that is: {' '.join(reversed(words))} "
-        f"That was {len(words)} words and {len(said)} characters."
-    )
-
-
-# -- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[StartServer]:
-    """Start ``chatserver serve`` processes; each is stopped with SIGTERM at teardown."""
-    servers: list[ServerProc] = []
-
-    def start(env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> ServerProc:
-        server = ServerProc(tmp_path / f"server{len(servers)}", env=env, args=args)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        code = server.stop()
-        # Shown by pytest when the test failed: what the server logged.
-        print(f"--- server on port {server.port} exited with {code}:\n{server.output[-3000:]}")
-        server.close()
-
-
-@pytest.fixture
-def chromium() -> str:
-    """Debian's Chromium: Playwright drives it; no browser is downloaded."""
-    assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is missing: apt-get install chromium"
-    return CHROMIUM
-
-
-@pytest.fixture
-async def browser(chromium: str) -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=chromium, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    """A fresh context (empty localStorage) whose page must raise no uncaught error."""
-    context = await browser.new_context(viewport={"width": 1200, "height": 800})
-    page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: print(f"console.{msg.type}: {msg.text}"))
-    try:
-        yield page
-    finally:
-        await context.close()
-    assert errors == [], f"uncaught errors in the page: {errors}"
-
-
-# -- helpers ----------------------------------------------------------------------------------
-
-
-def message(page: Page, role: str, offset: int) -> Locator:
-    return page.locator(f'li.msg[data-role="{role}"][data-offset="{offset}"]')
-
-
-def finished_reply(page: Page, offset: int) -> Locator:
-    return page.locator(
-        f'li.msg[data-role="assistant"][data-offset="{offset}"]:not([data-streaming])'
-    )
-
-
-async def open_page(page: Page, url: str) -> None:
-    await page.goto(url)
-    await expect(page.get_by_role("status")).to_have_text("Connected")
-
-
-async def start_conversation(page: Page, title: str) -> None:
-    await expect(page.get_by_label("Agent")).to_contain_text("General assistant")
-    await page.get_by_label("Agent").select_option(label="General assistant")
-    await page.get_by_label("Title").fill(title)
-    await page.get_by_role("button", name="Start conversation").click()
-    await expect(page.get_by_role("heading", name=title)).to_be_visible()
-    await expect(page.get_by_role("button", name=re.compile(re.escape(title)))).to_be_visible()
-
-
-async def send(page: Page, text: str) -> None:
-    box = page.get_by_role("textbox", name="Message", exact=True)
-    await box.fill(text)
-    await page.get_by_role("button", name="Send", exact=True).click()
-    await expect(box).to_have_value("")
-
-
-async def exchange(page: Page, text: str, user_offset: int) -> None:
-    """Send ``text`` and wait for the whole reply, rendered once each."""
-    await send(page, text)
-    await expect(message(page, "user", user_offset).locator(".text")).to_have_text(text)
-    await expect(finished_reply(page, user_offset + 1).locator(".text")).to_have_text(
-        expected_reply(text), timeout=REPLY_TIMEOUT_MS
-    )
-
-
-async def issue_token(secret: str, user: str) -> str:
-    """A client token from ``chatserver token`` (the CLI an operator would use)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "chatserver",
-        "token",
-        "--user",
-        user,
-        env={**os.environ, "CHAT_JWT_SECRET": secret},
-        cwd=REPO_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
-    assert proc.returncode == 0, err.decode()
-    return out.decode().strip()
-
-
-async def offsets(page: Page) -> list[int]:
-    values = await page.locator("li.msg").evaluate_all("els => els.map(e => e.dataset.offset)")
-    return [int(v) for v in values]
-
-
-# -- tests ------------------------------------------------------------------------------------
+from .pagekit import (
+    FAST,
+    REPLY_TIMEOUT_MS,
+    SLOW,
+    CuttableProxy,
+    StartServer,
+    exchange,
+    expected_reply,
+    finished_reply,
+    issue_token,
+    message,
+    offsets,
+    open_page,
+    send,
+    start_conversation,
+)
 
 
 async def test_send_streamed_reply_and_reload(start_server: StartServer, page: Page) -> None:
