@@ -117,8 +117,8 @@ _POLLING = {"xreadgroup", "xack", "xdel", "xautoclaim", "info"}
 # 265 commands per reply at first, 58 after a first round of cuts, 30 after a second; the
 # durable reply job then added ~11 (its add in the append, its turn, its end): 41. Its turn's
 # mark then became one ZADD, and its end part of the answer's append: 38 counted here (the
-# job's XACK and XDEL count as polling above), 4 of them EVALSHA. The margin is what may fall inside the measured window and is no part of the reply: each
-# instance's metrics sampler reads the jobs' gauges every second (a script of 4 commands),
+# job's XACK and XDEL count as polling above), 4 of them EVALSHA. The margin is what may
+# fall inside the measured window and is no part of the reply: each instance's metrics sampler reads the jobs' gauges every second (a script of 4 commands),
 # a lease sweep (2), and the renewal of alice's presence entry every 10 s (a script of 5).
 MAX_COMMANDS_PER_UNWATCHED_REPLY = 38 + 2 * 4 + 2 + 5
 
