@@ -85,9 +85,12 @@ class RedisClients:
     cluster: bool
     made: list[Redis | RedisCluster] = field(default_factory=list)
 
-    def new(self) -> Redis | RedisCluster:
+    def new(self, **options: Any) -> Redis | RedisCluster:
+        """A client of its own; ``options`` go to ``from_url`` (``client_name``, say)."""
         client: Redis | RedisCluster = (
-            RedisCluster.from_url(self.url) if self.cluster else Redis.from_url(self.url)
+            RedisCluster.from_url(self.url, **options)
+            if self.cluster
+            else Redis.from_url(self.url, **options)
         )
         self.made.append(client)
         return client
