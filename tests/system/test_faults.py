@@ -214,12 +214,21 @@ async def test_kill_9_with_outbox_entries_pending_another_instance_stores_them(
         # With Postgres down every writer holds the batch it read (pending in the group),
         # then the instance holding some of them dies; another one claims them.
         await asyncio.to_thread(postgres_server.stop)
-        await asyncio.sleep(2.0)  # traffic keeps flowing into the outbox meanwhile
         redis = Redis.from_url(aof_redis.url)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
         try:
-            pending = await redis.xpending("chat:outbox", "writers")
-            assert pending["pending"] > 0, "no entry was pending before the kill"
-            owners = {c["name"].decode() for c in pending["consumers"]}
+            # Traffic keeps flowing into the outbox; writers read batches they cannot store.
+            # Held half a second after the stop, an entry is one of those (a batch stored
+            # just before the stop is acked within milliseconds).
+            while not (
+                held := await redis.xpending_range(
+                    "chat:outbox", "writers", min="-", max="+", count=1000, idle=500
+                )
+            ):
+                assert loop.time() < deadline, "no entry was pending before the kill"
+                await asyncio.sleep(0.05)
+            owners = {entry["consumer"].decode() for entry in held}
         finally:
             await redis.aclose()
         victim = next(s for s in servers if s.env["CHAT_SERVER_ID"] in owners)
