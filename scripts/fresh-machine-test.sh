@@ -128,9 +128,9 @@ inside() {
 }
 LOG=$FRESH_DIR/log
 FAILED=()
-phase() {  # phase NAME COMMAND: run COMMAND inside, its output to the log, timed
+phase() {  # phase NAME COMMAND [SHOWN]: run COMMAND inside, its output to the log, timed
     local name=$1 began=$(date +%s)
-    say "$name: $2"
+    say "$name: ${3:-$2}"
     if ! inside "$2" >>"$LOG" 2>&1; then
         tail -40 "$LOG" >&2
         say "$name: FAILED after $(($(date +%s) - began)) s"
@@ -153,7 +153,7 @@ phase "make run" "
 sys.exit(urllib.request.urlopen(\"http://127.0.0.1:$RUN_PORT/healthz\", timeout=2).status != 200)' 2>/dev/null
         then
             echo 'GET /healthz: 200'
-            head -1 /tmp/run.log
+            grep -m1 'listening' /tmp/run.log
             kill -TERM -- -\$server
             wait \$server || true
             exit 0
@@ -161,7 +161,7 @@ sys.exit(urllib.request.urlopen(\"http://127.0.0.1:$RUN_PORT/healthz\", timeout=
         kill -0 \$server 2>/dev/null || { cat /tmp/run.log; exit 1; }
         sleep 1  # the pace of the looks: /healthz is polled, with a deadline
     done
-    kill -TERM -- -\$server; cat /tmp/run.log; exit 1" || true
+    kill -TERM -- -\$server; cat /tmp/run.log; exit 1" "make run, until GET /healthz answers 200" || true
 grep -A1 'GET /healthz: 200' "$LOG" | sed 's/^/    /' >&2
 WALL="wall time $(($(date +%s) - START)) s"
 if ((${#FAILED[@]})); then
