@@ -44,6 +44,7 @@ class Ledger:
     sent: int = 0
     refused: dict[str, int] = field(default_factory=dict)  # error code -> count
     connects: int = 0
+    reconnects: list[str] = field(default_factory=list)  # URLs that told it to reconnect
     recovered: int = 0  # rejoins that got exactly the missed messages
     reloads: int = 0  # rejoins told to reload (recovered: false)
     duplicates: int = 0  # an offset delivered twice on one connection
@@ -83,6 +84,7 @@ class Member:
         self._unacked: list[tuple[str, str]] = []  # (client_msg_id, text) to (re)send
         self._counter = 0
         self.client: ChatClient | None = None
+        self.url: str | None = None  # where the current connection is (None between them)
         self.sending = True  # cleared at the end of a run: listen only, let replies end
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -98,12 +100,14 @@ class Member:
                 continue
             attempt = 0
             self.ledger.connects += 1
+            self.url = url
             try:
                 delay_ms = await self._session(self.client, stop)
             finally:
                 with contextlib.suppress(Exception):
                     await self.client.close()
                 self.client = None
+                self.url = None
             if delay_ms:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay_ms / 1000)
@@ -145,6 +149,7 @@ class Member:
                 elif isinstance(frame, GenStart | Delta):
                     self.ledger.replies_started.add(frame.generation_id)
                 elif isinstance(frame, Reconnect):
+                    self.ledger.reconnects.append(self.url or "")
                     return frame.after_ms
                 elif isinstance(frame, Ack):
                     self._take_ack(frame)

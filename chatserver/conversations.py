@@ -20,7 +20,8 @@ from .auth import Principal
 from .errors import ServiceError
 
 # How long a conversation read from the store is trusted: a member removed on another instance
-# stops being let in here within this, even with no member of it connected here.
+# stops being let in here within this, even with no member of it connected here (while the
+# store answers: in an outage the members as last read hold, see get).
 CACHE_S = 10.0
 
 
@@ -122,7 +123,15 @@ class ConversationService:
         if cached is not None and time.monotonic() - self._cached_at[conversation_id] < CACHE_S:
             self._cache.move_to_end(conversation_id)
             return cached
-        conversation = await self.store.get_conversation(conversation_id)
+        try:
+            conversation = await self.store.get_conversation(conversation_id)
+        except StoreUnavailable:
+            if cached is None:
+                raise
+            # The store is down: its members as last read still hold, or every send to a
+            # busy conversation would be refused after CACHE_S of an outage that the outbox
+            # is there to ride out. A removal elsewhere still drops the entry (forget).
+            return cached
         if conversation is not None:
             self._remember(conversation)
         return conversation

@@ -3,7 +3,8 @@
 #   redis-server, a Postgres server (initdb under /usr/lib/postgresql/*/bin), chromium,
 #   promtool (prometheus), nginx, python3-venv for `make venv` (for Debian's own
 #   /usr/bin/python3 too: tests/system/test_install.py builds a venv with it), and buildah and
-#   debootstrap, which build the Docker image for real (tests/system/test_image.py).
+#   debootstrap, which build the Docker image for real (tests/system/test_image.py), and git
+#   (bench results record the commit they measured: tests/system/test_bench_smoke.py).
 # As root, missing packages are installed with apt-get; otherwise the script names them and
 # fails. It never starts system services: the tests start their own throwaway servers.
 # Quiet and idempotent when everything is present.
@@ -21,6 +22,7 @@ missing_packages() {
     have nginx || echo nginx
     have buildah || echo buildah
     have debootstrap || echo debootstrap
+    have git || echo git
     if [[ -x /usr/bin/python3 ]]; then
         /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv
     else

@@ -312,7 +312,7 @@ class DeltaPump:
             for run in (*batch, *synced):
                 _fail(run, f"reply failed: {type(exc).__name__}")
             lost = set()
-            batch = []
+            batch, texts = [], []  # nothing of them is published (zipped below, strictly)
         for generation_id in lost:
             taken = recorded.get(generation_id)
             if taken is not None and not taken.lost:  # a checkpoint or resync found it taken

@@ -47,10 +47,14 @@ class Harness:
         return ChatApi(self.base_url, await self.token(user_id, tier), self.http)
 
     async def connect(
-        self, user_id: str, encoding: Encoding = Encoding.JSON, auth: str = "header"
+        self,
+        user_id: str,
+        encoding: Encoding = Encoding.JSON,
+        auth: str = "header",
+        tier: str = "free",
     ) -> ChatClient:
         client = await ChatClient.connect(
-            self.ws_url, await self.token(user_id), encoding=encoding, auth=auth
+            self.ws_url, await self.token(user_id, tier), encoding=encoding, auth=auth
         )
         self.clients.append(client)
         return client

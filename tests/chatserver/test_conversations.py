@@ -1,4 +1,5 @@
-"""ConversationService.create checks its input against protocol.Limits (one set of bounds)."""
+"""ConversationService.create checks its input against protocol.Limits (one set of bounds);
+its cached conversations ride out a store outage."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from chatserver import conversations
 from chatserver.agents import AgentCatalog
 from chatserver.auth import Principal
 from chatserver.conversations import ConversationService
 from chatserver.errors import ServiceError
 from protocol import Limits
-from storage import MemoryOutbox, MemoryWindow, SqliteStore
+from storage import MemoryOutbox, MemoryWindow, SqliteStore, StoreUnavailable
 
 TIGHT = Limits(max_members=3, max_title_chars=5, max_id_chars=4)
 
@@ -39,3 +41,22 @@ async def test_the_limits_bound_title_members_and_ids(service: ConversationServi
     ]:
         with pytest.raises(ServiceError, match=error):
             await service.create(owner, agent, title, members)
+
+
+async def test_a_cached_conversation_holds_while_the_store_is_down(
+    service: ConversationService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = next(iter(service.agents)).id
+    made = await service.create(Principal("own"), agent, "t", ["u2"])
+    assert (await service.require_member(made.id, "u2")).id == made.id  # read and cached
+
+    async def down(conversation_id: str) -> None:
+        raise StoreUnavailable("Postgres unavailable")
+
+    monkeypatch.setattr(service.store, "get_conversation", down)
+    monkeypatch.setattr(conversations, "CACHE_S", 0.0)  # aged out: the store is asked first
+    # The members as last read hold through the outage...
+    assert (await service.require_member(made.id, "u2")).members == ("own", "u2")
+    # ... and what was never read still needs the store.
+    with pytest.raises(StoreUnavailable):
+        await service.require_member("never-read", "u2")

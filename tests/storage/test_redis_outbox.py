@@ -6,10 +6,12 @@ Every test runs on a single Redis and on a three-master Redis Cluster (``redis_c
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 import pytest
+from redis.asyncio import Redis
 
 from storage.outbox import redis as redis_outbox
 from storage.outbox.redis import RedisOutbox
@@ -17,13 +19,85 @@ from storage.outbox.redis import RedisOutbox
 if TYPE_CHECKING:
     from conftest import MessageFactory, RedisClients
 
+T = TypeVar("T")
+
 
 async def make_outbox(clients: RedisClients, consumer: str, **options: Any) -> RedisOutbox:
-    """A started outbox on a client of its own, as one instance's would be."""
+    """A started outbox on a client of its own (named ``outbox-<consumer>`` on the server),
+    as one instance's would be."""
     options.setdefault("shards", 3 if clients.cluster else 1)
-    outbox = RedisOutbox(clients.new(), consumer=consumer, **options)
+    client = clients.new(client_name=f"outbox-{consumer}")
+    outbox = RedisOutbox(client, consumer=consumer, **options)
     await outbox.start()
     return outbox
+
+
+async def _on_every_node(
+    clients: RedisClients, command: Callable[[Redis], Awaitable[T]]
+) -> list[T]:
+    """``command`` on a plain client of each server: the single Redis, or each cluster node."""
+    if clients.cluster:
+        cluster = clients.new()
+        await cluster.initialize()
+        addresses = [(n.host, n.port) for n in cluster.get_nodes()]
+    else:
+        one = Redis.from_url(clients.url)
+        addresses = [
+            (
+                one.connection_pool.connection_kwargs["host"],
+                one.connection_pool.connection_kwargs["port"],
+            )
+        ]
+        await one.aclose()
+    out = []
+    for host, port in addresses:
+        node = Redis(host=host, port=port)
+        try:
+            out.append(await command(node))
+        finally:
+            await node.aclose()
+    return out
+
+
+async def parked_reads(clients: RedisClients, consumer: str) -> int:
+    """The outbox's XREADGROUP ... BLOCK calls parked on the servers right now (CLIENT LIST:
+    its connections blocked in ``xreadgroup``)."""
+
+    async def count(node: Redis) -> int:
+        return sum(
+            1
+            for c in await node.client_list()
+            if c.get("name") == f"outbox-{consumer}"
+            and "b" in c["flags"]
+            and c["cmd"] == "xreadgroup"
+        )
+
+    return sum(await _on_every_node(clients, count))
+
+
+async def xreadgroup_calls(clients: RedisClients) -> int:
+    """XREADGROUP calls the servers have finished so far (a parked one counts once it ends)."""
+
+    async def calls(node: Redis) -> int:
+        stats = await node.info("commandstats")
+        return int(stats.get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+    return sum(await _on_every_node(clients, calls))
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        assert loop.time() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+def units(clients: RedisClients, outbox: RedisOutbox) -> int:
+    """Blocking reads one ``read`` parks: one for every shard on a single Redis, one a shard
+    on a cluster."""
+    return outbox.shards if clients.cluster else 1
 
 
 async def test_a_dead_consumers_entries_are_claimed_after_the_idle_time(
@@ -139,12 +213,17 @@ async def test_a_cancelled_read_loses_nothing(
 ) -> None:
     outbox = await make_outbox(redis_clients, "w")
     reader = asyncio.create_task(outbox.read(10, 30))
-    await asyncio.sleep(0.05)  # parked in XREADGROUP ... BLOCK
+
+    async def parked() -> bool:
+        return await parked_reads(redis_clients, "w") == units(redis_clients, outbox)
+
+    await eventually(parked, 5, "the read parked in XREADGROUP ... BLOCK on every shard")
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
+    assert await parked_reads(redis_clients, "w") == units(redis_clients, outbox)  # still there
     message = new_message("c1")
-    await outbox.add(message)  # the blocked read that outlived its caller may take it ...
+    await outbox.add(message)  # the blocked read that outlived its caller takes it ...
     entries = await asyncio.wait_for(outbox.read(10, 5), 5)  # ... and hands it on
     assert [e.message for e in entries] == [message]
 
@@ -158,8 +237,25 @@ async def test_a_blocked_read_neither_starves_the_client_nor_outstays_its_wait(
     started = loop.time()
     assert await outbox.read(10, 0.2) == []
     assert 0.19 <= loop.time() - started < 1.0
+    shards = units(redis_clients, outbox)
+
+    async def none_parked() -> bool:  # the block left over from the read above is over
+        return await parked_reads(redis_clients, "w") == 0
+
+    await eventually(none_parked, 3, "the last read's block over")
     reader = asyncio.create_task(outbox.read(10, 5))
-    await asyncio.sleep(0.12)  # past a block or two
+
+    async def parked() -> bool:
+        return await parked_reads(redis_clients, "w") == shards
+
+    await eventually(parked, 3, "the read parked in XREADGROUP ... BLOCK on every shard")
+    before = await xreadgroup_calls(redis_clients)
+
+    async def past_a_block() -> bool:  # each shard's block ended, and the next one parked
+        done = await xreadgroup_calls(redis_clients) - before
+        return done >= shards and await parked_reads(redis_clients, "w") == shards
+
+    await eventually(past_a_block, 3, "a block over and the next one parked, on every shard")
     started = loop.time()
     for _ in range(20):  # the same client serves other commands meanwhile, at once
         await outbox.redis.ping()

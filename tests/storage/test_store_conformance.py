@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import TYPE_CHECKING
 
 import pytest
 
 from protocol import Message, Usage, timestamp_from_ms
-from storage import Conversation, Store, User
+from storage import Conversation, Store, StoreUnavailable, User
+
+from .conftest import STORE_OUTAGES
 
 if TYPE_CHECKING:
     from conftest import MessageFactory, StoreMaker
@@ -40,8 +43,37 @@ async def all_messages(store: Store, cid: str) -> tuple[Message, ...]:
     return page.messages
 
 
-async def test_ping_answers(store: Store) -> None:
-    await store.ping()
+async def _answers_again(store: Store, timeout: float = 10.0) -> None:
+    """Once its server is back, ping answers again (PgBouncer waits out its login retry)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await store.ping()
+            return
+        except StoreUnavailable:
+            if loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.1)
+
+
+async def test_ping_answers_only_while_the_store_can(
+    store_maker: StoreMaker, request: pytest.FixtureRequest
+) -> None:
+    store = store_maker()
+    await store.start()
+    try:
+        assert await store.ping() is None
+        outage = STORE_OUTAGES.get(request.node.callspec.params["store_maker"])
+        if outage is not None:  # the server goes away under a started store
+            async with outage(request):
+                with pytest.raises(StoreUnavailable):
+                    await store.ping()
+            await _answers_again(store)
+    finally:
+        await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.ping()  # closed: it cannot answer
 
 
 async def test_ensure_user_is_repeatable_and_never_downgrades(store: Store) -> None:

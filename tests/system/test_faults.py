@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from chatclient.client import ChatApi
 from chatclient.member import Member
 from protocol import CloseCode
+from storage.redis_keys import DEFAULT_PREFIX, ConversationKeys
 from tests.chatserver.rawws import RawWebSocket
 from tests.serverproc import ServerProc
 from tests.services import PostgresReplica, PostgresServer, RedisServer
@@ -32,14 +33,46 @@ def aof_redis() -> Iterator[RedisServer]:
     redis.close()
 
 
+async def _running_reply(redis_url: str, conversation_id: str) -> tuple[str, str, int] | None:
+    """The conversation's running reply as Redis holds it: (generation, owner, deltas)."""
+    redis = Redis.from_url(redis_url)
+    try:
+        reply = await redis.hgetall(ConversationKeys(DEFAULT_PREFIX, conversation_id).reply)
+    finally:
+        await redis.aclose()
+    if b"gid" not in reply:
+        return None
+    return reply[b"gid"].decode(), reply[b"owner"].decode(), int(reply.get(b"seq", 0))
+
+
 async def test_kill_9_of_an_instance_mid_traffic_and_mid_reply(
     tmp_path: Path, aof_redis: RedisServer, postgres_dsn: str
 ) -> None:
+    killed: list[str] = []
+
     async def kill(servers: list[ServerProc], members: list[Member]) -> None:
-        servers[0].kill()
+        # Frozen (SIGSTOP) while Redis is read, so that what is read is what the kill cuts
+        # short: a reply of this instance's with deltas out. Else thawed, and looked again.
+        victim = servers[0]
+        assert victim.proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while not killed:
+            assert loop.time() < deadline, "no reply streamed on the instance to kill"
+            victim.proc.send_signal(signal.SIGSTOP)
+            running = await _running_reply(aof_redis.url, members[0].conversation_id)
+            if running is not None and running[1] == victim.env["CHAT_SERVER_ID"] and running[2]:
+                victim.kill()
+                killed.append(running[0])
+            else:
+                victim.proc.send_signal(signal.SIGCONT)
+                await asyncio.sleep(0.02)  # the pace of the looks, not a wait for an event
 
     outcome = await run_with_fault(tmp_path, aof_redis.url, postgres_dsn, kill)
     check(outcome)
+    # The reply cut short by the kill was ended for the members all the same.
+    ended = set().union(*(set(m.ledger.replies_ended) for m in outcome.members))
+    assert killed and killed[0] in ended, f"reply {killed} never ended"
 
 
 async def test_postgres_stopped_then_started(
@@ -69,13 +102,32 @@ async def test_redis_restarted_with_aof(
 async def test_sigterm_drain_while_the_others_take_its_clients(
     tmp_path: Path, aof_redis: RedisServer, postgres_dsn: str
 ) -> None:
+    drained: list[Member] = []
+    moved: dict[str, int] = {}  # member -> messages acked when it had moved
+
     async def drain(servers: list[ServerProc], members: list[Member]) -> None:
-        assert servers[1].proc is not None
-        servers[1].proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(servers[1].proc.wait, 30) == 0
+        draining = servers[1]
+        assert draining.proc is not None
+        drained.extend(m for m in members if m.url == draining.ws_url)
+        assert drained, "no member was on the instance to drain"
+        told = {m.user: len(m.ledger.reconnects) for m in drained}
+        draining.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(draining.proc.wait, 30) == 0
+        for member in drained:
+            # Told to go elsewhere (a `reconnect` frame) by the drained instance, not cut off.
+            assert member.ledger.reconnects[told[member.user] :] == [draining.ws_url], member.user
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not all(m.url not in (None, draining.ws_url) for m in drained):
+            assert loop.time() < deadline, {m.user: m.url for m in drained}
+            await asyncio.sleep(0.05)
+        moved.update({m.user: len(m.ledger.acked) for m in drained})
 
     outcome = await run_with_fault(tmp_path, aof_redis.url, postgres_dsn, drain)
     check(outcome)
+    # The members it sent away went on talking, acked by the instances that took them.
+    for member in drained:
+        assert len(member.ledger.acked) > moved[member.user], member.user
 
 
 async def _slow_consumers(server: ServerProc) -> float:
@@ -162,12 +214,21 @@ async def test_kill_9_with_outbox_entries_pending_another_instance_stores_them(
         # With Postgres down every writer holds the batch it read (pending in the group),
         # then the instance holding some of them dies; another one claims them.
         await asyncio.to_thread(postgres_server.stop)
-        await asyncio.sleep(2.0)  # traffic keeps flowing into the outbox meanwhile
         redis = Redis.from_url(aof_redis.url)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
         try:
-            pending = await redis.xpending("chat:outbox", "writers")
-            assert pending["pending"] > 0, "no entry was pending before the kill"
-            owners = {c["name"].decode() for c in pending["consumers"]}
+            # Traffic keeps flowing into the outbox; writers read batches they cannot store.
+            # Held half a second after the stop, an entry is one of those (a batch stored
+            # just before the stop is acked within milliseconds).
+            while not (
+                held := await redis.xpending_range(
+                    "chat:outbox", "writers", min="-", max="+", count=1000, idle=500
+                )
+            ):
+                assert loop.time() < deadline, "no entry was pending before the kill"
+                await asyncio.sleep(0.05)
+            owners = {entry["consumer"].decode() for entry in held}
         finally:
             await redis.aclose()
         victim = next(s for s in servers if s.env["CHAT_SERVER_ID"] in owners)

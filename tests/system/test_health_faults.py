@@ -24,8 +24,6 @@ from tests.services import PostgresServer, RedisServer
 
 from .scaleout import SECRET
 
-REPO = Path(__file__).resolve().parents[2]
-HAS_POSTGRES_STORE = (REPO / "storage" / "store" / "postgres.py").exists()
 DEADLINE_S = 30.0
 
 
@@ -64,11 +62,8 @@ def liveness(server: ServerProc) -> int:
 
 
 @pytest.fixture
-def server(tmp_path: Path, redis_url: str, request: pytest.FixtureRequest) -> Iterator[ServerProc]:
-    args = ["--redis-url", redis_url]
-    if HAS_POSTGRES_STORE:
-        dsn = request.getfixturevalue("postgres_dsn")
-        args += ["--database-url", dsn, "--migrate", "yes"]
+def server(tmp_path: Path, redis_url: str, postgres_dsn: str) -> Iterator[ServerProc]:
+    args = ["--redis-url", redis_url, "--database-url", postgres_dsn, "--migrate", "yes"]
     # As in production: a secret (dev auth mode is refused with Redis); no client needs one.
     env = {"CHAT_LOG_LEVEL": "warning", "CHAT_JWT_SECRET": SECRET}
     proc = ServerProc(tmp_path, env=env, args=args)
@@ -84,6 +79,7 @@ def test_redis_stopped_turns_health_and_readiness_503_and_back(
 ) -> None:
     healthy = wait_for(server, 200, None)
     assert healthy["/api/health"]["checks"]["redis"]["backend"] == "redis"
+    assert healthy["/api/health"]["checks"]["database"]["backend"] == "postgres"
     redis_server.stop()
     try:
         down = wait_for(server, 503, "redis")
@@ -96,7 +92,6 @@ def test_redis_stopped_turns_health_and_readiness_503_and_back(
     wait_for(server, 200, None)
 
 
-@pytest.mark.skipif(not HAS_POSTGRES_STORE, reason="storage/store/postgres.py not written yet")
 def test_postgres_stopped_turns_health_and_readiness_503_and_back(
     server: ServerProc, postgres_server: PostgresServer
 ) -> None:

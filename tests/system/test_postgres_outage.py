@@ -1,24 +1,32 @@
-"""A real `chatserver serve` on Postgres keeps acking while Postgres is down, then stores
-every acked message exactly once when it is back."""
+"""A real `chatserver serve` on Postgres keeps acking while Postgres is down for 20 s, then
+stores every acked message exactly once when it is back.
+
+Marked ``heavy``: its 20 s outage starts first on its xdist worker, beside the short tests on
+the others, instead of adding 20 s to the end of the run.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
+import pytest
 
 from chatclient.client import ChatApi, ChatClient
 from tests.serverproc import ServerProc
 from tests.services import PostgresServer
 
-# The issue asks for 20 s. 6 s keeps the suite fast and still outlasts the batch writer's
-# backoff cap (5 s), so the writer is in its longest wait when Postgres comes back.
-PG_DOWN_S = 6.0
+# From the stop to the start; well past the batch writer's backoff cap (5 s), so the writer
+# retries at its longest wait several times over, and is in it when Postgres comes back.
+PG_DOWN_S = 20.0
 DRAIN_TIMEOUT_S = 30.0
+EVENT_TIMEOUT_S = 15.0
+SAMPLE_EVERY_S = 0.5  # how often readiness is sampled through the outage
 
 
 def _metric(text: str, name: str) -> float:
@@ -26,6 +34,15 @@ def _metric(text: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+async def until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll ``condition`` until it holds; fail after ``EVENT_TIMEOUT_S``."""
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    while not await condition():
+        assert time.monotonic() < deadline, f"not within {EVENT_TIMEOUT_S} s: {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.heavy
 async def test_postgres_outage_keeps_acking_and_loses_nothing(
     tmp_path: Path, postgres_dsn: str, postgres_server: PostgresServer
 ) -> None:
@@ -75,25 +92,49 @@ async def test_postgres_outage_keeps_acking_and_loses_nothing(
                 async with http.get(f"{server.url}/readyz") as resp:
                     return resp.status
 
+            async def persisted() -> float:
+                return _metric(await metrics(), "chat_messages_persisted_total")
+
+            async def errors() -> float:
+                return _metric(await metrics(), "chat_persist_errors_total")
+
             chats = [asyncio.create_task(chat(c, conv)) for c, conv in people]
-            await asyncio.sleep(1.0)
+
+            async def flowing() -> bool:  # every member acked and answered, and stored
+                return len(acked) >= 2 * len(people) and await persisted() >= len(people)
+
+            await until(flowing, "traffic acked and stored before the outage")
             assert await ready() == 200
+            assert await errors() == 0
 
             await asyncio.to_thread(postgres_server.stop)
             down_since = time.monotonic()
             acked_before = len(acked)
-            await asyncio.sleep(1.0)  # a batch in flight when it stopped has failed by now
-            persisted_down = _metric(await metrics(), "chat_messages_persisted_total")
-            assert await ready() == 503  # the outage is visible
-            await asyncio.sleep(max(0.0, PG_DOWN_S - (time.monotonic() - down_since)))
-            during = await metrics()
-            # Sends went on being acked; nothing reached the store; the writer kept retrying.
-            assert len(acked) - acked_before >= 20
-            assert _metric(during, "chat_messages_persisted_total") == persisted_down
-            assert _metric(during, "chat_persist_errors_total") >= 1
+
+            async def outage_seen() -> bool:  # readiness says so; a batch write has failed
+                return await ready() == 503 and await errors() >= 1
+
+            await until(outage_seen, "readiness 503 and a failed batch write")
+            # Nothing commits with the server stopped: what is persisted now stays so.
+            persisted_down, errors_down = await persisted(), await errors()
+            readiness = []
+            while time.monotonic() - down_since < PG_DOWN_S:  # the outage's length
+                readiness.append(await ready())
+                await asyncio.sleep(SAMPLE_EVERY_S)
+            # Readiness said 503 all along; sends went on being acked (and answered); nothing
+            # reached the store; the writer kept retrying.
+            assert set(readiness) == {503}, readiness
+            assert len(readiness) >= (PG_DOWN_S - EVENT_TIMEOUT_S) / SAMPLE_EVERY_S
+            assert len(acked) - acked_before >= 50
+            assert await persisted() == persisted_down
+            assert await errors() >= errors_down + 2
 
             await asyncio.to_thread(postgres_server.start)
-            await asyncio.sleep(0.5)
+
+            async def ready_again() -> bool:
+                return await ready() == 200
+
+            await until(ready_again, "readiness 200 once Postgres is back")
             stop.set()
             await asyncio.wait_for(asyncio.gather(*chats), 30)
             for client, _ in people:

@@ -81,11 +81,21 @@ async def test_subscribed_conversations_are_delivered_in_order(broker: Made) -> 
 
 async def test_own_publications_arrive_once(broker: Made) -> None:
     made, received = broker
+    controls: list[Control] = []
+    made.on_control = controls.append
     await made.subscribe("c1")
+    await made.subscribe("c2")
     await made.publish(_typing("c1", 1))
-    await made.subscribe("c2")  # a round trip on the subscriber connection: echoes are in
     await made.publish(_typing("c2", 2))
-    await asyncio.sleep(0)
+    # Announcements travel each channel behind the events published on it before them: once
+    # both are back, so are the echoes of our own publications (dropped, or delivered twice).
+    await made.announce("c1", CancelReply("after-c1"))
+    await made.announce("c2", CancelReply("after-c2"))
+    await eventually(lambda: len(controls) == 2, what="the announcements back")
+    assert sorted(c.generation_id for c in controls if isinstance(c, CancelReply)) == [
+        "after-c1",
+        "after-c2",
+    ]
     assert [e.frame["user_id"] for e in received] == ["u1", "u2"]
 
 

@@ -225,6 +225,29 @@ async def test_deltas_that_cannot_be_recorded_are_not_published(
         await redis.aclose()
 
 
+class _RecordFails(MemoryReplyBuffer):
+    """A buffer whose store goes away once replies are under way: every record raises."""
+
+    async def record(self, records: Sequence[Any]) -> set[str]:
+        raise ConnectionError("Connection closed by server.")
+
+
+async def test_a_failed_record_fails_its_replies_and_the_pump_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    buffer = _RecordFails()
+    published = Published()
+    pump, _ = _pump(buffer, published)
+    provider = LocalProvider(ttft_ms=5, token_ms=2)
+    runs = [await _begin(buffer, pump, f"c{i}") for i in range(3)]
+    for run in runs:
+        run.handle = provider.open(_request("a b c"), run)
+    assert await asyncio.wait_for(asyncio.gather(*(r.done for r in runs)), 10) == [None] * 3
+    assert all(r.failure == "reply failed: ConnectionError" for r in runs)
+    assert published.frames == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_a_runs_delta_frame_is_the_protocol_delta() -> None:
     run = ReplyRun(
         "c1", AGENT, "local", _message("hi"), DeltaPump(MemoryReplyBuffer(), Published(), print)

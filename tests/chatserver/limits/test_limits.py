@@ -360,17 +360,67 @@ async def test_a_closed_connection_frees_its_slot(make_harness: MakeHarness) -> 
     assert first.hello is not None and second.hello is not None
 
 
-async def test_tiers_have_their_own_limits(make_harness: MakeHarness) -> None:
-    harness = await make_harness(
-        limits_free=LIMITS, limits_pro="messages_per_minute=10,connections=2,daily_tokens=100000"
-    )
-    conv = await harness.conversation("paula")
-    from chatclient.client import ChatClient
+# Each tier's own bound on every limit, told apart: a pro user held to enterprise limits (or
+# free ones) gets one more, or one fewer, of each than its own.
+TIER_BOUND = {"free": 2, "pro": 3, "enterprise": 4}
 
-    paula = await ChatClient.connect(harness.ws_url, await harness.token("paula", tier="pro"))
-    harness.clients.append(paula)
-    for i in range(6):
-        await paula.send(conv, f"pro {i}")  # beyond the free tier's 3
+
+def _tier_limits(n: int) -> str:
+    # REST requests one above the creations: creating n conversations spends n requests, and
+    # the next creation must meet the creation rate, not the request rate.
+    return (
+        f"messages_per_minute={n},connections={n},daily_tokens={1000 * n},"
+        f"requests_per_minute={n + 1},conversations=1000,conversations_per_minute={n}"
+    )
+
+
+@pytest.mark.parametrize("tier", sorted(TIER_BOUND))
+async def test_tiers_have_their_own_limits(make_harness: MakeHarness, tier: str) -> None:
+    harness = await make_harness(
+        **{f"limits_{name}": _tier_limits(n) for name, n in TIER_BOUND.items()}
+    )
+    n = TIER_BOUND[tier]
+    conv = await harness.conversation("owner", members=["sender", "spender"])
+
+    # Messages per minute: n go through, the next is refused.
+    sender = await harness.connect("sender", tier=tier)
+    for i in range(n):
+        await sender.send(conv, f"m{i}")
+    with pytest.raises(ChatError) as info:
+        await sender.send(conv, "one too many")
+    assert info.value.code == ErrorCode.RATE_LIMITED.value
+
+    # Connections: n at once (the sender's is one of them), the next is closed 4429.
+    for _ in range(n - 1):
+        assert (await harness.connect("sender", tier=tier)).hello is not None
+    token = await harness.token("sender", tier)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with harness.http.ws_connect(harness.ws_url, headers=headers) as ws:
+        assert '"code":"rate_limited"' in (await ws.receive(timeout=5)).data
+        assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == CloseCode.TOO_MANY_CONNECTIONS
+
+    # REST requests per minute.
+    reader = await harness.api("reader", tier)
+    statuses = [(await reader.request("GET", "/api/conversations"))[0] for _ in range(n + 2)]
+    assert statuses == [200] * (n + 1) + [429]
+
+    # Conversations created per minute.
+    creator = await harness.api("creator", tier)
+    for _ in range(n):
+        await creator.create_conversation()
+    status, body = await creator.request("POST", "/api/conversations", json={"agent_id": "x"})
+    assert status == 429 and "new conversations per minute" in body["error"]["message"]
+
+    # Daily model tokens: one short of the quota may still send, the quota itself may not.
+    limiter = harness.app[keys.LIMITER]
+    spender = await harness.connect("spender", tier=tier)
+    await limiter.add_tokens("spender", 1000 * n - 1)
+    await spender.send(conv, "just under the quota")
+    await limiter.add_tokens("spender", 1)
+    with pytest.raises(ChatError) as info:
+        await spender.send(conv, "at the quota")
+    assert info.value.code == ErrorCode.QUOTA_EXCEEDED.value
 
 
 async def test_an_exhausted_quota_stops_replies_before_any_model_call(
