@@ -209,6 +209,9 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
     async def shutdown(self, grace_s: float) -> None:
         """Let replies finish for ``grace_s``, then end the rest with ``error``."""
         self._closing = True
+        for waiting in self._waiting_turn.values():  # questions asleep behind older ones
+            for woken in waiting.values():
+                woken.set()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             if pending:
