@@ -39,3 +39,20 @@ async def test_the_limits_bound_title_members_and_ids(service: ConversationServi
     ]:
         with pytest.raises(ServiceError, match=error):
             await service.create(owner, agent, title, members)
+
+
+async def test_the_conversation_cache_keeps_at_most_its_size(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "cache.db"))
+    await store.start()
+    try:
+        service = ConversationService(
+            store, MemoryWindow(), MemoryOutbox(), AgentCatalog.load(None), cache_size=2
+        )
+        agent = next(iter(service.agents)).id
+        made = [await service.create(Principal("own"), agent, "t", []) for _ in range(4)]
+        assert service.fill() == {"conversation_cache": (2, 2)}
+        for conversation in made:  # the ones dropped are read from the store again
+            assert await service.get(conversation.id) == conversation
+        assert service.fill() == {"conversation_cache": (2, 2)}
+    finally:
+        await store.close()
