@@ -32,8 +32,8 @@ Reported per instance: the RSS and heap growth after the warm-up as a least-squa
 MiB per minute, over the whole post-warm-up span and over its last 10 minutes (the last third
 when the run is shorter), the same per 10,000 replies, and the top sites. Goals (issue 24):
 RSS growth <= 0.5 MiB/min per instance after the warm-up and in the last stretch, nothing
-lost or duplicated. Writes ``bench/results/soak-<minutes>min.json`` (``soak-quick.json`` with
-``--quick``).
+lost or duplicated. Writes ``bench/results/soak-<minutes>min.json`` (``soak.json`` with
+``--quick``, a smoke run of every step: ``tests/system/test_bench_smoke.py``).
 """
 
 from __future__ import annotations
@@ -522,12 +522,16 @@ def main() -> int:
         "--sites-load", type=float, default=0.15, help="share of the load in the sites run"
     )
     parser.add_argument("--top", type=int, default=25, help="allocation sites reported")
-    parser.add_argument("--quick", action="store_true", help="2 minutes per mode, less load")
+    parser.add_argument(
+        "--quick", action="store_true", help="45 s per mode and 30 s traced, a light load"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.quick:
-        args.minutes, args.ai_clients, args.chat_clients, args.chat_rate = 2.0, 20, 40, 20.0
-        args.sites_minutes = args.sites_minutes or 1.5
+    if args.quick:  # the smoke test's: every step once, in about three minutes
+        args.minutes, args.ai_clients, args.chat_clients, args.chat_rate = 0.75, 10, 20, 10.0
+        args.sample_s = min(args.sample_s, 5.0)
+        args.sites_minutes = args.sites_minutes or 0.5
+        args.sites_load = max(args.sites_load, 0.5)
     if args.sites_minutes is None:
         args.sites_minutes = min(6.0, max(2.0, args.minutes / 5))
     if args.warmup_minutes is None:
@@ -569,7 +573,7 @@ def main() -> int:
     }
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     write_result(
-        "soak-quick" if args.quick else f"soak-{args.minutes:g}min",
+        "soak" if args.quick else f"soak-{args.minutes:g}min",
         {
             "scenario": "soak",
             **base_args(args.quick),
