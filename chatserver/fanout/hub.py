@@ -183,6 +183,7 @@ class LocalHub:
         """This instance's members joined to the conversation, with their subscriptions."""
         room = self._rooms.get(conversation_id)
         return room.members if room is not None else _NO_MEMBERS
+
     def fill(self) -> Mapping[str, tuple[int, int]]:
         """Entries and bound, for the gauges (``chatserver.ops.memory``)."""
         return {"ended_replies": (len(self._ended), self.ended_kept)}
