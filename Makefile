@@ -44,7 +44,8 @@ run: venv
 test: deps venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
-# load scenarios beside their peers, ~10-15 min (docs/benchmarks.md); BENCH_ARGS=--quick: ~2 min
+# load scenarios beside their peers and a 10-minute soak per mode, ~35-40 min
+# (docs/benchmarks.md); BENCH_ARGS=--quick: ~5 min
 bench: venv
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

@@ -5,9 +5,11 @@
 Scenarios (each a script of its own, run as a subprocess so one failing does not stop the
 rest): connections, fanout, ai (embedded, the bare floor, and production mode beside the
 python-socketio peer), persist (bench/persist.py, from the Postgres work, when present),
-product-scale. Each writes ``<out>/<scenario>.json`` (persist writes its own file);
-this writes ``<out>/summary.md``: every scenario's markdown block, for docs/benchmarks.md.
-The full run takes about 15-20 minutes on this machine; ``--quick`` about two or three.
+product-scale, soak (memory under steady load: 10 minutes per mode here, ``bench/soak.py
+--minutes 30`` on its own for the full one; ``--quick``: 30 s per mode). Each writes
+``<out>/<scenario>.json`` (persist and soak their own files, by date or by length); this
+writes ``<out>/summary.md``: every scenario's markdown block, for docs/benchmarks.md. The
+full run takes about 35-40 minutes on this machine; ``--quick`` about five.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ SCENARIOS = {
     "ai": "bench/ai.py",
     "persist": "bench/persist.py",
     "product-scale": "bench/product_scale.py",
+    "soak": "bench/soak.py",
 }
 PERSIST_QUICK = ["--rows", "5000", "--rounds", "1", "--single-rows", "300"]
+SOAK_FULL = ["--minutes", "10"]  # per mode: the 30-minute soak is run on its own
 
 
 def main() -> int:
@@ -49,6 +53,8 @@ def main() -> int:
         argv = [sys.executable, str(script), "--out", str(args.out)]
         if args.quick:
             argv += PERSIST_QUICK if name == "persist" else ["--quick"]
+        elif name == "soak":
+            argv += SOAK_FULL
         started = time.monotonic()
         print(f"== {name}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
         done = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False)

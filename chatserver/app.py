@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
+from redis.asyncio import Redis
 
 from storage.batch_writer import BatchWriter
 
@@ -37,10 +38,12 @@ from .fanout.publish import publish
 from .generation.jobs import keep_jobs
 from .generation.manager import GenerationManager
 from .generation.routing import Router
+from .http.admin import add_admin_routes
 from .http.headers import security_headers
 from .http.rest import add_routes, errors_and_metrics
 from .ops.drain import drain
 from .ops.maintenance import partition_maintenance
+from .ops.memory import Bounded, HeapProfiler
 from .ops.metrics import Metrics
 from .ops.observe import observe
 from .presence.tracker import PresenceTracker
@@ -68,8 +71,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app[keys.FLUSHER] = Flusher()
     app[keys.ADMISSION] = Admission.of(settings.ws)
     app[keys.TYPING] = TypingGate(settings.ws.typing_interval_ms)
+    app[keys.BOUNDED] = Bounded()
+    app[keys.BOUNDED].watch(app[keys.METRICS])
+    app[keys.HEAP] = HeapProfiler(settings.memory.tracemalloc_frames)
     app.cleanup_ctx.extend(
         [
+            _heap,
             _redis,
             _storage,
             partition_maintenance,
@@ -85,6 +92,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.on_response_prepare.append(security_headers)
     app.router.add_get("/ws", websocket_handler)
     add_routes(app)
+    add_admin_routes(app)
     if app[keys.AUTH].dev_mode:
         log.warning(
             "DEV AUTH MODE: no CHAT_JWT_SECRET set; tokens are signed with a random per-run "
@@ -93,9 +101,27 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     return app
 
 
+async def _heap(app: web.Application) -> AsyncIterator[None]:
+    # First: what the other parts allocate from their start on is traced (when set).
+    app[keys.HEAP].start()
+    yield
+    app[keys.HEAP].stop()
+
+
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     redis = await open_redis(app[keys.SETTINGS])
     app[keys.REDIS] = redis
+    if isinstance(redis, Redis):
+        pool = redis.connection_pool
+        # Opened as concurrency asks, kept for good: the pool's peak, up to its bound.
+        app[keys.BOUNDED].add(
+            lambda: {
+                "redis_connections": (
+                    sum(count for count, _ in pool.get_connection_count()),
+                    pool.max_connections,
+                )
+            }
+        )
     yield
     if redis is not None:
         await redis.aclose()
@@ -120,8 +146,10 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         app[keys.AGENTS],
         join_messages=settings.window.join_messages,
         limits=settings.limits,
+        cache_size=settings.memory.conversation_cache,
         jobs=jobs,
     )
+    app[keys.BOUNDED].watch(store, window, outbox, app[keys.CONVERSATIONS])
     if not jobs.shared:  # the previous run's questions still unanswered, its jobs gone
         recovered = jobs.recover(await store.unanswered(_RECOVER_S))
         if recovered:
@@ -182,7 +210,9 @@ async def _fanout(app: web.Application) -> AsyncIterator[None]:
         broker,
         on_fanout=metrics.fanout_delay.observe,
         on_member_removed=app[keys.CONVERSATIONS].forget,
+        ended_kept=app[keys.SETTINGS].memory.ended_replies,
     )
+    app[keys.BOUNDED].watch(hub)
     await broker.start(hub.deliver)
     app[keys.BROKER] = broker
     app[keys.HUB] = hub
@@ -223,6 +253,7 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         await publish(app, conversation_id, frame)
 
     flusher = app[keys.FLUSHER]
+    cache = make_response_cache(settings, app[keys.REDIS])
 
     async def publish_deltas(events: Sequence[Event]) -> None:
         # The pump's batch is a loop tick's deltas, one per streaming connection: written
@@ -248,7 +279,7 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         deliver_events=deliver_deltas,
         announce=broker.announce,
         router=Router(settings.replies.light_max_chars),
-        cache=make_response_cache(settings, app[keys.REDIS]),
+        cache=cache,
         on_usage=app[keys.LIMITER].add_tokens,
         max_queued=settings.replies.max_queued,
         jobs=app[keys.CONVERSATIONS].jobs,
@@ -265,6 +296,10 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
 
     broker.on_control = on_control
     app[keys.GENERATION] = manager
+    max_held = settings.replies.max_held
+    app[keys.BOUNDED].watch(provider, cache)
+    # Runs, lanes, held jobs and their tasks: one each per question answered or queued here.
+    app[keys.BOUNDED].add(lambda: {"replies_held": (manager.pending, max_held)})
     leases = asyncio.create_task(
         manager.keep_leases(
             settings.replies.lease_s, sweep_s=min(2.0, settings.replies.lease_s / 2)
@@ -294,6 +329,7 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
 async def _limits(app: web.Application) -> AsyncIterator[None]:
     limiter = make_limiter(app[keys.SETTINGS], app[keys.REDIS], app[keys.STORE])
     app[keys.LIMITER] = limiter
+    app[keys.BOUNDED].watch(limiter)
 
     async def keep_connections_counted() -> None:
         # Connections count in Redis under a TTL: a dead instance's ones expire.

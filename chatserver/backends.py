@@ -93,6 +93,9 @@ def make_store(settings: Settings) -> Store:
             pgbouncer=settings.store.pgbouncer,
             migrate=settings.store.migrate,
             months_ahead=settings.store.partition_months_ahead,
+            # A reply is written a batch or two after its question: authors of that many
+            # messages (two generations) spare a look-up, bounded by the batch size.
+            recent_authors=max(10_000, settings.persist.batch_max),
         )
     return SqliteStore(settings.store.sqlite_path)
 
@@ -116,7 +119,15 @@ def make_window_and_outbox(
     settings: Settings, redis: RedisClient | None
 ) -> tuple[HotWindow, Outbox]:
     if redis is None:
-        return MemoryWindow(size=settings.window.size), MemoryOutbox(settings.persist.outbox_max)
+        memory = MemoryWindow(
+            size=settings.window.size,
+            idempotency_ttl_s=settings.window.idempotency_ttl_s,
+            max_bytes=settings.memory.window_memory_bytes,
+            max_idempotency_keys=settings.memory.idempotency_keys,
+            # A tombstone per conversation whose newest messages may still be in the outbox.
+            max_tombstones=settings.persist.outbox_max,
+        )
+        return memory, MemoryOutbox(settings.persist.outbox_max)
     from storage.outbox.redis import RedisOutbox
     from storage.window.redis import RedisWindow
 
@@ -171,7 +182,7 @@ def make_limiter(settings: Settings, redis: RedisClient | None, store: Store) ->
         return await store.usage_on(user_id, day)
 
     if redis is None:
-        return MemoryLimiter(seed)
+        return MemoryLimiter(seed, max_users=settings.memory.limiter_users)
     return RedisLimiter(redis, seed, prefix=settings.redis.key_prefix)
 
 
@@ -236,7 +247,11 @@ def make_response_cache(settings: Settings, redis: RedisClient | None) -> Respon
     if settings.replies.cache_ttl_s <= 0 or settings.gemini.api_key is None:
         return None
     if redis is None:
-        return MemoryResponseCache(settings.replies.cache_ttl_s, settings.replies.cache_entries)
+        return MemoryResponseCache(
+            settings.replies.cache_ttl_s,
+            settings.replies.cache_entries,
+            max_bytes=settings.replies.cache_bytes,
+        )
     return RedisResponseCache(
         redis, prefix=settings.redis.key_prefix, ttl_s=settings.replies.cache_ttl_s
     )

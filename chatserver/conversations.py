@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from protocol import DEFAULT_LIMITS, ErrorCode, Limits, Message, Role, Since, format_timestamp
@@ -95,6 +96,10 @@ class ConversationService:
         await self.store.create_conversation(conversation)
         self._remember(conversation)
         return conversation
+
+    def fill(self) -> Mapping[str, tuple[int, int]]:
+        """Entries and bound of the conversation cache, for the gauges."""
+        return {"conversation_cache": (len(self._cache), self._cache_size)}
 
     def _remember(self, conversation: Conversation) -> None:
         self._cache[conversation.id] = conversation

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .generation.buffer import ReplyBuffer
     from .generation.manager import GenerationManager
     from .limits.base import Limiter
+    from .ops.memory import Bounded, HeapProfiler
     from .ops.metrics import Metrics
     from .presence.tracker import PresenceTracker
     from .settings import Settings
@@ -66,3 +67,6 @@ LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 ADMISSION: web.AppKey[Admission] = web.AppKey("admission")  # sockets not yet authenticated
 TYPING: web.AppKey[TypingGate] = web.AppKey("typing")
 PRESENCE: web.AppKey[PresenceTracker] = web.AppKey("presence")
+# The bounded in-process structures (their fill, for the gauges and the admin route).
+BOUNDED: web.AppKey[Bounded] = web.AppKey("bounded")
+HEAP: web.AppKey[HeapProfiler] = web.AppKey("heap")  # heap figures; tracemalloc when set

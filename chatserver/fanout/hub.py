@@ -15,8 +15,8 @@ from .events import Event
 from .session import Session, Subscription
 
 # Ends remembered to drop a second announcement: far more than replies end within the
-# seconds that separate the two announcements of one.
-_ENDED_KEPT = 10_000
+# seconds that separate the two announcements of one (CHAT_ENDED_REPLIES).
+ENDED_KEPT = 10_000
 
 
 class PresenceHooks(Protocol):
@@ -46,8 +46,10 @@ class LocalHub:
         broker: Broker,
         on_fanout: Callable[[float], None] | None = None,
         on_member_removed: Callable[[str], None] | None = None,
+        ended_kept: int = ENDED_KEPT,
     ) -> None:
         self._broker = broker
+        self.ended_kept = ended_kept
         self._rooms: dict[str, _Room] = {}
         self._on_fanout = on_fanout
         self._on_member_removed = on_member_removed
@@ -123,7 +125,7 @@ class LocalHub:
             if event.ends in self._ended:
                 return  # announced before: a client sees one end per reply
             self._ended[event.ends] = None
-            if len(self._ended) > _ENDED_KEPT:
+            if len(self._ended) > self.ended_kept:
                 self._ended.popitem(last=False)
         room = self._rooms.get(event.conversation_id)
         if room is None:
@@ -181,6 +183,10 @@ class LocalHub:
         """This instance's members joined to the conversation, with their subscriptions."""
         room = self._rooms.get(conversation_id)
         return room.members if room is not None else _NO_MEMBERS
+
+    def fill(self) -> Mapping[str, tuple[int, int]]:
+        """Entries and bound, for the gauges (``chatserver.ops.memory``)."""
+        return {"ended_replies": (len(self._ended), self.ended_kept)}
 
     def local_members(self, conversation_id: str) -> int:
         room = self._rooms.get(conversation_id)

@@ -87,11 +87,28 @@ class Outbound:
         self.closed = True
         self.frames = None
 
+    def detach(self) -> None:
+        """The connection is over: refuse frames and forget the owner, which holds this
+        buffer (a cycle per connection otherwise, freed only by a full collection)."""
+        self.closed = True
+        self.frames = None
+        self._owner = _DETACHED
+
     def buffered_bytes(self) -> int:
         """Bytes not yet accepted by the kernel (while a round is queued: as of its start)."""
         if self.frames is not None or self.transport.is_closing():
             return self.queued
         return self.transport.get_write_buffer_size()
+
+
+class _Detached:
+    __slots__ = ()
+
+    def on_overflow(self) -> None:
+        return None
+
+
+_DETACHED = _Detached()
 
 
 class Flusher:

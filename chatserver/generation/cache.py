@@ -5,7 +5,8 @@ and strips; the agent part also carries a fingerprint of its system prompt and g
 settings, so editing an agent never serves answers written under the old one. Only whole
 answers (finish ``stop``) are stored, with a TTL. Two implementations side by side:
 
-- :class:`MemoryResponseCache`: a bounded LRU per instance (the embedded default);
+- :class:`MemoryResponseCache`: an LRU per instance (the embedded default), bounded in
+  entries and in the bytes of its answers;
 - :class:`RedisResponseCache`: shared by every instance, one string key per answer under
   the Redis prefix (``<prefix>:rcache:<sha256>``), expiring by itself.
 """
@@ -13,9 +14,10 @@ answers (finish ``stop``) are stored, with a TTL. Two implementations side by si
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,14 +67,29 @@ class MemoryResponseCache:
         ttl_s: float,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        max_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.max_bytes = max_bytes  # of the answers' texts (``sys.getsizeof``)
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def fill(self) -> Mapping[str, tuple[int, int]]:
+        """Entries and bound, for the gauges (``chatserver.ops.memory``)."""
+        return {
+            "response_cache_entries": (len(self._entries), self.max_entries),
+            "response_cache_bytes": (self._bytes, self.max_bytes),
+        }
+
+    def _drop(self, digest: str) -> None:
+        _, text = self._entries.pop(digest)
+        self._bytes -= sys.getsizeof(text)
 
     async def get(self, key: CacheKey) -> str | None:
         digest = key.digest()
@@ -80,7 +97,7 @@ class MemoryResponseCache:
         if entry is None:
             return None
         if entry[0] <= self._clock():
-            del self._entries[digest]
+            self._drop(digest)
             return None
         self._entries.move_to_end(digest)
         return entry[1]
@@ -89,10 +106,13 @@ class MemoryResponseCache:
         if not text or len(text) > MAX_ANSWER_CHARS or self.ttl_s <= 0:
             return
         digest = key.digest()
+        if digest in self._entries:
+            self._drop(digest)
         self._entries[digest] = (self._clock() + self.ttl_s, text)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._bytes += sys.getsizeof(text)
+        entries = self._entries
+        while len(entries) > self.max_entries or (self._bytes > self.max_bytes and entries):
+            self._drop(next(iter(entries)))
 
 
 class RedisResponseCache:

@@ -46,6 +46,21 @@ def compose_reply(request: ReplyRequest) -> str:
     )
 
 
+class _Ended:
+    """The sink of a stream that is over: anything still pushed goes nowhere."""
+
+    __slots__ = ()
+
+    def chunk(self, text: str) -> None:
+        return None
+
+    def finish(self, finish: Finish) -> None:
+        return None
+
+
+_ENDED = _Ended()
+
+
 class _LocalStream:
     """One reply being pushed: its words, where it is, and where they go."""
 
@@ -66,16 +81,17 @@ class _LocalStream:
         """Push the next word (and the finish after the last); True while words remain."""
         words = self.words
         index = self.index
+        sink = self.sink
         if index < len(words):
             last = index == len(words) - 1
             self.index = index + 1
-            self.sink.chunk(words[index] if last else words[index] + " ")
+            sink.chunk(words[index] if last else words[index] + " ")
             if self.done:  # the sink cancelled us: nothing more, not even the finish
                 return False
             if not last:
                 return True
         self._end()
-        self.sink.finish(self.finish_item)
+        sink.finish(self.finish_item)
         return False
 
     def cancel(self) -> None:
@@ -86,6 +102,10 @@ class _LocalStream:
         if not self.done:
             self.done = True
             self.provider.active -= 1
+            # The sink (a reply's run) holds this stream as its handle: over, we let go of
+            # it, so the reply is freed by reference counting, not left as a cycle for a
+            # full collection (which the server runs rarely: cli.py).
+            self.sink = _ENDED
 
 
 class _Ticker:
@@ -179,6 +199,10 @@ class LocalProvider:
                 self._counts = {text: count}
                 self._counted_chars = len(text)
         return count
+
+    def fill(self) -> dict[str, tuple[int, int]]:
+        """Characters of the texts kept for their word counts, and the bound."""
+        return {"local_model_counted_chars": (self._counted_chars, _COUNTS_MAX_CHARS)}
 
     def open(self, request: ReplyRequest, sink: ChunkSink) -> _LocalStream:
         """Push the reply into ``sink`` from the shared timer; ``cancel()`` stops it at once."""

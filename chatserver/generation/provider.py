@@ -96,6 +96,10 @@ class ChunkSink(Protocol):
 
 
 class PushStream(Protocol):
+    """A pushed stream; once it finished or was cancelled it holds its sink no more (the
+    sink, a reply's run, holds the stream: a reference left both ways would make every reply
+    a cycle that only a full collection frees)."""
+
     def cancel(self) -> None:
         """Stop at once: the sink is called no more after this returns."""
 

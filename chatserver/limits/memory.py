@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from protocol import ErrorCode
 from storage import AppendGate
 
 from .base import Refusal, TierLimits, UsageSeed, ms_until_next_utc_day, utc_day
 
-_MAX_USERS = 100_000  # buckets and day counters kept; the least recently used go first
-
 
 class MemoryLimiter:
     name = "memory"
 
-    def __init__(self, seed: UsageSeed) -> None:
+    def __init__(self, seed: UsageSeed, max_users: int = 10_000) -> None:
         self._seed = seed
+        # Buckets (per user and kind) and day counters kept, each table apart; the least
+        # recently used go first: a forgotten bucket starts full, a forgotten count is read
+        # from the store again.
+        self.max_users = max_users
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
         self._connections: dict[str, set[str]] = {}
         self._used: OrderedDict[tuple[str, str], int] = OrderedDict()
@@ -89,9 +92,15 @@ class MemoryLimiter:
         key, used = await self._today(user_id)
         self._used[key] = used + tokens
 
-    @staticmethod
-    def _remember(table: OrderedDict, key: object, value: object) -> None:  # type: ignore[type-arg]
+    def fill(self) -> Mapping[str, tuple[int, int]]:
+        """Entries and bound of each table, for the gauges (``chatserver.ops.memory``)."""
+        return {
+            "limiter_buckets": (len(self._buckets), self.max_users),
+            "limiter_day_counts": (len(self._used), self.max_users),
+        }
+
+    def _remember(self, table: OrderedDict, key: object, value: object) -> None:  # type: ignore[type-arg]
         table[key] = value
         table.move_to_end(key)
-        while len(table) > _MAX_USERS:
+        while len(table) > self.max_users:
             table.popitem(last=False)

@@ -27,6 +27,10 @@ _REPLY = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 3
 # Event-loop lag: a healthy loop is late by well under a millisecond.
 _LAG = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BATCH = (1, 5, 10, 50, 100, 500, 1000, 5000, 10000)
+# Label values come from closed sets only (frame types, codes, roles, finish reasons, the
+# agents and models of the catalogue, route patterns, HTTP methods folded to seven and "other"):
+# never from what a client sends. This caps the memo of children all the same.
+MAX_CHILDREN = 1000
 
 
 class Metrics:
@@ -36,6 +40,7 @@ class Metrics:
         # on every call, ~10 times per reply on the hot paths. Few combinations (frame
         # types, roles, agents x models x reasons), and a child is never removed.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.max_children = MAX_CHILDREN
         r = self.registry
         # CPU, memory, open fds and start time (Linux), the interpreter, garbage collection.
         ProcessCollector(registry=r)
@@ -237,14 +242,31 @@ class Metrics:
             ["model", "limit", "outcome"],
             registry=r,
         )
+        # The in-process structures that ids keep arriving in, each bounded by a setting
+        # (docs/operations.md, Memory bounds): how full, sampled by chatserver.ops.observe.
+        self.bounded_size = Gauge(
+            "chat_bounded_size",
+            "Entries (or bytes, for a *_bytes structure) held by a bounded structure",
+            ["structure"],
+            registry=r,
+        )
+        self.bounded_limit = Gauge(
+            "chat_bounded_limit", "The bound of a bounded structure", ["structure"], registry=r
+        )
 
     def child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, remembered."""
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
-            found = self._children[key] = metric.labels(*labels)
+            found = metric.labels(*labels)
+            if len(self._children) < self.max_children:
+                self._children[key] = found
         return cast(M, found)
+
+    def fill(self) -> dict[str, tuple[int, int]]:
+        """Labelled children remembered by ``child`` and the bound, for the gauges."""
+        return {"metric_children": (len(self._children), self.max_children)}
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,7 +3,8 @@
 A cleanup context (``observe``) runs two tasks for the app's lifetime:
 
 - a sampler, every ``SAMPLE_INTERVAL_S``: the outbox backlog, the hot window's hit and miss
-  counts (fed into counters as deltas), the database pools' size / in use / max, active users;
+  counts (fed into counters as deltas), the database pools' size / in use / max, active users,
+  how full each bounded in-process structure is (``chat_bounded_size``/``_limit``);
 - a lag monitor: a timer that asks to wake every ``LAG_INTERVAL_S`` and records how late it
   actually woke (``chat_event_loop_lag_seconds``): anything blocking the loop shows there.
 
@@ -90,6 +91,9 @@ class Sampler:
         generation = self.app.get(keys.GENERATION)
         if generation is not None:
             metrics.replies_queued.set(max(0, generation.pending - generation.running))
+        for name, (size, limit) in self.app[keys.BOUNDED].fill().items():
+            metrics.child(metrics.bounded_size, name).set(size)
+            metrics.child(metrics.bounded_limit, name).set(limit)
 
     async def _sample_backlog(self) -> None:
         try:

@@ -21,6 +21,7 @@ from protocol import Limits
 
 from ..limits.base import TierLimits
 from .declare import KIND_WORDS, PARSERS, SettingsError, env_name, strip_password
+from .memory import MemorySettings
 from .replies import GeminiSettings, ReplySettings
 from .sections import (
     AuthSettings,
@@ -48,6 +49,7 @@ class Settings:
     tiers: TierSettings = field(default_factory=TierSettings)
     replies: ReplySettings = field(default_factory=ReplySettings)
     gemini: GeminiSettings = field(default_factory=GeminiSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
     @classmethod
     def of(cls, **flat: Any) -> Settings:

@@ -57,9 +57,17 @@ class ReplySettings:
     cache_entries: int = setting(
         "response_cache_entries", 10_000, "int", "memory response cache: most answers kept (LRU)"
     )
+    cache_bytes: int = setting(
+        "response_cache_bytes",
+        32 * 1024 * 1024,
+        "int",
+        "memory response cache: most bytes of answers kept (LRU)",
+    )
 
     def __post_init__(self) -> None:
-        positive(self, "lease_s", "max_queued", "cache_entries", "max_held", "attempts")
+        positive(
+            self, "lease_s", "max_queued", "cache_entries", "cache_bytes", "max_held", "attempts"
+        )
         not_negative(self, "local_ttft_ms", "local_token_ms", "light_max_chars", "cache_ttl_s")
 
 

@@ -97,6 +97,13 @@ async def _serve_socket(
     finally:
         connections.discard(connection)
         await connection.finish()
+        # aiohttp (3.14) keeps the upgraded protocol's callback into the WebSocketResponse
+        # after the connection is lost: ws -> request -> protocol -> callback -> ws, a cycle
+        # per connection that only a full collection frees (rare here: cli.py). The socket
+        # is done: nothing needs the callback (it resets the heartbeat on incoming data).
+        protocol = request.protocol
+        if getattr(protocol, "_data_received_cb", None) is not None:
+            protocol._data_received_cb = None
     return ws
 
 
@@ -292,6 +299,7 @@ class _Connection:
             self.transport.close()
         # A peer that never reads keeps a closed transport's buffer alive: drop it later.
         asyncio.get_running_loop().call_later(_ABORT_AFTER_CLOSE_S, self.transport.abort)
+        self.outbound.detach()  # it holds us as its owner: no cycle left behind
 
     def _disconnect_reason(self) -> str:
         if self._closing:

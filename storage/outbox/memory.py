@@ -33,6 +33,10 @@ class MemoryOutbox:
     async def start(self) -> None:
         pass
 
+    def fill(self) -> dict[str, tuple[int, int]]:
+        """Entries (queued and handed out, not yet acked) and bound, for the gauges."""
+        return {"outbox_entries": (len(self._queued) + len(self._pending), self.max_entries)}
+
     async def close(self) -> None:
         # Entries are kept, and readers keep their normal timeout rather than returning at
         # once: the batch writer may still drain after the gateway closed, and an instant

@@ -305,10 +305,15 @@ class RecentAuthors(Mapping[str, str]):
     entry cannot be wrong; a miss just means Postgres is asked.
     """
 
-    def __init__(self, capacity: int = 50_000) -> None:
+    def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
         self._new: dict[str, str] = {}
         self._old: dict[str, str] = {}
+
+    @property
+    def held(self) -> int:
+        """Entries of both generations (at most twice the capacity: a batch is smaller)."""
+        return len(self._new) + len(self._old)
 
     def remember(self, authors: Mapping[str, str]) -> None:
         if len(self._new) + len(authors) > self.capacity:

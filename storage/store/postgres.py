@@ -64,6 +64,7 @@ class PostgresStore:
         months_ahead: int = 3,
         copy_threshold: int = COPY_THRESHOLD,
         replica_retry_s: float = 5.0,
+        recent_authors: int = 10_000,
     ) -> None:
         if pool_min > pool_max:
             raise ValueError("pool_min must not exceed pool_max")
@@ -81,7 +82,8 @@ class PostgresStore:
         self._replica: Any = None
         self._replica_down_until = 0.0
         self.replica_fallbacks = 0  # reads the replica failed and the primary answered
-        self._authors = RecentAuthors()  # who wrote recent messages: usage is charged to them
+        # Who wrote recent messages (usage is charged to them): two generations of this many.
+        self._authors = RecentAuthors(recent_authors)
         self.applied_migrations: list[int] = []  # by start(), when migrate=True
         self.start_partitions: PartitionReport | None = None  # what start() created
 
@@ -131,6 +133,10 @@ class PostgresStore:
                 size = int(pool.get_size())
                 out[name] = (size, size - int(pool.get_idle_size()), int(pool.get_max_size()))
         return out
+
+    def fill(self) -> dict[str, tuple[int, int]]:
+        """Entries and bound of the recent authors, for the gauges."""
+        return {"recent_authors": (self._authors.held, 2 * self._authors.capacity)}
 
     # -- running operations --------------------------------------------------------------
 

@@ -60,3 +60,20 @@ async def test_a_cached_conversation_holds_while_the_store_is_down(
     # ... and what was never read still needs the store.
     with pytest.raises(StoreUnavailable):
         await service.require_member("never-read", "u2")
+
+
+async def test_the_conversation_cache_keeps_at_most_its_size(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "cache.db"))
+    await store.start()
+    try:
+        service = ConversationService(
+            store, MemoryWindow(), MemoryOutbox(), AgentCatalog.load(None), cache_size=2
+        )
+        agent = next(iter(service.agents)).id
+        made = [await service.create(Principal("own"), agent, "t", []) for _ in range(4)]
+        assert service.fill() == {"conversation_cache": (2, 2)}
+        for conversation in made:  # the ones dropped are read from the store again
+            assert await service.get(conversation.id) == conversation
+        assert service.fill() == {"conversation_cache": (2, 2)}
+    finally:
+        await store.close()

@@ -193,3 +193,29 @@ async def test_through_pgbouncer_many_concurrent_operations_share_few_connection
         assert await direct.fetchval("SELECT count(*) FROM messages") == 24 * 630
     finally:
         await direct.close()
+
+
+async def test_recent_authors_stay_within_their_bound_and_usage_still_charges_the_asker(
+    postgres_dsn: str,
+) -> None:
+    """Past the bound the author of an old question is read from Postgres: the usage of its
+    answer still goes to the asker (the day of T0)."""
+    store = PostgresStore(postgres_dsn, migrate=True, pool_min=1, recent_authors=4)
+    await store.start()
+    try:
+        first = msg("c1", 1, user_id="asker")
+        await store.write_messages([first])
+        for batch in range(5):  # 15 messages of others: the asker is forgotten
+            await store.write_messages(
+                [msg("c1", 2 + batch * 3 + i, user_id="other") for i in range(3)]
+            )
+            held, bound = store.fill()["recent_authors"]
+            assert held <= bound == 8
+        answer = msg(
+            "c1", 20, role="assistant", agent_id="general", usage=Usage(3, 4), reply_to=first.id
+        )
+        await store.write_messages([answer])
+        day = timestamp_from_ms(T0)[:10]
+        assert await store.usage_on("asker", day) == 7
+    finally:
+        await store.close()

@@ -112,6 +112,25 @@ def test_product_scale(tmp_path: Path) -> None:
     assert {c["name"] for c in data["slo"]["checks"]} >= {"ack p99 ms", "ttft p99 ms"}
 
 
+def test_soak(tmp_path: Path) -> None:
+    data = _run("soak.py", tmp_path)
+    assert set(data["modes"]) == {"embedded", "production"}
+    assert data["goals"]["lost_duplicated"]["met"]
+    for mode in data["modes"].values():
+        assert mode["replies"] > 0 and mode["defects"] == 0
+        for name, inst in mode["instances"].items():
+            samples = inst["samples"]
+            assert len(samples) >= 5, name  # every 4 s for 30 s
+            assert all(s["rss_mib"] > 0 and s["allocated_blocks"] > 0 for s in samples)
+            assert "conversation_cache" in samples[-1]["bounded"]
+            assert inst["growth"]["rss_mib_per_min"] is not None, name
+        assert mode["full_collection_after"], "a full collection after the load"
+        traced = mode["sites_run"]["instances"]
+        assert all(i["marked"] and i["sites"]["sites"] for i in traced.values())
+    assert "Top allocation sites by growth" in data["markdown"]
+    assert "RSS (MiB) by minute" in data["markdown"]
+
+
 def test_run_collects_a_summary(tmp_path: Path) -> None:
     done = subprocess.run(
         [

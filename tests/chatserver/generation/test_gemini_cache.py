@@ -4,6 +4,7 @@ plus the routing rule."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -82,6 +83,21 @@ async def test_the_memory_cache_is_a_bounded_lru() -> None:
     await cache.put(c, "C")
     assert len(cache) == 2
     assert (await cache.get(a), await cache.get(b), await cache.get(c)) == ("A", None, "C")
+
+
+async def test_the_memory_cache_is_bounded_in_bytes_too() -> None:
+    text = "y" * 1000
+    each = sys.getsizeof(text)
+    cache = MemoryResponseCache(ttl_s=60, max_entries=100, max_bytes=3 * each)
+    keys = [cache_key(AGENT, "m", f"q{i}") for i in range(5)]
+    for key in keys:
+        await cache.put(key, text)
+        await cache.put(key, text)  # again: counted once
+    assert cache.fill() == {
+        "response_cache_entries": (3, 100),
+        "response_cache_bytes": (3 * each, 3 * each),
+    }
+    assert [await cache.get(k) for k in keys] == [None, None, text, text, text]
 
 
 async def test_the_redis_cache_keeps_one_expiring_key_under_the_prefix(redis_url: str) -> None:

@@ -482,3 +482,18 @@ async def test_a_frame_flood_is_refused_then_closed(make_harness: MakeHarness) -
     assert refused > 10 and alice.close_code == CloseCode.POLICY_VIOLATION
     bob = await harness.connect("bob")  # others are served
     assert (await bob.ping(1)).ts == 1
+
+
+async def test_the_memory_limiter_keeps_at_most_its_users() -> None:
+    async def seed(user_id: str, day: str) -> int:
+        return 0
+
+    limiter = MemoryLimiter(seed, max_users=3)
+    for i in range(10):
+        assert await limiter.check_send(f"u{i}", TIGHT) is None
+        assert await limiter.take(f"u{i}", "rest", 10) is None
+    fill = limiter.fill()
+    assert fill == {"limiter_buckets": (3, 3), "limiter_day_counts": (3, 3)}
+    # The most recent are the ones kept: u9's bucket has one message fewer than a fresh one.
+    assert [await limiter.check_send("u9", TIGHT) for _ in range(2)] == [None, None]
+    assert await limiter.check_send("u9", TIGHT) is not None

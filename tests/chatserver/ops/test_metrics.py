@@ -435,3 +435,20 @@ async def _cancel_as_the_read_ends(
         task.cancel()
         await asyncio.wait({task}, timeout=1)
     assert not outlived and task.cancelled(), "the sampler outlived its cancel"
+
+
+async def test_an_unusual_method_is_counted_as_other(harness: Harness) -> None:
+    """A label value per method would be a series (and a child in memory) each: the parser
+    takes some forty (WebDAV's among them), the label shows seven and "other"."""
+    for method in ("PROPFIND", "PURGE", "GET"):
+        async with harness.http.request(method, harness.base_url + "/api/agents") as resp:
+            assert resp.status in (401, 405)
+    metrics = harness.app[keys.METRICS]
+    methods = {
+        sample.labels["method"]
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "chat_http_request_duration_seconds_count"
+    }
+    assert methods == {"GET", "other"}
+    assert total(metrics, "chat_http_request_duration_seconds_count", method="other") == 2
