@@ -4,7 +4,7 @@
 // Message text is set with textContent; agent replies are Markdown rendered by markdown.js
 // (markdown-it, then DOMPurify, as DOM nodes): this code never parses a string as HTML.
 
-import { ChatClient } from "./chatclient.js";
+import { ChatClient, randomId as uuid } from "./chatclient.js";
 import { renderMarkdown } from "./markdown.js";
 
 const HISTORY_PAGE = 50;
@@ -69,14 +69,6 @@ class ApiError extends Error {
   }
 }
 
-function uuid() {
-  if (globalThis.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
-  const b = crypto.getRandomValues(new Uint8Array(16));
-  b[6] = (b[6] & 0x0f) | 0x40;
-  b[8] = (b[8] & 0x3f) | 0x80;
-  const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
-}
 
 function el(tag, attrs = {}, text) {
   const node = document.createElement(tag);

@@ -325,3 +325,6 @@ export declare class ChatClient extends EventTarget {
     options?: boolean | AddEventListenerOptions,
   ): void;
 }
+
+/** A random UUID (v4), also outside a secure context (where crypto.randomUUID is missing). */
+export function randomId(): string;

@@ -45,7 +45,7 @@ function emit(target, type, detail) {
   target.dispatchEvent(new CustomEvent(type, { detail }));
 }
 
-function randomId() {
+export function randomId() {
   if (globalThis.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
   // Outside a secure context randomUUID is missing; getRandomValues is always there.
   const b = crypto.getRandomValues(new Uint8Array(16));
