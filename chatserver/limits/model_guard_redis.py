@@ -9,7 +9,6 @@ last minute (scored by their start).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 
@@ -102,7 +101,7 @@ class RedisModelGuard:
             log.warning("model guard place not released: %s", exc)
 
     async def _keep_renewed(self) -> None:
-        while True:
+        while self._renewer is not None:
             await asyncio.sleep(self.lease_ms / 3000)
             for model, tokens in list(self._held.items()):
                 if not tokens:
@@ -113,11 +112,12 @@ class RedisModelGuard:
                     log.warning("model guard places not renewed: %s", exc)
 
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        renewer, self._renewer = self._renewer, None  # also ends its loop at the next turn
+        if renewer is not None:
+            renewer.cancel()
+            # Bounded: a cancel that lands inside the Redis client's retry was seen swallowed
+            # (the close then hung); the loop's own check ends it after its call instead.
+            await asyncio.wait({renewer}, timeout=2)
         if self._releasing:
             await asyncio.wait(set(self._releasing), timeout=2)
         self._held.clear()
