@@ -49,7 +49,8 @@ from .ops.observe import observe
 from .presence.tracker import PresenceTracker
 from .settings import Settings
 from .ws.admission import Admission
-from .ws.gateway import resync_joined, websocket_handler
+from .ws.gateway import websocket_handler
+from .ws.going_away import resync_joined
 from .ws.typing_gate import TypingGate
 
 # Embedded mode: questions of the last day without an answer are answered after a restart.

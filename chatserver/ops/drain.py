@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from .. import keys
-from ..ws.gateway import drain_connections
+from ..ws.going_away import drain_connections
 
 log = logging.getLogger("chatserver.drain")
 

@@ -17,6 +17,17 @@ CONVERSATION_COLUMNS = (
     "WHERE mm.conversation_id = c.id ORDER BY mm.position) AS members"
 )
 
+# User messages of the last $1 seconds with no stored answer, by conversation and offset
+# (at most $2): ``Store.unanswered``.
+_Q_COLUMNS = ", ".join(f"q.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
+UNANSWERED_SQL = (
+    f"SELECT {_Q_COLUMNS} FROM messages q WHERE q.role = 'user' "
+    "AND q.created_at >= now() - make_interval(secs => $1) "
+    "AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.conversation_id = "
+    "q.conversation_id AND a.reply_to = q.id) "
+    'ORDER BY q.conversation_id, q."offset" LIMIT $2'
+)
+
 
 def row_message(row: Any) -> Message:
     raw = row["text_raw"]  # the exact text when Postgres text cannot hold it

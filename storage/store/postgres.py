@@ -31,7 +31,13 @@ from .cursor import decode_cursor, encode_cursor
 from .pg_connect import create_pool, is_unavailable, pool_options
 from .pg_migrate import check_schema, migrate
 from .pg_partitions import PartitionReport, drop_old_partitions, ensure_partitions
-from .pg_rows import CONVERSATION_COLUMNS, MESSAGE_COLUMNS, row_conversation, row_message
+from .pg_rows import (
+    CONVERSATION_COLUMNS,
+    MESSAGE_COLUMNS,
+    UNANSWERED_SQL,
+    row_conversation,
+    row_message,
+)
 from .pg_write import (
     COPY_THRESHOLD,
     Batch,
@@ -375,17 +381,8 @@ class PostgresStore:
         return int(value)
 
     async def unanswered(self, within_s: float, limit: int = 10_000) -> list[Message]:
-        columns = ", ".join(f"q.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
         rows = await self._primary_op(
-            lambda conn: conn.fetch(
-                f"SELECT {columns} FROM messages q WHERE q.role = 'user' "
-                "AND q.created_at >= now() - make_interval(secs => $1) "
-                "AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.conversation_id = "
-                "q.conversation_id AND a.reply_to = q.id) "
-                'ORDER BY q.conversation_id, q."offset" LIMIT $2',
-                float(within_s),
-                limit,
-            )
+            lambda conn: conn.fetch(UNANSWERED_SQL, float(within_s), limit)
         )
         return [row_message(row) for row in rows]
 
