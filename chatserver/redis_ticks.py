@@ -11,7 +11,8 @@ Semantics stay those of single commands: each caller gets its own reply or its o
 (a script's ``NOSCRIPT`` included, so ``Script`` reloads as before); a connection error
 fails the commands of that batch, after the client's retries, like it would fail each. A
 caller that stops waiting (a timeout) only drops its reply; the others are unaffected.
-Commands that block on the server (``BLOCK``, ``B*POP``) keep their own connection.
+Commands that block on the server (``BLOCK``, ``B*POP*``, ``BLMOVE``, ``WAIT``) keep their
+own connection.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _blocks(args: tuple[Any, ...]) -> bool:
     if isinstance(name, bytes):
         name = name.decode()
     name = str(name).upper()
-    if (name.startswith("B") and name.endswith("POP")) or name in {"BLMOVE", "BRPOPLPUSH", "WAIT"}:
+    # BLPOP, BRPOP, BZPOPMIN/MAX, BLMPOP, BZMPOP, BLMOVE, BRPOPLPUSH; WAIT, WAITAOF.
+    if (name.startswith("B") and ("POP" in name or name == "BLMOVE")) or name.startswith("WAIT"):
         return True
     if name in {"XREAD", "XREADGROUP"}:
         return any(isinstance(a, (str, bytes)) and a in ("BLOCK", b"BLOCK") for a in args)

@@ -110,3 +110,21 @@ async def test_a_lost_server_fails_every_caller_of_the_batch() -> None:
     finally:
         await client.aclose()
         server.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("BLPOP", "l", 1),
+        ("BZPOPMIN", "z", 1),
+        ("BLMOVE", "a", "b", "LEFT", "RIGHT", 1),
+        ("XREADGROUP", "GROUP", "g", "c", "BLOCK", 10, "STREAMS", "s", ">"),
+        ("WAIT", 0, 10),
+    ],
+)
+def test_commands_the_server_may_hold_are_never_batched(command: tuple[object, ...]) -> None:
+    from chatserver.redis_ticks import _blocks
+
+    assert _blocks(command)
+    assert not _blocks(("XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"))
+    assert not _blocks(("BITCOUNT", "k"))
