@@ -243,8 +243,11 @@ async def test_reconnect_frame_sets_the_delay_then_backoff_between_failures(
         proxy.accepting = True
         await until(page, "client.state === 'open'", WAIT_MS)
         assert await page.evaluate("client.attempts") == 0
+        # `open` comes before the rejoin's `joined`: wait for that frame, not the state
+        await until(page, "seen.filter(e => e.type === 'joined').length >= 2", WAIT_MS)
         rejoined = [e for e in await page.evaluate("seen") if e["type"] == "joined"]
         assert len(rejoined) == 2
+        assert rejoined[1]["detail"]["frame"]["conversation_id"] == conv
     finally:
         await proxy.close()
 
