@@ -138,6 +138,7 @@ def make_window_and_outbox(
         size=settings.window.size,
         idempotency_ttl_s=settings.window.idempotency_ttl_s,
         cluster=cluster,
+        context_cache_bytes=settings.memory.context_cache_bytes,
     )
     outbox = RedisOutbox(
         redis,

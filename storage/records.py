@@ -90,6 +90,9 @@ class AppendResult:
     duplicate: bool
     job_id: str | None = None  # the reply job written with the append (a question)
     job_done: bool = False  # the job it answers was finished in the same step (an answer)
+    # No older job of the conversation was listed: it may go without asking for its turn
+    # (windows that can tell, in the same step; else False and the caller asks).
+    job_first: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from protocol import (
     Usage,
 )
 from protocol.backoff import Backoff
-from storage.jobs.base import ReplyJob, ReplyJobs, Turn
+from storage.jobs.base import ReplyJob, ReplyJobs
 from storage.records import Conversation
 
 from ..agents import AgentCatalog
@@ -228,7 +228,7 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 # queue in the lane behind this one while this one waits for it.
                 await self._wait_turn(job, turn)
             async with lane.lock:
-                ended = await self._answer(run, job, turn)
+                ended = await self._answer(run, job)
         except Exception:
             log.exception("reply failed", extra={"conversation": run.conversation_id})
         finally:
@@ -243,10 +243,13 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 elif not self._closing:
                     self.retry_jobs.append(job)
 
-    async def _answer(self, run: ReplyRun, job: ReplyJob | None, turn: Turn | None) -> bool:
+    async def _answer(self, run: ReplyRun, job: ReplyJob | None) -> bool:
         """In the lane: the reply, unless answered before; whether the question has its end."""
+        unmarked = job is not None and job.first and not job.claimed  # see _first_turn
         if self._closing:
             if job is not None:
+                if unmarked:  # fanned out: the claimer need not again
+                    await self._mark_announced(job)
                 return False  # kept: another instance, or the next start, answers it
             # Never leave an acked question without an end: say why it has no answer.
             restarted = "the server restarted before replying"
@@ -258,10 +261,10 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 return True  # its owner died mid-reply: the partial text is its answer
             if await self._answered(run):
                 return True  # an earlier run of this job (or the orphan sweep) ended it
-        await self._stream(run)
+        await self._stream(run, job if unmarked else None)
         return True
 
-    async def _stream(self, run: ReplyRun) -> None:
+    async def _stream(self, run: ReplyRun, announce: ReplyJob | None = None) -> None:
         conversation_id = run.conversation_id
         self._runs[run.generation_id] = run
         self._metrics.active_replies.inc()
@@ -270,9 +273,15 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
         try:
             # The context is read beside the slot, in the same round trip: the turn (or the
             # lane) let this reply go only once every older answer was stored.
-            waited, history = await asyncio.gather(
+            slot_and_context = asyncio.gather(
                 self._take_slot(run), self._conversations.recent(conversation_id, self._context)
             )
+            if announce is None:
+                waited, history = await slot_and_context
+            else:
+                (waited, history), _ = await asyncio.gather(
+                    slot_and_context, self._mark_announced(announce)
+                )
             if waited:  # another reply held the slot (a race): read what it stored too
                 history = await self._conversations.recent(conversation_id, self._context)
             self._live[run.generation_id] = self._live_in[conversation_id] = run

@@ -26,6 +26,13 @@ class MemorySettings:
         "embedded window: bytes of hot messages held; past it the least recently used "
         "conversations are dropped (reloaded from the store when read again)",
     )
+    context_cache_bytes: int = setting(
+        "context_cache_bytes",
+        32 * 1024 * 1024,
+        "int",
+        "Redis window: bytes of decoded messages kept from each conversation's last reply "
+        "context, so the next reply decodes only what is new (LRU; 0: keep none)",
+    )
     conversation_cache: int = setting(
         "conversation_cache",
         10_000,
@@ -62,5 +69,7 @@ class MemorySettings:
             "limiter_users",
             "ended_replies",
         )
+        if self.context_cache_bytes < 0:
+            raise bad(self, "context_cache_bytes", "must be >= 0")
         if not 0 <= self.tracemalloc_frames <= 64:
             raise bad(self, "tracemalloc_frames", "must be 0..64")

@@ -184,7 +184,7 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
     job = None
     if result.job_id is not None:
         metrics.reply_jobs_queued.inc()
-        job = ReplyJob(result.job_id, message)
+        job = ReplyJob(result.job_id, message, first=result.job_first)
     generation.start(conversation, message, job)
 
 

@@ -28,6 +28,7 @@ class ReplyJob:
     job_id: str
     message: Message  # the question
     claimed: bool = False  # taken over from a holder that died (or from before a restart)
+    first: bool = False  # its append found no older job listed: no turn to ask for
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,11 @@ class ReplyJobs(Protocol):
 
     async def turn(self, job: ReplyJob) -> Turn:
         """Whether the job may run now; the first call by a holder marks it announced."""
+        ...
+
+    async def announce(self, job: ReplyJob) -> None:
+        """Mark the job announced (its question was fanned out) without asking for its
+        turn: for a job its append found first in line (``ReplyJob.first``)."""
         ...
 
     async def done(self, job: ReplyJob) -> None:

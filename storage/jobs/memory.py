@@ -60,6 +60,10 @@ class MemoryReplyJobs:
         go = not queue or queue[0] == job.job_id
         return Turn(go=go, announced=announced, blocker=None if go or not queue else queue[0])
 
+    async def announce(self, job: ReplyJob) -> None:
+        if job.job_id in self._jobs:
+            self._announced.add(job.job_id)
+
     async def done(self, job: ReplyJob) -> None:
         self._announced.discard(job.job_id)
         if self._jobs.pop(job.job_id, None) is None:

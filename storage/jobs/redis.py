@@ -128,6 +128,12 @@ class RedisReplyJobs:
         blocker = _s(reply[2]) if len(reply) > 2 else None
         return Turn(go=bool(int(reply[0])), announced=announced, blocker=blocker)
 
+    async def announce(self, job: ReplyJob) -> None:
+        # The odd score, as jobs_turn.lua gives it: only when listed (XX), only upwards (GT).
+        listed = self.listed(job.message.conversation_id)
+        score = 2 * job.message.offset + 1
+        await self.redis.zadd(listed, {job.job_id: score}, xx=True, gt=True)
+
     async def done(self, job: ReplyJob) -> None:
         listed = self.listed(job.message.conversation_id)
         if self.cluster:

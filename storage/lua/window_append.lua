@@ -4,7 +4,7 @@
 -- ttl every (refresh the TTLs when the offset is a multiple of it); on a single Redis also
 -- KEYS jobs stream, conversation's jobs and ARGV the job's holder ('': no job), the job this
 -- message answers, finished in the same step ('': none).
--- Returns {0, offset, ms[, job id]} | {1, record} duplicate | {2} missing | {3} full
+-- Returns {0, offset, ms[, job id, 1: no older job listed]} | {1, record} duplicate | {2} missing | {3} full
 -- | {4, code, value} refused by the gate (with a gate: its keys and args follow the job's).
 -- One MGET reads the idempotency record and both keys whose absence means a missing window.
 local found = redis.call('MGET', KEYS[4], KEYS[2], KEYS[1])
@@ -42,7 +42,8 @@ local answered = ARGV[9]
 if answered and answered ~= '' then finish_job(KEYS[6], KEYS[7], answered) end
 local job = ARGV[8]
 if job and job ~= '' then  -- a question: its reply job, in this same step
-  job = add_job(KEYS[6], KEYS[7], job, ARGV[1], offset, ms, ttl)
-  return {0, tonumber(offset), tonumber(ms), job}
+  local alone
+  job, alone = add_job(KEYS[6], KEYS[7], job, ARGV[1], offset, ms, ttl)
+  return {0, tonumber(offset), tonumber(ms), job, alone}
 end
 return {0, tonumber(offset), tonumber(ms)}

@@ -35,7 +35,7 @@ with the append there: concurrent appends may overshoot ``max_entries`` by a few
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -60,6 +60,7 @@ from ..redis_codec import (
 )
 from ..redis_keys import DEFAULT_PREFIX, ConversationKeys
 from .base import AppendGate, AppendRefused, WindowMissing
+from .decoded import DecodedMessages
 
 # Read when the module is imported: a missing or broken file fails at start-up, not mid-append.
 # The append script's ``--GATE--`` line is a Lua comment: without a gate it is just that.
@@ -117,6 +118,7 @@ class RedisWindow:
         idempotency_ttl_s: float = 86400,
         key_ttl_s: int = 7 * 86400,
         cluster: bool = False,
+        context_cache_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         if size < 1 or key_ttl_s < 1:
             raise ValueError("size and key_ttl_s must be at least 1")
@@ -134,6 +136,7 @@ class RedisWindow:
         self._append_script = redis.register_script(_APPEND_LUA)
         self._gated_scripts: dict[str, Any] = {}  # by the gate's Lua: one per kind of gate
         self._rebuild_script = redis.register_script(_REBUILD_LUA)
+        self.decoded = DecodedMessages(context_cache_bytes)  # recent()'s, for the next one
         self._mark_script = redis.register_script(_MARK_QUEUED_LUA)
         self.hits = 0
         self.misses = 0
@@ -194,14 +197,21 @@ class RedisWindow:
             return None
         self.hits += 1
         # redis-py hands XREVRANGE's fields over as a dict (a script's reply stays a list).
-        return tuple(
-            decode_trusted(
-                fields[b"m"],
-                int(stream_id.split(b"-", 1)[0]),
-                int(fields[TIME_MS]) if TIME_MS in fields else None,
-            )
-            for stream_id, fields in reversed(entries)
+        return self.decoded.decode(
+            conversation_id,
+            (
+                (
+                    int(stream_id.split(b"-", 1)[0]),
+                    fields[b"m"],
+                    int(fields[TIME_MS]) if TIME_MS in fields else None,
+                )
+                for stream_id, fields in reversed(entries)
+            ),
         )
+
+    def fill(self) -> Mapping[str, tuple[int, int]]:
+        """The decoded messages kept for contexts (``storage.window.decoded``)."""
+        return self.decoded.fill()
 
     async def rebuild(
         self, conversation_id: str, messages: Sequence[Message], last_offset: int
@@ -307,13 +317,20 @@ class RedisWindow:
         offset, created_ms = int(reply[1]), int(reply[2])
         message = message_from_draft(message_id, draft, offset, created_ms)
         job_id = reply[3].decode() if len(reply) > 3 else None
+        job_first = len(reply) > 4 and int(reply[4]) == 1
         if self.cluster:
             await outbox.push(shard, payload, offset, created_ms)
             if idem_ttl_ms:
                 await self._mark_script(keys=[idem_key])
             if jobs is not None:  # another slot: after the script, like the outbox entry
                 job_id = await jobs.add(message)
-        return AppendResult(message=message, duplicate=False, job_id=job_id, job_done=finishes)
+        return AppendResult(
+            message=message,
+            duplicate=False,
+            job_id=job_id,
+            job_done=finishes,
+            job_first=job_first,
+        )
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:
         key = self.keys(conversation_id).idem(user_id, client_msg_id)

@@ -58,6 +58,22 @@ async def test_the_first_turn_marks_the_job_announced(
     assert (await jobs.turn(job)).announced is True
 
 
+async def test_announce_marks_a_job_without_asking_its_turn(
+    jobs_harness: JobsHarness, new_message: MessageFactory
+) -> None:
+    jobs = await jobs_harness.make("a")
+    job = await _job(jobs, new_message("c1"))
+    await jobs.announce(job)
+    turn = await jobs.turn(job)
+    assert turn.announced is True and turn.go is True
+    # announcing a finished job lists nothing again: a later question is not held back
+    await jobs.done(job)
+    await jobs.announce(job)
+    later = await _job(jobs, new_message("c1"))
+    assert (await jobs.turn(later)).go is True
+    assert (await jobs.stats()).outstanding == 1
+
+
 async def test_stats_count_outstanding_jobs(
     jobs_harness: JobsHarness, new_message: MessageFactory
 ) -> None:

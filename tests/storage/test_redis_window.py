@@ -321,3 +321,32 @@ async def test_an_answer_finishes_its_question_s_job_in_its_own_step(
     again = await window.append(answer, outbox, jobs=jobs, answers=asked.job_id)
     assert again.duplicate and not again.job_done  # a resent answer finishes nothing
     await jobs.close()
+
+
+async def test_a_question_with_no_older_job_listed_is_first_in_line(
+    redis_clients: RedisClients,
+) -> None:
+    """A single Redis tells in the append whether an older job of the conversation is
+    unfinished: a question alone in line needs no turn check. A cluster adds the job in a
+    second step and cannot tell: its caller always asks."""
+    from storage.jobs.base import ReplyJob
+    from storage.jobs.redis import RedisReplyJobs
+
+    window, outbox = await make_pair(redis_clients)
+    jobs = RedisReplyJobs(window.redis, holder="w1", cluster=redis_clients.cluster)
+    await jobs.start()
+    await window.rebuild(CID, [], 0)
+    single = not redis_clients.cluster
+    first = await window.append(draft("one", key="q1"), outbox, jobs=jobs)
+    second = await window.append(draft("two", key="q2"), outbox, jobs=jobs)
+    assert (first.job_first, second.job_first) == (single, False)
+    for result in (first, second):
+        assert result.job_id is not None
+        await jobs.done(ReplyJob(result.job_id, result.message))
+    third = await window.append(draft("three", key="q3"), outbox, jobs=jobs)
+    assert third.job_first is single  # the line is empty again
+    keys = ConversationKeys(window.prefix, CID)
+    assert await window.redis.ttl(keys.jobs) > 0  # a new listing gets its TTL
+    resent = await window.append(draft("three", key="q3"), outbox, jobs=jobs)
+    assert resent.duplicate and not resent.job_first and resent.job_id is None
+    await jobs.close()

@@ -45,12 +45,19 @@ async def test_kill_9_with_queued_replies_answers_every_question_once(
                 await bob.join(conv)
                 for text in (LONG, "second question", "third question"):
                     questions.add((await alice.send(conv, text)).message_id)
-            for _ in convs:  # each conversation's first reply streams, two wait behind it
-                await bob.expect(GenStart)
+            streaming = []  # each conversation's first reply streams, two wait behind it
+            for _ in convs:
+                streaming.append((await bob.expect(GenStart)).reply_to)
             a.kill()
             killed = time.monotonic()
             ends = await _ends_by_question(bob, questions, LEASE_S + 5)
             assert set(ends) == questions, f"{len(questions) - len(ends)} questions unanswered"
+            # A question streaming at the kill was marked announced beside its slot, before
+            # its gen_start: the instance that claims its job does not fan it out again. (A
+            # queued one whose turn was not yet marked may be: architecture.md's known gaps.)
+            fanned = [f.message.id for f in bob.pending() if isinstance(f, MessageEvent)]
+            assert set(fanned) == questions
+            assert [fanned.count(q) for q in streaming] == [1] * len(convs)
             # the cut replies end first (sweep), the queued ones are claimed after the lease
             assert time.monotonic() - killed < LEASE_S + 5
             # exactly one answer each, in the conversations' order, stored once

@@ -32,6 +32,7 @@ EMBEDDED = {
 # Only in process: the window, outbox and limiter are in Redis there; the store's authors
 # are Postgres's.
 PRODUCTION = {
+    "context_cache_bytes",
     "conversation_cache",
     "ended_replies",
     "replies_held",

@@ -1,0 +1,84 @@
+"""RedisWindow.recent, a reply's context: messages decoded once and reused while Redis holds
+the same bytes (storage/window/decoded.py), within their bound in bytes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from storage.redis_keys import ConversationKeys
+
+from .test_redis_window import draft, make_pair
+
+if TYPE_CHECKING:
+    from conftest import RedisClients
+
+
+async def test_a_context_read_decodes_only_what_is_new(redis_clients: RedisClients) -> None:
+    window, outbox = await make_pair(redis_clients)
+    await window.rebuild("c1", [], 0)
+    for i in range(5):
+        await window.append(draft(f"m{i}", cid="c1"), outbox)
+    first = await window.recent("c1", 50)
+    assert first is not None and window.decoded.reused == 0
+    await window.append(draft("m5", cid="c1"), outbox)
+    second = await window.recent("c1", 50)
+    assert second is not None
+    assert all(a is b for a, b in zip(first, second[:5], strict=True))  # not decoded again
+    assert window.decoded.reused == 5
+    view = await window.read("c1", limit=50)
+    assert view is not None and second == view.messages  # what a full read decodes
+    # a shorter context keeps only its own messages
+    assert [m.text for m in await window.recent("c1", 2) or ()] == ["m4", "m5"]
+    assert window.fill()["context_cache_bytes"][0] > 0
+
+
+async def test_a_message_kept_is_never_served_for_other_bytes(
+    redis_clients: RedisClients,
+) -> None:
+    """Redis lost the conversation and numbered new messages from 1 again: same offsets,
+    other messages. The kept ones are checked against the bytes, never trusted."""
+    window, outbox = await make_pair(redis_clients)
+    await window.rebuild("c1", [], 0)
+    for text in ("old one", "old two"):
+        await window.append(draft(text, cid="c1"), outbox)
+    before = await window.recent("c1", 50)
+    assert before is not None and [m.offset for m in before] == [1, 2]
+    keys = ConversationKeys(window.prefix, "c1")
+    await window.redis.delete(keys.seq, keys.epoch, keys.win)
+    await window.rebuild("c1", [], 0)
+    for text in ("new one", "new two"):
+        await window.append(draft(text, cid="c1"), outbox)
+    after = await window.recent("c1", 50)
+    assert after is not None
+    assert [(m.offset, m.text) for m in after] == [(1, "new one"), (2, "new two")]
+    assert {m.id for m in after}.isdisjoint(m.id for m in before)
+    assert window.decoded.reused == 0
+
+
+async def test_kept_messages_stay_within_their_bytes(redis_clients: RedisClients) -> None:
+    window, outbox = await make_pair(redis_clients, context_cache_bytes=6_000)
+    for cid in ("c1", "c2", "c3"):
+        await window.rebuild(cid, [], 0)
+        for i in range(2):
+            await window.append(draft(f"{cid} {i}", cid=cid), outbox)
+        await window.recent(cid, 50)
+        held, bound = window.fill()["context_cache_bytes"]
+        assert 0 < held <= bound == 6_000
+    # ~1.7 KB a message: c1, read first, was dropped to make room; c3 is still kept
+    await window.recent("c3", 50)
+    assert window.decoded.reused == 2
+    await window.recent("c1", 50)
+    assert window.decoded.reused == 2
+    # a context larger than the whole bound is not kept at all
+    await window.rebuild("big", [], 0)
+    for i in range(6):
+        await window.append(draft(f"big {i}", cid="big"), outbox)
+    await window.recent("big", 50)
+    await window.recent("big", 50)
+    assert window.decoded.reused == 2
+    assert window.fill()["context_cache_bytes"][0] <= 6_000
+
+    none_kept, outbox2 = await make_pair(redis_clients, context_cache_bytes=0)
+    assert await none_kept.recent("c3", 50) == await window.recent("c3", 50)
+    assert await none_kept.recent("c3", 50) is not None
+    assert none_kept.decoded.reused == 0 and none_kept.fill()["context_cache_bytes"] == (0, 0)
