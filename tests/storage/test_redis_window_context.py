@@ -78,7 +78,7 @@ async def test_kept_messages_stay_within_their_bytes(redis_clients: RedisClients
     assert window.decoded.reused == 2
     assert window.fill()["context_cache_bytes"][0] <= 6_000
 
-    none_kept, outbox2 = await make_pair(redis_clients, context_cache_bytes=0)
+    none_kept, _ = await make_pair(redis_clients, context_cache_bytes=0)
     assert await none_kept.recent("c3", 50) == await window.recent("c3", 50)
     assert await none_kept.recent("c3", 50) is not None
     assert none_kept.decoded.reused == 0 and none_kept.fill()["context_cache_bytes"] == (0, 0)
