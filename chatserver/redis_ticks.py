@@ -7,9 +7,14 @@ of each for all of them, and Redis reads them in one event (see ``chatload.redis
 ``round_trips``). Nothing is delayed: the batch goes out at the end of the tick it was
 started in, before the loop waits for I/O again.
 
+A batch is written and read on a connection this client keeps between batches (a few; more
+batches in flight take pooled ones): every reply on it was read, so it skips the pool's lock
+and its check for unread data, a read that costs the batch another pass of the loop.
+
 Semantics stay those of single commands: each caller gets its own reply or its own error
 (a script's ``NOSCRIPT`` included, so ``Script`` reloads as before); a connection error
-fails the commands of that batch, after the client's retries, like it would fail each. A
+fails the commands of that batch, after the client's retries (the whole batch again, on a
+new connection, as a pipeline does), like it would fail each. A
 caller that stops waiting (a timeout) only drops its reply; the others are unaffected.
 Commands that block on the server (``BLOCK``, ``B*POP*``, ``BLMOVE``, ``WAIT``) keep their
 own connection.
@@ -18,11 +23,14 @@ own connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 _Pending = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+_IDLE_KEPT = 4  # connections kept between batches; more in flight go back to the pool
 
 
 def _blocks(args: tuple[Any, ...]) -> bool:
@@ -49,6 +57,9 @@ class TickPipelinedRedis(Redis):
         super().__init__(*args, **kwargs)
         self._batch: list[_Pending] | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        # Connections this client keeps between batches: all their replies were read, so
+        # they skip the pool's lock and its check for unread data (a read that yields).
+        self._idle: list[Any] = []
         self.batches = 0  # pipelines sent (for tests and the batch-size gauge)
         self.batched = 0  # commands sent in them
 
@@ -75,24 +86,26 @@ class TickPipelinedRedis(Redis):
             return
         self.batches += 1
         self.batched += len(live)
-        if len(live) == 1:
-            args, options, future = live[0]
-            try:
-                result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-            except BaseException as exc:
-                _fail(future, exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                if not future.done():
-                    future.set_result(result)
-            return
-        pipe = self.pipeline(transaction=False)
-        for args, options, _ in live:
-            pipe.execute_command(*args, **options)
         try:
-            results = await pipe.execute(raise_on_error=False)
+            pool = self.connection_pool
+            conn = self._idle.pop() if self._idle else await pool.get_connection()  # type: ignore[no-untyped-call]
         except BaseException as exc:
+            for _, _, future in live:
+                _fail(future, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        try:
+            # A connection error retries the whole batch on a new connection, as a
+            # pipeline would (the window's append knows its own script run twice).
+            results = await conn.retry.call_with_retry(
+                lambda: self._exchange(conn, live), lambda _error: conn.disconnect()
+            )
+        except BaseException as exc:
+            # Replies may be left unread on it: never reuse it.
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            await self.connection_pool.release(conn)
             for _, _, future in live:
                 _fail(future, exc)
             if isinstance(exc, asyncio.CancelledError):
@@ -105,10 +118,31 @@ class TickPipelinedRedis(Redis):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+        if len(self._idle) < _IDLE_KEPT:
+            self._idle.append(conn)
+        else:
+            await self.connection_pool.release(conn)
+
+    async def _exchange(self, conn: Any, live: list[_Pending]) -> list[Any]:
+        """The batch written at once, then its replies read in order, each through the
+        client's own parsing (callbacks, NEVER_DECODE); a server error is its command's."""
+        await conn.send_packed_command(
+            conn.pack_commands([args for args, _, _ in live]), check_health=False
+        )
+        results: list[Any] = []
+        for args, options, _ in live:
+            try:
+                results.append(await self.parse_response(conn, args[0], **options))
+            except ResponseError as exc:
+                results.append(exc)
+        return results
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         if self._sending:  # replies in flight reach their callers before the pool closes
             await asyncio.wait(set(self._sending), timeout=5)
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self.connection_pool.release(conn)
         await super().aclose(close_connection_pool)
 
 

@@ -11,7 +11,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from chatserver.backends import make_redis
 from chatserver.redis_ticks import TickPipelinedRedis
+from chatserver.settings import load
 from tests.services import RedisServer
 
 
@@ -51,6 +53,42 @@ async def test_commands_of_later_ticks_go_in_later_batches(ticked: TickPipelined
         await ticked.set(f"seq{i}", i)
     assert ticked.batches - before == 3
     assert await ticked.mget("seq0", "seq1", "seq2") == [b"0", b"1", b"2"]
+
+
+async def _clients(probe: Redis) -> int:
+    return int((await probe.info("clients"))["connected_clients"])
+
+
+async def test_batches_one_after_another_keep_one_connection(
+    ticked: TickPipelinedRedis, redis_url: str
+) -> None:
+    probe = Redis.from_url(redis_url)
+    await probe.ping()
+    alone = await _clients(probe)
+    for i in range(20):
+        await asyncio.gather(ticked.set(f"one{i}", i), ticked.get(f"one{i}"))
+    assert await _clients(probe) == alone + 1  # kept: not one per batch, nor a pool of them
+    # a server error leaves it fit for the next batch
+    with pytest.raises(ResponseError):
+        await ticked.execute_command("NO-SUCH-COMMAND")
+    assert await ticked.get("one19") == b"19"
+    assert await _clients(probe) == alone + 1
+    await probe.aclose()
+
+
+async def test_a_kept_connection_the_server_dropped_is_replaced(redis_url: str) -> None:
+    """Redis restarted, or closed an idle client: the next batch reconnects (the client's
+    retry) instead of failing on the dead socket."""
+    retrying = make_redis(load({"redis_url": redis_url}, {}))  # the app's, with its retries
+    assert isinstance(retrying, TickPipelinedRedis)
+    try:
+        await retrying.set("kept", 1)
+        probe = Redis.from_url(redis_url)
+        assert await probe.client_kill_filter(_type="normal", skipme=True) >= 1
+        assert await asyncio.gather(retrying.incr("kept"), retrying.get("kept")) == [2, b"2"]
+        await probe.aclose()
+    finally:
+        await retrying.aclose()
 
 
 async def test_an_error_reaches_its_own_caller_only(ticked: TickPipelinedRedis) -> None:
