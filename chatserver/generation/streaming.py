@@ -208,9 +208,11 @@ class DeltaPump:
         self.mark(run)
 
     def checkpoint(self, runs: Sequence[ReplyRun]) -> None:
-        """Record the unwatched runs' text so far (the heartbeat's upkeep)."""
+        """Record the unwatched runs' text so far (the heartbeat's upkeep). Not an ended
+        run's: its answer's append stores the whole text and releases the entry, and a
+        record after that finds the entry gone (a reply taken over, it would seem)."""
         for run in runs:
-            if not run.watched and run.saved < len(run.parts):
+            if not run.watched and not run.ended and run.saved < len(run.parts):
                 run.checkpoint_due = True
                 self.mark(run)
 

@@ -303,3 +303,21 @@ async def test_a_text_no_codec_takes_fails_its_own_reply_only() -> None:
     finish = await asyncio.wait_for(good.done, 5)
     assert finish is not None and finish.reason == "stop" and good.failure is None
     assert [(f["conversation_id"], f["text"]) for f in published.frames] == [("c2", "fine words")]
+
+
+async def test_an_ended_reply_is_not_checkpointed_after_its_answer(buffer: ReplyBuffer) -> None:
+    """An unwatched reply's text reaches the buffer only at checkpoints. Once it ended, its
+    answer's append stores the whole text and releases the buffer entry: a checkpoint then
+    would find the entry gone and take the reply for one taken over by another instance."""
+    delivered: list[Event] = []
+    pump = DeltaPump(buffer, Published(), lambda run: None, delivered.extend)
+    provider = LocalProvider(ttft_ms=5, token_ms=2)
+    run = await _begin(buffer, pump, "c1")
+    run.watched = False  # as its slot says when no other instance has a member in
+    run.handle = provider.open(_request("a b c"), run)
+    finish = await asyncio.wait_for(run.done, 10)
+    assert finish is not None and finish.reason == "stop"
+    assert delivered and run.saved < len(run.parts)  # delivered here, not yet recorded
+    await buffer.end("c1", run.generation_id)  # the answer's append released the entry
+    pump.checkpoint([run])  # the heartbeat, while the run is still finishing
+    assert not run.checkpoint_due  # nothing to record: its answer holds the whole text
