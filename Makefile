@@ -18,10 +18,14 @@ TEST_WORKERS ?= 4
 venv: $(STAMP)
 
 # re-installed only when pyproject.toml or the lock changes; the runtime dependencies come
-# from the hashed lock (as in the Docker image), the tools from the dev and bench extras
+# from the hashed lock (as in the Docker image), the tools from the dev and bench extras.
+# --no-deps: the lock is complete (pip check says so), nothing is resolved; Debian 12's pip (23.0) resolving it
+# takes a dependency's extra (google-genai -> google-auth[requests]) for an unpinned
+# requirement and refuses the lock as soon as a newer release of it is out.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -r requirements.lock
+	$(BIN)/python -m pip check
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	touch $@
 
