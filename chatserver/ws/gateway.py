@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
 
 from protocol import (
     Auth,
@@ -33,6 +34,9 @@ from ..fanout.events import framed
 from ..fanout.outbound import Outbound
 from ..fanout.session import Session
 from .commands import dispatch
+
+# The connection limit unreadable (Redis restarting, a cluster re-forming): a clear refusal
+_LIMIT_ERRORS: tuple[type[BaseException], ...] = (*DEPENDENCY_ERRORS, RedisError)
 
 log = logging.getLogger("chatserver.gateway")
 
@@ -224,7 +228,19 @@ class _Connection:
         state = self.app[keys.STATE]
         session_id = str(uuid.uuid4())
         limits = self.settings.tier_limits(principal.tier)
-        if not await self.app[keys.LIMITER].open_connection(principal.user_id, session_id, limits):
+        limiter = self.app[keys.LIMITER]
+        try:
+            opened = await limiter.open_connection(principal.user_id, session_id, limits)
+        except _LIMIT_ERRORS as exc:
+            log.warning("connection refused: its limit could not be checked: %s", exc)
+            self.send_error(
+                ErrorCode.UNAVAILABLE,
+                "the connection limit could not be checked, connect again shortly",
+                retry_after_ms=1000,
+            )
+            self.close(CloseCode.TRY_AGAIN_LATER, "unavailable")
+            return
+        if not opened:
             self.send_error(
                 ErrorCode.RATE_LIMITED, f"at most {limits.connections} connections per user"
             )
