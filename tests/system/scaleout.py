@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from chatclient.client import ChatClient
+from chatclient.client import ChatClient, ChatError
 from chatserver.auth import Authenticator
-from protocol import Encoding
+from protocol import Encoding, ErrorCode
 from tests.serverproc import ServerProc
 
 SECRET = "scale-out-test-secret-0123456789abcdef"
@@ -64,3 +65,17 @@ def instances(
 
 async def connect(server: ServerProc, user: str, encoding: Encoding = Encoding.JSON) -> ChatClient:
     return await ChatClient.connect(server.ws_url, token(user), encoding=encoding)
+
+
+async def connect_when_ready(server: ServerProc, user: str, timeout: float = 30.0) -> ChatClient:
+    """``connect``, as a client told ``unavailable`` (Redis still coming back) does: again
+    after ``retry_after_ms``, until ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await connect(server, user)
+        except ChatError as exc:
+            if exc.frame.code != ErrorCode.UNAVAILABLE or loop.time() > deadline:
+                raise
+            await asyncio.sleep((exc.frame.retry_after_ms or 1000) / 1000)

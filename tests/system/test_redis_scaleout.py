@@ -29,7 +29,7 @@ from protocol import (
 )
 from tests.services import RedisClusterServer, RedisServer
 
-from .scaleout import connect, instances, token
+from .scaleout import connect, connect_when_ready, instances, token
 
 LONG = " ".join(f"w{i}" for i in range(80))
 
@@ -282,8 +282,9 @@ async def test_redis_restart_mid_traffic_loses_nothing(
             with pytest.raises(Closed):
                 while True:
                     await client.next_frame(timeout=10)
-        alice = await connect(a, "alice")
-        bob = await connect(b, "bob")
+        # Connecting as a client does: told `unavailable` while Redis comes back, again later
+        alice = await connect_when_ready(a, "alice")
+        bob = await connect_when_ready(b, "bob")
         await alice.join(conv)
         again = await bob.join(conv, Since(0, joined.epoch))
         assert again.recovered  # the window survived in the AOF
