@@ -7,7 +7,8 @@ from typing import Any
 from protocol import Message, format_timestamp
 
 from ..records import Conversation
-from .schema import column_list, message_from_row
+from .schema import MESSAGE_COLUMNS as SCHEMA_COLUMNS
+from .schema import column_list, message_from_row, unanswered_sql
 
 MESSAGE_COLUMNS = column_list()
 # Of ``conversations c``, with its members in the order they were given.
@@ -17,16 +18,8 @@ CONVERSATION_COLUMNS = (
     "WHERE mm.conversation_id = c.id ORDER BY mm.position) AS members"
 )
 
-# User messages of the last $1 seconds with no stored answer, by conversation and offset
-# (at most $2): ``Store.unanswered``.
-_Q_COLUMNS = ", ".join(f"q.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
-UNANSWERED_SQL = (
-    f"SELECT {_Q_COLUMNS} FROM messages q WHERE q.role = 'user' "
-    "AND q.created_at >= now() - make_interval(secs => $1) "
-    "AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.conversation_id = "
-    "q.conversation_id AND a.reply_to = q.id) "
-    'ORDER BY q.conversation_id, q."offset" LIMIT $2'
-)
+# User messages of the last $1 seconds with no stored answer (at most $2).
+UNANSWERED_SQL = unanswered_sql(SCHEMA_COLUMNS, "now() - make_interval(secs => $1)", "$2")
 
 
 def row_message(row: Any) -> Message:

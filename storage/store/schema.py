@@ -64,6 +64,18 @@ def column_list(columns: tuple[Column, ...] = MESSAGE_COLUMNS, prefix: str = "")
     return ", ".join(prefix + c.quoted for c in columns)
 
 
+def unanswered_sql(columns: tuple[Column, ...], since: str, limit: str) -> str:
+    """``Store.unanswered``: user messages created at or after ``since`` that no stored
+    message answers (``reply_to``), by conversation and offset, at most ``limit``; both are
+    SQL in the store's dialect (its placeholders, its clock)."""
+    return (
+        f"SELECT {column_list(columns, 'q.')} FROM messages q WHERE q.role = 'user' "
+        f"AND q.created_at >= {since} AND NOT EXISTS (SELECT 1 FROM messages a "
+        "WHERE a.conversation_id = q.conversation_id AND a.reply_to = q.id) "
+        f'ORDER BY q.conversation_id, q."offset" LIMIT {limit}'
+    )
+
+
 def message_values(
     m: Message, created_at: Any, text: str, text_raw: bytes | None
 ) -> tuple[Any, ...]:

@@ -15,6 +15,7 @@ from protocol import Message, format_timestamp
 from ..records import Conversation, ConversationPage, MessagePage, User
 from .base import PoolStats, StoreUnavailable
 from .cursor import decode_cursor, encode_cursor
+from .schema import SQLITE_COLUMNS, unanswered_sql
 from .sqlite_ops import (
     MESSAGE_COLUMNS,
     create_schema,
@@ -294,13 +295,7 @@ class SqliteStore:
 
     async def unanswered(self, within_s: float, limit: int = 10_000) -> list[Message]:
         since = format_timestamp(datetime.fromtimestamp(time.time() - within_s, UTC))
-        columns = ", ".join(f"q.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
-        sql = (
-            f"SELECT {columns} FROM messages q WHERE q.role = 'user' AND q.created_at >= ? "
-            "AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.conversation_id = "
-            'q.conversation_id AND a.reply_to = q.id) ORDER BY q.conversation_id, q."offset" '
-            "LIMIT ?"
-        )
+        sql = unanswered_sql(SQLITE_COLUMNS, "?", "?")
 
         def op(conn: sqlite3.Connection) -> list[Message]:
             return [row_message(row) for row in conn.execute(sql, (since, limit)).fetchall()]
