@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -360,3 +361,21 @@ async def test_data_survives_close_and_reopen(
         assert await reopened.write_messages([question, answer]) == 0
     finally:
         await reopened.close()
+
+
+async def test_unanswered_lists_recent_questions_no_stored_message_answers(
+    store: Store, new_message: MessageFactory
+) -> None:
+    """What a restart's reply jobs come from: in the window, user messages only, answered
+    ones left out, by conversation and offset, at most ``limit``."""
+    now = timestamp_from_ms(int(time.time() * 1000))
+    old = new_message("c0", user_id="alice", created_at=ts(0))  # long before the window
+    answered = new_message("c1", user_id="alice", created_at=now)
+    waiting = new_message("c1", user_id="alice", created_at=now)
+    other = new_message("c2", user_id="bob", created_at=now)
+    answer = new_message("c1", role="assistant", reply_to=answered.id, created_at=now)
+    await store.write_messages([other, old, answered, waiting, answer])
+    assert [m.id for m in await store.unanswered(3600)] == [waiting.id, other.id]
+    assert [m.id for m in await store.unanswered(3600, limit=1)] == [waiting.id]
+    found = (await store.unanswered(3600))[0]
+    assert (found.text, found.offset, found.user_id) == (waiting.text, waiting.offset, "alice")
