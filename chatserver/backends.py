@@ -23,6 +23,7 @@ from storage.window.memory import MemoryWindow
 from .fanout.broker.base import Broker
 from .fanout.broker.memory import MemoryBroker
 from .fanout.broker.redis import RedisBroker
+from .fanout.envelope import appended_head
 from .generation.buffer import MemoryReplyBuffer, ReplyBuffer
 from .generation.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
 from .generation.local import LocalProvider
@@ -132,6 +133,11 @@ def make_window_and_outbox(
     from storage.window.redis import RedisWindow
 
     cluster = settings.redis.cluster
+    server_id = settings.server.server_id
+
+    def fanout_head(conversation_id: str, published_at: float) -> bytes:
+        return appended_head(server_id, published_at, conversation_id)
+
     window = RedisWindow(
         redis,
         prefix=settings.redis.key_prefix,
@@ -139,6 +145,7 @@ def make_window_and_outbox(
         idempotency_ttl_s=settings.window.idempotency_ttl_s,
         cluster=cluster,
         context_cache_bytes=settings.memory.context_cache_bytes,
+        fanout_head=fanout_head,  # the broker is Redis too: a question goes out with its append
     )
     outbox = RedisOutbox(
         redis,

@@ -24,6 +24,14 @@ Every payload is one MessagePack array of four items::
   ========== ====================================== ==========================================
 
 A control message of an unknown type is ignored (a newer instance may send more kinds).
+
+- an **appended question** (on a conversation's channel): the Redis window's append script
+  publishes a user's message in the step that appends it, so an acknowledged question has
+  always reached the other instances (an instance killed right after the append cannot leave
+  it unannounced). Redis gives it its offset and time, after Python packed the rest, so its
+  ``body`` is an array ``["m", offset, created_ms, message]``: the message's map without
+  ``offset`` and ``created_at``. Receivers turn it into the ``message`` frame. Python packs
+  everything up to ``"m"`` (:func:`appended_head`); the script adds the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+
+from protocol import MessageEvent
+from storage.redis_codec import message_from_fields
+
+APPENDED = "m"  # the tag of an appended question's body
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +150,33 @@ def control_from(body: Any) -> Control | None:
     return None
 
 
+def appended_head(origin: str, published_at: float, conversation_id: str) -> bytes:
+    """The packed start of an appended question's envelope, up to its body's tag."""
+    packer = msgpack.Packer(use_bin_type=True)
+    head: bytes = (
+        packer.pack_array_header(4)
+        + packer.pack(origin)
+        + packer.pack(published_at)
+        + packer.pack(conversation_id)
+        + packer.pack_array_header(4)
+        + packer.pack(APPENDED)
+    )
+    return head
+
+
+def _appended_frame(body: list[Any]) -> dict[str, Any] | None:
+    """The ``message`` frame of an appended question's body; None if malformed."""
+    if len(body) != 4 or body[0] != APPENDED:
+        return None
+    _, offset, created_ms, fields = body
+    if not (isinstance(offset, int) and isinstance(created_ms, int) and isinstance(fields, dict)):
+        return None
+    try:
+        return MessageEvent(message_from_fields(fields, offset, created_ms)).to_dict()
+    except Exception:
+        return None
+
+
 def unpack(data: bytes) -> Envelope | ControlEnvelope | None:
     """A payload read from pub/sub; None if it does not decode (logged by the caller)."""
     try:
@@ -148,6 +188,10 @@ def unpack(data: bytes) -> Envelope | ControlEnvelope | None:
     if conversation_id is None:
         control = control_from(body)
         return None if control is None else ControlEnvelope(origin, control)
-    if not isinstance(conversation_id, str) or not isinstance(body, dict):
+    if not isinstance(conversation_id, str):
+        return None
+    if isinstance(body, list):
+        body = _appended_frame(body)
+    if not isinstance(body, dict):
         return None
     return Envelope(origin, float(published_at or 0.0), conversation_id, body)

@@ -245,11 +245,8 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
 
     async def _answer(self, run: ReplyRun, job: ReplyJob | None) -> bool:
         """In the lane: the reply, unless answered before; whether the question has its end."""
-        unmarked = job is not None and job.first and not job.claimed  # see _first_turn
         if self._closing:
             if job is not None:
-                if unmarked:  # fanned out: the claimer need not again
-                    await self._mark_announced(job)
                 return False  # kept: another instance, or the next start, answers it
             # Never leave an acked question without an end: say why it has no answer.
             restarted = "the server restarted before replying"
@@ -261,10 +258,10 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 return True  # its owner died mid-reply: the partial text is its answer
             if await self._answered(run):
                 return True  # an earlier run of this job (or the orphan sweep) ended it
-        await self._stream(run, job if unmarked else None)
+        await self._stream(run)
         return True
 
-    async def _stream(self, run: ReplyRun, announce: ReplyJob | None = None) -> None:
+    async def _stream(self, run: ReplyRun) -> None:
         conversation_id = run.conversation_id
         self._runs[run.generation_id] = run
         self._metrics.active_replies.inc()
@@ -273,15 +270,9 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
         try:
             # The context is read beside the slot, in the same round trip: the turn (or the
             # lane) let this reply go only once every older answer was stored.
-            slot_and_context = asyncio.gather(
+            waited, history = await asyncio.gather(
                 self._take_slot(run), self._conversations.recent(conversation_id, self._context)
             )
-            if announce is None:
-                waited, history = await slot_and_context
-            else:
-                (waited, history), _ = await asyncio.gather(
-                    slot_and_context, self._mark_announced(announce)
-                )
             if waited:  # another reply held the slot (a race): read what it stored too
                 history = await self._conversations.recent(conversation_id, self._context)
             self._live[run.generation_id] = self._live_in[conversation_id] = run

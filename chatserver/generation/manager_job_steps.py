@@ -27,8 +27,9 @@ class _JobSteps(ManagerState):
         """At once, before the lane: marks the job announced (a claimer then knows the
         question was fanned out); a claimed job never announced is announced now.
 
-        A job its append found first in line asks nothing: it goes, and is marked announced
-        beside its slot, in the same round trip (``_mark_announced``)."""
+        A job its append found first in line asks nothing: it goes. (It is first in line
+        only where its append also published it: a Redis window, which lists it announced.)
+        """
         if job is None or self.jobs is None:
             return None
         if job.first and not job.claimed:
@@ -38,15 +39,6 @@ class _JobSteps(ManagerState):
             message = job.message
             await self._publish(message.conversation_id, MessageEvent(message).to_dict())
         return turn
-
-    async def _mark_announced(self, job: ReplyJob) -> None:
-        """Mark a first-in-line job announced. Not worth failing its reply for: unmarked,
-        a claimer (should this instance die) only fans the question out once more."""
-        assert self.jobs is not None
-        try:
-            await self.jobs.announce(job)
-        except Exception as exc:
-            log.warning("reply job not marked announced: %s", exc)
 
     async def _wait_turn(self, job: ReplyJob, turn: Turn) -> None:
         """Older questions of the conversation first, wherever they are held; past the slot

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ from storage.window.base import AppendRefused
 
 from .. import keys
 from ..errors import DEPENDENCY_ERRORS, ServiceError
+from ..fanout.events import Event
 from ..fanout.publish import publish
 from ..fanout.session import Session
 from ..limits.base import Refusal, TierLimits
@@ -180,11 +182,15 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
     metrics.child(metrics.messages_appended, Role.USER.value).inc()
     if app[keys.SETTINGS].replies.crash_after_append:
         os._exit(70)  # tests only: the instance dies between the append and the fan-out
-    await publish(app, conversation.id, MessageEvent(message).to_dict())
+    fanned = MessageEvent(message).to_dict()
+    if result.fanned_out:  # the append published it to the other instances: ours only
+        app[keys.BROKER].deliver_local((Event(conversation.id, fanned, time.time()),))
+    else:
+        await publish(app, conversation.id, fanned)
     job = None
     if result.job_id is not None:
         metrics.reply_jobs_queued.inc()
-        job = ReplyJob(result.job_id, message, first=result.job_first)
+        job = ReplyJob(result.job_id, message, first=result.job_first, announced=result.fanned_out)
     generation.start(conversation, message, job)
 
 

@@ -29,6 +29,7 @@ class ReplyJob:
     message: Message  # the question
     claimed: bool = False  # taken over from a holder that died (or from before a restart)
     first: bool = False  # its append found no older job listed: no turn to ask for
+    announced: bool = False  # its append fanned the question out (listed as announced)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,18 +53,14 @@ class ReplyJobs(Protocol):
 
     async def close(self) -> None: ...
 
-    async def add(self, message: Message) -> str:
+    async def add(self, message: Message, *, announced: bool = False) -> str:
         """A job for this question, held by this instance (its windows add theirs in the
-        append itself; this is for the rest: a cluster, tests, recovery)."""
+        append itself; this is for the rest: a cluster, tests, recovery); ``announced``:
+        the question was fanned out already."""
         ...
 
     async def turn(self, job: ReplyJob) -> Turn:
         """Whether the job may run now; the first call by a holder marks it announced."""
-        ...
-
-    async def announce(self, job: ReplyJob) -> None:
-        """Mark the job announced (its question was fanned out) without asking for its
-        turn: for a job its append found first in line (``ReplyJob.first``)."""
         ...
 
     async def done(self, job: ReplyJob) -> None:

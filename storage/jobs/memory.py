@@ -37,9 +37,12 @@ class MemoryReplyJobs:
         self._by_conversation.setdefault(message.conversation_id, deque()).append(job.job_id)
         return job
 
-    async def add(self, message: Message) -> str:
+    async def add(self, message: Message, *, announced: bool = False) -> str:
         # Never suspends: the memory window adds the job in the same step as the append.
-        return self._put(message, False).job_id
+        job = self._put(message, False)
+        if announced:
+            self._announced.add(job.job_id)
+        return job.job_id
 
     def recover(self, questions: Iterable[Message]) -> int:
         """Questions of the previous run that have no answer: jobs for ``claim``."""
@@ -59,10 +62,6 @@ class MemoryReplyJobs:
             self._announced.add(job.job_id)
         go = not queue or queue[0] == job.job_id
         return Turn(go=go, announced=announced, blocker=None if go or not queue else queue[0])
-
-    async def announce(self, job: ReplyJob) -> None:
-        if job.job_id in self._jobs:
-            self._announced.add(job.job_id)
 
     async def done(self, job: ReplyJob) -> None:
         self._announced.discard(job.job_id)

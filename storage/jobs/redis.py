@@ -10,8 +10,9 @@ renews its jobs' idle time every third of a lease; a dead holder's jobs go idle,
 
 The conversation's sorted set keeps the order across instances: a job runs when no older
 one of its conversation is listed (``turn``). Its score is 2 * offset, made odd by the
-holder's first ``turn``: a claimer that finds it even knows the question was maybe never
-fanned out, and announces it first.
+holder's first ``turn`` (odd from the start when the window's append published the
+question): a claimer that finds it even knows the question was maybe never fanned out, and
+announces it first.
 
 On a cluster the stream and a conversation's set live in different slots: ``add`` and
 ``done`` are two calls there (the window's append adds the job after its script, like the
@@ -96,7 +97,7 @@ class RedisReplyJobs:
     async def close(self) -> None:
         pass  # the client belongs to the caller
 
-    async def add(self, message: Message) -> str:
+    async def add(self, message: Message, *, announced: bool = False) -> str:
         listed = self.listed(message.conversation_id)
         created = timestamp_to_ms(message.created_at)
         args: list[Any] = [
@@ -105,11 +106,12 @@ class RedisReplyJobs:
             message.offset,
             created,
             self.key_ttl_s,
+            1 if announced else "",
         ]
         if not self.cluster:
             return _s(await self._add(keys=[self.key, listed], args=args))
         job_id = _s(await self._add(keys=[self.key], args=args))
-        await self.redis.zadd(listed, {job_id: 2 * message.offset})
+        await self.redis.zadd(listed, {job_id: 2 * message.offset + int(announced)})
         await self.redis.expire(listed, self.key_ttl_s)
         return job_id
 
@@ -127,12 +129,6 @@ class RedisReplyJobs:
             reply = await self._turn(keys=keys, args=args)
         blocker = _s(reply[2]) if len(reply) > 2 else None
         return Turn(go=bool(int(reply[0])), announced=announced, blocker=blocker)
-
-    async def announce(self, job: ReplyJob) -> None:
-        # The odd score, as jobs_turn.lua gives it: only when listed (XX), only upwards (GT).
-        listed = self.listed(job.message.conversation_id)
-        score = 2 * job.message.offset + 1
-        await self.redis.zadd(listed, {job.job_id: score}, xx=True, gt=True)
 
     async def done(self, job: ReplyJob) -> None:
         listed = self.listed(job.message.conversation_id)

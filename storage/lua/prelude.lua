@@ -22,10 +22,11 @@ end
 -- A reply job (storage/jobs/redis.py): an entry of the jobs stream, in the pending list of
 -- the group `repliers` under `holder` from the start (nobody reads new entries: jobs are
 -- only ever claimed), and listed by offset in the conversation's jobs (`listed`, when in
--- this script's slot) with score 2 * offset, made odd once its holder announced it.
+-- this script's slot) with score 2 * offset, made odd once its holder announced it (at
+-- once when `announced`: the append that adds it published the question).
 -- Returns the job's id and 1 when it is alone in the listing (no older job of the
 -- conversation is unfinished: it may go without asking for its turn), else 0.
-local function add_job(stream, listed, holder, payload, offset, ms, ttl)
+local function add_job(stream, listed, holder, payload, offset, ms, ttl, announced)
   local id = redis.call('XADD', stream, '*', 'm', payload, 'o', offset, 't', ms)
   if redis.pcall('XCLAIM', stream, 'repliers', holder, 0, id, 'FORCE', 'JUSTID').err then
     redis.call('XGROUP', 'CREATE', stream, 'repliers', '0')  -- lost with Redis' data
@@ -33,7 +34,7 @@ local function add_job(stream, listed, holder, payload, offset, ms, ttl)
   end
   local alone = 0
   if listed then
-    redis.call('ZADD', listed, 2 * tonumber(offset), id)
+    redis.call('ZADD', listed, 2 * tonumber(offset) + (announced and 1 or 0), id)
     -- Alone: the listing was just created, so it needs its TTL. Else it has one (set when
     -- it was created, days long) and an older job (maybe a stale entry, which the turn
     -- check drops) is listed: the caller asks for its turn.

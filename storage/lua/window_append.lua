@@ -3,7 +3,9 @@
 -- key ttl s, outbox max (0: no bound), record state ("d": in the outbox, "p": not yet),
 -- ttl every (refresh the TTLs when the offset is a multiple of it); on a single Redis also
 -- KEYS jobs stream, conversation's jobs and ARGV the job's holder ('': no job), the job this
--- message answers, finished in the same step ('': none).
+-- message answers, finished in the same step ('': none). Always ARGV 10-12: the publish
+-- command (PUBLISH, SPUBLISH; '': none), the conversation's channel and the packed head of
+-- the envelope (chatserver/fanout/envelope.py) that fans the message out.
 -- Returns {0, offset, ms[, job id, 1: no older job listed]} | {1, record} duplicate | {2} missing | {3} full
 -- | {4, code, value} refused by the gate (with a gate: its keys and args follow the job's).
 -- One MGET reads the idempotency record and both keys whose absence means a missing window.
@@ -26,6 +28,12 @@ redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], offset .. '-0', 'm', ARGV[1], 't'
 if outbox then
   redis.call('XADD', outbox, '*', 'm', ARGV[1], 'o', offset, 't', ms)
 end
+local publish = ARGV[10]
+if publish ~= '' then
+  -- Fanned out in the step that appends it: acknowledged means announced, whatever dies when.
+  local at = cmsgpack.pack(tonumber(offset), tonumber(ms))
+  redis.call(publish, ARGV[11], ARGV[12] .. at .. ARGV[1])
+end
 if idem_ttl > 0 then
   redis.call('SET', KEYS[4], ARGV[6] .. offset .. ':' .. ms .. ':' .. ARGV[1], 'PX', idem_ttl)
 end
@@ -43,7 +51,7 @@ if answered and answered ~= '' then finish_job(KEYS[6], KEYS[7], answered) end
 local job = ARGV[8]
 if job and job ~= '' then  -- a question: its reply job, in this same step
   local alone
-  job, alone = add_job(KEYS[6], KEYS[7], job, ARGV[1], offset, ms, ttl)
+  job, alone = add_job(KEYS[6], KEYS[7], job, ARGV[1], offset, ms, ttl, publish ~= '')
   return {0, tonumber(offset), tonumber(ms), job, alone}
 end
 return {0, tonumber(offset), tonumber(ms)}

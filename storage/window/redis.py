@@ -28,14 +28,22 @@ has). To tell the two cases apart the record's first byte says whether the messa
 outbox (``p`` until Python marks it ``d`` after its XADD, one more round trip): a duplicate of a
 message known to be queued enqueues nothing, one of an unconfirmed message enqueues it again
 (perhaps a second time, which is harmless). A message sent without ``client_msg_id`` has no
-such repair. The bound check is not atomic
+such repair.
+
+**Fan-out in the append**: given ``fanout_head`` (the app's, packing the start of its pub/sub
+envelope), the script also publishes each user message it appends on the conversation's
+channel (SPUBLISH on a cluster: the channel shares the conversation's hash tag), and lists
+the question's reply job as announced. So an acknowledged question has reached the other
+instances, whatever instance dies when; the caller delivers it to its own members only
+(``AppendResult.fanned_out``). The bound check is not atomic
 with the append there: concurrent appends may overshoot ``max_entries`` by a few entries.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -119,6 +127,7 @@ class RedisWindow:
         key_ttl_s: int = 7 * 86400,
         cluster: bool = False,
         context_cache_bytes: int = 32 * 1024 * 1024,
+        fanout_head: Callable[[str, float], bytes] | None = None,
     ) -> None:
         if size < 1 or key_ttl_s < 1:
             raise ValueError("size and key_ttl_s must be at least 1")
@@ -132,6 +141,8 @@ class RedisWindow:
         # A cluster client cannot run the single-Redis script (the outbox is in another slot).
         self.cluster = cluster or isinstance(redis, RedisCluster)
         self.gates = not self.cluster
+        self.fanout_head = fanout_head  # (conversation id, wall clock): the envelope's start
+        self._publish = "SPUBLISH" if self.cluster else "PUBLISH"
         self._read_script = redis.register_script(_READ_LUA)
         self._append_script = redis.register_script(_APPEND_LUA)
         self._gated_scripts: dict[str, Any] = {}  # by the gate's Lua: one per kind of gate
@@ -276,6 +287,13 @@ class RedisWindow:
             _UNQUEUED if self.cluster else _QUEUED,
             TTL_EVERY,
         ]
+        fans_out = self.fanout_head is not None and draft.role == Role.USER.value
+        if fans_out:
+            assert self.fanout_head is not None
+            head = self.fanout_head(cid, time.time())
+            publish: list[Any] = [self._publish, keys.events, head]
+        else:
+            publish = ["", "", ""]
         script = self._append_script
         finishes = answers is not None and isinstance(jobs, RedisReplyJobs) and not self.cluster
         job_key = jobs.key if isinstance(jobs, RedisReplyJobs) else keys.no_idem
@@ -285,12 +303,14 @@ class RedisWindow:
             if gate is not None:
                 raise TypeError("a window on a cluster runs no gates (check before appending)")
             await outbox.check_room(shard)
+            script_args += ["", "", *publish]
         else:
             # The reply jobs' keys come next, always (the gate's keys and args follow them):
             # the job a question adds, or the one an answer finishes.
             script_keys += [outbox.keys[shard], job_key, keys.jobs]
             script_args.append(jobs.holder if isinstance(jobs, RedisReplyJobs) else "")
             script_args.append(answers if finishes else "")
+            script_args += publish
             if gate is not None:
                 script = self._gated_script(gate)
                 script_keys.extend(gate.keys)
@@ -306,8 +326,10 @@ class RedisWindow:
                 await outbox.push(shard, first_payload, offset, created_ms)
                 await self._mark_script(keys=[idem_key])
             # Our own first attempt (the client library retried the script after a dropped
-            # connection): this call appended it, so the caller must fan it out and reply.
-            return AppendResult(message=first, duplicate=first.id != message_id)
+            # connection): this call appended it (and published it, when it fans out), so the
+            # caller must reply and deliver it.
+            duplicate = first.id != message_id
+            return AppendResult(message=first, duplicate=duplicate, fanned_out=fans_out)
         if code == _MISSING:
             raise WindowMissing(cid)
         if code == _REFUSED:
@@ -323,13 +345,14 @@ class RedisWindow:
             if idem_ttl_ms:
                 await self._mark_script(keys=[idem_key])
             if jobs is not None:  # another slot: after the script, like the outbox entry
-                job_id = await jobs.add(message)
+                job_id = await jobs.add(message, announced=fans_out)
         return AppendResult(
             message=message,
             duplicate=False,
             job_id=job_id,
             job_done=finishes,
             job_first=job_first,
+            fanned_out=fans_out,
         )
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:

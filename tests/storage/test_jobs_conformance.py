@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from storage.jobs.base import ReplyJob, ReplyJobs
+from storage.jobs.base import ReplyJob, ReplyJobs, Turn
 
 if TYPE_CHECKING:
     from conftest import JobsHarness, MessageFactory
@@ -58,19 +58,18 @@ async def test_the_first_turn_marks_the_job_announced(
     assert (await jobs.turn(job)).announced is True
 
 
-async def test_announce_marks_a_job_without_asking_its_turn(
+async def test_a_job_added_announced_is_announced_at_its_first_turn(
     jobs_harness: JobsHarness, new_message: MessageFactory
 ) -> None:
+    """Its question was fanned out with its append: a claimer must not fan it out again."""
     jobs = await jobs_harness.make("a")
-    job = await _job(jobs, new_message("c1"))
-    await jobs.announce(job)
+    message = new_message("c1")
+    job = ReplyJob(await jobs.add(message, announced=True), message)
     turn = await jobs.turn(job)
     assert turn.announced is True and turn.go is True
-    # announcing a finished job lists nothing again: a later question is not held back
     await jobs.done(job)
-    await jobs.announce(job)
     later = await _job(jobs, new_message("c1"))
-    assert (await jobs.turn(later)).go is True
+    assert (await jobs.turn(later)) == Turn(go=True, announced=False)
     assert (await jobs.stats()).outstanding == 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,7 +113,11 @@ async def test_sigterm_drain_while_the_others_take_its_clients(
         assert drained, "no member was on the instance to drain"
         told = {m.user: len(m.ledger.reconnects) for m in drained}
         draining.proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(draining.proc.wait, 30) == 0
+        try:
+            code = await asyncio.to_thread(draining.proc.wait, 30)
+        except subprocess.TimeoutExpired:  # what the instance was doing, in its log
+            raise AssertionError("not drained in 30 s:\n" + draining.output[-8000:]) from None
+        assert code == 0, draining.output[-4000:]
         for member in drained:
             # Told to go elsewhere (a `reconnect` frame) by the drained instance, not cut off.
             assert member.ledger.reconnects[told[member.user] :] == [draining.ws_url], member.user

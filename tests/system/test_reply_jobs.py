@@ -52,12 +52,11 @@ async def test_kill_9_with_queued_replies_answers_every_question_once(
             killed = time.monotonic()
             ends = await _ends_by_question(bob, questions, LEASE_S + 5)
             assert set(ends) == questions, f"{len(questions) - len(ends)} questions unanswered"
-            # A question streaming at the kill was marked announced beside its slot, before
-            # its gen_start: the instance that claims its job does not fan it out again. (A
-            # queued one whose turn was not yet marked may be: architecture.md's known gaps.)
+            # Each question went out with its append (the window's script published it):
+            # none lost with the instance that acked it, none fanned out again by a claimer.
             fanned = [f.message.id for f in bob.pending() if isinstance(f, MessageEvent)]
-            assert set(fanned) == questions
-            assert [fanned.count(q) for q in streaming] == [1] * len(convs)
+            assert sorted(fanned) == sorted(questions)
+            assert set(streaming) <= questions
             # the cut replies end first (sweep), the queued ones are claimed after the lease
             assert time.monotonic() - killed < LEASE_S + 5
             # exactly one answer each, in the conversations' order, stored once
@@ -73,7 +72,7 @@ async def test_kill_9_with_queued_replies_answers_every_question_once(
             await bob.close()
 
 
-async def test_kill_between_the_append_and_the_fanout_announces_and_answers(
+async def test_kill_right_after_the_append_fans_out_once_and_answers(
     tmp_path: Path, redis_url: str
 ) -> None:
     env = {"CHAT_REPLY_LEASE_S": str(LEASE_S)}
@@ -100,9 +99,10 @@ async def test_kill_between_the_append_and_the_fanout_announces_and_answers(
             await alice.join(conv)
             await alice.send_frame(Send(conv, "k1", "are you there"))
             assert crashing.proc is not None
-            crashing.proc.wait(timeout=10)  # it died after the append, before the fan-out
+            crashing.proc.wait(timeout=10)  # it died right after the append
             died = time.monotonic()
-            # the instance that claims the job announces the question, then answers it
+            # the append itself fanned the question out; the instance that claims the job
+            # answers it (and does not announce it again)
             event = await bob.expect(MessageEvent, timeout=LEASE_S + 5)
             assert event.message.text == "are you there"
             end = await bob.expect(GenEnd, timeout=LEASE_S + 5)
