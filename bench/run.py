@@ -26,6 +26,7 @@ SCENARIOS = {
     "connections": "bench/connections.py",
     "fanout": "bench/fanout.py",
     "ai": "bench/ai.py",
+    "loop-passes": "bench/loop_passes.py",
     "persist": "bench/persist.py",
     "product-scale": "bench/product_scale.py",
     "soak": "bench/soak.py",

@@ -9,7 +9,10 @@ started in, before the loop waits for I/O again.
 
 A batch is written and read on a connection this client keeps between batches (a few; more
 batches in flight take pooled ones): every reply on it was read, so it skips the pool's lock
-and its check for unread data, a read that costs the batch another pass of the loop.
+and its check for unread data, a read that costs the batch another pass of the loop. On a
+kept connection the batch is written in the callback that closes it, not by the task that
+reads its replies: a task's first step runs a pass later, and under load a pass of the loop
+is milliseconds that every round trip on the way to a first token would wait.
 
 Semantics stay those of single commands: each caller gets its own reply or its own error
 (a script's ``NOSCRIPT`` included, so ``Script`` reloads as before); a connection error
@@ -27,7 +30,9 @@ import contextlib
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _Pending = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 _IDLE_KEPT = 4  # connections kept between batches; more in flight go back to the pool
@@ -76,31 +81,50 @@ class TickPipelinedRedis(Redis):
 
     def _flush(self) -> None:
         batch, self._batch = self._batch or [], None
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[_Pending]) -> None:
         live = [entry for entry in batch if not entry[2].done()]
         if not live:
             return
         self.batches += 1
         self.batched += len(live)
+        written = self._write_now(live)
+        task = asyncio.get_running_loop().create_task(self._send(live, written))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    def _write_now(self, live: list[_Pending]) -> Any | None:
+        """The batch written at once on a kept connection (module docstring); None when
+        there is none that can take a plain write (its task then writes it)."""
+        if not self._idle:
+            return None
+        conn = self._idle[-1]
+        writer = getattr(conn, "_writer", None)  # what send_packed_command writes to
+        if writer is None or not conn.is_connected:
+            return None
+        self._idle.pop()
+        writer.writelines(conn.pack_commands([args for args, _, _ in live]))
+        return conn
+
+    async def _send(self, live: list[_Pending], written: Any | None) -> None:
         try:
             pool = self.connection_pool
-            conn = self._idle.pop() if self._idle else await pool.get_connection()  # type: ignore[no-untyped-call]
+            conn = written or (self._idle.pop() if self._idle else await pool.get_connection())  # type: ignore[no-untyped-call]
         except BaseException as exc:
             for _, _, future in live:
                 _fail(future, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        sent = written is not None  # the first try's write is done; a retry writes again
         try:
+
+            async def exchange() -> list[Any]:
+                nonlocal sent
+                first, sent = sent, False
+                return await self._exchange(conn, live, written=first)
+
             # A connection error retries the whole batch on a new connection, as a
             # pipeline would (the window's append knows its own script run twice).
-            results = await conn.retry.call_with_retry(
-                lambda: self._exchange(conn, live), lambda _error: conn.disconnect()
-            )
+            results = await conn.retry.call_with_retry(exchange, lambda _error: conn.disconnect())
         except BaseException as exc:
             # Replies may be left unread on it: never reuse it.
             with contextlib.suppress(Exception):
@@ -123,12 +147,25 @@ class TickPipelinedRedis(Redis):
         else:
             await self.connection_pool.release(conn)
 
-    async def _exchange(self, conn: Any, live: list[_Pending]) -> list[Any]:
-        """The batch written at once, then its replies read in order, each through the
-        client's own parsing (callbacks, NEVER_DECODE); a server error is its command's."""
-        await conn.send_packed_command(
-            conn.pack_commands([args for args, _, _ in live]), check_health=False
-        )
+    async def _exchange(self, conn: Any, live: list[_Pending], written: bool) -> list[Any]:
+        """The batch written at once (unless ``written``), then its replies read in order,
+        each through the client's own parsing (callbacks, NEVER_DECODE); a server error is
+        its command's."""
+        if written:
+            # Flow control, and errors reported as send_packed_command would (a retry's).
+            try:
+                async with asyncio.timeout(conn.socket_timeout):
+                    await conn._writer.drain()
+            except TimeoutError:
+                await conn.disconnect(nowait=True)
+                raise RedisTimeoutError("Timeout writing to socket") from None
+            except OSError as exc:
+                await conn.disconnect(nowait=True)
+                raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
+        else:
+            await conn.send_packed_command(
+                conn.pack_commands([args for args, _, _ in live]), check_health=False
+            )
         results: list[Any] = []
         for args, options, _ in live:
             try:

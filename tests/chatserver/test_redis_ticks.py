@@ -4,9 +4,11 @@ tick, each caller its own answer or error, and nothing held by a blocking comman
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -74,6 +76,25 @@ async def test_batches_one_after_another_keep_one_connection(
     assert await ticked.get("one19") == b"19"
     assert await _clients(probe) == alone + 1
     await probe.aclose()
+
+
+async def test_a_batch_on_a_kept_connection_leaves_before_its_task_runs(
+    ticked: TickPipelinedRedis, redis_url: str
+) -> None:
+    """Written by the callback that closes the batch: a loop busy with other work (here: a
+    blocking wait) does not hold it for another pass until the task that reads it runs."""
+    await ticked.ping()  # a kept connection
+    issued = asyncio.create_task(ticked.incr("early"))
+    await asyncio.sleep(0)  # the task issues its command; the batch closes next pass
+    await asyncio.sleep(0)  # that pass ran: the batch is written, its reader not yet run
+    probe = SyncRedis.from_url(redis_url)
+    deadline = time.monotonic() + 5
+    # Blocking reads hold the loop on purpose: only a write already made can get through.
+    while probe.get("early") is None and time.monotonic() < deadline:
+        pass
+    assert probe.get("early") == b"1"
+    probe.close()
+    assert await issued == 1
 
 
 async def test_a_kept_connection_the_server_dropped_is_replaced(redis_url: str) -> None:
