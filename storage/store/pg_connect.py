@@ -38,7 +38,21 @@ def pool_options(min_size: int, max_size: int, timeout_s: float, pgbouncer: bool
         "timeout": timeout_s,  # connecting
         "statement_cache_size": 0 if pgbouncer else 100,
         "server_settings": server_settings,
+        "reset": release_reset,
     }
+
+
+async def release_reset(conn: Any) -> None:
+    """What a connection needs before it goes back to the pool: only a transaction left
+    open (an operation that failed inside one) rolled back.
+
+    asyncpg's own reset sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``
+    on every release: a round trip per operation, for session state this package never
+    makes (settings are ``SET LOCAL``, advisory locks transaction-level, no LISTEN or
+    cursors outside a transaction: what PgBouncer's transaction mode needs anyway).
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 async def create_pool(dsn: str, options: dict[str, Any]) -> Any:

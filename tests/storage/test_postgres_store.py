@@ -219,3 +219,31 @@ async def test_recent_authors_stay_within_their_bound_and_usage_still_charges_th
         assert await store.usage_on("asker", day) == 7
     finally:
         await store.close()
+
+
+async def test_a_released_connection_sends_no_reset_and_never_stays_in_a_transaction(
+    postgres_dsn: str, conn: asyncpg.Connection
+) -> None:
+    """asyncpg's default reset is a round trip per release; this store keeps no session
+    state, so only a transaction left open is undone."""
+    store = PostgresStore(postgres_dsn, migrate=True, pool_min=1, pool_max=1)
+    await store.start()
+    try:
+        assert await store.get_conversation("no-such-conversation") is None
+        last = await conn.fetch(
+            "SELECT query FROM pg_stat_activity WHERE application_name = 'chatserver'"
+        )
+        assert len(last) == 1  # the pool's one connection
+        assert "conversations" in last[0]["query"] and "RESET" not in last[0]["query"]
+        async with store._primary.acquire() as held:  # an operation that failed mid-way
+            await held.execute("BEGIN")
+            assert held.is_in_transaction()
+        async with store._primary.acquire() as held:
+            assert not held.is_in_transaction()
+            assert held.get_server_pid() == (
+                await conn.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'chatserver'"
+                )
+            )
+    finally:
+        await store.close()
