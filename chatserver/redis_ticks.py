@@ -21,14 +21,19 @@ new connection, as a pipeline does), like it would fail each. A
 caller that stops waiting (a timeout) only drops its reply; the others are unaffected.
 Commands that block on the server (``BLOCK``, ``B*POP*``, ``BLMOVE``, ``WAIT``) keep their
 own connection.
+
+Commands are packed by hiredis (:func:`pack_commands`): redis-py's asyncio client packs in
+Python, about ten times the cost, which was 4% of a production instance's CPU under load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -36,6 +41,25 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _Pending = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 _IDLE_KEPT = 4  # connections kept between batches; more in flight go back to the pool
+
+
+def pack_commands(conn: Any, commands: Iterable[tuple[Any, ...]]) -> list[bytes]:
+    """RESP of ``commands`` as ``conn.pack_commands`` gives it, packed by hiredis. A command
+    whose name holds a space (``SCRIPT LOAD``: redis-py splits it) or an argument hiredis
+    does not take (redis-py refuses those too, with its own error) goes redis-py's way."""
+    out: list[bytes] = []
+    for args in commands:
+        name = args[0]
+        if not (isinstance(name, str) and " " in name) and not (
+            isinstance(name, bytes) and b" " in name
+        ):
+            try:
+                out.append(hiredis.pack_command(args))
+                continue
+            except TypeError:
+                pass
+        out.extend(conn.pack_command(*args))
+    return out
 
 
 def _blocks(args: tuple[Any, ...]) -> bool:
@@ -101,7 +125,7 @@ class TickPipelinedRedis(Redis):
         if writer is None or not conn.is_connected:
             return None
         self._idle.pop()
-        writer.writelines(conn.pack_commands([args for args, _, _ in live]))
+        writer.writelines(pack_commands(conn, [args for args, _, _ in live]))
         return conn
 
     async def _send(self, live: list[_Pending], written: Any | None) -> None:
@@ -164,7 +188,7 @@ class TickPipelinedRedis(Redis):
                 raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc
         else:
             await conn.send_packed_command(
-                conn.pack_commands([args for args, _, _ in live]), check_health=False
+                pack_commands(conn, [args for args, _, _ in live]), check_health=False
             )
         results: list[Any] = []
         for args, options, _ in live:

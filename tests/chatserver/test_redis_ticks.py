@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from chatserver.backends import make_redis
-from chatserver.redis_ticks import TickPipelinedRedis
+from chatserver.redis_ticks import TickPipelinedRedis, pack_commands
 from chatserver.settings import load
 from tests.services import RedisServer
 
@@ -187,3 +188,23 @@ def test_commands_the_server_may_hold_are_never_batched(command: tuple[object, .
     assert _blocks(command)
     assert not _blocks(("XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"))
     assert not _blocks(("BITCOUNT", "k"))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("GET", "k"),
+        ("SET", b"bin\x00key", "välue ✓", "PX", 5000),
+        ("EVALSHA", "0369116e46bafcd4e1ef944f8f06872254dcd869", 2, "a", "b", 0, -1, 1.5, 1e20),
+        ("SCRIPT LOAD", "return 1"),  # redis-py splits a name with a space
+        ("XADD", "s", "*", "m", memoryview(b"payload")),
+    ],
+)
+def test_hiredis_packs_commands_as_redis_py_does(command: tuple[object, ...]) -> None:
+    conn = Connection()
+    assert b"".join(pack_commands(conn, [command])) == b"".join(conn.pack_commands([command]))
+
+
+def test_an_argument_redis_py_refuses_is_refused_the_same_way() -> None:
+    with pytest.raises(DataError):
+        pack_commands(Connection(), [("SET", "k", True)])

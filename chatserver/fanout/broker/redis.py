@@ -37,6 +37,7 @@ from protocol.backoff import Backoff
 from storage.redis_keys import ConversationKeys
 from storage.redis_keys import control_channel as control_channel_name
 
+from ...redis_ticks import pack_commands
 from ..envelope import Control, ControlEnvelope, Envelope, unpack
 from ..events import Event
 from .base import BrokerUnavailable, Deliver, OnControl
@@ -309,8 +310,8 @@ class RedisBroker:
             pool = redis.connection_pool
             conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            packed = conn.pack_commands(
-                [("PUBLISH", channel, payload) for channel, payload in batch]
+            packed = pack_commands(
+                conn, [("PUBLISH", channel, payload) for channel, payload in batch]
             )
             await conn.send_packed_command(packed, check_health=False)
             for _ in batch:
