@@ -135,8 +135,8 @@ def make_window_and_outbox(
     cluster = settings.redis.cluster
     server_id = settings.server.server_id
 
-    def fanout_head(conversation_id: str, published_at: float) -> bytes:
-        return appended_head(server_id, published_at, conversation_id)
+    def fanout_head(conversation_id: str, published_at: float, payload: bytes) -> bytes:
+        return appended_head(server_id, published_at, conversation_id, payload)
 
     window = RedisWindow(
         redis,

@@ -95,16 +95,6 @@ def decode_trusted(payload: bytes, offset: int, created_ms: int | None) -> Messa
         return decode_message(payload, offset, created_ms)
 
 
-def message_from_fields(obj: dict[str, Any], offset: int, created_ms: int) -> Message:
-    """The message of a payload's decoded map (an appended question's, as published by the
-    append script), trusted like :func:`decode_trusted`, validated when it looks odd."""
-    try:
-        return _trusted(dict(obj), offset, created_ms)
-    except (TypeError, ValueError, KeyError):
-        fields = dict(obj, offset=offset, created_at=fast_timestamp(created_ms))
-        return Message.from_dict(fields)
-
-
 def _trusted(fields: dict[str, Any], offset: int, created_ms: int | None) -> Message:
     fields["offset"] = offset
     if created_ms is not None:

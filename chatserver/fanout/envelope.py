@@ -25,13 +25,12 @@ Every payload is one MessagePack array of four items::
 
 A control message of an unknown type is ignored (a newer instance may send more kinds).
 
-- an **appended question** (on a conversation's channel): the Redis window's append script
-  publishes a user's message in the step that appends it, so an acknowledged question has
-  always reached the other instances (an instance killed right after the append cannot leave
-  it unannounced). Redis gives it its offset and time, after Python packed the rest, so its
-  ``body`` is an array ``["m", offset, created_ms, message]``: the message's map without
-  ``offset`` and ``created_at``. Receivers turn it into the ``message`` frame. Python packs
-  everything up to ``"m"`` (:func:`appended_head`); the script adds the rest.
+A user's message is an event like any other, but the Redis window's append script publishes
+it, in the step that appends it (so an acknowledged question has always reached the other
+instances, whatever instance dies when). Redis gives the message its offset and time after
+Python packed the rest, so Python packs the whole envelope but those two fields, last in the
+message's map (:func:`appended_head`), and the script adds them. Receivers see an ordinary
+``message`` frame.
 """
 
 from __future__ import annotations
@@ -42,9 +41,6 @@ from typing import Any
 import msgpack
 
 from protocol import MessageEvent
-from storage.redis_codec import message_from_fields
-
-APPENDED = "m"  # the tag of an appended question's body
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,31 +146,40 @@ def control_from(body: Any) -> Control | None:
     return None
 
 
-def appended_head(origin: str, published_at: float, conversation_id: str) -> bytes:
-    """The packed start of an appended question's envelope, up to its body's tag."""
+def appended_head(origin: str, published_at: float, conversation_id: str, payload: bytes) -> bytes:
+    """The envelope of the ``message`` frame of a message being appended, packed but for
+    its last two fields, ``offset`` and ``created_at``, which the append script adds.
+
+    ``payload``: the message's packed map without those two (storage/redis_codec.py), whose
+    entries are copied after a map header that counts two more.
+    """
+    entries, count = _map_entries(payload)
     packer = msgpack.Packer(use_bin_type=True)
     head: bytes = (
         packer.pack_array_header(4)
         + packer.pack(origin)
         + packer.pack(published_at)
         + packer.pack(conversation_id)
-        + packer.pack_array_header(4)
-        + packer.pack(APPENDED)
+        + packer.pack_map_header(2)
+        + packer.pack("type")
+        + packer.pack(MessageEvent.TYPE)
+        + packer.pack("message")
+        + packer.pack_map_header(count + 2)
+        + entries
     )
     return head
 
 
-def _appended_frame(body: list[Any]) -> dict[str, Any] | None:
-    """The ``message`` frame of an appended question's body; None if malformed."""
-    if len(body) != 4 or body[0] != APPENDED:
-        return None
-    _, offset, created_ms, fields = body
-    if not (isinstance(offset, int) and isinstance(created_ms, int) and isinstance(fields, dict)):
-        return None
-    try:
-        return MessageEvent(message_from_fields(fields, offset, created_ms)).to_dict()
-    except Exception:
-        return None
+def _map_entries(packed: bytes) -> tuple[bytes, int]:
+    """A packed map's entries (without its header) and their count."""
+    first = packed[0]
+    if 0x80 <= first <= 0x8F:
+        return packed[1:], first & 0x0F
+    if first == 0xDE:
+        return packed[3:], int.from_bytes(packed[1:3], "big")
+    if first == 0xDF:
+        return packed[5:], int.from_bytes(packed[1:5], "big")
+    raise ValueError("not a packed map")
 
 
 def unpack(data: bytes) -> Envelope | ControlEnvelope | None:
@@ -188,10 +193,6 @@ def unpack(data: bytes) -> Envelope | ControlEnvelope | None:
     if conversation_id is None:
         control = control_from(body)
         return None if control is None else ControlEnvelope(origin, control)
-    if not isinstance(conversation_id, str):
-        return None
-    if isinstance(body, list):
-        body = _appended_frame(body)
-    if not isinstance(body, dict):
+    if not isinstance(conversation_id, str) or not isinstance(body, dict):
         return None
     return Envelope(origin, float(published_at or 0.0), conversation_id, body)

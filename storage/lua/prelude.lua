@@ -12,6 +12,26 @@ local function now_ms()
   return now_read
 end
 
+-- `ms` (Unix ms) as protocol.timestamp_from_ms writes it: 2026-11-27T20:13:30.123Z, UTC.
+-- The days to a civil date as in H. Hinnant's days_from_civil, inverted (proleptic Gregorian).
+local function iso_ms(ms)
+  local s = math.floor(ms / 1000)
+  local days = math.floor(s / 86400)
+  local secs = s - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', year, month, day,
+    math.floor(secs / 3600), math.floor(secs % 3600 / 60), secs % 60, ms - s * 1000)
+end
+
 -- The reply-buffer scripts' KEYS[1] is a conversation's reply hash: true when its running
 -- reply is generation `gid` streamed by instance `owner`.
 local function owns(gid, owner)

@@ -4,8 +4,8 @@
 -- ttl every (refresh the TTLs when the offset is a multiple of it); on a single Redis also
 -- KEYS jobs stream, conversation's jobs and ARGV the job's holder ('': no job), the job this
 -- message answers, finished in the same step ('': none). Always ARGV 10-12: the publish
--- command (PUBLISH, SPUBLISH; '': none), the conversation's channel and the packed head of
--- the envelope (chatserver/fanout/envelope.py) that fans the message out.
+-- command (PUBLISH, SPUBLISH; '': none), the conversation's channel, and the envelope that
+-- fans the message out (chatserver/fanout/envelope.py) packed up to its last two fields.
 -- Returns {0, offset, ms[, job id, 1: no older job listed]} | {1, record} duplicate | {2} missing | {3} full
 -- | {4, code, value} refused by the gate (with a gate: its keys and args follow the job's).
 -- One MGET reads the idempotency record and both keys whose absence means a missing window.
@@ -31,8 +31,8 @@ end
 local publish = ARGV[10]
 if publish ~= '' then
   -- Fanned out in the step that appends it: acknowledged means announced, whatever dies when.
-  local at = cmsgpack.pack(tonumber(offset), tonumber(ms))
-  redis.call(publish, ARGV[11], ARGV[12] .. at .. ARGV[1])
+  local at = cmsgpack.pack('offset', tonumber(offset), 'created_at', iso_ms(tonumber(ms)))
+  redis.call(publish, ARGV[11], ARGV[12] .. at)
 end
 if idem_ttl > 0 then
   redis.call('SET', KEYS[4], ARGV[6] .. offset .. ':' .. ms .. ':' .. ARGV[1], 'PX', idem_ttl)

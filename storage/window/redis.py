@@ -30,11 +30,12 @@ message known to be queued enqueues nothing, one of an unconfirmed message enque
 (perhaps a second time, which is harmless). A message sent without ``client_msg_id`` has no
 such repair.
 
-**Fan-out in the append**: given ``fanout_head`` (the app's, packing the start of its pub/sub
-envelope), the script also publishes each user message it appends on the conversation's
-channel (SPUBLISH on a cluster: the channel shares the conversation's hash tag), and lists
-the question's reply job as announced. So an acknowledged question has reached the other
-instances, whatever instance dies when; the caller delivers it to its own members only
+**Fan-out in the append**: given ``fanout_head`` (the app's, packing its pub/sub envelope of
+the message's frame but for the offset and time, which the script adds), the script also
+publishes each user message it appends on the conversation's channel (SPUBLISH on a
+cluster: the channel shares the conversation's hash tag), and lists the question's reply job
+as announced. So an acknowledged question has reached the other instances, whatever
+instance dies when; the caller delivers it to its own members only
 (``AppendResult.fanned_out``). The bound check is not atomic
 with the append there: concurrent appends may overshoot ``max_entries`` by a few entries.
 """
@@ -127,7 +128,7 @@ class RedisWindow:
         key_ttl_s: int = 7 * 86400,
         cluster: bool = False,
         context_cache_bytes: int = 32 * 1024 * 1024,
-        fanout_head: Callable[[str, float], bytes] | None = None,
+        fanout_head: Callable[[str, float, bytes], bytes] | None = None,
     ) -> None:
         if size < 1 or key_ttl_s < 1:
             raise ValueError("size and key_ttl_s must be at least 1")
@@ -141,7 +142,8 @@ class RedisWindow:
         # A cluster client cannot run the single-Redis script (the outbox is in another slot).
         self.cluster = cluster or isinstance(redis, RedisCluster)
         self.gates = not self.cluster
-        self.fanout_head = fanout_head  # (conversation id, wall clock): the envelope's start
+        # (conversation id, wall clock, payload): the fan-out envelope but offset and time
+        self.fanout_head = fanout_head
         self._publish = "SPUBLISH" if self.cluster else "PUBLISH"
         self._read_script = redis.register_script(_READ_LUA)
         self._append_script = redis.register_script(_APPEND_LUA)
@@ -290,7 +292,7 @@ class RedisWindow:
         fans_out = self.fanout_head is not None and draft.role == Role.USER.value
         if fans_out:
             assert self.fanout_head is not None
-            head = self.fanout_head(cid, time.time())
+            head = self.fanout_head(cid, time.time(), payload)
             publish: list[Any] = [self._publish, keys.events, head]
         else:
             publish = ["", "", ""]

@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from storage import lua
+from storage.redis_codec import fast_timestamp
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("protocol", "storage", "chatserver", "chatclient", "chatload")
@@ -87,3 +88,22 @@ def test_no_lua_in_python_strings() -> None:
                 if isinstance(text, str) and "redis.call(" in text:
                     found.append(rel)
     assert found == []
+
+
+@pytest.mark.parametrize(
+    "ms",
+    [
+        0,
+        951_782_400_000,  # 2000-02-29
+        951_868_799_999,  # 2000-02-29T23:59:59.999
+        4_107_542_400_000,  # 2100-03-01 (2100 is not a leap year)
+        1_796_528_112_264,
+        1_798_761_599_999,  # 2026-12-31T23:59:59.999
+        253_402_300_799_999,  # 9999-12-31T23:59:59.999
+    ],
+)
+async def test_iso_ms_writes_times_as_the_window_reads_them(redis: Redis, ms: int) -> None:
+    """The append script stamps a fanned-out message's created_at with it: the same text a
+    read of the window gives that message."""
+    text = lua.source("prelude") + "\nreturn iso_ms(tonumber(ARGV[1]))"
+    assert (await redis.eval(text, 0, ms)).decode() == fast_timestamp(ms)

@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgpack
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from chatserver.fanout.broker.redis import RedisBroker
-from chatserver.fanout.envelope import appended_head, unpack
+from chatserver.fanout.envelope import Envelope, appended_head, unpack
 from chatserver.fanout.events import Event
 from protocol import MessageEvent
 from storage.jobs.base import ReplyJob
@@ -56,7 +57,7 @@ async def instances(request: pytest.FixtureRequest) -> AsyncIterator[Instances]:
     window = RedisWindow(
         redis,
         cluster=cluster,
-        fanout_head=lambda conv, at: appended_head(ME, at, conv),
+        fanout_head=lambda conv, at, payload: appended_head(ME, at, conv, payload),
     )
     outbox = RedisOutbox(redis, consumer=ME, shards=3 if cluster else 1)
     jobs = RedisReplyJobs(redis, holder=ME, cluster=cluster)
@@ -115,8 +116,18 @@ async def test_answers_and_resends_are_not_published(instances: Instances) -> No
     assert offsets == [first.message.offset, second.message.offset]
 
 
-def test_a_malformed_appended_body_is_dropped() -> None:
-    head = appended_head(ME, 1.0, CID)
-    assert unpack(head + b"\xa3abc\x01\x80") is None  # offset not an int
-    assert unpack(head + b"\x01\x02\xa1x") is None  # message not a map
-    assert unpack(head + b"\x01\x02\x80") is None  # a map that is no message
+def test_the_head_takes_a_map_of_any_size() -> None:
+    """The script appends two entries to the message's map: its header must count them,
+    whatever form it had (fixmap up to 15 entries, map16 beyond)."""
+    for size in (4, 13, 14, 40):
+        fields = {f"k{i}": i for i in range(size)}
+        head = appended_head(ME, 2.5, CID, msgpack.packb(fields))
+        tail = msgpack.packb("offset") + msgpack.packb(7)
+        tail += msgpack.packb("created_at") + msgpack.packb("2026-12-06T04:30:00.000Z")
+        envelope = unpack(head + tail)
+        assert isinstance(envelope, Envelope)
+        assert (envelope.origin, envelope.published_at, envelope.conversation_id) == (ME, 2.5, CID)
+        assert envelope.frame == {
+            "type": "message",
+            "message": {**fields, "offset": 7, "created_at": "2026-12-06T04:30:00.000Z"},
+        }
