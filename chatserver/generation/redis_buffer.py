@@ -162,10 +162,11 @@ class RedisReplyBuffer:
         redis: TickPipelinedRedis, calls: Sequence[Call], extra: Sequence[tuple[Any, ...]]
     ) -> list[Any]:
         """``_calls`` on a client that pipelines per loop tick: each call on its own, so that
-        they share the tick's pipeline with everything else sent meanwhile."""
+        they share the tick's pipeline with everything else sent meanwhile (issued as
+        futures: no task per call)."""
         answers = await asyncio.gather(
-            *(redis.execute_command(*command) for command in extra),
-            *(redis.evalsha(scr.sha, len(keys), *keys, *args) for scr, keys, args in calls),
+            *(redis.issue(*command) for command in extra),
+            *(redis.issue("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls),
             return_exceptions=True,
         )
         for answer in answers[: len(extra)]:

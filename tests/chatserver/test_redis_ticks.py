@@ -11,8 +11,11 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from chatserver.backends import make_redis
 from chatserver.redis_ticks import TickPipelinedRedis, pack_commands
@@ -208,3 +211,46 @@ def test_hiredis_packs_commands_as_redis_py_does(command: tuple[object, ...]) ->
 def test_an_argument_redis_py_refuses_is_refused_the_same_way() -> None:
     with pytest.raises(DataError):
         pack_commands(Connection(), [("SET", "k", True)])
+
+
+async def test_a_batch_answered_later_than_the_socket_timeout_fails_and_the_client_goes_on(
+    redis_url: str,
+) -> None:
+    """One timer for a batch's replies: past it, a timeout as redis-py gives one (its retry
+    takes it), and the connection is not reused with a reply still on its way."""
+    client = TickPipelinedRedis.from_url(redis_url, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    busy = (
+        "local s = redis.call('TIME') "
+        "while true do local t = redis.call('TIME') "
+        "if (t[1] - s[1]) * 1000000 + (t[2] - s[2]) > 600000 then return 1 end end"
+    )
+    try:
+        await client.ping()
+        with pytest.raises(RedisTimeoutError):
+            await asyncio.gather(client.eval(busy, 0), client.ping())
+        # Redis is still running the script: once it is done, a fresh connection, and each
+        # command its own reply (none left over from the batch that timed out).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while True:
+            try:
+                assert await client.set("after", 1)
+                break
+            except RedisTimeoutError:
+                assert loop.time() < deadline
+        assert await client.get("after") == b"1"
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_issued_commands_join_the_tick_as_futures(ticked: TickPipelinedRedis) -> None:
+    """No coroutine, no task: the command is in the batch when ``issue`` returns."""
+    await ticked.ping()
+    before = ticked.batches
+    issued = [ticked.issue("INCR", "issued"), ticked.issue("NO-SUCH-COMMAND")]
+    issued.append(ticked.issue("GET", "issued"))
+    assert all(isinstance(f, asyncio.Future) and not isinstance(f, asyncio.Task) for f in issued)
+    answers = await asyncio.gather(*issued, return_exceptions=True)
+    assert answers[0] == 1 and isinstance(answers[1], ResponseError) and answers[2] == b"1"
+    assert ticked.batches - before == 1
