@@ -99,8 +99,11 @@ def main() -> int:
     parser.add_argument("--work", type=int, default=1500, help="sum(range(N)) per task a pass")
     parser.add_argument("--rounds", type=int, default=300, help="GETs per client and repeat")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="30 GETs, once")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.repeat = 30, 1
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with redis_server() as redis:
         log(f"loop passes: {args.tasks} busy tasks, {args.rounds} GETs x {args.repeat} a client")
@@ -122,6 +125,7 @@ def main() -> int:
     )
     data: dict[str, Any] = {
         "scenario": "loop-passes",
+        "quick": args.quick,
         "started_at": started,
         "machine": machine(),
         "git_commit": git_commit(),

@@ -151,3 +151,10 @@ def test_run_collects_a_summary(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     summary = (tmp_path / "summary.md").read_text()
     assert "## product-scale (exit 0" in summary and "| ttft |" in summary
+
+
+def test_loop_passes(tmp_path: Path) -> None:
+    data = _run("loop_passes.py", tmp_path)
+    for name in ("chatserver tick-pipelined", "redis-py Redis"):
+        assert data["results"][name]["passes_mean"] >= 1, name
+    assert "loop passes per round trip" in data["markdown"]
