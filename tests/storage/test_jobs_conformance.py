@@ -18,13 +18,17 @@ async def _job(jobs: ReplyJobs, message: object) -> ReplyJob:
     return ReplyJob(await jobs.add(message), message)
 
 
-async def _claim_within(jobs: ReplyJobs, count: int, timeout: float = 5.0) -> list[ReplyJob]:
-    """Claim until something comes (a lease has to run out first), or the timeout."""
+async def _claim_within(
+    jobs: ReplyJobs, count: int, want: int = 1, timeout: float = 5.0
+) -> list[ReplyJob]:
+    """Claim until ``want`` jobs came (each one's lease has to run out first: jobs added a
+    few milliseconds apart go idle as far apart), or the timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    taken: list[ReplyJob] = []
     while True:
-        taken = await jobs.claim(count)
-        if taken or loop.time() > deadline:
+        taken += await jobs.claim(count - len(taken))
+        if len(taken) >= want or loop.time() > deadline:
             return taken
         await asyncio.sleep(0.05)
 
@@ -106,7 +110,7 @@ async def test_a_dead_holders_unfinished_jobs_are_claimed_once(
     await old.done(answered)
     new = await jobs_harness.make("b")
     await jobs_harness.die(old, new, [j.message for j in queued])
-    taken = await _claim_within(new, 10)
+    taken = await _claim_within(new, 10, want=len(queued))
     taken += await new.claim(10)  # nothing twice
     assert [j.message for j in taken] == [j.message for j in queued]
     assert all(j.claimed for j in taken)
