@@ -121,35 +121,42 @@ class TickPipelinedRedis(Redis):
             return
         self.batches += 1
         self.batched += len(live)
-        written = self._write_now(live)
-        task = asyncio.get_running_loop().create_task(self._send(live, written))
+        kept, written = self._write_now(live)
+        task = asyncio.get_running_loop().create_task(self._send(live, kept, written))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    def _write_now(self, live: list[_Pending]) -> Any | None:
-        """The batch written at once on a kept connection (module docstring); None when
-        there is none that can take a plain write (its task then writes it)."""
+    def _write_now(self, live: list[_Pending]) -> tuple[Any | None, bool]:
+        """The batch written at once on a kept connection (module docstring): the kept
+        connection taken (None: none is kept) and whether the batch went out on it. Never
+        raises: it runs in a loop callback, where an error would leave the batch unanswered.
+        """
         if not self._idle:
-            return None
-        conn = self._idle[-1]
+            return None, False
+        conn = self._idle.pop()
         writer = getattr(conn, "_writer", None)  # what send_packed_command writes to
-        if writer is None or not conn.is_connected:
-            return None
-        self._idle.pop()
-        writer.writelines(pack_commands(conn, [args for args, _, _ in live]))
-        return conn
+        if writer is None or writer.transport.is_closing():
+            return conn, False  # lost while kept: its task connects it again
+        try:
+            packed = pack_commands(conn, [args for args, _, _ in live])
+            writer.writelines(packed)
+        except Exception:  # uvloop refuses a write on a transport it just closed
+            return conn, False
+        return conn, True
 
-    async def _send(self, live: list[_Pending], written: Any | None) -> None:
+    async def _send(self, live: list[_Pending], kept: Any | None, written: bool) -> None:
         try:
             pool = self.connection_pool
-            conn = written or (self._idle.pop() if self._idle else await pool.get_connection())  # type: ignore[no-untyped-call]
+            conn = kept or await pool.get_connection()  # type: ignore[no-untyped-call]
+            if kept is not None and not written:
+                await kept.disconnect(nowait=True)  # lost: the exchange connects it again
         except BaseException as exc:
             for _, _, future in live:
                 _fail(future, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        sent = written is not None  # the first try's write is done; a retry writes again
+        sent = written  # the first try's write is done; a retry writes again
         try:
 
             async def exchange() -> list[Any]:

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+import uvloop
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
@@ -101,19 +102,51 @@ async def test_a_batch_on_a_kept_connection_leaves_before_its_task_runs(
     assert await issued == 1
 
 
-async def test_a_kept_connection_the_server_dropped_is_replaced(redis_url: str) -> None:
-    """Redis restarted, or closed an idle client: the next batch reconnects (the client's
-    retry) instead of failing on the dead socket."""
+async def _server_drops_a_kept_connection(redis_url: str) -> None:
     retrying = make_redis(load({"redis_url": redis_url}, {}))  # the app's, with its retries
     assert isinstance(retrying, TickPipelinedRedis)
     try:
         await retrying.set("kept", 1)
         probe = Redis.from_url(redis_url)
         assert await probe.client_kill_filter(_type="normal", skipme=True) >= 1
-        assert await asyncio.gather(retrying.incr("kept"), retrying.get("kept")) == [2, b"2"]
+        await probe.ping()  # the loop has read the kept connection's end by now
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(retrying.incr("kept"), retrying.get("kept")) == [2, b"2"]
         await probe.aclose()
     finally:
         await retrying.aclose()
+
+
+async def _a_kept_connection_lost_before_the_batch(redis_url: str) -> None:
+    retrying = make_redis(load({"redis_url": redis_url}, {}))
+    assert isinstance(retrying, TickPipelinedRedis)
+    try:
+        await retrying.set("lost", 1)
+        [kept] = retrying._idle
+        kept._writer.transport.abort()  # lost as a reset or a failed keepalive loses it
+        await asyncio.sleep(0)  # the loop learns of it
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(retrying.incr("lost"), retrying.get("lost")) == [2, b"2"]
+    finally:
+        await retrying.aclose()
+
+
+def test_a_kept_connection_lost_before_the_batch_is_replaced(redis_url: str) -> None:
+    """On uvloop a closed transport refuses writes: the batch goes on a new connection."""
+    uvloop.run(_a_kept_connection_lost_before_the_batch(redis_url))
+    asyncio.run(_a_kept_connection_lost_before_the_batch(redis_url))
+
+
+async def test_a_kept_connection_the_server_dropped_is_replaced(redis_url: str) -> None:
+    """Redis restarted, or closed an idle client: the next batch reconnects (the client's
+    retry) instead of failing on the dead socket."""
+    await _server_drops_a_kept_connection(redis_url)
+
+
+def test_a_kept_connection_the_server_dropped_is_replaced_on_uvloop(redis_url: str) -> None:
+    """The same on the server's loop, whose transports refuse a write once closed (asyncio's
+    drop it): the batch must not be written on the dead socket, nor lost with it."""
+    uvloop.run(_server_drops_a_kept_connection(redis_url))
 
 
 async def test_an_error_reaches_its_own_caller_only(ticked: TickPipelinedRedis) -> None:
