@@ -47,6 +47,7 @@ from .ops.memory import Bounded, HeapProfiler
 from .ops.metrics import Metrics
 from .ops.observe import observe
 from .presence.tracker import PresenceTracker
+from .redis_ticks import TickPipelinedRedis
 from .settings import Settings
 from .ws.admission import Admission
 from .ws.gateway import websocket_handler
@@ -86,6 +87,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
             _fanout,
             _presence,
             _generation,
+            _scripts,
         ]
     )
     app.cleanup_ctx.append(observe)  # periodic gauges and event-loop lag, stopped first
@@ -240,6 +242,14 @@ async def _presence(app: web.Application) -> AsyncIterator[None]:
     yield
     app[keys.HUB].presence = None
     await tracker.close()
+
+
+async def _scripts(app: web.Application) -> AsyncIterator[None]:
+    """Every Redis script the app registered, loaded before the first request needs it."""
+    redis = app[keys.REDIS]
+    if isinstance(redis, TickPipelinedRedis):
+        log.info("redis scripts loaded", extra={"scripts": await redis.preload_scripts()})
+    yield
 
 
 async def _generation(app: web.Application) -> AsyncIterator[None]:

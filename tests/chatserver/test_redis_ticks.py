@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import uvloop
@@ -18,6 +19,7 @@ from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from chatserver import keys
 from chatserver.backends import make_redis
 from chatserver.redis_ticks import TickPipelinedRedis, pack_commands
 from chatserver.settings import load
@@ -287,3 +289,21 @@ async def test_issued_commands_join_the_tick_as_futures(ticked: TickPipelinedRed
     answers = await asyncio.gather(*issued, return_exceptions=True)
     assert answers[0] == 1 and isinstance(answers[1], ResponseError) and answers[2] == b"1"
     assert ticked.batches - before == 1
+
+
+async def test_the_app_loads_every_script_at_start_up(make_harness: Any, redis_url: str) -> None:
+    """None waits for its first call to fail NOSCRIPT: all are in Redis before a request."""
+    probe = Redis.from_url(redis_url)
+    await probe.script_flush()  # none left by an earlier test
+    await probe.config_resetstat()
+    harness = await make_harness(redis_url=redis_url)
+    redis = harness.app[keys.REDIS]
+    assert isinstance(redis, TickPipelinedRedis)
+    shas = sorted({script.sha for script in redis.scripts})
+    assert len(shas) >= 20  # the window's, outbox's, jobs', buffer's, limits', presence's
+    try:
+        assert await probe.script_exists(*shas) == [True] * len(shas)
+        errors = await probe.info("errorstats")
+        assert not [name for name in errors if "NOSCRIPT" in name.upper()], errors
+    finally:
+        await probe.aclose()
