@@ -154,8 +154,8 @@ class TickPipelinedRedis(Redis):
         try:
             packed = pack_commands(conn, [args for args, _, _ in live])
             writer.writelines(packed)
-        except Exception:  # uvloop refuses a write on a transport it just closed
-            return conn, False
+        except Exception:  # uvloop refuses a write on a transport it just closed (or a
+            return conn, False  # command does not pack): the task tries, and reports, anew
         return conn, True
 
     async def _send(self, live: list[_Pending], kept: Any | None, written: bool) -> None:

@@ -90,19 +90,16 @@ def decode_trusted(payload: bytes, offset: int, created_ms: int | None) -> Messa
     """
     obj = msgpack.unpackb(payload)
     try:
-        return _trusted(dict(obj), offset, created_ms)
+        fields = dict(obj)
+        fields["offset"] = offset
+        if created_ms is not None:
+            fields["created_at"] = fast_timestamp(created_ms)
+        usage = fields.get("usage")
+        if usage is not None:
+            fields["usage"] = Usage(usage["input_tokens"], usage["output_tokens"])
+        return Message(**fields)
     except (TypeError, ValueError, KeyError):
         return decode_message(payload, offset, created_ms)
-
-
-def _trusted(fields: dict[str, Any], offset: int, created_ms: int | None) -> Message:
-    fields["offset"] = offset
-    if created_ms is not None:
-        fields["created_at"] = fast_timestamp(created_ms)
-    usage = fields.get("usage")
-    if usage is not None:
-        fields["usage"] = Usage(usage["input_tokens"], usage["output_tokens"])
-    return Message(**fields)
 
 
 def decode_record(record: bytes) -> tuple[int, int | None, bytes]:

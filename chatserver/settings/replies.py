@@ -37,7 +37,8 @@ class ReplySettings:
         "test_crash_after_append",
         False,
         "bool",
-        "tests only: exit at once after the first append, before its fan-out",
+        "tests only: exit at once after the first append (with Redis, the append fanned it "
+        "out; in memory, nothing did), before its reply starts",
         flag=False,
     )
     local_ttft_ms: int = setting("local_ttft_ms", 150, "int", "local model: time to first token")

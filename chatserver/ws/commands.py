@@ -181,7 +181,7 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
     metrics = app[keys.METRICS]
     metrics.child(metrics.messages_appended, Role.USER.value).inc()
     if app[keys.SETTINGS].replies.crash_after_append:
-        os._exit(70)  # tests only: the instance dies between the append and the fan-out
+        os._exit(70)  # tests only: dies right after the append (with Redis, its fan-out)
     fanned = MessageEvent(message).to_dict()
     if result.fanned_out:  # the append published it to the other instances: ours only
         app[keys.BROKER].deliver_local((Event(conversation.id, fanned, time.time()),))
@@ -190,7 +190,7 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
     job = None
     if result.job_id is not None:
         metrics.reply_jobs_queued.inc()
-        job = ReplyJob(result.job_id, message, first=result.job_first, announced=result.fanned_out)
+        job = ReplyJob(result.job_id, message, first=result.job_first)
     generation.start(conversation, message, job)
 
 

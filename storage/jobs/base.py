@@ -29,7 +29,6 @@ class ReplyJob:
     message: Message  # the question
     claimed: bool = False  # taken over from a holder that died (or from before a restart)
     first: bool = False  # its append found no older job listed: no turn to ask for
-    announced: bool = False  # its append fanned the question out (listed as announced)
 
 
 @dataclass(frozen=True, slots=True)
