@@ -93,8 +93,8 @@ class AppendResult:
     # No older job of the conversation was listed: it may go without asking for its turn
     # (windows that can tell, in the same step; else False and the caller asks).
     job_first: bool = False
-    # The window published it to the other instances in the same step (and its job is listed
-    # as announced): the caller delivers it to its own members only.
+    # The window published it to the other instances in the same step: the caller delivers it
+    # to its own members only.
     fanned_out: bool = False
 
 

@@ -12,6 +12,7 @@ touch them together::
                                    seq, watched
     chat:{<conv>}:reply_text       its text so far (to the last checkpoint when unwatched)
     chat:{<conv>}:reply_next       the reply waiting for the slot (it goes next)
+    chat:{<conv>}:reply_jobs       the unfinished reply jobs, oldest first (one msgpack string)
     chat:{<conv>}:watchers         set of the instances with a local member joined
     chat:{<conv>}:events           the conversation's fan-out channel between instances
     chat:{<conv>}:presence         sorted set of (instance NUL user) entries of the members
@@ -19,7 +20,11 @@ touch them together::
     chat:{inst-<server>}:alive     an instance's liveness (PX one lease, renewed every third)
     chat:{inst-<server>}:replies   set of that instance's running replies (conv TAB gen); a
                                    cancel from elsewhere finds a reply's conversation here
+    chat:{inst-<server>}:jobs      set of the reply jobs that instance holds (conv TAB job id);
+                                   done ones leave it with its next renewal
     chat:instances                 set of instance ids that ever ran a reply (the sweep's list)
+    chat:job_holders               set of instance ids that ever held a reply job (the claims')
+    chat:job_reports               hash: per holder, its jobs and the oldest one's time (ms)
 
 The outbox is global: ``chat:outbox`` with one shard, else ``chat:outbox:{0}`` ... ``{n-1}``
 (each shard its own hash tag, so the shards spread over a cluster). A conversation's messages
@@ -70,8 +75,8 @@ class ConversationKeys:
 
     @property
     def jobs(self) -> str:
-        """The conversation's unfinished reply jobs by offset (storage/jobs/redis.py)."""
-        return f"{self.base}:jobs"
+        """The conversation's unfinished reply jobs, oldest first (storage/jobs/redis.py)."""
+        return f"{self.base}:reply_jobs"
 
     @property
     def watchers(self) -> str:
@@ -121,9 +126,16 @@ def instance_replies_key(prefix: str, server_id: str) -> str:
     return f"{prefix}:{{inst-{server_id}}}:replies"
 
 
-def jobs_key(prefix: str) -> str:
-    """The reply jobs of every conversation: a stream with the consumer group ``repliers``."""
-    return f"{prefix}:jobs"
+def instance_jobs_key(prefix: str, server_id: str) -> str:
+    return f"{prefix}:{{inst-{server_id}}}:jobs"
+
+
+def job_holders_key(prefix: str) -> str:
+    return f"{prefix}:job_holders"
+
+
+def job_reports_key(prefix: str) -> str:
+    return f"{prefix}:job_reports"
 
 
 def instances_key(prefix: str) -> str:

@@ -39,7 +39,8 @@ def generation_id_for(question_id: str) -> str:
 
 
 async def keep_jobs(manager: GenerationManager, jobs: ReplyJobs, lease_s: float) -> None:
-    """For the life of the app: renew every third of a lease, claim every half lease."""
+    """For the life of the app: alive for one more lease every third of one (with the jobs
+    held here), claim every half lease."""
     loop = asyncio.get_running_loop()
     next_claim = loop.time()
     first = True
@@ -48,7 +49,7 @@ async def keep_jobs(manager: GenerationManager, jobs: ReplyJobs, lease_s: float)
             await asyncio.sleep(lease_s / 3)
         first = False
         try:
-            await jobs.renew(list(manager.held))
+            await jobs.renew(list(manager.held.values()))
             if loop.time() >= next_claim:
                 next_claim = loop.time() + lease_s / 2
                 await claim_jobs(manager, jobs)

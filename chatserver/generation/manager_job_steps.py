@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from protocol import (
-    MessageEvent,
-)
 from storage.jobs.base import ReplyJob, Turn
 
 from .leases import end_orphan
@@ -24,21 +21,13 @@ from .streaming import ReplyRun
 
 class _JobSteps(ManagerState):
     async def _first_turn(self, job: ReplyJob | None) -> Turn | None:
-        """At once, before the lane: marks the job announced (a claimer then knows the
-        question was fanned out); a claimed job never announced is announced now.
-
-        A job its append found first in line asks nothing: it goes. (It is first in line
-        only where its append also published it: a Redis window, which lists it announced.)
-        """
+        """At once, before the lane. A job its append found first in line asks nothing: it
+        goes (a claimed one asks: the conversation may have moved on since)."""
         if job is None or self.jobs is None:
             return None
         if job.first and not job.claimed:
-            return Turn(go=True, announced=False)
-        turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
-        if job.claimed and not turn.announced:
-            message = job.message
-            await self._publish(message.conversation_id, MessageEvent(message).to_dict())
-        return turn
+            return Turn(go=True)
+        return await self._retrying("check a reply job's turn", self.jobs.turn, job)
 
     async def _wait_turn(self, job: ReplyJob, turn: Turn) -> None:
         """Older questions of the conversation first, wherever they are held; past the slot

@@ -2,9 +2,9 @@
 
 A job is written in the same atomic step as the question's append (the window's script on
 one Redis, the memory window's append in process), so an ack always has a job behind it.
-The instance that accepted the question holds the job and runs its reply; it renews its
-lease while it holds it. When an instance dies, its jobs' leases run out and any other
-instance claims them (``claim``), so a queued question is never left unanswered.
+The instance that accepted the question holds the job and runs its reply, and keeps itself
+alive (``renew``) while it runs. When an instance dies, its liveness runs out and any other
+instance claims its jobs (``claim``), so a queued question is never left unanswered.
 
 Order within a conversation: a job runs only when no older job of its conversation is
 unfinished (``turn``), whichever instance holds which.
@@ -34,7 +34,6 @@ class ReplyJob:
 @dataclass(frozen=True, slots=True)
 class Turn:
     go: bool  # no older job of the conversation is unfinished
-    announced: bool  # the holder reached the job once before: the question was fanned out
     blocker: str | None = None  # when it may not go: the older job holding it back
 
 
@@ -52,28 +51,28 @@ class ReplyJobs(Protocol):
 
     async def close(self) -> None: ...
 
-    async def add(self, message: Message, *, announced: bool = False) -> str:
+    async def add(self, message: Message) -> str:
         """A job for this question, held by this instance (its windows add theirs in the
-        append itself; this is for the rest: a cluster, tests, recovery); ``announced``:
-        the question was fanned out already."""
+        append itself; this is for the rest: tests, tools)."""
         ...
 
     async def turn(self, job: ReplyJob) -> Turn:
-        """Whether the job may run now; the first call by a holder marks it announced."""
+        """Whether the job may run now."""
         ...
 
     async def done(self, job: ReplyJob) -> None:
         """The question is answered: the job is never handed out again."""
         ...
 
-    async def renew(self, job_ids: Sequence[str]) -> list[str]:
-        """Extend the leases of these jobs (the ones this instance runs or queues); the ids
-        still held. A job held but not renewed (its run was lost) goes idle and is claimed
-        like a dead holder's."""
+    async def renew(self, jobs: Sequence[ReplyJob]) -> list[str]:
+        """This instance is alive for one more lease (called every third of one, with the
+        jobs it runs or queues); the ids of those it still holds (not claimed by another
+        instance that thought it dead)."""
         ...
 
     async def claim(self, count: int) -> list[ReplyJob]:
-        """At most ``count`` jobs whose holder's lease ran out, now held by this instance."""
+        """At most ``count`` jobs whose holder's liveness ran out (or, once after a start,
+        jobs this instance's id held before: a restart under the same id), now held here."""
         ...
 
     async def stats(self) -> JobStats: ...

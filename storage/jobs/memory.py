@@ -21,7 +21,6 @@ class MemoryReplyJobs:
         self._jobs: OrderedDict[str, tuple[ReplyJob, float]] = OrderedDict()  # oldest first
         self._by_conversation: dict[str, deque[str]] = {}
         self._orphans: deque[ReplyJob] = deque()  # recovered, not yet claimed
-        self._announced: set[str] = set()  # reached by their holder once
         self._next = 0
 
     async def start(self) -> None:
@@ -37,34 +36,24 @@ class MemoryReplyJobs:
         self._by_conversation.setdefault(message.conversation_id, deque()).append(job.job_id)
         return job
 
-    async def add(self, message: Message, *, announced: bool = False) -> str:
+    async def add(self, message: Message) -> str:
         # Never suspends: the memory window adds the job in the same step as the append.
-        job = self._put(message, False)
-        if announced:
-            self._announced.add(job.job_id)
-        return job.job_id
+        return self._put(message, False).job_id
 
     def recover(self, questions: Iterable[Message]) -> int:
         """Questions of the previous run that have no answer: jobs for ``claim``."""
         count = 0
         for message in sorted(questions, key=lambda m: (m.conversation_id, m.offset)):
-            job = self._put(message, True)
-            # In the store already: every join after the restart shows the question.
-            self._announced.add(job.job_id)
-            self._orphans.append(job)
+            self._orphans.append(self._put(message, True))
             count += 1
         return count
 
     async def turn(self, job: ReplyJob) -> Turn:
         queue = self._by_conversation.get(job.message.conversation_id)
-        announced = job.job_id in self._announced or job.job_id not in self._jobs
-        if job.job_id in self._jobs:
-            self._announced.add(job.job_id)
         go = not queue or queue[0] == job.job_id
-        return Turn(go=go, announced=announced, blocker=None if go or not queue else queue[0])
+        return Turn(go=go, blocker=None if go or not queue else queue[0])
 
     async def done(self, job: ReplyJob) -> None:
-        self._announced.discard(job.job_id)
         if self._jobs.pop(job.job_id, None) is None:
             return
         cid = job.message.conversation_id
@@ -74,8 +63,8 @@ class MemoryReplyJobs:
             if not queue:
                 del self._by_conversation[cid]
 
-    async def renew(self, job_ids: Sequence[str]) -> list[str]:
-        return [job_id for job_id in job_ids if job_id in self._jobs]
+    async def renew(self, jobs: Sequence[ReplyJob]) -> list[str]:
+        return [job.job_id for job in jobs if job.job_id in self._jobs]
 
     async def claim(self, count: int) -> list[ReplyJob]:
         taken: list[ReplyJob] = []

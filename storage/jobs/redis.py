@@ -1,59 +1,83 @@
-"""Reply jobs in Redis: one stream for every conversation, with the consumer group
-``repliers``, and per conversation a sorted set of its unfinished jobs by offset.
+"""Reply jobs in Redis: per conversation one string of its unfinished jobs, per holder a
+registry of the jobs it holds, claimed by the others once the holder's liveness runs out.
 
-Nobody reads new entries (no ``XREADGROUP >``): a job enters the group's pending list
-under its holder in the step that adds it (``XCLAIM … FORCE``, see ``add_job`` in
-storage/lua/prelude.lua), so the instance that accepted the question runs its reply, next
-to the members who asked (an unwatched reply costs Redis nothing per delta). The holder
-renews its jobs' idle time every third of a lease; a dead holder's jobs go idle, and
-``XAUTOCLAIM`` with the lease as minimum idle time hands them to a live instance.
+A conversation's jobs (``ConversationKeys.jobs``) are one msgpack array, oldest first, of
+(job id, offset, holder, ms, payload) per job (``add_job`` in storage/lua/prelude.lua). The
+window's append reads it with the MGET that reads its idempotency record, and adds the
+question's job (or finishes the one its answer answers) by writing it back: a job costs one
+write when added and one when done. A conversation holds few at once (its questions queued
+behind a running reply). The job id is the question's id.
 
-The conversation's sorted set keeps the order across instances: a job runs when no older
-one of its conversation is listed (``turn``). Its score is 2 * offset, made odd by the
-holder's first ``turn`` (odd from the start when the window's append published the
-question): a claimer that finds it even knows the question was maybe never fanned out, and
-announces it first.
+Liveness is per instance, not per job: ``renew`` (every third of a lease) sets the
+instance's alive key for one lease (the key the resume buffers' heartbeat sets too) and lists
+it among the job holders. Each holder lists its jobs in a registry of its own (``conv TAB job
+id``): in the append's own step on one Redis, just before it on a cluster (another slot; a
+member whose job never came is dropped by whoever looks). Done jobs leave the registry with
+the next renewal: one SREM per interval, not per job. ``claim`` finds holders whose alive
+key is gone and takes their jobs over one by one, each atomically (a job changes holder only
+from the dead one: one winner).
 
-On a cluster the stream and a conversation's set live in different slots: ``add`` and
-``done`` are two calls there (the window's append adds the job after its script, like the
-outbox entry), which a crash may split; ``done`` removes the listing first, so a split
-leaves a job that runs again and finds its answer stored, never a conversation held up.
+``stats`` add up what each live holder reported with its last renewal (how many jobs it
+holds, since when the oldest: one HSET per interval) and what is left in dead holders'
+registries: a read of a few keys, whatever the number of jobs.
+
+An instance started again under the same server id finds its registry still full: its first
+``claim`` takes those jobs over like a dead holder's.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgpack
 from redis.asyncio import RedisCluster
-from redis.exceptions import ResponseError
 
 from protocol import Message, timestamp_to_ms
 
 from .. import lua
 from ..outbox.redis import AnyRedis
 from ..redis_codec import decode_message, message_payload
-from ..redis_keys import DEFAULT_PREFIX, ConversationKeys, jobs_key
+from ..redis_keys import (
+    DEFAULT_PREFIX,
+    ConversationKeys,
+    instance_alive_key,
+    instance_jobs_key,
+    job_holders_key,
+    job_reports_key,
+)
 from .base import JobStats, ReplyJob, Turn
 
-GROUP = "repliers"  # as in the Lua scripts
-_RENEW_MAX = 10_000  # more jobs than one instance ever holds (its bound is far lower)
+_CLAIM_SCAN = 100  # registry members looked at per dead holder and claim
+
+
+class ListedJob(NamedTuple):
+    job_id: str
+    offset: int
+    holder: str
+    ms: int
+    payload: bytes
 
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _job(entry: Any, claimed: bool) -> ReplyJob | None:
-    job_id, fields = _s(entry[0]), entry[1]
-    if not fields:  # deleted while pending
-        return None
-    # redis-py hands the fields as a dict (or a flat list, depending on its parser)
-    values = (
-        fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
-    )
-    message = decode_message(values[b"m"], int(values[b"o"]), int(values[b"t"]))
-    return ReplyJob(job_id, message, claimed)
+def listed_jobs(raw: Any) -> list[ListedJob]:
+    """A conversation's jobs string, decoded (oldest first)."""
+    if not raw:
+        return []
+    flat = msgpack.unpackb(raw, raw=True)
+    return [
+        ListedJob(_s(flat[i]), int(flat[i + 1]), _s(flat[i + 2]), int(flat[i + 3]), flat[i + 4])
+        for i in range(0, len(flat), 5)
+    ]
+
+
+def job_member(conversation_id: str, job_id: str) -> str:
+    """A job's member of its holder's registry."""
+    return f"{conversation_id}\t{job_id}"
 
 
 class RedisReplyJobs:
@@ -71,105 +95,173 @@ class RedisReplyJobs:
         cluster: bool = False,
     ) -> None:
         self.redis = redis
-        self.holder = holder  # this instance's consumer name: its server id
+        self.holder = holder  # this instance's server id
         self.prefix = prefix
-        self.key = jobs_key(prefix)
         self.lease_ms = int(lease_s * 1000)
         self.key_ttl_s = key_ttl_s
         self.cluster = cluster or isinstance(redis, RedisCluster)
-        self._cursor = "0-0"  # where the next XAUTOCLAIM scan goes on
+        self.registry = instance_jobs_key(prefix, holder)
+        self._holders = job_holders_key(prefix)
+        self.alive_key = instance_alive_key(prefix, holder)
+        # Registry members of jobs done here: off the registry with the next renewal. One
+        # still listed is harmless: only a claim reads it, and finds its job gone.
+        self._ended: list[str] = []
+        self._inherited: list[str] = []  # this id's members from before start: claimed once
+        self._held: dict[str, int] = {}  # the jobs held here: their questions' times (ms)
+        self._reports = job_reports_key(prefix)
         self._add = redis.register_script(lua.script("jobs_add"))
-        self._turn = redis.register_script(lua.script("jobs_turn"))
         self._done = redis.register_script(lua.script("jobs_done"))
-        self._renew = redis.register_script(lua.script("jobs_renew"))
-        self._stats = redis.register_script(lua.script("jobs_stats"))
+        self._take_script = redis.register_script(lua.script("jobs_take"))
 
     def listed(self, conversation_id: str) -> str:
         return ConversationKeys(self.prefix, conversation_id).jobs
 
     async def start(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.key, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        # Before any append of this run: whatever the registry holds was an earlier run's.
+        self._inherited = [_s(m) for m in await self.redis.smembers(self.registry)]
+        await self.renew([])
 
     async def close(self) -> None:
         pass  # the client belongs to the caller
 
-    async def add(self, message: Message, *, announced: bool = False) -> str:
-        listed = self.listed(message.conversation_id)
-        created = timestamp_to_ms(message.created_at)
+    async def add(self, message: Message) -> str:
+        cid = message.conversation_id
+        await self.redis.sadd(self.registry, job_member(cid, message.id))
         args: list[Any] = [
-            self.holder,
-            message_payload(message),
+            message.id,
             message.offset,
-            created,
+            self.holder,
+            timestamp_to_ms(message.created_at),
+            message_payload(message),
             self.key_ttl_s,
-            1 if announced else "",
         ]
-        if not self.cluster:
-            return _s(await self._add(keys=[self.key, listed], args=args))
-        job_id = _s(await self._add(keys=[self.key], args=args))
-        await self.redis.zadd(listed, {job_id: 2 * message.offset + int(announced)})
-        await self.redis.expire(listed, self.key_ttl_s)
-        return job_id
+        await self._add(keys=[self.listed(cid)], args=args)
+        self.added(message.id, args[3])
+        return message.id
+
+    def added(self, job_id: str, created_ms: int) -> None:
+        """A job this instance holds from now on (added by a window's append)."""
+        self._held[job_id] = created_ms
+
+    def finished(self, conversation_id: str, job_id: str) -> None:
+        """A job finished (by its answer's append): off the registry with the next renewal."""
+        self._held.pop(job_id, None)
+        self._ended.append(job_member(conversation_id, job_id))
 
     async def turn(self, job: ReplyJob) -> Turn:
-        listed = self.listed(job.message.conversation_id)
-        keys = [listed] if self.cluster else [listed, self.key]
-        args: list[Any] = [job.job_id, job.message.offset]
-        reply = await self._turn(keys=keys, args=args)
-        announced = bool(int(reply[1]))
-        while len(reply) > 3:  # a cluster: is the older job still in the stream?
-            head = _s(reply[2])
-            if await self.redis.xrange(self.key, head, head):
-                break
-            await self.redis.zrem(listed, head)  # gone (done halfway, or lost): stale
-            reply = await self._turn(keys=keys, args=args)
-        blocker = _s(reply[2]) if len(reply) > 2 else None
-        return Turn(go=bool(int(reply[0])), announced=announced, blocker=blocker)
+        raw = await self.redis.get(self.listed(job.message.conversation_id))
+        older = [j for j in listed_jobs(raw) if j.offset < job.message.offset]
+        if not older:
+            return Turn(go=True)
+        return Turn(go=False, blocker=min(older, key=lambda j: j.offset).job_id)
 
     async def done(self, job: ReplyJob) -> None:
-        listed = self.listed(job.message.conversation_id)
-        if self.cluster:
-            await self.redis.zrem(listed, job.job_id)
-            await self._done(keys=[self.key], args=[job.job_id])
-        else:
-            await self._done(keys=[self.key, listed], args=[job.job_id])
+        cid = job.message.conversation_id
+        await self._done(keys=[self.listed(cid)], args=[job.job_id])
+        self.finished(cid, job.job_id)
 
-    async def renew(self, job_ids: Sequence[str]) -> list[str]:
-        if not job_ids:
+    async def renew(self, jobs: Sequence[ReplyJob]) -> list[str]:
+        ended, self._ended = self._ended, []
+        oldest = min(self._held.values(), default=0)
+        calls: list[Any] = [
+            self.redis.set(self.alive_key, "1", px=self.lease_ms),
+            self.redis.sadd(self._holders, self.holder),
+            self.redis.hset(self._reports, self.holder, f"{len(self._held)} {oldest}"),
+        ]
+        if ended:
+            calls.append(self.redis.srem(self.registry, *ended))
+        members = [job_member(j.message.conversation_id, j.job_id) for j in jobs]
+        if members:
+            calls.append(self.redis.smismember(self.registry, members))
+        try:
+            results = await asyncio.gather(*calls)
+        except BaseException:
+            self._ended = ended + self._ended  # taken off with the next one
+            raise
+        if not members:
             return []
-        ids = await self._renew(keys=[self.key], args=[self.holder, _RENEW_MAX, *job_ids])
-        return [_s(i) for i in ids]
+        gone = set(ended)  # leaving the registry in this same renewal (maybe after the read)
+        return [
+            job.job_id
+            for job, member, held in zip(jobs, members, results[-1], strict=True)
+            if held and member not in gone
+        ]
+
+    async def _dead_holders(self) -> list[str]:
+        listed = [_s(m) for m in await self.redis.smembers(self._holders)]
+        others = [m for m in listed if m != self.holder]
+        alive = await asyncio.gather(
+            *(self.redis.exists(instance_alive_key(self.prefix, m)) for m in others)
+        )
+        return [m for m, found in zip(others, alive, strict=True) if not found]
+
+    async def _take(self, member: str, dead: str) -> ReplyJob | None:
+        """The job ``member`` of ``dead``'s registry, now ours; None when it is done or
+        another instance took it first."""
+        cid, _, job_id = member.partition("\t")
+        mine = job_member(cid, job_id)
+        if dead != self.holder:
+            await self.redis.sadd(self.registry, mine)  # listed as ours before it is ours
+        found = await self._take_script(keys=[self.listed(cid)], args=[job_id, dead, self.holder])
+        if dead != self.holder:
+            await self.redis.srem(instance_jobs_key(self.prefix, dead), member)
+        if not found:
+            self._ended.append(mine)
+            return None
+        offset, ms, payload = found
+        self.added(job_id, int(ms))
+        return ReplyJob(job_id, decode_message(payload, int(offset), int(ms)), claimed=True)
 
     async def claim(self, count: int) -> list[ReplyJob]:
-        if count <= 0:
-            return []
-        try:
-            reply = await self.redis.execute_command(
-                "XAUTOCLAIM",
-                self.key,
-                GROUP,
-                self.holder,
-                self.lease_ms,
-                self._cursor,
-                "COUNT",
-                count,
-            )
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.start()
-            return []
-        self._cursor = _s(reply[0])
-        jobs = [_job(entry, True) for entry in reply[1]]
-        return [job for job in jobs if job is not None]
+        taken: list[ReplyJob] = []
+        while self._inherited and len(taken) < count:
+            job = await self._take(self._inherited.pop(), self.holder)
+            if job is not None:
+                taken.append(job)
+        for dead in await self._dead_holders() if len(taken) < count else []:
+            registry = instance_jobs_key(self.prefix, dead)
+            members = await self.redis.srandmember(registry, _CLAIM_SCAN)
+            if not members:
+                # Nothing left of it. An instance that was only slow lists itself again with
+                # its next renewal.
+                await asyncio.gather(
+                    self.redis.srem(self._holders, dead), self.redis.hdel(self._reports, dead)
+                )
+                continue
+            for member in members:
+                if len(taken) >= count:
+                    return taken
+                job = await self._take(_s(member), dead)
+                if job is not None:
+                    taken.append(job)
+        return taken
 
     async def stats(self) -> JobStats:
-        outstanding, age_ms = await self._stats(keys=[self.key])
-        return JobStats(int(outstanding), int(age_ms) / 1000)
+        holders = [_s(m) for m in await self.redis.smembers(self._holders)]
+        reports: dict[Any, Any] = await self.redis.hgetall(self._reports)
+        dead = set(await self._dead_holders())
+        left = dict(
+            zip(
+                dead,
+                await asyncio.gather(
+                    *(self.redis.scard(instance_jobs_key(self.prefix, h)) for h in dead)
+                ),
+                strict=True,
+            )
+        )
+        outstanding, oldest = len(self._held), min(self._held.values(), default=0)
+        for holder in holders:
+            if holder == self.holder:
+                continue
+            reported, _, since = _s(reports.get(holder.encode(), b"0 0")).partition(" ")
+            count = int(left.get(holder, reported))  # what is left of a dead one
+            if count > 0:
+                outstanding += count
+                oldest = min(oldest or int(since), int(since) or oldest)
+        if outstanding == 0 or oldest == 0:
+            return JobStats(outstanding, 0.0)
+        seconds, micros = await self.redis.time()
+        return JobStats(outstanding, max(0, seconds * 1000 + micros // 1000 - oldest) / 1000)
 
     def recover(self, questions: Iterable[Message]) -> int:
         # The jobs live in Redis and outlive any instance: nothing to rebuild from the store.

@@ -1,2 +1,2 @@
--- A job answered. KEYS: jobs stream[, the conversation's jobs]. ARGV: job id.
-return finish_job(KEYS[1], KEYS[2], ARGV[1])
+-- A job answered. KEYS: the conversation's jobs. ARGV: job id. Returns 1 when it was listed.
+return finish_job(KEYS[1], redis.call('GET', KEYS[1]), ARGV[1])

@@ -39,37 +39,51 @@ local function owns(gid, owner)
   return f[1] == gid and f[2] == owner
 end
 
--- A reply job (storage/jobs/redis.py): an entry of the jobs stream, in the pending list of
--- the group `repliers` under `holder` from the start (nobody reads new entries: jobs are
--- only ever claimed), and listed by offset in the conversation's jobs (`listed`, when in
--- this script's slot) with score 2 * offset, made odd once its holder announced it (at
--- once when `announced`: the append that adds it published the question).
--- Returns the job's id and 1 when it is alone in the listing (no older job of the
--- conversation is unfinished: it may go without asking for its turn), else 0.
-local function add_job(stream, listed, holder, payload, offset, ms, ttl, announced)
-  local id = redis.call('XADD', stream, '*', 'm', payload, 'o', offset, 't', ms)
-  if redis.pcall('XCLAIM', stream, 'repliers', holder, 0, id, 'FORCE', 'JUSTID').err then
-    redis.call('XGROUP', 'CREATE', stream, 'repliers', '0')  -- lost with Redis' data
-    redis.call('XCLAIM', stream, 'repliers', holder, 0, id, 'FORCE', 'JUSTID')
-  end
-  local alone = 0
-  if listed then
-    redis.call('ZADD', listed, 2 * tonumber(offset) + (announced and 1 or 0), id)
-    -- Alone: the listing was just created, so it needs its TTL. Else it has one (set when
-    -- it was created, days long) and an older job (maybe a stale entry, which the turn
-    -- check drops) is listed: the caller asks for its turn.
-    if redis.call('ZCARD', listed) == 1 then
-      redis.call('EXPIRE', listed, ttl)
-      alone = 1
-    end
-  end
-  return id, alone
+-- Reply jobs (storage/jobs/redis.py): a conversation's unfinished jobs, oldest first, in one
+-- string `listed` (read by the caller's MGET, passed here as `raw`): one flat msgpack array
+-- of (job id, offset, holder, ms, payload) per job. A conversation holds few at once (its
+-- questions queued behind a running reply), so a job costs the write of that string only.
+local JOB_FIELDS = 5
+
+local function jobs_in(raw)
+  if not raw then return {} end
+  return cmsgpack.unpack(raw)
 end
 
--- A job answered: out of the conversation's listing (`listed`, when in this script's slot)
--- and out of the stream and its pending list. Returns the entries deleted (0: done before).
-local function finish_job(stream, listed, id)
-  if listed then redis.call('ZREM', listed, id) end
-  redis.call('XACK', stream, 'repliers', id)
-  return redis.call('XDEL', stream, id)
+-- Writes what is left (none: the key goes), keeping the key's TTL.
+local function jobs_put(listed, jobs)
+  if #jobs == 0 then
+    redis.call('DEL', listed)
+  else
+    redis.call('SET', listed, cmsgpack.pack(jobs), 'KEEPTTL')
+  end
+end
+
+-- Adds a job held by `holder`; `ttl` (s) bounds a listing nobody ever finishes (lost holders'
+-- registries). Returns 1 when it is alone (no older job of the conversation is unfinished:
+-- it may go without asking for its turn), else 0.
+local function add_job(listed, raw, id, offset, holder, ms, payload, ttl)
+  local jobs = jobs_in(raw)
+  local alone = #jobs == 0 and 1 or 0
+  local n = #jobs
+  jobs[n + 1] = id
+  jobs[n + 2] = tonumber(offset)
+  jobs[n + 3] = holder
+  jobs[n + 4] = tonumber(ms)
+  jobs[n + 5] = payload
+  redis.call('SET', listed, cmsgpack.pack(jobs), 'EX', ttl)
+  return alone
+end
+
+-- A job answered: out of the listing. Returns 1 when it was listed (0: done before).
+local function finish_job(listed, raw, id)
+  local jobs = jobs_in(raw)
+  for i = 1, #jobs, JOB_FIELDS do
+    if jobs[i] == id then
+      for _ = 1, JOB_FIELDS do table.remove(jobs, i) end
+      jobs_put(listed, jobs)
+      return 1
+    end
+  end
+  return 0
 end

@@ -1,15 +1,19 @@
 -- Append one message to a conversation's window (and, on a single Redis, to the outbox).
--- KEYS: seq, epoch, win, idem[, outbox]. ARGV: payload, size, idem ttl ms (0: no record),
--- key ttl s, outbox max (0: no bound), record state ("d": in the outbox, "p": not yet),
--- ttl every (refresh the TTLs when the offset is a multiple of it); on a single Redis also
--- KEYS jobs stream, conversation's jobs and ARGV the job's holder ('': no job), the job this
--- message answers, finished in the same step ('': none). Always ARGV 10-12: the publish
--- command (PUBLISH, SPUBLISH; '': none), the conversation's channel, and the envelope that
--- fans the message out (chatserver/fanout/envelope.py) packed up to its last two fields.
--- Returns {0, offset, ms[, job id, 1: no older job listed]} | {1, record} duplicate | {2} missing | {3} full
--- | {4, code, value} refused by the gate (with a gate: its keys and args follow the job's).
--- One MGET reads the idempotency record and both keys whose absence means a missing window.
-local found = redis.call('MGET', KEYS[4], KEYS[2], KEYS[1])
+-- KEYS: seq, epoch, win, idem, the conversation's reply jobs, outbox, the holder's job
+-- registry (the last two unused on a cluster: another slot). ARGV: payload, size, idem ttl ms
+-- (0: no record), key ttl s, outbox max (0: no bound), record state ("d": in the outbox,
+-- appended here; "p": not yet, the caller's next step), ttl every (refresh the TTLs when the
+-- offset is a multiple of it), the question's job id ('': no job), its holder, its member
+-- of the holder's registry when listed there in this step ('': by the caller, before), the job
+-- this message answers, finished in the same step ('': none), then the publish command (PUBLISH, SPUBLISH; '': none), the conversation's channel,
+-- and the envelope that fans the message out (chatserver/fanout/envelope.py) packed up to its
+-- last two fields.
+-- Returns {0, offset, ms[, 1: the job is alone in its conversation]} | {1, record} duplicate
+-- | {2} missing | {3} full | {4, code, value} refused by the gate (with a gate: its keys and
+-- args follow these).
+-- One MGET reads the idempotency record, both keys whose absence means a missing window,
+-- and the conversation's unfinished jobs.
+local found = redis.call('MGET', KEYS[4], KEYS[2], KEYS[1], KEYS[5])
 local idem_ttl = tonumber(ARGV[3])
 if idem_ttl > 0 and found[1] then return {1, found[1]} end
 if not found[2] then return {2} end
@@ -18,21 +22,21 @@ if not found[3] then
   redis.call('DEL', KEYS[2], KEYS[3])
   return {2}
 end
-local outbox = KEYS[5]
+local in_outbox = ARGV[6] == 'd'
 local bound = tonumber(ARGV[5])
-if outbox and bound > 0 and redis.call('XLEN', outbox) >= bound then return {3} end
+if in_outbox and bound > 0 and redis.call('XLEN', KEYS[6]) >= bound then return {3} end
 --GATE--
 local offset = string.format('%d', redis.call('INCR', KEYS[1]))
 local ms = string.format('%d', now_ms())
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], offset .. '-0', 'm', ARGV[1], 't', ms)
-if outbox then
-  redis.call('XADD', outbox, '*', 'm', ARGV[1], 'o', offset, 't', ms)
+if in_outbox then
+  redis.call('XADD', KEYS[6], '*', 'm', ARGV[1], 'o', offset, 't', ms)
 end
-local publish = ARGV[10]
+local publish = ARGV[12]
 if publish ~= '' then
   -- Fanned out in the step that appends it: acknowledged means announced, whatever dies when.
   local at = cmsgpack.pack('offset', tonumber(offset), 'created_at', iso_ms(tonumber(ms)))
-  redis.call(publish, ARGV[11], ARGV[12] .. at)
+  redis.call(publish, ARGV[13], ARGV[14] .. at)
 end
 if idem_ttl > 0 then
   redis.call('SET', KEYS[4], ARGV[6] .. offset .. ':' .. ms .. ':' .. ARGV[1], 'PX', idem_ttl)
@@ -46,12 +50,11 @@ if tonumber(offset) % tonumber(ARGV[7]) == 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
   redis.call('EXPIRE', KEYS[1], 2 * ttl)
 end
-local answered = ARGV[9]
-if answered and answered ~= '' then finish_job(KEYS[6], KEYS[7], answered) end
+if ARGV[11] ~= '' then finish_job(KEYS[5], found[4], ARGV[11]) end
 local job = ARGV[8]
-if job and job ~= '' then  -- a question: its reply job, in this same step
-  local alone
-  job, alone = add_job(KEYS[6], KEYS[7], job, ARGV[1], offset, ms, ttl, publish ~= '')
-  return {0, tonumber(offset), tonumber(ms), job, alone}
+if job ~= '' then  -- a question: its reply job, in this same step
+  if ARGV[10] ~= '' then redis.call('SADD', KEYS[7], ARGV[10]) end
+  local alone = add_job(KEYS[5], found[4], job, offset, ARGV[9], ms, ARGV[1], ttl)
+  return {0, tonumber(offset), tonumber(ms), alone}
 end
 return {0, tonumber(offset), tonumber(ms)}

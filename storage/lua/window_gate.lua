@@ -4,7 +4,7 @@
 do
   local K, A = {}, {}
   for i = 8, #KEYS do K[#K + 1] = KEYS[i] end
-  for i = 13, #ARGV do A[#A + 1] = ARGV[i] end
+  for i = 15, #ARGV do A[#A + 1] = ARGV[i] end
   local verdict = (function(K, A)
 --BODY--
   end)(K, A)

@@ -33,11 +33,18 @@ such repair.
 **Fan-out in the append**: given ``fanout_head`` (the app's, packing its pub/sub envelope of
 the message's frame but for the offset and time, which the script adds), the script also
 publishes each user message it appends on the conversation's channel (SPUBLISH on a
-cluster: the channel shares the conversation's hash tag), and lists the question's reply job
-as announced. So an acknowledged question has reached the other instances, whatever
-instance dies when; the caller delivers it to its own members only
-(``AppendResult.fanned_out``). The bound check is not atomic
-with the append there: concurrent appends may overshoot ``max_entries`` by a few entries.
+cluster: the channel shares the conversation's hash tag). So an acknowledged question has
+reached the other instances, whatever instance dies when; the caller delivers it to its own
+members only (``AppendResult.fanned_out``). A question with a reply job requires it: a
+claimer never publishes the question again.
+
+**Reply jobs in the append** (storage/jobs/redis.py): the conversation's jobs string is one
+more key of the MGET; a question's job is added, or the one an answer answers finished, by
+writing it back in the same step, a cluster included (the string shares the conversation's
+hash tag). The holder's registry is another slot on a cluster: listed just before.
+
+The bound check is not atomic with the append on a cluster: concurrent appends may overshoot
+``max_entries`` by a few entries.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from protocol.ids import uuid4_str
 
 from .. import lua
 from ..jobs.base import ReplyJobs
-from ..jobs.redis import RedisReplyJobs
+from ..jobs.redis import RedisReplyJobs, job_member
 from ..outbox.base import Outbox, OutboxFull
 from ..outbox.redis import AnyRedis, RedisOutbox
 from ..records import AppendResult, MessageDraft, WindowView
@@ -296,27 +303,37 @@ class RedisWindow:
             publish: list[Any] = [self._publish, keys.events, head]
         else:
             publish = ["", "", ""]
-        script = self._append_script
-        finishes = answers is not None and isinstance(jobs, RedisReplyJobs) and not self.cluster
-        job_key = jobs.key if isinstance(jobs, RedisReplyJobs) else keys.no_idem
-        if answers is not None:
-            jobs = None  # an answer adds no job
+        redis_jobs = jobs if isinstance(jobs, RedisReplyJobs) else None
+        adds_job = redis_jobs is not None and answers is None
+        if adds_job and not fans_out:
+            # A claimer never publishes a question again: the append is its only fan-out.
+            raise TypeError("a question with a reply job needs the window's fanout_head")
+        job_id = message_id if adds_job else ""
+        member = job_member(cid, message_id) if adds_job else ""
+        # The job lives in the conversation's slot: its append adds or finishes it, a cluster
+        # too. Only the holder's registry is elsewhere on a cluster: listed before the append.
+        script_keys.append(keys.jobs)
+        script_args += [job_id, redis_jobs.holder if redis_jobs is not None else ""]
         if self.cluster:
             if gate is not None:
                 raise TypeError("a window on a cluster runs no gates (check before appending)")
             await outbox.check_room(shard)
-            script_args += ["", "", *publish]
+            if adds_job:
+                assert redis_jobs is not None
+                await self.redis.sadd(redis_jobs.registry, member)
+            script_keys += [keys.no_idem, keys.no_idem]  # unused: other slots
+            script_args.append("")
         else:
-            # The reply jobs' keys come next, always (the gate's keys and args follow them):
-            # the job a question adds, or the one an answer finishes.
-            script_keys += [outbox.keys[shard], job_key, keys.jobs]
-            script_args.append(jobs.holder if isinstance(jobs, RedisReplyJobs) else "")
-            script_args.append(answers if finishes else "")
-            script_args += publish
-            if gate is not None:
-                script = self._gated_script(gate)
-                script_keys.extend(gate.keys)
-                script_args.extend(gate.args)
+            script_keys.append(outbox.keys[shard])
+            script_keys.append(redis_jobs.registry if redis_jobs is not None else keys.no_idem)
+            script_args.append(member)
+        script_args.append(answers if redis_jobs is not None and answers is not None else "")
+        script_args += publish
+        script = self._append_script
+        if gate is not None:
+            script = self._gated_script(gate)
+            script_keys.extend(gate.keys)
+            script_args.extend(gate.args)
         reply = await script(keys=script_keys, args=script_args)
         code = int(reply[0])
         if code == _DUPLICATE:
@@ -340,20 +357,23 @@ class RedisWindow:
             raise OutboxFull(f"outbox shard {shard} holds {outbox.max_entries} entries")
         offset, created_ms = int(reply[1]), int(reply[2])
         message = message_from_draft(message_id, draft, offset, created_ms)
-        job_id = reply[3].decode() if len(reply) > 3 else None
-        job_first = len(reply) > 4 and int(reply[4]) == 1
         if self.cluster:
             await outbox.push(shard, payload, offset, created_ms)
             if idem_ttl_ms:
                 await self._mark_script(keys=[idem_key])
-            if jobs is not None:  # another slot: after the script, like the outbox entry
-                job_id = await jobs.add(message, announced=fans_out)
+        if adds_job:
+            assert redis_jobs is not None
+            redis_jobs.added(message_id, created_ms)
+        finishes = redis_jobs is not None and answers is not None
+        if finishes:
+            assert redis_jobs is not None and answers is not None
+            redis_jobs.finished(cid, answers)
         return AppendResult(
             message=message,
             duplicate=False,
-            job_id=job_id,
+            job_id=job_id or None,
             job_done=finishes,
-            job_first=job_first,
+            job_first=len(reply) > 3 and int(reply[3]) == 1,
             fanned_out=fans_out,
         )
 

@@ -29,6 +29,11 @@ def draft(text: str = "hi", *, key: str | None = None, cid: str = CID) -> Messag
     )
 
 
+def _no_head(conversation_id: str, published_at: float, payload: bytes) -> bytes:
+    """A fan-out envelope's head (the app packs its own): what a question with a job needs."""
+    return b""
+
+
 async def make_pair(clients: RedisClients, **options: Any) -> tuple[RedisWindow, RedisOutbox]:
     """A started window and outbox on a client of their own (as another instance would be)."""
     redis = clients.new()
@@ -295,56 +300,54 @@ async def test_a_retried_script_is_our_own_append_not_a_duplicate(redis_url: str
 async def test_an_answer_finishes_its_question_s_job_in_its_own_step(
     redis_clients: RedisClients,
 ) -> None:
-    """On a single Redis the answer's append finishes the job it answers (no second call);
-    on a cluster the job lives in another slot and its caller finishes it."""
-    from storage.jobs.redis import RedisReplyJobs
+    """The answer's append finishes the job it answers (no second call), on a cluster too:
+    the conversation's jobs share its slot."""
+    from storage.jobs.redis import RedisReplyJobs, job_member
 
-    window, outbox = await make_pair(redis_clients)
+    window, outbox = await make_pair(redis_clients, fanout_head=_no_head)
     jobs = RedisReplyJobs(window.redis, holder="w1", cluster=redis_clients.cluster)
     await jobs.start()
     await window.rebuild(CID, [], 0)
     asked = await window.append(draft("a question", key="q1"), outbox, jobs=jobs)
-    assert asked.job_id is not None and not asked.job_done
+    assert asked.job_id == asked.message.id and not asked.job_done
     assert (await jobs.stats()).outstanding == 1
+    member = job_member(CID, asked.job_id)
+    assert await window.redis.sismember(jobs.registry, member)  # listed as this holder's
     answer = MessageDraft(
         conversation_id=CID, role="assistant", text="an answer", client_msg_id="gen-1"
     )
     answered = await window.append(answer, outbox, jobs=jobs, answers=asked.job_id)
     assert answered.job_id is None  # an answer adds no job of its own
-    if redis_clients.cluster:
-        assert not answered.job_done
-        assert (await jobs.stats()).outstanding == 1
-    else:
-        assert answered.job_done
-        assert (await jobs.stats()).outstanding == 0
-        assert await window.redis.zcard(ConversationKeys(window.prefix, CID).jobs) == 0
+    assert answered.job_done
+    assert (await jobs.stats()).outstanding == 0
+    assert not await window.redis.exists(ConversationKeys(window.prefix, CID).jobs)
     again = await window.append(answer, outbox, jobs=jobs, answers=asked.job_id)
     assert again.duplicate and not again.job_done  # a resent answer finishes nothing
+    await jobs.renew([])  # done jobs leave the registry with the next renewal
+    assert not await window.redis.sismember(jobs.registry, member)
     await jobs.close()
 
 
 async def test_a_question_with_no_older_job_listed_is_first_in_line(
     redis_clients: RedisClients,
 ) -> None:
-    """A single Redis tells in the append whether an older job of the conversation is
-    unfinished: a question alone in line needs no turn check. A cluster adds the job in a
-    second step and cannot tell: its caller always asks."""
+    """The append tells whether an older job of the conversation is unfinished: a question
+    alone in line needs no turn check."""
     from storage.jobs.base import ReplyJob
     from storage.jobs.redis import RedisReplyJobs
 
-    window, outbox = await make_pair(redis_clients)
+    window, outbox = await make_pair(redis_clients, fanout_head=_no_head)
     jobs = RedisReplyJobs(window.redis, holder="w1", cluster=redis_clients.cluster)
     await jobs.start()
     await window.rebuild(CID, [], 0)
-    single = not redis_clients.cluster
     first = await window.append(draft("one", key="q1"), outbox, jobs=jobs)
     second = await window.append(draft("two", key="q2"), outbox, jobs=jobs)
-    assert (first.job_first, second.job_first) == (single, False)
+    assert (first.job_first, second.job_first) == (True, False)
     for result in (first, second):
         assert result.job_id is not None
         await jobs.done(ReplyJob(result.job_id, result.message))
     third = await window.append(draft("three", key="q3"), outbox, jobs=jobs)
-    assert third.job_first is single  # the line is empty again
+    assert third.job_first  # the line is empty again
     keys = ConversationKeys(window.prefix, CID)
     assert await window.redis.ttl(keys.jobs) > 0  # a new listing gets its TTL
     resent = await window.append(draft("three", key="q3"), outbox, jobs=jobs)

@@ -85,7 +85,8 @@ def members_quiet(crowd: list[Member]) -> bool:
 
 
 async def servers_quiet(servers: list[ServerProc], redis_url: str) -> bool:
-    """No instance holds a reply, and none is left registered by a dead instance."""
+    """No instance holds a reply, and no question is left without its answer: no
+    conversation lists an unfinished reply job (a dead instance's included)."""
     admin = AUTH.issue("operator", role="admin")
     async with aiohttp.ClientSession() as http:
         for server in servers:
@@ -101,7 +102,9 @@ async def servers_quiet(servers: list[ServerProc], redis_url: str) -> bool:
                 return False
     redis = Redis.from_url(redis_url)
     try:
-        return int(await redis.zcard("chat:replies")) == 0
+        async for _ in redis.scan_iter(match="chat:*:reply_jobs", count=1000):
+            return False
+        return True
     finally:
         await redis.aclose()
 

@@ -1,0 +1,127 @@
+"""What only the Redis reply jobs do: liveness per instance, claims racing, a restart under
+the same id, the registry kept small (a single Redis and a cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from protocol import timestamp_to_ms
+from storage.jobs.base import ReplyJob, oldest_first
+from storage.jobs.redis import RedisReplyJobs, job_member, listed_jobs
+
+if TYPE_CHECKING:
+    from conftest import MessageFactory, RedisClients
+
+LEASE_S = 30.0  # nobody dies of slowness here: ``_die`` ends a holder's liveness
+
+
+async def _jobs(clients: RedisClients, holder: str) -> RedisReplyJobs:
+    jobs = RedisReplyJobs(clients.new(), holder=holder, lease_s=LEASE_S, cluster=clients.cluster)
+    await jobs.start()
+    return jobs
+
+
+async def _die(jobs: RedisReplyJobs) -> None:
+    """What a holder's death comes to for the others: its alive key gone (its lease ran out)."""
+    await jobs.redis.delete(jobs.alive_key)
+
+
+async def _asked(jobs: RedisReplyJobs, new_message: MessageFactory, cid: str) -> ReplyJob:
+    message = new_message(cid)
+    return ReplyJob(await jobs.add(message), message)
+
+
+async def test_two_claimers_take_each_job_of_a_dead_holder_once(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    dead = await _jobs(redis_clients, "dead")
+    asked = [await _asked(dead, new_message, f"c{i % 5}") for i in range(20)]
+    first, second = await _jobs(redis_clients, "b"), await _jobs(redis_clients, "c")
+    assert await first.claim(50) == []  # alive
+    await _die(dead)
+    taken: list[ReplyJob] = []
+    while len(taken) < len(asked):
+        got = await asyncio.gather(first.claim(7), second.claim(7))
+        assert got[0] or got[1], "the dead holder's jobs stopped coming"
+        taken += got[0] + got[1]
+    assert sorted(j.job_id for j in taken) == sorted(j.job_id for j in asked)  # none twice
+    assert await first.claim(50) == [] and await second.claim(50) == []
+    # Each claimed job is now its claimer's: in its registry, no longer in the dead one's.
+    held_first, held_second = await first.renew(taken), await second.renew(taken)
+    assert not set(held_first) & set(held_second)
+    assert sorted(held_first + held_second) == sorted(j.job_id for j in asked)
+    assert not await first.redis.exists(dead.registry)
+
+
+async def test_a_slow_holder_learns_its_claimed_jobs_are_no_longer_its_own(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    slow = await _jobs(redis_clients, "slow")
+    job = await _asked(slow, new_message, "c1")
+    other = await _jobs(redis_clients, "other")
+    await _die(slow)
+    (claimed,) = await other.claim(10)
+    assert claimed.job_id == job.job_id and claimed.claimed
+    assert await slow.renew([job]) == []  # back alive, but the job went to another
+    assert await other.renew([claimed]) == [job.job_id]
+    assert (await other.turn(claimed)).go
+    await slow.done(job)  # the slow one stored the answer first: the job is done for both
+    assert listed_jobs(await other.redis.get(other.listed("c1"))) == []
+
+
+async def test_a_restart_under_the_same_id_claims_the_earlier_run_s_jobs_once(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    before = await _jobs(redis_clients, "fixed-id")
+    earlier = [await _asked(before, new_message, "c1") for _ in range(2)]
+    answered = await _asked(before, new_message, "c2")
+    await before.done(answered)
+    after = await _jobs(redis_clients, "fixed-id")  # alive at once: no lease to wait for
+    fresh = await _asked(after, new_message, "c3")  # this run's own: never claimed
+    taken = oldest_first(await after.claim(10))
+    assert [j.job_id for j in taken] == [j.job_id for j in earlier]
+    assert all(j.claimed for j in taken)
+    assert await after.claim(10) == []
+    assert sorted(await after.renew([*taken, fresh])) == sorted(
+        [*(j.job_id for j in earlier), fresh.job_id]
+    )
+
+
+async def test_done_jobs_leave_the_registry_with_the_next_renewal(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    jobs = await _jobs(redis_clients, "a")
+    done = [await _asked(jobs, new_message, f"c{i}") for i in range(3)]
+    kept = await _asked(jobs, new_message, "c0")
+    members = {job_member(j.message.conversation_id, j.job_id) for j in [*done, kept]}
+    assert {m.decode() for m in await jobs.redis.smembers(jobs.registry)} == members
+    for job in done:
+        await jobs.done(job)
+    assert await jobs.redis.scard(jobs.registry) == 4  # one SREM per renewal, not per job
+    await jobs.renew([kept])
+    left = {m.decode() for m in await jobs.redis.smembers(jobs.registry)}
+    assert left == {job_member("c0", kept.job_id)}
+
+
+async def test_stats_count_every_holder_s_jobs_and_the_oldest_age(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    a, b = await _jobs(redis_clients, "a"), await _jobs(redis_clients, "b")
+    oldest = await _asked(a, new_message, "c1")
+    await _asked(b, new_message, "c1")
+    await _asked(b, new_message, "c2")
+    assert (await a.stats()).outstanding == 1  # b reports with its next renewal
+    await b.renew([])
+    stats = await a.stats()
+    assert stats.outstanding == 3
+    seconds, micros = await a.redis.time()
+    created_ms = timestamp_to_ms(oldest.message.created_at)
+    expected = (seconds * 1000 + micros // 1000 - created_ms) / 1000
+    assert abs(stats.oldest_age_s - expected) < 5
+    await _die(b)  # what is left in a dead holder's registry, until claimed
+    assert (await a.stats()).outstanding == 3
+    await a.claim(10)
+    assert (await a.stats()).outstanding == 3  # all a's now
+    await a.claim(10)  # b's registry is empty: b leaves the holders and the reports
+    assert not await a.redis.hexists("chat:job_reports", "b")
