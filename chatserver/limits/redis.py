@@ -21,7 +21,7 @@ _LUA = "chatserver.limits"  # its lua/ directory
 _OPEN = lua.script("open", _LUA)  # count a connection
 _RENEW = lua.script("renew", _LUA)
 _BUCKET = lua.script("bucket", _LUA)  # one token of a kind's bucket (REST, creations)
-# A send's whole check, the body of a function of K and A: run alone (check_send) or as the
+# A send's whole check, the body of a function of K, A and V: run alone (check_send) or as the
 # gate of the window's append (send_gate), which then costs no round trip of its own.
 SEND_CHECK_LUA = lua.source("send_check", _LUA)
 _CHECK_SEND = lua.gate_alone(SEND_CHECK_LUA)

@@ -42,7 +42,7 @@ def script(name: str, package: str = PACKAGE, **pieces: str) -> str:
 
 
 def gate_alone(body: str) -> str:
-    """A gate's body (a function of K and A) as a script of its own keys and args."""
+    """A gate's body (a function of K, A and V) as a script of its own keys and args."""
     return script("gate_alone", BODY=body)
 
 

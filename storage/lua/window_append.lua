@@ -12,8 +12,11 @@
 -- | {2} missing | {3} full | {4, code, value} refused by the gate (with a gate: its keys and
 -- args follow these).
 -- One MGET reads the idempotency record, both keys whose absence means a missing window,
--- and the conversation's unfinished jobs.
-local found = redis.call('MGET', KEYS[4], KEYS[2], KEYS[1], KEYS[5])
+-- the conversation's unfinished jobs, and the gate's keys (a gate's reads cost nothing more;
+-- a key that holds no string reads as nil).
+local reads = {KEYS[4], KEYS[2], KEYS[1], KEYS[5]}
+for i = 8, #KEYS do reads[#reads + 1] = KEYS[i] end
+local found = redis.call('MGET', unpack(reads))
 local idem_ttl = tonumber(ARGV[3])
 if idem_ttl > 0 and found[1] then return {1, found[1]} end
 if not found[2] then return {2} end

@@ -1,12 +1,16 @@
 -- What window_append.lua runs at its gate line when a gate is given: the gate is the body of a
--- function of K and A, its keys and args the ones after the append's (and the reply job's). It returns
+-- function of K, A and V, its keys and args the ones after the append's, V the values of its
+-- keys that the append's MGET read (nil where a key holds no string). It returns
 -- {code, value}: 0 goes ahead, anything else refuses the append with {4, code, value}.
 do
-  local K, A = {}, {}
-  for i = 8, #KEYS do K[#K + 1] = KEYS[i] end
+  local K, A, V = {}, {}, {}
+  for i = 8, #KEYS do
+    K[#K + 1] = KEYS[i]
+    V[#K] = found[4 + #K]
+  end
   for i = 15, #ARGV do A[#A + 1] = ARGV[i] end
-  local verdict = (function(K, A)
+  local verdict = (function(K, A, V)
 --BODY--
-  end)(K, A)
+  end)(K, A, V)
   if tonumber(verdict[1]) ~= 0 then return {4, verdict[1], verdict[2]} end
 end

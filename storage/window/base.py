@@ -30,8 +30,10 @@ class AppendRefused(Exception):
 class AppendGate:
     """A check that the append runs in its own atomic step (the same round trip).
 
-    ``lua``: the body of a Lua function of ``K`` (the gate's ``keys``) and ``A`` (its
-    ``args``) that returns ``{code, value}``, code 0 to let the append go, any other code to
+    ``lua``: the body of a Lua function of ``K`` (the gate's ``keys``), ``A`` (its
+    ``args``) and ``V`` (the values of its keys, read by the append's own MGET: false where a
+    key is missing or holds no string; nil when the gate runs on its own, reading them
+    itself) that returns ``{code, value}``, code 0 to let the append go, any other code to
     refuse it (``AppendRefused``). It runs after the idempotency check (a resend of an
     accepted message is never refused) and the window's own checks (an append that will be
     retried has not passed it yet), right before anything is written. Only windows whose

@@ -15,6 +15,7 @@ from storage import MemoryOutbox, MessageDraft, WindowMissing
 from storage.outbox.redis import RedisOutbox
 from storage.redis_codec import decode_message
 from storage.redis_keys import ConversationKeys
+from storage.window.base import AppendGate, AppendRefused
 from storage.window.redis import TTL_EVERY, RedisWindow
 
 if TYPE_CHECKING:
@@ -353,3 +354,32 @@ async def test_a_question_with_no_older_job_listed_is_first_in_line(
     resent = await window.append(draft("three", key="q3"), outbox, jobs=jobs)
     assert resent.duplicate and not resent.job_first and resent.job_id is None
     await jobs.close()
+
+
+# A gate that reads its keys from V: refuses with the first key's number and says whether
+# the second (a hash) read as false.
+_READING_GATE = """
+local value = V[1] and tonumber(V[1]) or -1
+return {value, V[2] == false and 1 or 0}
+"""
+
+
+async def test_a_gate_s_keys_are_read_by_the_append_s_own_mget(
+    redis_clients: RedisClients,
+) -> None:
+    window, outbox = await make_pair(redis_clients)
+    gate = AppendGate(_READING_GATE, ("gate-number", "gate-hash"), ())
+    if redis_clients.cluster:  # no gates there: the caller checks first, on its own
+        with pytest.raises(TypeError):
+            await window.append(draft("one"), outbox, gate)
+        return
+    await window.rebuild(CID, [], 0)
+    await window.redis.set("gate-number", "41")
+    await window.redis.hset("gate-hash", "f", "v")
+    before = await window.redis.info("commandstats")
+    with pytest.raises(AppendRefused) as refused:
+        await window.append(draft("one"), outbox, gate)
+    after = await window.redis.info("commandstats")
+    assert (refused.value.code, refused.value.value) == (41, 1)
+    mgets = after["cmdstat_mget"]["calls"] - before["cmdstat_mget"]["calls"]
+    assert mgets == 1  # the gate read nothing on its own

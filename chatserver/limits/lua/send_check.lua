@@ -1,12 +1,13 @@
--- A send's whole check, as the body of a function of K and A: run alone (gate_alone.lua) or
--- as the gate of the window's append (window_gate.lua), which then costs no round trip.
+-- A send's whole check, as the body of a function of K, A and V: run alone (gate_alone.lua) or
+-- as the gate of the window's append (window_gate.lua), which then costs no round trip, and
+-- whose MGET read both keys already (V).
 -- Today's tokens (K[2]) against the quota (A[2]), then the token bucket (K[1]; capacity A[1],
 -- messages per minute, refilled continuously): a string "<tokens> <ms>", so one MGET reads
 -- both keys and one SET with its TTL writes the bucket. {0, 0}: go ahead; {1, ms} rate limited;
 -- {2, 0} quota used up; {-1, 0}: today's counter does not exist yet (the caller seeds it from
 -- the store and checks again).
 local now = now_ms()
-local found = redis.call('MGET', K[2], K[1])
+local found = V and {V[2], V[1]} or redis.call('MGET', K[2], K[1])
 local used = found[1]
 if not used then return {-1, 0} end
 if tonumber(used) >= tonumber(A[2]) then return {2, 0} end
