@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from protocol import DEFAULT_LIMITS, ErrorCode, Limits, Message, Role, Since, format_timestamp
@@ -14,7 +14,7 @@ from storage.jobs.base import ReplyJobs
 from storage.outbox.base import Outbox, OutboxFull
 from storage.records import AppendResult, Conversation, MessageDraft, MessagePage, WindowView
 from storage.store.base import Store, StoreUnavailable
-from storage.window.base import AppendGate, HotWindow, WindowMissing
+from storage.window.base import AppendFollow, AppendGate, HotWindow, WindowMissing
 
 from .agents import AgentCatalog
 from .auth import Principal
@@ -150,19 +150,24 @@ class ConversationService:
         return conversation
 
     async def append(
-        self, draft: MessageDraft, gate: AppendGate | None = None, answers: str | None = None
+        self,
+        draft: MessageDraft,
+        gate: AppendGate | None = None,
+        answers: str | None = None,
+        follow: Callable[[str], AppendFollow | None] | None = None,
     ) -> AppendResult:
         """Append to the window (and outbox); ``gate`` is checked in the same step.
 
         Raises ``AppendRefused`` when the gate refuses. A user's message is a question: its
         reply job is part of the same step (``AppendResult.job_id``). An answer to the reply
         job ``answers`` finishes it in the same step where the window can
-        (``AppendResult.job_done``).
+        (``AppendResult.job_done``). ``follow``: a step after a question's append, in the
+        same step, where the window takes one (``HotWindow.follows``).
         """
         jobs = self.jobs if draft.role == Role.USER.value or answers is not None else None
         for _ in range(3):
             try:
-                return await self.window.append(draft, self.outbox, gate, jobs, answers)
+                return await self.window.append(draft, self.outbox, gate, jobs, answers, follow)
             except WindowMissing:
                 await self._rebuild(draft.conversation_id)
                 # Rebuilt (Redis lost its data, or the window expired): the new window

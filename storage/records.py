@@ -96,6 +96,9 @@ class AppendResult:
     # The window published it to the other instances in the same step: the caller delivers it
     # to its own members only.
     fanned_out: bool = False
+    # What the append's follow returned (storage.window.base.AppendFollow); None: it did not
+    # run (none given, or the question's job was not alone in line).
+    followed: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,11 @@ class ConversationKeys:
         return f"{self.base}:reply_jobs"
 
     @property
+    def legacy_jobs(self) -> str:
+        """Older releases' sorted set of the conversation's jobs (``legacy_jobs_key``)."""
+        return f"{self.base}:jobs"
+
+    @property
     def watchers(self) -> str:
         """The instances with a local member joined: publish only when another one is in."""
         return f"{self.base}:watchers"
@@ -132,6 +137,12 @@ def instance_jobs_key(prefix: str, server_id: str) -> str:
 
 def job_holders_key(prefix: str) -> str:
     return f"{prefix}:job_holders"
+
+
+def legacy_jobs_key(prefix: str) -> str:
+    """The reply jobs of releases before per-conversation job strings: a stream whose
+    entries a claim turns into jobs of today's kind (storage/jobs/redis.py)."""
+    return f"{prefix}:jobs"
 
 
 def job_reports_key(prefix: str) -> str:

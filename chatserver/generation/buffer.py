@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from protocol import GenerationSnapshot
-from storage.window.base import AppendGate
+from storage.window.base import AppendFollow, AppendGate
 
 # (conversation_id, generation_id, seq, text): one delta to record.
 Delta = tuple[str, str, int, str]
@@ -40,6 +40,15 @@ class Slot:
     """The conversation's reply slot, taken."""
 
     watched: bool  # another instance has a member in: record and publish every delta
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedReply:
+    """A slot taken by the question's own append (``slot_follow``), with the reply's context
+    as the window's entries (``HotWindow.context_of`` decodes them)."""
+
+    slot: Slot
+    context: Sequence[object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +86,17 @@ class ReplyBuffer(Protocol):
 
     async def begin(self, owner: ReplyOwner) -> Slot | None:
         """Take the conversation's reply slot; None while another live reply holds it."""
+
+    def slot_follow(self, owner: ReplyOwner, later_model: str, context: int) -> AppendFollow | None:
+        """A follow of the question's append (its job alone in line) that takes the slot
+        for ``owner`` (whose model is the one for a conversation's first question,
+        ``later_model`` otherwise) and reads ``context`` messages: the reply then starts
+        with no round trip. None when this buffer cannot (memory, a cluster, or this
+        instance's liveness due for renewal: ``begin`` renews it)."""
+
+    def prepared(self, followed: object) -> PreparedReply | None:
+        """What a ``slot_follow`` returned (the append's ``followed``); None: the slot was
+        not taken (held, or promised to a waiter): ``begin`` takes it as usual."""
 
     async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
         """Record delta ``seq`` before it is published; ``LeaseLost`` if we were taken over."""
@@ -141,6 +161,12 @@ class MemoryReplyBuffer:
         # "Watched": no other instance exists, but recording here is a list append, and it
         # keeps the one-instance path exactly as it was (every delta through the broker).
         return Slot(watched=True)
+
+    def slot_follow(self, owner: ReplyOwner, later_model: str, context: int) -> AppendFollow | None:
+        return None  # taking the slot costs no round trip here
+
+    def prepared(self, followed: object) -> PreparedReply | None:
+        return None
 
     async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
         running = self._running.get(conversation_id)

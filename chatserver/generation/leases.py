@@ -30,7 +30,9 @@ async def keep_leases(
     store_and_end: StoreAndEnd,
     lease_s: float,
     sweep_s: float,
+    rerun_unstarted: bool = False,
 ) -> None:
+    """``rerun_unstarted``: every question has a shared reply job (``end_orphan``)."""
     renew_every = lease_s / 3
     loop = asyncio.get_running_loop()
     next_sweep = loop.time() + sweep_s
@@ -44,29 +46,45 @@ async def keep_leases(
             await buffer.heartbeat()
             if loop.time() >= next_sweep:
                 next_sweep = loop.time() + sweep_s
-                await sweep_orphans(buffer, store_and_end)
+                await sweep_orphans(buffer, store_and_end, rerun_unstarted)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis down: try again next round
             log.warning("lease upkeep failed: %s", exc)
 
 
-async def sweep_orphans(buffer: ReplyBuffer, store_and_end: StoreAndEnd) -> None:
+async def sweep_orphans(
+    buffer: ReplyBuffer, store_and_end: StoreAndEnd, rerun_unstarted: bool = False
+) -> None:
     """Claim and end every reply whose lease ran out, keeping its partial text."""
     for conversation_id, generation_id in await buffer.expired():
-        await end_orphan(buffer, store_and_end, conversation_id, generation_id)
+        await end_orphan(buffer, store_and_end, conversation_id, generation_id, rerun_unstarted)
 
 
 async def end_orphan(
-    buffer: ReplyBuffer, store_and_end: StoreAndEnd, conversation_id: str, generation_id: str
+    buffer: ReplyBuffer,
+    store_and_end: StoreAndEnd,
+    conversation_id: str,
+    generation_id: str,
+    rerun_unstarted: bool = False,
 ) -> bool:
     """End a reply cut off by its owner's death with its partial text, if we win its claim.
 
     Its reply job is not run again: the partial text was shown, and a second attempt would
-    be a second visible answer to one question (docs/architecture.md, reply jobs)."""
+    be a second visible answer to one question (docs/architecture.md, reply jobs). Except,
+    with ``rerun_unstarted`` (its job is shared: claimed and run by a live instance), a
+    reply of which nothing was recorded: its slot is freed and no answer stored, so that
+    its job runs it afresh rather than answer with nothing."""
     claimed = await buffer.claim(conversation_id, generation_id)
     if claimed is None:
         return False
+    if rerun_unstarted and claimed.seq == 0 and not claimed.text:
+        log.warning(
+            "freed the slot of a reply whose instance died before recording any of it: "
+            "its job runs it again",
+            extra={"conversation": conversation_id, "owner": claimed.owner.owner},
+        )
+        return True
     log.warning(
         "ending a reply whose instance died",
         extra={"conversation": conversation_id, "owner": claimed.owner.owner},

@@ -40,8 +40,8 @@ from .local import count_tokens
 from .manager_finishing import _Finishing
 from .manager_job_steps import _JobSteps
 from .manager_remote import _Remote
+from .manager_slot import _SlotSteps
 from .manager_state import (
-    SLOT_POLL,
     Announce,
     Lane,
     OnUsage,
@@ -56,7 +56,7 @@ from .streaming import DeliverEvents, DeltaPump, Publish, PublishEvents, ReplyRu
 __all__ = ["GenerationManager", "ReplyRun"]
 
 
-class GenerationManager(_Remote, _JobSteps, _Finishing):
+class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
     def __init__(
         self,
         conversations: ConversationService,
@@ -168,9 +168,14 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
             )
 
     def start(
-        self, conversation: Conversation, message: Message, job: ReplyJob | None = None
+        self,
+        conversation: Conversation,
+        message: Message,
+        job: ReplyJob | None = None,
+        followed: object = None,
     ) -> ReplyRun:
-        """Answer ``message``; with its reply job, done once the answer is stored."""
+        """Answer ``message``; with its reply job, done once the answer is stored.
+        ``followed``: what the question's append follow returned (``append_follow``)."""
         agent = self._agents.get(conversation.agent_id)
         if agent is None:
             raise ServiceError(
@@ -198,6 +203,8 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
         if job is not None:
             self.held[job.job_id] = job
             run.job_id = job.job_id
+        if followed is not None:
+            run.prepared = self._buffer.prepared(followed)
         task = asyncio.create_task(self._run(run, lane, job), name=f"reply-{run.generation_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -242,6 +249,7 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                     await self._job_done(job, finished=run.job_done)
                 elif not self._closing:
                     self.retry_jobs.append(job)
+            await self._release_unused_slot(run)
 
     async def _answer(self, run: ReplyRun, job: ReplyJob | None) -> bool:
         """In the lane: the reply, unless answered before; whether the question has its end."""
@@ -268,13 +276,7 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
         started = time.perf_counter()
         finish: Finish | None = None
         try:
-            # The context is read beside the slot, in the same round trip: the turn (or the
-            # lane) let this reply go only once every older answer was stored.
-            waited, history = await asyncio.gather(
-                self._take_slot(run), self._conversations.recent(conversation_id, self._context)
-            )
-            if waited:  # another reply held the slot (a race): read what it stored too
-                history = await self._conversations.recent(conversation_id, self._context)
+            history = await self._slot_and_context(run)
             self._live[run.generation_id] = self._live_in[conversation_id] = run
             start = GenStart(
                 conversation_id,
@@ -288,8 +290,6 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
                 await self._publish(conversation_id, start)
             else:  # no other instance has a member in: a join there reads the buffer
                 self._deliver_events([Event(conversation_id, start, time.time())])
-            if not history or history[-1].offset < run.reply_to.offset:
-                history = (*history, run.reply_to)
             request = ReplyRequest(
                 agent_id=run.agent.id,
                 model=run.model,
@@ -366,25 +366,16 @@ class GenerationManager(_Remote, _JobSteps, _Finishing):
             run.first_token_at - run.queued_at
         )
 
-    async def _take_slot(self, run: ReplyRun) -> bool:
-        """One reply per conversation across instances: wait while another one streams.
-        Whether it had to wait."""
-        owner = run.owner(self._server_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._slot_wait_s
-        delays = SLOT_POLL.delays()
-        waited = False
-        while (slot := await self._buffer.begin(owner)) is None:
-            if loop.time() > deadline:
-                raise ServiceError(ErrorCode.UNAVAILABLE, "another reply is still streaming")
-            waited = True
-            await asyncio.sleep(next(delays))  # rare: replies raced on two instances
-        run.watched = slot.watched
-        return waited
-
     async def keep_leases(self, lease_s: float, sweep_s: float) -> None:
         """Renew our replies' leases and end orphaned ones, for the life of the app."""
-        await keep_leases(self._buffer, self._checkpoint, self.store_and_end, lease_s, sweep_s)
+        await keep_leases(
+            self._buffer,
+            self._checkpoint,
+            self.store_and_end,
+            lease_s,
+            sweep_s,
+            rerun_unstarted=self._rerun_unstarted,
+        )
 
     def _checkpoint(self) -> None:
         """With each heartbeat: unwatched replies' text into the buffer, for a claimer."""

@@ -72,16 +72,32 @@ class _JobSteps(ManagerState):
         if waiting:
             waiting[min(waiting)].set()
 
+    @property
+    def _rerun_unstarted(self) -> bool:
+        """Every question has a job any live instance claims: a reply of which nothing was
+        recorded when its owner died is run again, not ended with nothing."""
+        return self.jobs is not None and self.jobs.shared
+
     async def _cut_off(self, run: ReplyRun) -> bool:
         """A claimed job whose reply was streaming elsewhere: never a second stream. Ended
         here with its partial text (or by the sweep that wins its claim, or by its owner
-        if that one was only slow)."""
-        running = await self._buffer.running(run.conversation_id)
-        if running is None or running.snapshot.generation_id != run.generation_id:
+        if that one was only slow). One of which nothing was recorded is taken over and run
+        here instead (False), unless its owner lives."""
+        cid, gid = run.conversation_id, run.generation_id
+        running = await self._buffer.running(cid)
+        if running is None or running.snapshot.generation_id != gid:
             return False
         if running.owner == self._server_id:
             return False
-        await end_orphan(self._buffer, self.store_and_end, run.conversation_id, run.generation_id)
+        snapshot = running.snapshot
+        if self._rerun_unstarted and snapshot.seq == 0 and not snapshot.text:
+            if await self._buffer.claim(cid, gid) is not None:
+                return False  # its slot is free: run it afresh
+            # Lost the claim: to a live owner (it answers), or to a sweep (then it is gone,
+            # and an answer is stored, or none when it too found nothing recorded).
+            again = await self._buffer.running(cid)
+            return again is not None and again.snapshot.generation_id == gid
+        await end_orphan(self._buffer, self.store_and_end, cid, gid)
         return True
 
     async def _answered(self, run: ReplyRun) -> bool:

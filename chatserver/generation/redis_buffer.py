@@ -13,22 +13,19 @@ replies, atomically (one winner). After an owner's death the claimer has the tex
 last checkpoint (or the last delta, when watched): only the dead instance's own clients saw
 more.
 
-Round trips: on one Redis every call is one pipeline (scripts by EVALSHA, reloaded once if
-Redis lost them). On a cluster the keys of a call span slots: one call per slot group, a
-bounded number in flight.
+Round trips: on one Redis every call is one pipeline (``redis_calls.py``); on a cluster one
+call per slot group. A question first in line takes its reply's slot in its own append
+(``slot_follow``): that reply's start costs no round trip at all.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 
 from protocol import GenerationSnapshot
 from storage.lua import script as lua_script
@@ -39,23 +36,31 @@ from storage.redis_keys import (
     instance_replies_key,
     instances_key,
 )
-from storage.window.base import AppendGate
+from storage.window.base import AppendFollow, AppendGate
 
-from ..redis_ticks import TickPipelinedRedis
-from .buffer import ClaimedReply, Delta, LeaseLost, Record, ReplyOwner, RunningReply, Slot
+from .buffer import (
+    ClaimedReply,
+    Delta,
+    LeaseLost,
+    PreparedReply,
+    Record,
+    ReplyOwner,
+    RunningReply,
+    Slot,
+)
+from .redis_calls import Call, script_calls
 
 _LUA = "chatserver.generation"  # the package whose lua/ holds these scripts
 
 # How long a reply waiting for its conversation's slot stays next without asking again (it
 # asks at least every 0.5 s; one that gave up or died stops holding the others back).
 _WAITER_MS = 2000
-_CLUSTER_FANOUT = 64  # calls in flight at once when a batch spans a cluster's slots
 _SWEEP_BATCH = 100
 
 # The release gate of a reply's own append: a function body of the window's gate.
 _RELEASE_LUA = lua_source("release", _LUA)
-
-Call = tuple[Any, list[str], list[Any]]  # (registered script, keys, args)
+# The slot taken in the question's own append: a function body of the window's follow.
+_SLOT_AFTER_APPEND_LUA = lua_source("slot_after_append", _LUA)
 
 
 def _glob_escape(text: str) -> str:
@@ -111,82 +116,7 @@ class RedisReplyBuffer:
     async def _calls(
         self, calls: Sequence[Call], extra: Sequence[tuple[Any, ...]] = ()
     ) -> list[Any]:
-        """Script calls (and plain commands ``extra``, sent first) in one round trip on one
-        Redis; the scripts' results, in order."""
-        redis = self._redis
-        if isinstance(redis, RedisCluster):
-            for command in extra:
-                await redis.execute_command(*command)
-            results: list[Any] = []
-            for start in range(0, len(calls), _CLUSTER_FANOUT):
-                part = calls[start : start + _CLUSTER_FANOUT]
-                results += await asyncio.gather(*(s(keys=k, args=a) for s, k, a in part))
-            return results
-        if isinstance(redis, TickPipelinedRedis):
-            return await self._ticked_calls(redis, calls, extra)
-        out: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        first = True
-        while True:
-            pipe = redis.pipeline(transaction=False)
-            if first:
-                for command in extra:
-                    pipe.execute_command(*command)
-            for index in todo:
-                scr, keys, args = calls[index]
-                # EVALSHA straight, not through the Script: a pipeline holding a Script
-                # asks SCRIPT EXISTS first, a second round trip on every batch.
-                pipe.evalsha(scr.sha, len(keys), *keys, *args)
-            done: list[Any] = await pipe.execute(raise_on_error=False)
-            done = done[len(extra) :] if first else done
-            if len(done) != len(todo):
-                # Seen with Redis going away mid-pipeline: fewer answers than calls. Nothing
-                # can be said of the calls without one: a connection failure, like any other.
-                raise RedisConnectionError(f"a pipeline of {len(todo)} calls got {len(done)}")
-            missing = []
-            for index, result in zip(todo, done, strict=True):
-                if isinstance(result, NoScriptError) and first:
-                    missing.append(index)  # Redis restarted or flushed its scripts
-                elif isinstance(result, Exception):
-                    raise result
-                else:
-                    out[index] = result
-            if not missing:
-                return out
-            for scr in {calls[i][0] for i in missing}:
-                scr.sha = await redis.script_load(scr.script)
-            todo, first = missing, False  # only those: the others ran already
-
-    @staticmethod
-    async def _ticked_calls(
-        redis: TickPipelinedRedis, calls: Sequence[Call], extra: Sequence[tuple[Any, ...]]
-    ) -> list[Any]:
-        """``_calls`` on a client that pipelines per loop tick: each call on its own, so that
-        they share the tick's pipeline with everything else sent meanwhile (issued as
-        futures: no task per call)."""
-        answers = await asyncio.gather(
-            *(redis.issue(*command) for command in extra),
-            *(redis.issue("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls),
-            return_exceptions=True,
-        )
-        for answer in answers[: len(extra)]:
-            if isinstance(answer, BaseException):
-                raise answer
-        out = list(answers[len(extra) :])
-        missing = [i for i, answer in enumerate(out) if isinstance(answer, NoScriptError)]
-        for scr in {calls[i][0] for i in missing}:  # Redis restarted or flushed its scripts
-            scr.sha = await redis.script_load(scr.script)
-        if missing:
-            again = await asyncio.gather(
-                *(calls[i][0](keys=calls[i][1], args=calls[i][2]) for i in missing),
-                return_exceptions=True,
-            )
-            for index, answer in zip(missing, again, strict=True):
-                out[index] = answer
-        for answer in out:
-            if isinstance(answer, BaseException):
-                raise answer
-        return out
+        return await script_calls(self._redis, calls, extra)
 
     def _alive_command(self) -> list[tuple[Any, ...]]:
         """Our alive key, when it may be older than a third of a lease (first reply)."""
@@ -223,6 +153,36 @@ class RedisReplyBuffer:
             await self._calls([], [("SREM", mine, member)])
             return None
         return Slot(watched=int(taken) == 3)
+
+    def slot_follow(self, owner: ReplyOwner, later_model: str, context: int) -> AppendFollow | None:
+        if isinstance(self._redis, RedisCluster) or time.monotonic() >= self._alive_until:
+            return None  # the instance's replies are another slot; liveness due: ``begin``
+        conv = ConversationKeys(self._prefix, owner.conversation_id)
+        keys = (
+            conv.reply,
+            conv.reply_next,
+            conv.watchers,
+            instance_replies_key(self._prefix, self._server_id),
+            conv.win,
+        )
+        args = (
+            owner.generation_id,
+            owner.owner,
+            owner.agent_id,
+            owner.model,
+            later_model,
+            owner.reply_to,
+            self._ttl_ms,
+            self._member(owner.conversation_id, owner.generation_id),
+            context,
+        )
+        return AppendFollow(_SLOT_AFTER_APPEND_LUA, keys, args)
+
+    def prepared(self, followed: object) -> PreparedReply | None:
+        if not isinstance(followed, list) or not followed:
+            return None  # 0: held, or promised to a waiter
+        code, entries = followed
+        return PreparedReply(Slot(watched=int(code) == 3), entries)
 
     async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
         if await self.append_many([(conversation_id, generation_id, seq, text)]):

@@ -31,11 +31,15 @@ class Router:
         self.light_max_chars = light_max_chars
 
     def choose(self, agent: Agent, message: Message) -> Route:
+        return self.route(agent, message.text, first_turn=is_first_turn(message))
+
+    def route(self, agent: Agent, text: str, *, first_turn: bool) -> Route:
+        """``choose`` before the question has its offset (whether it is the first turn)."""
         if (
             agent.light_model
             and self.light_max_chars > 0
-            and is_first_turn(message)
-            and len(message.text.strip()) <= self.light_max_chars
+            and first_turn
+            and len(text.strip()) <= self.light_max_chars
         ):
             return Route(agent.light_model, "light")
         return Route(agent.model, "default")

@@ -31,7 +31,7 @@ from protocol.ids import uuid4_str
 
 from ..agents import Agent
 from ..fanout.events import DeltaTemplate, Event
-from .buffer import Record, ReplyBuffer, ReplyOwner
+from .buffer import PreparedReply, Record, ReplyBuffer, ReplyOwner
 from .cache import CacheKey
 from .provider import Finish, PushStream
 
@@ -70,6 +70,7 @@ class ReplyRun:
         "parts",
         "pending",
         "pending_count",
+        "prepared",
         "pump",
         "queued_at",
         "reply_to",
@@ -122,6 +123,7 @@ class ReplyRun:
         self.saved = 0  # how many of ``parts`` the resume buffer holds
         self.job_id: str | None = None  # the reply job this reply answers
         self.job_done = False  # its answer's append finished that job too
+        self.prepared: PreparedReply | None = None  # its slot, taken by the question's append
 
     def owner(self, server_id: str) -> ReplyOwner:
         owner = self._owner

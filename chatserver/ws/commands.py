@@ -33,7 +33,7 @@ from protocol import (
 )
 from storage.jobs.base import ReplyJob
 from storage.records import AppendResult, MessageDraft
-from storage.window.base import AppendRefused
+from storage.window.base import AppendFollow, AppendRefused
 
 from .. import keys
 from ..errors import DEPENDENCY_ERRORS, ServiceError
@@ -152,6 +152,7 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
             user_id=session.user_id,
             client_msg_id=frame.client_msg_id,
         ),
+        generation.append_follow(conversation, frame.text),
     )
     message = result.message
     reply(
@@ -191,11 +192,14 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
     if result.job_id is not None:
         metrics.reply_jobs_queued.inc()
         job = ReplyJob(result.job_id, message, first=result.job_first)
-    generation.start(conversation, message, job)
+    generation.start(conversation, message, job, result.followed)
 
 
 async def _append_within_limits(
-    app: web.Application, session: Session, draft: MessageDraft
+    app: web.Application,
+    session: Session,
+    draft: MessageDraft,
+    follow: Callable[[str], AppendFollow | None] | None = None,
 ) -> AppendResult:
     """Quota and rate by tier, then the append: so before any model call.
 
@@ -220,10 +224,10 @@ async def _append_within_limits(
             )
         ):
             raise _limit_error(refused, limits)
-        return await conversations.append(draft)
+        return await conversations.append(draft, follow=follow)
     for _ in range(2):
         try:
-            return await conversations.append(draft, gate)
+            return await conversations.append(draft, gate, follow=follow)
         except AppendRefused as exc:
             refused = await limiter.gate_refused(principal.user_id, exc.code, exc.value)
             if refused is not None:

@@ -23,6 +23,11 @@ registries: a read of a few keys, whatever the number of jobs.
 
 An instance started again under the same server id finds its registry still full: its first
 ``claim`` takes those jobs over like a dead holder's.
+
+Releases before this one kept jobs in the stream ``chat:jobs`` (consumer group ``repliers``,
+renewed by idle time). While that stream exists, ``claim`` also takes its entries idle
+longer than a lease (their holder stopped: a rolling deploy's old instances) and makes them
+jobs of this kind, so no question acked by an older release is left unanswered.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 from redis.asyncio import RedisCluster
+from redis.exceptions import ResponseError
 
 from protocol import Message, timestamp_to_ms
 
@@ -46,10 +52,12 @@ from ..redis_keys import (
     instance_jobs_key,
     job_holders_key,
     job_reports_key,
+    legacy_jobs_key,
 )
 from .base import JobStats, ReplyJob, Turn
 
 _CLAIM_SCAN = 100  # registry members looked at per dead holder and claim
+_LEGACY_GROUP = "repliers"  # of the previous releases' jobs stream
 
 
 class ListedJob(NamedTuple):
@@ -102,6 +110,7 @@ class RedisReplyJobs:
         self.cluster = cluster or isinstance(redis, RedisCluster)
         self.registry = instance_jobs_key(prefix, holder)
         self._holders = job_holders_key(prefix)
+        self._legacy = legacy_jobs_key(prefix)
         self.alive_key = instance_alive_key(prefix, holder)
         # Registry members of jobs done here: off the registry with the next renewal. One
         # still listed is harmless: only a claim reads it, and finds its job gone.
@@ -212,12 +221,43 @@ class RedisReplyJobs:
         self.added(job_id, int(ms))
         return ReplyJob(job_id, decode_message(payload, int(offset), int(ms)), claimed=True)
 
+    async def _claim_legacy(self, count: int) -> list[ReplyJob]:
+        """Jobs of an older release whose holder stopped renewing them, as jobs of ours."""
+        if count <= 0 or not await self.redis.exists(self._legacy):
+            return []
+        try:
+            reply = await self.redis.execute_command(
+                "XAUTOCLAIM", self._legacy, _LEGACY_GROUP, self.holder, self.lease_ms, "0-0",
+                "COUNT", count,
+            )  # fmt: skip
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return []
+            raise
+        taken: list[ReplyJob] = []
+        for entry_id, fields in reply[1]:
+            if fields:  # else deleted while pending: nothing to answer
+                values = (
+                    dict(fields)
+                    if isinstance(fields, dict)
+                    else dict(zip(fields[::2], fields[1::2], strict=True))
+                )
+                message = decode_message(values[b"m"], int(values[b"o"]), int(values[b"t"]))
+                await self.add(message)
+                legacy = ConversationKeys(self.prefix, message.conversation_id).legacy_jobs
+                await self.redis.zrem(legacy, entry_id)
+                taken.append(ReplyJob(message.id, message, claimed=True))
+            await self.redis.xack(self._legacy, _LEGACY_GROUP, entry_id)
+            await self.redis.xdel(self._legacy, entry_id)
+        return taken
+
     async def claim(self, count: int) -> list[ReplyJob]:
         taken: list[ReplyJob] = []
         while self._inherited and len(taken) < count:
             job = await self._take(self._inherited.pop(), self.holder)
             if job is not None:
                 taken.append(job)
+        taken += await self._claim_legacy(count - len(taken))
         for dead in await self._dead_holders() if len(taken) < count else []:
             registry = instance_jobs_key(self.prefix, dead)
             members = await self.redis.srandmember(registry, _CLAIM_SCAN)

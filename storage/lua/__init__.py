@@ -8,8 +8,8 @@ no script carries its own copy of a helper.
 
 Some scripts are pieces: a line ``--NAME--`` (a Lua comment, so the file is valid as it is)
 marks where :func:`splice` puts another piece. The window's append takes a gate there
-(``window_gate.lua`` around a gate's body), and a gate's body also runs on its own inside
-``gate_alone.lua``.
+(``window_gate.lua`` around a gate's body) and a follow (``window_follow.lua`` around a
+follow's body), and a gate's body also runs on its own inside ``gate_alone.lua``.
 """
 
 from __future__ import annotations
@@ -49,3 +49,14 @@ def gate_alone(body: str) -> str:
 def gated(name: str, body: str, package: str = PACKAGE) -> str:
     """Script ``name`` with a gate's body spliced in at its ``--GATE--`` line."""
     return script(name, package, GATE=splice(source("window_gate"), BODY=body))
+
+
+def composed(name: str, gate: str | None, follow: str | None, package: str = PACKAGE) -> str:
+    """Script ``name`` with a gate's body at its ``--GATE--`` line and a follow's body at its
+    ``--FOLLOW--`` line (each left a comment when None)."""
+    pieces = {}
+    if gate is not None:
+        pieces["GATE"] = splice(source("window_gate"), BODY=gate)
+    if follow is not None:
+        pieces["FOLLOW"] = splice(source("window_follow"), BODY=follow)
+    return script(name, package, **pieces)

@@ -7,13 +7,15 @@
 -- of the holder's registry when listed there in this step ('': by the caller, before), the job
 -- this message answers, finished in the same step ('': none), then the publish command (PUBLISH, SPUBLISH; '': none), the conversation's channel,
 -- and the envelope that fans the message out (chatserver/fanout/envelope.py) packed up to its
--- last two fields.
--- Returns {0, offset, ms[, 1: the job is alone in its conversation]} | {1, record} duplicate
--- | {2} missing | {3} full | {4, code, value} refused by the gate (with a gate: its keys and
--- args follow these).
+-- last two fields, then how many keys and args the gate has (0 without one). The gate's keys
+-- and args follow these, then the follow's (a step run after a question's append when its
+-- job is alone in line: window_follow.lua).
+-- Returns {0, offset, ms[, 1: the job is alone in its conversation, what the follow returned
+-- (false: no follow ran)]} | {1, record} duplicate | {2} missing | {3} full | {4, code, value}
+-- refused by the gate.
 -- One MGET reads the idempotency record, both keys whose absence means a missing window,
--- the conversation's unfinished jobs, and the gate's keys (a gate's reads cost nothing more;
--- a key that holds no string reads as nil).
+-- the conversation's unfinished jobs, and the gate's and the follow's keys (their reads cost
+-- nothing more; a key that holds no string reads as false).
 local reads = {KEYS[4], KEYS[2], KEYS[1], KEYS[5]}
 for i = 8, #KEYS do reads[#reads + 1] = KEYS[i] end
 local found = redis.call('MGET', unpack(reads))
@@ -58,6 +60,10 @@ local job = ARGV[8]
 if job ~= '' then  -- a question: its reply job, in this same step
   if ARGV[10] ~= '' then redis.call('SADD', KEYS[7], ARGV[10]) end
   local alone = add_job(KEYS[5], found[4], job, offset, ARGV[9], ms, ARGV[1], ttl)
-  return {0, tonumber(offset), tonumber(ms), alone}
+  local followed = false
+  if alone == 1 then
+    --FOLLOW--
+  end
+  return {0, tonumber(offset), tonumber(ms), alone, followed}
 end
 return {0, tonumber(offset), tonumber(ms)}

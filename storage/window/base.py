@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from protocol import Message
 
@@ -46,10 +46,28 @@ class AppendGate:
     args: tuple[str | int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class AppendFollow:
+    """A step the append runs after a question's, in its own atomic step, when the
+    question's reply job is alone in line (no older job of the conversation is unfinished).
+
+    ``lua``: the body of a Lua function of ``K`` (the follow's ``keys``, in the
+    conversation's slot), ``A`` (its ``args``), ``V`` (the values of its keys, read by the
+    append's own MGET: false where a key is missing or holds no string) and the question's
+    offset. What it returns is the result's ``followed`` (None when it did not run). Only
+    windows whose ``follows`` is true take one.
+    """
+
+    lua: str
+    keys: tuple[str, ...]
+    args: tuple[str | int, ...]
+
+
 class HotWindow(Protocol):
     name: str
     size: int  # messages kept per conversation
     gates: bool  # whether append() takes an AppendGate
+    follows: bool  # whether append() takes an AppendFollow
     hits: int  # reads that found the window (since start), for the metrics
     misses: int  # reads that found it missing
 
@@ -92,18 +110,25 @@ class HotWindow(Protocol):
         gate: AppendGate | None = None,
         jobs: ReplyJobs | None = None,
         answers: str | None = None,
+        follow: Callable[[str], AppendFollow | None] | None = None,
     ) -> AppendResult:
         """One atomic step: next offset, window entry, outbox entry, idempotency record,
-        and with ``jobs`` the question's reply job (its id in the result). With ``jobs`` and
-        ``answers`` (a job id) the message is that job's answer instead: windows that can
-        finish the job in the same step do (``job_done`` in the result); else the caller
-        finishes it.
+        and with ``jobs`` the question's reply job (its id in the result); ``follow`` makes
+        the step to run after it, from the new message's id (``AppendFollow``; None: none).
+        With ``jobs`` and ``answers`` (a job id) the message is that job's answer instead:
+        windows that can finish the job in the same step do (``job_done`` in the result);
+        else the caller finishes it.
 
         A repeated (conversation, user, client_msg_id) returns the first message with
         ``duplicate=True`` and appends nothing. Raises ``WindowMissing`` when the
         conversation is not loaded, ``OutboxFull`` when the outbox has no room and
         ``AppendRefused`` when ``gate`` refuses.
         """
+        ...
+
+    def context_of(self, conversation_id: str, entries: Sequence[Any]) -> tuple[Message, ...]:
+        """The messages of the window entries a follow read newest first, oldest first (windows
+        that take follows)."""
         ...
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:

@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from protocol import Message, format_timestamp
 from protocol.ids import uuid4_str
@@ -24,7 +25,7 @@ from protocol.ids import uuid4_str
 from ..jobs.base import ReplyJobs
 from ..outbox.base import Outbox
 from ..records import AppendResult, MessageDraft, WindowView
-from .base import AppendGate, WindowMissing
+from .base import AppendFollow, AppendGate, WindowMissing
 from .idempotency import Accepted, IdempotencyRecords
 
 # What a held message costs besides its text, measured (tests/storage/test_memory_bounds.py):
@@ -71,6 +72,7 @@ def _contiguous_tail(messages: Sequence[Message], last_offset: int) -> list[Mess
 class MemoryWindow:
     name = "memory"
     gates = False  # in-process: the caller's own check is as atomic (no await between)
+    follows = False
 
     def __init__(
         self,
@@ -199,11 +201,14 @@ class MemoryWindow:
         gate: AppendGate | None = None,
         jobs: ReplyJobs | None = None,
         answers: str | None = None,
+        follow: Callable[[str], AppendFollow | None] | None = None,
     ) -> AppendResult:
         if answers is not None:
             jobs = None  # an answer adds no job; its caller finishes the one it answers
         if gate is not None:
             raise TypeError("the memory window runs no gates (check before appending)")
+        if follow is not None:
+            raise TypeError("the memory window runs no follows (its caller is as quick)")
         cid = draft.conversation_id
         window = self._windows.get(cid)
         if window is None:
@@ -264,6 +269,9 @@ class MemoryWindow:
         self._tombstones[conversation_id] = max(prior, window.last_offset)
         while len(self._tombstones) > self.max_tombstones:
             self._tombstones.popitem(last=False)
+
+    def context_of(self, conversation_id: str, entries: Sequence[Any]) -> tuple[Message, ...]:
+        raise TypeError("the memory window runs no follows")
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:
         return self._seen.knows(conversation_id, user_id, client_msg_id)

@@ -69,14 +69,14 @@ from ..redis_codec import (
     TIME_MS,
     decode_message,
     decode_record,
-    decode_trusted,
     draft_payload,
     message_from_draft,
     message_payload,
 )
 from ..redis_keys import DEFAULT_PREFIX, ConversationKeys
-from .base import AppendGate, AppendRefused, WindowMissing
+from .base import AppendFollow, AppendGate, AppendRefused, WindowMissing
 from .decoded import DecodedMessages
+from .redis_entries import contiguous_tail, decode_entry, entry_fields
 
 # Read when the module is imported: a missing or broken file fails at start-up, not mid-append.
 # The append script's ``--GATE--`` line is a Lua comment: without a gate it is just that.
@@ -92,34 +92,6 @@ TTL_EVERY = 16
 # The codes of window_append.lua's replies.
 _OK, _DUPLICATE, _MISSING, _FULL, _REFUSED = 0, 1, 2, 3, 4
 _QUEUED, _UNQUEUED = b"d", b"p"  # first byte of an idempotency record
-
-
-def _contiguous_tail(messages: Sequence[Message], last_offset: int, size: int) -> list[Message]:
-    """The newest messages (at most ``size``) that run without a gap up to ``last_offset``."""
-    by_offset = {m.offset: m for m in messages}
-    tail: list[Message] = []
-    offset = last_offset
-    while len(tail) < size and offset in by_offset:
-        tail.append(by_offset[offset])
-        offset -= 1
-    tail.reverse()
-    return tail
-
-
-def _decode_entry(entry: Any) -> Message:
-    stream_id, fields = entry[0], entry[1]
-    offset = int(stream_id.split(b"-", 1)[0])
-    payload: bytes | None = None
-    created: int | None = None
-    for i in range(0, len(fields) - 1, 2):
-        name = fields[i]
-        if name == b"m":
-            payload = fields[i + 1]
-        elif name == TIME_MS:
-            created = int(fields[i + 1])
-    if payload is None:
-        raise ValueError(f"window entry {stream_id!r} has no payload")
-    return decode_trusted(payload, offset, created)
 
 
 class RedisWindow:
@@ -149,12 +121,14 @@ class RedisWindow:
         # A cluster client cannot run the single-Redis script (the outbox is in another slot).
         self.cluster = cluster or isinstance(redis, RedisCluster)
         self.gates = not self.cluster
+        self.follows = not self.cluster  # a follow's keys may be another slot's too
         # (conversation id, wall clock, payload): the fan-out envelope but offset and time
         self.fanout_head = fanout_head
         self._publish = "SPUBLISH" if self.cluster else "PUBLISH"
         self._read_script = redis.register_script(_READ_LUA)
         self._append_script = redis.register_script(_APPEND_LUA)
-        self._gated_scripts: dict[str, Any] = {}  # by the gate's Lua: one per kind of gate
+        # By the gate's and the follow's Lua: one per kind of gate and follow.
+        self._composed_scripts: dict[tuple[str | None, str | None], Any] = {}
         self._rebuild_script = redis.register_script(_REBUILD_LUA)
         self.decoded = DecodedMessages(context_cache_bytes)  # recent()'s, for the next one
         self._mark_script = redis.register_script(_MARK_QUEUED_LUA)
@@ -203,7 +177,7 @@ class RedisWindow:
         epoch, last_raw, first_raw, entries = reply
         last = int(last_raw)
         first = int(first_raw.split(b"-", 1)[0]) if first_raw else last + 1
-        messages = tuple(_decode_entry(entry) for entry in reversed(entries))
+        messages = tuple(decode_entry(entry) for entry in reversed(entries))
         return WindowView(
             epoch=epoch.decode(), last_offset=last, first_offset=first, messages=messages
         )
@@ -238,7 +212,7 @@ class RedisWindow:
     ) -> None:
         keys = self.keys(conversation_id)
         last = max(last_offset, max((m.offset for m in messages), default=0))
-        tail = _contiguous_tail(messages, last, self.size)
+        tail = contiguous_tail(messages, last, self.size)
         idem_keys: list[str] = []
         args: list[Any] = [
             secrets.token_hex(6),
@@ -255,14 +229,22 @@ class RedisWindow:
             args += [m.offset, message_payload(m), index]
         await self._rebuild_script(keys=[keys.seq, keys.epoch, keys.win, *idem_keys], args=args)
 
-    def _gated_script(self, gate: AppendGate) -> Any:
-        script = self._gated_scripts.get(gate.lua)
+    def _composed_script(self, gate: str | None, follow: str | None) -> Any:
+        script = self._composed_scripts.get((gate, follow))
         if script is None:
-            if len(self._gated_scripts) >= 16:  # gates come from a few fixed sources
-                raise ValueError("too many kinds of append gates")
-            source = lua.gated("window_append", gate.lua)
-            script = self._gated_scripts[gate.lua] = self.redis.register_script(source)
+            if len(self._composed_scripts) >= 16:  # gates and follows come from fixed sources
+                raise ValueError("too many kinds of append gates and follows")
+            source = lua.composed("window_append", gate, follow)
+            script = self.redis.register_script(source)
+            self._composed_scripts[(gate, follow)] = script
         return script
+
+    def context_of(self, conversation_id: str, entries: Sequence[Any]) -> tuple[Message, ...]:
+        """The messages of window entries a script read newest first (XREVRANGE), oldest
+        first, through the context cache (as ``recent``)."""
+        decoded = [entry_fields(entry) for entry in reversed(entries)]
+        self.hits += 1
+        return self.decoded.decode(conversation_id, decoded)
 
     async def append(
         self,
@@ -271,6 +253,7 @@ class RedisWindow:
         gate: AppendGate | None = None,
         jobs: ReplyJobs | None = None,
         answers: str | None = None,
+        follow: Callable[[str], AppendFollow | None] | None = None,
     ) -> AppendResult:
         if not isinstance(outbox, RedisOutbox):
             raise TypeError(f"RedisWindow appends to a RedisOutbox, not {type(outbox).__name__}")
@@ -315,8 +298,8 @@ class RedisWindow:
         script_keys.append(keys.jobs)
         script_args += [job_id, redis_jobs.holder if redis_jobs is not None else ""]
         if self.cluster:
-            if gate is not None:
-                raise TypeError("a window on a cluster runs no gates (check before appending)")
+            if gate is not None or follow is not None:
+                raise TypeError("a window on a cluster runs no gates or follows")
             await outbox.check_room(shard)
             if adds_job:
                 assert redis_jobs is not None
@@ -329,11 +312,21 @@ class RedisWindow:
             script_args.append(member)
         script_args.append(answers if redis_jobs is not None and answers is not None else "")
         script_args += publish
+        if (gate is not None or follow is not None) and self.cluster:
+            raise TypeError("a window on a cluster runs no gates or follows")
+        then = follow(message_id) if follow is not None and adds_job else None
+        script_args += [len(gate.keys), len(gate.args)] if gate is not None else [0, 0]
         script = self._append_script
+        if gate is not None or then is not None:
+            script = self._composed_script(
+                gate.lua if gate is not None else None, then.lua if then is not None else None
+            )
         if gate is not None:
-            script = self._gated_script(gate)
             script_keys.extend(gate.keys)
             script_args.extend(gate.args)
+        if then is not None:
+            script_keys.extend(then.keys)
+            script_args.extend(then.args)
         reply = await script(keys=script_keys, args=script_args)
         code = int(reply[0])
         if code == _DUPLICATE:
@@ -344,11 +337,13 @@ class RedisWindow:
                 # The first attempt died before its outbox step (cluster): enqueue it now.
                 await outbox.push(shard, first_payload, offset, created_ms)
                 await self._mark_script(keys=[idem_key])
+            if first.id != message_id:
+                return AppendResult(message=first, duplicate=True, fanned_out=fans_out)
             # Our own first attempt (the client library retried the script after a dropped
-            # connection): this call appended it (and published it, when it fans out), so the
-            # caller must reply and deliver it.
-            duplicate = first.id != message_id
-            return AppendResult(message=first, duplicate=duplicate, fanned_out=fans_out)
+            # connection): this call appended it (published it, when it fans out, and added
+            # or finished its job), so the caller must reply and deliver it. Whether the job
+            # was alone and what followed are lost with that reply: the caller asks as usual.
+            reply = [_OK, offset, created_ms]
         if code == _MISSING:
             raise WindowMissing(cid)
         if code == _REFUSED:
@@ -357,7 +352,7 @@ class RedisWindow:
             raise OutboxFull(f"outbox shard {shard} holds {outbox.max_entries} entries")
         offset, created_ms = int(reply[1]), int(reply[2])
         message = message_from_draft(message_id, draft, offset, created_ms)
-        if self.cluster:
+        if self.cluster and code != _DUPLICATE:
             await outbox.push(shard, payload, offset, created_ms)
             if idem_ttl_ms:
                 await self._mark_script(keys=[idem_key])
@@ -375,6 +370,7 @@ class RedisWindow:
             job_done=finishes,
             job_first=len(reply) > 3 and int(reply[3]) == 1,
             fanned_out=fans_out,
+            followed=reply[4] if len(reply) > 4 and reply[4] is not None else None,
         )
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:

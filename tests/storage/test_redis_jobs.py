@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from protocol import timestamp_to_ms
 from storage.jobs.base import ReplyJob, oldest_first
 from storage.jobs.redis import RedisReplyJobs, job_member, listed_jobs
+from storage.redis_codec import message_payload
+from storage.redis_keys import ConversationKeys
 
 if TYPE_CHECKING:
     from conftest import MessageFactory, RedisClients
@@ -125,3 +127,34 @@ async def test_stats_count_every_holder_s_jobs_and_the_oldest_age(
     assert (await a.stats()).outstanding == 3  # all a's now
     await a.claim(10)  # b's registry is empty: b leaves the holders and the reports
     assert not await a.redis.hexists("chat:job_reports", "b")
+
+
+async def test_jobs_an_older_release_left_in_its_stream_are_claimed_once_stopped(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    """A rolling deploy: questions queued on old instances, in the old jobs stream (renewed
+    by idle time), become jobs of today's kind once their holder stops renewing them."""
+    jobs = await _jobs(redis_clients, "new")
+    redis = jobs.redis
+    stream = "chat:jobs"
+    await redis.xgroup_create(stream, "repliers", id="0", mkstream=True)
+    asked = [new_message("c1"), new_message("c1")]
+    legacy = ConversationKeys("chat", "c1").legacy_jobs
+    for message in asked:
+        fields = {
+            "m": message_payload(message),
+            "o": message.offset,
+            "t": timestamp_to_ms(message.created_at),
+        }
+        entry = await redis.xadd(stream, fields)
+        await redis.xclaim(stream, "repliers", "old", 0, [entry], force=True, justid=True)
+        await redis.zadd(legacy, {entry: 2 * message.offset + 1})
+    assert await jobs.claim(10) == []  # the old holder renewed them a moment ago
+    for entry_id, _ in await redis.xrange(stream):
+        await redis.xclaim(stream, "repliers", "old", 0, [entry_id], idle=60_000, justid=True)
+    taken = oldest_first(await jobs.claim(10))
+    assert [j.message for j in taken] == asked and all(j.claimed for j in taken)
+    assert [j.job_id for j in taken] == [m.id for m in asked]
+    assert await redis.xlen(stream) == 0 and not await redis.exists(legacy)
+    assert (await jobs.turn(taken[0])).go and not (await jobs.turn(taken[1])).go
+    assert await jobs.claim(10) == []

@@ -44,6 +44,12 @@ def test_global_and_user_keys() -> None:
     assert rk.instance_alive_key("p", "s1") == "p:{inst-s1}:alive"
     assert rk.instance_replies_key("p", "s1") == "p:{inst-s1}:replies"
     assert rk.instances_key("p") == "p:instances"
+    assert rk.instance_jobs_key("p", "s1") == "p:{inst-s1}:jobs"
+    assert rk.job_holders_key("p") == "p:job_holders"
+    assert rk.job_reports_key("p") == "p:job_reports"
+    assert rk.legacy_jobs_key("p") == "p:jobs"
+    conv = rk.ConversationKeys("p", "c1")
+    assert (conv.jobs, conv.legacy_jobs) == ("p:{c1}:reply_jobs", "p:{c1}:jobs")
     assert rk.control_channel("p", "s1") == "p:{ctl-s1}:control"
     assert rk.response_cache_key("p", "abc") == "p:rcache:abc"
     conns = rk.user_key("p", "u1", "conns")

@@ -267,18 +267,22 @@ async def test_read_bounds_match_a_plain_filter(redis_clients: RedisClients) -> 
 
 
 async def test_a_retried_script_is_our_own_append_not_a_duplicate(redis_url: str) -> None:
-    """redis-py resends a script whose reply was lost; the first run already appended."""
+    """redis-py resends a script whose reply was lost; the first run already appended (and
+    added the question's job, which the caller must run: nothing else would)."""
     from redis.asyncio import Redis
 
+    from storage.jobs.redis import RedisReplyJobs
     from storage.outbox.redis import RedisOutbox
     from storage.records import MessageDraft
     from storage.window.redis import RedisWindow
 
     redis = Redis.from_url(redis_url)
     try:
-        window = RedisWindow(redis, size=10)
+        window = RedisWindow(redis, size=10, fanout_head=_no_head)
         outbox = RedisOutbox(redis, consumer="c")
+        jobs = RedisReplyJobs(redis, holder="w1")
         await outbox.start()
+        await jobs.start()
         await window.rebuild("conv", [], 0)
         script = window._append_script
 
@@ -288,8 +292,10 @@ async def test_a_retried_script_is_our_own_append_not_a_duplicate(redis_url: str
 
         window._append_script = twice  # type: ignore[method-assign]
         draft = MessageDraft("conv", "user", "hi", user_id="u", client_msg_id="m1")
-        result = await window.append(draft, outbox)
+        result = await window.append(draft, outbox, jobs=jobs)
         assert not result.duplicate  # the caller still fans it out and starts the reply
+        assert result.job_id == result.message.id and not result.job_first
+        assert (await jobs.stats()).outstanding == 1
         window._append_script = script  # type: ignore[method-assign]
         again = await window.append(draft, outbox)
         assert again.duplicate and again.message.id == result.message.id
@@ -381,5 +387,54 @@ async def test_a_gate_s_keys_are_read_by_the_append_s_own_mget(
         await window.append(draft("one"), outbox, gate)
     after = await window.redis.info("commandstats")
     assert (refused.value.code, refused.value.value) == (41, 1)
-    mgets = after["cmdstat_mget"]["calls"] - before["cmdstat_mget"]["calls"]
+    mgets = after["cmdstat_mget"]["calls"] - before.get("cmdstat_mget", {}).get("calls", 0)
     assert mgets == 1  # the gate read nothing on its own
+
+
+# A follow that says what it was given: the offset, its first key's value (V), an arg.
+_ECHO_FOLLOW = """
+redis.call('SET', K[2], A[1])
+return {offset, V[1] or 'none', A[1]}
+"""
+
+
+async def test_a_follow_runs_in_the_question_s_append_only_when_its_job_is_alone(
+    redis_clients: RedisClients,
+) -> None:
+    from storage.jobs.base import ReplyJob
+    from storage.jobs.redis import RedisReplyJobs
+    from storage.window.base import AppendFollow
+
+    window, outbox = await make_pair(redis_clients, fanout_head=_no_head)
+    jobs = RedisReplyJobs(window.redis, holder="w1", cluster=redis_clients.cluster)
+    await jobs.start()
+    keys = ConversationKeys(window.prefix, CID)
+    seen: list[str] = []
+
+    def follow(question_id: str) -> AppendFollow:
+        seen.append(question_id)
+        return AppendFollow(_ECHO_FOLLOW, (keys.base + ":probe", keys.base + ":out"), ("x",))
+
+    await window.rebuild(CID, [], 0)
+    if redis_clients.cluster:  # its keys may be in other slots: the caller does it after
+        assert not window.follows
+        with pytest.raises(TypeError):
+            await window.append(draft("one", key="q1"), outbox, jobs=jobs, follow=follow)
+        return
+    await window.redis.set(keys.base + ":probe", "seen")
+    first = await window.append(draft("one", key="q1"), outbox, jobs=jobs, follow=follow)
+    assert seen == [first.message.id]  # built from the new message's id
+    assert first.followed == [first.message.offset, b"seen", b"x"]
+    assert await window.redis.get(keys.base + ":out") == b"x"
+    second = await window.append(draft("two", key="q2"), outbox, jobs=jobs, follow=follow)
+    assert second.job_id is not None and not second.job_first
+    assert second.followed is None  # an older job is unfinished: the caller takes its turn
+    resent = await window.append(draft("one", key="q1"), outbox, jobs=jobs, follow=follow)
+    assert resent.duplicate and resent.followed is None
+    answer = MessageDraft(conversation_id=CID, role="assistant", text="a", client_msg_id="g")
+    assert first.job_id is not None
+    answered = await window.append(answer, outbox, jobs=jobs, answers=first.job_id, follow=follow)
+    assert answered.followed is None  # an answer is no question: nothing follows it
+    await jobs.done(ReplyJob(second.job_id, second.message))
+    third = await window.append(draft("three", key="q3"), outbox, jobs=jobs, follow=follow)
+    assert third.followed is not None and third.followed[0] == third.message.offset

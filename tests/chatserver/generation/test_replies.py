@@ -170,3 +170,20 @@ async def test_fast_clients_are_not_cut_off(make_harness: MakeHarness) -> None:
     for _ in range(40):
         await bob.expect(MessageEvent)
     assert harness.app[keys.METRICS].slow_consumers._value.get() == 0
+
+
+async def test_a_queued_question_is_answered_from_the_context_up_to_it(
+    make_harness: MakeHarness,
+) -> None:
+    """Questions asked while a reply streams wait their turn; when one's comes, the context
+    it reads holds the questions queued behind it too: they are theirs to answer."""
+    harness = await make_harness(local_ttft_ms=200)
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    await alice.join(conv)
+    streaming = await alice.send(conv, "a long one first")
+    queued = [await alice.send(conv, f"queued question {i}") for i in range(2)]
+    assert (await alice.reply(streaming.message_id)).end is not None
+    for i, sent in enumerate(queued):
+        reply = await alice.reply(sent.message_id)
+        assert reply.text.startswith(f"You said: queued question {i} "), reply.text

@@ -1,0 +1,20 @@
+-- Take the conversation's reply slot in the question's own append, its job being alone in line
+-- (a follow of the window's append: the body of a function of K, A, V and the question's
+-- offset), and read the reply's context there too: the reply starts without a round trip.
+-- K: reply hash, reply_next, watchers, this instance's replies, the window. A: gid, owner,
+-- agent, the model for a first question (offset 1), the model otherwise, reply_to, ttl ms,
+-- this reply's member of the instance's replies, context size. V[2]: reply_next.
+-- Returns {1 + 2 * watched (as begin.lua), the context's entries newest first}, or 0 when
+-- the slot is held or promised to a waiter: the reply then takes it as usual (begin.lua).
+if V[2] or redis.call('EXISTS', K[1]) == 1 then return 0 end
+-- Listed as ours before the hash exists, as begin's caller does (a sweep finds it there).
+redis.call('SADD', K[4], A[8])
+local watched = 0
+for _, member in ipairs(redis.call('SMEMBERS', K[3])) do
+  if member ~= A[2] then watched = 1 break end
+end
+local model = offset == 1 and A[4] or A[5]
+redis.call('HSET', K[1], 'gid', A[1], 'owner', A[2], 'agent', A[3], 'model', model,
+           'reply_to', A[6], 'seq', 0, 'watched', watched)
+redis.call('PEXPIRE', K[1], A[7])
+return {1 + 2 * watched, redis.call('XREVRANGE', K[5], '+', '-', 'COUNT', A[9])}
