@@ -97,7 +97,8 @@ class AppendResult:
     # to its own members only.
     fanned_out: bool = False
     # What the append's follow returned (storage.window.base.AppendFollow); None: it did not
-    # run (none given, or the question's job was not alone in line).
+    # run (none given, or the question's job was not alone in line). When it returned a
+    # table, it stands for the question's job: ``job_id`` is None.
     followed: Any = None
 
 

@@ -48,7 +48,7 @@ class PreparedReply:
     as the window's entries (``HotWindow.context_of`` decodes them)."""
 
     slot: Slot
-    context: Sequence[object]
+    context: Sequence[object] | None  # None: read it as a reply not first in line does
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +79,10 @@ class ClaimedReply:
     owner: ReplyOwner
     seq: int
     text: str
+    # A reply its question's append started (the slot is the question's job) of which
+    # nothing was recorded: kept, now owned by the claimer, who runs it again (the question
+    # at this offset). None: deleted, for the claimer to end with ``text``.
+    rerun_offset: int | None = None
 
 
 class ReplyBuffer(Protocol):
@@ -131,7 +135,8 @@ class ReplyBuffer(Protocol):
         """Replies whose owner's instance is gone: (conversation, generation)."""
 
     async def claim(self, conversation_id: str, generation_id: str) -> ClaimedReply | None:
-        """Atomically take an expired reply; None if it is live or someone else took it."""
+        """Atomically take an expired reply; None if it is live or someone else took it
+        (``ClaimedReply.rerun_offset``: kept for the claimer to run again)."""
 
 
 class _Running:

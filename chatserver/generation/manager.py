@@ -32,7 +32,7 @@ from ..conversations import ConversationService
 from ..errors import ServiceError
 from ..fanout.events import Event
 from ..ops.metrics import Metrics
-from .buffer import ReplyBuffer
+from .buffer import PreparedReply, ReplyBuffer
 from .cache import ResponseCache, cache_key
 from .jobs import generation_id_for
 from .leases import keep_leases
@@ -173,9 +173,12 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         message: Message,
         job: ReplyJob | None = None,
         followed: object = None,
+        *,
+        prepared: PreparedReply | None = None,
     ) -> ReplyRun:
         """Answer ``message``; with its reply job, done once the answer is stored.
-        ``followed``: what the question's append follow returned (``append_follow``)."""
+        ``followed``: what the question's append follow returned (``append_follow``);
+        ``prepared``: the slot, taken already (a sweep running a reply again)."""
         agent = self._agents.get(conversation.agent_id)
         if agent is None:
             raise ServiceError(
@@ -204,7 +207,8 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
             self.held[job.job_id] = job
             run.job_id = job.job_id
         if followed is not None:
-            run.prepared = self._buffer.prepared(followed)
+            prepared = self._buffer.prepared(followed)
+        run.prepared = prepared
         task = asyncio.create_task(self._run(run, lane, job), name=f"reply-{run.generation_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -228,6 +232,9 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
 
     async def _run(self, run: ReplyRun, lane: Lane, job: ReplyJob | None) -> None:
         ended = False  # the question has its end (stored, or ended before): the job is done
+        # The slot its question's append took stands for its job (a sweep runs it should
+        # this instance stop): one that fails before its end becomes a job here.
+        slot_job = job is None and run.prepared is not None
         try:
             turn = await self._first_turn(job)
             if job is not None and turn is not None:
@@ -249,13 +256,16 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
                     await self._job_done(job, finished=run.job_done)
                 elif not self._closing:
                     self.retry_jobs.append(job)
-            await self._release_unused_slot(run)
+            elif slot_job and not ended and not self._closing:
+                retry = await self._job_for(run)
+                if retry is not None:
+                    self.retry_jobs.append(retry)
 
     async def _answer(self, run: ReplyRun, job: ReplyJob | None) -> bool:
         """In the lane: the reply, unless answered before; whether the question has its end."""
         if self._closing:
-            if job is not None:
-                return False  # kept: another instance, or the next start, answers it
+            if job is not None or run.prepared is not None:
+                return False  # kept: another instance (claim or sweep), or the next start
             # Never leave an acked question without an end: say why it has no answer.
             restarted = "the server restarted before replying"
             finish = Finish(FinishReason.ERROR, Usage(0, 0), restarted)
@@ -375,6 +385,7 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
             lease_s,
             sweep_s,
             rerun_unstarted=self._rerun_unstarted,
+            rerun=self.rerun,
         )
 
     def _checkpoint(self) -> None:

@@ -5,17 +5,18 @@ starts with no round trip), else by the reply itself, beside its context read.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
-from protocol import ErrorCode, Message
+from protocol import ErrorCode, FinishReason, Message, Usage
+from storage.jobs.base import ReplyJob
 from storage.records import Conversation
 from storage.window.base import AppendFollow
 
 from ..errors import ServiceError
-from .buffer import ReplyOwner
+from .buffer import ClaimedReply, PreparedReply, ReplyOwner, Slot
 from .jobs import generation_id_for
 from .manager_state import SLOT_POLL, ManagerState, log
+from .provider import Finish
 from .streaming import ReplyRun
 
 
@@ -63,7 +64,10 @@ class _SlotSteps(ManagerState):
         cid = run.conversation_id
         if prepared is not None:
             run.watched = prepared.slot.watched
-            return _up_to(self._conversations.window.context_of(cid, prepared.context), run)
+            if prepared.context is not None:
+                context = self._conversations.window.context_of(cid, prepared.context)
+                return _up_to(context, run)
+            return _up_to(await self._conversations.recent(cid, self._context), run)
         waited, history = await asyncio.gather(
             self._take_slot(run), self._conversations.recent(cid, self._context)
         )
@@ -71,16 +75,34 @@ class _SlotSteps(ManagerState):
             history = await self._conversations.recent(cid, self._context)
         return _up_to(history, run)
 
-    async def _release_unused_slot(self, run: ReplyRun) -> None:
-        """A slot the question's append took for a reply that never streamed (stopping,
-        failing before): released, so that a claimer runs the reply, not ends it cut off."""
-        if run.prepared is None:
+    async def _job_for(self, run: ReplyRun) -> ReplyJob | None:
+        """A reply whose slot stood for its question's job failed before its end: a job
+        now, held here, to run again (its slot is kept: the run begins it again)."""
+        if self.jobs is None:
+            return None
+        try:
+            job_id = await self._retrying("add a reply job", self.jobs.add, run.reply_to)
+        except Exception as exc:  # the slot stays: when this instance stops, a sweep runs it
+            log.warning("a failed reply was not made a job: %r", exc)
+            return None
+        return ReplyJob(job_id, run.reply_to, claimed=True)
+
+    async def rerun(self, claimed: ClaimedReply) -> None:
+        """A reply its question's append started, of which nothing was recorded when its
+        owner died: its slot is ours now (``ReplyBuffer.claim``), and it runs here."""
+        assert claimed.rerun_offset is not None
+        owner = claimed.owner
+        cid, offset = owner.conversation_id, claimed.rerun_offset
+        conversation = await self._conversations.get(cid)
+        view = await self._conversations.read_window(cid, after=offset - 1, limit=1)
+        question = next((m for m in view.messages if m.offset == offset), None)
+        if question is None or conversation is None or self._agents.get(owner.agent_id) is None:
+            why = "the question of a reply cut off by its instance's stop was not found"
+            await self.store_and_end(owner, "", Finish(FinishReason.ERROR, Usage(0, 0), why))
             return
-        run.prepared = None
-        with contextlib.suppress(Exception):
-            await self._buffer.end(run.conversation_id, run.generation_id)
-            return
-        log.warning("a reply's unused slot was not released: its lease frees it")
+        log.warning("running again a reply whose instance died before any of it was recorded")
+        prepared = PreparedReply(Slot(watched=True), None)
+        self.start(conversation, question, None, prepared=prepared)
 
     async def _take_slot(self, run: ReplyRun) -> bool:
         """One reply per conversation across instances: wait while another one streams.

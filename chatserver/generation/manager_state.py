@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from protocol.backoff import Backoff
 
 if TYPE_CHECKING:
+    from protocol import Message
     from storage.jobs.base import ReplyJob, ReplyJobs
+    from storage.records import Conversation
 
     from ..agents import AgentCatalog
     from ..conversations import ConversationService
     from ..fanout.envelope import Control
     from ..ops.metrics import Metrics
-    from .buffer import ReplyBuffer, ReplyOwner
+    from .buffer import PreparedReply, ReplyBuffer, ReplyOwner
     from .cache import ResponseCache
     from .provider import Finish, Provider, PushProvider
     from .routing import Router
@@ -98,4 +100,15 @@ class ManagerState:
         raise NotImplementedError
 
     async def store_and_end(self, owner: ReplyOwner, text: str, finish: Finish) -> None:
+        raise NotImplementedError
+
+    def start(
+        self,
+        conversation: Conversation,
+        message: Message,
+        job: ReplyJob | None = None,
+        followed: object = None,
+        *,
+        prepared: PreparedReply | None = None,
+    ) -> ReplyRun:
         raise NotImplementedError

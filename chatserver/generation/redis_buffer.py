@@ -329,13 +329,22 @@ class RedisReplyBuffer:
             return None
         member = self._member(conversation_id, generation_id)
         replies = instance_replies_key(self._prefix, owner)
-        claimed = await self._claim(keys=keys, args=[generation_id, owner])
+        # Listed as ours before it may be (a reply kept for us to run again): should we die
+        # too, the next sweep finds it; one we only end is taken off with our next heartbeat.
+        mine = instance_replies_key(self._prefix, self._server_id)
+        await self._redis.sadd(mine, member)
+        args: list[str | int] = [generation_id, owner, self._server_id, self._ttl_ms]
+        claimed = await self._claim(keys=keys, args=args)
         await self._redis.srem(replies, member)
+        if not claimed or not int(claimed[6]):
+            self._ended.append(member)
         if not claimed:
             return None
-        agent, model, reply_to, seq, text = (_s(v) for v in claimed)
+        agent, model, reply_to, seq, text = (_s(v) for v in claimed[:5])
+        kept = int(claimed[6]) == 1
         return ClaimedReply(
             ReplyOwner(conversation_id, generation_id, owner, agent, model, reply_to),
             int(seq),
             text,
+            rerun_offset=int(claimed[5]) if kept else None,
         )

@@ -11,8 +11,9 @@
 -- and args follow these, then the follow's (a step run after a question's append when its
 -- job is alone in line: window_follow.lua).
 -- Returns {0, offset, ms[, 1: the job is alone in its conversation, what the follow returned
--- (false: no follow ran)]} | {1, record} duplicate | {2} missing | {3} full | {4, code, value}
--- refused by the gate.
+-- (false: none ran, or it returned no table)[, 1: the follow's table stands for the job, none
+-- was added]]} | {1, record} duplicate | {2} missing | {3} full | {4, code, value} refused by
+-- the gate.
 -- One MGET reads the idempotency record, both keys whose absence means a missing window,
 -- the conversation's unfinished jobs, and the gate's and the follow's keys (their reads cost
 -- nothing more; a key that holds no string reads as false).
@@ -58,12 +59,17 @@ end
 if ARGV[11] ~= '' then finish_job(KEYS[5], found[4], ARGV[11]) end
 local job = ARGV[8]
 if job ~= '' then  -- a question: its reply job, in this same step
-  if ARGV[10] ~= '' then redis.call('SADD', KEYS[7], ARGV[10]) end
-  local alone = add_job(KEYS[5], found[4], job, offset, ARGV[9], ms, ARGV[1], ttl)
+  local alone = found[4] and 0 or 1  -- no unfinished job of the conversation
   local followed = false
   if alone == 1 then
     --FOLLOW--
   end
+  if type(followed) == 'table' then
+    -- What the follow did stands for the job (AppendFollow): none is added.
+    return {0, tonumber(offset), tonumber(ms), 1, followed, 1}
+  end
+  if ARGV[10] ~= '' then redis.call('SADD', KEYS[7], ARGV[10]) end
+  add_job(KEYS[5], found[4], job, offset, ARGV[9], ms, ARGV[1], ttl)
   return {0, tonumber(offset), tonumber(ms), alone, followed}
 end
 return {0, tonumber(offset), tonumber(ms)}

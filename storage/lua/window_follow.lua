@@ -1,8 +1,8 @@
 -- What window_append.lua runs at its follow line when a follow is given, right after a
 -- question's job was added alone in line: the follow is the body of a function of K, A, V and
 -- the question's offset, its keys and args the ones after the gate's, V the values of its
--- keys that the append's MGET read (false where a key holds no string). What it returns is
--- the append's last element.
+-- keys that the append's MGET read (false where a key holds no string). A table it returns
+-- stands for the question's job (none is added) and is the append's fifth element.
 do
   local gate_keys, gate_args = tonumber(ARGV[15]), tonumber(ARGV[16])
   local K, A, V = {}, {}, {}

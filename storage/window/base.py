@@ -54,8 +54,11 @@ class AppendFollow:
     ``lua``: the body of a Lua function of ``K`` (the follow's ``keys``, in the
     conversation's slot), ``A`` (its ``args``), ``V`` (the values of its keys, read by the
     append's own MGET: false where a key is missing or holds no string) and the question's
-    offset. What it returns is the result's ``followed`` (None when it did not run). Only
-    windows whose ``follows`` is true take one.
+    offset. What it returns is the result's ``followed`` (None when it did not run). A table
+    (a Lua array) it returns stands for the question's reply job: the append adds none
+    (``job_id`` None), and whoever wrote the follow answers for the question being answered
+    (the reply slot's own sweep does, chatserver/generation/leases.py). Only windows whose
+    ``follows`` is true take one.
     """
 
     lua: str

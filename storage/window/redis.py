@@ -356,7 +356,10 @@ class RedisWindow:
             await outbox.push(shard, payload, offset, created_ms)
             if idem_ttl_ms:
                 await self._mark_script(keys=[idem_key])
-        if adds_job:
+        followed = reply[4] if len(reply) > 4 and reply[4] is not None else None
+        if len(reply) > 5 and int(reply[5]) == 1:
+            job_id = ""  # the follow's work stands for the question's job
+        elif adds_job:
             assert redis_jobs is not None
             redis_jobs.added(message_id, created_ms)
         finishes = redis_jobs is not None and answers is not None
@@ -370,7 +373,7 @@ class RedisWindow:
             job_done=finishes,
             job_first=len(reply) > 3 and int(reply[3]) == 1,
             fanned_out=fans_out,
-            followed=reply[4] if len(reply) > 4 and reply[4] is not None else None,
+            followed=followed,
         )
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:

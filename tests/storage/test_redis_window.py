@@ -391,29 +391,33 @@ async def test_a_gate_s_keys_are_read_by_the_append_s_own_mget(
     assert mgets == 1  # the gate read nothing on its own
 
 
-# A follow that says what it was given: the offset, its first key's value (V), an arg.
+# A follow that says what it was given (the offset, its first key's value, an arg) while the
+# probe key is set, and declines (0) once it is gone.
 _ECHO_FOLLOW = """
+if not V[1] then return 0 end
 redis.call('SET', K[2], A[1])
-return {offset, V[1] or 'none', A[1]}
+return {offset, V[1], A[1]}
 """
 
 
 async def test_a_follow_runs_in_the_question_s_append_only_when_its_job_is_alone(
     redis_clients: RedisClients,
 ) -> None:
-    from storage.jobs.base import ReplyJob
-    from storage.jobs.redis import RedisReplyJobs
+    """First in line, the follow runs in the question's own step; a table it returns stands
+    for the question's job (none is added), anything else leaves the job to be added."""
+    from storage.jobs.redis import RedisReplyJobs, listed_jobs
     from storage.window.base import AppendFollow
 
     window, outbox = await make_pair(redis_clients, fanout_head=_no_head)
     jobs = RedisReplyJobs(window.redis, holder="w1", cluster=redis_clients.cluster)
     await jobs.start()
     keys = ConversationKeys(window.prefix, CID)
+    probe = keys.base + ":probe"
     seen: list[str] = []
 
     def follow(question_id: str) -> AppendFollow:
         seen.append(question_id)
-        return AppendFollow(_ECHO_FOLLOW, (keys.base + ":probe", keys.base + ":out"), ("x",))
+        return AppendFollow(_ECHO_FOLLOW, (probe, keys.base + ":out"), ("x",))
 
     await window.rebuild(CID, [], 0)
     if redis_clients.cluster:  # its keys may be in other slots: the caller does it after
@@ -421,20 +425,23 @@ async def test_a_follow_runs_in_the_question_s_append_only_when_its_job_is_alone
         with pytest.raises(TypeError):
             await window.append(draft("one", key="q1"), outbox, jobs=jobs, follow=follow)
         return
-    await window.redis.set(keys.base + ":probe", "seen")
+    await window.redis.set(probe, "seen")
     first = await window.append(draft("one", key="q1"), outbox, jobs=jobs, follow=follow)
     assert seen == [first.message.id]  # built from the new message's id
     assert first.followed == [first.message.offset, b"seen", b"x"]
     assert await window.redis.get(keys.base + ":out") == b"x"
+    assert first.job_id is None  # what the follow did stands for the job
+    assert listed_jobs(await window.redis.get(keys.jobs)) == []
+    await window.redis.delete(probe)
     second = await window.append(draft("two", key="q2"), outbox, jobs=jobs, follow=follow)
-    assert second.job_id is not None and not second.job_first
-    assert second.followed is None  # an older job is unfinished: the caller takes its turn
+    assert second.followed == 0 and second.job_first  # it ran and declined: a job as usual
+    assert second.job_id == second.message.id
+    third = await window.append(draft("three", key="q3"), outbox, jobs=jobs, follow=follow)
+    assert third.job_id is not None and not third.job_first
+    assert third.followed is None  # an older job is unfinished: no follow
     resent = await window.append(draft("one", key="q1"), outbox, jobs=jobs, follow=follow)
     assert resent.duplicate and resent.followed is None
     answer = MessageDraft(conversation_id=CID, role="assistant", text="a", client_msg_id="g")
-    assert first.job_id is not None
-    answered = await window.append(answer, outbox, jobs=jobs, answers=first.job_id, follow=follow)
-    assert answered.followed is None  # an answer is no question: nothing follows it
-    await jobs.done(ReplyJob(second.job_id, second.message))
-    third = await window.append(draft("three", key="q3"), outbox, jobs=jobs, follow=follow)
-    assert third.followed is not None and third.followed[0] == third.message.offset
+    answered = await window.append(answer, outbox, jobs=jobs, answers=second.job_id, follow=follow)
+    assert answered.followed is None
+    assert len(seen) == 4  # built for each question's append (a resend's too), no answer's

@@ -16,6 +16,8 @@ if cur and cur ~= ARGV[1] then
 end
 if waiting and waiting ~= ARGV[1] then return 0 end  -- free, but promised to the waiter
 if waiting then redis.call('DEL', KEYS[3]) end
+-- Begun again (a run that failed, now a job): no longer a slot its question's append took.
+if cur then redis.call('HDEL', KEYS[1], 'offset') end
 local watched = 0
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   if member ~= ARGV[2] then watched = 1 break end

@@ -6,6 +6,9 @@
 -- this reply's member of the instance's replies, context size. V[2]: reply_next.
 -- Returns {1 + 2 * watched (as begin.lua), the context's entries newest first}, or 0 when
 -- the slot is held or promised to a waiter: the reply then takes it as usual (begin.lua).
+-- A slot taken here is the question's job (the append adds none): the hash keeps the
+-- question's offset, and a sweep that finds it unstarted after its owner died runs it again
+-- (claim.lua, leases.py).
 if V[2] or redis.call('EXISTS', K[1]) == 1 then return 0 end
 -- Listed as ours before the hash exists, as begin's caller does (a sweep finds it there).
 redis.call('SADD', K[4], A[8])
@@ -15,6 +18,6 @@ for _, member in ipairs(redis.call('SMEMBERS', K[3])) do
 end
 local model = offset == 1 and A[4] or A[5]
 redis.call('HSET', K[1], 'gid', A[1], 'owner', A[2], 'agent', A[3], 'model', model,
-           'reply_to', A[6], 'seq', 0, 'watched', watched)
+           'reply_to', A[6], 'seq', 0, 'watched', watched, 'offset', offset)
 redis.call('PEXPIRE', K[1], A[7])
 return {1 + 2 * watched, redis.call('XREVRANGE', K[5], '+', '-', 'COUNT', A[9])}

@@ -7,12 +7,12 @@ from typing import Any
 
 from chatserver import keys
 from chatserver.generation.jobs import generation_id_for
+from chatserver.generation.leases import sweep_orphans
 from protocol import Role
-from storage.jobs.base import ReplyJob
 from storage.records import MessageDraft
-from storage.redis_keys import ConversationKeys
+from storage.redis_keys import ConversationKeys, instance_alive_key
 
-from ..conftest import MakeHarness
+from ..conftest import MakeHarness, eventually
 
 
 def _count_begins(manager: Any) -> list[str]:
@@ -52,29 +52,44 @@ async def test_a_question_first_in_line_starts_its_reply_without_taking_the_slot
     assert generation_id_for(second.message_id) in begun
 
 
-async def test_a_slot_taken_for_a_reply_that_never_streams_is_released(
+async def test_a_slot_its_append_took_is_the_question_s_job_until_answered(
     make_harness: MakeHarness, redis_url: str
 ) -> None:
-    """A question appended as the instance begins to stop: its job is kept for another
-    instance, and the slot its append took is freed, so that one runs it in full."""
-    harness = await make_harness(redis_url=redis_url)
-    manager = harness.app[keys.GENERATION]
-    conversations = harness.app[keys.CONVERSATIONS]
-    conv_id = await harness.conversation("alice")
+    """The append adds no job for a question whose slot it took: the slot stands for it. The
+    instance stops before the reply streams; it keeps the slot, and once it is gone another
+    instance's sweep runs the reply in full."""
+    first = await make_harness(redis_url=redis_url, server_id="first")
+    other = await make_harness(redis_url=redis_url, server_id="other")
+    manager = first.app[keys.GENERATION]
+    conversations = first.app[keys.CONVERSATIONS]
+    conv_id = await first.conversation("alice")
     conversation = await conversations.get(conv_id)
     assert conversation is not None
     draft = MessageDraft(conv_id, Role.USER.value, "asked while stopping", user_id="alice")
     result = await conversations.append(
         draft, follow=manager.append_follow(conversation, draft.text)
     )
-    assert result.followed is not None and result.job_id is not None
+    assert result.followed is not None and result.job_id is None  # no job: the slot is it
+    assert not await first.app[keys.REDIS].exists(ConversationKeys("chat", conv_id).jobs)
     reply_key = ConversationKeys("chat", conv_id).reply
-    redis = harness.app[keys.REDIS]
-    assert await redis.hget(reply_key, "gid") == generation_id_for(result.message.id).encode()
+    redis = first.app[keys.REDIS]
+    gid = generation_id_for(result.message.id)
+    assert await redis.hget(reply_key, "gid") == gid.encode()
     manager._closing = True  # what shutdown sets first
-    job = ReplyJob(result.job_id, result.message, first=result.job_first)
-    run = manager.start(conversation, result.message, job, result.followed)
+    manager.start(conversation, result.message, None, result.followed)
     await manager.shutdown(2)
-    assert not await redis.exists(reply_key)
-    assert run.prepared is None
-    assert job.job_id not in manager.held
+    assert (
+        await redis.hget(reply_key, "owner") == first.app[keys.SETTINGS].server.server_id.encode()
+    )
+    await redis.delete(instance_alive_key("chat", first.app[keys.SETTINGS].server.server_id))
+    survivor = other.app[keys.GENERATION]
+    await sweep_orphans(survivor._buffer, survivor.store_and_end, True, survivor.rerun)
+
+    async def answered() -> bool:
+        view = await conversations.read_window(conv_id, limit=10)
+        return any(m.reply_to == result.message.id for m in view.messages)
+
+    await eventually(answered)
+    view = await conversations.read_window(conv_id, limit=10)
+    [answer] = [m for m in view.messages if m.reply_to == result.message.id]
+    assert answer.finish_reason == "stop" and "asked while stopping" in answer.text
