@@ -48,7 +48,9 @@ class PreparedReply:
     as the window's entries (``HotWindow.context_of`` decodes them)."""
 
     slot: Slot
-    context: Sequence[object] | None  # None: read it as a reply not first in line does
+    # What the follow read (``HotWindow.context_of``); None: read it as a reply not first in
+    # line does.
+    context: Sequence[object] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +93,19 @@ class ReplyBuffer(Protocol):
     async def begin(self, owner: ReplyOwner) -> Slot | None:
         """Take the conversation's reply slot; None while another live reply holds it."""
 
-    def slot_follow(self, owner: ReplyOwner, later_model: str, context: int) -> AppendFollow | None:
+    def slot_follow(
+        self,
+        owner: ReplyOwner,
+        later_model: str,
+        context: int,
+        since: tuple[int, bytes] = (0, b""),
+    ) -> AppendFollow | None:
         """A follow of the question's append (its job alone in line) that takes the slot
         for ``owner`` (whose model is the one for a conversation's first question,
-        ``later_model`` otherwise) and reads ``context`` messages: the reply then starts
-        with no round trip. None when this buffer cannot (memory, a cluster, or this
-        instance's liveness due for renewal: ``begin`` renews it)."""
+        ``later_model`` otherwise) and reads ``context`` messages (those after the offset
+        ``since`` names, when read under its epoch: ``HotWindow.context_since``): the reply
+        then starts with no round trip. None when this buffer cannot (memory, a cluster, or
+        this instance's liveness due for renewal: ``begin`` renews it)."""
 
     def prepared(self, followed: object) -> PreparedReply | None:
         """What a ``slot_follow`` returned (the append's ``followed``); None: the slot was
@@ -167,7 +176,13 @@ class MemoryReplyBuffer:
         # keeps the one-instance path exactly as it was (every delta through the broker).
         return Slot(watched=True)
 
-    def slot_follow(self, owner: ReplyOwner, later_model: str, context: int) -> AppendFollow | None:
+    def slot_follow(
+        self,
+        owner: ReplyOwner,
+        later_model: str,
+        context: int,
+        since: tuple[int, bytes] = (0, b""),
+    ) -> AppendFollow | None:
         return None  # taking the slot costs no round trip here
 
     def prepared(self, followed: object) -> PreparedReply | None:

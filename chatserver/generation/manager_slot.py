@@ -42,6 +42,7 @@ class _SlotSteps(ManagerState):
             return None
         first = self._router.route(agent, text, first_turn=True).model
         later = self._router.route(agent, text, first_turn=False).model
+        since = self._conversations.window.context_since(conversation.id)
 
         def follow(question_id: str) -> AppendFollow | None:
             owner = ReplyOwner(
@@ -52,7 +53,7 @@ class _SlotSteps(ManagerState):
                 first,
                 question_id,
             )
-            return self._buffer.slot_follow(owner, later, self._context)
+            return self._buffer.slot_follow(owner, later, self._context, since)
 
         return follow
 
@@ -65,7 +66,8 @@ class _SlotSteps(ManagerState):
         if prepared is not None:
             run.watched = prepared.slot.watched
             if prepared.context is not None:
-                context = self._conversations.window.context_of(cid, prepared.context)
+                window = self._conversations.window
+                context = window.context_of(cid, prepared.context, self._context)
                 return _up_to(context, run)
             return _up_to(await self._conversations.recent(cid, self._context), run)
         waited, history = await asyncio.gather(

@@ -154,7 +154,13 @@ class RedisReplyBuffer:
             return None
         return Slot(watched=int(taken) == 3)
 
-    def slot_follow(self, owner: ReplyOwner, later_model: str, context: int) -> AppendFollow | None:
+    def slot_follow(
+        self,
+        owner: ReplyOwner,
+        later_model: str,
+        context: int,
+        since: tuple[int, bytes] = (0, b""),
+    ) -> AppendFollow | None:
         if isinstance(self._redis, RedisCluster) or time.monotonic() >= self._alive_until:
             return None  # the instance's replies are another slot; liveness due: ``begin``
         conv = ConversationKeys(self._prefix, owner.conversation_id)
@@ -164,6 +170,7 @@ class RedisReplyBuffer:
             conv.watchers,
             instance_replies_key(self._prefix, self._server_id),
             conv.win,
+            conv.epoch,
         )
         args = (
             owner.generation_id,
@@ -175,14 +182,15 @@ class RedisReplyBuffer:
             self._ttl_ms,
             self._member(owner.conversation_id, owner.generation_id),
             context,
+            since[0],
+            since[1],
         )
         return AppendFollow(_SLOT_AFTER_APPEND_LUA, keys, args)
 
     def prepared(self, followed: object) -> PreparedReply | None:
         if not isinstance(followed, list) or not followed:
             return None  # 0: held, or promised to a waiter
-        code, entries = followed
-        return PreparedReply(Slot(watched=int(code) == 3), entries)
+        return PreparedReply(Slot(watched=int(followed[0]) == 3), followed[1:])
 
     async def append(self, conversation_id: str, generation_id: str, seq: int, text: str) -> None:
         if await self.append_many([(conversation_id, generation_id, seq, text)]):

@@ -63,7 +63,7 @@ class AppendFollow:
 
     lua: str
     keys: tuple[str, ...]
-    args: tuple[str | int, ...]
+    args: tuple[str | int | bytes, ...]
 
 
 class HotWindow(Protocol):
@@ -129,9 +129,18 @@ class HotWindow(Protocol):
         """
         ...
 
-    def context_of(self, conversation_id: str, entries: Sequence[Any]) -> tuple[Message, ...]:
-        """The messages of the window entries a follow read newest first, oldest first (windows
-        that take follows)."""
+    def context_since(self, conversation_id: str) -> tuple[int, bytes]:
+        """The offset through which this window holds the conversation's context decoded, and
+        the epoch it read it under, for a follow to read only what came after ((0, b""):
+        all)."""
+        ...
+
+    def context_of(
+        self, conversation_id: str, read: Sequence[Any], limit: int
+    ) -> tuple[Message, ...]:
+        """The newest ``limit`` messages, oldest first, from what a follow read: the window
+        entries newest first, the epoch, and the offset they come after (0: all of them)
+        (windows that take follows)."""
         ...
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:

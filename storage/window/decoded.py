@@ -11,6 +11,11 @@ them. An entry is reused only when Redis returns the same bytes and time at the 
 epoch, a Redis that lost its data and numbered new messages again), a reused message is
 the one Redis holds now.
 
+A read may also ask Redis only for what came after the newest offset kept (``since``):
+under the same epoch (no rebuild between, which would also follow a Redis that lost its
+data) the messages up to it are the ones kept, and ``decode`` puts them in front of the
+new ones (``kept_through``). Redis then sends a message or two per reply, not a context.
+
 Bounded in bytes (the payloads plus ``message_bytes`` of what was decoded from them); past
 the bound the least recently read conversations are dropped first. A conversation is
 kept with exactly its last read's entries, so one is never larger than a context.
@@ -39,39 +44,63 @@ class DecodedMessages:
         self.max_bytes = max_bytes
         self.reused = 0  # messages served without decoding (for tests and the curious)
         self._conversations: OrderedDict[str, tuple[dict[int, _Entry], int]] = OrderedDict()
+        self._epochs: dict[str, bytes] = {}  # the epoch a conversation's kept read was under
         self._bytes = 0
 
     def fill(self) -> Mapping[str, tuple[int, int]]:
         return {"context_cache_bytes": (self._bytes, self.max_bytes)}
 
+    def since(self, conversation_id: str) -> tuple[int, bytes]:
+        """The newest offset kept for the conversation and the epoch it was read under
+        ((0, b""): nothing kept, or no epoch known)."""
+        found = self._conversations.get(conversation_id)
+        epoch = self._epochs.get(conversation_id)
+        if found is None or not found[0] or epoch is None:
+            return 0, b""
+        return max(found[0]), epoch
+
     def decode(
-        self, conversation_id: str, entries: Iterable[tuple[int, bytes, int | None]]
+        self,
+        conversation_id: str,
+        entries: Iterable[tuple[int, bytes, int | None]],
+        *,
+        epoch: bytes | None = None,
+        kept_through: int = 0,
+        limit: int | None = None,
     ) -> tuple[Message, ...]:
         """The messages of ``(offset, payload, ms)`` entries, oldest first as given; keeps
-        them for the conversation's next read in place of what it kept before."""
+        them for the conversation's next read in place of what it kept before. With
+        ``kept_through`` (the entries are only those after it, read under ``epoch``, which
+        ``since`` gave), the kept messages up to it come first; ``limit``: the newest that
+        many."""
         before = self._conversations.pop(conversation_id, None)
         kept: dict[int, _Entry] = {}
         if before is not None:
             kept = before[0]
             self._bytes -= before[1]
-        now: dict[int, _Entry] = {}
-        size = 0
-        messages: list[Message] = []
+        self._epochs.pop(conversation_id, None)
+        listed: list[tuple[int, _Entry]] = []
+        if kept_through > 0:
+            listed = [(o, kept[o]) for o in sorted(kept) if o <= kept_through]
         for offset, payload, ms in entries:
             entry = kept.get(offset)
             if entry is not None and entry[1] == ms and entry[0] == payload:
-                message = entry[2]
                 self.reused += 1
             else:
-                message = decode_trusted(payload, offset, ms)
-                entry = (payload, ms, message)
-            now[offset] = entry
-            size += ENTRY_BYTES + len(payload) + message_bytes(message)
-            messages.append(message)
+                entry = (payload, ms, decode_trusted(payload, offset, ms))
+            listed.append((offset, entry))
+        if limit is not None and len(listed) > limit:
+            listed = listed[len(listed) - limit :]
+        self.reused += sum(1 for o, _ in listed if o <= kept_through)
+        now = dict(listed)
+        size = sum(ENTRY_BYTES + len(e[0]) + message_bytes(e[2]) for e in now.values())
         if size <= self.max_bytes:
             self._conversations[conversation_id] = (now, size)
+            if epoch is not None:
+                self._epochs[conversation_id] = epoch
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, (_, dropped) = self._conversations.popitem(last=False)
+                dropped_id, (_, dropped) = self._conversations.popitem(last=False)
+                self._epochs.pop(dropped_id, None)
                 self._bytes -= dropped
-        return tuple(messages)
+        return tuple(entry[2] for _, entry in listed)

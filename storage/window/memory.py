@@ -10,6 +10,7 @@ so a rebuild never hands an offset out twice. Idempotency records are kept apart
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import sys
 import time
@@ -270,7 +271,12 @@ class MemoryWindow:
         while len(self._tombstones) > self.max_tombstones:
             self._tombstones.popitem(last=False)
 
-    def context_of(self, conversation_id: str, entries: Sequence[Any]) -> tuple[Message, ...]:
+    def context_since(self, conversation_id: str) -> tuple[int, builtins.bytes]:
+        return 0, b""
+
+    def context_of(
+        self, conversation_id: str, read: Sequence[Any], limit: int
+    ) -> tuple[Message, ...]:
         raise TypeError("the memory window runs no follows")
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:

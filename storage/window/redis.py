@@ -239,12 +239,19 @@ class RedisWindow:
             self._composed_scripts[(gate, follow)] = script
         return script
 
-    def context_of(self, conversation_id: str, entries: Sequence[Any]) -> tuple[Message, ...]:
-        """The messages of window entries a script read newest first (XREVRANGE), oldest
-        first, through the context cache (as ``recent``)."""
+    def context_since(self, conversation_id: str) -> tuple[int, bytes]:
+        return self.decoded.since(conversation_id)
+
+    def context_of(
+        self, conversation_id: str, read: Sequence[Any], limit: int
+    ) -> tuple[Message, ...]:
+        """What a follow read (``slot_after_append.lua``), through the context cache."""
+        entries, epoch, after = read
         decoded = [entry_fields(entry) for entry in reversed(entries)]
         self.hits += 1
-        return self.decoded.decode(conversation_id, decoded)
+        return self.decoded.decode(
+            conversation_id, decoded, epoch=epoch, kept_through=int(after), limit=limit
+        )
 
     async def append(
         self,

@@ -82,3 +82,27 @@ async def test_kept_messages_stay_within_their_bytes(redis_clients: RedisClients
     assert await none_kept.recent("c3", 50) == await window.recent("c3", 50)
     assert await none_kept.recent("c3", 50) is not None
     assert none_kept.decoded.reused == 0 and none_kept.fill()["context_cache_bytes"] == (0, 0)
+
+
+def test_kept_messages_stand_in_for_those_not_read_again() -> None:
+    """A follow reads only what came after the newest offset kept (``since``) when the
+    epoch is the one the kept messages were read under: those come first, then the new."""
+    from protocol import Message
+    from storage.redis_codec import message_payload
+    from storage.window.decoded import DecodedMessages
+
+    def entry(offset: int) -> tuple[int, bytes, int]:
+        message = Message(f"m{offset}", "c1", offset, "user", f"text {offset}", "", user_id="u")
+        return offset, message_payload(message), 1_700_000_000_000 + offset
+
+    decoded = DecodedMessages(1 << 20)
+    assert decoded.since("c1") == (0, b"")
+    first = decoded.decode("c1", [entry(o) for o in range(1, 6)], epoch=b"e1", limit=4)
+    assert [m.offset for m in first] == [2, 3, 4, 5]
+    assert decoded.since("c1") == (5, b"e1")
+    later = decoded.decode("c1", [entry(6)], epoch=b"e1", kept_through=5, limit=4)
+    assert [m.offset for m in later] == [3, 4, 5, 6]
+    assert all(a is b for a, b in zip(first[1:], later, strict=False))  # not decoded again
+    assert decoded.since("c1") == (6, b"e1")
+    unknown = decoded.decode("c2", [entry(1)])  # read without an epoch: nothing to build on
+    assert len(unknown) == 1 and decoded.since("c2") == (0, b"")

@@ -34,11 +34,23 @@ async def test_a_question_first_in_line_starts_its_reply_without_taking_the_slot
 ) -> None:
     harness = await make_harness(redis_url=redis_url, local_ttft_ms=200)
     begun = _count_begins(harness.app[keys.GENERATION])
+    conversations = harness.app[keys.CONVERSATIONS]
+    append = conversations.append
+    followed: list[Any] = []
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        result = await append(*args, **kwargs)
+        if isinstance(result.followed, list):  # it took the slot (0: held already)
+            followed.append(result.followed)
+        return result
+
+    conversations.append = recorded  # type: ignore[method-assign]
     conv = await harness.conversation("alice")
     alice = await harness.connect("alice")
     await alice.join(conv)
     earlier = await alice.send(conv, "an earlier question, so the context holds more")
     assert (await alice.reply(earlier.message_id)).end is not None
+    earlier_offset = earlier.offset
     first = await alice.send(conv, "first in line")
     second = await alice.send(conv, "behind the first")  # its job is not alone: asks as usual
     replies = [await alice.reply(first.message_id), await alice.reply(second.message_id)]
@@ -50,6 +62,12 @@ async def test_a_question_first_in_line_starts_its_reply_without_taking_the_slot
     assert replies[1].text.startswith("You said: behind the first")
     assert generation_id_for(first.message_id) not in begun
     assert generation_id_for(second.message_id) in begun
+    # The earlier question's follow read its context whole; the first one's only what came
+    # after the earlier context it decoded (its answer and itself), under the same epoch.
+    (_, whole, epoch, after), (_, since, same_epoch, later_after) = followed
+    assert after == 0 and len(whole) == 1
+    assert same_epoch == epoch and later_after == earlier_offset
+    assert [int(e[0].split(b"-")[0]) for e in since] == [first.offset, first.offset - 1]
 
 
 async def test_a_slot_its_append_took_is_the_question_s_job_until_answered(
