@@ -12,7 +12,9 @@ touch them together::
                                    seq, watched
     chat:{<conv>}:reply_text       its text so far (to the last checkpoint when unwatched)
     chat:{<conv>}:reply_next       the reply waiting for the slot (it goes next)
-    chat:{<conv>}:reply_jobs       the unfinished reply jobs, oldest first (one msgpack string)
+    chat:{<conv>}:reply_jobs       the unfinished reply jobs (sorted set of ids by offset), with
+                                   :reply_jobs_data (hash: holder, time, question) and
+                                   :reply_jobs_n (their count, a string the append reads)
     chat:{<conv>}:watchers         set of the instances with a local member joined
     chat:{<conv>}:events           the conversation's fan-out channel between instances
     chat:{<conv>}:presence         sorted set of (instance NUL user) entries of the members
@@ -75,8 +77,22 @@ class ConversationKeys:
 
     @property
     def jobs(self) -> str:
-        """The conversation's unfinished reply jobs, oldest first (storage/jobs/redis.py)."""
+        """The conversation's unfinished reply jobs by offset (storage/jobs/redis.py)."""
         return f"{self.base}:reply_jobs"
+
+    @property
+    def jobs_data(self) -> str:
+        """Each unfinished job's holder, time and question."""
+        return f"{self.base}:reply_jobs_data"
+
+    @property
+    def jobs_count(self) -> str:
+        """How many: read with the window's append MGET (no key: none)."""
+        return f"{self.base}:reply_jobs_n"
+
+    def job_keys(self) -> list[str]:
+        """The three keys of the jobs (order, data, count), as the scripts take them."""
+        return [self.jobs, self.jobs_data, self.jobs_count]
 
     @property
     def legacy_jobs(self) -> str:

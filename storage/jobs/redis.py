@@ -1,12 +1,13 @@
-"""Reply jobs in Redis: per conversation one string of its unfinished jobs, per holder a
-registry of the jobs it holds, claimed by the others once the holder's liveness runs out.
+"""Reply jobs in Redis: per conversation its unfinished jobs in order, per holder a registry
+of the jobs it holds, claimed by the others once the holder's liveness runs out.
 
-A conversation's jobs (``ConversationKeys.jobs``) are one msgpack array, oldest first, of
-(job id, offset, holder, ms, payload) per job (``add_job`` in storage/lua/prelude.lua). The
-window's append reads it with the MGET that reads its idempotency record, and adds the
-question's job (or finishes the one its answer answers) by writing it back: a job costs one
-write when added and one when done. A conversation holds few at once (its questions queued
-behind a running reply). The job id is the question's id.
+A conversation's jobs are three keys (``ConversationKeys.job_keys``, ``add_job`` in
+storage/lua/prelude.lua): a sorted set of the job ids by offset, a hash of each job's
+holder, time and question, and their count as a string, which the window's append reads
+with the MGET that reads its idempotency record. No count: the question is first in line,
+and usually needs no job at all (the reply slot its append takes stands for it). Else the
+append adds the job in the same step, and the answer's append finishes it: each O(log n),
+however many are queued. The job id is the question's id.
 
 Liveness is per instance, not per job: ``renew`` (every third of a lease) sets the
 instance's alive key for one lease (the key the resume buffers' heartbeat sets too) and lists
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgpack
 from redis.asyncio import RedisCluster
@@ -60,27 +61,8 @@ _CLAIM_SCAN = 100  # registry members looked at per dead holder and claim
 _LEGACY_GROUP = "repliers"  # of the previous releases' jobs stream
 
 
-class ListedJob(NamedTuple):
-    job_id: str
-    offset: int
-    holder: str
-    ms: int
-    payload: bytes
-
-
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def listed_jobs(raw: Any) -> list[ListedJob]:
-    """A conversation's jobs string, decoded (oldest first)."""
-    if not raw:
-        return []
-    flat = msgpack.unpackb(raw, raw=True)
-    return [
-        ListedJob(_s(flat[i]), int(flat[i + 1]), _s(flat[i + 2]), int(flat[i + 3]), flat[i + 4])
-        for i in range(0, len(flat), 5)
-    ]
 
 
 def job_member(conversation_id: str, job_id: str) -> str:
@@ -122,8 +104,17 @@ class RedisReplyJobs:
         self._done = redis.register_script(lua.script("jobs_done"))
         self._take_script = redis.register_script(lua.script("jobs_take"))
 
-    def listed(self, conversation_id: str) -> str:
-        return ConversationKeys(self.prefix, conversation_id).jobs
+    def job_keys(self, conversation_id: str) -> list[str]:
+        return ConversationKeys(self.prefix, conversation_id).job_keys()
+
+    async def unfinished(self, conversation_id: str) -> list[tuple[str, str]]:
+        """A conversation's unfinished jobs, oldest first: (job id, holder)."""
+        order, data, _ = self.job_keys(conversation_id)
+        ids = [_s(i) for i in await self.redis.zrange(order, 0, -1)]
+        packed = await self.redis.hmget(data, ids) if ids else []
+        return [
+            (i, _s(msgpack.unpackb(p, raw=True)[0])) for i, p in zip(ids, packed, strict=True) if p
+        ]
 
     async def start(self) -> None:
         # Before any append of this run: whatever the registry holds was an earlier run's.
@@ -144,7 +135,7 @@ class RedisReplyJobs:
             message_payload(message),
             self.key_ttl_s,
         ]
-        await self._add(keys=[self.listed(cid)], args=args)
+        await self._add(keys=self.job_keys(cid), args=args)
         self.added(message.id, args[3])
         return message.id
 
@@ -158,15 +149,15 @@ class RedisReplyJobs:
         self._ended.append(job_member(conversation_id, job_id))
 
     async def turn(self, job: ReplyJob) -> Turn:
-        raw = await self.redis.get(self.listed(job.message.conversation_id))
-        older = [j for j in listed_jobs(raw) if j.offset < job.message.offset]
-        if not older:
+        order = self.job_keys(job.message.conversation_id)[0]
+        oldest: Any = await self.redis.zrange(order, 0, 0, withscores=True)
+        if not oldest or float(oldest[0][1]) >= job.message.offset:
             return Turn(go=True)
-        return Turn(go=False, blocker=min(older, key=lambda j: j.offset).job_id)
+        return Turn(go=False, blocker=_s(oldest[0][0]))
 
     async def done(self, job: ReplyJob) -> None:
         cid = job.message.conversation_id
-        await self._done(keys=[self.listed(cid)], args=[job.job_id])
+        await self._done(keys=self.job_keys(cid), args=[job.job_id])
         self.finished(cid, job.job_id)
 
     async def renew(self, jobs: Sequence[ReplyJob]) -> list[str]:
@@ -211,7 +202,8 @@ class RedisReplyJobs:
         mine = job_member(cid, job_id)
         if dead != self.holder:
             await self.redis.sadd(self.registry, mine)  # listed as ours before it is ours
-        found = await self._take_script(keys=[self.listed(cid)], args=[job_id, dead, self.holder])
+        order, data, _ = self.job_keys(cid)
+        found = await self._take_script(keys=[order, data], args=[job_id, dead, self.holder])
         if dead != self.holder:
             await self.redis.srem(instance_jobs_key(self.prefix, dead), member)
         if not found:

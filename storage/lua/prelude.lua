@@ -39,51 +39,27 @@ local function owns(gid, owner)
   return f[1] == gid and f[2] == owner
 end
 
--- Reply jobs (storage/jobs/redis.py): a conversation's unfinished jobs, oldest first, in one
--- string `listed` (read by the caller's MGET, passed here as `raw`): one flat msgpack array
--- of (job id, offset, holder, ms, payload) per job. A conversation holds few at once (its
--- questions queued behind a running reply), so a job costs the write of that string only.
-local JOB_FIELDS = 5
-
-local function jobs_in(raw)
-  if not raw then return {} end
-  return cmsgpack.unpack(raw)
-end
-
--- Writes what is left (none: the key goes), keeping the key's TTL.
-local function jobs_put(listed, jobs)
-  if #jobs == 0 then
-    redis.call('DEL', listed)
-  else
-    redis.call('SET', listed, cmsgpack.pack(jobs), 'KEEPTTL')
+-- Reply jobs (storage/jobs/redis.py). A conversation's unfinished jobs are three keys, `J`:
+-- J[1] a sorted set of the job ids by offset (the order), J[2] a hash of each job's
+-- cmsgpack {holder, ms, question payload}, J[3] their count as a string, which the window's
+-- append reads with its MGET (no count: no job, the question is alone in line). Adding or
+-- finishing one is O(log n), however many are queued.
+local function add_job(J, id, offset, holder, ms, payload, ttl)
+  local n = redis.call('INCR', J[3])
+  redis.call('ZADD', J[1], tonumber(offset), id)
+  redis.call('HSET', J[2], id, cmsgpack.pack({holder, tonumber(ms), payload}))
+  -- `ttl` (s) bounds jobs nobody would ever finish (their holders' registries lost): set
+  -- with the first job and every 16th, not with each.
+  if n % 16 == 1 then
+    for i = 1, 3 do redis.call('EXPIRE', J[i], ttl) end
   end
+  return n == 1 and 1 or 0
 end
 
--- Adds a job held by `holder`; `ttl` (s) bounds a listing nobody ever finishes (lost holders'
--- registries). Returns 1 when it is alone (no older job of the conversation is unfinished:
--- it may go without asking for its turn), else 0.
-local function add_job(listed, raw, id, offset, holder, ms, payload, ttl)
-  local jobs = jobs_in(raw)
-  local alone = #jobs == 0 and 1 or 0
-  local n = #jobs
-  jobs[n + 1] = id
-  jobs[n + 2] = tonumber(offset)
-  jobs[n + 3] = holder
-  jobs[n + 4] = tonumber(ms)
-  jobs[n + 5] = payload
-  redis.call('SET', listed, cmsgpack.pack(jobs), 'EX', ttl)
-  return alone
-end
-
--- A job answered: out of the listing. Returns 1 when it was listed (0: done before).
-local function finish_job(listed, raw, id)
-  local jobs = jobs_in(raw)
-  for i = 1, #jobs, JOB_FIELDS do
-    if jobs[i] == id then
-      for _ = 1, JOB_FIELDS do table.remove(jobs, i) end
-      jobs_put(listed, jobs)
-      return 1
-    end
-  end
-  return 0
+-- A job answered: out of the conversation's jobs. Returns 1 when it was there (0: done).
+local function finish_job(J, id)
+  if redis.call('ZREM', J[1], id) == 0 then return 0 end
+  redis.call('HDEL', J[2], id)
+  if redis.call('DECR', J[3]) <= 0 then redis.call('DEL', J[3]) end
+  return 1
 end

@@ -1,6 +1,7 @@
 -- Append one message to a conversation's window (and, on a single Redis, to the outbox).
--- KEYS: seq, epoch, win, idem, the conversation's reply jobs, outbox, the holder's job
--- registry (the last two unused on a cluster: another slot). ARGV: payload, size, idem ttl ms
+-- KEYS: seq, epoch, win, idem, the conversation's reply jobs (their count, order and data:
+-- prelude.lua), outbox, the holder's job registry (the last two unused on a cluster: another
+-- slot). ARGV: payload, size, idem ttl ms
 -- (0: no record), key ttl s, outbox max (0: no bound), record state ("d": in the outbox,
 -- appended here; "p": not yet, the caller's next step), ttl every (refresh the TTLs when the
 -- offset is a multiple of it), the question's job id ('': no job), its holder, its member
@@ -18,7 +19,7 @@
 -- the conversation's unfinished jobs, and the gate's and the follow's keys (their reads cost
 -- nothing more; a key that holds no string reads as false).
 local reads = {KEYS[4], KEYS[2], KEYS[1], KEYS[5]}
-for i = 8, #KEYS do reads[#reads + 1] = KEYS[i] end
+for i = 10, #KEYS do reads[#reads + 1] = KEYS[i] end
 local found = redis.call('MGET', unpack(reads))
 local idem_ttl = tonumber(ARGV[3])
 if idem_ttl > 0 and found[1] then return {1, found[1]} end
@@ -30,13 +31,13 @@ if not found[3] then
 end
 local in_outbox = ARGV[6] == 'd'
 local bound = tonumber(ARGV[5])
-if in_outbox and bound > 0 and redis.call('XLEN', KEYS[6]) >= bound then return {3} end
+if in_outbox and bound > 0 and redis.call('XLEN', KEYS[8]) >= bound then return {3} end
 --GATE--
 local offset = string.format('%d', redis.call('INCR', KEYS[1]))
 local ms = string.format('%d', now_ms())
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[2], offset .. '-0', 'm', ARGV[1], 't', ms)
 if in_outbox then
-  redis.call('XADD', KEYS[6], '*', 'm', ARGV[1], 'o', offset, 't', ms)
+  redis.call('XADD', KEYS[8], '*', 'm', ARGV[1], 'o', offset, 't', ms)
 end
 local publish = ARGV[12]
 if publish ~= '' then
@@ -56,7 +57,8 @@ if tonumber(offset) % tonumber(ARGV[7]) == 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
   redis.call('EXPIRE', KEYS[1], 2 * ttl)
 end
-if ARGV[11] ~= '' then finish_job(KEYS[5], found[4], ARGV[11]) end
+local J = {KEYS[6], KEYS[7], KEYS[5]}
+if ARGV[11] ~= '' then finish_job(J, ARGV[11]) end
 local job = ARGV[8]
 if job ~= '' then  -- a question: its reply job, in this same step
   local alone = found[4] and 0 or 1  -- no unfinished job of the conversation
@@ -68,8 +70,8 @@ if job ~= '' then  -- a question: its reply job, in this same step
     -- What the follow did stands for the job (AppendFollow): none is added.
     return {0, tonumber(offset), tonumber(ms), 1, followed, 1}
   end
-  if ARGV[10] ~= '' then redis.call('SADD', KEYS[7], ARGV[10]) end
-  add_job(KEYS[5], found[4], job, offset, ARGV[9], ms, ARGV[1], ttl)
+  if ARGV[10] ~= '' then redis.call('SADD', KEYS[9], ARGV[10]) end
+  add_job(J, job, offset, ARGV[9], ms, ARGV[1], ttl)
   return {0, tonumber(offset), tonumber(ms), alone, followed}
 end
 return {0, tonumber(offset), tonumber(ms)}

@@ -6,7 +6,7 @@
 do
   local gate_keys, gate_args = tonumber(ARGV[15]), tonumber(ARGV[16])
   local K, A, V = {}, {}, {}
-  for i = 8 + gate_keys, #KEYS do
+  for i = 10 + gate_keys, #KEYS do
     K[#K + 1] = KEYS[i]
     V[#K] = found[4 + gate_keys + #K]
   end

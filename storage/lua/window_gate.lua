@@ -4,7 +4,7 @@
 -- {code, value}: 0 goes ahead, anything else refuses the append with {4, code, value}.
 do
   local K, A, V = {}, {}, {}
-  for i = 8, 7 + tonumber(ARGV[15]) do
+  for i = 10, 9 + tonumber(ARGV[15]) do
     K[#K + 1] = KEYS[i]
     V[#K] = found[4 + #K]
   end

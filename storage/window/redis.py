@@ -38,10 +38,10 @@ reached the other instances, whatever instance dies when; the caller delivers it
 members only (``AppendResult.fanned_out``). A question with a reply job requires it: a
 claimer never publishes the question again.
 
-**Reply jobs in the append** (storage/jobs/redis.py): the conversation's jobs string is one
-more key of the MGET; a question's job is added, or the one an answer answers finished, by
-writing it back in the same step, a cluster included (the string shares the conversation's
-hash tag). The holder's registry is another slot on a cluster: listed just before.
+**Reply jobs in the append** (storage/jobs/redis.py): the count of the conversation's jobs is
+one more key of the MGET; a question's job is added, or the one an answer answers finished,
+in the same step, a cluster included (the jobs share the conversation's hash tag). The
+holder's registry is another slot on a cluster: listed just before.
 
 The bound check is not atomic with the append on a cluster: concurrent appends may overshoot
 ``max_entries`` by a few entries.
@@ -302,7 +302,7 @@ class RedisWindow:
         member = job_member(cid, message_id) if adds_job else ""
         # The job lives in the conversation's slot: its append adds or finishes it, a cluster
         # too. Only the holder's registry is elsewhere on a cluster: listed before the append.
-        script_keys.append(keys.jobs)
+        script_keys += [keys.jobs_count, keys.jobs, keys.jobs_data]
         script_args += [job_id, redis_jobs.holder if redis_jobs is not None else ""]
         if self.cluster:
             if gate is not None or follow is not None:

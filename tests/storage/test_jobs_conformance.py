@@ -99,3 +99,19 @@ async def test_a_dead_holders_unfinished_jobs_are_claimed_once(
     for job in taken:
         await new.done(job)
     assert (await new.stats()).outstanding == 0
+
+
+async def test_a_job_waits_for_the_oldest_unfinished_one_whatever_finished_between(
+    jobs_harness: JobsHarness, new_message: MessageFactory
+) -> None:
+    jobs = await jobs_harness.make("a")
+    queued = [await _job(jobs, new_message("c1")) for _ in range(5)]
+    await jobs.done(queued[1])  # finished out of order (its answer came from elsewhere)
+    await jobs.done(queued[3])
+    assert (await jobs.turn(queued[4])).blocker == queued[0].job_id
+    await jobs.done(queued[0])
+    assert (await jobs.turn(queued[4])).blocker == queued[2].job_id
+    assert (await jobs.turn(queued[2])).go
+    await jobs.done(queued[2])
+    assert (await jobs.turn(queued[4])).go
+    assert (await jobs.stats()).outstanding == 1

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from protocol import timestamp_to_ms
 from storage.jobs.base import ReplyJob, oldest_first
-from storage.jobs.redis import RedisReplyJobs, job_member, listed_jobs
+from storage.jobs.redis import RedisReplyJobs, job_member
 from storage.redis_codec import message_payload
 from storage.redis_keys import ConversationKeys
 
@@ -69,7 +69,7 @@ async def test_a_slow_holder_learns_its_claimed_jobs_are_no_longer_its_own(
     assert await other.renew([claimed]) == [job.job_id]
     assert (await other.turn(claimed)).go
     await slow.done(job)  # the slow one stored the answer first: the job is done for both
-    assert listed_jobs(await other.redis.get(other.listed("c1"))) == []
+    assert await other.unfinished("c1") == []
 
 
 async def test_a_restart_under_the_same_id_claims_the_earlier_run_s_jobs_once(

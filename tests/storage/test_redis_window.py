@@ -327,7 +327,7 @@ async def test_an_answer_finishes_its_question_s_job_in_its_own_step(
     assert answered.job_id is None  # an answer adds no job of its own
     assert answered.job_done
     assert (await jobs.stats()).outstanding == 0
-    assert not await window.redis.exists(ConversationKeys(window.prefix, CID).jobs)
+    assert not await window.redis.exists(*ConversationKeys(window.prefix, CID).job_keys())
     again = await window.append(answer, outbox, jobs=jobs, answers=asked.job_id)
     assert again.duplicate and not again.job_done  # a resent answer finishes nothing
     await jobs.renew([])  # done jobs leave the registry with the next renewal
@@ -356,7 +356,8 @@ async def test_a_question_with_no_older_job_listed_is_first_in_line(
     third = await window.append(draft("three", key="q3"), outbox, jobs=jobs)
     assert third.job_first  # the line is empty again
     keys = ConversationKeys(window.prefix, CID)
-    assert await window.redis.ttl(keys.jobs) > 0  # a new listing gets its TTL
+    for key in keys.job_keys():  # a conversation's first job gives its keys their TTL
+        assert await window.redis.ttl(key) > 0
     resent = await window.append(draft("three", key="q3"), outbox, jobs=jobs)
     assert resent.duplicate and not resent.job_first and resent.job_id is None
     await jobs.close()
@@ -405,7 +406,7 @@ async def test_a_follow_runs_in_the_question_s_append_only_when_its_job_is_alone
 ) -> None:
     """First in line, the follow runs in the question's own step; a table it returns stands
     for the question's job (none is added), anything else leaves the job to be added."""
-    from storage.jobs.redis import RedisReplyJobs, listed_jobs
+    from storage.jobs.redis import RedisReplyJobs
     from storage.window.base import AppendFollow
 
     window, outbox = await make_pair(redis_clients, fanout_head=_no_head)
@@ -431,7 +432,7 @@ async def test_a_follow_runs_in_the_question_s_append_only_when_its_job_is_alone
     assert first.followed == [first.message.offset, b"seen", b"x"]
     assert await window.redis.get(keys.base + ":out") == b"x"
     assert first.job_id is None  # what the follow did stands for the job
-    assert listed_jobs(await window.redis.get(keys.jobs)) == []
+    assert await jobs.unfinished(CID) == []
     await window.redis.delete(probe)
     second = await window.append(draft("two", key="q2"), outbox, jobs=jobs, follow=follow)
     assert second.followed == 0 and second.job_first  # it ran and declined: a job as usual
