@@ -257,6 +257,7 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
     guard = make_model_guard(settings, app[keys.REDIS])  # caps on requests to each model
     provider = make_provider(settings, app[keys.METRICS], guard)  # Gemini with a key, else local
     buffer = make_reply_buffer(settings, app[keys.REDIS])
+    await buffer.start()  # before serving: what an earlier run under our id left
     app[keys.REPLY_BUFFER] = buffer
     broker = app[keys.BROKER]
 

@@ -135,6 +135,10 @@ class ReplyBuffer(Protocol):
         """Release the entry; ``released``: the append's gate did, only the bookkeeping is
         left."""
 
+    async def start(self) -> None:
+        """Before this instance serves: note what an earlier run under the same server id
+        left (its replies, swept like a dead instance's)."""
+
     async def heartbeat(self) -> None:
         """Keep this instance alive (its replies unclaimable) for one more lease."""
 
@@ -233,6 +237,9 @@ class MemoryReplyBuffer:
         if running is not None and running.owner.generation_id == generation_id:
             del self._running[conversation_id]
         self._by_generation.pop(generation_id, None)
+
+    async def start(self) -> None:
+        pass  # nothing outlives the process
 
     async def heartbeat(self) -> None:
         return None

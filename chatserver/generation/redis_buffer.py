@@ -93,6 +93,10 @@ class RedisReplyBuffer:
         self._alive_until = 0.0  # monotonic: our alive key surely exists until then
         self._instances = instances_key(prefix)
         self._swept: dict[tuple[str, str], str] = {}  # found by ``expired``: its dead owner
+        # What an earlier run under our server id left in our list (``start``): it died, and
+        # its replies are swept like a dead instance's by our first sweep.
+        self._inherited: list[str] = []
+        self._earlier: set[tuple[str, str]] = set()
         # Ended replies still listed as ours: taken off the list with the next heartbeat (one
         # SREM per interval, not per reply). A listed reply that ended is harmless: only a
         # sweep after our death reads the list, and its claim finds nothing to take.
@@ -302,9 +306,19 @@ class RedisReplyBuffer:
             found = await pipe.execute()
         return [m for m, ok in zip(others, found, strict=True) if not ok]
 
+    async def start(self) -> None:
+        mine = instance_replies_key(self._prefix, self._server_id)
+        self._inherited = [_s(m) for m in await self._redis.smembers(mine)]
+
     async def expired(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         self._swept.clear()
+        inherited, self._inherited = self._inherited, []
+        for entry in inherited:
+            conversation_id, _, generation_id = entry.partition("\t")
+            out.append((conversation_id, generation_id))
+            self._swept[(conversation_id, generation_id)] = self._server_id
+            self._earlier.add((conversation_id, generation_id))
         for server_id in await self._dead():
             replies = instance_replies_key(self._prefix, server_id)
             members = await self._redis.srandmember(replies, _SWEEP_BATCH)
@@ -332,8 +346,11 @@ class RedisReplyBuffer:
                 )
             return None
         owner = _s(found[3])
-        alive = await self._redis.exists(instance_alive_key(self._prefix, owner))
-        if alive:
+        earlier = (conversation_id, generation_id) in self._earlier
+        self._earlier.discard((conversation_id, generation_id))
+        if earlier and owner != self._server_id:
+            return None  # claimed by another instance meanwhile
+        if not earlier and await self._redis.exists(instance_alive_key(self._prefix, owner)):
             return None
         member = self._member(conversation_id, generation_id)
         replies = instance_replies_key(self._prefix, owner)
@@ -343,7 +360,8 @@ class RedisReplyBuffer:
         await self._redis.sadd(mine, member)
         args: list[str | int] = [generation_id, owner, self._server_id, self._ttl_ms]
         claimed = await self._claim(keys=keys, args=args)
-        await self._redis.srem(replies, member)
+        if replies != mine:
+            await self._redis.srem(replies, member)
         if not claimed or not int(claimed[6]):
             self._ended.append(member)
         if not claimed:

@@ -220,3 +220,26 @@ async def test_a_batch_across_a_clusters_slots(redis_cluster_url: str) -> None:
                 assert snap is not None and (snap.seq, snap.text) == (1, f"to {conv}")
     finally:
         await redis.aclose()
+
+
+async def test_an_earlier_run_under_the_same_id_is_swept_by_the_next(redis_url: str) -> None:
+    """A fixed server id started again within a lease is alive at once: what its earlier
+    run was streaming is found by its own first sweep, not left to the slot's TTL."""
+    redis = Redis.from_url(redis_url)
+    before = RedisReplyBuffer(redis, server_id="fixed", lease_s=5.0)
+    after = RedisReplyBuffer(redis, server_id="fixed", lease_s=5.0)
+    try:
+        await before.heartbeat()
+        assert await before.begin(_owner("g1", server="fixed"))
+        await before.append("c1", "g1", 1, "cut here")
+        await after.start()
+        await after.heartbeat()  # alive: no other instance will ever sweep it
+        assert await after.begin(_owner("g2", conv="c2", server="fixed"))  # this run's own
+        assert await after.expired() == [("c1", "g1")]
+        claimed = await after.claim("c1", "g1")
+        assert claimed is not None and claimed.text == "cut here"
+        assert await after.snapshot("c1") is None
+        assert await after.expired() == []  # only once, and never this run's own replies
+        assert await after.snapshot("c2") is not None
+    finally:
+        await redis.aclose()
