@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -101,6 +102,11 @@ def make_store(settings: Settings) -> Store:
     return SqliteStore(settings.store.sqlite_path)
 
 
+# This process's incarnation: the value of its alive key, set by its reply jobs and its resume
+# buffer alike (one started again under the same server id is a new incarnation).
+INCARNATION = secrets.token_hex(6)
+
+
 def make_reply_jobs(settings: Settings, redis: RedisClient | None) -> ReplyJobs:
     """Where every acknowledged question's reply job is kept until answered."""
     if redis is None:
@@ -113,6 +119,7 @@ def make_reply_jobs(settings: Settings, redis: RedisClient | None) -> ReplyJobs:
         prefix=settings.redis.key_prefix,
         lease_s=settings.replies.lease_s,
         cluster=settings.redis.cluster,
+        incarnation=INCARNATION,
     )
 
 
@@ -202,6 +209,7 @@ def make_reply_buffer(settings: Settings, redis: RedisClient | None) -> ReplyBuf
         server_id=settings.server.server_id,
         prefix=settings.redis.key_prefix,
         lease_s=settings.replies.lease_s,
+        incarnation=INCARNATION,
     )
 
 

@@ -20,6 +20,7 @@ call per slot group. A question first in line takes its reply's slot in its own 
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -82,9 +83,14 @@ class RedisReplyBuffer:
         server_id: str,
         prefix: str = "chat",
         lease_s: float = 5.0,
+        incarnation: str | None = None,
     ) -> None:
         self._redis = redis
         self._server_id = server_id  # records and heartbeats are always by this instance
+        # This process's own: the value of its alive key, and of each reply it begins. One
+        # started again under the same server id is alive again at once; its earlier run's
+        # replies, of another incarnation, are a dead owner's all the same.
+        self.incarnation = incarnation or secrets.token_hex(6)
         self._prefix = prefix
         self._lease_ms = int(lease_s * 1000)
         # The text outlives the owner's lease so whoever claims its reply can read it;
@@ -96,7 +102,6 @@ class RedisReplyBuffer:
         # What an earlier run under our server id left in our list (``start``): it died, and
         # its replies are swept like a dead instance's by our first sweep.
         self._inherited: list[str] = []
-        self._earlier: set[tuple[str, str]] = set()
         # Ended replies still listed as ours: taken off the list with the next heartbeat (one
         # SREM per interval, not per reply). A listed reply that ended is harmless: only a
         # sweep after our death reads the list, and its claim finds nothing to take.
@@ -128,7 +133,13 @@ class RedisReplyBuffer:
             return []
         self._alive_until = time.monotonic() + self._lease_ms / 3000
         return [
-            ("SET", instance_alive_key(self._prefix, self._server_id), "1", "PX", self._lease_ms),
+            (
+                "SET",
+                instance_alive_key(self._prefix, self._server_id),
+                self.incarnation,
+                "PX",
+                self._lease_ms,
+            ),
             ("SADD", self._instances, self._server_id),
         ]
 
@@ -150,6 +161,7 @@ class RedisReplyBuffer:
             owner.reply_to,
             self._ttl_ms,
             _WAITER_MS,
+            self.incarnation,
         ]
         keys = [conv.reply, conv.reply_text, conv.reply_next, conv.watchers]
         (taken,) = await self._calls([(self._begin, keys, args)], extra)
@@ -188,6 +200,7 @@ class RedisReplyBuffer:
             context,
             since[0],
             since[1],
+            self.incarnation,
         )
         return AppendFollow(_SLOT_AFTER_APPEND_LUA, keys, args)
 
@@ -318,7 +331,6 @@ class RedisReplyBuffer:
             conversation_id, _, generation_id = entry.partition("\t")
             out.append((conversation_id, generation_id))
             self._swept[(conversation_id, generation_id)] = self._server_id
-            self._earlier.add((conversation_id, generation_id))
         for server_id in await self._dead():
             replies = instance_replies_key(self._prefix, server_id)
             members = await self._redis.srandmember(replies, _SWEEP_BATCH)
@@ -346,11 +358,10 @@ class RedisReplyBuffer:
                 )
             return None
         owner = _s(found[3])
-        earlier = (conversation_id, generation_id) in self._earlier
-        self._earlier.discard((conversation_id, generation_id))
-        if earlier and owner != self._server_id:
-            return None  # claimed by another instance meanwhile
-        if not earlier and await self._redis.exists(instance_alive_key(self._prefix, owner)):
+        alive = await self._redis.get(instance_alive_key(self._prefix, owner))
+        # Alive: its key is there, set by the incarnation that began the reply (a hash of
+        # an older release has none: its key alone says).
+        if alive is not None and (not found[5] or _s(alive) == _s(found[5])):
             return None
         member = self._member(conversation_id, generation_id)
         replies = instance_replies_key(self._prefix, owner)
@@ -358,7 +369,13 @@ class RedisReplyBuffer:
         # too, the next sweep finds it; one we only end is taken off with our next heartbeat.
         mine = instance_replies_key(self._prefix, self._server_id)
         await self._redis.sadd(mine, member)
-        args: list[str | int] = [generation_id, owner, self._server_id, self._ttl_ms]
+        args: list[str | int] = [
+            generation_id,
+            owner,
+            self._server_id,
+            self._ttl_ms,
+            self.incarnation,
+        ]
         claimed = await self._claim(keys=keys, args=args)
         if replies != mine:
             await self._redis.srem(replies, member)

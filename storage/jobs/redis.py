@@ -83,6 +83,7 @@ class RedisReplyJobs:
         lease_s: float = 5.0,
         key_ttl_s: int = 7 * 86400,
         cluster: bool = False,
+        incarnation: str = "1",
     ) -> None:
         self.redis = redis
         self.holder = holder  # this instance's server id
@@ -94,6 +95,7 @@ class RedisReplyJobs:
         self._holders = job_holders_key(prefix)
         self._legacy = legacy_jobs_key(prefix)
         self.alive_key = instance_alive_key(prefix, holder)
+        self.incarnation = incarnation  # the alive key's value (the process's, shared)
         # Registry members of jobs done here: off the registry with the next renewal. One
         # still listed is harmless: only a claim reads it, and finds its job gone.
         self._ended: list[str] = []
@@ -164,7 +166,7 @@ class RedisReplyJobs:
         ended, self._ended = self._ended, []
         oldest = min(self._held.values(), default=0)
         calls: list[Any] = [
-            self.redis.set(self.alive_key, "1", px=self.lease_ms),
+            self.redis.set(self.alive_key, self.incarnation, px=self.lease_ms),
             self.redis.sadd(self._holders, self.holder),
             self.redis.hset(self._reports, self.holder, f"{len(self._held)} {oldest}"),
         ]

@@ -1,6 +1,6 @@
 -- Take a conversation's reply slot.
 -- KEYS: reply hash, reply text, reply_next, watchers
--- ARGV: gid, owner, agent, model, reply_to, ttl ms, waiter ms
+-- ARGV: gid, owner, agent, model, reply_to, ttl ms, waiter ms, the owner's incarnation
 -- Returns 0 when refused, else 1 + 2 * watched (watched: another instance has a member in).
 local cur = redis.call('HGET', KEYS[1], 'gid')
 local waiting = redis.call('GET', KEYS[3])
@@ -23,7 +23,7 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   if member ~= ARGV[2] then watched = 1 break end
 end
 redis.call('HSET', KEYS[1], 'gid', ARGV[1], 'owner', ARGV[2], 'agent', ARGV[3],
-           'model', ARGV[4], 'reply_to', ARGV[5], 'seq', 0, 'watched', watched)
+           'model', ARGV[4], 'reply_to', ARGV[5], 'seq', 0, 'watched', watched, 'inc', ARGV[8])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 -- No text key yet: the first record creates it (with the hash's TTL). None is left over
 -- from an earlier reply: every release and claim deletes both keys, and a text only ever

@@ -4,7 +4,8 @@
 -- K: reply hash, reply_next, watchers, this instance's replies, the window, its epoch. A: gid,
 -- owner, agent, the model for a first question (offset 1), the model otherwise, reply_to, ttl
 -- ms, this reply's member of the instance's replies, context size, the offset through which
--- the caller holds the context decoded (0: none) and the epoch it read it under. V[2]:
+-- the caller holds the context decoded (0: none), the epoch it read it under, the owner's
+-- incarnation. V[2]:
 -- reply_next, V[6]: the epoch.
 -- Returns {1 + 2 * watched (as begin.lua), the context's entries newest first (only those
 -- after the caller's offset when its epoch is the window's), the epoch, that offset (0: the
@@ -22,7 +23,7 @@ for _, member in ipairs(redis.call('SMEMBERS', K[3])) do
 end
 local model = offset == 1 and A[4] or A[5]
 redis.call('HSET', K[1], 'gid', A[1], 'owner', A[2], 'agent', A[3], 'model', model,
-           'reply_to', A[6], 'seq', 0, 'watched', watched, 'offset', offset)
+           'reply_to', A[6], 'seq', 0, 'watched', watched, 'offset', offset, 'inc', A[12])
 redis.call('PEXPIRE', K[1], A[7])
 local after = tonumber(A[10])
 if after > 0 and V[6] ~= A[11] then after = 0 end  -- rebuilt since: read it all

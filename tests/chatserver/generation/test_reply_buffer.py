@@ -243,3 +243,27 @@ async def test_an_earlier_run_under_the_same_id_is_swept_by_the_next(redis_url: 
         assert await after.snapshot("c2") is not None
     finally:
         await redis.aclose()
+
+
+async def test_a_reply_of_an_earlier_incarnation_is_a_dead_owners(redis_url: str) -> None:
+    """Alive is the owner's key set by the incarnation that began the reply: a claimer (the
+    reply's job claimed elsewhere) takes a reply of a run that was started again."""
+    redis = Redis.from_url(redis_url)
+    before = RedisReplyBuffer(redis, server_id="fixed", lease_s=5.0)
+    after = RedisReplyBuffer(redis, server_id="fixed", lease_s=5.0)
+    other = RedisReplyBuffer(redis, server_id="other", lease_s=5.0)
+    try:
+        await before.heartbeat()
+        assert await before.begin(_owner("g1", server="fixed"))
+        await before.append("c1", "g1", 1, "cut here")
+        assert await other.claim("c1", "g1") is None  # its incarnation is alive
+        await after.start()
+        await after.heartbeat()  # the same id alive again, another incarnation
+        assert await after.begin(_owner("g2", conv="c2", server="fixed"))
+        claimed = await other.claim("c1", "g1")
+        assert claimed is not None and claimed.text == "cut here"
+        assert await other.claim("c2", "g2") is None  # the live incarnation's own
+        assert await after.expired() == [("c1", "g1")]  # its sweep finds it taken: nothing
+        assert await after.claim("c1", "g1") is None
+    finally:
+        await redis.aclose()
