@@ -277,7 +277,9 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
             if await self._answered(run):
                 return True  # an earlier run of this job (or the orphan sweep) ended it
         await self._stream(run)
-        return True
+        # Taken over (its entry gone or another's): whoever took it ends it, and the job, run
+        # again, finds that end; if nobody did (the entry expired), the job answers.
+        return not run.lost
 
     async def _stream(self, run: ReplyRun) -> None:
         conversation_id = run.conversation_id
