@@ -116,14 +116,14 @@ async def _all_calls(redis: Redis) -> dict[str, int]:
 _POLLING = {"xreadgroup", "xack", "xdel", "xautoclaim", "info"}
 # 265 commands per reply at first, 58 after a first round of cuts, 30 after a second; the
 # durable reply job then added ~11 (its add in the append, its turn, its end): 41. Its turn's
-# mark then became one ZADD, and its end part of the answer's append: 38. Then the job became
-# one string the append's MGET reads (a SET and a SADD at the question, a write at the
-# answer), the gate's keys joined that MGET, and the question's append took the reply's slot
-# and read its context: 30. A question first in line then needed no job at all (its slot,
-# taken in the same step, stands for it): 27, 2 of them EVALSHA. The margin is what may fall inside the
-# measured window and is no part of the reply: each instance's metrics sampler reads the
-# jobs' gauges every second (SMEMBERS twice, HGETALL, EXISTS per other instance, TIME), a
-# lease sweep (2), and the renewal of alice's presence entry every 10 s (a script of 5).
+# mark then became one ZADD, and its end part of the answer's append: 38. Then the jobs
+# became keys the append reads with its MGET, the gate's keys joined that MGET, and the
+# question's append took the reply's slot and read its context: 30. A question first in
+# line then needed no job at all (its slot, taken in the same step, stands for it): 27, 2 of
+# them EVALSHA. The margin is what may fall inside the measured window and is no part of
+# the reply: each instance's metrics sampler reads the jobs' gauges every second (SMEMBERS
+# twice, HGETALL, EXISTS per other instance, TIME), a lease sweep (2), and the renewal of
+# alice's presence entry every 10 s (a script of 5).
 MAX_COMMANDS_PER_UNWATCHED_REPLY = 27 + 2 * 5 + 2 + 5
 
 
