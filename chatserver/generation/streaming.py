@@ -210,11 +210,13 @@ class DeltaPump:
         self.mark(run)
 
     def checkpoint(self, runs: Sequence[ReplyRun]) -> None:
-        """Record the unwatched runs' text so far (the heartbeat's upkeep). Not an ended
+        """Record the unwatched runs' text so far, and extend every run's entry (the
+        heartbeat's upkeep): a watched run records each delta but extends nothing then, and
+        one streaming longer than its entry's time to live would lose it. Not an ended
         run's: its answer's append stores the whole text and releases the entry, and a
         record after that finds the entry gone (a reply taken over, it would seem)."""
         for run in runs:
-            if not run.watched and not run.ended and run.saved < len(run.parts):
+            if not run.ended and (run.watched or run.saved < len(run.parts)):
                 run.checkpoint_due = True
                 self.mark(run)
 

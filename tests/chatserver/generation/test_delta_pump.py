@@ -25,8 +25,11 @@ from chatserver.generation.provider import Finish, ReplyRequest
 from chatserver.generation.redis_buffer import RedisReplyBuffer
 from chatserver.generation.streaming import DeltaPump, ReplyRun
 from protocol import Delta, Encoding, Message, Usage
+from storage.redis_keys import ConversationKeys
 from tests.fakegemini import FakeGemini, Stream
 from tests.services import RedisServer
+
+from ..conftest import eventually
 
 AGENT = Agent("general", "General", "", "local", "")
 
@@ -321,3 +324,26 @@ async def test_an_ended_reply_is_not_checkpointed_after_its_answer(buffer: Reply
     await buffer.end("c1", run.generation_id)  # the answer's append released the entry
     pump.checkpoint([run])  # the heartbeat, while the run is still finishing
     assert not run.checkpoint_due  # nothing to record: its answer holds the whole text
+
+
+async def test_a_watched_reply_s_entry_is_extended_with_each_heartbeat(redis_url: str) -> None:
+    """A watched run records every delta, which extends nothing: the heartbeat's checkpoint
+    does, so a reply streaming longer than its entry's time to live keeps it."""
+    redis = Redis.from_url(redis_url)
+    try:
+        buffer = RedisReplyBuffer(redis, server_id="server-a", lease_s=5.0)
+        pump = DeltaPump(buffer, Published(), lambda run: None)
+        run = await _begin(buffer, pump, "c-long")
+        assert run.watched  # until the slot says otherwise
+        entry = ConversationKeys("chat", "c-long").reply
+        await redis.pexpire(entry, 500)  # most of its time to live gone, still streaming
+        pump.checkpoint([run])
+        assert run.checkpoint_due
+
+        async def extended() -> bool:
+            return int(await redis.pttl(entry)) > 50_000  # 12 leases again
+
+        await eventually(extended)
+        assert (await buffer.snapshot("c-long")) is not None
+    finally:
+        await redis.aclose()
