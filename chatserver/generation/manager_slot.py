@@ -65,10 +65,11 @@ class _SlotSteps(ManagerState):
         cid = run.conversation_id
         if prepared is not None:
             run.watched = prepared.slot.watched
+            window = self._conversations.window
             if prepared.context is not None:
-                window = self._conversations.window
                 context = window.context_of(cid, prepared.context, self._context)
-                return _up_to(context, run)
+                if context is not None:
+                    return _up_to(context, run)
             return _up_to(await self._conversations.recent(cid, self._context), run)
         waited, history = await asyncio.gather(
             self._take_slot(run), self._conversations.recent(cid, self._context)
@@ -96,8 +97,9 @@ class _SlotSteps(ManagerState):
         owner = claimed.owner
         cid, offset = owner.conversation_id, claimed.rerun_offset
         conversation = await self._conversations.get(cid)
-        view = await self._conversations.read_window(cid, after=offset - 1, limit=1)
-        question = next((m for m in view.messages if m.offset == offset), None)
+        # The window, else the store (a busy conversation may have left it behind).
+        page = await self._conversations.history(cid, offset + 1, 1)
+        question = next((m for m in page.messages if m.offset == offset), None)
         if question is None or conversation is None or self._agents.get(owner.agent_id) is None:
             why = "the question of a reply cut off by its instance's stop was not found"
             await self.store_and_end(owner, "", Finish(FinishReason.ERROR, Usage(0, 0), why))

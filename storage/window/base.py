@@ -137,10 +137,11 @@ class HotWindow(Protocol):
 
     def context_of(
         self, conversation_id: str, read: Sequence[Any], limit: int
-    ) -> tuple[Message, ...]:
+    ) -> tuple[Message, ...] | None:
         """The newest ``limit`` messages, oldest first, from what a follow read: the window
         entries newest first, the epoch, and the offset they come after (0: all of them)
-        (windows that take follows)."""
+        (windows that take follows); None when what came before that offset is no longer
+        at hand (the caller reads the context itself)."""
         ...
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:

@@ -276,7 +276,7 @@ class MemoryWindow:
 
     def context_of(
         self, conversation_id: str, read: Sequence[Any], limit: int
-    ) -> tuple[Message, ...]:
+    ) -> tuple[Message, ...] | None:
         raise TypeError("the memory window runs no follows")
 
     async def knows(self, conversation_id: str, user_id: str | None, client_msg_id: str) -> bool:

@@ -244,9 +244,15 @@ class RedisWindow:
 
     def context_of(
         self, conversation_id: str, read: Sequence[Any], limit: int
-    ) -> tuple[Message, ...]:
-        """What a follow read (``slot_after_append.lua``), through the context cache."""
+    ) -> tuple[Message, ...] | None:
+        """What a follow read (``slot_after_append.lua``), through the context cache; None
+        when it read only what came after messages the cache no longer holds (dropped past
+        its bound since ``context_since``)."""
         entries, epoch, after = read
+        if int(after) > 0:
+            through, kept_epoch = self.decoded.since(conversation_id)
+            if through < int(after) or kept_epoch != epoch:
+                return None
         decoded = [entry_fields(entry) for entry in reversed(entries)]
         self.hits += 1
         return self.decoded.decode(

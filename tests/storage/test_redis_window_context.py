@@ -106,3 +106,31 @@ def test_kept_messages_stand_in_for_those_not_read_again() -> None:
     assert decoded.since("c1") == (6, b"e1")
     unknown = decoded.decode("c2", [entry(1)])  # read without an epoch: nothing to build on
     assert len(unknown) == 1 and decoded.since("c2") == (0, b"")
+
+
+async def test_a_follow_s_read_after_messages_no_longer_kept_is_left_to_the_caller(
+    redis_clients: RedisClients,
+) -> None:
+    """A follow reads only what came after the messages kept (``context_since``); should
+    the cache drop them meanwhile (its bound), the read cannot make a context: None, and
+    the caller reads it whole."""
+    from storage.window.decoded import DecodedMessages
+
+    window, outbox = await make_pair(redis_clients)
+    await window.rebuild("c1", [], 0)
+    for i in range(3):
+        await window.append(draft(f"m{i}", cid="c1"), outbox)
+    keys = ConversationKeys(window.prefix, "c1")
+    epoch = await window.redis.get(keys.epoch)
+    newest_first = "return redis.call('XREVRANGE', KEYS[1], '+', ARGV[1])"
+    whole = await window.redis.eval(newest_first, 1, keys.win, "-")
+    first = window.context_of("c1", [whole, epoch, 0], 50)
+    assert first is not None and [m.text for m in first] == ["m0", "m1", "m2"]
+    assert window.context_since("c1") == (3, epoch)
+    await window.append(draft("m3", cid="c1"), outbox)
+    after = await window.redis.eval(newest_first, 1, keys.win, "(3-0")
+    built = window.context_of("c1", [after, epoch, 3], 50)
+    assert built is not None and [m.text for m in built] == ["m0", "m1", "m2", "m3"]
+    window.decoded = DecodedMessages(window.decoded.max_bytes)  # dropped past its bound
+    assert window.context_of("c1", [after, epoch, 4], 50) is None
+    assert window.context_of("c1", [after, b"another epoch", 3], 50) is None

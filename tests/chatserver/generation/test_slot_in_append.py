@@ -99,7 +99,9 @@ async def test_a_slot_its_append_took_is_the_question_s_job_until_answered(
     assert (
         await redis.hget(reply_key, "owner") == first.app[keys.SETTINGS].server.server_id.encode()
     )
-    await redis.delete(instance_alive_key("chat", first.app[keys.SETTINGS].server.server_id))
+    later = MessageDraft(conv_id, Role.ASSISTANT.value, "a later message", client_msg_id="x")
+    await conversations.append(later)  # the question is no longer the newest
+    await redis.delete(instance_alive_key("chat", "first"))  # its lease ran out
     survivor = other.app[keys.GENERATION]
     await sweep_orphans(survivor._buffer, survivor.store_and_end, True, survivor.rerun)
 
