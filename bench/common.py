@@ -275,12 +275,14 @@ def _profiled(label: str, pids: list[int]) -> Iterator[None]:
                 spy.kill()
 
 
-async def _seed(path: Path, conversations: list[dict[str, Any]]) -> None:
+async def _seed(path: Path | str, conversations: list[dict[str, Any]]) -> None:
     from protocol import format_timestamp
     from storage.records import Conversation
+    from storage.store.base import Store
+    from storage.store.postgres import PostgresStore
     from storage.store.sqlite import SqliteStore
 
-    store = SqliteStore(str(path))
+    store: Store = PostgresStore(path) if isinstance(path, str) else SqliteStore(str(path))
     await store.start()
     try:
         now = format_timestamp(datetime.now(UTC))
@@ -302,10 +304,11 @@ async def _seed(path: Path, conversations: list[dict[str, Any]]) -> None:
         await store.close()
 
 
-def seed_conversations(store: Path, conversations: list[dict[str, Any]]) -> None:
-    """Create conversations ({id, members}) straight in a SQLite store (REST caps members
-    at 100); the servers started on that file afterwards serve them."""
-    store.parent.mkdir(parents=True, exist_ok=True)
+def seed_conversations(store: Path | str, conversations: list[dict[str, Any]]) -> None:
+    """Create conversations ({id, members}) straight in a store, a SQLite file or a Postgres
+    DSN (REST caps members at 100); the servers started on it afterwards serve them."""
+    if isinstance(store, Path):
+        store.parent.mkdir(parents=True, exist_ok=True)
     asyncio.run(_seed(store, conversations))
 
 

@@ -5,9 +5,10 @@
 Targets, each started fresh on one throwaway Redis and driven by the same harness
 (``chatserver loadtest``, 2 worker processes, members alternating between the 2 instances):
 
-- chatserver: 2 instances on Redis (``--redis-url``), the conversation seeded in the shared
-  store (REST caps members at 100), its agent parked (see bench/common.py) so that only the
-  message fan-out runs, as on the peers;
+- chatserver: 2 instances on Redis and Postgres (``--redis-url``, ``--database-url``), the
+  production shape, the conversation seeded in Postgres (REST caps members at 100), its agent
+  parked (see bench/common.py) so that only the message fan-out runs, as on the peers.
+  Postgres's CPU is reported apart, as Redis's is;
 - bare aiohttp + Redis pub/sub, 2 processes (bench/peers/bare.py);
 - python-socketio + AsyncRedisManager, 2 processes (bench/peers/sio.py);
 - bare aiohttp alone, 1 process (flat out only): the classic one-process floor.
@@ -18,7 +19,9 @@ Two loads per target:
   delivery latency = receive time - send time, over every delivery;
 - ``flat out``: 16 senders keep 8 messages each in flight (a message leaves a sender's window
   when every member in its worker process has it): deliveries/s, and the server's CPU per
-  delivery (CPU seconds of the server processes, from /proc, ÷ deliveries; Redis apart).
+  delivery (CPU seconds of the server processes, from /proc, ÷ deliveries; Redis apart);
+- for chatserver and bare + Redis, flat out again at 50 and at 4 members: server CPU per
+  message = a + b x members, fitted through the three sizes (issue 18's split).
 
 Writes ``bench/results/fanout.json``.
 """
@@ -31,7 +34,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +44,16 @@ from bench.common import (
     PARKED_AGENT,
     base_args,
     chatservers,
+    cpu_grown,
+    cpu_of,
     git_commit,
     load,
     log,
     machine,
     peers,
     pid_of,
+    postgres_pids,
+    postgres_server,
     ratio,
     redis_pid,
     redis_server,
@@ -63,8 +70,14 @@ GOAL_CPU_RATIO = 1 / 3
 GOAL_RATE_RATIO = 3.0
 GOAL_PER_MESSAGE_RATIO = 1.0  # issue 18: server CPU per message (the split) ÷ bare + Redis
 GOAL_SPLIT_DELIVERY_RATIO = 0.2  # ... with per delivery (the split) staying at most this
-PHASES = ("latency", "flatout", "split")
-SPLIT_MEMBERS = 50  # a second flat-out load, to split server CPU into per message + per delivery
+PHASES = ("latency", "flatout", "split", "small")
+# More flat-out loads, to split server CPU into per message + per delivery (a line fitted
+# through the three sizes). The small one is the product's own shape (a user, the agent and
+# a few members): its cost is nearly all per message, so the fit's intercept is measured
+# there rather than extrapolated from 50 members, where a peer paying ~10 µs per delivery
+# moved it by a hundred µs from run to run.
+SPLIT_MEMBERS = 50
+SMALL_MEMBERS = 4
 # The per-connection frame budget (200/s, burst 400) is abuse protection, not what this
 # measures, and the peers have none: a flat-out sender in a small conversation passes it
 # (--quick: ~600 sends/s each), gets `rate_limited`, and is closed 1008 with its deliveries.
@@ -72,25 +85,30 @@ FANOUT_ENV = {**PARKED_AGENT, "CHAT_FRAMES_PER_SECOND": "1000000"}
 
 
 @contextlib.contextmanager
-def target(name: str, redis_url: str, members: int) -> Iterator[tuple[list[str], list[int], Any]]:
-    """(urls, server pids, per-phase extra harness settings) of a started target."""
+def target(
+    name: str, redis_url: str, members: int
+) -> Iterator[tuple[list[str], list[int], Any, Callable[[], list[int]] | None]]:
+    """(urls, server pids, per-phase extra harness settings, Postgres's pids) of a target."""
     if name == "chatserver":
         workdir = Path(tempfile.mkdtemp(prefix="chatserver-bench-fanout-"))
-        store = workdir / "fanout.sqlite3"
         users = [f"fan-{i}" for i in range(members)]
         convs = {ph: [{"id": str(uuid.uuid4()), "members": users}] for ph in PHASES}
         convs["split"][0]["members"] = users[:SPLIT_MEMBERS]
-        seed_conversations(store, [c for listing in convs.values() for c in listing])
+        convs["small"][0]["members"] = users[:SMALL_MEMBERS]
         files = {ph: write_listing(workdir / f"{ph}.json", c) for ph, c in convs.items()}
-        with (
-            contextlib.ExitStack() as cleanup,
-            chatservers(2, redis_url=redis_url, env=FANOUT_ENV, sqlite_path=store) as servers,
-        ):
+        with contextlib.ExitStack() as cleanup:
             cleanup.callback(shutil.rmtree, workdir, True)
+            postgres = cleanup.enter_context(postgres_server())
+            dsn = postgres.dsn_for("chat")
+            seed_conversations(dsn, [c for listing in convs.values() for c in listing])
+            servers = cleanup.enter_context(
+                chatservers(2, redis_url=redis_url, env=FANOUT_ENV, args=["--database-url", dsn])
+            )
             yield (
                 [s.url for s in servers],
                 [pid_of(s) for s in servers],
                 {phase: {"conversations_file": str(f)} for phase, f in files.items()},
+                lambda: postgres_pids(postgres),
             )
         return
     kind, count, use_redis = {
@@ -104,12 +122,13 @@ def target(name: str, redis_url: str, members: int) -> Iterator[tuple[list[str],
             [p.url for p in started],
             [p.pid for p in started],
             {phase: {"dialect": dialect} for phase in PHASES},
+            None,
         )
 
 
 def run_target(name: str, redis: Any, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with target(name, redis.url, args.members) as (urls, pids, extra):
+    with target(name, redis.url, args.members) as (urls, pids, extra, pg_pids):
         common = {
             "urls": urls,
             "clients": args.members,
@@ -122,8 +141,17 @@ def run_target(name: str, redis: Any, args: argparse.Namespace) -> dict[str, Any
             "drain_timeout_s": args.drain,
             "max_loss": 0,
         }
+
+        def run(**fields: Any) -> dict[str, Any]:
+            """The load, with what Postgres spent over it (its backends come and go)."""
+            before = cpu_of(pg_pids()) if pg_pids is not None else None
+            report = load(**fields)
+            if before is not None and pg_pids is not None:
+                report["postgres_cpu_s"] = cpu_grown(before, cpu_of(pg_pids()))
+            return report
+
         if name != "bare_single":
-            out["latency"] = load(
+            out["latency"] = run(
                 label=f"{name} latency",
                 mode="chat",
                 rate=args.rate,
@@ -132,7 +160,7 @@ def run_target(name: str, redis: Any, args: argparse.Namespace) -> dict[str, Any
                 **common,
                 **extra["latency"],
             )
-        out["flatout"] = load(
+        out["flatout"] = run(
             label=f"{name} flat out",
             mode="chat",
             rate=0,
@@ -143,36 +171,42 @@ def run_target(name: str, redis: Any, args: argparse.Namespace) -> dict[str, Any
             **extra["flatout"],
         )
         if name in ("chatserver", "bare_redis") and args.split:
-            small = min(SPLIT_MEMBERS, max(2, args.members // 4))
-            out["split"] = load(
-                label=f"{name} flat out, {small} members",
-                mode="chat",
-                rate=0,
-                senders=min(args.senders, small),
-                window=args.window,
-                duration_s=args.seconds,
-                **{**common, "clients": small, "members": small},
-                **extra["split"],
-            )
+            for phase, size in (("split", SPLIT_MEMBERS), ("small", SMALL_MEMBERS)):
+                small = min(size, max(2, args.members // 4))
+                out[phase] = run(
+                    label=f"{name} flat out, {small} members",
+                    mode="chat",
+                    rate=0,
+                    senders=min(args.senders, small),
+                    window=args.window,
+                    duration_s=args.seconds,
+                    **{**common, "clients": small, "members": small},
+                    **extra[phase],
+                )
     return out
 
 
-def cost_split(big: dict[str, Any], small: dict[str, Any]) -> dict[str, Any]:
-    """Server CPU per message = a + b x members, from two flat-out loads: a and b in µs."""
+def cost_split(*runs: dict[str, Any]) -> dict[str, Any]:
+    """Server CPU per message = a + b x members, fitted (least squares) through flat-out
+    loads of different sizes: a and b in µs."""
     points = []
-    for run in (small, big):
+    for run in runs:
         cpu = run["server"]["cpu_s"]
         messages = run["counts"]["acked"]
         members = run["config"]["members"]
         if cpu is None or not messages:
             return {}
         points.append((members, cpu * 1e6 / messages))
-    (m1, c1), (m2, c2) = points
-    if m1 == m2:
+    points.sort()
+    n = len(points)
+    mean_m = sum(m for m, _ in points) / n
+    mean_c = sum(c for _, c in points) / n
+    spread = sum((m - mean_m) ** 2 for m, _ in points)
+    if not spread:
         return {}
-    per_delivery = (c2 - c1) / (m2 - m1)
+    per_delivery = sum((m - mean_m) * (c - mean_c) for m, c in points) / spread
     return {
-        "per_message_us": round(c1 - per_delivery * m1, 1),
+        "per_message_us": round(mean_c - per_delivery * mean_m, 1),
         "per_delivery_us": round(per_delivery, 3),
         "points": [{"members": m, "cpu_us_per_message": round(c, 1)} for m, c in points],
     }
@@ -214,6 +248,11 @@ def figures(run: dict[str, Any]) -> dict[str, Any]:
         "redis_commands_per_message": redis.get("commands"),
         "redis_round_trips_per_message": redis.get("round_trips"),
         "redis_per_message": redis,
+        "postgres_cpu_us_per_message": (
+            round(run["postgres_cpu_s"] * 1e6 / messages, 1)
+            if run.get("postgres_cpu_s") is not None and messages
+            else None
+        ),
     }
 
 
@@ -231,7 +270,7 @@ def main() -> int:
         "--no-split",
         dest="split",
         action="store_false",
-        help=f"skip the {SPLIT_MEMBERS}-member flat-out load (the cost split)",
+        help=f"skip the {SPLIT_MEMBERS}- and {SMALL_MEMBERS}-member flat-out loads (the split)",
     )
     parser.add_argument("--quick", action="store_true", help="40 members, 2 s per load")
     parser.add_argument("--out", type=Path)
@@ -250,7 +289,7 @@ def main() -> int:
         for name, phases in runs.items()
     }
     split = {
-        name: cost_split(phases["flatout"], phases["split"])
+        name: cost_split(phases["small"], phases["split"], phases["flatout"])
         for name, phases in runs.items()
         if "split" in phases
     }
@@ -333,7 +372,7 @@ def markdown(
     args: argparse.Namespace,
 ) -> str:
     names = {
-        "chatserver": "chatserver, 2 instances + Redis",
+        "chatserver": "chatserver, 2 instances + Redis + Postgres",
         "bare_redis": "bare aiohttp + Redis, 2 processes",
         "socketio_redis": "python-socketio + AsyncRedisManager, 2 processes",
         "bare_single": "bare aiohttp, 1 process",
@@ -378,17 +417,17 @@ def markdown(
         "included; Redis commands from the `INFO commandstats` delta, calls inside Lua scripts "
         "included; round trips = Redis read events):",
         "",
-        "| server | server CPU µs/message | Redis CPU µs/message | Redis commands/message | "
-        "Redis round trips/message |",
-        "|---|---|---|---|---|",
+        "| server | server CPU µs/message | Redis CPU µs/message | Postgres CPU µs/message | "
+        "Redis commands/message | Redis round trips/message |",
+        "|---|---|---|---|---|---|",
     ]
     for name, phases in table.items():
         f = phases.get("flatout")
         if f and f["redis_commands_per_message"] is not None:
             lines.append(
                 f"| {names[name]} | {f['server_cpu_us_per_message']} | "
-                f"{f['redis_cpu_us_per_message']} | {f['redis_commands_per_message']} | "
-                f"{f['redis_round_trips_per_message']} |"
+                f"{f['redis_cpu_us_per_message']} | {f['postgres_cpu_us_per_message'] or '-'} | "
+                f"{f['redis_commands_per_message']} | {f['redis_round_trips_per_message']} |"
             )
     ours = table.get("chatserver", {}).get("flatout", {}).get("redis_per_message", {})
     if ours.get("by_command"):
@@ -401,8 +440,11 @@ def markdown(
         if cost:
             lines.append(
                 f"- {names[name]}: server CPU ≈ {cost['per_message_us']} µs per message + "
-                f"{cost['per_delivery_us']} µs per delivery (flat out at "
-                f"{cost['points'][0]['members']} and {cost['points'][1]['members']} members)"
+                f"{cost['per_delivery_us']} µs per delivery (fitted to flat out at "
+                + ", ".join(str(p["members"]) for p in cost["points"])
+                + " members: "
+                + ", ".join(f"{p['cpu_us_per_message']}" for p in cost["points"])
+                + " µs per message)"
             )
     labels = {
         "p99_vs_bare_redis": "p99 vs bare aiohttp + Redis",

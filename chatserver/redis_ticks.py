@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _Pending = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
@@ -95,7 +96,7 @@ class TickPipelinedRedis(Redis):
         self.batched = 0  # commands sent in them
 
     def register_script(self, script: Any) -> Any:
-        registered = super().register_script(script)
+        registered = _TickScript(self, script)
         self.scripts.append(registered)
         return registered
 
@@ -249,6 +250,27 @@ class TickPipelinedRedis(Redis):
         for conn in idle:
             await self.connection_pool.release(conn)
         await super().aclose(close_connection_pool)
+
+
+class _TickScript(AsyncScript):
+    """A registered script whose call joins the tick's batch at once. redis-py's goes
+    through three coroutines and an import statement per call: 2% of a busy instance."""
+
+    async def __call__(
+        self,
+        keys: Sequence[Any] | None = None,
+        args: Iterable[Any] | None = None,
+        client: Any = None,
+    ) -> Any:
+        redis: TickPipelinedRedis = self.registered_client  # type: ignore[assignment]
+        if client is not None and client is not redis:
+            return await super().__call__(keys, args, client)
+        keys, args = keys or (), tuple(args or ())
+        try:
+            return await redis.issue("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:  # Redis lost its scripts (a restart): load it, as redis-py does
+            self.sha = await redis.script_load(self.script)
+            return await redis.issue("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:

@@ -54,6 +54,8 @@ def _reject_constant(name: str) -> Any:
 
 
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# One decoder for every frame: ``json.loads`` with an argument builds a new one per call.
+_json_decoder = json.JSONDecoder(parse_constant=_reject_constant)
 # A ``\uD800``-``\uDFFF`` escape: JSON can spell a lone surrogate, which is no Unicode text.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
@@ -121,7 +123,7 @@ def decode_object(
         if encoding is Encoding.JSON:
             if isinstance(data, bytes | bytearray):
                 raise ProtocolError(ErrorCode.BAD_FRAME, "binary frame on the JSON subprotocol")
-            obj = json.loads(data, parse_constant=_reject_constant)
+            obj = _json_decoder.decode(data)
             if _SURROGATE_ESCAPE.search(data):
                 # Escaped lone surrogates decode to str that no codec can encode again.
                 _json_encoder.encode(obj).encode()

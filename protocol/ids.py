@@ -1,4 +1,5 @@
-"""Random (version 4) UUID strings without a system call per id.
+"""Random (version 4) UUID strings without a system call per id, and name-based
+(version 5) ones without building ``uuid.UUID`` objects (one per message on the hot path).
 
 ``str(uuid.uuid4())`` asks the kernel for 16 bytes every time (``getrandom``), and the
 call releases the GIL: with another thread busy (the SQLite writer) the loop may wait a
@@ -10,6 +11,7 @@ string, a test holds it so).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 
@@ -49,3 +51,9 @@ def format_uuid4(raw: bytes) -> str:
     """``str(uuid.UUID(bytes=raw, version=4))``: version and variant bits forced."""
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16)]}{h[17:20]}-{h[20:]}"
+
+
+def uuid5_str(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(uuid.UUID(bytes=namespace), name))``."""
+    h = hashlib.sha1(namespace + name.encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[int(h[16], 16)]}{h[17:20]}-{h[20:32]}"

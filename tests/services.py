@@ -130,9 +130,12 @@ class RedisServer:
 
     host = "127.0.0.1"
 
-    def __init__(self, binary: str | None = None, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, binary: str | None = None, *, appendonly: bool = False, unix_socket: bool = False
+    ) -> None:
         self.binary = binary or find_redis_server()
         self.appendonly = appendonly  # AOF with fsync always: a restart keeps every write
+        self.unix_socket = unix_socket  # also listen on ``socket_path``
         self.dir = Path(tempfile.mkdtemp(prefix="chatserver-redis-", dir=_temp_base()))
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -147,6 +150,14 @@ class RedisServer:
     @property
     def log_path(self) -> Path:
         return self.dir / "redis.log"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.dir / "redis.sock"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def running(self) -> bool:
@@ -183,6 +194,8 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(self.log_path),
         ]  # fmt: skip
+        if self.unix_socket:
+            argv += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -18,6 +18,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from protocol import FinishReason, Usage
+from protocol.ids import uuid5_str
 from storage.jobs.base import ReplyJob, ReplyJobs, oldest_first
 
 from .buffer import ReplyOwner
@@ -30,12 +31,12 @@ log = logging.getLogger("chatserver.generation")
 
 # Fixed for ever: changing it would give a question answered before the change a second
 # generation id, hence a second answer.
-_GENERATIONS = uuid.UUID("0b6c8e52-1b53-4c3e-9a57-6f3f0c1e9d21")
+_GENERATIONS = uuid.UUID("0b6c8e52-1b53-4c3e-9a57-6f3f0c1e9d21").bytes
 
 
 def generation_id_for(question_id: str) -> str:
     """The generation id of the reply to a question: one per question, on every instance."""
-    return str(uuid.uuid5(_GENERATIONS, question_id))
+    return uuid5_str(_GENERATIONS, question_id)
 
 
 async def keep_jobs(manager: GenerationManager, jobs: ReplyJobs, lease_s: float) -> None:

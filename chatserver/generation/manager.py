@@ -52,6 +52,7 @@ from .provider import Finish, Provider, PushProvider, ReplyRequest
 from .routing import Router, is_first_turn
 from .sources import replay, start_stream
 from .streaming import DeliverEvents, DeltaPump, Publish, PublishEvents, ReplyRun
+from .turn_queue import TurnQueue
 
 __all__ = ["GenerationManager", "ReplyRun"]
 
@@ -112,7 +113,7 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         self._lanes: dict[str, Lane] = {}
         self._pending = 0
         # The questions waiting here for their turn, by conversation: offset -> wake-up.
-        self._waiting_turn: dict[str, dict[int, asyncio.Event]] = {}
+        self._waiting_turn: dict[str, TurnQueue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         # Checked once: the provider is fixed for the life of the manager.
@@ -221,8 +222,7 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         """Let replies finish for ``grace_s``, then end the rest with ``error``."""
         self._closing = True
         for waiting in self._waiting_turn.values():  # questions asleep behind older ones
-            for woken in waiting.values():
-                woken.set()
+            waiting.wake_all()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             if pending:

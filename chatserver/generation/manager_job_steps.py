@@ -17,16 +17,22 @@ from .manager_state import (
     log,
 )
 from .streaming import ReplyRun
+from .turn_queue import TurnQueue
 
 
 class _JobSteps(ManagerState):
     async def _first_turn(self, job: ReplyJob | None) -> Turn | None:
         """At once, before the lane. A job its append found first in line asks nothing: it
-        goes (a claimed one asks: the conversation may have moved on since)."""
+        goes (a claimed one asks: the conversation may have moved on since). Behind an older
+        question waiting here it waits too: a long queue asks Redis once, not per question."""
         if job is None or self.jobs is None:
             return None
         if job.first and not job.claimed:
             return Turn(go=True)
+        waiting = self._waiting_turn.get(job.message.conversation_id)
+        oldest = None if waiting is None or job.claimed else waiting.oldest()
+        if oldest is not None and oldest < job.message.offset:
+            return Turn(go=False)  # an older one waits here and asks: no need to ask now
         return await self._retrying("check a reply job's turn", self.jobs.turn, job)
 
     async def _wait_turn(self, job: ReplyJob, turn: Turn) -> None:
@@ -43,11 +49,13 @@ class _JobSteps(ManagerState):
         delays = SLOT_POLL.delays()
         cid = job.message.conversation_id
         offset = job.message.offset
-        waiting = self._waiting_turn.setdefault(cid, {})
-        woken = waiting[offset] = asyncio.Event()
+        waiting = self._waiting_turn.get(cid)
+        if waiting is None:
+            waiting = self._waiting_turn[cid] = TurnQueue()
+        woken = waiting.add(offset)
         try:
             while not turn.go and loop.time() < deadline and not self._closing:
-                if offset != min(waiting):
+                if offset != waiting.oldest():
                     pause = deadline - loop.time()
                 elif turn.blocker is None or turn.blocker not in self.held:
                     pause = next(delays)
@@ -59,7 +67,7 @@ class _JobSteps(ManagerState):
                 woken.clear()  # after the wait: a wake-up during the check below is kept
                 turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
         finally:
-            del waiting[offset]
+            waiting.remove(offset)
             if not waiting:
                 if self._waiting_turn.get(cid) is waiting:
                     del self._waiting_turn[cid]
@@ -69,8 +77,8 @@ class _JobSteps(ManagerState):
     def _wake_turn(self, conversation_id: str) -> None:
         """The oldest question waiting here in the conversation checks its turn again."""
         waiting = self._waiting_turn.get(conversation_id)
-        if waiting:
-            waiting[min(waiting)].set()
+        if waiting is not None:
+            waiting.wake_oldest()
 
     @property
     def _rerun_unstarted(self) -> bool:

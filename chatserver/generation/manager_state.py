@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .provider import Finish, Provider, PushProvider
     from .routing import Router
     from .streaming import DeliverEvents, DeltaPump, Publish, ReplyRun
+    from .turn_queue import TurnQueue
 
 log = logging.getLogger("chatserver.generation")
 
@@ -89,7 +90,7 @@ class ManagerState:
     _announce: Announce | None
     _lanes: dict[str, Lane]
     _pending: int
-    _waiting_turn: dict[str, dict[int, asyncio.Event]]
+    _waiting_turn: dict[str, TurnQueue]
     _tasks: set[asyncio.Task[None]]
     _closing: bool
     _push: PushProvider | None

@@ -1,4 +1,5 @@
-"""Pooled random UUIDs: the format of ``uuid.uuid4()``, never the same id twice."""
+"""Pooled random UUIDs: the format of ``uuid.uuid4()``, never the same id twice; name-based
+ones equal to ``uuid.uuid5``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import ids
-from protocol.ids import format_uuid4, uuid4_str
+from protocol.ids import format_uuid4, uuid4_str, uuid5_str
 
 
 @given(st.binary(min_size=16, max_size=16))
 def test_the_format_is_the_uuid_modules(raw: bytes) -> None:
     assert format_uuid4(raw) == str(uuid.UUID(bytes=raw, version=4))
+
+
+@given(st.binary(min_size=16, max_size=16), st.text())
+def test_name_based_ids_are_the_uuid_modules(namespace: bytes, name: str) -> None:
+    assert uuid5_str(namespace, name) == str(uuid.uuid5(uuid.UUID(bytes=namespace), name))
 
 
 def test_ids_are_version_4_and_distinct_across_pool_refills() -> None:

@@ -56,6 +56,9 @@ def test_fanout(tmp_path: Path) -> None:
             assert f["server_cpu_us_per_delivery"] is not None
     assert data["goals"]["chatserver_lost_duplicated_reordered"]["met"]
     assert data["server_cpu_split"]["chatserver"]["per_delivery_us"] is not None
+    assert len(data["server_cpu_split"]["bare_redis"]["points"]) == 3  # 3 sizes, one line
+    # chatserver runs on Redis and Postgres, the production shape: Postgres's CPU apart.
+    assert figures["chatserver"]["flatout"]["postgres_cpu_us_per_message"] > 0
     assert "bare aiohttp + Redis" in data["markdown"]
     # Per message: the server's CPU and what Redis did (the targets on Redis).
     for name in ("chatserver", "bare_redis", "socketio_redis"):

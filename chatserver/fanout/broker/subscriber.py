@@ -2,8 +2,9 @@
 
 The reader resolves subscribe confirmations (so a join can wait until its channel is
 live), hands data messages on, and survives the connection: redis-py may reconnect and
-resubscribe by itself (we see a confirmation nobody asked for), or give up (we reconnect
-with capped backoff and resubscribe). Either way messages were missed: ``on_gap``.
+resubscribe by itself (we see a confirmation nobody asked for), or the connection is lost
+(we reconnect with capped backoff and resubscribe). Either way messages were missed:
+``on_gap``. The connection itself is pubsub_conn.py's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -20,11 +20,13 @@ from redis.exceptions import RedisError
 from protocol.backoff import Backoff
 
 from .base import BrokerUnavailable
+from .pubsub_conn import PubSubConnection, PubSubItem, pubsub_connection
 
 log = logging.getLogger("chatserver.broker.redis")
 
 SUBSCRIBE_TIMEOUT_S = 5.0
 RECONNECT = Backoff(0.05, 5.0)  # reconnecting the pub/sub connection
+HEALTH_CHECK_S = 15.0  # silent this long, the connection is asked a PING
 
 
 class Subscriber:
@@ -40,15 +42,18 @@ class Subscriber:
         self._sharded = sharded  # SSUBSCRIBE on a cluster node
         self._on_message = on_message
         self._on_gap = on_gap
-        self._pubsub: Any = None
+        self._pubsub: PubSubConnection | None = None
         self.channels: set[bytes] = set()
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
         self._has_channels = asyncio.Event()
         self.connected = False
         self._reader: asyncio.Task[None] | None = None
 
+    def _open(self) -> PubSubConnection:
+        return pubsub_connection(self._client, sharded=self._sharded, health_s=HEALTH_CHECK_S)
+
     def start(self) -> None:
-        self._pubsub = self._client.pubsub()
+        self._pubsub = self._open()
         self.connected = True
         self._reader = asyncio.create_task(self._read_loop(), name="broker-subscriber")
 
@@ -64,7 +69,7 @@ class Subscriber:
         self.connected = False
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.close()
 
     async def subscribe(self, name: bytes) -> None:
         """Return once Redis confirmed the subscription: later publications will arrive."""
@@ -89,8 +94,9 @@ class Subscriber:
             await self._send("unsubscribe", name)
 
     async def _send(self, verb: str, name: bytes) -> None:
-        method = getattr(self._pubsub, ("s" if self._sharded else "") + verb)
-        await method(name)
+        if self._pubsub is None:
+            raise BrokerUnavailable("not connected to Redis")
+        await self._pubsub.send(verb, name)
 
     def _expect(self, name: bytes) -> asyncio.Future[None]:
         future = self._confirm.get(name)
@@ -101,7 +107,7 @@ class Subscriber:
 
     async def _reconnect(self) -> None:
         await self._drop()
-        self._pubsub = self._client.pubsub()
+        self._pubsub = self._open()
         for name in list(self.channels):
             self._expect(name)
             await self._send("subscribe", name)
@@ -117,9 +123,9 @@ class Subscriber:
                 if self._pubsub is None or not self.connected:
                     await self._reconnect()
                     retry = 0
-                message = await self._pubsub.get_message(timeout=None)
-                if message is not None:
-                    self._handle(message)
+                assert self._pubsub is not None
+                for item in await self._pubsub.read():
+                    self._handle(item)
             except asyncio.CancelledError:
                 raise
             except RuntimeError:  # no subscription left on this connection
@@ -131,16 +137,12 @@ class Subscriber:
                 retry += 1
                 await asyncio.sleep(RECONNECT.delay(retry))
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if isinstance(kind, bytes):
-            kind = kind.decode()
-        channel = message.get("channel")
-        if isinstance(channel, str):
-            channel = channel.encode()
-        if channel is None:
+    def _handle(self, item: PubSubItem) -> None:
+        kind, channel, data = item
+        if kind in (b"message", b"smessage"):
+            self._on_message(channel, data)
             return
-        if kind in ("subscribe", "ssubscribe"):
+        if kind in (b"subscribe", b"ssubscribe"):
             future = self._confirm.pop(channel, None)
             if future is not None and not future.done():
                 future.set_result(None)
@@ -148,6 +150,3 @@ class Subscriber:
                 # redis-py reconnected and resubscribed on its own: messages were missed.
                 log.warning("Redis pub/sub resubscribed after a reconnect; clients rejoin")
                 self._on_gap()
-            return
-        if kind in ("message", "smessage"):
-            self._on_message(channel, message["data"])
