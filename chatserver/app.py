@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 from redis.asyncio import Redis
 
-from storage.batch_writer import BatchWriter
+from storage.batch_writer import BatchWriter, WriterLoad
 
 from . import keys
 from .agents import AgentCatalog
@@ -178,6 +178,8 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
         metrics.persist_errors.inc()
         log.warning("batch write failed, retrying: %s", exc)
 
+    # Past the first, writers stand by while it keeps up alone (paced writers only).
+    load = WriterLoad() if settings.persist.batch_interval_ms else None
     writers = [
         BatchWriter(
             outbox,
@@ -187,8 +189,10 @@ async def _persistence(app: web.Application) -> AsyncIterator[None]:
             min_interval_ms=settings.persist.batch_interval_ms,
             on_batch=on_batch,
             on_error=on_error,
+            load=load,
+            standby=index > 0,
         )
-        for _ in range(settings.effective_batch_writers)
+        for index in range(settings.effective_batch_writers)
     ]
     for writer in writers:
         writer.start()

@@ -28,6 +28,17 @@ T = TypeVar("T")
 _DRAIN_WAIT_S = 0.01
 
 
+class WriterLoad:
+    """Whether an instance's first writer keeps up alone. Every batch costs a transaction and
+    an outbox read and ack whatever its size, so a second writer that shares a light load
+    only halves the batches (measured: ~1.6 ms of an instance's CPU a batch on Postgres).
+    It stands by until the first one's batches are full or take its whole pacing interval,
+    where the overlap of one writer's Python work with the other's database work pays."""
+
+    def __init__(self) -> None:
+        self.busy = False
+
+
 class BatchWriter:
     def __init__(
         self,
@@ -41,6 +52,8 @@ class BatchWriter:
         backoff_max_s: float = 5.0,
         on_batch: Callable[[int, float], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        load: WriterLoad | None = None,
+        standby: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -54,6 +67,9 @@ class BatchWriter:
         self.backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._on_batch = on_batch
         self._on_error = on_error
+        # The first writer reports to ``load``; a ``standby`` one reads only while it is busy.
+        self._load = load
+        self._standby = standby and load is not None
         self._task: asyncio.Task[None] | None = None
         self._draining = False
         self._finishing = False
@@ -135,6 +151,8 @@ class BatchWriter:
         """Write batches until cancelled, or, once draining, until the outbox is empty."""
         log.info("batch writer started (max_batch=%d)", self.max_batch)
         while not self._finishing:
+            if self._standby and not await self._needed():
+                continue
             wait_s = _DRAIN_WAIT_S if self._draining else self.max_wait_s
             entries = await self._retry(
                 "outbox read", functools.partial(self.outbox.read, self.max_batch, wait_s)
@@ -146,8 +164,19 @@ class BatchWriter:
                 continue
             started = asyncio.get_running_loop().time()
             await self._write(entries)
+            if self._load is not None and not self._standby:
+                took = asyncio.get_running_loop().time() - started
+                self._load.busy = len(entries) >= self.max_batch or took >= self.min_interval_s
             if len(entries) < self.max_batch:
                 await self._pace(started)
+
+    async def _needed(self) -> bool:
+        """A standby writer: whether to read now (else it waited a pacing interval)."""
+        assert self._load is not None
+        if self._load.busy or self._draining:
+            return True
+        await asyncio.sleep(max(self.min_interval_s, self.max_wait_s))
+        return False
 
     async def _pace(self, started: float) -> None:
         """Until ``min_interval_s`` after the batch started; at once when stopping."""

@@ -12,6 +12,7 @@ import pytest
 
 from protocol import Message
 from storage import BatchWriter, MemoryOutbox, Outbox, SqliteStore, Store, StoreUnavailable
+from storage.batch_writer import WriterLoad
 
 if TYPE_CHECKING:
     from conftest import MessageFactory
@@ -312,3 +313,90 @@ def test_backoff_grows_capped_with_jitter(attempt: int) -> None:
     delays = [writer.backoff_delay(attempt) for _ in range(50)]
     assert all(ceiling / 2 <= d <= ceiling for d in delays)
     assert len(set(delays)) > 1  # jittered
+
+
+class HeldStore:
+    """The real store underneath; each write takes ``delay_s``, and waits while ``open``
+    is clear (``blocked``: writes waiting there now)."""
+
+    def __init__(self, inner: Store, delay_s: float) -> None:
+        self.inner = inner
+        self.name = f"held-{inner.name}"
+        self.delay_s = delay_s
+        self.open = asyncio.Event()
+        self.open.set()
+        self.blocked = 0
+        self.changed = asyncio.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def write_messages(self, messages: Sequence[Message]) -> int:
+        self.blocked += 1
+        self.changed.set()
+        try:
+            await self.open.wait()
+        finally:
+            self.blocked -= 1
+        await asyncio.sleep(self.delay_s)  # a slow database: the batch takes this long
+        return await self.inner.write_messages(messages)
+
+    async def wait_blocked(self, count: int) -> None:
+        async with asyncio.timeout(DEADLINE_S):
+            while self.blocked < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def test_a_second_writer_stands_by_while_the_first_keeps_up(
+    outbox: Outbox, store: Store, new_message: MessageFactory
+) -> None:
+    load = WriterLoad()
+    progress = Progress()
+    # A batch here takes far less than the interval, even on a loaded machine.
+    paced = {"min_interval_ms": 400, "max_wait_ms": 20, "load": load}
+    first = fast_writer(outbox, store, progress, **paced)
+    second = fast_writer(outbox, store, progress, **paced, standby=True)
+    first.start()
+    second.start()
+    try:
+        for done in (10, 20, 30):
+            await fill(outbox, new_message, 10)
+            await progress.wait_for(written=done)
+    finally:
+        await second.stop(drain=True)
+        await first.stop(drain=True)
+    assert not load.busy
+    assert second.batches == 0 and first.written == 30
+    assert len(await stored(store)) == 30
+
+
+async def test_the_second_writer_joins_while_the_first_is_busy(
+    outbox: Outbox, store: Store, new_message: MessageFactory
+) -> None:
+    load = WriterLoad()
+    progress = Progress()
+    held = HeldStore(store, delay_s=0.03)  # longer than the pacing interval: busy
+    paced = {"min_interval_ms": 20, "max_wait_ms": 20, "load": load}
+    first = fast_writer(outbox, held, progress, **paced)  # type: ignore[arg-type]
+    second = fast_writer(outbox, held, progress, **paced, standby=True)  # type: ignore[arg-type]
+    first.start()
+    second.start()
+    try:
+        await fill(outbox, new_message, 10)
+        await progress.wait_for(written=10)
+        assert load.busy and second.batches == 0
+        held.open.clear()
+        await fill(outbox, new_message, 10)
+        await held.wait_blocked(1)  # one writer holds that batch
+        await fill(outbox, new_message, 10)
+        await held.wait_blocked(2)  # the other took this one: both write at once
+        held.open.set()
+        await progress.wait_for(written=30)
+    finally:
+        held.open.set()
+        await second.stop(drain=True)
+        await first.stop(drain=True)
+    assert second.batches >= 1
+    got = await stored(store)
+    assert len(got) == len({m.id for m in got}) == 30
