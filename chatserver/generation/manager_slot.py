@@ -40,8 +40,6 @@ class _SlotSteps(ManagerState):
         agent = self._agents.get(conversation.agent_id)
         if agent is None or not self._conversations.window.follows:
             return None
-        if conversation.id in self._lanes:  # a reply here holds the slot, or one queues for
-            return None  # it: this question's job will not be alone in line
         first = self._router.route(agent, text, first_turn=True).model
         later = self._router.route(agent, text, first_turn=False).model
         since = self._conversations.window.context_since(conversation.id)
