@@ -113,3 +113,32 @@ async def test_a_slot_its_append_took_is_the_question_s_job_until_answered(
     view = await conversations.read_window(conv_id, limit=10)
     [answer] = [m for m in view.messages if m.reply_to == result.message.id]
     assert answer.finish_reason == "stop" and "asked while stopping" in answer.text
+
+
+async def test_a_queue_of_questions_asks_redis_for_its_turn_once_not_per_question(
+    make_harness: MakeHarness, redis_url: str
+) -> None:
+    """The first question's slot stands for its job, so the second one's job is first in
+    line and waits in the lane; the third asks whether it may go, and every question behind
+    it waits on the instance without asking (the oldest waiting asks for all). Each is
+    still answered, in order."""
+    harness = await make_harness(redis_url=redis_url, local_ttft_ms=300)
+    manager = harness.app[keys.GENERATION]
+    assert manager.jobs is not None
+    asked: list[str] = []
+    turn = manager.jobs.turn
+
+    async def counted(job: Any) -> Any:
+        asked.append(job.job_id)
+        return await turn(job)
+
+    manager.jobs.turn = counted
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    await alice.join(conv)
+    sent = [await alice.send(conv, f"question {i}") for i in range(6)]
+    await eventually(lambda: len(manager._waiting_turn.get(conv, ())) == 4)
+    assert asked == [sent[2].message_id]  # before: one per question waiting, 4
+    for i, question in enumerate(sent):
+        reply = await alice.reply(question.message_id)
+        assert reply.end is not None and reply.text.startswith(f"You said: question {i}")
