@@ -29,11 +29,7 @@ async def script_calls(
     if isinstance(redis, RedisCluster):
         for command in extra:
             await redis.execute_command(*command)
-        results: list[Any] = []
-        for start in range(0, len(calls), _CLUSTER_FANOUT):
-            part = calls[start : start + _CLUSTER_FANOUT]
-            results += await asyncio.gather(*(s(keys=k, args=a) for s, k, a in part))
-        return results
+        return await _cluster_calls(calls)
     if isinstance(redis, TickPipelinedRedis):
         return await _ticked_calls(redis, calls, extra)
     out: list[Any] = [None] * len(calls)
@@ -68,6 +64,27 @@ async def script_calls(
         for scr in {calls[i][0] for i in missing}:
             scr.sha = await redis.script_load(scr.script)
         todo, first = missing, False  # only those: the others ran already
+
+
+async def _cluster_calls(calls: Sequence[Call]) -> list[Any]:
+    """One conversation's calls one after another, in their order (each may go on another
+    connection: sent at once, a delta's record could overtake the resync before it, which
+    then finds its ``seq`` passed and is dropped, losing the text's head); the
+    conversations' chains alongside, a bounded number at once."""
+    results: list[Any] = [None] * len(calls)
+    chains: dict[str, list[int]] = {}
+    for index, (_, keys, _) in enumerate(calls):
+        chains.setdefault(keys[0] if keys else "", []).append(index)
+
+    async def chain(indices: list[int]) -> None:
+        for index in indices:
+            scr, keys, args = calls[index]
+            results[index] = await scr(keys=keys, args=args)
+
+    pending = list(chains.values())
+    for start in range(0, len(pending), _CLUSTER_FANOUT):
+        await asyncio.gather(*(chain(c) for c in pending[start : start + _CLUSTER_FANOUT]))
+    return results
 
 
 async def _ticked_calls(

@@ -123,21 +123,29 @@ class LeanPubSub:
             assert self._address is not None
             reader, writer = await asyncio.open_connection(*self._address)
         if self._password is not None:
-            user = (self._username,) if self._username else ()
-            writer.write(_pack("AUTH", *user, self._password))
-            parser = hiredis.Reader()
-            reply: Any = False
-            while reply is False:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    raise ConnectionError("Redis closed the connection during AUTH")
-                parser.feed(data)
-                reply = parser.gets()
-            if isinstance(reply, hiredis.ReplyError):
+            try:
+                await self._auth(reader, writer, self._password)
+            except BaseException:
                 writer.close()
-                raise ConnectionError(f"Redis refused AUTH: {reply}")
+                raise
         self._parser = hiredis.Reader()
         self._reader, self._writer = reader, writer
+
+    async def _auth(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, password: str
+    ) -> None:
+        user = (self._username,) if self._username else ()
+        writer.write(_pack("AUTH", *user, password))
+        parser = hiredis.Reader()
+        reply: Any = False
+        while reply is False:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                raise ConnectionError("Redis closed the connection during AUTH")
+            parser.feed(data)
+            reply = parser.gets()
+        if isinstance(reply, hiredis.ReplyError):
+            raise ConnectionError(f"Redis refused AUTH: {reply}")
 
     async def send(self, verb: str, name: bytes) -> None:
         writer = await self._connected()
@@ -157,7 +165,7 @@ class LeanPubSub:
                 continue
             if isinstance(item, hiredis.ReplyError):
                 raise ConnectionError(f"Redis pub/sub error: {item}")
-            if isinstance(item, list) and len(item) == 3 and item[0] != b"pong":
+            if isinstance(item, list) and len(item) == 3:  # a PONG is ["pong", ""]
                 items.append((item[0], item[1], item[2]))
 
     async def _read_some(self) -> bytes:

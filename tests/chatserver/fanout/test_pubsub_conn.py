@@ -58,6 +58,13 @@ async def _subscribed(conn: PubSubConnection, channel: bytes) -> None:
             pass
 
 
+async def _delivers(conn: PubSubConnection, publisher: Redis, channel: bytes, data: bytes) -> None:
+    await _subscribed(conn, channel)
+    await publisher.publish(channel, data)
+    messages, _ = await _read_until(conn, 1)
+    assert messages == [(b"message", channel, data)]
+
+
 def test_ours_serves_tcp_and_unix_sockets_redis_py_tls_and_shards(redis_url: str) -> None:
     assert isinstance(
         pubsub_connection(Redis.from_url(redis_url), sharded=False, health_s=1), LeanPubSub
@@ -97,10 +104,7 @@ async def test_it_authenticates_as_the_urls_user(client: Redis, redis_url: str) 
         url = redis_url.replace("redis://", "redis://listener:s3cret@")
         conn = pubsub_connection(Redis.from_url(url), sharded=False, health_s=15)
         try:
-            await _subscribed(conn, b"private")
-            await client.publish("private", b"hello")
-            messages, _ = await _read_until(conn, 1)
-            assert messages == [(b"message", b"private", b"hello")]
+            await _delivers(conn, client, b"private", b"hello")
         finally:
             await conn.close()
         wrong = Redis.from_url(redis_url.replace("redis://", "redis://listener:nope@"))
@@ -118,10 +122,7 @@ async def test_a_unix_socket(own_redis: RedisServer) -> None:
     )
     publisher = Redis.from_url(own_redis.url)
     try:
-        await _subscribed(conn, b"local")
-        await publisher.publish("local", b"over the socket")
-        messages, _ = await _read_until(conn, 1)
-        assert messages == [(b"message", b"local", b"over the socket")]
+        await _delivers(conn, publisher, b"local", b"over the socket")
     finally:
         await conn.close()
         await publisher.aclose()
