@@ -24,6 +24,10 @@ from .errors import ServiceError
 # stops being let in here within this, even with no member of it connected here (while the
 # store answers: in an outage the members as last read hold, see get).
 CACHE_S = 10.0
+# A message leaves a small window before its batch is stored (writers pace their batches):
+# history just beyond the window waits this long at most for the store to catch up.
+STORE_CATCH_UP_S = 1.0
+STORE_CATCH_UP_POLL_S = 0.02
 
 
 class JoinView:
@@ -263,5 +267,18 @@ class ConversationService:
         upper = view.first_offset if before is None else min(before, view.first_offset)
         if upper <= 1:
             return MessagePage(messages, False)
-        older = await self.store.messages_before(conversation_id, upper, limit - len(messages))
+        older = await self._stored_before(conversation_id, upper, limit - len(messages))
         return MessagePage(older.messages + messages, older.has_more)
+
+    async def _stored_before(self, conversation_id: str, upper: int, limit: int) -> MessagePage:
+        """The store's page below ``upper``, once it reaches up to it: the messages just
+        below the window may still be on their way there. Bounded: past it, what is
+        stored (the writer is failing, and history beyond the window is incomplete)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STORE_CATCH_UP_S
+        while True:
+            older = await self.store.messages_before(conversation_id, upper, limit)
+            reached = bool(older.messages) and older.messages[-1].offset == upper - 1
+            if reached or loop.time() >= deadline:
+                return older
+            await asyncio.sleep(STORE_CATCH_UP_POLL_S)

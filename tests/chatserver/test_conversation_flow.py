@@ -98,7 +98,11 @@ async def test_history_pages_go_back_with_before(harness: Harness) -> None:
 
 
 async def test_history_beyond_the_window_comes_from_the_store(make_harness) -> None:  # type: ignore[no-untyped-def]
-    harness: Harness = await make_harness(window_size=4, join_messages=4)
+    """Whole, though the messages just below the window are still on their way to the store
+    (the writer paces its batches 300 ms apart here: they left the window before that)."""
+    harness: Harness = await make_harness(
+        window_size=4, join_messages=4, batch_interval_ms=300, batch_wait_ms=300
+    )
     conv = await harness.conversation("alice")
     alice = await harness.connect("alice")
     await alice.join(conv)
