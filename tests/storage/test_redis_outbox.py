@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from storage.outbox import redis as redis_outbox
 from storage.outbox.redis import RedisOutbox
+from storage.records import OutboxEntry
 
 if TYPE_CHECKING:
     from conftest import MessageFactory, RedisClients
@@ -103,16 +104,22 @@ def units(clients: RedisClients, outbox: RedisOutbox) -> int:
 async def test_a_dead_consumers_entries_are_claimed_after_the_idle_time(
     redis_clients: RedisClients, new_message: MessageFactory
 ) -> None:
-    dead = await make_outbox(redis_clients, "dead", claim_idle_ms=200)
-    alive = await make_outbox(redis_clients, "alive", claim_idle_ms=200)
+    # Idle time long enough that a loaded machine still reads "too early" within it.
+    dead = await make_outbox(redis_clients, "dead", claim_idle_ms=1000)
+    alive = await make_outbox(redis_clients, "alive", claim_idle_ms=1000)
     messages = [new_message("c1") for _ in range(3)]
     for m in messages:
         await dead.add(m)
+    loop = asyncio.get_running_loop()
+    taken_at = loop.time()
     taken = await dead.read(10, 1.0)  # ... and then the instance dies without acking
     assert [e.message for e in taken] == messages
     assert await alive.read(10, 0.05) == []  # not idle long enough yet: not taken over
-    await asyncio.sleep(0.25)
-    claimed = await alive.read(10, 1.0)
+    claimed: list[OutboxEntry] = []
+    async with asyncio.timeout(10):
+        while not claimed:
+            claimed = await alive.read(10, 0.1)
+    assert loop.time() - taken_at >= 1.0  # once idle for the whole claim time, not before
     assert [e.message for e in claimed] == messages
     assert alive.reclaimed == 3
     pending = await alive.redis.xpending_range(alive.key_for("c1"), "writers", "-", "+", 10)
