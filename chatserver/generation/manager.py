@@ -112,7 +112,7 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         self._announce = announce
         self._lanes: dict[str, Lane] = {}
         self._pending = 0
-        # The questions waiting here for their turn, by conversation: offset -> wake-up.
+        # The questions waiting here for their turn, by conversation, oldest first.
         self._waiting_turn: dict[str, TurnQueue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False

@@ -116,6 +116,31 @@ async def test_history_beyond_the_window_comes_from_the_store(make_harness) -> N
     assert [m.offset for m in page.messages] == [3, 4, 5, 6, 7, 8] and page.has_more
 
 
+async def test_history_waits_for_the_store_only_so_long(make_harness, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A store that does not catch up (the writer paces its batches a minute apart here):
+    the page comes after the bounded wait, with what is stored, not never."""
+    from chatserver import conversations
+
+    monkeypatch.setattr(conversations, "STORE_CATCH_UP_S", 0.2)
+    harness: Harness = await make_harness(
+        window_size=4, join_messages=4, batch_interval_ms=60_000, batch_wait_ms=60_000
+    )
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    await alice.join(conv)
+    for i in range(4):
+        ack = await alice.send(conv, f"m{i}")
+        await alice.reply(ack.message_id)
+    loop = asyncio.get_running_loop()
+    asked_at = loop.time()
+    page = await alice.history(conv, limit=10)
+    waited = loop.time() - asked_at
+    offsets = [m.offset for m in page.messages]
+    # The window, below it what the first batch stored (the first exchange at most): a hole.
+    assert offsets[-4:] == [5, 6, 7, 8] and len(offsets) < 8
+    assert 0.2 <= waited < 5
+
+
 async def test_ping_echoes_ts(harness: Harness, encoding: Encoding) -> None:
     alice = await harness.connect("alice", encoding)
     for ts in (0, 12345678901, 1.5, "abc"):
