@@ -6,7 +6,7 @@ Scenarios (each a script of its own, run as a subprocess so one failing does not
 rest): connections, fanout, ai (embedded, the bare floor, and production mode beside the
 python-socketio peer), persist (bench/persist.py, from the Postgres work, when present),
 product-scale, soak (memory under steady load: 10 minutes per mode here, ``bench/soak.py
---minutes 30`` on its own for the full one; ``--quick``: 30 s per mode). Each writes
+--minutes 30`` on its own for the full one; ``--quick``: 24 s per mode). Each writes
 ``<out>/<scenario>.json`` (persist and soak their own files, by date or by length); this
 writes ``<out>/summary.md``: every scenario's markdown block, for docs/benchmarks.md. The
 full run takes about 35-40 minutes on this machine; ``--quick`` about five.
