@@ -26,6 +26,10 @@ def frame_head(frame: Any) -> dict[str, Any]:
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
+# The integers MessagePack carries: what a frame read from JSON must fit to be sent again.
+_WIRE_MIN, _WIRE_MAX = -(2**63), 2**64 - 1
+
+
 def _bad(name: str, want: str, ref: str | None) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_FRAME, f"field '{name}' must be {want}", ref)
 
@@ -69,6 +73,8 @@ def req_int(
     # bool is an int subclass; true/false are not numbers on the wire.
     if not isinstance(value, int) or isinstance(value, bool):
         raise _bad(name, "an integer", ref)
+    if not _WIRE_MIN <= value <= _WIRE_MAX:  # JSON has no bound; a frame must go both ways
+        raise _bad(name, "an integer MessagePack can carry", ref)
     if lo is not None and value < lo:
         raise _bad(name, f"an integer >= {lo}", ref)
     if hi is not None and value > hi:
