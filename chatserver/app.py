@@ -158,6 +158,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         if recovered:
             log.warning("answering %d questions left unanswered by the last run", recovered)
     yield
+    await app[keys.CONVERSATIONS].cache.close()
     await jobs.close()
     await outbox.close()
     await window.close()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
@@ -18,12 +16,9 @@ from storage.window.base import AppendFollow, AppendGate, HotWindow, WindowMissi
 
 from .agents import AgentCatalog
 from .auth import Principal
+from .conversation_cache import ConversationCache
 from .errors import ServiceError
 
-# How long a conversation read from the store is trusted: a member removed on another instance
-# stops being let in here within this, even with no member of it connected here (while the
-# store answers: in an outage the members as last read hold, see get).
-CACHE_S = 10.0
 # A message leaves a small window before its batch is stored (writers pace their batches):
 # history just beyond the window waits this long at most for the store to catch up.
 STORE_CATCH_UP_S = 1.0
@@ -59,9 +54,7 @@ class ConversationService:
         self.agents = agents
         self.join_messages = join_messages
         self.limits = limits  # the same bounds as the WebSocket frames (settings.limits)
-        self._cache: OrderedDict[str, Conversation] = OrderedDict()
-        self._cache_size = cache_size
-        self._cached_at: dict[str, float] = {}  # when each cached conversation was read
+        self.cache = ConversationCache(store, cache_size)
         self._rebuilding: dict[str, asyncio.Future[None]] = {}
 
     async def create(
@@ -98,52 +91,29 @@ class ConversationService:
             updated_at=now,
         )
         await self.store.create_conversation(conversation)
-        self._remember(conversation)
+        self.cache.remember(conversation)
         return conversation
 
     def fill(self) -> Mapping[str, tuple[int, int]]:
         """Entries and bound of the conversation cache, for the gauges."""
-        return {"conversation_cache": (len(self._cache), self._cache_size)}
-
-    def _remember(self, conversation: Conversation) -> None:
-        self._cache[conversation.id] = conversation
-        self._cached_at[conversation.id] = time.monotonic()
-        self._cache.move_to_end(conversation.id)
-        while len(self._cache) > self._cache_size:
-            gone, _ = self._cache.popitem(last=False)
-            self._cached_at.pop(gone, None)
+        return {"conversation_cache": (len(self.cache), self.cache.size)}
 
     async def leave(self, conversation_id: str, user_id: str) -> None:
         """Take a member out of a conversation (its own choice). This instance forgets the
-        membership at once; another one within ``CACHE_S``, or at once when it has members
-        of the conversation connected (the caller publishes the removal to them)."""
+        membership at once; another one within ``conversation_cache.CACHE_S``, or at once
+        when it has members of the conversation connected (the caller publishes the removal
+        to them)."""
         await self.require_member(conversation_id, user_id)
         await self.store.remove_member(conversation_id, user_id)
-        self._cache.pop(conversation_id, None)
-        self._cached_at.pop(conversation_id, None)
+        self.cache.forget(conversation_id)
 
     def forget(self, conversation_id: str) -> None:
         """Drop a cached conversation (its members changed elsewhere)."""
-        self._cache.pop(conversation_id, None)
-        self._cached_at.pop(conversation_id, None)
+        self.cache.forget(conversation_id)
 
     async def get(self, conversation_id: str) -> Conversation | None:
-        cached = self._cache.get(conversation_id)
-        if cached is not None and time.monotonic() - self._cached_at[conversation_id] < CACHE_S:
-            self._cache.move_to_end(conversation_id)
-            return cached
-        try:
-            conversation = await self.store.get_conversation(conversation_id)
-        except StoreUnavailable:
-            if cached is None:
-                raise
-            # The store is down: its members as last read still hold, or every send to a
-            # busy conversation would be refused after CACHE_S of an outage that the outbox
-            # is there to ride out. A removal elsewhere still drops the entry (forget).
-            return cached
-        if conversation is not None:
-            self._remember(conversation)
-        return conversation
+        """As last read from the store, trusted for ``CACHE_S`` (``conversation_cache``)."""
+        return await self.cache.get(conversation_id)
 
     async def require_member(self, conversation_id: str, user_id: str) -> Conversation:
         conversation = await self.get(conversation_id)

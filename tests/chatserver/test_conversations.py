@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chatserver import conversations
+from chatserver import conversation_cache
 from chatserver.agents import AgentCatalog
 from chatserver.auth import Principal
 from chatserver.conversations import ConversationService
@@ -54,7 +54,7 @@ async def test_a_cached_conversation_holds_while_the_store_is_down(
         raise StoreUnavailable("Postgres unavailable")
 
     monkeypatch.setattr(service.store, "get_conversation", down)
-    monkeypatch.setattr(conversations, "CACHE_S", 0.0)  # aged out: the store is asked first
+    monkeypatch.setattr(conversation_cache, "CACHE_S", 0.0)  # aged out: the store is asked first
     # The members as last read hold through the outage...
     assert (await service.require_member(made.id, "u2")).members == ("own", "u2")
     # ... and what was never read still needs the store.

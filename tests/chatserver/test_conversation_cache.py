@@ -1,0 +1,164 @@
+"""The conversation cache: a conversation in use is read again in the background before it
+expires, so no frame waits for the store; its trust bound holds all the same."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from chatserver import conversation_cache
+from chatserver.conversation_cache import ConversationCache
+from protocol import format_timestamp
+from storage import SqliteStore, StoreUnavailable
+from storage.records import Conversation
+
+WAIT_S = 5.0
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(str(tmp_path / "chat.db"))
+    await store.start()
+    yield store
+    await store.close()
+
+
+async def _conversation(store: SqliteStore, cid: str, members: tuple[str, ...]) -> Conversation:
+    now = format_timestamp(datetime.now(UTC))
+    for user in members:
+        await store.ensure_user(user, "free", "user")
+    made = Conversation(
+        id=cid,
+        agent_id="assistant",
+        title="t",
+        owner_id=members[0],
+        members=members,
+        created_at=now,
+        updated_at=now,
+    )
+    await store.create_conversation(made)
+    return made
+
+
+class HeldReads:
+    """The store's own reads, each held until let go: what a busy store looks like."""
+
+    def __init__(self, read: Callable[[str], Awaitable[Conversation | None]]) -> None:
+        self._read = read
+        self.go = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.started = 0
+
+    async def reached(self, reads: int) -> None:
+        """At least ``reads`` reads have begun (within WAIT_S)."""
+        async with asyncio.timeout(WAIT_S):
+            while self.started < reads:
+                self.entered.clear()
+                await self.entered.wait()
+
+    async def __call__(self, conversation_id: str) -> Conversation | None:
+        self.started += 1
+        self.entered.set()
+        await self.go.wait()
+        return await self._read(conversation_id)
+
+
+async def test_an_entry_in_use_is_read_again_in_the_background(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = await _conversation(store, "c1", ("own", "u2"))
+    cache = ConversationCache(store, 10)
+    assert await cache.get("c1") == made
+    monkeypatch.setattr(conversation_cache, "REFRESH_S", 0.0)  # due at once
+    await store.remove_member("c1", "u2")
+    held = HeldReads(store.get_conversation)
+    monkeypatch.setattr(store, "get_conversation", held)
+    # The store is held, yet the use is answered at once, from the entry...
+    got = await asyncio.wait_for(cache.get("c1"), WAIT_S)
+    assert got is not None and got.members == ("own", "u2")
+    assert held.started == 1 and cache.refreshing == 1
+    assert (await cache.get("c1")) == got  # one read in flight per entry, not one per use
+    assert held.started == 1
+    # ... and the read in the background brings the store's members in.
+    held.go.set()
+    await asyncio.wait_for(cache.settled(), WAIT_S)
+    monkeypatch.setattr(conversation_cache, "REFRESH_S", 60.0)
+    got = await cache.get("c1")
+    assert got is not None and got.members == ("own",)
+    assert held.started == 1
+
+
+async def test_a_read_in_flight_does_not_bring_back_a_forgotten_entry(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _conversation(store, "c1", ("own", "u2"))
+    cache = ConversationCache(store, 10)
+    await cache.get("c1")
+    monkeypatch.setattr(conversation_cache, "REFRESH_S", 0.0)
+    held = HeldReads(store.get_conversation)
+    monkeypatch.setattr(store, "get_conversation", held)
+    await cache.get("c1")  # starts the read in the background
+    cache.forget("c1")  # the members changed elsewhere meanwhile
+    held.go.set()
+    await asyncio.wait_for(cache.settled(), WAIT_S)
+    assert len(cache) == 0  # the next use reads the store, not what the older read found
+
+
+async def test_an_expired_entry_waits_for_the_store(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trust bound holds: past CACHE_S the use waits for the store's answer."""
+    await _conversation(store, "c1", ("own", "u2"))
+    cache = ConversationCache(store, 10)
+    await cache.get("c1")
+    await store.remove_member("c1", "u2")
+    monkeypatch.setattr(conversation_cache, "CACHE_S", 0.0)
+    held = HeldReads(store.get_conversation)
+    monkeypatch.setattr(store, "get_conversation", held)
+    use = asyncio.create_task(cache.get("c1"))
+    await asyncio.wait_for(held.entered.wait(), WAIT_S)
+    assert not use.done()
+    held.go.set()
+    got = await asyncio.wait_for(use, WAIT_S)
+    assert got is not None and got.members == ("own",)
+
+
+async def test_a_refresh_in_an_outage_keeps_the_entry(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = await _conversation(store, "c1", ("own", "u2"))
+    cache = ConversationCache(store, 10)
+    await cache.get("c1")
+    monkeypatch.setattr(conversation_cache, "REFRESH_S", 0.0)
+
+    async def down(conversation_id: str) -> None:
+        raise StoreUnavailable("the store is down")
+
+    monkeypatch.setattr(store, "get_conversation", down)
+    assert await cache.get("c1") == made
+    await asyncio.wait_for(cache.settled(), WAIT_S)
+    assert await cache.get("c1") == made
+
+
+async def test_reads_in_the_background_are_bounded(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for cid in ("c1", "c2", "c3"):
+        await _conversation(store, cid, ("own",))
+    cache = ConversationCache(store, 10)
+    for cid in ("c1", "c2", "c3"):
+        await cache.get(cid)
+    monkeypatch.setattr(conversation_cache, "REFRESH_S", 0.0)
+    monkeypatch.setattr(conversation_cache, "MAX_REFRESHING", 2)
+    held = HeldReads(store.get_conversation)
+    monkeypatch.setattr(store, "get_conversation", held)
+    for cid in ("c1", "c2", "c3"):
+        assert await cache.get(cid) is not None
+    await held.reached(2)
+    assert cache.refreshing == 2 and held.started == 2
+    await cache.close()  # cancels what is in flight
+    assert cache.refreshing == 0
