@@ -161,12 +161,47 @@ async def test_an_error_reaches_its_own_caller_only(ticked: TickPipelinedRedis) 
     assert other == b"not a number"
 
 
-async def test_a_script_unknown_to_redis_is_loaded_and_run(ticked: TickPipelinedRedis) -> None:
-    script = ticked.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
-    assert await script(keys=["s"], args=[2]) == 2
-    await ticked.script_flush()  # as after a Redis restart: NOSCRIPT, then a reload
-    results = await asyncio.gather(*(script(keys=["s"], args=[1]) for _ in range(3)))
-    assert sorted(results) == [3, 4, 5]
+async def _script_stats(probe: Redis) -> tuple[int, int]:
+    """(SCRIPT LOADs, NOSCRIPT errors) Redis has answered so far."""
+    commands = await probe.info("commandstats")
+    errors = await probe.info("errorstats")
+    loads = commands.get("cmdstat_script|load", {}).get("calls", 0)
+    return int(loads), int(errors.get("errorstat_NOSCRIPT", {}).get("count", 0))
+
+
+async def test_a_script_unknown_to_redis_is_loaded_once_for_all_its_callers(
+    ticked: TickPipelinedRedis, redis_url: str
+) -> None:
+    probe = Redis.from_url(redis_url)
+    await probe.script_flush()  # none left by an earlier test
+    try:
+        before = await _script_stats(probe)
+        script = ticked.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+        # Its first callers, in one tick and the next: one load, in the first call's batch.
+        first = [asyncio.ensure_future(script(keys=["s"], args=[1])) for _ in range(10)]
+        await asyncio.sleep(0)
+        first += [asyncio.ensure_future(script(keys=["s"], args=[1])) for _ in range(10)]
+        assert sorted(await asyncio.gather(*first)) == list(range(1, 21))
+        loads, noscripts = await _script_stats(probe)
+        assert (loads - before[0], noscripts - before[1]) == (1, 0)
+        await ticked.script_flush()  # as after a Redis restart: NOSCRIPT, then one reload
+        results = await asyncio.gather(*(script(keys=["s"], args=[1]) for _ in range(10)))
+        assert sorted(results) == list(range(21, 31))
+        loads, _ = await _script_stats(probe)
+        assert loads - before[0] == 2
+        assert (await _script_stats(probe))[1] > noscripts  # the restart was noticed
+    finally:
+        await probe.aclose()
+
+
+async def test_a_script_that_does_not_compile_fails_its_callers(
+    ticked: TickPipelinedRedis,
+) -> None:
+    script = ticked.register_script("return redis.call(")
+    results = await asyncio.gather(
+        *(script(keys=[], args=[]) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, ResponseError) and "compil" in str(r).lower() for r in results)
 
 
 async def test_a_caller_that_stops_waiting_leaves_the_others_their_answers(
