@@ -29,8 +29,12 @@ def is_unavailable(exc: BaseException) -> bool:
 def pool_options(min_size: int, max_size: int, timeout_s: float, pgbouncer: bool) -> dict[str, Any]:
     server_settings = {"application_name": "chatserver"}
     if not pgbouncer:
-        # PgBouncer refuses unknown startup parameters; there, writes SET LOCAL it instead.
+        # PgBouncer refuses unknown startup parameters; there, writes SET LOCAL them instead.
         server_settings["jit"] = "off"  # JIT compiles cost more than these queries
+        # A cached generic plan of the batch insert (planned for a 10-row guess of its
+        # arrays) turns a 1,000-row batch into seconds of nested loops (pg_write). These
+        # statements plan in tens of microseconds: every one gets a custom plan.
+        server_settings["plan_cache_mode"] = "force_custom_plan"
     return {
         "min_size": min_size,
         "max_size": max_size,
@@ -48,8 +52,9 @@ async def release_reset(conn: Any) -> None:
 
     asyncpg's own reset sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``
     on every release: a round trip per operation, for session state this package never
-    makes (settings are ``SET LOCAL``, advisory locks transaction-level, no LISTEN or
-    cursors outside a transaction: what PgBouncer's transaction mode needs anyway).
+    makes (settings are startup parameters or ``SET LOCAL``, advisory locks
+    transaction-level, no LISTEN or cursors outside a transaction: what PgBouncer's
+    transaction mode needs anyway).
     """
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")

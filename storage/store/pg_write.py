@@ -64,8 +64,9 @@ _KEY = itemgetter(*(INDEX[name] for name in PRIMARY_KEY))
 _CONVERSATION, _CREATED = INDEX["conversation_id"], INDEX["created_at"]
 _INPUT, _OUTPUT, _REPLY_TO = INDEX["input_tokens"], INDEX["output_tokens"], INDEX["reply_to"]
 
-# For the write transaction only: JIT compilation costs more than it saves on these plans, and
-# a cached generic plan of an unnest statement (planned for a 10-row guess of the arrays)
+# For write transactions that set them (through PgBouncer, and replays; directly on Postgres
+# the connections start with them): JIT compilation costs more than it saves on these plans,
+# and a cached generic plan of an unnest statement (planned for a 10-row guess of the arrays)
 # turns a 1,000-row batch into seconds of nested loops; custom plans see the real sizes.
 WRITE_SETTINGS = "SET LOCAL jit = off; SET LOCAL plan_cache_mode = force_custom_plan"
 
@@ -387,7 +388,11 @@ async def write_staged(conn: Any, batch: Batch) -> int:
     return int(await conn.fetchval(INSERT_FROM_STAGE))
 
 
-async def write_arrays(conn: Any, batch: Batch, *, fresh: bool) -> int:
-    """One statement over ``unnest`` of the columns. Inside a transaction."""
-    await conn.execute(WRITE_SETTINGS)
+async def write_arrays(conn: Any, batch: Batch, *, fresh: bool, set_local: bool = True) -> int:
+    """One statement over ``unnest`` of the columns. ``set_local``: inside a transaction,
+    the write settings ``SET LOCAL`` first; else the connection has them from its start
+    (``pg_connect.pool_options``), and the statement alone is its transaction: one round
+    trip where BEGIN, SET, the statement and COMMIT took four."""
+    if set_local:
+        await conn.execute(WRITE_SETTINGS)
     return int(await conn.fetchval(INSERT_FROM_ARRAYS[fresh], *batch.columns()))

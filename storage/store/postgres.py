@@ -6,9 +6,10 @@
 - ``pgbouncer=True`` (PgBouncer in transaction mode): no prepared statement cache
   (``statement_cache_size=0``: asyncpg then uses the unnamed statement, whose parse, bind and
   execute it sends before one Sync, so PgBouncer keeps them on one server connection), and
-  no startup parameters PgBouncer would refuse. No session state is ever used, in either
-  mode: advisory locks are transaction-level, settings ``SET LOCAL``, the staging table
-  ``ON COMMIT DROP``.
+  no startup parameters PgBouncer would refuse. No session state is ever made, in either
+  mode: advisory locks are transaction-level, the staging table ``ON COMMIT DROP``, and the
+  write settings are the connections' startup parameters (directly: a small batch is then
+  one statement and one round trip) or ``SET LOCAL`` (through PgBouncer).
 - Connection failures, timeouts and transient server states raise ``StoreUnavailable``, which
   the batch writer retries with backoff.
 """
@@ -298,8 +299,10 @@ class PostgresStore:
             if big:
                 new = await self._primary_op(lambda conn: bump_then_write_direct(conn, batch))
             else:
+                # Directly on Postgres, one statement and one round trip (``write_arrays``).
                 new = await self._primary_op(
-                    lambda conn: write_arrays(conn, batch, fresh=True), transaction=True
+                    lambda conn: write_arrays(conn, batch, fresh=True, set_local=self.pgbouncer),
+                    transaction=self.pgbouncer,
                 )
         except asyncpg.UniqueViolationError:
             # Some of the batch is stored already (a replay): write it again, skipping those.

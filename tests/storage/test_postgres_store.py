@@ -247,3 +247,41 @@ async def test_a_released_connection_sends_no_reset_and_never_stays_in_a_transac
             )
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("pgbouncer", [False, True], ids=["direct", "pgbouncer-mode"])
+async def test_a_small_batch_is_one_statement_on_postgres_directly(
+    postgres_dsn: str, pgbouncer: bool
+) -> None:
+    """Directly, the connections start with the write settings: the insert alone is its
+    transaction (one round trip). Where they cannot (PgBouncer), BEGIN, SET LOCAL, insert,
+    COMMIT. A replay takes the careful way in either mode."""
+    store = PostgresStore(postgres_dsn, migrate=True, pool_min=1, pool_max=1, pgbouncer=pgbouncer)
+    await store.start()
+    try:
+        queries: list[str] = []
+        async with store._primary.acquire() as held:  # the pool's one connection
+            held.add_query_logger(lambda record: queries.append(record.query.strip()))
+            settings = await held.fetchrow(
+                "SELECT current_setting('jit') AS jit, current_setting('plan_cache_mode') AS m"
+            )
+        assert await store.write_messages([msg("c0", 1)]) == 1  # asyncpg learns the types
+        queries.clear()
+        batch = [msg("c1", 1), msg("c1", 2)]
+        assert await store.write_messages(batch) == 2
+        inserts = [q for q in queries if q.startswith("WITH src")]
+        if pgbouncer:
+            assert len(inserts) == 1 and len(queries) == 4, queries
+        else:
+            assert (settings["jit"], settings["m"]) == ("off", "force_custom_plan")
+            assert queries == inserts and len(inserts) == 1, queries
+        queries.clear()
+        assert await store.write_messages([*batch, msg("c1", 3)]) == 1  # a replay: one new
+        assert any("ON CONFLICT DO NOTHING" in q for q in queries)
+        assert [m.offset for m in (await store.messages_before("c1", None, 10)).messages] == [
+            1,
+            2,
+            3,
+        ]
+    finally:
+        await store.close()
