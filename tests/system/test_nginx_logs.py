@@ -27,12 +27,14 @@ async def test_the_access_log_has_paths_without_their_query(tmp_path: Path) -> N
                     assert hello["type"] == "hello" and hello["user_id"] == "alice"
                 async with http.get(f"{lb.url}/api/agents?token={token}&x=1") as resp:
                     assert resp.status == 401  # REST takes no query-string token
-            # nginx logs a WebSocket when both sides have closed: wait for its line.
+            # nginx logs a WebSocket when both sides have closed, and any request after its
+            # response has left: wait for both lines.
+            wanted = {"GET /ws HTTP/1.1", "GET /api/agents HTTP/1.1"}
             deadline = time.monotonic() + 10
             while True:
                 lines = lb.access_log()
                 requests = [line.request for line in lines]
-                if "GET /ws HTTP/1.1" in requests or time.monotonic() > deadline:
+                if wanted <= set(requests) or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.05)
             assert "GET /ws HTTP/1.1" in requests
