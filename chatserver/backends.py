@@ -78,6 +78,8 @@ async def open_redis(settings: Settings) -> RedisClient | None:
         await redis.initialize()  # before many tasks share it: lazy start-up races in redis-py
     if redis is not None:
         await redis.ping()
+    if isinstance(redis, TickPipelinedRedis):
+        await redis.open_lane()  # the first requests ride it (redis_lane.py)
     return redis
 
 

@@ -31,18 +31,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .redis_lane import ReplyLane
+from .redis_scripts import TickScript
+
+log = logging.getLogger(__name__)
 
 _Pending = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 _IDLE_KEPT = 4  # connections kept between batches; more in flight go back to the pool
+LANE_RETRY_S = 1.0  # a lane lost or refused: batches take pooled connections this long
 
 
 def pack_commands(conn: Any, commands: Iterable[tuple[Any, ...]]) -> list[bytes]:
@@ -94,9 +101,21 @@ class TickPipelinedRedis(Redis):
         self.scripts: list[Any] = []  # every Script registered: loaded at start-up at once
         self.batches = 0  # pipelines sent (for tests and the batch-size gauge)
         self.batched = 0  # commands sent in them
+        # The lane (redis_lane.py): where hiredis can read what the connection brings.
+        kwargs = self.connection_pool.connection_kwargs
+        self.lean_replies = (
+            self.connection_pool.connection_class in (Connection, UnixDomainSocketConnection)
+            and not kwargs.get("decode_responses")
+            and kwargs.get("protocol") in (None, 2, "2")
+        )
+        self._lane: ReplyLane | None = None
+        self._lane_opening: asyncio.Task[None] | None = None
+        self._lane_retry_at = 0.0
+        self._closing = False
+        self.lanes_opened = 0  # for tests
 
     def register_script(self, script: Any) -> Any:
-        registered = _TickScript(self, script)
+        registered = TickScript(self, script)
         self.scripts.append(registered)
         return registered
 
@@ -138,10 +157,83 @@ class TickPipelinedRedis(Redis):
             return
         self.batches += 1
         self.batched += len(live)
+        lane = self._lane
+        if lane is not None and lane.usable:
+            try:
+                packed = pack_commands(lane.conn, [args for args, _, _ in live])
+            except Exception:  # a command that does not pack: the usual way reports it
+                pass
+            else:
+                lane.send(live, packed)
+                return
+        elif lane is None or lane.lost:
+            self._open_lane_soon()
         kept, written = self._write_now(live)
         task = asyncio.get_running_loop().create_task(self._send(live, kept, written))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
+
+    async def open_lane(self) -> bool:
+        """Open the lane now (at start-up: the first requests ride it); whether one is open."""
+        if self._lane is None or self._lane.lost:
+            self._open_lane_soon()
+            opening = self._lane_opening
+            if opening is not None:
+                await asyncio.shield(opening)
+        return self._lane is not None and not self._lane.lost
+
+    def _open_lane_soon(self) -> None:
+        if not self.lean_replies or self._lane_opening is not None or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._lane_retry_at:
+            return
+        self._lane_opening = loop.create_task(self._open_lane(), name="redis-lane")
+
+    async def _open_lane(self) -> None:
+        """A pooled connection, connected and handshaken by redis-py, becomes the lane."""
+        loop = asyncio.get_running_loop()
+        try:
+            conn = await self.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                if self._closing or conn._writer is None or conn._writer.transport.is_closing():
+                    raise RedisConnectionError("the connection closed before it became a lane")
+                self._lane = ReplyLane(
+                    conn, self.response_callbacks, self._lane_lost, conn.socket_timeout
+                )
+            except BaseException:
+                await self.connection_pool.release(conn)
+                raise
+            self.lanes_opened += 1
+        except Exception as exc:  # batches keep the pooled connections meanwhile
+            log.debug("no Redis lane yet: %r", exc)
+            self._lane_retry_at = loop.time() + LANE_RETRY_S
+        finally:
+            self._lane_opening = None
+
+    def _lane_lost(self, lane: ReplyLane, unanswered: list[_Pending], why: BaseException) -> None:
+        """The lane's unanswered commands go out again, with the client's retries; its
+        connection goes back to the pool closed (it reconnects when next taken)."""
+        if self._lane is lane:
+            self._lane = None
+        loop = asyncio.get_running_loop()
+        self._lane_retry_at = loop.time() + LANE_RETRY_S  # not again at once: Redis may be down
+        tasks = [loop.create_task(self._retire(lane.conn))]
+        if unanswered:
+            log.debug("Redis lane lost with %d commands unanswered: %r", len(unanswered), why)
+            if lane.conn.retry.get_retries() > 0:  # the loss was the first try's failure
+                tasks.append(loop.create_task(self._send(unanswered, None, False)))
+            else:
+                for _, _, future in unanswered:
+                    _fail(future, why)
+        for task in tasks:
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _retire(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)
+        await self.connection_pool.release(conn)
 
     def _write_now(self, live: list[_Pending]) -> tuple[Any | None, bool]:
         """The batch written at once on a kept connection (module docstring): the kept
@@ -246,65 +338,20 @@ class TickPipelinedRedis(Redis):
         return results
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        self._closing = True
+        if self._lane_opening is not None:
+            await asyncio.wait({self._lane_opening}, timeout=5)
+        lane, self._lane = self._lane, None
+        if lane is not None:  # replies in flight reach their callers before it closes
+            await lane.drained(5.0)
+            lane.close()
+            await self._retire(lane.conn)
         if self._sending:  # replies in flight reach their callers before the pool closes
             await asyncio.wait(set(self._sending), timeout=5)
         idle, self._idle = self._idle, []
         for conn in idle:
             await self.connection_pool.release(conn)
         await super().aclose(close_connection_pool)
-
-
-class _TickScript(AsyncScript):
-    """A registered script whose call joins the tick's batch at once. redis-py's goes
-    through three coroutines and an import statement per call: 2% of a busy instance.
-
-    A script Redis may not hold yet (registered after start-up, or Redis lost its scripts:
-    a restart) is loaded once for all its callers: the first call's ``SCRIPT LOAD`` goes in
-    the same batch just before its ``EVALSHA`` (one round trip, no ``NOSCRIPT``), and calls
-    meanwhile wait for that load. redis-py's loads once per caller that failed: a burst of
-    replies after a restart sent hundreds of loads, each an error and two round trips more.
-    """
-
-    def __init__(self, registered_client: Any, script: Any) -> None:
-        super().__init__(registered_client, script)
-        self.loaded = False  # known to be in Redis (until a NOSCRIPT says otherwise)
-        self._loading: asyncio.Future[Any] | None = None
-
-    async def __call__(
-        self,
-        keys: Sequence[Any] | None = None,
-        args: Iterable[Any] | None = None,
-        client: Any = None,
-    ) -> Any:
-        redis: TickPipelinedRedis = self.registered_client  # type: ignore[assignment]
-        if client is not None and client is not redis:
-            return await super().__call__(keys, args, client)
-        keys, args = keys or (), tuple(args or ())
-        if not self.loaded:
-            await self._load(redis)
-        try:
-            return await redis.issue("EVALSHA", self.sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis lost its scripts (a restart), or the load failed
-            self.loaded = False
-            await self._load(redis, wait=True)  # its error, should it fail, is the caller's
-            return await redis.issue("EVALSHA", self.sha, len(keys), *keys, *args)
-
-    async def _load(self, redis: TickPipelinedRedis, *, wait: bool = False) -> None:
-        """The shared load: started by this call (``wait``: else its EVALSHA follows in the
-        same batch), or awaited when another call started it."""
-        loading = self._loading
-        if loading is None:
-            loading = self._loading = redis.issue("SCRIPT", "LOAD", self.script)
-            loading.add_done_callback(self._load_done)
-            if not wait:
-                return
-        await asyncio.shield(loading)  # a caller cancelled leaves the load to the others
-
-    def _load_done(self, loading: asyncio.Future[Any]) -> None:
-        if self._loading is loading:
-            self._loading = None
-        if not loading.cancelled() and loading.exception() is None:
-            self.loaded = True
 
 
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:

@@ -26,9 +26,27 @@ from chatserver.settings import load
 from tests.services import RedisServer
 
 
-@pytest.fixture
-async def ticked(redis_url: str) -> AsyncIterator[TickPipelinedRedis]:
+@pytest.fixture(params=["lane", "pooled"])
+async def ticked(
+    redis_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[TickPipelinedRedis]:
+    """Batches on the lane (redis_lane.py), or each on a kept or pooled connection."""
     client = TickPipelinedRedis.from_url(redis_url)
+    if request.param == "lane":
+        assert await client.open_lane()
+    else:
+        client.lean_replies = False
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def pooled(redis_url: str) -> AsyncIterator[TickPipelinedRedis]:
+    """Without a lane: what kept connections do."""
+    client = TickPipelinedRedis.from_url(redis_url)
+    client.lean_replies = False
     try:
         yield client
     finally:
@@ -69,8 +87,9 @@ async def _clients(probe: Redis) -> int:
 
 
 async def test_batches_one_after_another_keep_one_connection(
-    ticked: TickPipelinedRedis, redis_url: str
+    pooled: TickPipelinedRedis, redis_url: str
 ) -> None:
+    ticked = pooled
     probe = Redis.from_url(redis_url)
     await probe.ping()
     alone = await _clients(probe)
@@ -85,11 +104,12 @@ async def test_batches_one_after_another_keep_one_connection(
     await probe.aclose()
 
 
-async def test_a_batch_on_a_kept_connection_leaves_before_its_task_runs(
+async def test_a_batch_leaves_before_any_task_runs(
     ticked: TickPipelinedRedis, redis_url: str
 ) -> None:
-    """Written by the callback that closes the batch: a loop busy with other work (here: a
-    blocking wait) does not hold it for another pass until the task that reads it runs."""
+    """Written by the callback that closes the batch (on the lane, or a kept connection): a
+    loop busy with other work (here: a blocking wait) does not hold it for another pass
+    until a task that reads it runs."""
     await ticked.ping()  # a kept connection
     issued = asyncio.create_task(ticked.incr("early"))
     await asyncio.sleep(0)  # the task issues its command; the batch closes next pass
@@ -107,6 +127,7 @@ async def test_a_batch_on_a_kept_connection_leaves_before_its_task_runs(
 async def _server_drops_a_kept_connection(redis_url: str) -> None:
     retrying = make_redis(load({"redis_url": redis_url}, {}))  # the app's, with its retries
     assert isinstance(retrying, TickPipelinedRedis)
+    retrying.lean_replies = False  # kept connections (tests/chatserver/test_redis_lane.py)
     try:
         await retrying.set("kept", 1)
         probe = Redis.from_url(redis_url)
@@ -122,6 +143,7 @@ async def _server_drops_a_kept_connection(redis_url: str) -> None:
 async def _a_kept_connection_lost_before_the_batch(redis_url: str) -> None:
     retrying = make_redis(load({"redis_url": redis_url}, {}))
     assert isinstance(retrying, TickPipelinedRedis)
+    retrying.lean_replies = False
     try:
         await retrying.set("lost", 1)
         [kept] = retrying._idle
@@ -283,12 +305,16 @@ def test_an_argument_redis_py_refuses_is_refused_the_same_way() -> None:
         pack_commands(Connection(), [("SET", "k", True)])
 
 
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "pooled"])
 async def test_a_batch_answered_later_than_the_socket_timeout_fails_and_the_client_goes_on(
-    redis_url: str,
+    redis_url: str, lane: bool
 ) -> None:
     """One timer for a batch's replies: past it, a timeout as redis-py gives one (its retry
     takes it), and the connection is not reused with a reply still on its way."""
     client = TickPipelinedRedis.from_url(redis_url, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    client.lean_replies = lane
+    if lane:
+        assert await client.open_lane()
     busy = (
         "local s = redis.call('TIME') "
         "while true do local t = redis.call('TIME') "

@@ -1,0 +1,144 @@
+"""The lane against a real Redis: batches pipelined on one connection, each reply through the
+client's own callback as it arrives, and a lane lost with commands in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
+
+from chatserver import redis_ticks
+from chatserver.backends import make_redis
+from chatserver.redis_ticks import TickPipelinedRedis
+from chatserver.settings import load
+from tests.services import RedisServer
+
+
+@pytest.fixture
+async def laned(redis_url: str) -> AsyncIterator[TickPipelinedRedis]:
+    client = make_redis(load({"redis_url": redis_url}, {}))  # the app's, with its retries
+    assert isinstance(client, TickPipelinedRedis)
+    assert await client.open_lane()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _clients(probe: Redis) -> int:
+    return int((await probe.info("clients"))["connected_clients"])
+
+
+async def test_batches_of_later_ticks_ride_one_connection_without_waiting(
+    laned: TickPipelinedRedis, redis_url: str, redis_server: RedisServer
+) -> None:
+    probe = Redis.from_url(redis_url)
+    try:
+        alone = await _clients(probe)
+        lane = laned._lane
+        assert lane is not None
+        issued = []
+        pid = redis_server.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # no reply comes until the three are out
+        try:
+            for _ in range(3):  # three ticks, three batches
+                issued += [laned.issue("INCR", "n"), laned.issue("GET", "n")]
+                await asyncio.sleep(0)  # the tick's batch is written in the next pass
+            assert lane.in_flight == 6  # each written without waiting for the one before
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(*issued) == [1, b"1", 2, b"2", 3, b"3"]
+        assert await _clients(probe) == alone  # the lane is the client's only connection
+        assert laned._idle == []
+    finally:
+        await probe.aclose()
+
+
+async def test_replies_go_through_the_clients_own_callbacks(
+    laned: TickPipelinedRedis, redis_url: str
+) -> None:
+    """What redis-py's own reading gives each command, the lane gives too."""
+    plain = Redis.from_url(redis_url)
+    try:
+        await plain.hset("h", mapping={"a": 1, "b": "two"})
+        await plain.zadd("z", {"x": 1.5, "y": 2})
+        calls = [
+            ("hgetall", ("h",), {}),
+            ("exists", ("h", "nothing"), {}),
+            ("set", ("s", "v"), {"nx": True}),
+            ("set", ("s", "w"), {"nx": True}),
+            ("zrange", ("z", 0, -1), {"withscores": True}),
+            ("ttl", ("h",), {}),
+            ("ping", (), {}),
+            ("info", ("server",), {}),
+        ]
+        got = await asyncio.gather(*(getattr(laned, n)(*a, **kw) for n, a, kw in calls))
+        assert laned._lane is not None and laned._lane.in_flight == 0
+        await plain.delete("s")
+        want = [await getattr(plain, n)(*a, **kw) for n, a, kw in calls]
+        assert got[:-1] == want[:-1]
+        assert got[-1]["redis_version"] == want[-1]["redis_version"]
+    finally:
+        await plain.aclose()
+
+
+async def test_a_lane_lost_with_commands_in_flight_answers_them_again(
+    laned: TickPipelinedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written, then the connection is gone before a reply was read: the commands go out
+    again on another connection (the client's retry), and a new lane takes over later."""
+    monkeypatch.setattr(redis_ticks, "LANE_RETRY_S", 0.0)
+    lane = laned._lane
+    assert lane is not None
+    issued = [laned.issue("SET", "k", "v"), laned.issue("GET", "k")]
+    await asyncio.sleep(0)  # written in this pass; no reply can be read before the next
+    assert lane.in_flight == 2
+    lane._transport.abort()  # a reset, a failed keepalive
+    async with asyncio.timeout(10):
+        assert await asyncio.gather(*issued) == [True, b"v"]
+        assert lane.lost and laned._lane is None
+        assert await laned.get("k") == b"v"  # this batch opens the next lane
+        assert await laned.open_lane()
+    assert laned.lanes_opened == 2 and laned._lane is not lane
+
+
+async def test_a_lane_lost_without_retries_fails_its_commands(redis_url: str) -> None:
+    client = TickPipelinedRedis.from_url(redis_url, retry=Retry(NoBackoff(), 0))
+    try:
+        assert await client.open_lane()
+        lane = client._lane
+        assert lane is not None
+        issued = [client.issue("INCR", "once"), client.issue("INCR", "once")]
+        await asyncio.sleep(0)
+        lane._transport.abort()
+        results = await asyncio.gather(*issued, return_exceptions=True)
+        assert all(isinstance(r, RedisConnectionError) for r in results), results
+    finally:
+        await client.aclose()
+
+
+async def test_the_app_client_opens_its_lane_at_start(redis_url: str) -> None:
+    from chatserver.backends import open_redis
+
+    client = await open_redis(load({"redis_url": redis_url}, {}))
+    assert isinstance(client, TickPipelinedRedis)
+    try:
+        assert client._lane is not None and client.lanes_opened == 1
+    finally:
+        await client.aclose()
+
+
+def test_a_lane_needs_replies_as_bytes_over_resp2(redis_url: str) -> None:
+    """Decoded replies or RESP3 keep redis-py's reading (the lane feeds hiredis raw RESP2)."""
+    assert TickPipelinedRedis.from_url(redis_url).lean_replies
+    assert not TickPipelinedRedis.from_url(redis_url, decode_responses=True).lean_replies
+    assert not TickPipelinedRedis.from_url(redis_url, protocol=3).lean_replies
