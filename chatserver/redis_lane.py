@@ -197,11 +197,15 @@ class ReplyLane(asyncio.Protocol):
                 await waiter
 
     def close(self) -> None:
-        """Closed by its client: nothing goes back (the client is closing)."""
+        """Closed by its client: what is still unanswered fails (the client is closing)."""
         self.lost = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for _, _, future in self._pending:
+            if not future.done():
+                future.set_exception(RedisConnectionError("the Redis client closed"))
+        self._pending.clear()
         self._transport.close()
 
 

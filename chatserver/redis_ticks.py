@@ -344,8 +344,9 @@ class TickPipelinedRedis(Redis):
         lane, self._lane = self._lane, None
         if lane is not None:  # replies in flight reach their callers before it closes
             await lane.drained(5.0)
-            lane.close()
-            await self._retire(lane.conn)
+            if not lane.lost:  # else _lane_lost retired its connection
+                lane.close()
+                await self._retire(lane.conn)
         if self._sending:  # replies in flight reach their callers before the pool closes
             await asyncio.wait(set(self._sending), timeout=5)
         idle, self._idle = self._idle, []

@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator
 
 import pytest
+import uvloop
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -91,12 +92,7 @@ async def test_replies_go_through_the_clients_own_callbacks(
         await plain.aclose()
 
 
-async def test_a_lane_lost_with_commands_in_flight_answers_them_again(
-    laned: TickPipelinedRedis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Written, then the connection is gone before a reply was read: the commands go out
-    again on another connection (the client's retry), and a new lane takes over later."""
-    monkeypatch.setattr(redis_ticks, "LANE_RETRY_S", 0.0)
+async def _lost_with_commands_in_flight(laned: TickPipelinedRedis) -> None:
     lane = laned._lane
     assert lane is not None
     issued = [laned.issue("SET", "k", "v"), laned.issue("GET", "k")]
@@ -109,6 +105,55 @@ async def test_a_lane_lost_with_commands_in_flight_answers_them_again(
         assert await laned.get("k") == b"v"  # this batch opens the next lane
         assert await laned.open_lane()
     assert laned.lanes_opened == 2 and laned._lane is not lane
+
+
+async def test_a_lane_lost_with_commands_in_flight_answers_them_again(
+    laned: TickPipelinedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written, then the connection is gone before a reply was read: the commands go out
+    again on another connection (the client's retry), and a new lane takes over later."""
+    monkeypatch.setattr(redis_ticks, "LANE_RETRY_S", 0.0)
+    await _lost_with_commands_in_flight(laned)
+
+
+def test_a_lane_lost_with_commands_in_flight_on_uvloop(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same on the server's loop (its transports take a new protocol their own way)."""
+    monkeypatch.setattr(redis_ticks, "LANE_RETRY_S", 0.0)
+
+    async def run() -> None:
+        client = make_redis(load({"redis_url": redis_url}, {}))
+        assert isinstance(client, TickPipelinedRedis)
+        try:
+            assert await client.open_lane()
+            assert await client.incr("on-uvloop") == 1
+            await _lost_with_commands_in_flight(client)
+        finally:
+            await client.aclose()
+
+    uvloop.run(run())
+
+
+async def test_a_lane_closed_fails_what_it_still_owes(
+    laned: TickPipelinedRedis, redis_server: RedisServer
+) -> None:
+    """The client closing, after its wait for the replies in flight: none hangs."""
+    pid = redis_server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # nothing is answered
+    try:
+        owed = laned.issue("GET", "k")
+        await asyncio.sleep(0)
+        lane = laned._lane
+        assert lane is not None and lane.in_flight == 1
+        laned._lane = None  # as aclose takes it
+        lane.close()
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(owed, 5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await laned._retire(lane.conn)
 
 
 async def test_a_lane_lost_without_retries_fails_its_commands(redis_url: str) -> None:
