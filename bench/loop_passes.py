@@ -1,5 +1,7 @@
 """Event-loop passes a Redis round trip costs on a busy loop: the tick-pipelined client
-(chatserver/redis_ticks.py) beside redis-py's own ``redis.asyncio.Redis`` (the peer).
+(chatserver/redis_ticks.py) on its lane (chatserver/redis_lane.py, what the server runs) and
+on kept connections read by redis-py, beside redis-py's own ``redis.asyncio.Redis`` (the
+peer).
 
 Under load an instance's loop is busy: each pass runs every ready callback (hundreds of
 replies' deltas), so a pass lasts milliseconds and a round trip costs as many of them as it
@@ -75,8 +77,13 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, dict[str, float]
     loop = Loop(args.tasks, args.work)
     await asyncio.sleep(0.2)  # the busy tasks running
     results: dict[str, dict[str, float]] = {}
+    laned = TickPipelinedRedis.from_url(url)
+    await laned.open_lane()
+    kept = TickPipelinedRedis.from_url(url)
+    kept.lean_replies = False  # a batch on a kept connection, its replies read by redis-py
     clients: dict[str, Redis] = {
-        "chatserver tick-pipelined": TickPipelinedRedis.from_url(url),
+        "chatserver tick-pipelined, the lane": laned,
+        "chatserver tick-pipelined, kept connections": kept,
         "redis-py Redis": Redis.from_url(url),
     }
     for _ in range(args.repeat):  # interleaved: a slow moment hits both
@@ -108,7 +115,7 @@ def main() -> int:
     with redis_server() as redis:
         log(f"loop passes: {args.tasks} busy tasks, {args.rounds} GETs x {args.repeat} a client")
         results = uvloop.run(_run(redis.url, args))
-    ours, peer = results["chatserver tick-pipelined"], results["redis-py Redis"]
+    ours, peer = results["chatserver tick-pipelined, the lane"], results["redis-py Redis"]
     rows = [
         f"| {name} | {r['passes_p50']:g} | {r['passes_mean']:.2f} | {r['ms_p50']:.2f} ms |"
         for name, r in results.items()

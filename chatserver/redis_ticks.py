@@ -7,6 +7,12 @@ of each for all of them, and Redis reads them in one event (see ``chatload.redis
 ``round_trips``). Nothing is delayed: the batch goes out at the end of the tick it was
 started in, before the loop waits for I/O again.
 
+Where it can (a plain TCP or Unix socket, replies as bytes, RESP2), every batch rides the lane
+(``redis_lane.py``): one connection whose replies are read as they arrive, in the callback
+that brings them. The kept connections below carry the batches while there is no lane (at
+start-up, a second after one was lost, its socket's buffer full) and where there cannot be one
+(TLS, decoded replies, RESP3).
+
 A batch is written and read on a connection this client keeps between batches (a few; more
 batches in flight take pooled ones): every reply on it was read, so it skips the pool's lock
 and its check for unread data, a read that costs the batch another pass of the loop. On a
