@@ -35,6 +35,7 @@ message's map (:func:`appended_head`), and the script adds them. Receivers see a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,6 +181,25 @@ def _map_entries(packed: bytes) -> tuple[bytes, int]:
     if first == 0xDF:
         return packed[5:], int.from_bytes(packed[1:5], "big")
     raise ValueError("not a packed map")
+
+
+def own_event_test(origin: str) -> Callable[[bytes], bool]:
+    """Whether a payload is an event ``origin`` published, told from its first bytes.
+
+    Every message reaches every instance with a member in its conversation, its publisher's
+    included, which has delivered it already: with two instances, half of what each one
+    reads. An event starts ``[origin, <float64>, <str>``; a control message of the same
+    origin has nil where the conversation is (it is never dropped as an echo). A payload
+    this does not recognise is unpacked as usual.
+    """
+    head = msgpack.packb([origin], use_bin_type=True)[1:]
+    head = b"\x94" + head + b"\xcb"  # an array of 4, the origin, a float64 (8 bytes)
+    after = len(head) + 8
+
+    def is_own_event(data: bytes) -> bool:
+        return data.startswith(head) and len(data) > after and data[after] != 0xC0  # nil
+
+    return is_own_event
 
 
 def unpack(data: bytes) -> Envelope | ControlEnvelope | None:

@@ -38,7 +38,7 @@ from storage.redis_keys import ConversationKeys
 from storage.redis_keys import control_channel as control_channel_name
 
 from ...redis_ticks import pack_commands
-from ..envelope import Control, ControlEnvelope, Envelope, unpack
+from ..envelope import Control, ControlEnvelope, Envelope, own_event_test, unpack
 from ..events import Event
 from .base import BrokerUnavailable, Deliver, OnControl
 from .subscriber import Subscriber
@@ -88,6 +88,7 @@ class RedisBroker:
         self._last_gap = 0.0
         self.received = 0
         self.dropped_echoes = 0
+        self._own_event = own_event_test(server_id)
         self.gaps = 0
         self._control_name = self.control_channel(server_id).encode()
 
@@ -327,6 +328,9 @@ class RedisBroker:
     # -- receiving ----------------------------------------------------------------------
 
     def _handle(self, channel: bytes, data: bytes) -> None:
+        if self._own_event(data):
+            self.dropped_echoes += 1  # delivered locally at publish time; not even unpacked
+            return
         envelope = unpack(data)
         if envelope is None:
             log.warning("undecodable broker payload on %r", channel)
