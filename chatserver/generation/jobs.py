@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import uuid
 from typing import TYPE_CHECKING
@@ -34,6 +35,7 @@ log = logging.getLogger("chatserver.generation")
 _GENERATIONS = uuid.UUID("0b6c8e52-1b53-4c3e-9a57-6f3f0c1e9d21").bytes
 
 
+@functools.lru_cache(maxsize=1024)  # asked twice a question: by its append's follow, then start
 def generation_id_for(question_id: str) -> str:
     """The generation id of the reply to a question: one per question, on every instance."""
     return uuid5_str(_GENERATIONS, question_id)

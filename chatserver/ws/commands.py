@@ -165,18 +165,19 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
             frame.ref,
         )
     )
-    # Ids only: message text is never logged.
-    log.debug(
-        "message accepted",
-        extra={
-            "session": session.id,
-            "user": session.user_id,
-            "conversation": conversation.id,
-            "message_id": message.id,
-            "offset": message.offset,
-            "duplicate": result.duplicate,
-        },
-    )
+    if log.isEnabledFor(logging.DEBUG):  # its extra dict is per message: not built for nothing
+        # Ids only: message text is never logged.
+        log.debug(
+            "message accepted",
+            extra={
+                "session": session.id,
+                "user": session.user_id,
+                "conversation": conversation.id,
+                "message_id": message.id,
+                "offset": message.offset,
+                "duplicate": result.duplicate,
+            },
+        )
     if result.duplicate:
         return
     metrics = app[keys.METRICS]
