@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from chatclient.client import ChatApi, ChatClient
+from chatclient.client import ChatApi, ChatClient, ChatError
 from tests.serverproc import ServerProc
 from tests.services import PostgresServer
 
@@ -136,7 +136,10 @@ async def test_postgres_outage_keeps_acking_and_loses_nothing(
 
             await until(ready_again, "readiness 200 once Postgres is back")
             stop.set()
-            await asyncio.wait_for(asyncio.gather(*chats), 30)
+            try:
+                await asyncio.wait_for(asyncio.gather(*chats), 30)
+            except ChatError as exc:  # which dependency failed, from the server's own log
+                raise AssertionError(f"{exc}; server log:\n{server.output[-4000:]}") from exc
             for client, _ in people:
                 await client.close()
 
