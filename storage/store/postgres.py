@@ -6,10 +6,9 @@
 - ``pgbouncer=True`` (PgBouncer in transaction mode): no prepared statement cache
   (``statement_cache_size=0``: asyncpg then uses the unnamed statement, whose parse, bind and
   execute it sends before one Sync, so PgBouncer keeps them on one server connection), and
-  no startup parameters PgBouncer would refuse. No session state is ever made, in either
-  mode: advisory locks are transaction-level, the staging table ``ON COMMIT DROP``, and the
-  write settings are the connections' startup parameters (directly: a small batch is then
-  one statement and one round trip) or ``SET LOCAL`` (through PgBouncer).
+  no startup parameters PgBouncer would refuse. No session state is ever made: advisory
+  locks are transaction-level, the staging table ``ON COMMIT DROP``, the write settings
+  startup parameters (directly) or ``SET LOCAL`` (through PgBouncer).
 - Connection failures, timeouts and transient server states raise ``StoreUnavailable``, which
   the batch writer retries with backoff.
 """
@@ -299,8 +298,7 @@ class PostgresStore:
             if big:
                 new = await self._primary_op(lambda conn: bump_then_write_direct(conn, batch))
             else:
-                # Directly on Postgres, one statement and one round trip (``write_arrays``).
-                new = await self._primary_op(
+                new = await self._primary_op(  # directly: one statement, one round trip
                     lambda conn: write_arrays(conn, batch, fresh=True, set_local=self.pgbouncer),
                     transaction=self.pgbouncer,
                 )
