@@ -22,6 +22,17 @@ DEPENDENCY_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+
+def is_dependency_failure(exc: BaseException) -> bool:
+    """A failure of Redis or the store that a retry may cure (``DEPENDENCY_ERRORS``), or a
+    write on a connection uvloop has closed: it raises ``RuntimeError`` ("the handler is
+    closed"), not a ``ConnectionError``, and redis-py's cluster client lets it through
+    when a node restarts."""
+    if isinstance(exc, DEPENDENCY_ERRORS):
+        return True
+    return isinstance(exc, RuntimeError) and "handler is closed" in str(exc)
+
+
 HTTP_STATUS = {
     ErrorCode.BAD_FRAME: 400,
     ErrorCode.BAD_REQUEST: 400,

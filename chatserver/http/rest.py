@@ -18,7 +18,7 @@ from protocol import ErrorCode, text_problem
 
 from .. import keys
 from ..auth import AuthError, Principal, bearer_token, check_claims
-from ..errors import DEPENDENCY_ERRORS, ServiceError
+from ..errors import ServiceError, is_dependency_failure
 from ..fanout.events import MEMBER_REMOVED
 from ..fanout.publish import publish
 from .health import health_report
@@ -76,11 +76,11 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         # aiohttp cancels the handler of a client that hung up: not a server error either.
         status = CLIENT_CLOSED
         raise
-    except DEPENDENCY_ERRORS as exc:
-        log.warning("dependency unavailable: %s", exc, extra={"path": request.path})
-        status = 503
-        return error_response(ErrorCode.UNAVAILABLE, "temporarily unavailable, retry", 503)
-    except Exception:
+    except Exception as exc:
+        if is_dependency_failure(exc):
+            log.warning("dependency unavailable: %s", exc, extra={"path": request.path})
+            status = 503
+            return error_response(ErrorCode.UNAVAILABLE, "temporarily unavailable, retry", 503)
         log.exception("request failed", extra={"path": request.path})
         return error_response(ErrorCode.INTERNAL, "internal error", 500)
     finally:

@@ -29,14 +29,11 @@ from protocol import (
 
 from .. import keys
 from ..auth import AuthError, Principal, bearer_token
-from ..errors import DEPENDENCY_ERRORS, ServiceError
+from ..errors import DEPENDENCY_ERRORS, ServiceError, is_dependency_failure
 from ..fanout.events import framed
 from ..fanout.outbound import Outbound
 from ..fanout.session import Session
 from .commands import dispatch
-
-# The connection limit unreadable (Redis restarting, a cluster re-forming): a clear refusal
-_LIMIT_ERRORS: tuple[type[BaseException], ...] = (*DEPENDENCY_ERRORS, RedisError)
 
 log = logging.getLogger("chatserver.gateway")
 
@@ -231,7 +228,9 @@ class _Connection:
         limiter = self.app[keys.LIMITER]
         try:
             opened = await limiter.open_connection(principal.user_id, session_id, limits)
-        except _LIMIT_ERRORS as exc:
+        except Exception as exc:  # unreadable (Redis restarting, a cluster re-forming): refused
+            if not isinstance(exc, RedisError) and not is_dependency_failure(exc):
+                raise
             log.warning("connection refused: its limit could not be checked: %s", exc)
             self.send_error(
                 ErrorCode.UNAVAILABLE,
@@ -388,12 +387,13 @@ class _Connection:
             await dispatch(self.app, session, frame, self._send)
         except ServiceError as exc:
             self.send_error(exc.code, exc.message, frame.ref, exc.retry_after_ms)
-        except DEPENDENCY_ERRORS as exc:
-            log.warning("dependency unavailable: %s", exc, extra={"session": session.id})
-            self.send_error(ErrorCode.UNAVAILABLE, "temporarily unavailable", frame.ref, 1000)
-        except Exception:
-            log.exception("frame handling failed", extra={"session": session.id})
-            self.send_error(ErrorCode.INTERNAL, "internal error", frame.ref)
+        except Exception as exc:
+            if is_dependency_failure(exc):
+                log.warning("dependency unavailable: %s", exc, extra={"session": session.id})
+                self.send_error(ErrorCode.UNAVAILABLE, "temporarily unavailable", frame.ref, 1000)
+            else:
+                log.exception("frame handling failed", extra={"session": session.id})
+                self.send_error(ErrorCode.INTERNAL, "internal error", frame.ref)
         finally:
             self.metrics.child(self.metrics.frame_duration, frame.TYPE).observe(
                 time.perf_counter() - started
