@@ -67,16 +67,24 @@ class HeldReads:
         return await self._read(conversation_id)
 
 
+async def _cached_then_held(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch, constant: str
+) -> tuple[ConversationCache, HeldReads]:
+    """c1 (own, u2) cached; ``constant`` (REFRESH_S or CACHE_S) 0; the store's reads held."""
+    await _conversation(store, "c1", ("own", "u2"))
+    cache = ConversationCache(store, 10)
+    assert await cache.get("c1") is not None
+    monkeypatch.setattr(conversation_cache, constant, 0.0)
+    held = HeldReads(store.get_conversation)
+    monkeypatch.setattr(store, "get_conversation", held)
+    return cache, held
+
+
 async def test_an_entry_in_use_is_read_again_in_the_background(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    made = await _conversation(store, "c1", ("own", "u2"))
-    cache = ConversationCache(store, 10)
-    assert await cache.get("c1") == made
-    monkeypatch.setattr(conversation_cache, "REFRESH_S", 0.0)  # due at once
+    cache, held = await _cached_then_held(store, monkeypatch, "REFRESH_S")  # due at once
     await store.remove_member("c1", "u2")
-    held = HeldReads(store.get_conversation)
-    monkeypatch.setattr(store, "get_conversation", held)
     # The store is held, yet the use is answered at once, from the entry...
     got = await asyncio.wait_for(cache.get("c1"), WAIT_S)
     assert got is not None and got.members == ("own", "u2")
@@ -95,12 +103,7 @@ async def test_an_entry_in_use_is_read_again_in_the_background(
 async def test_a_read_in_flight_does_not_bring_back_a_forgotten_entry(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await _conversation(store, "c1", ("own", "u2"))
-    cache = ConversationCache(store, 10)
-    await cache.get("c1")
-    monkeypatch.setattr(conversation_cache, "REFRESH_S", 0.0)
-    held = HeldReads(store.get_conversation)
-    monkeypatch.setattr(store, "get_conversation", held)
+    cache, held = await _cached_then_held(store, monkeypatch, "REFRESH_S")
     await cache.get("c1")  # starts the read in the background
     cache.forget("c1")  # the members changed elsewhere meanwhile
     held.go.set()
@@ -112,13 +115,8 @@ async def test_an_expired_entry_waits_for_the_store(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The trust bound holds: past CACHE_S the use waits for the store's answer."""
-    await _conversation(store, "c1", ("own", "u2"))
-    cache = ConversationCache(store, 10)
-    await cache.get("c1")
+    cache, held = await _cached_then_held(store, monkeypatch, "CACHE_S")
     await store.remove_member("c1", "u2")
-    monkeypatch.setattr(conversation_cache, "CACHE_S", 0.0)
-    held = HeldReads(store.get_conversation)
-    monkeypatch.setattr(store, "get_conversation", held)
     use = asyncio.create_task(cache.get("c1"))
     await asyncio.wait_for(held.entered.wait(), WAIT_S)
     assert not use.done()
