@@ -9,9 +9,7 @@
   no startup parameters PgBouncer would refuse. No session state is ever made: advisory
   locks are transaction-level, the staging table ``ON COMMIT DROP``, the write settings
   startup parameters (directly) or ``SET LOCAL`` (through PgBouncer).
-- Connection failures, timeouts and transient server states raise ``StoreUnavailable``, which
-  the batch writer retries with backoff.
-"""
+- Connection failures, timeouts and transient server states raise ``StoreUnavailable``."""
 
 from __future__ import annotations
 

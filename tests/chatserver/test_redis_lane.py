@@ -187,3 +187,34 @@ def test_a_lane_needs_replies_as_bytes_over_resp2(redis_url: str) -> None:
     assert TickPipelinedRedis.from_url(redis_url).lean_replies
     assert not TickPipelinedRedis.from_url(redis_url, decode_responses=True).lean_replies
     assert not TickPipelinedRedis.from_url(redis_url, protocol=3).lean_replies
+
+
+async def test_a_lane_whose_socket_is_full_leaves_batches_to_other_connections(
+    laned: TickPipelinedRedis, redis_server: RedisServer
+) -> None:
+    """Redis not reading: once the lane's transport asks to pause, batches go out on pooled
+    connections instead of piling up behind it; everything is answered once Redis reads."""
+    pid = redis_server.pid
+    assert pid is not None
+    lane = laned._lane
+    assert lane is not None
+    value = b"x" * (1 << 20)
+    issued: list[asyncio.Future[object]] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(10):
+            while not lane.paused:  # the kernel's buffers, then the transport's, fill up
+                issued.append(laned.issue("SET", f"big{len(issued)}", value))
+                await asyncio.sleep(0)  # the tick's batch is written
+        on_lane = lane.in_flight
+        assert laned._idle == [] and not laned._sending
+        later = laned.issue("GET", "big0")
+        await asyncio.sleep(0)
+        assert lane.in_flight == on_lane  # not behind the paused lane: on a pooled connection
+        assert laned._sending
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    async with asyncio.timeout(30):
+        assert all(await asyncio.gather(*issued))
+        assert await later == value
+    assert not lane.lost and not lane.paused
