@@ -1,5 +1,5 @@
 """Reply jobs seen from the generation side: the generation id of a question, and the
-upkeep every instance runs: renew the leases of the jobs it holds, claim the jobs of
+upkeep every instance runs: keep itself alive for its jobs, claim the jobs of
 instances that died (or of the previous run, in process), and start them.
 
 Every acknowledged question has a job (storage/jobs/); the instance that accepted it runs
@@ -42,8 +42,8 @@ def generation_id_for(question_id: str) -> str:
 
 
 async def keep_jobs(manager: GenerationManager, jobs: ReplyJobs, lease_s: float) -> None:
-    """For the life of the app: alive for one more lease every third of one (with the jobs
-    held here), claim every half lease."""
+    """For the life of the app: alive for one more lease every third of one, claim every
+    half lease."""
     loop = asyncio.get_running_loop()
     next_claim = loop.time()
     first = True
@@ -52,7 +52,7 @@ async def keep_jobs(manager: GenerationManager, jobs: ReplyJobs, lease_s: float)
             await asyncio.sleep(lease_s / 3)
         first = False
         try:
-            await jobs.renew(list(manager.held.values()))
+            await jobs.renew()
             if loop.time() >= next_claim:
                 next_claim = loop.time() + lease_s / 2
                 await claim_jobs(manager, jobs)

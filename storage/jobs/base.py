@@ -64,10 +64,9 @@ class ReplyJobs(Protocol):
         """The question is answered: the job is never handed out again."""
         ...
 
-    async def renew(self, jobs: Sequence[ReplyJob]) -> list[str]:
-        """This instance is alive for one more lease (called every third of one, with the
-        jobs it runs or queues); the ids of those it still holds (not claimed by another
-        instance that thought it dead)."""
+    async def renew(self) -> None:
+        """This instance is alive for one more lease (called every third of one), at a cost
+        that does not grow with the jobs it holds."""
         ...
 
     async def claim(self, count: int) -> list[ReplyJob]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from protocol import Message
 
@@ -63,8 +63,8 @@ class MemoryReplyJobs:
             if not queue:
                 del self._by_conversation[cid]
 
-    async def renew(self, jobs: Sequence[ReplyJob]) -> list[str]:
-        return [job.job_id for job in jobs if job.job_id in self._jobs]
+    async def renew(self) -> None:
+        pass  # in process: alive as long as the process is
 
     async def claim(self, count: int) -> list[ReplyJob]:
         taken: list[ReplyJob] = []

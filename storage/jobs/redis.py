@@ -34,7 +34,7 @@ jobs of this kind, so no question acked by an older release is left unanswered.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -121,7 +121,7 @@ class RedisReplyJobs:
     async def start(self) -> None:
         # Before any append of this run: whatever the registry holds was an earlier run's.
         self._inherited = [_s(m) for m in await self.redis.smembers(self.registry)]
-        await self.renew([])
+        await self.renew()
 
     async def close(self) -> None:
         pass  # the client belongs to the caller
@@ -162,7 +162,7 @@ class RedisReplyJobs:
         await self._done(keys=self.job_keys(cid), args=[job.job_id])
         self.finished(cid, job.job_id)
 
-    async def renew(self, jobs: Sequence[ReplyJob]) -> list[str]:
+    async def renew(self) -> None:
         ended, self._ended = self._ended, []
         oldest = min(self._held.values(), default=0)
         calls: list[Any] = [
@@ -172,22 +172,11 @@ class RedisReplyJobs:
         ]
         if ended:
             calls.append(self.redis.srem(self.registry, *ended))
-        members = [job_member(j.message.conversation_id, j.job_id) for j in jobs]
-        if members:
-            calls.append(self.redis.smismember(self.registry, members))
         try:
-            results = await asyncio.gather(*calls)
+            await asyncio.gather(*calls)
         except BaseException:
             self._ended = ended + self._ended  # taken off with the next one
             raise
-        if not members:
-            return []
-        gone = set(ended)  # leaving the registry in this same renewal (maybe after the read)
-        return [
-            job.job_id
-            for job, member, held in zip(jobs, members, results[-1], strict=True)
-            if held and member not in gone
-        ]
 
     async def _dead_holders(self) -> list[str]:
         listed = [_s(m) for m in await self.redis.smembers(self._holders)]

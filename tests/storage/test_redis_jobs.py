@@ -24,6 +24,15 @@ async def _jobs(clients: RedisClients, holder: str) -> RedisReplyJobs:
     return jobs
 
 
+async def _registry(jobs: RedisReplyJobs) -> set[str]:
+    """The members of ``jobs``'s registry: the jobs it is listed as holding."""
+    return {m.decode() for m in await jobs.redis.smembers(jobs.registry)}
+
+
+def _members(jobs: list[ReplyJob]) -> set[str]:
+    return {job_member(j.message.conversation_id, j.job_id) for j in jobs}
+
+
 async def _die(jobs: RedisReplyJobs) -> None:
     """What a holder's death comes to for the others: its alive key gone (its lease ran out)."""
     await jobs.redis.delete(jobs.alive_key)
@@ -42,17 +51,21 @@ async def test_two_claimers_take_each_job_of_a_dead_holder_once(
     first, second = await _jobs(redis_clients, "b"), await _jobs(redis_clients, "c")
     assert await first.claim(50) == []  # alive
     await _die(dead)
-    taken: list[ReplyJob] = []
-    while len(taken) < len(asked):
+    taken: dict[str, list[ReplyJob]] = {"b": [], "c": []}
+    while sum(map(len, taken.values())) < len(asked):
         got = await asyncio.gather(first.claim(7), second.claim(7))
         assert got[0] or got[1], "the dead holder's jobs stopped coming"
-        taken += got[0] + got[1]
-    assert sorted(j.job_id for j in taken) == sorted(j.job_id for j in asked)  # none twice
+        taken["b"] += got[0]
+        taken["c"] += got[1]
+    ids = [j.job_id for j in taken["b"] + taken["c"]]
+    assert sorted(ids) == sorted(j.job_id for j in asked)  # none twice
     assert await first.claim(50) == [] and await second.claim(50) == []
     # Each claimed job is now its claimer's: in its registry, no longer in the dead one's.
-    held_first, held_second = await first.renew(taken), await second.renew(taken)
-    assert not set(held_first) & set(held_second)
-    assert sorted(held_first + held_second) == sorted(j.job_id for j in asked)
+    holders = {job: holder for i in range(5) for job, holder in await first.unfinished(f"c{i}")}
+    assert holders == {j.job_id: name for name, jobs in taken.items() for j in jobs}
+    for claimer in (first, second):
+        await claimer.renew()  # a job it lost the race for leaves its registry
+        assert await _registry(claimer) == _members(taken[claimer.holder])
     assert not await first.redis.exists(dead.registry)
 
 
@@ -65,8 +78,9 @@ async def test_a_slow_holder_learns_its_claimed_jobs_are_no_longer_its_own(
     await _die(slow)
     (claimed,) = await other.claim(10)
     assert claimed.job_id == job.job_id and claimed.claimed
-    assert await slow.renew([job]) == []  # back alive, but the job went to another
-    assert await other.renew([claimed]) == [job.job_id]
+    await slow.renew()  # back alive, but the job went to another
+    assert await other.unfinished("c1") == [(job.job_id, "other")]
+    assert await _registry(slow) == set() and await _registry(other) == _members([job])
     assert (await other.turn(claimed)).go
     await slow.done(job)  # the slow one stored the answer first: the job is done for both
     assert await other.unfinished("c1") == []
@@ -85,9 +99,8 @@ async def test_a_restart_under_the_same_id_claims_the_earlier_run_s_jobs_once(
     assert [j.job_id for j in taken] == [j.job_id for j in earlier]
     assert all(j.claimed for j in taken)
     assert await after.claim(10) == []
-    assert sorted(await after.renew([*taken, fresh])) == sorted(
-        [*(j.job_id for j in earlier), fresh.job_id]
-    )
+    await after.renew()
+    assert await _registry(after) == _members([*earlier, fresh])  # the answered one left
 
 
 async def test_done_jobs_leave_the_registry_with_the_next_renewal(
@@ -101,7 +114,7 @@ async def test_done_jobs_leave_the_registry_with_the_next_renewal(
     for job in done:
         await jobs.done(job)
     assert await jobs.redis.scard(jobs.registry) == 4  # one SREM per renewal, not per job
-    await jobs.renew([kept])
+    await jobs.renew()
     left = {m.decode() for m in await jobs.redis.smembers(jobs.registry)}
     assert left == {job_member("c0", kept.job_id)}
 
@@ -114,7 +127,7 @@ async def test_stats_count_every_holder_s_jobs_and_the_oldest_age(
     await _asked(b, new_message, "c1")
     await _asked(b, new_message, "c2")
     assert (await a.stats()).outstanding == 1  # b reports with its next renewal
-    await b.renew([])
+    await b.renew()
     stats = await a.stats()
     assert stats.outstanding == 3
     seconds, micros = await a.redis.time()

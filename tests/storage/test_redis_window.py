@@ -330,7 +330,7 @@ async def test_an_answer_finishes_its_question_s_job_in_its_own_step(
     assert not await window.redis.exists(*ConversationKeys(window.prefix, CID).job_keys())
     again = await window.append(answer, outbox, jobs=jobs, answers=asked.job_id)
     assert again.duplicate and not again.job_done  # a resent answer finishes nothing
-    await jobs.renew([])  # done jobs leave the registry with the next renewal
+    await jobs.renew()  # done jobs leave the registry with the next renewal
     assert not await window.redis.sismember(jobs.registry, member)
     await jobs.close()
 
