@@ -302,6 +302,7 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         jobs=app[keys.CONVERSATIONS].jobs,
         max_held=settings.replies.max_held,
         attempts=settings.replies.attempts,
+        slot_wait_s=settings.replies.turn_wait_s,
     )
     presence = app[keys.PRESENCE]
 

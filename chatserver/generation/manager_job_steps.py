@@ -53,20 +53,25 @@ class _JobSteps(ManagerState):
         if waiting is None:
             waiting = self._waiting_turn[cid] = TurnQueue()
         woken = waiting.add(offset)
+        # One timer a question for its deadline, not one per sleep: most of a long queue
+        # sleeps until it is the oldest.
+        expiry = loop.call_at(deadline, woken.set)
         try:
             while not turn.go and loop.time() < deadline and not self._closing:
                 if offset != waiting.oldest():
-                    pause = deadline - loop.time()
-                elif turn.blocker is None or turn.blocker not in self.held:
-                    pause = next(delays)
-                else:  # only bounds the wait should the wake-up never come
-                    pause = LOCAL_TURN_WAIT_S
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause):  # not wait_for: see ops/observe.py
-                        await woken.wait()
+                    await woken.wait()  # its deadline, an end here, or the one before gave up
+                else:
+                    if turn.blocker is None or turn.blocker not in self.held:
+                        pause = next(delays)
+                    else:  # only bounds the wait should the wake-up never come
+                        pause = LOCAL_TURN_WAIT_S
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(pause):  # not wait_for: see ops/observe.py
+                            await woken.wait()
                 woken.clear()  # after the wait: a wake-up during the check below is kept
                 turn = await self._retrying("check a reply job's turn", self.jobs.turn, job)
         finally:
+            expiry.cancel()
             waiting.remove(offset)
             if not waiting:
                 if self._waiting_turn.get(cid) is waiting:

@@ -30,6 +30,13 @@ class ReplySettings:
         "int",
         "questions one instance answers at once (running and queued); past it sends are refused",
     )
+    turn_wait_s: float = setting(
+        "reply_turn_wait_s",
+        60.0,
+        "float",
+        "longest a reply waits behind an older one held elsewhere: for its turn (past it, it "
+        "runs anyway), then for the conversation's reply slot",
+    )
     attempts: int = setting(
         "reply_attempts", 3, "int", "model attempts per reply for retryable errors (before text)"
     )
@@ -67,7 +74,14 @@ class ReplySettings:
 
     def __post_init__(self) -> None:
         positive(
-            self, "lease_s", "max_queued", "cache_entries", "cache_bytes", "max_held", "attempts"
+            self,
+            "lease_s",
+            "max_queued",
+            "cache_entries",
+            "cache_bytes",
+            "max_held",
+            "attempts",
+            "turn_wait_s",
         )
         not_negative(self, "local_ttft_ms", "local_token_ms", "light_max_chars", "cache_ttl_s")
 

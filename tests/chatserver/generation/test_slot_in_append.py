@@ -3,12 +3,18 @@ same step (one Redis, the app's own client), so the reply starts with no round t
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from datetime import UTC, datetime
 from typing import Any
+
+from redis.asyncio import Redis
 
 from chatserver import keys
 from chatserver.generation.jobs import generation_id_for
 from chatserver.generation.leases import sweep_orphans
-from protocol import Role
+from protocol import Message, Role, format_timestamp
+from storage.jobs.redis import RedisReplyJobs
 from storage.records import MessageDraft
 from storage.redis_keys import ConversationKeys, instance_alive_key
 
@@ -142,3 +148,29 @@ async def test_a_queue_of_questions_asks_redis_for_its_turn_once_not_per_questio
     for i, question in enumerate(sent):
         reply = await alice.reply(question.message_id)
         assert reply.end is not None and reply.text.startswith(f"You said: question {i}")
+
+
+async def test_questions_behind_a_job_stuck_elsewhere_run_once_their_turn_wait_is_over(
+    make_harness: MakeHarness, redis_url: str
+) -> None:
+    """An older question's job held by another instance that lives on but never answers:
+    past ``CHAT_REPLY_TURN_WAIT_S`` the oldest question waiting (which polls) and the ones
+    asleep behind it (one timer each) run anyway, in order."""
+    harness = await make_harness(redis_url=redis_url, local_ttft_ms=5, reply_turn_wait_s=1.0)
+    conv = await harness.conversation("alice")
+    stuck = RedisReplyJobs(Redis.from_url(redis_url), holder="stuck-elsewhere", lease_s=60)
+    try:
+        await stuck.start()  # alive for a minute: nobody claims its job
+        created = format_timestamp(datetime.now(UTC))
+        await stuck.add(Message(str(uuid.uuid4()), conv, 0, "user", "stuck", created, "alice"))
+        alice = await harness.connect("alice")
+        await alice.join(conv)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        sent = [await alice.send(conv, f"question {i}") for i in range(3)]
+        for i, question in enumerate(sent):
+            reply = await alice.reply(question.message_id, timeout=10)
+            assert reply.end is not None and reply.text.startswith(f"You said: question {i}")
+        assert loop.time() - began >= 1.0  # they did wait for the stuck one first
+    finally:
+        await stuck.redis.aclose()
