@@ -83,8 +83,10 @@ class RedisPyPubSub:
 
 
 class LeanPubSub:
-    """RESP2 pub/sub on its own socket (module docstring). Silent for ``health_s``, it asks
-    Redis a PING; silent for as long again, the connection counts as lost."""
+    """RESP2 pub/sub on its own socket (module docstring). A watch every ``health_s``: read
+    from and silent since the last one, it asks Redis a PING; still silent at the next one,
+    the connection counts as lost. One timer per interval, not one per read: under load a
+    subscriber reads thousands of times a second."""
 
     def __init__(
         self,
@@ -103,6 +105,11 @@ class LeanPubSub:
         self._writer: asyncio.StreamWriter | None = None
         self._parser = hiredis.Reader()
         self._connecting: asyncio.Lock | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self._reading = False  # waiting for bytes from Redis
+        self._heard = False  # bytes came (or a read began) since the last watch
+        self._pinged = False
+        self._silent = False  # the watch gave the connection up
 
     async def _connected(self) -> asyncio.StreamWriter:
         if self._writer is not None:
@@ -130,6 +137,23 @@ class LeanPubSub:
                 raise
         self._parser = hiredis.Reader()
         self._reader, self._writer = reader, writer
+        self._heard, self._pinged, self._silent = True, False, False
+        self._watch = asyncio.get_running_loop().call_later(self._health_s, self._watched)
+
+    def _watched(self) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        if self._heard or not self._reading:
+            self._heard = self._pinged = False
+        elif not self._pinged:
+            writer.write(_pack("PING"))
+            self._pinged = True
+        else:
+            self._silent = True
+            writer.transport.abort()  # the read ends: no bytes more
+            return
+        self._watch = asyncio.get_running_loop().call_later(self._health_s, self._watched)
 
     async def _auth(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, password: str
@@ -169,24 +193,25 @@ class LeanPubSub:
                 items.append((item[0], item[1], item[2]))
 
     async def _read_some(self) -> bytes:
-        reader, writer = self._reader, self._writer
-        assert reader is not None and writer is not None
+        reader = self._reader
+        assert reader is not None
+        self._reading = self._heard = True
         try:
-            async with asyncio.timeout(self._health_s):
-                data = await reader.read(READ_SIZE)
-        except TimeoutError:
-            writer.write(_pack("PING"))
-            try:
-                async with asyncio.timeout(self._health_s):
-                    data = await reader.read(READ_SIZE)
-            except TimeoutError:
-                raise ConnectionError("Redis did not answer a pub/sub PING") from None
+            data = await reader.read(READ_SIZE)
+        finally:
+            self._reading = False
         if not data:
+            if self._silent:
+                raise ConnectionError("Redis did not answer a pub/sub PING")
             raise ConnectionError("Redis closed the pub/sub connection")
+        self._heard = True
         return data
 
     async def close(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if writer is not None:
             writer.close()
             with contextlib.suppress(Exception):
