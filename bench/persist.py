@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/persist.py [--rows 80000] [--rounds 4] [--out bench/results]
 
-Starts a throwaway Postgres (tests/services.py) with fsync ON, migrates it like the server
+Starts a throwaway Postgres (tests/services/postgres.py) with fsync ON, migrates it like the server
 does (partitioned ``messages`` with its indexes, monthly partitions, conversations with
 members), and measures rows/s, each scenario from an empty table after a checkpoint, of:
 

@@ -1,0 +1,56 @@
+"""What every throwaway server of the tests shares: the error, free ports, temp dirs,
+log tails, and children that die with the test process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+_START_ATTEMPTS = 5  # a free port can be taken by someone else before the server binds it
+
+
+class ServiceError(RuntimeError):
+    """A test service is missing or did not start; the message says what to do."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _temp_base() -> str:
+    """A temp root that the ``postgres`` user can traverse when we are root."""
+    base = tempfile.gettempdir()
+    if os.geteuid() != 0:
+        return base
+    path = Path(base).resolve()
+    for part in (path, *path.parents):
+        if not part.stat().st_mode & stat.S_IXOTH:
+            return "/tmp"
+    return base
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the test process dies (Linux only)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
