@@ -76,8 +76,9 @@ def redis_pid(redis: RedisServer) -> int:
 
 @contextlib.contextmanager
 def postgres_server(*, fsync: bool = True) -> Iterator[PostgresServer]:
-    """A throwaway Postgres cluster (tests/services/postgres.py), its ``chat`` database migrated with
-    ``chatserver migrate`` as an operator would; fsync on by default (the product's shape)."""
+    """A throwaway Postgres cluster (tests/services/postgres.py), its ``chat`` database
+    migrated with ``chatserver migrate`` as an operator would; fsync on by default (the
+    product's shape)."""
     settings = {"fsync": "on", "synchronous_commit": "on"} if fsync else {}
     postgres = PostgresServer(settings=settings)
     try:
