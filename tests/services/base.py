@@ -9,7 +9,9 @@ import signal
 import socket
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -26,6 +28,26 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class _OnAPort(Protocol):
+    port: int
+
+
+def start_on_a_free_port(server: _OnAPort, spawn: Callable[[], None]) -> None:
+    """``spawn()`` with ``server.port`` set to a free port; again on another one when it
+    fails (someone may take the port between the look and the bind)."""
+    last: ServiceError | None = None
+    for _ in range(_START_ATTEMPTS):
+        server.port = free_port()
+        try:
+            spawn()
+            return
+        except ServiceError as exc:
+            last = exc
+    server.port = 0
+    assert last is not None
+    raise last
 
 
 def _tail(path: Path, lines: int = 30) -> str:

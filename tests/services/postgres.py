@@ -19,13 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .base import (
-    _START_ATTEMPTS,
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
     ServiceError,
     _tail,
     _temp_base,
-    free_port,
+    start_on_a_free_port,
 )
 
 _PG_ROOT = "/usr/lib/postgresql"
@@ -137,17 +136,7 @@ class PostgresServer:
         if self.port:
             self._pg_ctl_start()
             return
-        last: ServiceError | None = None
-        for _ in range(_START_ATTEMPTS):
-            self.port = free_port()
-            try:
-                self._pg_ctl_start()
-                return
-            except ServiceError as exc:
-                last = exc
-        self.port = 0
-        assert last is not None
-        raise last
+        start_on_a_free_port(self, self._pg_ctl_start)
 
     def _pg_ctl_start(self) -> None:
         options = " ".join(

@@ -22,6 +22,7 @@ from .base import (
     _tail,
     _temp_base,
     free_port,
+    start_on_a_free_port,
 )
 
 
@@ -120,17 +121,7 @@ class RedisServer:
         if self.port:
             self._spawn()
             return
-        last: ServiceError | None = None
-        for _ in range(_START_ATTEMPTS):
-            self.port = free_port()
-            try:
-                self._spawn()
-                return
-            except ServiceError as exc:
-                last = exc
-        self.port = 0
-        assert last is not None
-        raise last
+        start_on_a_free_port(self, self._spawn)
 
     def _spawn(self) -> None:
         argv = [
