@@ -6,7 +6,7 @@ When the tests run as root, the Postgres tools run as the ``postgres`` user thro
 (``initdb`` and ``pg_ctl`` refuse to run as root).
 """
 
-from .base import ServiceError, _die_with_parent, _temp_base, free_port
+from .base import ServiceError, _die_with_parent, _temp_base, free_port, installed
 from .pgbouncer import PgBouncer, find_pgbouncer
 from .postgres import PostgresReplica, PostgresServer, find_postgres_bindir
 from .redis import RedisClusterServer, RedisServer, find_redis_server, redis_command
@@ -24,5 +24,6 @@ __all__ = [
     "find_postgres_bindir",
     "find_redis_server",
     "free_port",
+    "installed",
     "redis_command",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -16,6 +17,11 @@ from typing import Protocol
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 _START_ATTEMPTS = 5  # a free port can be taken by someone else before the server binds it
+
+
+def installed(name: str, fallback: str) -> str | None:
+    """The program ``name`` on PATH, else at ``fallback`` if executable there; else None."""
+    return shutil.which(name) or (fallback if os.access(fallback, os.X_OK) else None)
 
 
 class ServiceError(RuntimeError):

@@ -22,14 +22,13 @@ from .base import (
     _tail,
     _temp_base,
     free_port,
+    installed,
 )
 from .postgres import PostgresServer
 
 
 def find_pgbouncer() -> str:
-    found = shutil.which("pgbouncer") or (
-        "/usr/sbin/pgbouncer" if os.access("/usr/sbin/pgbouncer", os.X_OK) else None
-    )
+    found = installed("pgbouncer", "/usr/sbin/pgbouncer")
     if found is None:
         raise ServiceError(
             "pgbouncer is not installed: run `make deps` or `apt-get install pgbouncer`"

@@ -22,14 +22,13 @@ from .base import (
     _tail,
     _temp_base,
     free_port,
+    installed,
     start_on_a_free_port,
 )
 
 
 def find_redis_server() -> str:
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
-    )
+    found = installed("redis-server", "/usr/bin/redis-server")
     if found is None:
         raise ServiceError(
             "redis-server is not installed (binary 'redis-server' not found on PATH or in "

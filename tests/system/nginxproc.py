@@ -17,7 +17,6 @@ ready when a request through it reaches an instance. ``stop()`` is nginx's fast 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import signal
@@ -32,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.serverproc import REPO_ROOT, free_port
-from tests.services import _die_with_parent, _temp_base
+from tests.services import _die_with_parent, _temp_base, installed
 
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
 UPSTREAMS_EXAMPLE = REPO_ROOT / "deploy" / "nginx" / "upstreams.conf.example"
@@ -45,9 +44,7 @@ class NginxError(RuntimeError):
 
 
 def find_nginx() -> str:
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
-    )
+    found = installed("nginx", "/usr/sbin/nginx")
     if found is None:
         raise NginxError(
             "nginx is not installed (no 'nginx' on PATH or in /usr/sbin): run `make deps` "
