@@ -67,6 +67,7 @@ def test_fanout(tmp_path: Path) -> None:
         assert f["redis_commands_per_message"] > 0 and f["redis_round_trips_per_message"] > 0
     assert figures["bare_single"]["flatout"]["redis_commands_per_message"] is None
     assert data["goals"]["cpu_per_message_vs_bare_redis"]["ratio"] is not None
+    assert data["goals"]["cpu_per_message_small_vs_bare_redis"]["ratio"] is not None
     assert "Redis commands/message" in data["markdown"]
 
 
