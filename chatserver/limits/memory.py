@@ -22,7 +22,8 @@ class MemoryLimiter:
         # from the store again.
         self.max_users = max_users
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
-        self._connections: dict[str, set[str]] = {}
+        # A user's one connection as its id; a set from the second on (most users have one).
+        self._connections: dict[str, str | set[str]] = {}
         self._used: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     async def _take_message(self, user_id: str, limits: TierLimits) -> int | None:
@@ -46,18 +47,33 @@ class MemoryLimiter:
         return Refusal.rate(wait_ms) if wait_ms is not None else None
 
     async def open_connection(self, user_id: str, connection_id: str, limits: TierLimits) -> bool:
-        held = self._connections.setdefault(user_id, set())
+        held = self._connections.get(user_id)
+        if held is None or held == connection_id:
+            if limits.connections < 1:
+                return False
+            self._connections[user_id] = connection_id
+            return True
+        if isinstance(held, str):
+            held = {held}
         if connection_id not in held and len(held) >= limits.connections:
             return False
         held.add(connection_id)
+        self._connections[user_id] = held
         return True
 
     async def close_connection(self, user_id: str, connection_id: str) -> None:
         held = self._connections.get(user_id)
-        if held is not None:
-            held.discard(connection_id)
-            if not held:
+        if held is None:
+            return
+        if isinstance(held, str):
+            if held == connection_id:
                 del self._connections[user_id]
+            return
+        held.discard(connection_id)
+        if len(held) == 1:
+            self._connections[user_id] = next(iter(held))
+        elif not held:
+            del self._connections[user_id]
 
     async def renew_connections(self, connections: list[tuple[str, str]]) -> None:
         return None

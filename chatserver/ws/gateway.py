@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from ..fanout.events import framed
 from ..fanout.outbound import Outbound
 from ..fanout.session import Session
 from .commands import dispatch
+from .handshake import authenticated, bound_kernel_buffer, offered_subprotocols
 
 log = logging.getLogger("chatserver.gateway")
 
@@ -43,19 +43,16 @@ _CLOSE_WAIT_S = 6.0  # the WebSocketResponse close timeout (5 s) and a margin
 _CLOSED_TYPES = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
-def _offered_subprotocols(request: web.Request) -> list[str]:
-    header = request.headers.get("Sec-WebSocket-Protocol", "")
-    return [p.strip() for p in header.split(",") if p.strip()]
-
-
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     if app[keys.STATE].draining:
         return web.json_response(
             {"error": {"code": "unavailable", "message": "server is draining"}}, status=503
         )
-    offered = _offered_subprotocols(request)
-    encoding = negotiate(offered)
+    # Only its outcome is kept: this frame lives as long as the socket.
+    offered = bool(subprotocols := offered_subprotocols(request))
+    encoding = negotiate(subprotocols)
+    del subprotocols
     if encoding is None:
         return web.Response(
             status=400,
@@ -64,14 +61,19 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     refused, release = app[keys.ADMISSION].admit_request(request)
     if refused is not None:
         return refused
+    unauthenticated = [release]  # let go once authentication ends, not at the socket's
+    del release
     try:
-        return await _serve_socket(request, encoding, offered, release)
+        return await _serve_socket(request, encoding, offered, unauthenticated)
     finally:
-        release()  # if authentication never ended (the upgrade failed, say)
+        authenticated(unauthenticated)  # if it never ended (the upgrade failed, say)
 
 
 async def _serve_socket(
-    request: web.Request, encoding: Encoding, offered: list[str], admitted: Callable[[], None]
+    request: web.Request,
+    encoding: Encoding,
+    offered: bool,
+    unauthenticated: list[Callable[[], None]],
 ) -> web.StreamResponse:
     app = request.app
     settings = app[keys.SETTINGS]
@@ -88,12 +90,17 @@ async def _serve_socket(
     transport = request.transport
     if transport is None:
         return ws
-    _bound_kernel_buffer(transport, settings.ws.tcp_send_buffer_bytes)
+    bound_kernel_buffer(transport, settings.ws.tcp_send_buffer_bytes)
     connection = _Connection(app, ws, transport, encoding)
     connections = app[keys.STATE].connections
     connections.add(connection)
     try:
-        await connection.run(request, admitted)
+        try:  # two steps here, not a method awaiting both: one coroutine frame fewer
+            principal = await connection.admit(request)
+        finally:
+            authenticated(unauthenticated)  # whatever the outcome
+        if principal is not None:
+            await connection.open(request, principal)
     finally:
         connections.discard(connection)
         await connection.finish()
@@ -105,14 +112,6 @@ async def _serve_socket(
         if getattr(protocol, "_data_received_cb", None) is not None:
             protocol._data_received_cb = None
     return ws
-
-
-def _bound_kernel_buffer(transport: asyncio.BaseTransport, size: int) -> None:
-    """Cap the kernel's send buffer: autotuning lets one stalled peer pin megabytes."""
-    sock = transport.get_extra_info("socket")
-    if size and sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 class _Connection:
@@ -202,16 +201,7 @@ class _Connection:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def run(self, request: web.Request, admitted: Callable[[], None]) -> None:
-        try:
-            principal = await self._admit(request)
-        finally:
-            admitted()  # no longer an unauthenticated socket, whatever the outcome
-        if principal is None:
-            return
-        await self._open(request, principal)
-
-    async def _admit(self, request: web.Request) -> Principal | None:
+    async def admit(self, request: web.Request) -> Principal | None:
         origins = self.settings.server.origins
         origin = request.headers.get("Origin")
         dev = self.app[keys.AUTH].dev_mode
@@ -221,7 +211,7 @@ class _Connection:
             return None
         return await self._authenticate(request)
 
-    async def _open(self, request: web.Request, principal: Principal) -> None:
+    async def open(self, request: web.Request, principal: Principal) -> None:
         state = self.app[keys.STATE]
         session_id = str(uuid.uuid4())
         limits = self.settings.tier_limits(principal.tier)
