@@ -61,7 +61,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     refused, release = app[keys.ADMISSION].admit_request(request)
     if refused is not None:
         return refused
-    unauthenticated = [release]  # let go once authentication ends, not at the socket's
+    unauthenticated = [release]  # released when authentication ends, not kept to the end
     del release
     try:
         return await _serve_socket(request, encoding, offered, unauthenticated)
