@@ -199,6 +199,7 @@ async def test_page_and_static_files_carry_the_browser_protections(harness: Harn
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
     async with harness.http.ws_connect(harness.ws_url) as ws:
         assert ws._response.headers["Server"] == "chatserver"
+        assert "X-Content-Type-Options" not in ws._response.headers  # a 101: nothing to sniff
 
 
 async def test_conversation_list_is_keyset_paged_by_recent_update(harness: Harness) -> None:

@@ -133,6 +133,14 @@ async def test_connections_are_capped_per_user(limiter: Limiter) -> None:
     assert await limiter.open_connection("v", "c1", TIGHT)
     await limiter.close_connection("u", "c1")
     assert await limiter.open_connection("u", "c3", TIGHT)
+    assert await limiter.open_connection("u", "c3", TIGHT)  # the same one again: still two
+    assert not await limiter.open_connection("u", "c4", TIGHT)
+    await limiter.close_connection("u", "never-opened")  # changes nothing
+    assert not await limiter.open_connection("u", "c4", TIGHT)
+    for closed in ("c2", "c3"):
+        await limiter.close_connection("u", closed)
+    assert await limiter.open_connection("u", "c5", TIGHT)  # none held: two places again
+    assert await limiter.open_connection("u", "c6", TIGHT)
 
 
 async def test_the_daily_quota_starts_from_the_store_and_counts_usage(limiter: Limiter) -> None:
