@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 
 from protocol import (
     ErrorCode,
@@ -27,7 +28,7 @@ from protocol.backoff import Backoff
 from storage.jobs.base import ReplyJob, ReplyJobs
 from storage.records import Conversation
 
-from ..agents import AgentCatalog
+from ..agents import Agent, AgentCatalog
 from ..conversations import ConversationService
 from ..errors import ServiceError
 from ..fanout.events import Event
@@ -176,7 +177,7 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         followed: object = None,
         *,
         prepared: PreparedReply | None = None,
-    ) -> ReplyRun:
+    ) -> None:
         """Answer ``message``; with its reply job, done once the answer is stored.
         ``followed``: what the question's append follow returned (``append_follow``);
         ``prepared``: the slot, taken already (a sweep running a reply again)."""
@@ -185,6 +186,35 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
             raise ServiceError(
                 ErrorCode.INTERNAL, f"agent {conversation.agent_id!r} is not configured"
             )
+        lane = self._lanes.get(conversation.id)
+        if lane is None:
+            lane = self._lanes[conversation.id] = Lane()
+        lane.waiting += 1
+        self._pending += 1
+        if job is not None:
+            self.held[job.job_id] = job
+        if followed is not None:
+            prepared = self._buffer.prepared(followed)
+        # Behind an older question waiting here, a question is parked: its reply is made
+        # when its turn is near, not now.
+        if job is not None and prepared is None:
+            begin = partial(self._begin, conversation, agent, message, lane, job, None)
+            if self._park(job, begin):
+                return
+        self._begin(conversation, agent, message, lane, job, prepared)
+
+    def _begin(
+        self,
+        conversation: Conversation,
+        agent: Agent,
+        message: Message,
+        lane: Lane,
+        job: ReplyJob | None,
+        prepared: PreparedReply | None,
+        woken: asyncio.Event | None = None,
+        deadline: float = 0.0,
+    ) -> None:
+        """The reply's run and its task (``woken``, ``deadline``: a parked question's)."""
         route = self._router.choose(agent, message)
         # Derived from the question: a job run twice (claimed, retried, resent) answers
         # under one generation id, the stored answer's idempotency key.
@@ -199,21 +229,15 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         self._metrics.child(self._metrics.model_routed, agent.id, route.model, route.route).inc()
         if self._cache is not None and agent.cacheable and is_first_turn(message):
             run.cache_key = cache_key(agent, route.model, message.text)
-        lane = self._lanes.get(conversation.id)
-        if lane is None:
-            lane = self._lanes[conversation.id] = Lane()
-        lane.waiting += 1
-        self._pending += 1
         if job is not None:
-            self.held[job.job_id] = job
             run.job_id = job.job_id
-        if followed is not None:
-            prepared = self._buffer.prepared(followed)
         run.prepared = prepared
-        task = asyncio.create_task(self._run(run, lane, job), name=f"reply-{run.generation_id}")
+        parked = (woken, deadline) if woken is not None else None
+        task = asyncio.create_task(
+            self._run(run, lane, job, parked), name=f"reply-{run.generation_id}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return run
 
     def running_replies(self) -> list[tuple[str, str]]:
         return [(r.conversation_id, r.generation_id) for r in self._runs.values()]
@@ -229,57 +253,6 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
                 for run in list(self._runs.values()):
                     run.stop(FinishReason.ERROR)
                 await asyncio.wait(pending, timeout=5)
-
-    async def _run(self, run: ReplyRun, lane: Lane, job: ReplyJob | None) -> None:
-        ended = False  # the question has its end (stored, or ended before): the job is done
-        # The slot its question's append took stands for its job (a sweep runs it should
-        # this instance stop): one that fails before its end becomes a job here.
-        slot_job = job is None and run.prepared is not None
-        try:
-            turn = await self._first_turn(job)
-            if job is not None and turn is not None:
-                # Before the lane, not in it: an older question claimed here later would
-                # queue in the lane behind this one while this one waits for it.
-                await self._wait_turn(job, turn)
-            async with lane.lock:
-                ended = await self._answer(run, job)
-        except Exception:
-            log.exception("reply failed", extra={"conversation": run.conversation_id})
-        finally:
-            lane.waiting -= 1
-            self._pending -= 1
-            if lane.waiting == 0 and self._lanes.get(run.conversation_id) is lane:
-                del self._lanes[run.conversation_id]
-            if job is not None:
-                del self.held[job.job_id]
-                if ended:
-                    await self._job_done(job, finished=run.job_done)
-                elif not self._closing:
-                    self.retry_jobs.append(job)
-            elif slot_job and not ended and not self._closing:
-                retry = await self._job_for(run)
-                if retry is not None:
-                    self.retry_jobs.append(retry)
-
-    async def _answer(self, run: ReplyRun, job: ReplyJob | None) -> bool:
-        """In the lane: the reply, unless answered before; whether the question has its end."""
-        if self._closing:
-            if job is not None or run.prepared is not None:
-                return False  # kept: another instance (claim or sweep), or the next start
-            # Never leave an acked question without an end: say why it has no answer.
-            restarted = "the server restarted before replying"
-            finish = Finish(FinishReason.ERROR, Usage(0, 0), restarted)
-            await self.store_and_end(run.owner(self._server_id), "", finish)
-            return True
-        if job is not None and job.claimed:  # a fresh job has not run anywhere before
-            if await self._cut_off(run):
-                return True  # its owner died mid-reply: the partial text is its answer
-            if await self._answered(run):
-                return True  # an earlier run of this job (or the orphan sweep) ended it
-        await self._stream(run)
-        # Taken over (its entry gone or another's): whoever took it ends it, and the job, run
-        # again, finds that end; if nobody did (the entry expired), the job answers.
-        return not run.lost
 
     async def _stream(self, run: ReplyRun) -> None:
         conversation_id = run.conversation_id

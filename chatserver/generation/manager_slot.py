@@ -40,6 +40,10 @@ class _SlotSteps(ManagerState):
         agent = self._agents.get(conversation.agent_id)
         if agent is None or not self._conversations.window.follows:
             return None
+        if conversation.id in self._lanes:
+            # A question of it is waiting or answered here: this one's job is not alone in
+            # line, or the slot is held, and the follow would only be sent to do nothing.
+            return None
         first = self._router.route(agent, text, first_turn=True).model
         later = self._router.route(agent, text, first_turn=False).model
         since = self._conversations.window.context_since(conversation.id)

@@ -111,5 +111,11 @@ class ManagerState:
         followed: object = None,
         *,
         prepared: PreparedReply | None = None,
-    ) -> ReplyRun:
+    ) -> None:
+        raise NotImplementedError
+
+    async def _stream(self, run: ReplyRun) -> None:
+        raise NotImplementedError
+
+    async def _job_for(self, run: ReplyRun) -> ReplyJob | None:
         raise NotImplementedError

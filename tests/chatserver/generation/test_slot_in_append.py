@@ -174,3 +174,34 @@ async def test_questions_behind_a_job_stuck_elsewhere_run_once_their_turn_wait_i
         assert loop.time() - began >= 1.0  # they did wait for the stuck one first
     finally:
         await stuck.redis.aclose()
+
+
+async def test_questions_queued_behind_one_waiting_here_get_no_task_until_their_turn(
+    make_harness: MakeHarness, redis_url: str
+) -> None:
+    """A long queue costs a heap entry a question, not a reply run, a task and a timer: the
+    questions behind the oldest one waiting on the instance are parked, made when their turn
+    is near, and each is still answered, in order. Only the first question's append carries
+    the follow that takes the slot: behind it, the slot is held and no job is alone."""
+    harness = await make_harness(redis_url=redis_url, local_ttft_ms=300)
+    manager = harness.app[keys.GENERATION]
+    followed: list[str] = []
+    slot_follow = manager._buffer.slot_follow
+
+    def counted(owner: Any, *args: Any) -> Any:
+        followed.append(owner.reply_to)
+        return slot_follow(owner, *args)
+
+    manager._buffer.slot_follow = counted
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    await alice.join(conv)
+    sent = [await alice.send(conv, f"question {i}") for i in range(12)]
+    await eventually(lambda: len(manager._waiting_turn.get(conv, ())) == 10)
+    # The reply streaming, the next one first in line in the lane, the oldest waiting.
+    assert len(manager._tasks) == 3
+    assert followed == [sent[0].message_id]
+    for i, question in enumerate(sent):
+        reply = await alice.reply(question.message_id)
+        assert reply.end is not None and reply.text.startswith(f"You said: question {i}")
+    assert not manager._tasks and not manager._waiting_turn
