@@ -140,7 +140,11 @@ def decode_object(
         raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid {kind}: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "a frame must be an object")
-    if _too_deep(obj, limits.max_depth):
+    # Every level opens with a bracket: a JSON text with no more of them than the limit
+    # (strings' own brackets counted too) cannot nest deeper, and needs no walk.
+    if (
+        not isinstance(data, str) or data.count("{") + data.count("[") > limits.max_depth
+    ) and _too_deep(obj, limits.max_depth):
         raise ProtocolError(ErrorCode.BAD_FRAME, f"a frame nests deeper than {limits.max_depth}")
     return obj
 

@@ -55,6 +55,7 @@ _BLOCK_CHUNK_S = 1.0
 _Raw: TypeAlias = "tuple[int, bytes, dict[bytes, bytes] | None]"  # (shard, stream id, fields)
 
 _ADD_LUA = lua.script("outbox_add")  # check the bound and add in one step
+_ACK_LUA = lua.script("outbox_ack")  # XACK and XDEL of a batch: one command, not a pipeline
 
 
 def _observe(task: asyncio.Task[Any]) -> None:
@@ -93,6 +94,7 @@ class RedisOutbox:
         self.cluster = isinstance(redis, RedisCluster)
         self.keys = [outbox_key(prefix, shards, i) for i in range(shards)]
         self._add_script = redis.register_script(_ADD_LUA)
+        self._ack_script = redis.register_script(_ACK_LUA)
         # Read units: one XREADGROUP each. Cross-slot reads are refused on a cluster.
         self._units: list[tuple[int, ...]] = (
             [(i,) for i in range(shards)] if self.cluster else [tuple(range(shards))]
@@ -372,8 +374,12 @@ class RedisOutbox:
         return taken
 
     async def _ack_raw(self, by_shard: dict[int, list[str]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for shard, ids in by_shard.items():
-            pipe.xack(self.keys[shard], self.group, *ids)
-            pipe.xdel(self.keys[shard], *ids)
-        await pipe.execute()
+        # A script call per shard joins the client's own batch where it has one (the
+        # server's tick pipeline): a redis-py pipeline of its own cost a batch ~1% of an
+        # instance under fan-out load.
+        await asyncio.gather(
+            *(
+                self._ack_script(keys=[self.keys[shard]], args=[self.group, *ids])
+                for shard, ids in by_shard.items()
+            )
+        )

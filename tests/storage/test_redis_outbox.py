@@ -152,6 +152,22 @@ async def test_instances_share_the_group_and_never_get_an_entry_twice(
     assert await boxes[0].backlog() == 0
 
 
+async def test_a_batch_past_luas_unpack_limit_is_acked_and_deleted_whole(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    """The ack is one script a shard, which slices its ids: Lua's unpack() takes at most
+    8,000 values, and a batch may hold 10,000 entries."""
+    outbox = await make_outbox(redis_clients, "w")
+    for _ in range(9_000 // 20):  # 20 at once: the client's pool is bounded
+        await asyncio.gather(*(outbox.add(new_message("c0")) for _ in range(20)))
+    entries = await outbox.read(10_000, 1.0)
+    assert len(entries) == 9_000
+    await outbox.ack([e.entry_id for e in entries])
+    assert await outbox.backlog() == 0
+    pending = [await outbox.redis.xpending(key, outbox.group) for key in outbox.keys]
+    assert [p["pending"] for p in pending] == [0] * len(outbox.keys)
+
+
 async def test_shards_keep_a_conversation_together_and_add_up(
     redis_clients: RedisClients, new_message: MessageFactory
 ) -> None:
