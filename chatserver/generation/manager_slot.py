@@ -40,9 +40,9 @@ class _SlotSteps(ManagerState):
         agent = self._agents.get(conversation.agent_id)
         if agent is None or not self._conversations.window.follows:
             return None
-        if conversation.id in self._lanes:
-            # A question of it is waiting or answered here: this one's job is not alone in
-            # line, or the slot is held, and the follow would only be sent to do nothing.
+        if conversation.id in self._live_in or conversation.id in self._waiting_turn:
+            # A reply here holds the slot, or a question here waits for its turn (so this
+            # one's job is not alone in line): the follow would be sent to do nothing.
             return None
         first = self._router.route(agent, text, first_turn=True).model
         later = self._router.route(agent, text, first_turn=False).model

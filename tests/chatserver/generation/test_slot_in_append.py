@@ -196,7 +196,9 @@ async def test_questions_queued_behind_one_waiting_here_get_no_task_until_their_
     conv = await harness.conversation("alice")
     alice = await harness.connect("alice")
     await alice.join(conv)
-    sent = [await alice.send(conv, f"question {i}") for i in range(12)]
+    sent = [await alice.send(conv, "question 0")]
+    await eventually(lambda: conv in manager._live_in)  # its reply holds the slot
+    sent += [await alice.send(conv, f"question {i}") for i in range(1, 12)]
     await eventually(lambda: len(manager._waiting_turn.get(conv, ())) == 10)
     # The reply streaming, the next one first in line in the lane, the oldest waiting.
     assert len(manager._tasks) == 3
