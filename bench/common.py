@@ -323,12 +323,24 @@ def machine() -> dict[str, Any]:
     load1, load5, _ = os.getloadavg()
     return {
         "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        # Syscall-bound peers (one send per delivery) move with the kernel and the machine
+        # more than chatserver does: runs on different machines differ in their ratios.
+        "kernel": platform.release(),
         "python": platform.python_version(),
         "load_avg_1m_at_start": round(load1, 2),
         "load_avg_5m_at_start": round(load5, 2),
         "note": "2 cores shared with other engineers' test runs: noisy; compare ratios "
         "within one run",
     }
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
 
 
 def git_commit() -> str:
