@@ -40,9 +40,11 @@ class _SlotSteps(ManagerState):
         agent = self._agents.get(conversation.agent_id)
         if agent is None or not self._conversations.window.follows:
             return None
-        if conversation.id in self._live_in or conversation.id in self._waiting_turn:
-            # A reply here holds the slot, or a question here waits for its turn (so this
-            # one's job is not alone in line): the follow would be sent to do nothing.
+        live = self._live_in.get(conversation.id)
+        if (live is not None and not live.ended) or conversation.id in self._waiting_turn:
+            # A reply here streams, so holds the slot, or a question here waits for its turn
+            # (this one's job is not alone in line): the follow would be sent to do nothing.
+            # Not once its reply has ended: its release may reach Redis before this append.
             return None
         first = self._router.route(agent, text, first_turn=True).model
         later = self._router.route(agent, text, first_turn=False).model
