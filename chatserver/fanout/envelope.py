@@ -147,6 +147,19 @@ def control_from(body: Any) -> Control | None:
     return None
 
 
+# Per append: one packer, and the constant parts packed once.
+_PACKER = msgpack.Packer(use_bin_type=True)
+_ARRAY_OF_4 = _PACKER.pack_array_header(4)
+_MESSAGE_FRAME_HEAD = b"".join(
+    (
+        _PACKER.pack_map_header(2),
+        _PACKER.pack("type"),
+        _PACKER.pack(MessageEvent.TYPE),
+        _PACKER.pack("message"),
+    )
+)
+
+
 def appended_head(origin: str, published_at: float, conversation_id: str, payload: bytes) -> bytes:
     """The envelope of the ``message`` frame of a message being appended, packed but for
     its last two fields, ``offset`` and ``created_at``, which the append script adds.
@@ -155,18 +168,17 @@ def appended_head(origin: str, published_at: float, conversation_id: str, payloa
     entries are copied after a map header that counts two more.
     """
     entries, count = _map_entries(payload)
-    packer = msgpack.Packer(use_bin_type=True)
-    head: bytes = (
-        packer.pack_array_header(4)
-        + packer.pack(origin)
-        + packer.pack(published_at)
-        + packer.pack(conversation_id)
-        + packer.pack_map_header(2)
-        + packer.pack("type")
-        + packer.pack(MessageEvent.TYPE)
-        + packer.pack("message")
-        + packer.pack_map_header(count + 2)
-        + entries
+    pack = _PACKER.pack
+    head: bytes = b"".join(
+        (
+            _ARRAY_OF_4,
+            pack(origin),
+            pack(published_at),
+            pack(conversation_id),
+            _MESSAGE_FRAME_HEAD,
+            _PACKER.pack_map_header(count + 2),
+            entries,
+        )
     )
     return head
 

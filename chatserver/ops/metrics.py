@@ -18,7 +18,9 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from protocol import ErrorCode
 
-M = TypeVar("M", bound=MetricWrapperBase)
+from .lean_metrics import LeanCounter, LeanHistogram
+
+M = TypeVar("M", bound=MetricWrapperBase | LeanCounter | LeanHistogram)
 
 # Milliseconds to tens of seconds: fan-out and HTTP at the low end, replies at the top.
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -55,8 +57,11 @@ class Metrics:
         self.disconnects = Counter(
             "chat_disconnects", "WebSocket connections closed, by reason", ["reason"], registry=r
         )
-        self.frames_in = Counter("chat_frames_in", "Client frames by type", ["type"], registry=r)
-        self.frames_out = Counter(
+        # Per frame and per message: lean (lean_metrics.py), the rest prometheus_client's.
+        self.frames_in = LeanCounter(
+            "chat_frames_in", "Client frames by type", ["type"], registry=r
+        )
+        self.frames_out = LeanCounter(
             "chat_frames_out", "Direct server frames by type", ["type"], registry=r
         )
         self.errors = Counter("chat_errors", "Error frames sent, by code", ["code"], registry=r)
@@ -67,7 +72,7 @@ class Metrics:
             "Fan-out frames handed to this instance's joined connections",
             registry=r,
         )
-        self.fanout_delay = Histogram(
+        self.fanout_delay = LeanHistogram(
             "chat_fanout_delay_seconds",
             "Publish to local enqueue",
             buckets=_LATENCY,
@@ -105,7 +110,7 @@ class Metrics:
             registry=r,
         )
         # Reply jobs (one per acknowledged question until its answer is stored).
-        self.reply_jobs_queued = Counter(
+        self.reply_jobs_queued = LeanCounter(
             "chat_reply_jobs_queued", "Reply jobs written with a question here", registry=r
         )
         self.reply_jobs_held = Gauge(
@@ -128,7 +133,7 @@ class Metrics:
             "Age of the oldest reply job not done (all instances)",
             registry=r,
         )
-        self.messages_appended = Counter(
+        self.messages_appended = LeanCounter(
             "chat_messages_appended", "Messages acked (appended)", ["role"], registry=r
         )
         self.outbox_backlog = Gauge(
@@ -152,7 +157,7 @@ class Metrics:
         self.active_users = Gauge(
             "chat_active_users", "Distinct users connected to this instance", registry=r
         )
-        self.frame_duration = Histogram(
+        self.frame_duration = LeanHistogram(
             "chat_frame_handling_seconds",
             "Time to handle one client frame, by type (a send: until its ack is queued)",
             ["type"],
@@ -215,7 +220,7 @@ class Metrics:
             "chat_slow_consumers", "Connections closed for falling behind (4408)", registry=r
         )
         # Model calls: routing, the first-turn response cache, upstream failures and retries.
-        self.model_routed = Counter(
+        self.model_routed = LeanCounter(
             "chat_model_routed",
             "Replies by the model chosen",
             ["agent", "model", "route"],
