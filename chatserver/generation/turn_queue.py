@@ -66,7 +66,11 @@ class TurnQueue:
         the oldest)."""
         start = self._parked.pop(offset)
         woken = self._woken[offset] = asyncio.Event()
-        start(woken)
+        try:
+            start(woken)
+        except BaseException:
+            del self._woken[offset]  # no task waits on it: it must not stay the oldest
+            raise
         return woken
 
     def __len__(self) -> int:
