@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+V = TypeVar("V", "CounterValue", "HistogramValue")
 
 
 class CounterValue:
@@ -43,7 +46,7 @@ class HistogramValue:
         self.sum += amount
 
 
-class _Lean(Collector):
+class _Lean(Collector, Generic[V]):
     """A metric family registered as a collector; its children by label values."""
 
     def __init__(
@@ -56,16 +59,32 @@ class _Lean(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], V] = {}
+        self._plain: V = self._new()  # the one series of a family without labels
         registry.register(self)
 
-    def describe(self) -> list[Metric]:
-        return [self._family()]
+    def labels(self, *values: str) -> V:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._new()
+        return child
 
-    def _family(self) -> Metric:
+    def describe(self) -> list[Metric]:
+        return list(self.collect())  # the registry checks the names once, at registration
+
+    def _series(self) -> list[tuple[tuple[str, ...], V]]:
+        return list(self._children.items()) if self.labelnames else [((), self._plain)]
+
+    def _new(self) -> V:
+        raise NotImplementedError
+
+    def collect(self) -> Iterator[Metric]:
         raise NotImplementedError
 
 
-class LeanCounter(_Lean):
+class LeanCounter(_Lean[CounterValue]):
     def __init__(
         self,
         name: str,
@@ -74,36 +93,22 @@ class LeanCounter(_Lean):
         *,
         registry: CollectorRegistry,
     ) -> None:
-        self._children: dict[tuple[str, ...], CounterValue] = {}
-        self._plain = CounterValue()
         super().__init__(name, documentation, labelnames, registry)
-
-    def labels(self, *values: str) -> CounterValue:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = CounterValue()
-        return child
 
     def inc(self, amount: float = 1) -> None:
         self._plain.value += amount
 
-    def _family(self) -> CounterMetricFamily:
-        if self.labelnames:
-            return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        return CounterMetricFamily(self.name, self.documentation)
+    def _new(self) -> CounterValue:
+        return CounterValue()
 
     def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        if not self.labelnames:
-            family.add_metric([], self._plain.value)
-        for values, child in list(self._children.items()):
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self._series():
             family.add_metric(list(values), child.value)
         yield family
 
 
-class LeanHistogram(_Lean):
+class LeanHistogram(_Lean[HistogramValue]):
     def __init__(
         self,
         name: str,
@@ -114,32 +119,17 @@ class LeanHistogram(_Lean):
         registry: CollectorRegistry,
     ) -> None:
         self._bounds = (*sorted(float(b) for b in buckets), float("inf"))
-        self._children: dict[tuple[str, ...], HistogramValue] = {}
-        self._plain = HistogramValue(self._bounds)
         super().__init__(name, documentation, labelnames, registry)
-
-    def labels(self, *values: str) -> HistogramValue:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = HistogramValue(self._bounds)
-        return child
 
     def observe(self, amount: float) -> None:
         self._plain.observe(amount)
 
-    def _family(self) -> HistogramMetricFamily:
-        if self.labelnames:
-            return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        return HistogramMetricFamily(self.name, self.documentation)
+    def _new(self) -> HistogramValue:
+        return HistogramValue(self._bounds)
 
     def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        children = list(self._children.items())
-        if not self.labelnames:
-            children = [((), self._plain)]
-        for values, child in children:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self._series():
             counts, total = list(child.counts), child.sum
             cumulative, buckets = 0, []
             for bound, count in zip(self._bounds, counts, strict=True):
