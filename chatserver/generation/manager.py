@@ -211,10 +211,10 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         lane: Lane,
         job: ReplyJob | None,
         prepared: PreparedReply | None,
-        woken: asyncio.Event | None = None,
-        deadline: float = 0.0,
+        parked: tuple[asyncio.Event, float] | None = None,
     ) -> None:
-        """The reply's run and its task (``woken``, ``deadline``: a parked question's)."""
+        """The reply's run and its task (``parked``: a parked question's wake-up and
+        deadline)."""
         route = self._router.choose(agent, message)
         # Derived from the question: a job run twice (claimed, retried, resent) answers
         # under one generation id, the stored answer's idempotency key.
@@ -232,7 +232,6 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         if job is not None:
             run.job_id = job.job_id
         run.prepared = prepared
-        parked = (woken, deadline) if woken is not None else None
         task = asyncio.create_task(
             self._run(run, lane, job, parked), name=f"reply-{run.generation_id}"
         )

@@ -100,9 +100,9 @@ class _JobSteps(ManagerState):
             return Turn(go=False)  # an older one waits here and asks: no need to ask now
         return await self._retrying("check a reply job's turn", self.jobs.turn, job)
 
-    def _park(self, job: ReplyJob, begin: Callable[[asyncio.Event, float], None]) -> bool:
+    def _park(self, job: ReplyJob, begin: Callable[[tuple[asyncio.Event, float]], None]) -> bool:
         """Queue a question behind an older one waiting here, with no reply or task yet:
-        ``begin(woken, deadline)`` makes them when it is the oldest. Whether it was parked
+        ``begin((woken, deadline))`` makes them when it is the oldest. Whether it was parked
         (else its task asks as usual)."""
         if self.jobs is None or job.first or job.claimed or self._closing:
             return False
@@ -112,7 +112,7 @@ class _JobSteps(ManagerState):
         if waiting is None or oldest is None or oldest > offset:
             return False
         deadline = asyncio.get_running_loop().time() + self._slot_wait_s
-        waiting.park(offset, lambda woken: begin(woken, deadline))
+        waiting.park(offset, lambda woken: begin((woken, deadline)))
         return True
 
     async def _wait_turn(

@@ -60,11 +60,12 @@ class _Lean(Collector, Generic[V]):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], V] = {}
-        self._plain: V = self._new()  # the one series of a family without labels
+        # The one series of a family without labels; one with labels has only children.
+        self._plain: V | None = None if self.labelnames else self._new()
         registry.register(self)
 
     def labels(self, *values: str) -> V:
-        if len(values) != len(self.labelnames):
+        if not self.labelnames or len(values) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}")
         child = self._children.get(values)
         if child is None:
@@ -75,7 +76,15 @@ class _Lean(Collector, Generic[V]):
         return list(self.collect())  # the registry checks the names once, at registration
 
     def _series(self) -> list[tuple[tuple[str, ...], V]]:
-        return list(self._children.items()) if self.labelnames else [((), self._plain)]
+        if self._plain is not None:
+            return [((), self._plain)]
+        return list(self._children.items())
+
+    def _unlabelled(self) -> V:
+        """The series of a family without labels (one with them is counted per child)."""
+        if self._plain is None:
+            raise ValueError(f"{self.name} has labels {self.labelnames}: use labels()")
+        return self._plain
 
     def _new(self) -> V:
         raise NotImplementedError
@@ -96,7 +105,7 @@ class LeanCounter(_Lean[CounterValue]):
         super().__init__(name, documentation, labelnames, registry)
 
     def inc(self, amount: float = 1) -> None:
-        self._plain.value += amount
+        self._unlabelled().value += amount
 
     def _new(self) -> CounterValue:
         return CounterValue()
@@ -122,7 +131,7 @@ class LeanHistogram(_Lean[HistogramValue]):
         super().__init__(name, documentation, labelnames, registry)
 
     def observe(self, amount: float) -> None:
-        self._plain.observe(amount)
+        self._unlabelled().observe(amount)
 
     def _new(self) -> HistogramValue:
         return HistogramValue(self._bounds)

@@ -44,11 +44,18 @@ def test_counters_and_histograms_read_the_same_as_prometheus_clients() -> None:
     assert ours.get_sample_value("t_frames_total", {"type": "send"}) == 3
 
 
-def test_a_child_asked_with_the_wrong_labels_is_refused() -> None:
+def test_a_series_asked_with_the_wrong_labels_is_refused_as_prometheus_client_does() -> None:
     registry = CollectorRegistry()
     frames = LeanCounter("t_frames", "Frames by type", ["type"], registry=registry)
     timed = LeanHistogram("t_seconds", "Times", ["type"], buckets=_BUCKETS, registry=registry)
+    plain = LeanCounter("t_plain", "No labels", registry=registry)
     with pytest.raises(ValueError, match="takes labels"):
         frames.labels("send", "extra")
     with pytest.raises(ValueError, match="takes labels"):
         timed.labels()
+    with pytest.raises(ValueError, match="takes labels"):
+        plain.labels()  # none to take: its one series is the family's
+    with pytest.raises(ValueError, match="use labels"):
+        frames.inc()  # not counted where no scrape would see it
+    with pytest.raises(ValueError, match="use labels"):
+        timed.observe(0.1)
