@@ -19,6 +19,10 @@ def text_problem(value: str, *, multiline: bool = False) -> str | None:
     ``multiline`` (message text) allows tab and newline; single-line fields (ids, titles)
     allow neither.
     """
+    if value.isprintable():
+        # Every forbidden character is unprintable (Cc, Cs): most text is done in one C pass,
+        # a third of the search's time.
+        return None
     found = (_FORBIDDEN_IN_TEXT if multiline else _FORBIDDEN_IN_LINE).search(value)
     if found is None:
         return None
