@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 import uvloop
 from redis.asyncio import Redis
-from redis.backoff import NoBackoff
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ConstantBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
@@ -19,7 +20,9 @@ from chatserver import redis_ticks
 from chatserver.backends import make_redis
 from chatserver.redis_ticks import TickPipelinedRedis
 from chatserver.settings import load
-from tests.services import RedisServer
+from tests.services import RedisServer, redis_command
+
+from .conftest import eventually
 
 
 @pytest.fixture
@@ -218,3 +221,56 @@ async def test_a_lane_whose_socket_is_full_leaves_batches_to_other_connections(
         assert all(await asyncio.gather(*issued))
         assert await later == value
     assert not lane.lost and not lane.paused
+
+
+async def test_a_lane_answered_loading_hands_its_commands_back_to_the_retries() -> None:
+    """A Redis made the replica of another (a failover, a reconfiguration) loads the
+    primary's data while its clients stay connected, answering ``-LOADING`` meanwhile. A
+    batch on the lane gets that answer: the lane is dropped and the batch goes back to the
+    client, whose retries wait the loading out; the caller gets its value, not the error."""
+    primary, replica = RedisServer(), RedisServer()
+    try:
+        primary.extra_args = ["--repl-diskless-sync-delay", "0"]  # the sync starts at once
+        primary.start()
+        keys = 5000
+        filler = Redis.from_url(primary.url)
+        try:
+            async with filler.pipeline(transaction=False) as pipe:
+                for index in range(keys):
+                    pipe.set(f"filler:{index}", index)
+                await pipe.execute()
+        finally:
+            await filler.aclose()
+        # 300 µs a key: 1.5 s of loading, events served between keys (Redis's own tests
+        # slow loading the same way).
+        replica.extra_args = [
+            "--key-load-delay", "300",
+            "--loading-process-events-interval-bytes", "1024",
+        ]  # fmt: skip
+        replica.start()
+        # Retries without jitter that outlast the loading (the app's ride out ~1.3 s on
+        # average, by chance less).
+        client = TickPipelinedRedis.from_url(
+            replica.url,
+            retry=AsyncRetry(ConstantBackoff(0.1), 50),
+            retry_on_error=[RedisConnectionError],
+        )
+        try:
+            assert await client.open_lane()
+            lane = client._lane
+            assert lane is not None
+            redis_command(replica.port, "REPLICAOF", primary.host, str(primary.port))
+            await eventually(
+                lambda: b"loading:1" in redis_command(replica.port, "INFO", "persistence"),
+                timeout=20,
+                what="the replica loading the primary's data",
+            )
+            async with asyncio.timeout(20):
+                assert await client.get(f"filler:{keys - 1}") == str(keys - 1).encode()
+            assert lane.lost  # the LOADING answer dropped it; the retry went another way
+            assert b"loading:0" in redis_command(replica.port, "INFO", "persistence")
+        finally:
+            await client.aclose()
+    finally:
+        primary.close()
+        replica.close()

@@ -88,6 +88,7 @@ class RedisServer:
         self.unix_socket = unix_socket  # also listen on ``socket_path``
         self.dir = Path(tempfile.mkdtemp(prefix="chatserver-redis-", dir=_temp_base()))
         self.port = 0
+        self.extra_args: list[str] = []  # more settings, from the next start on
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -136,6 +137,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.unix_socket:
             argv += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        argv += self.extra_args
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
