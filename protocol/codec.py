@@ -61,8 +61,11 @@ def encode(obj: dict[str, Any], encoding: Encoding) -> bytes:
     """The payload bytes of one frame: UTF-8 JSON text or a MessagePack map.
 
     JSON through orjson (a frame in a tenth of the standard encoder's time, the same bytes:
-    compact, non-ASCII as UTF-8); what it refuses goes through the standard encoder, which
-    writes it or fails as before.
+    compact, non-ASCII as UTF-8; a float may be spelled otherwise, ``1e-05`` as
+    ``0.00001``); what it refuses goes through the standard encoder, which writes it or
+    fails as before. NaN and the infinities, which orjson writes as ``null`` where the
+    standard encoder raised, reach no frame: input refuses them (a ping's ``ts`` is
+    checked finite) and the server makes none.
     """
     if encoding is Encoding.JSON:
         try:
