@@ -70,6 +70,10 @@ def req_int(
     obj: Obj, name: str, ref: str | None = None, *, lo: int | None = None, hi: int | None = None
 ) -> int:
     value = obj.get(name)
+    if isinstance(value, float) and (value <= _WIRE_MIN or value > _WIRE_MAX):
+        # The JSON decoder (orjson) reads an integer past 64 bits as a float (-2^63 - 1
+        # rounds to -2^63: an integer that fits is never a float).
+        raise _bad(name, "an integer MessagePack can carry", ref)
     # bool is an int subclass; true/false are not numbers on the wire.
     if not isinstance(value, int) or isinstance(value, bool):
         raise _bad(name, "an integer", ref)
@@ -139,6 +143,10 @@ def opt_scalar(
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _bad(name, "a finite number", ref)
+        if abs(value) >= 2**63:
+            # An integer past 64 bits reaches here as a float (orjson reads it so); echoed,
+            # it would come back changed. No other float this large is a timestamp either.
+            raise _bad(name, "a 64-bit number", ref)
         return value
     if isinstance(value, str) and len(value) <= max_len:
         return value

@@ -80,7 +80,7 @@ finite_floats = st.floats(allow_nan=False, allow_infinity=False)
 ts_values = (
     st.none()
     | st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1)
-    | finite_floats
+    | finite_floats.filter(lambda f: abs(f) < 2**63)
     | text(0, LIMITS.max_id_chars)
 )
 

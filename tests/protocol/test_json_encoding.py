@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import DEFAULT_LIMITS, Encoding, ErrorCode, ProtocolError, decode_object, encode
+from protocol import (
+    DEFAULT_LIMITS,
+    Encoding,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    decode_object,
+    encode,
+)
 
 
 def standard(value: Any) -> bytes:
@@ -61,6 +70,14 @@ def test_floats_may_be_spelled_otherwise_but_read_back_the_same(value: dict[str,
 )
 def test_what_orjson_refuses_the_standard_encoder_writes(value: dict[Any, Any]) -> None:
     assert encode(value, Encoding.JSON) == standard(value)
+
+
+@pytest.mark.parametrize(
+    "value", [datetime(2026, 12, 6, tzinfo=UTC), Ping(ts=1), date(2026, 12, 6)]
+)
+def test_objects_the_standard_encoder_refused_are_still_refused(value: object) -> None:
+    with pytest.raises(TypeError):
+        encode({"type": "pong", "at": value}, Encoding.JSON)
 
 
 def test_a_lone_surrogate_fails_as_before_at_the_utf8_step() -> None:
