@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -39,6 +39,7 @@ from protocol import (
 )
 
 F = TypeVar("F", bound=ServerFrame)
+T = TypeVar("T")
 
 
 class ChatError(Exception):
@@ -237,16 +238,20 @@ class ChatClient:
         was in fact accepted returns its first ack (``duplicate: true``), never a copy.
         """
         client_msg_id = client_msg_id or _ref()
-        for attempt in range(attempts):
-            try:
-                return await self.send(conversation_id, text, client_msg_id)
-            except ChatError as exc:
-                retryable = exc.code in ("unavailable", "rate_limited")
-                if not retryable or attempt == attempts - 1:
-                    raise
-                delay_ms = exc.frame.retry_after_ms or 500
-                await asyncio.sleep(delay_ms / 1000)
-        raise AssertionError("unreachable")
+        return await _retrying(
+            lambda: self.send(conversation_id, text, client_msg_id),
+            ("unavailable", "rate_limited"),
+            attempts,
+        )
+
+    async def join_reliably(
+        self, conversation_id: str, since: Since | None = None, *, attempts: int = 10
+    ) -> Joined:
+        """Join, retrying an `unavailable` answer (Redis or the store coming back) after
+        its delay, as the protocol asks of a client."""
+        return await _retrying(
+            lambda: self.join(conversation_id, since), ("unavailable",), attempts
+        )
 
     async def history(
         self, conversation_id: str, before: int | None = None, limit: int | None = None
@@ -341,6 +346,21 @@ class ChatApi:
         if status != 201:
             raise RuntimeError(f"create conversation failed: {status} {body}")
         return dict(body)
+
+
+async def _retrying(
+    request: Callable[[], Awaitable[T]], codes: tuple[str, ...], attempts: int
+) -> T:
+    """``request``'s answer, asked again after ``retry_after_ms`` (else 500 ms) while it is
+    an error whose code is one of ``codes``, at most ``attempts`` times in all."""
+    for attempt in range(attempts):
+        try:
+            return await request()
+        except ChatError as exc:
+            if exc.code not in codes or attempt == attempts - 1:
+                raise
+            await asyncio.sleep((exc.frame.retry_after_ms or 500) / 1000)
+    raise AssertionError("unreachable")
 
 
 def _ref() -> str:
