@@ -303,6 +303,7 @@ async def _generation(app: web.Application) -> AsyncIterator[None]:
         max_held=settings.replies.max_held,
         attempts=settings.replies.attempts,
         slot_wait_s=settings.replies.turn_wait_s,
+        early_calls=settings.replies.early_calls,
     )
     presence = app[keys.PRESENCE]
 

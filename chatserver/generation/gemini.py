@@ -54,6 +54,9 @@ class GeminiProvider:
     """Replies from Gemini through ``google-genai``."""
 
     name = "gemini"
+    # The SDK's stream closed at a yield leaves its HTTP response open until it is
+    # read to the end (measured against the fake): no early calls on this transport.
+    closes_between_items = False
 
     def __init__(
         self,

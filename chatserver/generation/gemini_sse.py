@@ -41,6 +41,7 @@ from .provider import Chunk, Finish, ReplyRequest, StreamItem
 
 class GeminiSseProvider:
     name = "gemini-sse"
+    closes_between_items = True  # its own response, closed in its finally
 
     def __init__(
         self,

@@ -177,6 +177,7 @@ class _Ticker:
 
 class LocalProvider:
     name = "local"
+    closes_between_items = True
     probe = None  # no upstream to ask: healthy() tells all
 
     def __init__(self, ttft_ms: int = 150, token_ms: int = 15) -> None:

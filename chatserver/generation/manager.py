@@ -35,9 +35,11 @@ from ..fanout.events import Event
 from ..ops.metrics import Metrics
 from .buffer import PreparedReply, ReplyBuffer
 from .cache import ResponseCache, cache_key
+from .early import EarlyCall, reply_request
 from .jobs import generation_id_for
 from .leases import keep_leases
 from .local import count_tokens
+from .manager_early import _EarlySteps
 from .manager_finishing import _Finishing
 from .manager_job_steps import _JobSteps
 from .manager_remote import _Remote
@@ -49,7 +51,7 @@ from .manager_state import (
     SendControl,
     log,
 )
-from .provider import Finish, Provider, PushProvider, ReplyRequest
+from .provider import Finish, Provider, PushProvider
 from .routing import Router, is_first_turn
 from .sources import replay, start_stream
 from .streaming import DeliverEvents, DeltaPump, Publish, PublishEvents, ReplyRun
@@ -58,7 +60,7 @@ from .turn_queue import TurnQueue
 __all__ = ["GenerationManager", "ReplyRun"]
 
 
-class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
+class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing, _EarlySteps):
     def __init__(
         self,
         conversations: ConversationService,
@@ -82,6 +84,7 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         jobs: ReplyJobs | None = None,
         max_held: int = 256,
         attempts: int = 3,
+        early_calls: bool = True,
     ) -> None:
         self._conversations = self.conversations = conversations
         self._publish = publish
@@ -117,6 +120,9 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         self._waiting_turn: dict[str, TurnQueue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._early_calls = early_calls  # begin_early (manager_early.py)
+        self._early_open = 0  # early calls not adopted or cancelled yet
+        self._no_early: dict[str, float] = {}  # users without early calls, until (loop time)
         # Checked once: the provider is fixed for the life of the manager.
         self._push: PushProvider | None = provider if isinstance(provider, PushProvider) else None
         if publish_events is None:
@@ -177,12 +183,16 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         followed: object = None,
         *,
         prepared: PreparedReply | None = None,
+        early: EarlyCall | None = None,
     ) -> None:
         """Answer ``message``; with its reply job, done once the answer is stored.
         ``followed``: what the question's append follow returned (``append_follow``);
-        ``prepared``: the slot, taken already (a sweep running a reply again)."""
+        ``prepared``: the slot, taken already (a sweep running a reply again); ``early``:
+        the model call begun beside the append (``begin_early``), for the run to adopt."""
         agent = self._agents.get(conversation.agent_id)
         if agent is None:
+            if early is not None:
+                early.cancel()
             raise ServiceError(
                 ErrorCode.INTERNAL, f"agent {conversation.agent_id!r} is not configured"
             )
@@ -200,8 +210,10 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         if job is not None and prepared is None:
             begin = partial(self._begin, conversation, agent, message, lane, job, None)
             if self._park(job, begin):
+                if early is not None:  # its turn is not now: the context will have moved
+                    early.cancel()
                 return
-        self._begin(conversation, agent, message, lane, job, prepared)
+        self._begin(conversation, agent, message, lane, job, prepared, early=early)
 
     def _begin(
         self,
@@ -212,9 +224,11 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         job: ReplyJob | None,
         prepared: PreparedReply | None,
         parked: tuple[asyncio.Event, float] | None = None,
+        *,
+        early: EarlyCall | None = None,
     ) -> None:
         """The reply's run and its task (``parked``: a parked question's wake-up and
-        deadline)."""
+        deadline; ``early``: its model call, begun already)."""
         route = self._router.choose(agent, message)
         # Derived from the question: a job run twice (claimed, retried, resent) answers
         # under one generation id, the stored answer's idempotency key.
@@ -232,6 +246,7 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
         if job is not None:
             run.job_id = job.job_id
         run.prepared = prepared
+        run.early = early
         task = asyncio.create_task(
             self._run(run, lane, job, parked), name=f"reply-{run.generation_id}"
         )
@@ -274,23 +289,19 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing):
                 await self._publish(conversation_id, start)
             else:  # no other instance has a member in: a join there reads the buffer
                 self._deliver_events([Event(conversation_id, start, time.time())])
-            request = ReplyRequest(
-                agent_id=run.agent.id,
-                model=run.model,
-                system_prompt=run.agent.system_prompt,
-                history=history,
-                temperature=run.agent.temperature,
-                max_output_tokens=run.agent.max_output_tokens,
-                thinking_budget=run.agent.thinking_budget,
-            )
+            request = reply_request(run.agent, run.model, history)
             cached = await self._cached_answer(run)
+            early, run.early = run.early, None
             attempt = 1
             while True:
                 run.done = asyncio.get_running_loop().create_future()
                 if cached is not None:
                     replay(cached, run)
-                else:
+                elif early is None or not early.adopt(run, request):
                     start_stream(self.provider, self._push, request, run)
+                if early is not None:
+                    early.cancel()  # when not adopted (a cached answer): a no-op else
+                    early = None
                 if run.cancel_reason is not None:  # cancelled while we were setting up
                     run.stop(run.cancel_reason)
                 finish = await run.done

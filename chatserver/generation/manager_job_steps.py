@@ -49,6 +49,9 @@ class _JobSteps(ManagerState):
         except Exception:
             log.exception("reply failed", extra={"conversation": run.conversation_id})
         finally:
+            if run.early is not None:  # never streamed (answered before, stopping, failed)
+                run.early.cancel()
+                run.early = None
             lane.waiting -= 1
             self._pending -= 1
             if lane.waiting == 0 and self._lanes.get(run.conversation_id) is lane:

@@ -40,11 +40,7 @@ class _SlotSteps(ManagerState):
         agent = self._agents.get(conversation.agent_id)
         if agent is None or not self._conversations.window.follows:
             return None
-        live = self._live_in.get(conversation.id)
-        if (live is not None and not live.ended) or conversation.id in self._waiting_turn:
-            # A reply here streams, so holds the slot, or a question here waits for its turn
-            # (this one's job is not alone in line): the follow would be sent to do nothing.
-            # Not once its reply has ended: its release may reach Redis before this append.
+        if not self._slot_free_here(conversation.id):
             return None
         first = self._router.route(agent, text, first_turn=True).model
         later = self._router.route(agent, text, first_turn=False).model
@@ -62,6 +58,16 @@ class _SlotSteps(ManagerState):
             return self._buffer.slot_follow(owner, later, self._context, since)
 
         return follow
+
+    def _slot_free_here(self, conversation_id: str) -> bool:
+        """Whether a question's append here may take the reply's slot: no reply streams here
+        in the conversation (it holds the slot) and no question waits here for its turn
+        (this one's job is not alone in line). Else a follow would be sent to do nothing."""
+        live = self._live_in.get(conversation_id)
+        # Not once its reply has ended: its release may reach Redis before this append.
+        if live is not None and not live.ended:
+            return False
+        return conversation_id not in self._waiting_turn
 
     async def _slot_and_context(self, run: ReplyRun) -> tuple[Message, ...]:
         """The slot (waiting while another reply holds it) and the context, read beside it in

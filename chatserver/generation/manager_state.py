@@ -95,6 +95,9 @@ class ManagerState:
     _closing: bool
     _push: PushProvider | None
     _pump: DeltaPump
+    _early_calls: bool
+    _early_open: int
+    _no_early: dict[str, float]
 
     # Steps one part takes in another (defined there; these only name them for the checker).
     async def _retrying(self, what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -118,4 +121,7 @@ class ManagerState:
         raise NotImplementedError
 
     async def _job_for(self, run: ReplyRun) -> ReplyJob | None:
+        raise NotImplementedError
+
+    def _slot_free_here(self, conversation_id: str) -> bool:
         raise NotImplementedError

@@ -66,6 +66,9 @@ StreamItem = Chunk | Finish
 
 class Provider(Protocol):
     name: str
+    # Whether closing a stream between items (``aclose`` at a ``yield``) stops the upstream
+    # call at once, as cancelling its consumer does: an early call (early.py) is closed so.
+    closes_between_items: bool
 
     def stream(self, request: ReplyRequest) -> AsyncIterator[StreamItem]:
         """Yield chunks, then exactly one ``Finish``. Cancelling the consuming task must

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 from protocol import FinishReason, Usage
 
-from .provider import Chunk, Finish, Provider, PushProvider, ReplyRequest, is_retryable
+from .provider import (
+    Chunk,
+    Finish,
+    Provider,
+    PushProvider,
+    ReplyRequest,
+    StreamItem,
+    is_retryable,
+)
 from .streaming import BACKLOG_LIMIT, ReplyRun
 
 log = logging.getLogger("chatserver.generation")
@@ -26,7 +35,12 @@ def start_stream(
     if push is not None:
         run.handle = push.open(request, run)
     else:
-        run.handle = _TaskStream(asyncio.create_task(_produce(provider, request, run)))
+        start_stream_from(provider.stream(request), run)
+
+
+def start_stream_from(items: AsyncIterator[StreamItem], run: ReplyRun) -> None:
+    """Read a pull provider's stream ``items`` (begun already, or not) into ``run``."""
+    run.handle = _TaskStream(asyncio.create_task(_produce(items, run)))
 
 
 def replay(text: str, run: ReplyRun) -> None:
@@ -61,11 +75,11 @@ class _Replayed:
         return None
 
 
-async def _produce(provider: Provider, request: ReplyRequest, run: ReplyRun) -> None:
-    """Iterate a pull provider into the run; waits when the pump falls behind."""
+async def _produce(items: AsyncIterator[StreamItem], run: ReplyRun) -> None:
+    """Iterate a pull provider's stream into the run; waits when the pump falls behind."""
     finish: Finish | None = None
     try:
-        async for item in provider.stream(request):
+        async for item in items:
             if isinstance(item, Finish):
                 finish = item
                 break

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol import FinishReason, Message
 from protocol.ids import uuid4_str
@@ -34,6 +34,9 @@ from ..fanout.events import DeltaTemplate, Event
 from .buffer import PreparedReply, Record, ReplyBuffer, ReplyOwner
 from .cache import CacheKey
 from .provider import Finish, PushStream
+
+if TYPE_CHECKING:
+    from .early import EarlyCall
 
 log = logging.getLogger("chatserver.generation")
 
@@ -57,6 +60,7 @@ class ReplyRun:
         "checkpoint_due",
         "conversation_id",
         "done",
+        "early",
         "ended",
         "failure",
         "final",
@@ -124,6 +128,7 @@ class ReplyRun:
         self.job_id: str | None = None  # the reply job this reply answers
         self.job_done = False  # its answer's append finished that job too
         self.prepared: PreparedReply | None = None  # its slot, taken by the question's append
+        self.early: EarlyCall | None = None  # its model call, begun beside the append
 
     def owner(self, server_id: str) -> ReplyOwner:
         owner = self._owner

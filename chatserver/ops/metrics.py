@@ -133,6 +133,13 @@ class Metrics:
             "Age of the oldest reply job not done (all instances)",
             registry=r,
         )
+        self.early_calls = LeanCounter(
+            "chat_early_model_calls",
+            "Model calls begun beside their question's append, by outcome: adopted by the "
+            "reply, or cancelled (another prompt by then, a refused send, a resend)",
+            ["outcome"],
+            registry=r,
+        )
         self.messages_appended = LeanCounter(
             "chat_messages_appended", "Messages acked (appended)", ["role"], registry=r
         )

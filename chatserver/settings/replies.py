@@ -40,6 +40,14 @@ class ReplySettings:
     attempts: int = setting(
         "reply_attempts", 3, "int", "model attempts per reply for retryable errors (before text)"
     )
+    early_calls: bool = setting(
+        "early_model_calls",
+        True,
+        "bool",
+        "production: a question's model call starts beside its append where this instance "
+        "holds the context, instead of after it (one Redis round trip less to the first "
+        "token; a call whose prompt turned out otherwise is cancelled)",
+    )
     crash_after_append: bool = setting(
         "test_crash_after_append",
         False,

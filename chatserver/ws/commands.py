@@ -132,6 +132,10 @@ async def _on_join(app: web.Application, session: Session, frame: Join, reply: R
         log.warning("presence not sent with the join: %r", exc, extra={"session": session.id})
 
 
+# A send refused by these is no question: the early call of a user sending them is wasted.
+_REFUSALS = frozenset((ErrorCode.RATE_LIMITED, ErrorCode.QUOTA_EXCEEDED))
+
+
 async def _on_send(app: web.Application, session: Session, frame: Send, reply: Reply) -> None:
     conversations = app[keys.CONVERSATIONS]
     generation = app[keys.GENERATION]
@@ -142,18 +146,30 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
             ErrorCode.UNAVAILABLE, f"agent {conversation.agent_id!r} is not configured here"
         )
     generation.check_capacity(conversation.id)
-    result = await _append_within_limits(
-        app,
-        session,
-        MessageDraft(
-            conversation_id=conversation.id,
-            role=Role.USER.value,
-            text=frame.text,
-            user_id=session.user_id,
-            client_msg_id=frame.client_msg_id,
-        ),
-        generation.append_follow(conversation, frame.text),
-    )
+    follow = generation.append_follow(conversation, frame.text)
+    # Where the append can take the reply's slot, the model call starts now, beside it:
+    # the reply's run adopts it (chatserver/generation/early.py).
+    early = generation.begin_early(conversation, frame.text, session.user_id) if follow else None
+    try:
+        result = await _append_within_limits(
+            app,
+            session,
+            MessageDraft(
+                conversation_id=conversation.id,
+                role=Role.USER.value,
+                text=frame.text,
+                user_id=session.user_id,
+                client_msg_id=frame.client_msg_id,
+            ),
+            follow,
+        )
+    except BaseException as exc:
+        if early is not None:
+            if isinstance(exc, ServiceError) and exc.code in _REFUSALS:
+                generation.early_wasted(early, session.user_id)
+            else:
+                early.cancel()
+        raise
     message = result.message
     reply(
         Ack(
@@ -179,21 +195,28 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
             },
         )
     if result.duplicate:
+        if early is not None:  # a resend: the first send's reply is made (or was)
+            generation.early_wasted(early, session.user_id)
         return
     metrics = app[keys.METRICS]
     metrics.child(metrics.messages_appended, Role.USER.value).inc()
     if app[keys.SETTINGS].replies.crash_after_append:
         os._exit(70)  # tests only: dies right after the append (with Redis, its fan-out)
     fanned = MessageEvent(message).to_dict()
-    if result.fanned_out:  # the append published it to the other instances: ours only
-        app[keys.BROKER].deliver_local((Event(conversation.id, fanned, time.time()),))
-    else:
-        await publish(app, conversation.id, fanned)
+    try:
+        if result.fanned_out:  # the append published it to the other instances: ours only
+            app[keys.BROKER].deliver_local((Event(conversation.id, fanned, time.time()),))
+        else:
+            await publish(app, conversation.id, fanned)
+    except BaseException:
+        if early is not None:
+            early.cancel()
+        raise
     job = None
     if result.job_id is not None:
         metrics.reply_jobs_queued.inc()
         job = ReplyJob(result.job_id, message, first=result.job_first)
-    generation.start(conversation, message, job, result.followed)
+    generation.start(conversation, message, job, result.followed, early=early)
 
 
 async def _append_within_limits(

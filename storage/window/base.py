@@ -135,6 +135,12 @@ class HotWindow(Protocol):
         all)."""
         ...
 
+    def context_kept(self, conversation_id: str) -> tuple[Message, ...]:
+        """The conversation's newest messages as this window holds them decoded, oldest
+        first, with no read: what ``context_since`` covers (windows that take follows;
+        empty: none held). They may be behind the window: a follow's read says."""
+        ...
+
     def context_of(
         self, conversation_id: str, read: Sequence[Any], limit: int
     ) -> tuple[Message, ...] | None:

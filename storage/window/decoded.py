@@ -16,9 +16,15 @@ under the same epoch (no rebuild between, which would also follow a Redis that l
 data) the messages up to it are the ones kept, and ``decode`` puts them in front of the
 new ones (``kept_through``). Redis then sends a message or two per reply, not a context.
 
+A message this instance appended itself (a reply's answer) is added to what is kept when it
+comes right after it (``add_next``): the next reply's context then needs no read of it, and
+it is known before that read (``kept``), so a question's model call can start before its
+append returns (chatserver/generation/early.py).
+
 Bounded in bytes (the payloads plus ``message_bytes`` of what was decoded from them); past
 the bound the least recently read conversations are dropped first. A conversation is
-kept with exactly its last read's entries, so one is never larger than a context.
+kept with its last read's entries and what was added after them, so one is never larger
+than a context and the few messages appended here since.
 """
 
 from __future__ import annotations
@@ -58,6 +64,39 @@ class DecodedMessages:
         if found is None or not found[0] or epoch is None:
             return 0, b""
         return max(found[0]), epoch
+
+    def kept(self, conversation_id: str) -> tuple[Message, ...]:
+        """The messages kept for the conversation, oldest first (none without an epoch)."""
+        found = self._conversations.get(conversation_id)
+        if found is None or conversation_id not in self._epochs:
+            return ()
+        # In offset order: a read keeps them so (``decode``), ``add_next`` adds the next.
+        return tuple([entry[2] for entry in found[0].values()])
+
+    def add_next(self, conversation_id: str, offset: int, payload: bytes, ms: int | None) -> bool:
+        """Keep the entry appended at ``offset`` when what is kept ends right before it (so
+        nothing came between, under the epoch kept); whether it was kept. The payload is
+        the bytes the window holds (the append's own), so the message is the one a read
+        would decode."""
+        found = self._conversations.get(conversation_id)
+        if found is None or not found[0] or conversation_id not in self._epochs:
+            return False
+        entries, size = found
+        if max(entries) != offset - 1:
+            return False
+        entry = (payload, ms, decode_trusted(payload, offset, ms))
+        added = ENTRY_BYTES + len(payload) + message_bytes(entry[2])
+        if size + added > self.max_bytes:
+            return False
+        entries[offset] = entry
+        self._conversations[conversation_id] = (entries, size + added)
+        self._conversations.move_to_end(conversation_id)
+        self._bytes += added
+        while self._bytes > self.max_bytes:  # others first: this one is the newest used
+            dropped_id, (_, dropped) = self._conversations.popitem(last=False)
+            self._epochs.pop(dropped_id, None)
+            self._bytes -= dropped
+        return True
 
     def decode(
         self,

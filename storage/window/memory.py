@@ -274,6 +274,9 @@ class MemoryWindow:
     def context_since(self, conversation_id: str) -> tuple[int, builtins.bytes]:
         return 0, b""
 
+    def context_kept(self, conversation_id: str) -> tuple[Message, ...]:
+        return ()
+
     def context_of(
         self, conversation_id: str, read: Sequence[Any], limit: int
     ) -> tuple[Message, ...] | None:

@@ -242,6 +242,9 @@ class RedisWindow:
     def context_since(self, conversation_id: str) -> tuple[int, bytes]:
         return self.decoded.since(conversation_id)
 
+    def context_kept(self, conversation_id: str) -> tuple[Message, ...]:
+        return self.decoded.kept(conversation_id)
+
     def context_of(
         self, conversation_id: str, read: Sequence[Any], limit: int
     ) -> tuple[Message, ...] | None:
@@ -365,6 +368,10 @@ class RedisWindow:
             raise OutboxFull(f"outbox shard {shard} holds {outbox.max_entries} entries")
         offset, created_ms = int(reply[1]), int(reply[2])
         message = message_from_draft(message_id, draft, offset, created_ms)
+        if code == _OK and draft.role == Role.ASSISTANT.value:
+            # An answer written here comes into the next question's context from what is
+            # kept: no read of it, and known before that question's append returns.
+            self.decoded.add_next(cid, offset, payload, created_ms)
         if self.cluster and code != _DUPLICATE:
             await outbox.push(shard, payload, offset, created_ms)
             if idem_ttl_ms:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from protocol import Message
+from storage.outbox.memory import MemoryOutbox
+from storage.records import MessageDraft
 from storage.redis_keys import ConversationKeys
+from storage.window.memory import MemoryWindow
+from storage.window.redis import RedisWindow
 
 from .test_redis_window import draft, make_pair
 
@@ -134,3 +139,54 @@ async def test_a_follow_s_read_after_messages_no_longer_kept_is_left_to_the_call
     window.decoded = DecodedMessages(window.decoded.max_bytes)  # dropped past its bound
     assert window.context_of("c1", [after, epoch, 4], 50) is None
     assert window.context_of("c1", [after, b"another epoch", 3], 50) is None
+
+
+def _answer(text: str, cid: str = "c1") -> MessageDraft:
+    return MessageDraft(conversation_id=cid, role="assistant", text=text, agent_id="general")
+
+
+async def _follow_read(window: RedisWindow, cid: str) -> tuple[Message, ...] | None:
+    """A context read as a question's follow makes it (the entries newest first, as a
+    script returns them, and the epoch), through the window's ``context_of``."""
+    keys = ConversationKeys(window.prefix, cid)
+    entries = await window.redis.xrevrange(keys.win, count=50)
+    listed = [[sid, [k for kv in fields.items() for k in kv]] for sid, fields in entries]
+    return window.context_of(cid, (listed, await window.redis.get(keys.epoch), 0), 50)
+
+
+async def test_an_answer_appended_here_joins_what_is_kept(redis_clients: RedisClients) -> None:
+    """What a reply's context needs next is known without a read: the kept messages and the
+    answer this window appended right after them, the very message a read would decode."""
+    window, outbox = await make_pair(redis_clients)
+    other, other_outbox = await make_pair(redis_clients)  # another instance
+    await window.rebuild("c1", [], 0)
+    assert window.context_kept("c1") == ()  # nothing read yet
+    await window.append(draft("a question", cid="c1"), outbox)
+    read = await _follow_read(window, "c1")
+    assert read is not None and window.context_kept("c1") == read
+    answered = await window.append(_answer("an answer"), outbox)
+    kept = window.context_kept("c1")
+    assert [m.text for m in kept] == ["a question", "an answer"]
+    assert window.context_since("c1")[0] == answered.message.offset
+    view = await window.read("c1", limit=50)
+    assert view is not None and kept == view.messages  # what a read decodes
+    # A user's message is not added (a question's own read brings it), and once another
+    # instance's message came between, an answer after it is not added either.
+    await window.append(draft("a second question", cid="c1"), outbox)
+    await other.append(_answer("from elsewhere"), other_outbox)
+    await window.append(_answer("a second answer"), outbox)
+    assert window.context_kept("c1") == kept
+    again = await _follow_read(window, "c1")
+    assert again is not None and [m.text for m in again][-3:] == [
+        "a second question",
+        "from elsewhere",
+        "a second answer",
+    ]
+    assert window.context_kept("c1") == again
+
+
+async def test_a_window_without_follows_keeps_no_context(redis_clients: RedisClients) -> None:
+    memory = MemoryWindow()
+    await memory.rebuild("c1", [], 0)
+    await memory.append(draft("a question", cid="c1"), MemoryOutbox())
+    assert memory.context_kept("c1") == ()

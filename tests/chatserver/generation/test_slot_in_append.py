@@ -68,12 +68,12 @@ async def test_a_question_first_in_line_starts_its_reply_without_taking_the_slot
     assert replies[1].text.startswith("You said: behind the first")
     assert generation_id_for(first.message_id) not in begun
     assert generation_id_for(second.message_id) in begun
-    # The earlier question's follow read its context whole; the first one's only what came
-    # after the earlier context it decoded (its answer and itself), under the same epoch.
+    # The earlier question's follow read its context whole; the first one's only itself:
+    # the earlier context was kept decoded, and the earlier answer, appended here, with it.
     (_, whole, epoch, after), (_, since, same_epoch, later_after) = followed
     assert after == 0 and len(whole) == 1
-    assert same_epoch == epoch and later_after == earlier_offset
-    assert [int(e[0].split(b"-")[0]) for e in since] == [first.offset, first.offset - 1]
+    assert same_epoch == epoch and later_after == earlier_offset + 1 == first.offset - 1
+    assert [int(e[0].split(b"-")[0]) for e in since] == [first.offset]
 
 
 async def test_a_slot_its_append_took_is_the_question_s_job_until_answered(
