@@ -30,7 +30,15 @@ from collections.abc import AsyncIterator, Callable
 from protocol import Message
 
 from ..agents import Agent
-from .provider import Chunk, Finish, Provider, PushProvider, PushStream, ReplyRequest, StreamItem
+from .provider import (
+    Chunk,
+    Finish,
+    OpenedStream,
+    Provider,
+    PushProvider,
+    ReplyRequest,
+    StreamItem,
+)
 from .sources import start_stream_from
 from .streaming import ReplyRun
 
@@ -78,7 +86,6 @@ class EarlyCall:
         "_handle",
         "_items",
         "_on_end",
-        "_run",
         "_timer",
         "over",
         "request",
@@ -93,10 +100,9 @@ class EarlyCall:
     ) -> None:
         self.request = request
         self._on_end = on_end
-        self._run: ReplyRun | None = None
         self._chunks: list[str] = []
         self._finish: Finish | None = None
-        self._handle: PushStream | None = None
+        self._handle: OpenedStream | None = None
         self._items: AsyncIterator[StreamItem] | None = None
         self._first: asyncio.Task[StreamItem] | None = None
         self.over = False  # adopted or cancelled
@@ -112,18 +118,14 @@ class EarlyCall:
         # Set once the call is begun: a provider that raised above leaves nothing behind.
         self._timer = loop.call_later(ADOPT_WITHIN_S, self.cancel)
 
-    # -- the push provider's sink, until adopted, then the run's ---------------------
+    # -- the push provider's sink until adopted (then it pushes into the run) ---------
 
     def chunk(self, text: str) -> None:
-        if self._run is not None:
-            self._run.chunk(text)
-        elif not self.over:
+        if not self.over:
             self._chunks.append(text)
 
     def finish(self, finish: Finish) -> None:
-        if self._run is not None:
-            self._run.finish(finish)
-        elif not self.over:
+        if not self.over:
             self._finish = finish
 
     # -------------------------------------------------------------------------------
@@ -139,9 +141,11 @@ class EarlyCall:
             assert self._items is not None
             start_stream_from(_resumed(self._first, self._items), run)
             return True
-        assert self._handle is not None
-        run.handle = self._handle
-        self._run = run
+        handle = self._handle
+        assert handle is not None
+        run.handle = handle
+        self._handle = None  # the run holds it now, and it pushes into the run
+        handle.redirect(run)
         chunks, self._chunks = self._chunks, []
         for text in chunks:
             run.chunk(text)

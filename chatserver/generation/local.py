@@ -98,6 +98,10 @@ class _LocalStream:
         # Left in the ticker's heap: it is skipped (and dropped) when its turn comes.
         self._end()
 
+    def redirect(self, sink: ChunkSink) -> None:
+        if not self.done:
+            self.sink = sink
+
     def _end(self) -> None:
         if not self.done:
             self.done = True

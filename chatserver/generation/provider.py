@@ -107,8 +107,16 @@ class PushStream(Protocol):
         """Stop at once: the sink is called no more after this returns."""
 
 
+class OpenedStream(PushStream, Protocol):
+    """What a push provider opens: a stream whose sink can change (an early call taken by
+    its reply's run: the words go to the run itself from then on)."""
+
+    def redirect(self, sink: ChunkSink) -> None:
+        """Push into ``sink`` from now on; a no-op once the stream is over."""
+
+
 @runtime_checkable
 class PushProvider(Protocol):
     """A provider that can also push: ``open`` starts a stream calling ``sink`` from the loop."""
 
-    def open(self, request: ReplyRequest, sink: ChunkSink) -> PushStream: ...
+    def open(self, request: ReplyRequest, sink: ChunkSink) -> OpenedStream: ...
