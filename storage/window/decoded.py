@@ -40,7 +40,13 @@ from .memory import message_bytes
 # A kept entry besides its payload and message: its tuple and its slot in the offset map.
 ENTRY_BYTES = 160
 
-_Entry = tuple[bytes, int | None, Message]
+# (payload, ms, message, bytes kept for it): the size is counted once, when it is decoded.
+_Entry = tuple[bytes, int | None, Message, int]
+
+
+def _entry(payload: bytes, offset: int, ms: int | None) -> _Entry:
+    message = decode_trusted(payload, offset, ms)
+    return payload, ms, message, ENTRY_BYTES + len(payload) + message_bytes(message)
 
 
 class DecodedMessages:
@@ -82,10 +88,10 @@ class DecodedMessages:
         if found is None or not found[0] or conversation_id not in self._epochs:
             return False
         entries, size = found
-        if max(entries) != offset - 1:
+        if next(reversed(entries)) != offset - 1:  # kept in offset order
             return False
-        entry = (payload, ms, decode_trusted(payload, offset, ms))
-        added = ENTRY_BYTES + len(payload) + message_bytes(entry[2])
+        entry = _entry(payload, offset, ms)
+        added = entry[3]
         if size + added > self.max_bytes:
             return False
         entries[offset] = entry
@@ -119,20 +125,22 @@ class DecodedMessages:
             self._bytes -= before[1]
         self._epochs.pop(conversation_id, None)
         listed: list[tuple[int, _Entry]] = []
-        if kept_through > 0:
-            listed = [(o, kept[o]) for o in sorted(kept) if o <= kept_through]
+        if kept_through > 0:  # kept in offset order (a read's, then what add_next added)
+            listed = [item for item in kept.items() if item[0] <= kept_through]
+        from_kept = len(listed)
         for offset, payload, ms in entries:
             entry = kept.get(offset)
             if entry is not None and entry[1] == ms and entry[0] == payload:
                 self.reused += 1
             else:
-                entry = (payload, ms, decode_trusted(payload, offset, ms))
+                entry = _entry(payload, offset, ms)
             listed.append((offset, entry))
         if limit is not None and len(listed) > limit:
+            from_kept = max(0, from_kept - (len(listed) - limit))
             listed = listed[len(listed) - limit :]
-        self.reused += sum(1 for o, _ in listed if o <= kept_through)
+        self.reused += from_kept
         now = dict(listed)
-        size = sum(ENTRY_BYTES + len(e[0]) + message_bytes(e[2]) for e in now.values())
+        size = sum([entry[3] for entry in now.values()])
         if size <= self.max_bytes:
             self._conversations[conversation_id] = (now, size)
             if epoch is not None:
