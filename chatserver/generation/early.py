@@ -31,7 +31,6 @@ from protocol import Message
 
 from ..agents import Agent
 from .provider import (
-    Chunk,
     Finish,
     OpenedStream,
     Provider,
@@ -191,9 +190,8 @@ async def _resumed(
     except StopAsyncIteration:
         return
     yield item
-    if isinstance(item, Chunk):
-        async for item in items:
-            yield item
+    async for item in items:
+        yield item
 
 
 def _close_later(items: AsyncIterator[StreamItem] | None) -> None:
