@@ -5,7 +5,6 @@ Gemini driven through the real clients."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -166,14 +165,6 @@ async def test_a_resend_cancels_its_call_and_gets_no_second_reply(
     assert [m.reply_to for m in history.messages if m.role == Role.ASSISTANT.value].count(
         first.message_id
     ) == 1
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeGemini]:
-    server = FakeGemini()
-    await server.start()
-    yield server
-    await server.close()
 
 
 async def _on_gemini(
