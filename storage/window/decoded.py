@@ -83,7 +83,9 @@ class DecodedMessages:
         """Keep the entry appended at ``offset`` when what is kept ends right before it (so
         nothing came between, under the epoch kept); whether it was kept. The payload is
         the bytes the window holds (the append's own), so the message is the one a read
-        would decode."""
+        would decode. Should the window have been rebuilt under another epoch meanwhile,
+        what is kept no longer serves a read (its epoch differs: ``since``); an early call
+        made from it is compared with the read context and cancelled."""
         found = self._conversations.get(conversation_id)
         if found is None or not found[0] or conversation_id not in self._epochs:
             return False
