@@ -30,12 +30,14 @@ than a context and the few messages appended here since.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from protocol import Message
 
 from ..redis_codec import decode_trusted
 from .memory import message_bytes
+from .redis_entries import entry_fields
 
 # A kept entry besides its payload and message: its tuple and its slot in the offset map.
 ENTRY_BYTES = 160
@@ -105,6 +107,21 @@ class DecodedMessages:
             self._epochs.pop(dropped_id, None)
             self._bytes -= dropped
         return True
+
+    def followed(
+        self, conversation_id: str, read: Sequence[Any], limit: int
+    ) -> tuple[Message, ...] | None:
+        """What a follow read: the window's entries newest first (as a script returns them),
+        the epoch, and the offset they come after (0: all); None when they come after
+        messages no longer kept (dropped past the bound, or under another epoch)."""
+        entries, epoch, after = read
+        after = int(after)
+        if after > 0:
+            through, kept_epoch = self.since(conversation_id)
+            if through < after or kept_epoch != epoch:
+                return None
+        listed = [entry_fields(entry) for entry in reversed(entries)]
+        return self.decode(conversation_id, listed, epoch=epoch, kept_through=after, limit=limit)
 
     def decode(
         self,

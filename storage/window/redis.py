@@ -66,7 +66,6 @@ from ..outbox.base import Outbox, OutboxFull
 from ..outbox.redis import AnyRedis, RedisOutbox
 from ..records import AppendResult, MessageDraft, WindowView
 from ..redis_codec import (
-    TIME_MS,
     decode_message,
     decode_record,
     draft_payload,
@@ -76,7 +75,7 @@ from ..redis_codec import (
 from ..redis_keys import DEFAULT_PREFIX, ConversationKeys
 from .base import AppendFollow, AppendGate, AppendRefused, WindowMissing
 from .decoded import DecodedMessages
-from .redis_entries import contiguous_tail, decode_entry, entry_fields
+from .redis_entries import contiguous_tail, decode_entry, read_entries
 
 # Read when the module is imported: a missing or broken file fails at start-up, not mid-append.
 # The append script's ``--GATE--`` line is a Lua comment: without a gate it is just that.
@@ -190,18 +189,7 @@ class RedisWindow:
         if not entries:
             return None
         self.hits += 1
-        # redis-py hands XREVRANGE's fields over as a dict (a script's reply stays a list).
-        return self.decoded.decode(
-            conversation_id,
-            (
-                (
-                    int(stream_id.split(b"-", 1)[0]),
-                    fields[b"m"],
-                    int(fields[TIME_MS]) if TIME_MS in fields else None,
-                )
-                for stream_id, fields in reversed(entries)
-            ),
-        )
+        return self.decoded.decode(conversation_id, read_entries(entries))
 
     def fill(self) -> Mapping[str, tuple[int, int]]:
         """The decoded messages kept for contexts (``storage.window.decoded``)."""
@@ -248,19 +236,12 @@ class RedisWindow:
     def context_of(
         self, conversation_id: str, read: Sequence[Any], limit: int
     ) -> tuple[Message, ...] | None:
-        """What a follow read (``slot_after_append.lua``), through the context cache; None
-        when it read only what came after messages the cache no longer holds (dropped past
-        its bound since ``context_since``)."""
-        entries, epoch, after = read
-        if int(after) > 0:
-            through, kept_epoch = self.decoded.since(conversation_id)
-            if through < int(after) or kept_epoch != epoch:
-                return None
-        decoded = [entry_fields(entry) for entry in reversed(entries)]
-        self.hits += 1
-        return self.decoded.decode(
-            conversation_id, decoded, epoch=epoch, kept_through=int(after), limit=limit
-        )
+        """What a follow read (``slot_after_append.lua``), through the context cache
+        (``DecodedMessages.followed``)."""
+        context = self.decoded.followed(conversation_id, read, limit)
+        if context is not None:
+            self.hits += 1
+        return context
 
     async def append(
         self,

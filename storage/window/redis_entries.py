@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from protocol import Message
@@ -42,3 +42,11 @@ def entry_fields(entry: Any) -> tuple[int, bytes, int | None]:
 def decode_entry(entry: Any) -> Message:
     offset, payload, created = entry_fields(entry)
     return decode_trusted(payload, offset, created)
+
+
+def read_entries(entries: Any) -> Iterator[tuple[int, bytes, int | None]]:
+    """(offset, payload, ms) of an ``XREVRANGE`` reply as redis-py hands it over (its fields
+    a dict; a script's reply stays a list: ``entry_fields``), oldest first."""
+    for stream_id, fields in reversed(entries):
+        ms = fields.get(TIME_MS)
+        yield int(stream_id.split(b"-", 1)[0]), fields[b"m"], int(ms) if ms is not None else None
