@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from protocol import Message
 
@@ -195,9 +195,8 @@ async def _resumed(
 
 
 def _close_later(items: AsyncIterator[StreamItem] | None) -> None:
-    close = getattr(items, "aclose", None)
-    if close is not None:
-        task = asyncio.get_running_loop().create_task(_close(close))
+    if isinstance(items, AsyncGenerator):
+        task = asyncio.get_running_loop().create_task(_close(items))
         _closing.add(task)
         task.add_done_callback(_closing.discard)
 
@@ -205,6 +204,6 @@ def _close_later(items: AsyncIterator[StreamItem] | None) -> None:
 _closing: set[asyncio.Task[None]] = set()
 
 
-async def _close(close: Callable[[], object]) -> None:
+async def _close(items: AsyncGenerator[StreamItem, None]) -> None:
     with contextlib.suppress(Exception):
-        await close()  # type: ignore[misc]
+        await items.aclose()

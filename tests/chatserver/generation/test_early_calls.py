@@ -11,6 +11,7 @@ import pytest
 
 from chatclient.client import ChatClient, ChatError
 from chatserver import keys
+from chatserver.generation import early as early_module
 from chatserver.generation.provider import ReplyRequest
 from protocol import Role
 from storage.records import MessageDraft
@@ -143,6 +144,30 @@ async def test_a_refused_send_cancels_its_call_and_its_user_gets_none_for_a_whil
     assert other_user is not None
     other_user.cancel()
     await eventually(lambda: generation.provider.active == 0)
+
+
+async def test_early_calls_are_bounded_and_one_not_taken_cancels_itself(
+    make_harness: MakeHarness, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(early_module, "ADOPT_WITHIN_S", 0.2)
+    harness = await make_harness(redis_url=redis_url, max_replies_per_instance=2)
+    conv = await harness.conversation("alice")
+    alice = await harness.connect("alice")
+    await alice.join(conv)
+    await _asked(alice, conv, "one")  # the context is held now
+    generation = harness.app[keys.GENERATION]
+    conversation = await harness.app[keys.CONVERSATIONS].get(conv)
+    assert conversation is not None
+    calls = [generation.begin_early(conversation, "q", "alice") for _ in range(3)]
+    assert calls[0] is not None and calls[1] is not None
+    assert calls[2] is None  # no more open at once than questions the instance may hold
+    # Taken by no run: each cancels itself, and its stream stops.
+    await eventually(lambda: _calls(harness, "cancelled") == 2)
+    assert all(call is not None and call.over for call in calls[:2])
+    assert generation.provider.active == 0
+    again = generation.begin_early(conversation, "q", "alice")  # room again
+    assert again is not None
+    again.cancel()
 
 
 async def test_a_resend_cancels_its_call_and_gets_no_second_reply(
