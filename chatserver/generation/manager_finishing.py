@@ -77,10 +77,12 @@ class _Finishing(ManagerState):
         # one claims, and its store_and_end finds the message already there (the
         # generation id is the idempotency key): it ends exactly once.
         # The usage charge does not wait for the store: both go to Redis in one round trip.
-        released, _ = await asyncio.gather(
-            self._store_and_end(run.owner(self._server_id), "".join(run.parts), finish, run),
-            self._charge(run, finish),
-        )
+        store = self._store_and_end(run.owner(self._server_id), "".join(run.parts), finish, run)
+        if self._buffer.in_process:
+            released = await store
+            await self._charge(run, finish)
+        else:
+            released, _ = await asyncio.gather(store, self._charge(run, finish))
         try:
             await self._retrying(
                 "release the reply buffer",

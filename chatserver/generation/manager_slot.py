@@ -83,6 +83,9 @@ class _SlotSteps(ManagerState):
                 if context is not None:
                     return _up_to(context, run)
             return _up_to(await self._conversations.recent(cid, self._context), run)
+        if self._buffer.in_process:
+            await self._take_slot(run)
+            return _up_to(await self._conversations.recent(cid, self._context), run)
         waited, history = await asyncio.gather(
             self._take_slot(run), self._conversations.recent(cid, self._context)
         )

@@ -75,6 +75,7 @@ def _s(value: Any) -> str:
 
 class RedisReplyBuffer:
     name = "redis"
+    in_process = False
 
     def __init__(
         self,
