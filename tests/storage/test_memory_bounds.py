@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+import pytest
+
 from protocol import Message, format_timestamp
 from storage import MemoryOutbox, MemoryWindow, MessageDraft
 from storage.window.idempotency import Accepted, IdempotencyRecords
@@ -85,6 +87,7 @@ def test_records_expire_and_the_oldest_go_first_past_the_bound() -> None:
     assert [records.knows(*k) for k in keys] == [False, False, False, True]
 
 
+@pytest.mark.heavy  # 100,000 records under tracemalloc: 40-80 s, started first
 def test_the_default_bound_of_records_holds_under_20_mb() -> None:
     """100,000 records where whole messages took ~240 MB: the issue's goal is <= 20 MB.
     (A record keeps none of the message's strings: the messages here may share theirs.)"""

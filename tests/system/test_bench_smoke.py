@@ -116,6 +116,7 @@ def test_product_scale(tmp_path: Path) -> None:
     assert {c["name"] for c in data["slo"]["checks"]} >= {"ack p99 ms", "ttft p99 ms"}
 
 
+@pytest.mark.heavy  # two soaks of a minute or more: started first, not left for the end
 def test_soak(tmp_path: Path) -> None:
     data = _run("soak.py", tmp_path)
     assert set(data["modes"]) == {"embedded", "production"}
