@@ -71,8 +71,9 @@ class _SlotSteps(ManagerState):
 
     async def _slot_and_context(self, run: ReplyRun) -> tuple[Message, ...]:
         """The slot (waiting while another reply holds it) and the context, read beside it in
-        the same round trip: the turn (or the lane) let this reply go only once every older
-        answer was stored. Taken by the question's append already when it could."""
+        the same round trip (on one instance, after it: there is no round trip to share): the
+        turn (or the lane) let this reply go only once every older answer was stored. Taken
+        by the question's append already when it could."""
         prepared, run.prepared = run.prepared, None
         cid = run.conversation_id
         if prepared is not None:
