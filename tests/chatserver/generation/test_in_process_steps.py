@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import pytest
+
 from chatserver import keys
 
 from ..conftest import MakeHarness
@@ -47,7 +49,10 @@ async def test_a_reply_on_one_instance_takes_its_slot_and_stores_its_answer_at_o
     await alice.join(conv)
     for text in ("a first question", "and a second, with the first in its context"):
         sent = await alice.send(conv, text)
-        reply = await alice.reply(sent.message_id)
+        try:
+            reply = await alice.reply(sent.message_id, timeout=10)
+        except TimeoutError:  # a step that suspended failed the reply: say which
+            pytest.fail(f"no reply; steps that waited for the loop: {suspended}")
         assert reply.end is not None and reply.end.finish_reason == "stop"
         assert reply.end.message is not None
         assert reply.text.startswith(f"You said: {text}")
