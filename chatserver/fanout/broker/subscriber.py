@@ -50,7 +50,9 @@ class Subscriber:
         self._reader: asyncio.Task[None] | None = None
 
     def _open(self) -> PubSubConnection:
-        return pubsub_connection(self._client, sharded=self._sharded, health_s=HEALTH_CHECK_S)
+        return pubsub_connection(
+            self._client, sharded=self._sharded, health_s=HEALTH_CHECK_S, handle=self._handle
+        )
 
     def start(self) -> None:
         self._pubsub = self._open()
@@ -124,8 +126,7 @@ class Subscriber:
                     await self._reconnect()
                     retry = 0
                 assert self._pubsub is not None
-                for item in await self._pubsub.read():
-                    self._handle(item)
+                await self._pubsub.serve()  # hands every item to _handle as it comes
             except asyncio.CancelledError:
                 raise
             except RuntimeError:  # no subscription left on this connection
