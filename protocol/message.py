@@ -57,6 +57,40 @@ class Message:
             out["usage"] = self.usage.to_dict()
         return out
 
+    def well_typed(self) -> bool:
+        """Every field of the type and set it must have: what a message built without
+        ``from_dict`` (from a payload this system wrote) is checked for before it is kept.
+        Lengths and characters are not: they were checked when the message came in."""
+        return (
+            type(self.id) is str
+            and type(self.conversation_id) is str
+            and type(self.offset) is int
+            and self.offset >= 1
+            and self.role in ROLES
+            and type(self.text) is str
+            and type(self.created_at) is str
+            and all(
+                value is None or type(value) is str
+                for value in (
+                    self.user_id,
+                    self.agent_id,
+                    self.client_msg_id,
+                    self.model,
+                    self.reply_to,
+                )
+            )
+            and (self.finish_reason is None or self.finish_reason in FINISH_REASONS)
+            and (
+                self.usage is None
+                or (
+                    type(self.usage.input_tokens) is int
+                    and type(self.usage.output_tokens) is int
+                    and self.usage.input_tokens >= 0
+                    and self.usage.output_tokens >= 0
+                )
+            )
+        )
+
     @classmethod
     def from_dict(cls, obj: Obj) -> Message:
         usage = opt_obj(obj, "usage")

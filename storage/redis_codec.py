@@ -88,18 +88,32 @@ def decode_trusted(payload: bytes, offset: int, created_ms: int | None) -> Messa
     Skips the field-by-field validation (the text was checked on input), which is most of
     the cost of a window read; anything unexpected takes the validating path.
     """
-    obj = msgpack.unpackb(payload)
+    return _built(payload, offset, created_ms) or decode_message(payload, offset, created_ms)
+
+
+def decode_stored(payload: bytes, offset: int | None, created_ms: int | None) -> Message:
+    """Like :func:`decode_message` for a message on its way to the store (an outbox entry):
+    built as :func:`decode_trusted` builds it, then its types checked (``well_typed``), as
+    a row must have them; anything else takes the validating path, and raises there."""
+    message = _built(payload, offset, created_ms)
+    if message is not None and message.well_typed():
+        return message
+    return decode_message(payload, offset, created_ms)
+
+
+def _built(payload: bytes, offset: int | None, created_ms: int | None) -> Message | None:
     try:
-        fields = dict(obj)
-        fields["offset"] = offset
+        fields = dict(msgpack.unpackb(payload))
+        if offset is not None:
+            fields["offset"] = offset
         if created_ms is not None:
             fields["created_at"] = fast_timestamp(created_ms)
         usage = fields.get("usage")
         if usage is not None:
             fields["usage"] = Usage(usage["input_tokens"], usage["output_tokens"])
         return Message(**fields)
-    except (TypeError, ValueError, KeyError):
-        return decode_message(payload, offset, created_ms)
+    except (TypeError, ValueError, KeyError, msgpack.UnpackException):
+        return None
 
 
 def decode_record(record: bytes) -> tuple[int, int | None, bytes]:

@@ -43,7 +43,7 @@ from protocol import Message
 
 from .. import lua
 from ..records import OutboxEntry
-from ..redis_codec import OFFSET, PAYLOAD, TIME_MS, decode_message, message_payload
+from ..redis_codec import OFFSET, PAYLOAD, TIME_MS, decode_stored, message_payload
 from ..redis_keys import DEFAULT_PREFIX, outbox_key, outbox_shard
 from .base import OutboxFull
 from .stream_ids import padded_entry_id, parse_entry_id, raw_id, stream_items
@@ -350,7 +350,7 @@ class RedisOutbox:
                     raise ValueError("entry was deleted")
                 offset = fields.get(OFFSET)
                 created = fields.get(TIME_MS)
-                message = decode_message(
+                message = decode_stored(
                     fields[PAYLOAD],
                     int(offset) if offset is not None else None,
                     int(created) if created is not None else None,

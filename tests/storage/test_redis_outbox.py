@@ -198,10 +198,12 @@ async def test_undecodable_entries_are_dropped_not_retried_forever(
     await outbox.redis.xadd(key, {b"x": b"no payload"})
     await outbox.redis.xadd(key, {b"m": msgpack.packb({"id": "m-1", "text": "no offset"})})
     await outbox.redis.xadd(key, {b"m": msgpack.packb([1, 2, 3])})
+    wrong = {"id": 5, "conversation_id": "c1", "role": "user", "text": "an id of the wrong type"}
+    await outbox.redis.xadd(key, {b"m": msgpack.packb(wrong), b"o": 3, b"t": 1})
     await outbox.add(good[1])
     entries = await outbox.read(10, 1.0)
     assert [e.message for e in entries] == good
-    assert outbox.poisoned == 4
+    assert outbox.poisoned == 5
     assert await outbox.backlog() == 2  # the poison is acked and deleted already
     await outbox.ack([e.entry_id for e in entries])
     assert await outbox.backlog() == 0
