@@ -9,6 +9,7 @@ import msgpack
 import pytest
 
 from protocol import Message, ProtocolError, Usage
+from storage.records import MessageDraft
 from storage.redis_codec import (
     decode_message,
     decode_stored,
@@ -17,7 +18,6 @@ from storage.redis_codec import (
     fast_timestamp,
     message_payload,
 )
-from storage.records import MessageDraft
 
 CREATED_MS = 1_796_610_506_123
 
@@ -31,7 +31,9 @@ ANSWER = MessageDraft(
     model="local",
     reply_to="m-0",
 )
-QUESTION = MessageDraft(conversation_id="c-1", role="user", text="hi", user_id="u", client_msg_id="k")
+QUESTION = MessageDraft(
+    conversation_id="c-1", role="user", text="hi", user_id="u", client_msg_id="k"
+)
 
 
 @pytest.mark.parametrize("draft", [QUESTION, ANSWER])
