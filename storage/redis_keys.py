@@ -41,6 +41,7 @@ always go to the same shard (:func:`outbox_shard`). The other keys::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zlib
 
@@ -48,21 +49,45 @@ DEFAULT_PREFIX = "chat"
 
 
 class ConversationKeys:
-    """The key names of one conversation."""
+    """The key names of one conversation (``conversation_keys`` keeps those of the busy
+    ones: the append path asks for most of them per message)."""
 
-    __slots__ = ("base", "epoch", "seq", "win")
+    __slots__ = (
+        "base",
+        "epoch",
+        "events",
+        "jobs",
+        "jobs_count",
+        "jobs_data",
+        "no_idem",
+        "seq",
+        "watchers",
+        "win",
+    )
 
     def __init__(self, prefix: str, conversation_id: str) -> None:
         tag = conversation_id
         if "{" in tag or "}" in tag:
             # A brace would move the hash tag and split the conversation over slots.
             tag = "h-" + hashlib.blake2b(tag.encode(), digest_size=16).hexdigest()
-        self.base = f"{prefix}:{{{tag}}}"
-        self.seq = f"{self.base}:seq"
-        self.epoch = f"{self.base}:epoch"
-        self.win = f"{self.base}:win"
+        base = self.base = f"{prefix}:{{{tag}}}"
+        self.seq = f"{base}:seq"
+        self.epoch = f"{base}:epoch"
+        self.win = f"{base}:win"
+        # The conversation's unfinished reply jobs by offset (storage/jobs/redis.py); each
+        # unfinished job's holder, time and question; how many (read with the window's
+        # append MGET: no key, none).
+        self.jobs = f"{base}:reply_jobs"
+        self.jobs_data = f"{base}:reply_jobs_data"
+        self.jobs_count = f"{base}:reply_jobs_n"
+        # The conversation's pub/sub channel, and the instances with a local member joined
+        # (publish only when another one is in).
+        self.events = f"{base}:events"
+        self.watchers = f"{base}:watchers"
+        # A key in the conversation's slot that is never set: the record of a message that
+        # has no ``client_msg_id`` (a script's key list keeps one shape).
+        self.no_idem = f"{base}:idem:"
 
-    # Built when asked, not in __init__: the append path makes one of these per message.
     @property
     def reply(self) -> str:
         return f"{self.base}:reply"
@@ -75,21 +100,6 @@ class ConversationKeys:
     def reply_next(self) -> str:
         return f"{self.base}:reply_next"
 
-    @property
-    def jobs(self) -> str:
-        """The conversation's unfinished reply jobs by offset (storage/jobs/redis.py)."""
-        return f"{self.base}:reply_jobs"
-
-    @property
-    def jobs_data(self) -> str:
-        """Each unfinished job's holder, time and question."""
-        return f"{self.base}:reply_jobs_data"
-
-    @property
-    def jobs_count(self) -> str:
-        """How many: read with the window's append MGET (no key: none)."""
-        return f"{self.base}:reply_jobs_n"
-
     def job_keys(self) -> list[str]:
         """The three keys of the jobs (order, data, count), as the scripts take them."""
         return [self.jobs, self.jobs_data, self.jobs_count]
@@ -100,30 +110,21 @@ class ConversationKeys:
         return f"{self.base}:jobs"
 
     @property
-    def watchers(self) -> str:
-        """The instances with a local member joined: publish only when another one is in."""
-        return f"{self.base}:watchers"
-
-    @property
     def presence(self) -> str:
         """Who is online in the conversation: an entry per (instance, user), with an expiry."""
         return f"{self.base}:presence"
-
-    @property
-    def events(self) -> str:
-        """The conversation's pub/sub channel."""
-        return f"{self.base}:events"
 
     def idem(self, user_id: str | None, client_msg_id: str) -> str:
         """The idempotency record of one (user, client_msg_id) in this conversation."""
         raw = f"{user_id or ''}\x00{client_msg_id}".encode()
         return f"{self.base}:idem:{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
 
-    @property
-    def no_idem(self) -> str:
-        """A key in the conversation's slot that is never set: the record of a message that
-        has no ``client_msg_id`` (a script's key list keeps one shape)."""
-        return f"{self.base}:idem:"
+
+@functools.lru_cache(maxsize=1024)
+def conversation_keys(prefix: str, conversation_id: str) -> ConversationKeys:
+    """The keys of a conversation, built once while it is busy: ten strings, where a
+    message's path asked for a new set of them several times (~1 KB a conversation kept)."""
+    return ConversationKeys(prefix, conversation_id)
 
 
 def outbox_key(prefix: str, shards: int, shard: int) -> str:

@@ -32,7 +32,7 @@ from protocol import GenerationSnapshot
 from storage.lua import script as lua_script
 from storage.lua import source as lua_source
 from storage.redis_keys import (
-    ConversationKeys,
+    conversation_keys,
     instance_alive_key,
     instance_replies_key,
     instances_key,
@@ -114,7 +114,7 @@ class RedisReplyBuffer:
         self._claim = redis.register_script(lua_script("claim", _LUA))
 
     def _keys(self, conversation_id: str) -> list[str]:
-        keys = ConversationKeys(self._prefix, conversation_id)
+        keys = conversation_keys(self._prefix, conversation_id)
         return [keys.reply, keys.reply_text]
 
     @staticmethod
@@ -147,7 +147,7 @@ class RedisReplyBuffer:
     # -- the owner's side -------------------------------------------------------------
 
     async def begin(self, owner: ReplyOwner) -> Slot | None:
-        conv = ConversationKeys(self._prefix, owner.conversation_id)
+        conv = conversation_keys(self._prefix, owner.conversation_id)
         member = self._member(owner.conversation_id, owner.generation_id)
         mine = instance_replies_key(self._prefix, self._server_id)
         # Listed as ours before the buffer exists: an owner dying between the two leaves a
@@ -180,7 +180,7 @@ class RedisReplyBuffer:
     ) -> AppendFollow | None:
         if isinstance(self._redis, RedisCluster) or time.monotonic() >= self._alive_until:
             return None  # the instance's replies are another slot; liveness due: ``begin``
-        conv = ConversationKeys(self._prefix, owner.conversation_id)
+        conv = conversation_keys(self._prefix, owner.conversation_id)
         keys = (
             conv.reply,
             conv.reply_next,

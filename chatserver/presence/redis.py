@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from storage import lua
-from storage.redis_keys import DEFAULT_PREFIX, ConversationKeys
+from storage.redis_keys import DEFAULT_PREFIX, conversation_keys
 
 from .base import Change
 
@@ -57,7 +57,7 @@ class RedisPresence:
         self._renew = redis.register_script(_script("renew"))
 
     def _keys(self, conversation_id: str) -> list[str]:
-        keys = ConversationKeys(self._prefix, conversation_id)
+        keys = conversation_keys(self._prefix, conversation_id)
         return [keys.presence, keys.watchers]
 
     async def enter(self, conversation_id: str, user_id: str) -> Change | None:

@@ -48,7 +48,7 @@ from ..outbox.redis import AnyRedis
 from ..redis_codec import decode_message, message_payload
 from ..redis_keys import (
     DEFAULT_PREFIX,
-    ConversationKeys,
+    conversation_keys,
     instance_alive_key,
     instance_jobs_key,
     job_holders_key,
@@ -107,7 +107,7 @@ class RedisReplyJobs:
         self._take_script = redis.register_script(lua.script("jobs_take"))
 
     def job_keys(self, conversation_id: str) -> list[str]:
-        return ConversationKeys(self.prefix, conversation_id).job_keys()
+        return conversation_keys(self.prefix, conversation_id).job_keys()
 
     async def unfinished(self, conversation_id: str) -> list[tuple[str, str]]:
         """A conversation's unfinished jobs, oldest first: (job id, holder)."""
@@ -227,7 +227,7 @@ class RedisReplyJobs:
                 )
                 message = decode_message(values[b"m"], int(values[b"o"]), int(values[b"t"]))
                 await self.add(message)
-                legacy = ConversationKeys(self.prefix, message.conversation_id).legacy_jobs
+                legacy = conversation_keys(self.prefix, message.conversation_id).legacy_jobs
                 await self.redis.zrem(legacy, entry_id)
                 taken.append(ReplyJob(message.id, message, claimed=True))
             await self.redis.xack(self._legacy, _LEGACY_GROUP, entry_id)

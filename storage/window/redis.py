@@ -72,7 +72,7 @@ from ..redis_codec import (
     message_from_draft,
     message_payload,
 )
-from ..redis_keys import DEFAULT_PREFIX, ConversationKeys
+from ..redis_keys import DEFAULT_PREFIX, ConversationKeys, conversation_keys
 from .base import AppendFollow, AppendGate, AppendRefused, WindowMissing
 from .decoded import DecodedMessages
 from .redis_entries import contiguous_tail, decode_entry, read_entries
@@ -139,7 +139,7 @@ class RedisWindow:
         return max(0, int(self.idempotency_ttl_s * 1000))
 
     def keys(self, conversation_id: str) -> ConversationKeys:
-        return ConversationKeys(self.prefix, conversation_id)
+        return conversation_keys(self.prefix, conversation_id)
 
     async def start(self) -> None:
         if isinstance(self.redis, RedisCluster):

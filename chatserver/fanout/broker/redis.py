@@ -34,8 +34,8 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from protocol.backoff import Backoff
-from storage.redis_keys import ConversationKeys
 from storage.redis_keys import control_channel as control_channel_name
+from storage.redis_keys import conversation_keys
 
 from ...redis_ticks import pack_commands
 from ..envelope import Control, ControlEnvelope, Envelope, own_event_test, unpack
@@ -95,7 +95,7 @@ class RedisBroker:
     # -- names --------------------------------------------------------------------------
 
     def channel(self, conversation_id: str) -> str:
-        return ConversationKeys(self._prefix, conversation_id).events
+        return conversation_keys(self._prefix, conversation_id).events
 
     def control_channel(self, server_id: str) -> str:
         return control_channel_name(self._prefix, server_id)
@@ -175,7 +175,7 @@ class RedisBroker:
             await self._subscriber_for(name).subscribe(name)
             # After the subscription is live: an owner that sees us in the set publishes,
             # and what it publishes reaches us. Before a join reads its snapshot.
-            watchers = ConversationKeys(self._prefix, conversation_id).watchers
+            watchers = conversation_keys(self._prefix, conversation_id).watchers
             pipe = self._redis.pipeline(transaction=False)
             pipe.sadd(watchers, self.server_id)
             pipe.expire(watchers, _WATCHERS_TTL_S)
@@ -190,7 +190,7 @@ class RedisBroker:
             return
         try:
             # A failure here leaves a stale entry: needless publishes, nothing lost.
-            watchers = ConversationKeys(self._prefix, conversation_id).watchers
+            watchers = conversation_keys(self._prefix, conversation_id).watchers
             await self._redis.srem(watchers, self.server_id)
         finally:
             await self._subscriber_for(name).unsubscribe(name)
