@@ -19,6 +19,8 @@ from .auth import Principal
 from .conversation_cache import ConversationCache
 from .errors import ServiceError
 
+_USER = Role.USER.value  # an enum's .value is a property: not per message
+
 # A message leaves a small window before its batch is stored (writers pace their batches):
 # history just beyond the window waits this long at most for the store to catch up.
 STORE_CATCH_UP_S = 1.0
@@ -138,7 +140,7 @@ class ConversationService:
         (``AppendResult.job_done``). ``follow``: a step after a question's append, in the
         same step, where the window takes one (``HotWindow.follows``).
         """
-        jobs = self.jobs if draft.role == Role.USER.value or answers is not None else None
+        jobs = self.jobs if draft.role == _USER or answers is not None else None
         for _ in range(3):
             try:
                 return await self.window.append(draft, self.outbox, gate, jobs, answers, follow)

@@ -80,15 +80,22 @@ def pack_commands(conn: Any, commands: Iterable[tuple[Any, ...]]) -> list[bytes]
 def _blocks(args: tuple[Any, ...]) -> bool:
     """A command the server may hold: it must not hold a whole batch with it."""
     name = args[0]
-    if isinstance(name, bytes):
-        name = name.decode()
-    name = str(name).upper()
+    if name in _NEVER_BLOCK:  # nearly every command: asked once per command issued
+        return False
+    upper = (name.decode() if isinstance(name, bytes) else str(name)).upper()
     # BLPOP, BRPOP, BZPOPMIN/MAX, BLMPOP, BZMPOP, BLMOVE, BRPOPLPUSH; WAIT, WAITAOF.
-    if (name.startswith("B") and ("POP" in name or name == "BLMOVE")) or name.startswith("WAIT"):
+    if (upper.startswith("B") and ("POP" in upper or upper == "BLMOVE")) or upper.startswith(
+        "WAIT"
+    ):
         return True
-    if name in {"XREAD", "XREADGROUP"}:
+    if upper in {"XREAD", "XREADGROUP"}:
         return any(isinstance(a, (str, bytes)) and a in ("BLOCK", b"BLOCK") for a in args)
+    if len(_NEVER_BLOCK) < 512:  # the names a client issues: a few dozen
+        _NEVER_BLOCK.add(name)
     return False
+
+
+_NEVER_BLOCK: set[Any] = set()  # command names (as issued) that never block
 
 
 class TickPipelinedRedis(Redis):

@@ -42,6 +42,8 @@ from ..fanout.publish import publish
 from ..fanout.session import Session
 from ..limits.base import Refusal, TierLimits
 
+_USER = Role.USER.value  # an enum's .value is a property: not per message
+
 log = logging.getLogger("chatserver.commands")
 
 _WELCOME_WAIT_S = 2.0  # a join waits this long at most for its presence frame
@@ -156,7 +158,7 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
             session,
             MessageDraft(
                 conversation_id=conversation.id,
-                role=Role.USER.value,
+                role=_USER,
                 text=frame.text,
                 user_id=session.user_id,
                 client_msg_id=frame.client_msg_id,
@@ -199,7 +201,7 @@ async def _on_send(app: web.Application, session: Session, frame: Send, reply: R
             generation.early_wasted(early, session.user_id)
         return
     metrics = app[keys.METRICS]
-    metrics.child(metrics.messages_appended, Role.USER.value).inc()
+    metrics.child(metrics.messages_appended, _USER).inc()
     if app[keys.SETTINGS].replies.crash_after_append:
         os._exit(70)  # tests only: dies right after the append (with Redis, its fan-out)
     fanned = MessageEvent(message).to_dict()

@@ -77,6 +77,9 @@ from .base import AppendFollow, AppendGate, AppendRefused, WindowMissing
 from .decoded import DecodedMessages
 from .redis_entries import contiguous_tail, decode_entry, read_entries
 
+# An enum's .value is a property: not looked up per message.
+_USER, _ASSISTANT = Role.USER.value, Role.ASSISTANT.value
+
 # Read when the module is imported: a missing or broken file fails at start-up, not mid-append.
 # The append script's ``--GATE--`` line is a Lua comment: without a gate it is just that.
 _READ_LUA = lua.script("window_read")
@@ -272,11 +275,11 @@ class RedisWindow:
             self.key_ttl_s,
             # An answer's question passed the bound already: the overshoot is at most one
             # entry per running reply, and an answer refused here would only be retried.
-            0 if draft.role == Role.ASSISTANT.value else outbox.max_entries,
+            0 if draft.role == _ASSISTANT else outbox.max_entries,
             _UNQUEUED if self.cluster else _QUEUED,
             TTL_EVERY,
         ]
-        fans_out = self.fanout_head is not None and draft.role == Role.USER.value
+        fans_out = self.fanout_head is not None and draft.role == _USER
         if fans_out:
             assert self.fanout_head is not None
             head = self.fanout_head(cid, time.time(), payload)
@@ -349,7 +352,7 @@ class RedisWindow:
             raise OutboxFull(f"outbox shard {shard} holds {outbox.max_entries} entries")
         offset, created_ms = int(reply[1]), int(reply[2])
         message = message_from_draft(message_id, draft, offset, created_ms)
-        if code == _OK and draft.role == Role.ASSISTANT.value:
+        if code == _OK and draft.role == _ASSISTANT:
             # An answer written here comes into the next question's context from what is
             # kept: no read of it, and known before that question's append returns.
             self.decoded.add_next(cid, offset, payload, created_ms)
