@@ -44,6 +44,13 @@ def _pack(*args: Any) -> bytes:
     return packed
 
 
+def _hand_over(handle: Handle, item: PubSubItem) -> None:
+    try:
+        handle(item)
+    except Exception:  # one bad message must not cost the connection
+        log.exception("a pub/sub message could not be handled")
+
+
 class PubSubConnection(Protocol):
     async def send(self, verb: str, name: bytes) -> None:
         """``subscribe`` or ``unsubscribe`` one channel (connecting first if need be)."""
@@ -92,7 +99,7 @@ class RedisPyPubSub:
                 channel = channel.encode()
             if kind is None or channel is None:
                 continue
-            self._handle((kind, channel, message.get("data")))
+            _hand_over(self._handle, (kind, channel, message.get("data")))
 
     async def close(self) -> None:
         await self._pubsub.aclose()
@@ -247,10 +254,7 @@ class LeanPubSub(asyncio.Protocol):
                 self._give_up(f"Redis pub/sub error: {item}")
                 return
             if isinstance(item, list) and len(item) == 3:  # a PONG is ["pong", ""]
-                try:
-                    handle((item[0], item[1], item[2]))
-                except Exception:  # one bad message must not cost the connection
-                    log.exception("a pub/sub message could not be handled")
+                _hand_over(handle, (item[0], item[1], item[2]))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._watch is not None:

@@ -131,8 +131,9 @@ async def test_messages_are_handed_over_in_order_as_they_arrive_with_no_task_wok
         await got.until((b"unsubscribe", b"room", 0))
 
 
+@pytest.mark.parametrize("kind", [LeanPubSub, RedisPyPubSub])
 async def test_a_handler_that_fails_costs_one_message_not_the_connection(
-    client: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+    client: Redis, redis_url: str, caplog: pytest.LogCaptureFixture, kind: type
 ) -> None:
     got = Collected()
 
@@ -141,9 +142,15 @@ async def test_a_handler_that_fails_costs_one_message_not_the_connection(
             raise ValueError("cannot handle this one")
         got(item)
 
-    conn = pubsub_connection(Redis.from_url(redis_url), sharded=False, health_s=15, handle=handle)
+    conn: PubSubConnection
+    if kind is LeanPubSub:
+        conn = pubsub_connection(
+            Redis.from_url(redis_url), sharded=False, health_s=15, handle=handle
+        )
+    else:
+        conn = RedisPyPubSub(Redis.from_url(redis_url), sharded=False, handle=handle)
+    await conn.send("subscribe", b"room")  # first: redis-py serves no connection without one
     async with served(conn) as serving:
-        await conn.send("subscribe", b"room")
         await got.until((b"subscribe", b"room", 1))
         for data in (b"one", b"bad", b"two"):
             await client.publish("room", data)
