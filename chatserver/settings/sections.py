@@ -286,7 +286,7 @@ class PersistSettings:
     )
     batch_interval_ms: int = setting(
         "batch_interval_ms",
-        40,
+        150,
         "int",
         "shortest time between the starts of one writer's batches (0: none): fewer, larger "
         "batches under load",
