@@ -1,7 +1,8 @@
 """The connection a subscriber reads: redis-py's ``PubSub``, or a lean one of our own.
 
-Either hands every item that arrives to the handler it was made with, in order, while its
-``serve`` runs (``serve`` raises when the connection is lost).
+Either hands every item that arrives to the handler it was made with, in order, and its
+``serve`` raises when the connection is lost. Ours hands items over as they arrive, from the
+moment it is connected; redis-py's only while ``serve`` runs (it reads them there).
 
 redis-py's ``PubSub`` hands over one message per call, through six coroutines, a health
 check, RESP3 push handling and a debug line formatted for every message (logged or not).

@@ -2,10 +2,9 @@
 
 What the connection hands over (``_handle``) resolves subscribe confirmations (so a join
 can wait until its channel is live) and passes data messages on; the task survives the
-connection: redis-py may reconnect and
-resubscribe by itself (we see a confirmation nobody asked for), or the connection is lost
-(we reconnect with capped backoff and resubscribe). Either way messages were missed:
-``on_gap``. The connection itself is pubsub_conn.py's.
+connection: redis-py may reconnect and resubscribe by itself (we see a confirmation nobody
+asked for), or the connection is lost (we reconnect with capped backoff and resubscribe).
+Either way messages were missed: ``on_gap``. The connection itself is pubsub_conn.py's.
 """
 
 from __future__ import annotations
