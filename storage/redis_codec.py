@@ -103,7 +103,9 @@ def decode_stored(payload: bytes, offset: int | None, created_ms: int | None) ->
 
 def _built(payload: bytes, offset: int | None, created_ms: int | None) -> Message | None:
     try:
-        fields = dict(msgpack.unpackb(payload))
+        fields = msgpack.unpackb(payload)
+        if type(fields) is not dict:
+            return None
         if offset is not None:
             fields["offset"] = offset
         if created_ms is not None:

@@ -46,7 +46,7 @@ from ..records import OutboxEntry
 from ..redis_codec import OFFSET, PAYLOAD, TIME_MS, decode_stored, message_payload
 from ..redis_keys import DEFAULT_PREFIX, outbox_key, outbox_shard
 from .base import OutboxFull
-from .stream_ids import padded_entry_id, parse_entry_id, raw_id, stream_items
+from .stream_ids import padded_entry_id, parse_entry_id, stream_items
 
 log = logging.getLogger("storage.outbox.redis")
 
@@ -282,9 +282,7 @@ class RedisOutbox:
         if not more:
             self._own_cursor = ["0-0"] * self.shards
         held = self._out | {entry.entry_id for entry in self._buffer}
-        lost = [
-            raw for raw in raws if padded_entry_id(self.shards, raw[0], raw_id(raw[1])) not in held
-        ]
+        lost = [raw for raw in raws if padded_entry_id(self.shards, raw[0], raw[1]) not in held]
         if lost:
             log.warning("took back %d outbox entries whose read was lost", len(lost))
             await self._accept(lost)
@@ -361,7 +359,7 @@ class RedisOutbox:
                 )
                 poison.setdefault(shard, []).append(sid)
                 continue
-            entry_id = padded_entry_id(self.shards, shard, sid.encode())
+            entry_id = padded_entry_id(self.shards, shard, sid)
             self._buffer.append(OutboxEntry(entry_id=entry_id, message=message))
         if poison:
             self.poisoned += sum(len(ids) for ids in poison.values())

@@ -6,15 +6,13 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def padded_entry_id(shards: int, shard: int, stream_id: bytes) -> str:
-    """A zero-padded form of the stream id, so that string order is stream order."""
-    ms, _, seq = stream_id.partition(b"-")
-    padded = f"{int(ms):015d}-{int(seq or b'0'):010d}"
+def padded_entry_id(shards: int, shard: int, stream_id: bytes | str) -> str:
+    """A zero-padded form of the stream id (``<ms>-<seq>``, digits: Redis makes them), so
+    that string order is stream order."""
+    sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    ms, _, seq = sid.partition("-")
+    padded = f"{ms.zfill(15)}-{(seq or '0').zfill(10)}"
     return padded if shards == 1 else f"{shard:03d}/{padded}"
-
-
-def raw_id(stream_id: bytes | str) -> bytes:
-    return stream_id if isinstance(stream_id, bytes) else stream_id.encode()
 
 
 def parse_entry_id(shards: int, entry_id: str) -> tuple[int, str] | None:

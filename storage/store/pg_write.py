@@ -9,9 +9,9 @@ A batch is written optimistically first, as if none of it were stored (the commo
   statement adds the usage of the assistant replies to the daily row of the user who wrote
   the replied-to message (looked up in ``messages`` when that message is not in the batch),
   on the reply's UTC day;
-- small batches: one statement inserts ``unnest`` of one array per column and does the same
-  upkeep, bump included (no DDL, no COPY set-up: cheaper below the threshold;
-  ``bench/persist.py``).
+- small batches: one statement inserts ``unnest`` of one array of rows (the composite type
+  ``ROW_TYPE``) and does the same upkeep, bump included (no DDL, no COPY set-up: cheaper
+  below the threshold; ``bench/persist.py``).
 
 The bump is idempotent: one whose batch then fails, or is replayed, does no harm, and one
 lost with its batch (a crash in between) is done again when the batch is retried or claimed.
@@ -26,7 +26,7 @@ ack, or claimed from a dead instance), the primary key refuses it (it holds the 
 ``created_at``, which the outbox entry carries, so a replayed row always conflicts), the whole
 transaction rolls back, and the batch is written again the careful way: into a staging table
 (``CREATE TEMP TABLE ... ON COMMIT DROP``: no session state, PgBouncer-safe) or from the
-arrays, with ``INSERT ... ON CONFLICT DO NOTHING ... RETURNING`` so that only the rows
+array of rows, with ``INSERT ... ON CONFLICT DO NOTHING ... RETURNING`` so that only the rows
 inserted now are counted and charged.
 
 Locks are taken in one order by every writer: messages by primary key, conversations by id
@@ -52,6 +52,8 @@ from .schema import MESSAGE_COLUMNS as COLUMNS
 COPY_THRESHOLD = 500
 
 STAGE_TABLE = "chat_stage"
+# The composite type of a staged row (migration 0003): a small batch is one array of these.
+ROW_TYPE = "message_batch_row"
 
 # (column, Postgres type) of a message row, in the order ``Batch.rows`` holds them.
 MESSAGE_COLUMNS: tuple[tuple[str, str], ...] = tuple((c.name, c.pg_type) for c in COLUMNS)
@@ -76,13 +78,8 @@ CREATE_STAGE = (
     + ") ON COMMIT DROP"
 )
 
-_UNNEST_ROWS = (
-    "unnest("
-    + ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(STAGE_COLUMNS, start=1))
-    + ") AS s("
-    + ", ".join(f'"{n}"' for n in _STAGE_NAMES)
-    + ")"
-)
+# The rows' columns come named by the type's attributes, which are STAGE_COLUMNS.
+_UNNEST_ROWS = f"unnest($1::{ROW_TYPE}[]) AS s"
 
 # Conversations to move forward: (id, newest created_at) from ``newest``, locked in id order.
 _BUMP = """
@@ -177,7 +174,7 @@ SELECT count(*) FROM ins
 
 
 # Materialized: src is read three times, and DISTINCT ON must not run for each.
-INSERT_FROM_ARRAYS = {
+INSERT_FROM_ROWS = {
     fresh: _insert_sql(_UNNEST_ROWS, "MATERIALIZED", fresh=fresh) for fresh in (True, False)
 }
 INSERT_FROM_STAGE = _insert_sql(STAGE_TABLE, "MATERIALIZED", fresh=False)
@@ -256,14 +253,8 @@ class Batch:
         return self.author(row[_REPLY_TO])
 
     def staged(self) -> list[tuple[Any, ...]]:
-        """Rows with the ``charge_to`` column (for the staging table)."""
+        """Rows with the ``charge_to`` column (for the staging table, or as ``ROW_TYPE``)."""
         return [(*row, self._charge_to(row)) for row in self.rows]
-
-    def columns(self) -> list[list[Any]]:
-        """One list per staged column (for unnest)."""
-        out = [list(column) for column in zip(*self.rows, strict=True)]
-        out.append([self._charge_to(row) for row in self.rows])
-        return out
 
     def bump_args(self) -> list[list[Any]]:
         """The arguments of ``BUMP``: the newest message of each conversation."""
@@ -388,11 +379,11 @@ async def write_staged(conn: Any, batch: Batch) -> int:
     return int(await conn.fetchval(INSERT_FROM_STAGE))
 
 
-async def write_arrays(conn: Any, batch: Batch, *, fresh: bool, set_local: bool = True) -> int:
-    """One statement over ``unnest`` of the columns. ``set_local``: inside a transaction,
+async def write_rows(conn: Any, batch: Batch, *, fresh: bool, set_local: bool = True) -> int:
+    """One statement over ``unnest`` of the rows. ``set_local``: inside a transaction,
     the write settings ``SET LOCAL`` first; else the connection has them from its start
     (``pg_connect.pool_options``), and the statement alone is its transaction: one round
     trip where BEGIN, SET, the statement and COMMIT took four."""
     if set_local:
         await conn.execute(WRITE_SETTINGS)
-    return int(await conn.fetchval(INSERT_FROM_ARRAYS[fresh], *batch.columns()))
+    return int(await conn.fetchval(INSERT_FROM_ROWS[fresh], batch.staged()))

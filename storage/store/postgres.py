@@ -42,7 +42,7 @@ from .pg_write import (
     RecentAuthors,
     bump_then_write_direct,
     storable,
-    write_arrays,
+    write_rows,
     write_staged,
 )
 
@@ -297,14 +297,14 @@ class PostgresStore:
                 new = await self._primary_op(lambda conn: bump_then_write_direct(conn, batch))
             else:
                 new = await self._primary_op(  # directly: one statement, one round trip
-                    lambda conn: write_arrays(conn, batch, fresh=True, set_local=self.pgbouncer),
+                    lambda conn: write_rows(conn, batch, fresh=True, set_local=self.pgbouncer),
                     transaction=self.pgbouncer,
                 )
         except asyncpg.UniqueViolationError:
             # Some of the batch is stored already (a replay): write it again, skipping those.
             new = await self._primary_op(
                 lambda conn: (
-                    write_staged(conn, batch) if big else write_arrays(conn, batch, fresh=False)
+                    write_staged(conn, batch) if big else write_rows(conn, batch, fresh=False)
                 ),
                 transaction=True,
             )

@@ -10,6 +10,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from protocol import Message, Usage
 from storage import SqliteStore
+from storage.store.pg_write import ROW_TYPE, STAGE_COLUMNS
 from storage.store.postgres import PostgresStore
 from storage.store.schema import (
     MESSAGE_COLUMNS,
@@ -70,6 +71,26 @@ async def test_postgres_migration_matches_the_columns(postgres_dsn: str) -> None
     pg_names = {"timestamp with time zone": "timestamptz"}
     got = [(r["attname"], pg_names.get(r["type"], r["type"])) for r in rows]
     assert got == [(c.name, c.pg_type) for c in MESSAGE_COLUMNS]
+
+
+async def test_postgres_batch_row_type_matches_the_staged_columns(postgres_dsn: str) -> None:
+    """A small batch is sent as one array of this type: its attributes are a staged row's."""
+    store = PostgresStore(postgres_dsn, migrate=True, pool_min=1)
+    await store.start()
+    await store.close()
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute "
+            "WHERE attrelid = (SELECT typrelid FROM pg_type WHERE typname = $1) "
+            "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            ROW_TYPE,
+        )
+    finally:
+        await conn.close()
+    pg_names = {"timestamp with time zone": "timestamptz"}
+    got = [(r["attname"], pg_names.get(r["type"], r["type"])) for r in rows]
+    assert got == list(STAGE_COLUMNS)
 
 
 async def test_sqlite_table_matches_the_columns(tmp_path: Path) -> None:
