@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .codes import ErrorCode
@@ -20,9 +19,10 @@ from .fields import (
     req_uuid,
 )
 from .limits import Limits
+from .record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Since:
     offset: int
     epoch: str
@@ -31,7 +31,7 @@ class Since:
         return {"offset": self.offset, "epoch": self.epoch}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Auth:
     TYPE: ClassVar[str] = "auth"
     token: str
@@ -45,7 +45,7 @@ class Auth:
         return cls(req_str(obj, "token", limits.max_token_chars, ref), ref)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Join:
     TYPE: ClassVar[str] = "join"
     conversation_id: str
@@ -71,7 +71,7 @@ class Join:
         return cls(conversation_id, since, ref)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Leave:
     TYPE: ClassVar[str] = "leave"
     conversation_id: str
@@ -85,7 +85,7 @@ class Leave:
         return cls(req_uuid(obj, "conversation_id", ref), ref)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Send:
     TYPE: ClassVar[str] = "send"
     conversation_id: str
@@ -111,7 +111,7 @@ class Send:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Cancel:
     TYPE: ClassVar[str] = "cancel"
     generation_id: str
@@ -125,7 +125,7 @@ class Cancel:
         return cls(req_uuid(obj, "generation_id", ref), ref)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Typing:
     TYPE: ClassVar[str] = "typing"
     conversation_id: str
@@ -139,7 +139,7 @@ class Typing:
         return cls(req_uuid(obj, "conversation_id", ref), ref)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class History:
     TYPE: ClassVar[str] = "history"
     conversation_id: str
@@ -168,7 +168,7 @@ class History:
         return self.limit if self.limit is not None else limits.history_default_limit
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Ping:
     TYPE: ClassVar[str] = "ping"
     ts: int | float | str | None = None

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from .codes import FinishReason, Role
 from .fields import Obj, opt_enum, opt_obj, opt_str, req_enum, req_int, req_str
+from .record import record
 
 ROLES = frozenset(r.value for r in Role)
 FINISH_REASONS = frozenset(r.value for r in FinishReason)
 _LONG = 1 << 30  # stored texts are checked on input; this only guards decoding
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Usage:
     input_tokens: int
     output_tokens: int
@@ -27,7 +27,7 @@ class Usage:
         return cls(req_int(obj, "input_tokens", lo=0), req_int(obj, "output_tokens", lo=0))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Message:
     id: str
     conversation_id: str

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .codes import ErrorCode
@@ -22,6 +21,7 @@ from .fields import (
     req_str,
 )
 from .message import Message
+from .record import record
 from .stream_frames import Delta, GenEnd, GenStart, MessageEvent, Presence, TypingNotice
 
 ERROR_CODES = frozenset(c.value for c in ErrorCode)
@@ -39,7 +39,7 @@ def _messages(obj: Obj, name: str) -> tuple[Message, ...]:
     return tuple(out)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Hello:
     TYPE: ClassVar[str] = "hello"
     session_id: str
@@ -74,7 +74,7 @@ class Hello:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GenerationSnapshot:
     generation_id: str
     seq: int
@@ -84,7 +84,7 @@ class GenerationSnapshot:
         return {"generation_id": self.generation_id, "seq": self.seq, "text": self.text}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Joined:
     TYPE: ClassVar[str] = "joined"
     conversation_id: str
@@ -128,7 +128,7 @@ class Joined:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Left:
     TYPE: ClassVar[str] = "left"
     conversation_id: str
@@ -142,7 +142,7 @@ class Left:
         return cls(req_str(obj, "conversation_id", _ID), opt_str(obj, "ref", _ID))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Ack:
     TYPE: ClassVar[str] = "ack"
     client_msg_id: str
@@ -174,7 +174,7 @@ class Ack:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HistoryPage:
     TYPE: ClassVar[str] = "history"
     conversation_id: str
@@ -200,7 +200,7 @@ class HistoryPage:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Pong:
     TYPE: ClassVar[str] = "pong"
     ts: int | float | str | None = None
@@ -214,7 +214,7 @@ class Pong:
         return cls(opt_scalar(obj, "ts", _ID), opt_str(obj, "ref", _ID))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Reconnect:
     TYPE: ClassVar[str] = "reconnect"
     reason: str
@@ -231,7 +231,7 @@ class Reconnect:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ErrorFrame:
     TYPE: ClassVar[str] = "error"
     code: str

@@ -6,7 +6,6 @@ These are the frames fanned out to every member; the direct replies live in serv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .fields import (
@@ -23,6 +22,7 @@ from .fields import (
     req_str,
 )
 from .message import FINISH_REASONS, Message, Usage
+from .record import record
 
 _ID = 64
 _TEXT = 1 << 30
@@ -31,7 +31,7 @@ _TEXT = 1 << 30
 _CODE = 64
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MessageEvent:
     TYPE: ClassVar[str] = "message"
     message: Message
@@ -45,7 +45,7 @@ class MessageEvent:
         return cls(Message.from_dict(req_obj(obj, "message")), opt_str(obj, "ref", _ID))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GenStart:
     TYPE: ClassVar[str] = "gen_start"
     conversation_id: str
@@ -83,7 +83,7 @@ class GenStart:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Delta:
     TYPE: ClassVar[str] = "delta"
     conversation_id: str
@@ -112,7 +112,7 @@ class Delta:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GenEnd:
     TYPE: ClassVar[str] = "gen_end"
     conversation_id: str
@@ -162,7 +162,7 @@ class GenEnd:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TypingNotice:
     TYPE: ClassVar[str] = "typing"
     conversation_id: str
@@ -185,7 +185,7 @@ class TypingNotice:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Presence:
     """Who of a conversation's members is online (has a connection joined to it, on any
     instance): the whole list, sorted, so a client replaces what it had."""

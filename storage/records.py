@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from protocol import Message, Usage
+from protocol.record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class User:
     id: str
     tier: str
     role: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Conversation:
     id: str
     agent_id: str
@@ -37,20 +38,20 @@ class Conversation:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ConversationPage:
     items: tuple[Conversation, ...]
     next_cursor: str | None
     has_more: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MessagePage:
     messages: tuple[Message, ...]  # oldest first
     has_more: bool  # older messages exist before the first one
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MessageDraft:
     """A message before the window gives it an id, an offset and a time."""
 
@@ -84,7 +85,7 @@ class MessageDraft:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AppendResult:
     message: Message
     duplicate: bool
@@ -102,7 +103,7 @@ class AppendResult:
     followed: Any = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WindowView:
     """A consistent read of one conversation's hot window."""
 
@@ -116,7 +117,7 @@ class WindowView:
         return self.first_offset - 1 <= offset <= self.last_offset
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class OutboxEntry:
     entry_id: str
     message: Message

@@ -36,15 +36,15 @@ message's map (:func:`appended_head`), and the script adds them. Receivers see a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from protocol import MessageEvent
+from protocol.record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Envelope:
     origin: str
     published_at: float
@@ -57,7 +57,7 @@ class Envelope:
         return packed
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CancelReply:
     generation_id: str
     TYPE = "cancel"
@@ -66,7 +66,7 @@ class CancelReply:
         return {"type": self.TYPE, "generation_id": self.generation_id}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WatchReply:
     conversation_id: str
     generation_id: str
@@ -80,7 +80,7 @@ class WatchReply:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WatchAck:
     conversation_id: str
     generation_id: str
@@ -96,7 +96,7 @@ class WatchAck:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PresenceChanged:
     conversation_id: str
     origin: str  # the instance whose members changed it (it knows already)
@@ -109,7 +109,7 @@ class PresenceChanged:
 Control = CancelReply | WatchReply | WatchAck | PresenceChanged
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ControlEnvelope:
     origin: str
     control: Control

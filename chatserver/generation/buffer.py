@@ -13,17 +13,17 @@ the heartbeat) until a watcher asks for it (``mark_watched`` records the text so
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from protocol import GenerationSnapshot
+from protocol.record import record
 from storage.window.base import AppendFollow, AppendGate
 
 # (conversation_id, generation_id, seq, text): one delta to record.
 Delta = tuple[str, str, int, str]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Record:
     """Text of one reply up to ``seq``, appended unless already recorded up to ``seq``."""
 
@@ -35,14 +35,14 @@ class Record:
     refresh: bool = False  # a checkpoint: extend the entry's time to live
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Slot:
     """The conversation's reply slot, taken."""
 
     watched: bool  # another instance has a member in: record and publish every delta
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PreparedReply:
     """A slot taken by the question's own append (``slot_follow``), with the reply's context
     as the window's entries (``HotWindow.context_of`` decodes them)."""
@@ -53,7 +53,7 @@ class PreparedReply:
     context: Sequence[object] | None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RunningReply:
     """What a joining instance needs to know of the reply in progress."""
 
@@ -66,7 +66,7 @@ class LeaseLost(Exception):
     """Another instance took over this reply (our lease expired): stop without finishing."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReplyOwner:
     conversation_id: str
     generation_id: str
@@ -76,7 +76,7 @@ class ReplyOwner:
     reply_to: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ClaimedReply:
     owner: ReplyOwner
     seq: int

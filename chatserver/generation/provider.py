@@ -9,15 +9,15 @@ when it is there.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import aiohttp
 
 from protocol import FinishReason, Message, Usage
+from protocol.record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReplyRequest:
     agent_id: str
     model: str
@@ -28,12 +28,12 @@ class ReplyRequest:
     thinking_budget: int | None = None  # 0 off, -1 dynamic, None: the model's default
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Chunk:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Finish:
     reason: FinishReason
     usage: Usage

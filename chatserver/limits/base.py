@@ -9,13 +9,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from protocol import ErrorCode
+from protocol.record import record
 from storage import AppendGate
 
 # Tokens a user already used on a UTC day, read from the store when a counter starts.
 UsageSeed = Callable[[str, str], Awaitable[int]]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Refusal:
     """Why a send may not go now, and in how many ms asking again makes sense."""
 

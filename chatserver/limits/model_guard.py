@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from protocol.record import record
+
 LEASE_S = 30.0  # a permit's place, renewed every third of it while its request runs
 WINDOW_MS = 60_000
 BUSY_POLL_MS = 250  # a concurrency refusal cannot know when a place frees: ask again then
@@ -73,7 +75,7 @@ def model_id(model: str) -> str:
     return model.removeprefix("models/")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Permit:
     """Leave to send one request; release it when the request is over."""
 
@@ -82,7 +84,7 @@ class Permit:
     concurrent: bool  # it holds a place (the model has a concurrency cap)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Busy:
     """No request now: ``limit`` (``concurrent`` or ``per_minute``, whose cap is ``cap``) is
     reached; asking again in ``retry_after_ms`` may succeed."""

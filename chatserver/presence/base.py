@@ -10,11 +10,12 @@ shared store expire unless renewed (``renew``), so a dead instance's users drop 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
+from protocol.record import record
 
-@dataclass(frozen=True, slots=True)
+
+@record
 class Change:
     """The conversation's online list changed; ``announce``: another instance has a member
     joined there and must be told (with one instance, or alone, nobody else needs to)."""

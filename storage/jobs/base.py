@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from protocol import Message
+from protocol.record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReplyJob:
     job_id: str
     message: Message  # the question
@@ -31,7 +32,7 @@ class ReplyJob:
     first: bool = False  # its append found no older job listed: no turn to ask for
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Turn:
     go: bool  # no older job of the conversation is unfinished
     blocker: str | None = None  # when it may not go: the older job holding it back

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from protocol import Message
+from protocol.record import record
 
 from ..jobs.base import ReplyJobs
 from ..outbox.base import Outbox
@@ -26,7 +26,7 @@ class AppendRefused(Exception):
         self.value = value
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AppendGate:
     """A check that the append runs in its own atomic step (the same round trip).
 
@@ -46,7 +46,7 @@ class AppendGate:
     args: tuple[str | int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AppendFollow:
     """A step the append runs after a question's, in its own atomic step, when the
     question's reply job is alone in line (no older job of the conversation is unfinished).

@@ -21,10 +21,10 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from protocol import Message
+from protocol.record import record
 
 _HEAD = struct.Struct("<dq")  # expires (clock seconds), offset
 _MS = struct.Struct("<q")
@@ -34,7 +34,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Accepted:
     """The first message of a (user, client_msg_id), as its resend is answered."""
 
