@@ -5,8 +5,9 @@
 Scenarios (each a script of its own, run as a subprocess so one failing does not stop the
 rest): connections, fanout, ai (embedded, the bare floor, and production mode beside the
 python-socketio peer), persist (bench/persist.py, from the Postgres work, when present),
-product-scale, soak (memory under steady load: 10 minutes per mode here, ``bench/soak.py
---minutes 30`` on its own for the full one; ``--quick``: 24 s per mode). Each writes
+writer-cpu (the batch writer's path, CPU per message, beside raw COPY), product-scale, soak
+(memory under steady load: 10 minutes per mode here, ``bench/soak.py --minutes 30`` on its
+own for the full one; ``--quick``: 24 s per mode). Each writes
 ``<out>/<scenario>.json`` (persist and soak their own files, by date or by length); this
 writes ``<out>/summary.md``: every scenario's markdown block, for docs/benchmarks.md. The
 full run takes about 35-40 minutes on this machine; ``--quick`` about five.
@@ -28,6 +29,7 @@ SCENARIOS = {
     "ai": "bench/ai.py",
     "loop-passes": "bench/loop_passes.py",
     "persist": "bench/persist.py",
+    "writer-cpu": "bench/writer_cpu.py",
     "product-scale": "bench/product_scale.py",
     "soak": "bench/soak.py",
 }

@@ -108,6 +108,20 @@ def test_ai(tmp_path: Path) -> None:
     assert data["git_commit"] != "unknown"
 
 
+def test_writer_cpu(tmp_path: Path) -> None:
+    data = _run("writer_cpu.py", tmp_path)
+    figures = data["figures"]
+    labels = list(figures)
+    assert labels[0] == "outbox read + ack"
+    assert any(label.startswith("store write") and "unnest" in label for label in labels)
+    assert any(label.startswith("store write") and "COPY" in label for label in labels)
+    assert labels[-1].startswith("raw COPY")
+    for label, f in figures.items():
+        # This process's CPU from its own clock; Redis's and Postgres's from /proc (ticks).
+        assert f["client_us"] > 0 and f["server_us"] >= 0, label
+    assert "this process" in data["markdown"]
+
+
 def test_product_scale(tmp_path: Path) -> None:
     data = _run("product_scale.py", tmp_path)
     assert data["connected"] == 200
