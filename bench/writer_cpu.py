@@ -3,7 +3,7 @@
     .venv/bin/python bench/writer_cpu.py [--batch 300] [--batches 100] [--rounds 3] [--out DIR]
 
 Every message a production instance accepts is read back from the Redis outbox and written
-to Postgres by a batch writer: under the fan-out's 4-member load that path was ~12% of an
+to Postgres by a batch writer: under the fan-out's 4-member load that path was ~9% of an
 instance's CPU. This measures it alone, in this process, with a throwaway Redis and Postgres
 (fsync on), in interleaved rounds (median reported):
 
