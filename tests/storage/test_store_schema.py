@@ -55,42 +55,33 @@ def test_rows_sort_by_the_primary_key() -> None:
     assert NAMES[: len(PRIMARY_KEY)] == PRIMARY_KEY
 
 
-async def test_postgres_migration_matches_the_columns(postgres_dsn: str) -> None:
-    store = PostgresStore(postgres_dsn, migrate=True, pool_min=1)
+async def _migrated_attributes(dsn: str, relation: str) -> list[tuple[str, str]]:
+    """(name, type) of the attributes of ``relation`` (a table, or a composite type's
+    relation), in order, after the store migrated the database."""
+    store = PostgresStore(dsn, migrate=True, pool_min=1)
     await store.start()
     await store.close()
-    conn = await asyncpg.connect(postgres_dsn)
+    conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
             "SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute "
-            "WHERE attrelid = 'messages'::regclass AND attnum > 0 AND NOT attisdropped "
-            "ORDER BY attnum"
+            "WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            relation,
         )
     finally:
         await conn.close()
     pg_names = {"timestamp with time zone": "timestamptz"}
-    got = [(r["attname"], pg_names.get(r["type"], r["type"])) for r in rows]
+    return [(r["attname"], pg_names.get(r["type"], r["type"])) for r in rows]
+
+
+async def test_postgres_migration_matches_the_columns(postgres_dsn: str) -> None:
+    got = await _migrated_attributes(postgres_dsn, "messages")
     assert got == [(c.name, c.pg_type) for c in MESSAGE_COLUMNS]
 
 
 async def test_postgres_batch_row_type_matches_the_staged_columns(postgres_dsn: str) -> None:
     """A small batch is sent as one array of this type: its attributes are a staged row's."""
-    store = PostgresStore(postgres_dsn, migrate=True, pool_min=1)
-    await store.start()
-    await store.close()
-    conn = await asyncpg.connect(postgres_dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute "
-            "WHERE attrelid = (SELECT typrelid FROM pg_type WHERE typname = $1) "
-            "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            ROW_TYPE,
-        )
-    finally:
-        await conn.close()
-    pg_names = {"timestamp with time zone": "timestamptz"}
-    got = [(r["attname"], pg_names.get(r["type"], r["type"])) for r in rows]
-    assert got == list(STAGE_COLUMNS)
+    assert await _migrated_attributes(postgres_dsn, ROW_TYPE) == list(STAGE_COLUMNS)
 
 
 async def test_sqlite_table_matches_the_columns(tmp_path: Path) -> None:
