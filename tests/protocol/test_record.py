@@ -33,9 +33,7 @@ def test_a_record_has_slots_and_no_instance_dict() -> None:
 def test_the_type_checker_refuses_assigning_a_field(tmp_path: Path) -> None:
     source = tmp_path / "assigns.py"
     source.write_text(
-        "from protocol import Message\n"
-        "def rename(m: Message) -> None:\n"
-        "    m.text = 'changed'\n"
+        "from protocol import Message\ndef rename(m: Message) -> None:\n    m.text = 'changed'\n"
     )
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent", str(source)],
