@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,6 +54,7 @@ from storage.store.postgres import PostgresStore
 from storage.store.schema import NAMES
 
 _USER = "writer-bench"
+_T = TypeVar("_T")
 
 
 class Messages:
@@ -84,17 +85,17 @@ class Messages:
 
 
 async def _measured(
-    steps: int, step: Callable[[], Awaitable[int]], other: Callable[[], float]
-) -> tuple[float, float]:
-    """(this process's, the other's) CPU µs per item over ``steps`` calls of ``step``
-    (each returns how many items it did)."""
+    batches: list[_T], step: Callable[[_T], Awaitable[int]], other: Callable[[], float]
+) -> dict[str, float]:
+    """This process's and the other's CPU µs per item over ``step`` of every batch (each
+    call returns how many items it did)."""
     items, here, there = 0, time.process_time(), other()
-    for _ in range(steps):
-        items += await step()
-    return (
-        (time.process_time() - here) * 1e6 / items,
-        (other() - there) * 1e6 / items,
-    )
+    for batch in batches:
+        items += await step(batch)
+    return {
+        "client_us": (time.process_time() - here) * 1e6 / items,
+        "server_us": (other() - there) * 1e6 / items,
+    }
 
 
 async def _round(redis_url: str, dsn: str, conversation_id: str, args: Any) -> dict[str, Any]:
@@ -131,28 +132,15 @@ async def _round(redis_url: str, dsn: str, conversation_id: str, args: Any) -> d
         ):
             steps = max(1, args.batch * args.batches // size)
             batches = [messages.batch(size) for _ in range(steps)]
-            pending = iter(batches)
+            out[label] = await _measured(batches, store.write_messages, pg_cpu)
 
-            async def write(pending: Any = pending) -> int:
-                return await store.write_messages(next(pending))
-
-            client_us, server_us = await _measured(steps, write, pg_cpu)
-            out[label] = {"client_us": client_us, "server_us": server_us}
-        steps = args.batches
-        rows = [[Batch(messages.batch(args.batch)).rows] for _ in range(steps)]
-        pending_rows = iter(rows)
-
-        async def copy() -> int:
-            (batch_rows,) = next(pending_rows)
+        async def copy(rows: list[tuple[Any, ...]]) -> int:
             async with store._primary.acquire() as conn:
-                await conn.copy_records_to_table("messages", records=batch_rows, columns=NAMES)
-            return len(batch_rows)
+                await conn.copy_records_to_table("messages", records=rows, columns=NAMES)
+            return len(rows)
 
-        client_us, server_us = await _measured(steps, copy, pg_cpu)
-        out[f"raw COPY, {args.batch} rows (the floor)"] = {
-            "client_us": client_us,
-            "server_us": server_us,
-        }
+        rows = [Batch(messages.batch(args.batch)).rows for _ in range(args.batches)]
+        out[f"raw COPY, {args.batch} rows (the floor)"] = await _measured(rows, copy, pg_cpu)
     finally:
         await store.close()
     return out
