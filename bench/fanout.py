@@ -18,7 +18,7 @@ Two loads per target:
 - ``latency``: 20 messages/s in all, every member a sender (at most 4 in flight each);
   delivery latency = receive time - send time, over every delivery;
 - ``flat out``: 16 senders keep 8 messages each in flight (a message leaves a sender's window
-  when every member in its worker process has it): deliveries/s, and the server's CPU per
+  when every member, in both worker processes, has it): deliveries/s, and the server's CPU per
   delivery (CPU seconds of the server processes, from /proc, ÷ deliveries; Redis apart);
 - for chatserver and bare + Redis, flat out again at 50 and at 4 members: server CPU per
   message = a + b x members, fitted through the three sizes (issue 18's split).

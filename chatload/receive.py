@@ -11,7 +11,8 @@ frame in the same loop, its state in local variables:
 - the marker is parsed once per message and process, not once per delivery: ``Deliveries``
   keeps an entry per message (conversation, sender, sequence number, send time, local
   deliveries still due) under the marker's bytes, dropped when the last local member got the
-  message, which is also when a sender's window opens again;
+  message, which is also when this worker lets its sender's window open (``flow.py``: the
+  other workers' members must have it too);
 - order, duplicates and gaps are checked per receiver and sender exactly as ``Tally.see``
   does (the in-order case inline, anything else through it); the fresh in-order deliveries of
   one read are added to the tally once; every delivery's latency goes into the histogram.

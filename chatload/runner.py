@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from . import procstat, redisstat
 from .config import ConfigError, LoadConfig, http_base
+from .flow import create_board
 from .report import build_report
 
 _READY_GRACE_S = 60.0
@@ -170,6 +172,26 @@ async def run_loadtest(config: LoadConfig) -> dict[str, Any]:
     sample_start = procstat.sample(pids + config.aux_pids)
     t0_ns = time.monotonic_ns() + int(0.5e9)
     workers: list[WorkerProc] = []
+    # Flat-out chat over several workers: a sender's window waits on every worker's members.
+    board = ""
+    if config.mode == "chat" and config.rate == 0 and config.procs > 1:
+        board = create_board(config.procs, config.clients)
+    try:
+        return await _run_workers(config, workers, t0_ns, board, sample_start)
+    finally:
+        if board:
+            with contextlib.suppress(OSError):
+                os.unlink(board)
+
+
+async def _run_workers(
+    config: LoadConfig,
+    workers: list[WorkerProc],
+    t0_ns: int,
+    board: str,
+    sample_start: dict[str, dict[str, float | int | None]],
+) -> dict[str, Any]:
+    pids = config.server_pids
     for index in range(config.procs):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -181,7 +203,9 @@ async def run_loadtest(config: LoadConfig) -> dict[str, Any]:
         )
         worker = WorkerProc(index, proc)
         workers.append(worker)
-        await worker.send({"cmd": "init", "config": config.wire(), "index": index, "t0_ns": t0_ns})
+        await worker.send(
+            {"cmd": "init", "config": config.wire(), "index": index, "t0_ns": t0_ns, "board": board}
+        )
     progress = Progress(config)
     ticker = asyncio.create_task(progress.run(workers))
     try:

@@ -38,6 +38,7 @@ class Client:
         "gens",
         "index",
         "inflight",
+        "owed",
         "proto",
         "ready",
         "receiver",
@@ -64,6 +65,7 @@ class Client:
         self.receiver = Receiver()
         self.seq = 0
         self.inflight = 0
+        self.owed = 0  # sent and not refused: deliveries the members are owed (flow.py)
         self.turn = 0
         self.busy = False
         self.closed = True

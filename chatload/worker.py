@@ -12,18 +12,23 @@ import time
 from collections import Counter
 from typing import Any
 
-from .accounting import Tally, marker, unmark
+from .accounting import Tally, unmark
 from .config import LoadConfig, host_port, http_base
 from .dialects import Frame, dialect
+from .flow import DoneBoard
 from .procstat import own_cpu_seconds
 from .receive import Deliveries
+from .sending import Sending
 from .session import Client, Setup
 from .stats import HISTOGRAMS, Histogram
 
 
-class Worker:
-    def __init__(self, config: LoadConfig, index: int, emit: Any = None) -> None:
+class Worker(Sending):
+    def __init__(
+        self, config: LoadConfig, index: int, emit: Any = None, board: DoneBoard | None = None
+    ) -> None:
         self.config = config
+        self.board = board  # flat-out chat over several workers: the windows they share
         self.index = index
         self.emit = emit or _emit
         self.dialect = dialect(config.dialect, config.encoding == "msgpack")
@@ -87,6 +92,8 @@ class Worker:
 
     def on_done(self, key: int) -> None:
         """Every local member has the message ``key``: its sender's window opens."""
+        if self.board is not None:
+            self.board.done(key >> 32)
         if key in self.flight:
             self.flight.discard(key)
             self.release(self.by_index[key >> 32])
@@ -143,6 +150,7 @@ class Worker:
         parsed = unmark(str(frame.get("ref") or ""))
         if parsed is not None:  # a refused send
             self.rejected[code] += 1
+            client.owed -= 1
             self.flight.discard((parsed[0] << 32) | parsed[1])
             self.release(client)
         elif not client.resolve("error", frame):
@@ -189,91 +197,6 @@ class Worker:
             self.counts["disconnects"] += 1
             self.close_codes[str(code)] += 1
 
-    # -- sending ---------------------------------------------------------------------------
-
-    def release(self, client: Client) -> None:
-        if client.inflight > 0:
-            client.inflight -= 1
-        client.turn += 1
-        if self.running and self.config.rate == 0:
-            self.try_send(client)
-
-    def try_send(self, client: Client) -> bool:
-        if client.busy or client.closed or not client.ready:
-            return False
-        if client.inflight >= self.config.window:
-            return False
-        turns = self.config.turns
-        if turns and (client.conv_id is None or client.turn >= turns):
-            if client.inflight:
-                return False
-            client.busy = True
-            client.task = asyncio.get_running_loop().create_task(self.rotate_and_send(client))
-            return True
-        self.send(client)
-        return True
-
-    def send(self, client: Client) -> None:
-        client.seq += 1
-        now = time.monotonic_ns()
-        tag = marker(client.index, client.seq, now)
-        frame = {
-            "type": "send",
-            "conversation_id": client.conv_id,
-            "client_msg_id": tag,
-            "text": f"~L{tag} {self.filler}",
-            "ref": tag,
-        }
-        opcode, data = self.dialect.encode(frame)
-        if not client.proto_send(opcode, data):
-            self.counts["send_failed"] += 1
-            return
-        client.inflight += 1
-        self.counts["sent"] += 1
-        if not self.first_send_ns:
-            self.first_send_ns = now
-        if self.track_flight:
-            self.flight.add((client.index << 32) | client.seq)
-
-    async def rotate_and_send(self, client: Client) -> None:
-        """A new conversation (REST), joined, then the message: a product-shaped turn."""
-        try:
-            old = client.conv_id
-            await self.setup.open_conversation(client)
-            if old is not None:
-                client.send_frame({"type": "leave", "conversation_id": old})
-            client.turn = 0
-            client.busy = False
-            if self.running:
-                self.send(client)
-        except Exception as exc:
-            client.busy = False
-            self.counts["rotate_failed"] += 1
-            if len(self.errors) < 10:
-                self.errors.append(f"client {client.index}: new conversation: {exc!r}")
-
-    async def pace(self, t_go_ns: int) -> None:
-        """Send at the configured rate, spread round-robin over this worker's senders."""
-        senders = self.senders
-        if not senders:
-            return
-        total = self.config.total_senders
-        rate = self.config.rate * len(senders) / total
-        done = 0
-        turn = 0
-        while self.running:
-            due = int((time.monotonic_ns() - t_go_ns) / 1e9 * rate) - done
-            for _ in range(max(0, due)):
-                for _ in range(len(senders)):
-                    client = senders[turn]
-                    turn = (turn + 1) % len(senders)
-                    if self.try_send(client):
-                        break
-                else:
-                    self.counts["skipped_window_full"] += 1
-                done += 1
-            await asyncio.sleep(0.004)
-
     # -- phases ----------------------------------------------------------------------------
 
     async def ramp(self, t0_ns: int) -> None:
@@ -287,6 +210,14 @@ class Worker:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(setup.connect(client, gate)))
         await asyncio.gather(*tasks)
+        if self.board is not None:
+            config = self.config
+            per = config.senders_per_conversation
+            self.board.watch(
+                i
+                for i in range(config.clients)
+                if i % config.members < per and self.local_members.get(i // config.members)
+            )
 
     async def run(self, t_go_ns: int) -> None:
         self.cpu_at_go = own_cpu_seconds()
@@ -294,19 +225,22 @@ class Worker:
         if delay > 0:
             await asyncio.sleep(delay)
         end = t_go_ns + int(self.config.duration_s * 1e9)
+        driver: asyncio.Task[None] | None = None
         if self.config.mode != "idle":
             self.running = True
-            if self.config.rate == 0:
+            if self.config.rate != 0:
+                driver = asyncio.create_task(self.pace(t_go_ns))
+            else:
                 for client in self.senders:
                     for _ in range(self.config.window):
                         if not self.try_send(client):
                             break
-            else:
-                pacer = asyncio.create_task(self.pace(t_go_ns))
+                if self.board is not None:
+                    driver = asyncio.create_task(self.follow_board())
         await asyncio.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))
         self.running = False
-        if self.config.mode != "idle" and self.config.rate != 0:
-            await pacer
+        if driver is not None:
+            await driver
         # wait for the answers to what was sent
         deadline = time.monotonic() + self.config.ack_timeout_s
         while time.monotonic() < deadline and self.unanswered() > 0:  # noqa: ASYNC110

@@ -2,7 +2,8 @@
 
     python -m chatload.workerproc
 
-It talks JSON lines: stdin brings ``init`` (the config, the worker's index, the ramp start),
+It talks JSON lines: stdin brings ``init`` (the config, the worker's index, the ramp start,
+the board of a flat-out chat load's shared windows: ``flow``),
 ``go`` and ``expect``; stdout carries ``ready``, ``progress`` (every second), ``sent`` and
 ``report``.
 """
@@ -16,6 +17,7 @@ import sys
 from typing import Any
 
 from .config import LoadConfig
+from .flow import DoneBoard
 from .worker import Worker
 
 
@@ -45,7 +47,12 @@ async def _ticker(worker: Worker) -> None:
 async def main_async() -> None:
     reader = await _commands()
     init = await _read(reader, "init")
-    worker = Worker(LoadConfig.from_wire(init["config"]), int(init["index"]))
+    config = LoadConfig.from_wire(init["config"])
+    index = int(init["index"])
+    board = None
+    if init.get("board"):
+        board = DoneBoard(str(init["board"]), config.procs, config.clients, index)
+    worker = Worker(config, index, board=board)
     ticker = asyncio.create_task(_ticker(worker))
     try:
         await worker.ramp(int(init["t0_ns"]))
@@ -61,6 +68,8 @@ async def main_async() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
         await worker.close_all()
+        if board is not None:
+            board.close()
 
 
 def main() -> None:
