@@ -8,6 +8,9 @@ a round trip of tens of milliseconds; on the embedded store, a read queued behin
 write). So an entry used past ``REFRESH_S`` is read again in the background while it still
 serves: a conversation in use never waits for the store. The bound stays: a refreshed entry
 counts its age from when its read began, and one that expires waits for the store as before.
+The entries that come due within ``REFRESH_GATHER_S`` of each other are read again together,
+in one query: with thousands of conversations in use, a few reads a second, not one per
+conversation every ``REFRESH_S``.
 
 In a store outage an expired entry still serves (the members as last read hold, or every send
 to a busy conversation would be refused after ``CACHE_S`` of an outage the outbox is there to
@@ -28,9 +31,11 @@ log = logging.getLogger(__name__)
 
 CACHE_S = 10.0
 REFRESH_S = CACHE_S / 2
-# Reads in the background at once, at most: past this a due entry waits for the next use
-# (and, should none come before it expires, that use reads the store as before).
-MAX_REFRESHING = 64
+# Well within CACHE_S - REFRESH_S: a gathered entry is read again long before it expires.
+REFRESH_GATHER_S = 0.5
+# Entries due or being read again at once, at most: past this a due entry waits for the next
+# use (and, should none come before it expires, that use reads the store as before).
+MAX_REFRESHING = 1024
 
 
 class ConversationCache:
@@ -41,14 +46,18 @@ class ConversationCache:
         self.size = size
         # id -> (conversation, monotonic time its read began)
         self._entries: OrderedDict[str, tuple[Conversation, float]] = OrderedDict()
-        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        # Due to be read again, and being read: id -> the entry's read time when it came due
+        self._due: dict[str, float] = {}
+        self._reading: dict[str, float] = {}
+        self._reader: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @property
     def refreshing(self) -> int:
-        return len(self._refreshing)
+        """Entries due to be read again in the background, or being read."""
+        return len(self._due) + len(self._reading)
 
     def remember(self, conversation: Conversation, read_at: float | None = None) -> None:
         entries = self._entries
@@ -88,46 +97,58 @@ class ConversationCache:
         return conversation_or_none
 
     def _refresh_soon(self, conversation_id: str, read_at: float) -> None:
-        if conversation_id in self._refreshing or len(self._refreshing) >= MAX_REFRESHING:
+        if conversation_id in self._due or conversation_id in self._reading:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._refresh(conversation_id, read_at), name="conversation-refresh"
-        )
-        self._refreshing[conversation_id] = task
-        task.add_done_callback(self._refreshed)
+        if self.refreshing >= MAX_REFRESHING:
+            return
+        self._due[conversation_id] = read_at
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read_due(), name="conversation-refresh"
+            )
 
-    def _refreshed(self, task: asyncio.Task[None]) -> None:
-        for conversation_id, running in self._refreshing.items():
-            if running is task:
-                del self._refreshing[conversation_id]
-                return
+    async def _read_due(self) -> None:
+        """Read the due entries again, together, until none is due."""
+        try:
+            while self._due:
+                await asyncio.sleep(REFRESH_GATHER_S)  # let the others due about now join
+                self._reading, self._due = self._due, {}
+                try:
+                    await self._refresh(self._reading)
+                finally:
+                    self._reading = {}
+        finally:
+            self._reader = None
 
-    async def _refresh(self, conversation_id: str, read_at: float) -> None:
+    async def _refresh(self, due: dict[str, float]) -> None:
         began = time.monotonic()
         try:
-            conversation = await self.store.get_conversation(conversation_id)
+            found = await self.store.get_conversations(list(due))
         except StoreUnavailable as exc:
-            log.debug("conversation not refreshed, the store is down: %s", exc)
+            log.debug("conversations not refreshed, the store is down: %s", exc)
             return
-        except Exception:  # the entry serves until it expires; its next read reports anew
+        except Exception:  # the entries serve until they expire; their next read reports anew
             log.exception("conversation refresh failed")
             return
-        current = self._entries.get(conversation_id)
-        if current is None or current[1] != read_at:
-            return  # forgotten or read again meanwhile: this read may be the older one
-        if conversation is None:
-            del self._entries[conversation_id]  # deleted: the next use asks the store
-        else:
-            self._entries[conversation_id] = (conversation, began)
+        entries = self._entries
+        for conversation_id, read_at in due.items():
+            current = entries.get(conversation_id)
+            if current is None or current[1] != read_at:
+                continue  # forgotten or read again meanwhile: this read may be the older one
+            conversation = found.get(conversation_id)
+            if conversation is None:
+                del entries[conversation_id]  # deleted: the next use asks the store
+            else:
+                entries[conversation_id] = (conversation, began)
 
     async def settled(self) -> None:
-        """Every background read in flight has ended."""
-        while self._refreshing:
-            await asyncio.wait(set(self._refreshing.values()))
+        """Every entry due has been read again (or its read failed)."""
+        while self._reader is not None:
+            await asyncio.wait({self._reader})
 
     async def close(self) -> None:
-        tasks = list(self._refreshing.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        reader = self._reader
+        if reader is not None:
+            reader.cancel()
+            await asyncio.wait({reader})
+        self._due.clear()

@@ -42,6 +42,11 @@ class Store(Protocol):
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None: ...
 
+    async def get_conversations(self, conversation_ids: Sequence[str]) -> dict[str, Conversation]:
+        """Those of ``conversation_ids`` that exist, by id, in one read (the conversation
+        cache's refresh of every entry that came due together)."""
+        ...
+
     async def list_conversations(
         self, user_id: str, cursor: str | None, limit: int
     ) -> ConversationPage:

@@ -18,6 +18,18 @@ CONVERSATION_COLUMNS = (
     "WHERE mm.conversation_id = c.id ORDER BY mm.position) AS members"
 )
 
+# The conversations of the ids $1 (a text array).
+CONVERSATIONS_BY_ID_SQL = f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ANY($1)"
+# The message a client id names in a conversation ($1), from a user or none ($2): $3.
+BY_CLIENT_MSG_ID_SQL = (
+    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
+    'AND client_msg_id = $3 AND user_id IS NOT DISTINCT FROM $2 ORDER BY "offset" LIMIT 1'
+)
+USAGE_ON_SQL = (
+    "SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM usage "
+    "WHERE user_id = $1 AND day = $2"
+)
+
 # User messages of the last $1 seconds with no stored answer (at most $2).
 UNANSWERED_SQL = unanswered_sql(SCHEMA_COLUMNS, "now() - make_interval(secs => $1)", "$2")
 

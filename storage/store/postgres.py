@@ -30,9 +30,12 @@ from .pg_connect import create_pool, is_unavailable, pool_options
 from .pg_migrate import check_schema, migrate
 from .pg_partitions import PartitionReport, drop_old_partitions, ensure_partitions
 from .pg_rows import (
+    BY_CLIENT_MSG_ID_SQL,
     CONVERSATION_COLUMNS,
+    CONVERSATIONS_BY_ID_SQL,
     MESSAGE_COLUMNS,
     UNANSWERED_SQL,
+    USAGE_ON_SQL,
     row_conversation,
     row_message,
 )
@@ -236,15 +239,15 @@ class PostgresStore:
         )
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
+        return (await self.get_conversations((conversation_id,))).get(conversation_id)
+
+    async def get_conversations(self, conversation_ids: Sequence[str]) -> dict[str, Conversation]:
         # Primary: this is the membership check of every join and send, and a conversation
         # created a moment ago on another instance must already be found.
-        row = await self._primary_op(
-            lambda conn: conn.fetchrow(
-                f"SELECT {CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = $1",
-                conversation_id,
-            )
+        rows = await self._primary_op(
+            lambda conn: conn.fetch(CONVERSATIONS_BY_ID_SQL, list(conversation_ids))
         )
-        return row_conversation(row) if row is not None else None
+        return {row["id"]: row_conversation(row) for row in rows}
 
     async def list_conversations(
         self, user_id: str, cursor: str | None, limit: int
@@ -351,9 +354,7 @@ class PostgresStore:
         # Primary: idempotency checks must see the message stored a moment ago.
         row = await self._primary_op(
             lambda conn: conn.fetchrow(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 "
-                "AND client_msg_id = $3 AND user_id IS NOT DISTINCT FROM $2 "
-                'ORDER BY "offset" LIMIT 1',
+                BY_CLIENT_MSG_ID_SQL,
                 storable(conversation_id),
                 None if user_id is None else storable(user_id),
                 storable(client_msg_id),  # as a hostile id was stored (see write_messages)
@@ -388,12 +389,5 @@ class PostgresStore:
     async def usage_on(self, user_id: str, day: str) -> int:
         when = date.fromisoformat(day)
         # May lag: quota checks tolerate a second of staleness.
-        value = await self._lagging_op(
-            lambda conn: conn.fetchval(
-                "SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM usage "
-                "WHERE user_id = $1 AND day = $2",
-                user_id,
-                when,
-            )
-        )
+        value = await self._lagging_op(lambda conn: conn.fetchval(USAGE_ON_SQL, user_id, when))
         return int(value)

@@ -30,6 +30,8 @@ from .sqlite_ops import (
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5_000
+# Ids bound in one ``IN (...)``: well under SQLite's variable limit (999 before 3.32).
+SQL_IDS_PER_QUERY = 500
 
 
 class _Worker:
@@ -178,15 +180,22 @@ class SqliteStore:
         await self._w().run(op)
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
-        def op(conn: sqlite3.Connection) -> Conversation | None:
-            row = conn.execute(
-                "SELECT id, agent_id, title, owner_id, created_at, updated_at "
-                "FROM conversations WHERE id = ?",
-                (conversation_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            return row_conversation(row, load_members(conn, [conversation_id])[conversation_id])
+        return (await self.get_conversations((conversation_id,))).get(conversation_id)
+
+    async def get_conversations(self, conversation_ids: Sequence[str]) -> dict[str, Conversation]:
+        def op(conn: sqlite3.Connection) -> dict[str, Conversation]:
+            found: dict[str, Conversation] = {}
+            ids = list(dict.fromkeys(conversation_ids))
+            for at in range(0, len(ids), SQL_IDS_PER_QUERY):
+                part = ids[at : at + SQL_IDS_PER_QUERY]
+                rows = conn.execute(
+                    "SELECT id, agent_id, title, owner_id, created_at, updated_at "
+                    f"FROM conversations WHERE id IN ({','.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+                members = load_members(conn, [row[0] for row in rows])
+                found.update((row[0], row_conversation(row, members[row[0]])) for row in rows)
+            return found
 
         return await self._r().run(op)
 

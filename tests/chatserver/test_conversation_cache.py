@@ -44,14 +44,18 @@ async def _conversation(store: SqliteStore, cid: str, members: tuple[str, ...]) 
     return made
 
 
+Read = Callable[[list[str]], Awaitable[dict[str, Conversation]]]
+
+
 class HeldReads:
     """The store's own reads, each held until let go: what a busy store looks like."""
 
-    def __init__(self, read: Callable[[str], Awaitable[Conversation | None]]) -> None:
+    def __init__(self, read: Read) -> None:
         self._read = read
         self.go = asyncio.Event()
         self.entered = asyncio.Event()
         self.started = 0
+        self.asked: list[list[str]] = []  # the ids of each read
 
     async def reached(self, reads: int) -> None:
         """At least ``reads`` reads have begun (within WAIT_S)."""
@@ -60,23 +64,26 @@ class HeldReads:
                 self.entered.clear()
                 await self.entered.wait()
 
-    async def __call__(self, conversation_id: str) -> Conversation | None:
+    async def __call__(self, conversation_ids: list[str]) -> dict[str, Conversation]:
         self.started += 1
+        self.asked.append(list(conversation_ids))
         self.entered.set()
         await self.go.wait()
-        return await self._read(conversation_id)
+        return await self._read(conversation_ids)
 
 
 async def _cached_then_held(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch, constant: str
 ) -> tuple[ConversationCache, HeldReads]:
-    """c1 (own, u2) cached; ``constant`` (REFRESH_S or CACHE_S) 0; the store's reads held."""
+    """c1 (own, u2) cached; ``constant`` (REFRESH_S or CACHE_S) 0; the store's reads (one
+    conversation or several: the store reads one as a list of one) held."""
     await _conversation(store, "c1", ("own", "u2"))
     cache = ConversationCache(store, 10)
     assert await cache.get("c1") is not None
     monkeypatch.setattr(conversation_cache, constant, 0.0)
-    held = HeldReads(store.get_conversation)
-    monkeypatch.setattr(store, "get_conversation", held)
+    monkeypatch.setattr(conversation_cache, "REFRESH_GATHER_S", 0.0)
+    held = HeldReads(store.get_conversations)
+    monkeypatch.setattr(store, "get_conversations", held)
     return cache, held
 
 
@@ -88,7 +95,8 @@ async def test_an_entry_in_use_is_read_again_in_the_background(
     # The store is held, yet the use is answered at once, from the entry...
     got = await asyncio.wait_for(cache.get("c1"), WAIT_S)
     assert got is not None and got.members == ("own", "u2")
-    assert held.started == 1 and cache.refreshing == 1
+    await held.reached(1)
+    assert held.asked == [["c1"]] and cache.refreshing == 1
     assert (await cache.get("c1")) == got  # one read in flight per entry, not one per use
     assert held.started == 1
     # ... and the read in the background brings the store's members in.
@@ -133,30 +141,57 @@ async def test_a_refresh_in_an_outage_keeps_the_entry(
     await cache.get("c1")
     monkeypatch.setattr(conversation_cache, "REFRESH_S", 0.0)
 
-    async def down(conversation_id: str) -> None:
+    async def down(conversation_ids: list[str]) -> None:
         raise StoreUnavailable("the store is down")
 
-    monkeypatch.setattr(store, "get_conversation", down)
+    monkeypatch.setattr(store, "get_conversations", down)
     assert await cache.get("c1") == made
     await asyncio.wait_for(cache.settled(), WAIT_S)
     assert await cache.get("c1") == made
 
 
-async def test_reads_in_the_background_are_bounded(
+async def _three_cached(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[ConversationCache, HeldReads]:
+    """c1, c2, c3 (own, u2) cached and due at once; the store's reads held."""
     for cid in ("c1", "c2", "c3"):
-        await _conversation(store, cid, ("own",))
+        await _conversation(store, cid, ("own", "u2"))
     cache = ConversationCache(store, 10)
     for cid in ("c1", "c2", "c3"):
         await cache.get(cid)
     monkeypatch.setattr(conversation_cache, "REFRESH_S", 0.0)
+    monkeypatch.setattr(conversation_cache, "REFRESH_GATHER_S", 0.0)
+    held = HeldReads(store.get_conversations)
+    monkeypatch.setattr(store, "get_conversations", held)
+    return cache, held
+
+
+async def test_entries_due_together_are_read_again_in_one_read(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, held = await _three_cached(store, monkeypatch)
+    await store.remove_member("c2", "u2")
+    for cid in ("c1", "c2", "c3"):
+        assert await cache.get(cid) is not None  # each use answered from its entry
+    await held.reached(1)
+    assert held.asked == [["c1", "c2", "c3"]] and cache.refreshing == 3
+    held.go.set()
+    await asyncio.wait_for(cache.settled(), WAIT_S)
+    assert held.started == 1 and cache.refreshing == 0
+    monkeypatch.setattr(conversation_cache, "REFRESH_S", 60.0)
+    got = await cache.get("c2")
+    assert got is not None and got.members == ("own",)  # what the one read found
+    assert held.started == 1
+
+
+async def test_reads_in_the_background_are_bounded(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(conversation_cache, "MAX_REFRESHING", 2)
-    held = HeldReads(store.get_conversation)
-    monkeypatch.setattr(store, "get_conversation", held)
+    cache, held = await _three_cached(store, monkeypatch)
     for cid in ("c1", "c2", "c3"):
         assert await cache.get(cid) is not None
-    await held.reached(2)
-    assert cache.refreshing == 2 and held.started == 2
+    await held.reached(1)
+    assert cache.refreshing == 2 and held.asked == [["c1", "c2"]]
     await cache.close()  # cancels what is in flight
     assert cache.refreshing == 0

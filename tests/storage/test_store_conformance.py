@@ -93,6 +93,19 @@ async def test_conversation_round_trip(store: Store) -> None:
     assert await store.get_conversation("nope") is None
 
 
+async def test_conversations_are_read_together(store: Store) -> None:
+    first = conversation("c1", members=("u1", "u2", "u3"))
+    second = conversation("c2", owner="u2", members=("u2", "u1"))
+    for made in (first, second):
+        await store.create_conversation(made)
+    found = await store.get_conversations(["c2", "nope", "c1", "c2"])
+    assert found == {"c1": first, "c2": second}  # members in the order they were given
+    assert await store.get_conversations([]) == {}
+    assert await store.get_conversations(["nope"]) == {}
+    many = [f"x{i}" for i in range(1200)] + ["c1"]  # past one query's bound of ids
+    assert await store.get_conversations(many) == {"c1": first}
+
+
 async def test_owner_is_always_a_member(store: Store) -> None:
     await store.create_conversation(conversation("c1", owner="boss", members=("u2",)))
     got = await store.get_conversation("c1")
