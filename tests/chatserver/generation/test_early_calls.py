@@ -5,6 +5,7 @@ Gemini driven through the real clients."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -168,6 +169,64 @@ async def test_early_calls_are_bounded_and_one_not_taken_cancels_itself(
     again = generation.begin_early(conversation, "q", "alice")  # room again
     assert again is not None
     again.cancel()
+
+
+async def test_a_question_parked_behind_a_waiting_one_cancels_its_call_at_once(
+    make_harness: MakeHarness, redis_url: str
+) -> None:
+    """Four questions at once, each with its call begun before any append is done, their
+    appends let through one by one: bob's takes the reply's slot (and its call), alice's
+    is next in line (it waits in the conversation's lane), carol's waits for its turn, and
+    dave's is parked behind carol's with no task: dave's call is cancelled there and then,
+    not when its turn comes nor after the ``ADOPT_WITHIN_S`` in which an unadopted call
+    cancels itself."""
+    harness = await make_harness(redis_url=redis_url, local_token_ms=120)  # 15 words: 1.8 s
+    events: list[tuple[str, str]] = []
+    _record_opens(harness, events)
+    users = ("bob", "alice", "carol", "dave")  # the order their appends are let through
+    conv = await harness.conversation("alice", members=["bob", "carol", "dave"])
+    clients = {user: await harness.connect(user) for user in users}
+    for client in clients.values():
+        await client.join(conv)
+    await _asked(clients["alice"], conv, "the first question")  # the context is held now
+    conversations: Any = harness.app[keys.CONVERSATIONS]
+    append = conversations.append
+    gates = {f"q-{user}": asyncio.Event() for user in users}
+    appended = {text: asyncio.Event() for text in gates}
+
+    async def held(draft: MessageDraft, *args: Any, **kwargs: Any) -> Any:
+        gate = gates.get(draft.text)
+        if gate is not None:
+            await gate.wait()
+        result = await append(draft, *args, **kwargs)
+        if gate is not None:
+            appended[draft.text].set()
+        return result
+
+    conversations.append = held
+    generation = harness.app[keys.GENERATION]
+    acks = {}
+    for user in users:
+        acks[user] = asyncio.create_task(clients[user].send(conv, f"q-{user}"))
+        await eventually(lambda text=f"q-{user}": ("opened", text) in events)
+    for user in ("bob", "alice", "carol"):
+        gates[f"q-{user}"].set()
+        await asyncio.wait_for(appended[f"q-{user}"].wait(), 5)
+    bob = asyncio.create_task(clients["bob"].reply((await acks["bob"]).message_id))
+    await eventually(lambda: conv in generation._waiting_turn, what="carol's turn awaited")
+    assert _calls(harness, "cancelled") == 0 and _calls(harness, "adopted") == 1  # bob's
+    gates["q-dave"].set()
+    await eventually(lambda: _calls(harness, "cancelled") == 1, what="dave's call cancelled")
+    assert not bob.done()  # dave's call went when he was parked, bob's reply still running
+    replies = {"bob": await bob}
+    for user in users[1:]:
+        replies[user] = await clients[user].reply((await acks[user]).message_id)
+    for user, reply in replies.items():
+        assert reply.end is not None and reply.text.startswith(f"You said: q-{user}")
+    # alice's and carol's calls asked without the answers before theirs: each cancelled
+    # when its reply's turn came, and the reply asked again.
+    assert _calls(harness, "cancelled") == 3 and _calls(harness, "adopted") == 1
+    assert generation.provider.active == 0
 
 
 async def test_a_resend_cancels_its_call_and_gets_no_second_reply(
