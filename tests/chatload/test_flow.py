@@ -16,6 +16,7 @@ import pytest
 from chatload import LoadConfig
 from chatload.accounting import marker
 from chatload.flow import NO_LIMIT, DoneBoard, create_board
+from chatload.session import Client
 from chatload.worker import Worker
 
 PROCS, CLIENTS, MEMBERS, WINDOW = 2, 4, 4, 2
@@ -51,8 +52,12 @@ class _Connection:
         pass
 
 
-def _worker(board: DoneBoard) -> tuple[Worker, _Connection]:
-    """Worker 0 of two, its client 0 the only sender of conversation 0, connected."""
+def _sent_two(
+    boards: tuple[DoneBoard, DoneBoard],
+) -> tuple[Worker, Client, _Connection, DoneBoard]:
+    """Worker 0 of two, its client 0 the only sender of conversation 0 (members in both
+    workers), connected, flat out, with its window of 2 sent; and worker 1's board."""
+    mine, theirs = boards
     config = LoadConfig(
         urls=["ws://127.0.0.1:9/ws"],
         clients=CLIENTS,
@@ -63,14 +68,17 @@ def _worker(board: DoneBoard) -> tuple[Worker, _Connection]:
         rate=0,
         window=WINDOW,
     ).validate()
-    worker = Worker(config, 0, board=board)
+    worker = Worker(config, 0, board=mine)
     client = worker.by_index[0]
     connection = _Connection()
     client.proto = connection  # type: ignore[assignment]
     client.conv_id, client.ready, client.closed = "c0", True, False
     worker.local_members[0] = 2  # clients 0 and 2 joined here; 1 and 3 in worker 1
     worker.running = True
-    return worker, connection
+    mine.watch([0])
+    theirs.watch([0])
+    assert worker.try_send(client) and worker.try_send(client)
+    return worker, client, connection, theirs
 
 
 def _done_here(worker: Worker, seq: int) -> None:
@@ -96,12 +104,7 @@ def test_a_new_board_holds_no_sender_back_until_a_worker_watches_it(
 def test_a_sender_waits_for_the_members_in_the_other_worker(
     boards: tuple[DoneBoard, DoneBoard],
 ) -> None:
-    mine, theirs = boards
-    worker, connection = _worker(mine)
-    mine.watch([0])
-    theirs.watch([0])
-    client = worker.by_index[0]
-    assert worker.try_send(client) and worker.try_send(client)
+    worker, client, connection, theirs = _sent_two(boards)
     assert not worker.try_send(client)  # the window is full
     _done_here(worker, 1)
     _done_here(worker, 2)
@@ -115,12 +118,7 @@ def test_a_sender_waits_for_the_members_in_the_other_worker(
 
 
 def test_a_refused_message_is_not_waited_for(boards: tuple[DoneBoard, DoneBoard]) -> None:
-    mine, theirs = boards
-    worker, _ = _worker(mine)
-    mine.watch([0])
-    theirs.watch([0])
-    client = worker.by_index[0]
-    assert worker.try_send(client) and worker.try_send(client)
+    worker, client, _, theirs = _sent_two(boards)
     _done_here(worker, 1)
     theirs.done(0)
     worker.on_error(client, {"type": "error", "code": "rate_limited", "ref": marker(0, 2, 0)})
@@ -134,12 +132,7 @@ def test_a_refused_message_is_not_waited_for(boards: tuple[DoneBoard, DoneBoard]
 async def test_flat_out_the_worker_sends_again_when_the_other_catches_up(
     boards: tuple[DoneBoard, DoneBoard],
 ) -> None:
-    mine, theirs = boards
-    worker, connection = _worker(mine)
-    mine.watch([0])
-    theirs.watch([0])
-    client = worker.by_index[0]
-    assert worker.try_send(client) and worker.try_send(client)
+    worker, _, connection, theirs = _sent_two(boards)
     _done_here(worker, 1)
     _done_here(worker, 2)
     follower = asyncio.create_task(worker.follow_board())

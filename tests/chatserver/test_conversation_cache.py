@@ -17,6 +17,7 @@ from storage import SqliteStore, StoreUnavailable
 from storage.records import Conversation
 
 WAIT_S = 5.0
+THREE = ("c1", "c2", "c3")
 
 
 @pytest.fixture
@@ -73,13 +74,17 @@ class HeldReads:
 
 
 async def _cached_then_held(
-    store: SqliteStore, monkeypatch: pytest.MonkeyPatch, constant: str
+    store: SqliteStore,
+    monkeypatch: pytest.MonkeyPatch,
+    constant: str,
+    ids: tuple[str, ...] = ("c1",),
 ) -> tuple[ConversationCache, HeldReads]:
-    """c1 (own, u2) cached; ``constant`` (REFRESH_S or CACHE_S) 0; the store's reads (one
-    conversation or several: the store reads one as a list of one) held."""
-    await _conversation(store, "c1", ("own", "u2"))
+    """The conversations ``ids`` (own, u2) cached; ``constant`` (REFRESH_S or CACHE_S) 0;
+    the store's reads (one conversation or several: it reads one as a list of one) held."""
     cache = ConversationCache(store, 10)
-    assert await cache.get("c1") is not None
+    for cid in ids:
+        await _conversation(store, cid, ("own", "u2"))
+        assert await cache.get(cid) is not None
     monkeypatch.setattr(conversation_cache, constant, 0.0)
     monkeypatch.setattr(conversation_cache, "REFRESH_GATHER_S", 0.0)
     held = HeldReads(store.get_conversations)
@@ -150,28 +155,12 @@ async def test_a_refresh_in_an_outage_keeps_the_entry(
     assert await cache.get("c1") == made
 
 
-async def _three_cached(
-    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
-) -> tuple[ConversationCache, HeldReads]:
-    """c1, c2, c3 (own, u2) cached and due at once; the store's reads held."""
-    for cid in ("c1", "c2", "c3"):
-        await _conversation(store, cid, ("own", "u2"))
-    cache = ConversationCache(store, 10)
-    for cid in ("c1", "c2", "c3"):
-        await cache.get(cid)
-    monkeypatch.setattr(conversation_cache, "REFRESH_S", 0.0)
-    monkeypatch.setattr(conversation_cache, "REFRESH_GATHER_S", 0.0)
-    held = HeldReads(store.get_conversations)
-    monkeypatch.setattr(store, "get_conversations", held)
-    return cache, held
-
-
 async def test_entries_due_together_are_read_again_in_one_read(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache, held = await _three_cached(store, monkeypatch)
+    cache, held = await _cached_then_held(store, monkeypatch, "REFRESH_S", THREE)
     await store.remove_member("c2", "u2")
-    for cid in ("c1", "c2", "c3"):
+    for cid in THREE:
         assert await cache.get(cid) is not None  # each use answered from its entry
     await held.reached(1)
     assert held.asked == [["c1", "c2", "c3"]] and cache.refreshing == 3
@@ -188,8 +177,8 @@ async def test_reads_in_the_background_are_bounded(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(conversation_cache, "MAX_REFRESHING", 2)
-    cache, held = await _three_cached(store, monkeypatch)
-    for cid in ("c1", "c2", "c3"):
+    cache, held = await _cached_then_held(store, monkeypatch, "REFRESH_S", THREE)
+    for cid in THREE:
         assert await cache.get(cid) is not None
     await held.reached(1)
     assert cache.refreshing == 2 and held.asked == [["c1", "c2"]]
