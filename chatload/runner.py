@@ -171,13 +171,12 @@ async def run_loadtest(config: LoadConfig) -> dict[str, Any]:
     pids = config.server_pids
     sample_start = procstat.sample(pids + config.aux_pids)
     t0_ns = time.monotonic_ns() + int(0.5e9)
-    workers: list[WorkerProc] = []
     # Flat-out chat over several workers: a sender's window waits on every worker's members.
     board = ""
     if config.mode == "chat" and config.rate == 0 and config.procs > 1:
         board = create_board(config.procs, config.clients)
     try:
-        return await _run_workers(config, workers, t0_ns, board, sample_start)
+        return await _run_workers(config, t0_ns, board, sample_start)
     finally:
         if board:
             with contextlib.suppress(OSError):
@@ -186,12 +185,12 @@ async def run_loadtest(config: LoadConfig) -> dict[str, Any]:
 
 async def _run_workers(
     config: LoadConfig,
-    workers: list[WorkerProc],
     t0_ns: int,
     board: str,
     sample_start: dict[str, dict[str, float | int | None]],
 ) -> dict[str, Any]:
     pids = config.server_pids
+    workers: list[WorkerProc] = []
     for index in range(config.procs):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -19,12 +19,14 @@ if TYPE_CHECKING:
     from .dialects import Dialect
     from .session import Client, Setup
 
-# How often a worker looks at the board for the other workers' progress: well under the
-# time a delivery takes, a few hundred wakeups' CPU a second.
+# How often a worker looks at the board for the other workers' progress (flat out only): well
+# under the time a delivery takes, for a thousand cheap wake-ups a second.
 BOARD_POLL_S = 0.001
 
 
 class Sending:
+    """The sending half of a ``Worker`` (the attributes are the worker's)."""
+
     config: LoadConfig
     counts: Counter[str]
     dialect: Dialect
