@@ -100,9 +100,16 @@ def test_ai(tmp_path: Path) -> None:
         assert level["production"]["redis"]["by_command"]["publish"] > 0
         assert level["socketio"]["redis"]["by_command"]["publish"] > 0
         assert level["production"]["postgres_cpu_us_per_reply"] is not None
+        # At the goals' level, production then embedded once more (the opposite order):
+        # the goal's ratio pools both runs of each.
+        again = level["again"]
+        assert again["production"]["replies"] > 0 and again["chatserver"]["replies"] > 0
+        assert again["production"]["defects"] == again["chatserver"]["defects"] == 0
     goals = data["production_goals"]
     assert goals["redis_commands_per_reply"]["value"] > 0
-    assert goals["instance_cpu_per_reply_vs_embedded"]["value"] is not None
+    cpu = goals["instance_cpu_per_reply_vs_embedded"]
+    assert cpu["value"] is not None and len(cpu["pairs"]) == 2
+    assert ", again |" in data["markdown"]
     assert goals["lost_duplicated_reordered"]["met"]
     assert "Redis commands per reply by command" in data["markdown"]
     assert data["git_commit"] != "unknown"
