@@ -23,6 +23,11 @@ Two comparators, each started in the same run:
   answers each message from the same provider with one ``await ws.send_str()`` per delta and
   nothing else (no store, window, limits or metrics), driven by the same harness.
 
+At its ``--production`` levels it also runs production mode (2 instances on Redis and
+Postgres) and the python-socketio peer (docs/benchmarks.md); at the highest of them, where
+issue 18's goals are read, production and then the embedded instance once more, and the
+goals' CPU ratios pool both runs of each (``bench/ai_report.py``).
+
 Writes ``bench/results/ai.json``.
 """
 
