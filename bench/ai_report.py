@@ -39,6 +39,25 @@ def below(value: float | None, limit: float) -> bool | None:
     return None if value is None else value < limit
 
 
+def under(value: float | None, limit: float) -> dict[str, Any]:
+    """A goal of milliseconds: below ``limit``."""
+    return {"value": value, "goal": f"< {limit} ms", "met": below(value, limit)}
+
+
+def at_most(value: float | None, limit: float, shown: str) -> dict[str, Any]:
+    return {"value": value, "goal": f"<= {shown}", "met": None if value is None else value <= limit}
+
+
+def pair_ratios(
+    production_runs: list[dict[str, Any]], embedded_runs: list[dict[str, Any]], key: str
+) -> list[float | None]:
+    """``key`` of each production run ÷ the embedded instance's CPU per reply beside it."""
+    return [
+        ratio(p[key], e["server_cpu_us_per_reply"])
+        for p, e in zip(production_runs, embedded_runs, strict=True)
+    ]
+
+
 def pooled(runs: list[dict[str, Any]], key: str) -> float | None:
     """A per-reply figure over several runs of one server: their totals over their replies."""
     counted = [f for f in runs if f.get(key) is not None and f["replies"]]
@@ -83,41 +102,21 @@ def production_goals(
         peer_ratio, peer_met = None, None
     return {
         "level": level,
+        # Each pair's own ratio beside the pooled one (a production run ÷ the embedded run
+        # beside it: the first pair, then the second).
         "instance_cpu_per_reply_vs_embedded": {
-            "value": cpu_ratio,
-            # each production run ÷ the embedded run beside it (the first pair, then the
-            # second); the value pools them (CPU over replies, each mode's runs together)
-            "pairs": [
-                ratio(p["server_cpu_us_per_reply"], e["server_cpu_us_per_reply"])
-                for p, e in zip(production_runs, embedded_runs, strict=True)
-            ],
-            "goal": f"<= {GOAL_CPU_RATIO}x",
-            "met": None if cpu_ratio is None else cpu_ratio <= GOAL_CPU_RATIO,
+            **at_most(cpu_ratio, GOAL_CPU_RATIO, f"{GOAL_CPU_RATIO}x"),
+            "pairs": pair_ratios(production_runs, embedded_runs, "server_cpu_us_per_reply"),
         },
-        "redis_commands_per_reply": {
-            "value": commands,
-            "goal": f"<= {GOAL_REDIS_COMMANDS:g}",
-            "met": None if commands is None else commands <= GOAL_REDIS_COMMANDS,
-        },
+        "redis_commands_per_reply": at_most(
+            commands, GOAL_REDIS_COMMANDS, f"{GOAL_REDIS_COMMANDS:g}"
+        ),
         "redis_cpu_per_reply_vs_embedded_instance": {
-            "value": redis_ratio,
-            "pairs": [
-                ratio(p["redis_cpu_us_per_reply"], e["server_cpu_us_per_reply"])
-                for p, e in zip(production_runs, embedded_runs, strict=True)
-            ],
-            "goal": f"<= {GOAL_REDIS_CPU_RATIO}x",
-            "met": None if redis_ratio is None else redis_ratio <= GOAL_REDIS_CPU_RATIO,
+            **at_most(redis_ratio, GOAL_REDIS_CPU_RATIO, f"{GOAL_REDIS_CPU_RATIO}x"),
+            "pairs": pair_ratios(production_runs, embedded_runs, "redis_cpu_us_per_reply"),
         },
-        "production_ttft_added_p50": {
-            "value": prod["ttft_added_p50_ms"],
-            "goal": f"< {GOAL_TTFT_P50_MS} ms",
-            "met": below(prod["ttft_added_p50_ms"], GOAL_TTFT_P50_MS),
-        },
-        "production_gap_added_p99": {
-            "value": prod["gap_added_p99_ms"],
-            "goal": f"< {GOAL_GAP_P99_MS} ms",
-            "met": below(prod["gap_added_p99_ms"], GOAL_GAP_P99_MS),
-        },
+        "production_ttft_added_p50": under(prod["ttft_added_p50_ms"], GOAL_TTFT_P50_MS),
+        "production_gap_added_p99": under(prod["gap_added_p99_ms"], GOAL_GAP_P99_MS),
         "replies_per_s_at_equal_latency_vs_socketio": {
             "value": peer_ratio,
             "production_replies_per_s": ours,
