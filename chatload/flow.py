@@ -12,7 +12,7 @@ has. Each worker writes only its own row (one writer per cell, aligned 8-byte st
 sender may have ``window`` messages beyond the least of its cells over every worker. A cell of
 a worker with no member of the sender's conversation holds ``NO_LIMIT`` and never holds it
 back. A worker learns of another's progress by looking again every millisecond
-(``Worker.follow_board``); its own members' progress releases its senders at once.
+(``Sending.follow_board``); its own members' progress releases its senders at once.
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ def create_board(procs: int, clients: int) -> str:
 class DoneBoard:
     """One worker's view of the board: its own row to write, every row to read."""
 
-    __slots__ = ("_cells", "_clients", "_file", "_map", "_own", "_rows")
+    __slots__ = ("_cells", "_file", "_map", "_own", "_rows")
 
     def __init__(self, path: str, procs: int, clients: int, index: int) -> None:
-        self._clients = clients
         self._rows = [w * clients for w in range(procs)]
         self._own = index * clients
         self._file = open(path, "r+b")  # noqa: SIM115 (held open with the map; closed by close)

@@ -125,6 +125,8 @@ def build_report(
             "rejected": dict(rejected),
             "unanswered": int(counts["unanswered"]),
             "skipped_window_full": int(counts["skipped_window_full"]),
+            # flat out over several workers: sends that waited on another worker's members
+            "sent_after_other_workers": int(counts["sent_after_other_workers"]),
             "expected_deliveries": int(counts["expected_deliveries"]),
             "delivered": delivered,
             "lost": int(counts["lost"]),

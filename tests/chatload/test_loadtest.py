@@ -94,6 +94,8 @@ async def test_flat_out_keeps_a_window_and_loses_nothing(make_harness: MakeHarne
     )
     counts = report["counts"]
     assert counts["sent"] > 20  # flat out: each release sends the next one
+    # 2 workers: the windows span them (flow.py); how often one waited is reported
+    assert 0 <= counts["sent_after_other_workers"] <= counts["sent"]
     assert counts["delivered"] == counts["expected_deliveries"] == 4 * counts["acked"]
     assert counts["defects"] == 0
     assert report["rates_per_s"]["delivered"] > 0
