@@ -87,6 +87,8 @@ class RedisReplyBuffer:
         incarnation: str | None = None,
     ) -> None:
         self._redis = redis
+        # Asked per reply: a check against redis-py's client classes costs microseconds.
+        self._cluster = isinstance(redis, RedisCluster)
         self._server_id = server_id  # records and heartbeats are always by this instance
         # This process's own: the value of its alive key, and of each reply it begins. One
         # started again under the same server id is alive again at once; its earlier run's
@@ -178,7 +180,7 @@ class RedisReplyBuffer:
         context: int,
         since: tuple[int, bytes] = (0, b""),
     ) -> AppendFollow | None:
-        if isinstance(self._redis, RedisCluster) or time.monotonic() >= self._alive_until:
+        if self._cluster or time.monotonic() >= self._alive_until:
             return None  # the instance's replies are another slot; liveness due: ``begin``
         conv = conversation_keys(self._prefix, owner.conversation_id)
         keys = (
@@ -237,7 +239,7 @@ class RedisReplyBuffer:
         return {r.generation_id for r, ok in zip(records, results, strict=True) if not ok}
 
     def release_gate(self, conversation_id: str, generation_id: str) -> AppendGate | None:
-        if isinstance(self._redis, RedisCluster):
+        if self._cluster:
             return None  # a cluster's window takes no gates
         return AppendGate(_RELEASE_LUA, tuple(self._keys(conversation_id)), (generation_id,))
 

@@ -26,12 +26,12 @@ async def script_calls(
 ) -> list[Any]:
     """Script calls (and plain commands ``extra``, sent first) in one round trip on one
     Redis; the scripts' results, in order."""
+    if isinstance(redis, TickPipelinedRedis):  # first: the production client, the cheap check
+        return await _ticked_calls(redis, calls, extra)
     if isinstance(redis, RedisCluster):
         for command in extra:
             await redis.execute_command(*command)
         return await _cluster_calls(calls)
-    if isinstance(redis, TickPipelinedRedis):
-        return await _ticked_calls(redis, calls, extra)
     out: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
     first = True

@@ -121,7 +121,65 @@ class DecodedMessages:
             if through < after or kept_epoch != epoch:
                 return None
         listed = [entry_fields(entry) for entry in reversed(entries)]
+        if after > 0:
+            extended = self._extend(conversation_id, listed, epoch, after, limit)
+            if extended is not None:
+                return extended
         return self.decode(conversation_id, listed, epoch=epoch, kept_through=after, limit=limit)
+
+    def _extend(
+        self,
+        conversation_id: str,
+        entries: list[tuple[int, bytes, int | None]],
+        epoch: bytes,
+        kept_through: int,
+        limit: int,
+    ) -> tuple[Message, ...] | None:
+        """``decode`` of what a follow read after ``kept_through``, done on the kept entries
+        in place: per reply a message or two is new, where rebuilding the entries cost a pass
+        over the whole context. None when the read does not come in offset order after them
+        (``decode`` then does it)."""
+        found = self._conversations.get(conversation_id)
+        if found is None:
+            return None
+        kept, size = found
+        last = kept_through
+        for offset, _, _ in entries:
+            if offset <= last:
+                return None
+            last = offset
+        tail: dict[int, _Entry] = {}  # kept after the read's start (``add_next``): reusable
+        while kept and next(reversed(kept)) > kept_through:
+            offset, entry = kept.popitem()
+            tail[offset] = entry
+            size -= entry[3]
+        from_kept = len(kept)
+        for offset, payload, ms in entries:
+            reusable = tail.get(offset)
+            if reusable is not None and reusable[1] == ms and reusable[0] == payload:
+                self.reused += 1
+                entry = reusable
+            else:
+                entry = _entry(payload, offset, ms)
+            kept[offset] = entry
+            size += entry[3]
+        while len(kept) > limit:
+            size -= kept.pop(next(iter(kept)))[3]
+            from_kept -= 1
+        self.reused += max(0, from_kept)
+        self._bytes += size - found[1]
+        self._conversations[conversation_id] = (kept, size)
+        self._conversations.move_to_end(conversation_id)
+        self._epochs[conversation_id] = epoch
+        if size > self.max_bytes:  # as decode: a context past the bound is not kept
+            self._conversations.pop(conversation_id)
+            self._epochs.pop(conversation_id, None)
+            self._bytes -= size
+        while self._bytes > self.max_bytes:
+            dropped_id, (_, dropped) = self._conversations.popitem(last=False)
+            self._epochs.pop(dropped_id, None)
+            self._bytes -= dropped
+        return tuple([entry[2] for entry in kept.values()])
 
     def decode(
         self,

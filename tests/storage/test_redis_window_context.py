@@ -190,3 +190,76 @@ async def test_a_window_without_follows_keeps_no_context(redis_clients: RedisCli
     await memory.rebuild("c1", [], 0)
     await memory.append(draft("a question", cid="c1"), MemoryOutbox())
     assert memory.context_kept("c1") == ()
+
+
+def _script_entry(offset: int, text: str | None = None) -> list[object]:
+    """A window entry as a follow's script returns it (stream id, fields as a list)."""
+    from storage.redis_codec import TIME_MS, message_payload
+
+    message = Message(f"m{offset}", "c1", offset, "user", text or f"text {offset}", "", user_id="u")
+    ms = str(1_700_000_000_000 + offset).encode()
+    return [f"{offset}-0".encode(), [b"m", message_payload(message), TIME_MS, ms]]
+
+
+def _follow(offsets: list[int], after: int, text: dict[int, str] | None = None) -> list[object]:
+    newest_first = [_script_entry(o, (text or {}).get(o)) for o in reversed(offsets)]
+    return [newest_first, b"e1", after]
+
+
+def test_a_follow_extends_what_is_kept_as_a_whole_decode_would() -> None:
+    """A follow reading after the kept messages adds to them in place (a message or two a
+    reply, not the whole context again): the same messages, reuse and bytes as decoding the
+    whole read anew, through answers kept after the read, the limit and the bound."""
+    from storage.window.decoded import DecodedMessages
+    from storage.window.redis_entries import entry_fields
+
+    def both(max_bytes: int) -> tuple[DecodedMessages, DecodedMessages]:
+        fast, whole = DecodedMessages(max_bytes), DecodedMessages(max_bytes)
+        for kept in (fast, whole):
+            read = _follow(list(range(1, 5)), 0)[0]
+            listed = [entry_fields(e) for e in reversed(read)]  # type: ignore[arg-type]
+            kept.decode("c1", listed, epoch=b"e1", limit=4)
+        return fast, whole
+
+    def step(fast: DecodedMessages, whole: DecodedMessages, offsets: list[int], limit: int) -> None:
+        after = fast.since("c1")[0]
+        read = _follow(offsets, after)
+        got = fast.followed("c1", read, limit)
+        listed = [entry_fields(e) for e in reversed(read[0])]  # type: ignore[union-attr]
+        want = whole.decode("c1", listed, epoch=b"e1", kept_through=after, limit=limit)
+        assert got is not None and [m.offset for m in got] == [m.offset for m in want]
+        assert got == want
+        assert (fast.reused, fast.fill(), fast.since("c1")) == (
+            whole.reused,
+            whole.fill(),
+            whole.since("c1"),
+        )
+        assert fast.kept("c1") == whole.kept("c1")
+
+    fast, whole = both(1 << 20)
+    step(fast, whole, [5], 50)  # a new question
+    step(fast, whole, [6, 7], 6)  # two, past the limit: the oldest go
+    answer = _script_entry(8)
+    for kept in (fast, whole):  # an answer appended here, then a read from before it
+        assert kept.add_next("c1", 8, answer[1][1], 1_700_000_000_008)  # type: ignore[index]
+    first = fast.kept("c1")[-1]
+    fast_read = fast.followed("c1", _follow([8, 9], 7), 50)
+    assert fast_read is not None and fast_read[-2] is first  # the kept answer, not decoded again
+    whole.decode(
+        "c1",
+        [entry_fields(e) for e in reversed(_follow([8, 9], 7)[0])],  # type: ignore[union-attr]
+        epoch=b"e1",
+        kept_through=7,
+        limit=50,
+    )
+    assert (fast.reused, fast.fill()) == (whole.reused, whole.fill())
+    # Past the bound in bytes the conversation is not kept, as a whole decode leaves it.
+    probe, _ = both(1 << 20)
+    fast, whole = both(probe.fill()["context_cache_bytes"][0] + 10)
+    step(fast, whole, [5, 6, 7], 50)
+    assert fast.since("c1") == (0, b"") and fast.fill()["context_cache_bytes"][0] == 0
+    # A read not after what is kept is left to the whole decode.
+    fast, whole = both(1 << 20)
+    out_of_order = [[_script_entry(5), _script_entry(6)], b"e1", 4]  # oldest first: wrong way
+    assert fast._extend("c1", [(6, b"", None), (5, b"", None)], b"e1", 4, 50) is None
+    assert fast.followed("c1", out_of_order, 50) is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -79,6 +80,8 @@ class RedisBroker:
         # read by its own task (redis-py's cluster pub/sub polls node after node).
         self._subscribers: dict[str, Subscriber] = {}
         self._channels: dict[bytes, str] = {}  # subscribed channel -> conversation id
+        # The same conversations by id: a reply's deltas ask per delta, with no name to build.
+        self._subscribed: set[str] = set()
         self._outgoing: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -171,6 +174,7 @@ class RedisBroker:
     async def subscribe(self, conversation_id: str) -> None:
         name = self.channel(conversation_id).encode()
         self._channels[name] = conversation_id
+        self._subscribed.add(conversation_id)
         try:
             await self._subscriber_for(name).subscribe(name)
             # After the subscription is live: an owner that sees us in the set publishes,
@@ -182,12 +186,14 @@ class RedisBroker:
             await pipe.execute()
         except BaseException:
             self._channels.pop(name, None)
+            self._subscribed.discard(conversation_id)
             raise
 
     async def unsubscribe(self, conversation_id: str) -> None:
         name = self.channel(conversation_id).encode()
         if self._channels.pop(name, None) is None:
             return
+        self._subscribed.discard(conversation_id)
         try:
             # A failure here leaves a stale entry: needless publishes, nothing lost.
             watchers = conversation_keys(self._prefix, conversation_id).watchers
@@ -216,16 +222,14 @@ class RedisBroker:
         # the writer task is woken ahead of the local flush, so the PUBLISH leaves before
         # this instance spends milliseconds writing to its own members, and the other
         # instances fan out in parallel with it. Same order locally as through Redis.
-        server_id, outgoing, channels = self.server_id, self._outgoing, self._channels
+        server_id, outgoing, subscribed = self.server_id, self._outgoing, self._subscribed
         now = time.time()
         local: list[Event] = []
         for event in events:
-            channel = self.channel(event.conversation_id)
-            payload = Envelope(
-                server_id, event.published_at or now, event.conversation_id, event.frame
-            ).pack()
-            outgoing.append((channel, payload))
-            if channel.encode() in channels:
+            cid = event.conversation_id
+            payload = Envelope(server_id, event.published_at or now, cid, event.frame).pack()
+            outgoing.append((self.channel(cid), payload))
+            if cid in subscribed:
                 local.append(event)
         self._wake.set()
         deliver = self._deliver
@@ -237,9 +241,9 @@ class RedisBroker:
         deliver = self._deliver
         if deliver is None:
             return
-        channels = self._channels
+        subscribed = self._subscribed
         for event in events:
-            if self.channel(event.conversation_id).encode() in channels:
+            if event.conversation_id in subscribed:
                 deliver(event)
 
     async def send_control(self, server_id: str, message: Control) -> None:
@@ -315,8 +319,10 @@ class RedisBroker:
                 conn, [("PUBLISH", channel, payload) for channel, payload in batch]
             )
             await conn.send_packed_command(packed, check_health=False)
-            for _ in batch:
-                await conn.read_response()
+            # One timer for the batch's replies: redis-py arms one around every read.
+            async with asyncio.timeout(conn.socket_timeout):
+                for _ in batch:
+                    await conn.read_response(timeout=math.inf)
         except BaseException:
             # Replies may be left unread on it: never reuse it.
             self._conn = None
