@@ -46,7 +46,7 @@ class BatchWriter:
         store: Store,
         *,
         max_batch: int = 10_000,
-        max_wait_ms: float = 50,
+        max_wait_ms: float = 1000,
         min_interval_ms: float = 0,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
@@ -103,6 +103,7 @@ class BatchWriter:
             return
         self._task = None
         self._finishing = True
+        self.outbox.interrupt()
         try:
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(task)
@@ -127,6 +128,7 @@ class BatchWriter:
         try:
             if drain:
                 self._draining = True
+                self.outbox.interrupt()
                 try:
                     async with asyncio.timeout(timeout_s):
                         await asyncio.shield(task)
@@ -154,6 +156,9 @@ class BatchWriter:
             if self._standby and not await self._needed():
                 continue
             wait_s = _DRAIN_WAIT_S if self._draining else self.max_wait_s
+            # Idle, a read waits up to ``max_wait_s`` (a second by default: a wake-up a second,
+            # where reading every 50 ms was most of an idle instance's CPU); an entry ends the
+            # wait at once, and ``stop`` and ``finish`` end it (``Outbox.interrupt``).
             entries = await self._retry(
                 "outbox read", functools.partial(self.outbox.read, self.max_batch, wait_s)
             )
@@ -175,7 +180,7 @@ class BatchWriter:
         assert self._load is not None
         if self._load.busy or self._draining:
             return True
-        await asyncio.sleep(max(self.min_interval_s, self.max_wait_s))
+        await asyncio.sleep(self.min_interval_s or self.max_wait_s)
         return False
 
     async def _pace(self, started: float) -> None:

@@ -282,7 +282,10 @@ class PersistSettings:
         "batch_writers", 0, "int", "batch writers per instance (0: 2 on Postgres, 1 on SQLite)"
     )
     batch_wait_ms: int = setting(
-        "batch_wait_ms", 50, "int", "longest idle wait of the batch writer for its first message"
+        "batch_wait_ms",
+        1000,
+        "int",
+        "longest idle wait of the batch writer for its first message (it reads one at once)",
     )
     batch_interval_ms: int = setting(
         "batch_interval_ms",

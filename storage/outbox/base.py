@@ -31,8 +31,15 @@ class Outbox(Protocol):
     async def read(self, max_count: int, max_wait_s: float) -> list[OutboxEntry]:
         """Up to ``max_count`` entries not yet handed out; waits up to ``max_wait_s`` for one.
 
-        Returns an empty list on timeout. Entries stay pending until acked.
+        Returns an empty list on timeout, or once ``interrupt`` ended the wait. Entries stay
+        pending until acked.
         """
+        ...
+
+    def interrupt(self) -> None:
+        """End the wait of a read waiting for entries now (it returns what it has: nothing),
+        or else the wait of the next one: a stopping writer does not wait out a long
+        ``max_wait_s``. Nothing read is dropped."""
         ...
 
     async def ack(self, entry_ids: Sequence[str]) -> None:

@@ -29,6 +29,7 @@ class MemoryOutbox:
         # Set whenever something is queued; readers clear it before waiting, so a wake-up is
         # never missed and nobody polls.
         self._ready = asyncio.Event()
+        self._interrupted = False
 
     async def start(self) -> None:
         pass
@@ -59,7 +60,8 @@ class MemoryOutbox:
         # Several readers may wake for one entry; the losers go back to waiting.
         while not self._queued:
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self._interrupted:
+                self._interrupted = False
                 return []
             self._ready.clear()
             try:
@@ -74,6 +76,10 @@ class MemoryOutbox:
             self._pending[entry.entry_id] = entry
             out.append(entry)
         return out
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        self._ready.set()
 
     async def ack(self, entry_ids: Sequence[str]) -> None:
         for entry_id in entry_ids:

@@ -102,6 +102,9 @@ class RedisOutbox:
         self._inflight: dict[int, asyncio.Task[list[_Raw]]] = {}
         self._buffer: deque[OutboxEntry] = deque()
         self._read_lock = asyncio.Lock()
+        # ``interrupt``: the wait it ends (a read's blocking phase), or a flag for the next.
+        self._waker: asyncio.Future[None] | None = None
+        self._interrupted = False
         self._next_claim = 0.0
         self._claim_cursor = ["0-0"] * shards
         # Our own pending entries are read again at the first read and after a failed one;
@@ -196,7 +199,8 @@ class RedisOutbox:
         # Nothing there: block, in short blocks, until an entry comes or time is up.
         while True:
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self._interrupted:
+                self._interrupted = False
                 return []
             block_ms = max(1, int(min(remaining, _BLOCK_CHUNK_S) * 1000))
             for index, unit in enumerate(self._units):
@@ -209,12 +213,24 @@ class RedisOutbox:
                     # failure nobody collected because no read came after it.
                     task.add_done_callback(_observe)
                     self._inflight[index] = task
-            done, _ = await asyncio.wait(
-                self._inflight.values(), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            await self._harvest(done)
+            # The blocking reads go on when the wait ends early: the next read harvests them.
+            waker = self._waker = loop.create_future()
+            waited: list[asyncio.Future[Any]] = [*self._inflight.values(), waker]
+            try:
+                done, _ = await asyncio.wait(
+                    waited, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                self._waker = None
+                waker.cancel()
+            await self._harvest({t for t in self._inflight.values() if t in done})
             if self._buffer:
                 return self._take(max_count)
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        if self._waker is not None and not self._waker.done():
+            self._waker.set_result(None)
 
     async def ack(self, entry_ids: Sequence[str]) -> None:
         self._out.difference_update(entry_ids)

@@ -55,6 +55,28 @@ async def test_read_waits_for_the_first_entry(outbox: Outbox, new_message: Messa
     assert [e.message for e in entries] == [message]
 
 
+async def test_interrupt_ends_a_read_s_wait_and_drops_nothing(
+    outbox: Outbox, new_message: MessageFactory
+) -> None:
+    """A stopping writer does not wait out a long read: ``interrupt`` ends the wait (of the
+    read waiting now, or of the next), an entry at hand is still handed out, and the read
+    after waits for entries as ever."""
+    waiting = asyncio.create_task(outbox.read(10, LONG_WAIT_S))
+    await asyncio.sleep(0)  # started (it may or may not be waiting yet: both end)
+    outbox.interrupt()
+    assert await asyncio.wait_for(waiting, 5) == []
+    at_hand = new_message("c1")
+    await outbox.add(at_hand)
+    outbox.interrupt()
+    assert [e.message for e in await asyncio.wait_for(outbox.read(10, LONG_WAIT_S), 5)] == [at_hand]
+    assert await asyncio.wait_for(outbox.read(10, LONG_WAIT_S), 5) == []  # that interrupt's
+    later = new_message("c1")
+    reader = asyncio.create_task(outbox.read(10, LONG_WAIT_S))
+    writer = asyncio.create_task(outbox.add(later))
+    assert [e.message for e in await asyncio.wait_for(reader, 5)] == [later]
+    await writer
+
+
 async def test_concurrent_readers_split_entries(
     outbox: Outbox, new_message: MessageFactory
 ) -> None:
