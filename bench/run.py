@@ -3,9 +3,10 @@
     .venv/bin/python bench/run.py [--quick] [--only connections,fanout] [--out bench/results]
 
 Scenarios (each a script of its own, run as a subprocess so one failing does not stop the
-rest): connections, fanout, ai (embedded, the bare floor, and production mode beside the
-python-socketio peer), persist (bench/persist.py, from the Postgres work, when present),
-writer-cpu (the batch writer's path, CPU per message, beside raw COPY), product-scale, soak
+rest): connections, idle (an idle server's CPU), fanout, ai (embedded, the bare floor, and
+production mode beside the python-socketio peer), persist (bench/persist.py, from the
+Postgres work, when present), writer-cpu (the batch writer's path, CPU per message, beside
+raw COPY), product-scale, soak
 (memory under steady load: 10 minutes per mode here, ``bench/soak.py --minutes 30`` on its
 own for the full one; ``--quick``: 24 s per mode). Each writes
 ``<out>/<scenario>.json`` (persist and soak their own files, by date or by length); this
@@ -25,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {
     "connections": "bench/connections.py",
+    "idle": "bench/idle.py",
     "fanout": "bench/fanout.py",
     "ai": "bench/ai.py",
     "loop-passes": "bench/loop_passes.py",

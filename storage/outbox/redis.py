@@ -196,6 +196,9 @@ class RedisOutbox:
             await self._accept([raw for result in results for raw in result])
         if self._buffer:
             return self._take(max_count)
+        # An idle read ends by the next claim of dead consumers' entries (made at the start of
+        # a read): however long the writer's wait, claims come as often.
+        deadline = min(deadline, loop.time() + max(0.0, self._next_claim - time.monotonic()))
         # Nothing there: block, in short blocks, until an entry comes or time is up.
         while True:
             remaining = deadline - loop.time()

@@ -130,6 +130,23 @@ async def test_a_dead_consumers_entries_are_claimed_after_the_idle_time(
     assert await alive.backlog() == 0
 
 
+async def test_a_long_idle_read_still_claims_in_time(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    """An idle read waits long (a batch writer's second, here a minute) but ends by the next
+    claim of dead consumers' entries: a long wait does not delay a takeover."""
+    dead = await make_outbox(redis_clients, "dead", claim_idle_ms=1000)
+    alive = await make_outbox(redis_clients, "alive", claim_idle_ms=1000)
+    message = new_message("c1")
+    await dead.add(message)
+    assert [e.message for e in await dead.read(10, 1.0)] == [message]  # then it dies
+    async with asyncio.timeout(10):  # a minute's wait would pass it
+        claimed: list[OutboxEntry] = []
+        while not claimed:
+            claimed = await alive.read(10, 60.0)
+    assert [e.message for e in claimed] == [message] and alive.reclaimed == 1
+
+
 async def test_instances_share_the_group_and_never_get_an_entry_twice(
     redis_clients: RedisClients, new_message: MessageFactory
 ) -> None:

@@ -189,3 +189,17 @@ def test_loop_passes(tmp_path: Path) -> None:
     for name in names:
         assert data["results"][name]["passes_mean"] >= 1, name
     assert "loop passes per round trip" in data["markdown"]
+
+
+def test_idle(tmp_path: Path) -> None:
+    data = _run("idle.py", tmp_path)
+    processes = {
+        "chatserver embedded": 1,
+        "chatserver production": 2,
+        "bare aiohttp": 1,
+        "python-socketio": 2,
+    }
+    for name, count in processes.items():
+        values = data["ms_per_s"][name]
+        assert len(values) == count and all(v is not None and v >= 0 for v in values), name
+    assert "CPU per process, ms a second" in data["markdown"]
