@@ -160,6 +160,13 @@ def main() -> int:
         action="store_false",
         help="at the goals' level, skip the second production and embedded runs (pooled)",
     )
+    parser.add_argument(
+        "--no-one-instance",
+        dest="one_instance",
+        action="store_false",
+        help="at the goals' level, skip production mode on one instance (not a goal: it "
+        "tells the Redis and Postgres path's cost from the load's split over two)",
+    )
     parser.add_argument("--quick", action="store_true", help="20 replies for 2 s")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -220,6 +227,10 @@ def main() -> int:
                     "production": _figures(prod_again, postgres_cpu_s=pg_again),
                     "chatserver": _figures(emb_again),
                 }
+            if n == max(production) and args.one_instance:
+                alone_prod, pg_alone = _production(args, n, env, redis, postgres, instances=1)
+                runs[f"{n} production one instance"] = slim(alone_prod)
+                table[str(n)]["one_instance"] = _figures(alone_prod, postgres_cpu_s=pg_alone)
     top = table[str(max(levels))]
     goals = {
         "ttft_added_p50": under(top["ttft_added_p50_ms"], GOAL_TTFT_P50_MS),
@@ -266,13 +277,19 @@ def _embedded(args: argparse.Namespace, n: int, env: dict[str, str]) -> Any:
 
 
 def _production(
-    args: argparse.Namespace, n: int, env: dict[str, str], redis: Any, postgres: Any
+    args: argparse.Namespace,
+    n: int,
+    env: dict[str, str],
+    redis: Any,
+    postgres: Any,
+    instances: int = 2,
 ) -> tuple[Any, float | None]:
-    """The load on 2 fresh instances on the run's Redis and Postgres; and what Postgres
-    spent over it."""
+    """The load on fresh instances (2: the goals' shape) on the run's Redis and Postgres; and
+    what Postgres spent over it."""
     on_redis = {"aux_pids": [redis_pid(redis)], "redis_urls": [redis.url]}
     dsn = postgres.dsn_for("chat")
-    with chatservers(2, redis_url=redis.url, env=env, args=["--database-url", dsn]) as servers:
+    started = chatservers(instances, redis_url=redis.url, env=env, args=["--database-url", dsn])
+    with started as servers:
         pg_before = cpu_of(postgres_pids(postgres))  # the pools are open now
         prod = _drive(
             args, n, "chatserver", [s.url for s in servers],

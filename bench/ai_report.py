@@ -108,6 +108,11 @@ def production_goals(
             **at_most(cpu_ratio, GOAL_CPU_RATIO, f"{GOAL_CPU_RATIO}x"),
             "pairs": pair_ratios(production_runs, embedded_runs, "server_cpu_us_per_reply"),
         },
+        # Not a goal: production's path on one instance (all the load on it) ÷ embedded,
+        # which tells what Redis and Postgres cost from what splitting the load costs.
+        "one_instance_cpu_per_reply_vs_embedded": ratio(
+            (row.get("one_instance") or {}).get("server_cpu_us_per_reply"), embedded_cpu
+        ),
         "redis_commands_per_reply": at_most(
             commands, GOAL_REDIS_COMMANDS, f"{GOAL_REDIS_COMMANDS:g}"
         ),
@@ -169,6 +174,7 @@ def markdown(
         again = row.get("again") or {}
         rows = [(short[key], row if key == "chatserver" else row.get(key)) for key in short]
         rows += [(f"{short[key]}, again", again.get(key)) for key in ("production", "chatserver")]
+        rows.append(("chatserver production, one instance", row.get("one_instance")))
         for name, f in rows:
             if f is None:
                 continue
@@ -289,6 +295,9 @@ def markdown(
         f"- replies/s at the same {level} concurrent replies (not at equal latency), "
         f"production ÷ python-socketio: {g['replies_per_s_at_equal_concurrency_vs_socketio']} "
         f"({prod_row['replies_per_s']} vs {peer_row['replies_per_s']})",
+        f"- not a goal: production mode on one instance (all {level} replies on it) ÷ "
+        f"embedded: {g['one_instance_cpu_per_reply_vs_embedded'] or 'not run'} (the Redis and "
+        "Postgres path alone; the goal's two instances add what splitting the load costs)",
         f"- python-socketio lost/duplicated/reordered at {level}: {g['socketio_defects']} "
         "(its deltas are checked by `seq` like ours)",
         f"- per reply, production carried {prod_row['deltas_per_reply']} deltas and the "

@@ -82,8 +82,8 @@ class _Finishing(ManagerState):
             released = await store
             await self._charge(run, finish)
         else:
-            # One task beside this one, not gather's two (2% of an instance under load): the
-            # charge's command is in flight with the store's append, in its batch or the next.
+            # One task beside this one, not gather's two (~2% of a production instance's
+            # py-spy samples): the charge's command is in flight with the store's append.
             charge = asyncio.ensure_future(self._charge(run, finish))
             try:
                 released = await store

@@ -105,7 +105,10 @@ def test_ai(tmp_path: Path) -> None:
         again = level["again"]
         assert again["production"]["replies"] > 0 and again["chatserver"]["replies"] > 0
         assert again["production"]["defects"] == again["chatserver"]["defects"] == 0
+        # And production mode on one instance, all the load on it (not a goal).
+        assert level["one_instance"]["replies"] > 0 and level["one_instance"]["defects"] == 0
     goals = data["production_goals"]
+    assert goals["one_instance_cpu_per_reply_vs_embedded"] is not None
     assert goals["redis_commands_per_reply"]["value"] > 0
     cpu = goals["instance_cpu_per_reply_vs_embedded"]
     assert cpu["value"] is not None and len(cpu["pairs"]) == 2
