@@ -102,9 +102,8 @@ class RedisOutbox:
         self._inflight: dict[int, asyncio.Task[list[_Raw]]] = {}
         self._buffer: deque[OutboxEntry] = deque()
         self._read_lock = asyncio.Lock()
-        # ``interrupt``: the wait it ends (a read's blocking phase), or a flag for the next.
-        self._waker: asyncio.Future[None] | None = None
-        self._interrupted = False
+        self._waker: asyncio.Future[None] | None = None  # ``interrupt`` ends this wait
+        self._interrupted = False  # ... or, when no read waits, the next one's
         self._next_claim = 0.0
         self._claim_cursor = ["0-0"] * shards
         # Our own pending entries are read again at the first read and after a failed one;
@@ -196,8 +195,7 @@ class RedisOutbox:
             await self._accept([raw for result in results for raw in result])
         if self._buffer:
             return self._take(max_count)
-        # An idle read ends by the next claim of dead consumers' entries (made at the start of
-        # a read): however long the writer's wait, claims come as often.
+        # Idle, it ends by the next claim (made at a read's start): a long wait delays none.
         deadline = min(deadline, loop.time() + max(0.0, self._next_claim - time.monotonic()))
         # Nothing there: block, in short blocks, until an entry comes or time is up.
         while True:
@@ -216,8 +214,7 @@ class RedisOutbox:
                     # failure nobody collected because no read came after it.
                     task.add_done_callback(_observe)
                     self._inflight[index] = task
-            # The blocking reads go on when the wait ends early: the next read harvests them.
-            waker = self._waker = loop.create_future()
+            waker = self._waker = loop.create_future()  # cut short, the reads go on
             waited: list[asyncio.Future[Any]] = [*self._inflight.values(), waker]
             try:
                 done, _ = await asyncio.wait(
