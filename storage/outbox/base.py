@@ -38,8 +38,9 @@ class Outbox(Protocol):
 
     def interrupt(self) -> None:
         """End the wait of a read waiting for entries now (it returns what it has: nothing),
-        or else the wait of the next one: a stopping writer does not wait out a long
-        ``max_wait_s``. Nothing read is dropped."""
+        or else the wait of the next one; each call ends one wait (two writers stopping end
+        both their reads). A stopping writer does not wait out a long ``max_wait_s``.
+        Nothing read is dropped."""
         ...
 
     async def ack(self, entry_ids: Sequence[str]) -> None:

@@ -29,7 +29,7 @@ class MemoryOutbox:
         # Set whenever something is queued; readers clear it before waiting, so a wake-up is
         # never missed and nobody polls.
         self._ready = asyncio.Event()
-        self._interrupted = False
+        self._interrupts = 0  # waits to end (``interrupt``): one each
 
     async def start(self) -> None:
         pass
@@ -60,8 +60,8 @@ class MemoryOutbox:
         # Several readers may wake for one entry; the losers go back to waiting.
         while not self._queued:
             remaining = deadline - loop.time()
-            if remaining <= 0 or self._interrupted:
-                self._interrupted = False
+            if self._interrupts or remaining <= 0:  # an ending wait takes one interrupt
+                self._interrupts = max(0, self._interrupts - 1)
                 return []
             self._ready.clear()
             try:
@@ -78,7 +78,7 @@ class MemoryOutbox:
         return out
 
     def interrupt(self) -> None:
-        self._interrupted = True
+        self._interrupts += 1
         self._ready.set()
 
     async def ack(self, entry_ids: Sequence[str]) -> None:

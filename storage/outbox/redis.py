@@ -103,7 +103,7 @@ class RedisOutbox:
         self._buffer: deque[OutboxEntry] = deque()
         self._read_lock = asyncio.Lock()
         self._waker: asyncio.Future[None] | None = None  # ``interrupt`` ends this wait
-        self._interrupted = False  # ... or, when no read waits, the next one's
+        self._interrupts = 0  # ... one wait each: of a read to come when none waits
         self._next_claim = 0.0
         self._claim_cursor = ["0-0"] * shards
         # Our own pending entries are read again at the first read and after a failed one;
@@ -200,8 +200,8 @@ class RedisOutbox:
         # Nothing there: block, in short blocks, until an entry comes or time is up.
         while True:
             remaining = deadline - loop.time()
-            if remaining <= 0 or self._interrupted:
-                self._interrupted = False
+            if self._interrupts or remaining <= 0:  # an ending wait takes one interrupt
+                self._interrupts = max(0, self._interrupts - 1)
                 return []
             block_ms = max(1, int(min(remaining, _BLOCK_CHUNK_S) * 1000))
             for index, unit in enumerate(self._units):
@@ -228,7 +228,7 @@ class RedisOutbox:
                 return self._take(max_count)
 
     def interrupt(self) -> None:
-        self._interrupted = True
+        self._interrupts += 1
         if self._waker is not None and not self._waker.done():
             self._waker.set_result(None)
 

@@ -102,10 +102,7 @@ class DecodedMessages:
         self._conversations[conversation_id] = (entries, size + added)
         self._conversations.move_to_end(conversation_id)
         self._bytes += added
-        while self._bytes > self.max_bytes:  # others first: this one is the newest used
-            dropped_id, (_, dropped) = self._conversations.popitem(last=False)
-            self._epochs.pop(dropped_id, None)
-            self._bytes -= dropped
+        self._shrink()  # others first: this one is the newest used
         return True
 
     def followed(
@@ -175,10 +172,7 @@ class DecodedMessages:
             self._conversations.pop(conversation_id)
             self._epochs.pop(conversation_id, None)
             self._bytes -= size
-        while self._bytes > self.max_bytes:
-            dropped_id, (_, dropped) = self._conversations.popitem(last=False)
-            self._epochs.pop(dropped_id, None)
-            self._bytes -= dropped
+        self._shrink()
         return tuple([entry[2] for entry in kept.values()])
 
     def decode(
@@ -223,8 +217,12 @@ class DecodedMessages:
             if epoch is not None:
                 self._epochs[conversation_id] = epoch
             self._bytes += size
-            while self._bytes > self.max_bytes:
-                dropped_id, (_, dropped) = self._conversations.popitem(last=False)
-                self._epochs.pop(dropped_id, None)
-                self._bytes -= dropped
+            self._shrink()
         return tuple(entry[2] for _, entry in listed)
+
+    def _shrink(self) -> None:
+        """Back within the bound: the least recently read conversations go first."""
+        while self._bytes > self.max_bytes:
+            dropped_id, (_, dropped) = self._conversations.popitem(last=False)
+            self._epochs.pop(dropped_id, None)
+            self._bytes -= dropped

@@ -70,6 +70,10 @@ async def test_interrupt_ends_a_read_s_wait_and_drops_nothing(
     outbox.interrupt()
     assert [e.message for e in await asyncio.wait_for(outbox.read(10, LONG_WAIT_S), 5)] == [at_hand]
     assert await asyncio.wait_for(outbox.read(10, LONG_WAIT_S), 5) == []  # that interrupt's
+    outbox.interrupt()
+    outbox.interrupt()  # two stopping writers: each call ends one wait
+    assert await asyncio.wait_for(outbox.read(10, LONG_WAIT_S), 5) == []
+    assert await asyncio.wait_for(outbox.read(10, LONG_WAIT_S), 5) == []
     later = new_message("c1")
     reader = asyncio.create_task(outbox.read(10, LONG_WAIT_S))
     writer = asyncio.create_task(outbox.add(later))

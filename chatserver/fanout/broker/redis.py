@@ -79,8 +79,7 @@ class RedisBroker:
         # One subscriber connection; on a cluster one per node owning our channels, each
         # read by its own task (redis-py's cluster pub/sub polls node after node).
         self._subscribers: dict[str, Subscriber] = {}
-        self._channels: dict[bytes, str] = {}  # subscribed channel -> conversation id
-        # The same conversations by id: a reply's deltas ask per delta, with no name to build.
+        # Conversations subscribed, by id: a reply's deltas ask per delta, no name to build.
         self._subscribed: set[str] = set()
         self._outgoing: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
@@ -173,7 +172,6 @@ class RedisBroker:
 
     async def subscribe(self, conversation_id: str) -> None:
         name = self.channel(conversation_id).encode()
-        self._channels[name] = conversation_id
         self._subscribed.add(conversation_id)
         try:
             await self._subscriber_for(name).subscribe(name)
@@ -185,15 +183,14 @@ class RedisBroker:
             pipe.expire(watchers, _WATCHERS_TTL_S)
             await pipe.execute()
         except BaseException:
-            self._channels.pop(name, None)
             self._subscribed.discard(conversation_id)
             raise
 
     async def unsubscribe(self, conversation_id: str) -> None:
-        name = self.channel(conversation_id).encode()
-        if self._channels.pop(name, None) is None:
+        if conversation_id not in self._subscribed:
             return
         self._subscribed.discard(conversation_id)
+        name = self.channel(conversation_id).encode()
         try:
             # A failure here leaves a stale entry: needless publishes, nothing lost.
             watchers = conversation_keys(self._prefix, conversation_id).watchers
