@@ -2,9 +2,10 @@
 
 A cleanup context (``observe``) runs two tasks for the app's lifetime:
 
-- a sampler, every ``SAMPLE_INTERVAL_S``: the outbox backlog, the hot window's hit and miss
-  counts (fed into counters as deltas), the database pools' size / in use / max, active users,
-  how full each bounded in-process structure is (``chat_bounded_size``/``_limit``);
+- a sampler, every ``metrics_sample_s`` (a second by default): the outbox backlog, the reply
+  jobs, the hot window's hit and miss counts (fed into counters as deltas), the database
+  pools' size / in use / max, active users, how full each bounded in-process structure is
+  (``chat_bounded_size``/``_limit``);
 - a lag monitor: a timer that asks to wake every ``LAG_INTERVAL_S`` and records how late it
   actually woke (``chat_event_loop_lag_seconds``): anything blocking the loop shows there.
 
@@ -28,7 +29,6 @@ from .metrics import Metrics
 
 log = logging.getLogger("chatserver.observe")
 
-SAMPLE_INTERVAL_S = 1.0
 LAG_INTERVAL_S = 0.25
 _BACKLOG_TIMEOUT_S = 2.0
 
@@ -122,7 +122,7 @@ class Sampler:
         self.metrics.outbox_backlog.set(backlog)
 
 
-async def sample_forever(sampler: Sampler, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+async def sample_forever(sampler: Sampler, interval_s: float) -> None:
     while True:
         try:
             await sampler.sample()
@@ -144,7 +144,10 @@ async def observe(app: web.Application) -> AsyncIterator[None]:
     """Cleanup context: the sampler and the lag monitor, for the app's lifetime."""
     sampler = Sampler(app)
     tasks: list[asyncio.Task[Any]] = [
-        asyncio.create_task(sample_forever(sampler), name="metrics-sampler"),
+        asyncio.create_task(
+            sample_forever(sampler, app[keys.SETTINGS].server.metrics_sample_s),
+            name="metrics-sampler",
+        ),
         asyncio.create_task(watch_loop_lag(app[keys.METRICS]), name="loop-lag"),
     ]
     yield

@@ -46,6 +46,14 @@ class ServerSettings:
         "float",
         "close an HTTP connection idle (or mid-request) this long",
     )
+    # Each round with Redis reads the outbox backlog and the reply jobs (~6 commands): an idle
+    # instance's steadiest Redis traffic, and Prometheus scrapes far less often than this.
+    metrics_sample_s: float = setting(
+        "metrics_sample_s",
+        1.0,
+        "float",
+        "seconds between the sampled gauges' rounds (outbox backlog, reply jobs, Redis health)",
+    )
     allow_dev_auth: bool = setting(
         "allow_dev_auth",
         False,
@@ -58,7 +66,7 @@ class ServerSettings:
             raise bad(self, "port", "must be 0..65535")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise bad(self, "log_level", "debug|info|warning|error")
-        positive(self, "max_body_bytes", "http_idle_timeout_s")
+        positive(self, "max_body_bytes", "http_idle_timeout_s", "metrics_sample_s")
         not_negative(self, "drain_jitter_ms", "shutdown_grace_s")
 
     @property
