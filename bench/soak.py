@@ -521,15 +521,15 @@ def main() -> int:
     )
     parser.add_argument("--top", type=int, default=25, help="allocation sites reported")
     parser.add_argument(
-        "--quick", action="store_true", help="24 s per mode and 15 s traced, a light load"
+        "--quick", action="store_true", help="12 s per mode and 9 s traced, a light load"
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.quick:  # the smoke test's: every step once, in about two minutes
-        args.minutes, args.ai_clients, args.chat_clients, args.chat_rate = 0.4, 10, 20, 10.0
-        args.sample_s = min(args.sample_s, 3.0)
-        args.sites_minutes = args.sites_minutes or 0.25
-        args.warmup_minutes = args.warmup_minutes or 0.15
+    if args.quick:  # the smoke test's: every step once, in about a minute per mode
+        args.minutes, args.ai_clients, args.chat_clients, args.chat_rate = 0.2, 10, 20, 10.0
+        args.sample_s = min(args.sample_s, 1.5)
+        args.sites_minutes = args.sites_minutes or 0.15
+        args.warmup_minutes = args.warmup_minutes or 0.08
         args.sites_load = max(args.sites_load, 0.5)
     if args.sites_minutes is None:
         args.sites_minutes = min(6.0, max(2.0, args.minutes / 5))

@@ -140,16 +140,17 @@ def test_product_scale(tmp_path: Path) -> None:
     assert {c["name"] for c in data["slo"]["checks"]} >= {"ack p99 ms", "ttft p99 ms"}
 
 
-@pytest.mark.heavy  # two soaks of a minute or more: started first, not left for the end
-def test_soak(tmp_path: Path) -> None:
-    data = _run("soak.py", tmp_path)
-    assert set(data["modes"]) == {"embedded", "production"}
+@pytest.mark.heavy  # a soak and a traced one, most of a minute: started first
+@pytest.mark.parametrize("mode", ["embedded", "production"])
+def test_soak(tmp_path: Path, mode: str) -> None:
+    data = _run("soak.py", tmp_path, "--modes", mode)
+    assert set(data["modes"]) == {mode}
     assert data["goals"]["lost_duplicated"]["met"]
     for mode in data["modes"].values():
         assert mode["replies"] > 0 and mode["defects"] == 0
         for name, inst in mode["instances"].items():
             samples = inst["samples"]
-            assert len(samples) >= 5, name  # every 3 s for 24 s
+            assert len(samples) >= 5, name  # every 1.5 s for 12 s
             assert all(s["rss_mib"] > 0 and s["allocated_blocks"] > 0 for s in samples)
             assert "conversation_cache" in samples[-1]["bounded"]
             assert inst["growth"]["rss_mib_per_min"] is not None, name
