@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Protocol
 
 from ..envelope import Control
@@ -10,6 +10,18 @@ from ..events import Event
 
 Deliver = Callable[[Event], None]
 OnControl = Callable[[Control], None]
+
+
+def deliver_subscribed(
+    deliver: Deliver | None, subscribed: Container[str], events: Sequence[Event]
+) -> None:
+    """``deliver_local`` of every broker: the events of conversations this instance is
+    subscribed to, in order (none before ``start`` or after ``close``)."""
+    if deliver is None:
+        return
+    for event in events:
+        if event.conversation_id in subscribed:
+            deliver(event)
 
 
 class BrokerUnavailable(Exception):

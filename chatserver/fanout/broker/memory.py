@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from ..envelope import Control
 from ..events import Event
-from .base import Deliver, OnControl
+from .base import Deliver, OnControl, deliver_subscribed
 
 
 class MemoryBroker:
@@ -45,13 +45,7 @@ class MemoryBroker:
         self.deliver_local(events)
 
     def deliver_local(self, events: Sequence[Event]) -> None:
-        deliver = self._deliver
-        if deliver is None:
-            return
-        subscribed = self._subscribed
-        for event in events:
-            if event.conversation_id in subscribed:
-                deliver(event)
+        deliver_subscribed(self._deliver, self._subscribed, events)
 
     async def send_control(self, server_id: str, message: Control) -> None:
         if server_id == self.server_id and self.on_control is not None:

@@ -41,7 +41,7 @@ from storage.redis_keys import conversation_keys
 from ...redis_ticks import pack_commands
 from ..envelope import Control, ControlEnvelope, Envelope, own_event_test, unpack
 from ..events import Event
-from .base import BrokerUnavailable, Deliver, OnControl
+from .base import BrokerUnavailable, Deliver, OnControl, deliver_subscribed
 from .subscriber import Subscriber
 
 log = logging.getLogger("chatserver.broker.redis")
@@ -235,13 +235,7 @@ class RedisBroker:
                 deliver(event)
 
     def deliver_local(self, events: Sequence[Event]) -> None:
-        deliver = self._deliver
-        if deliver is None:
-            return
-        subscribed = self._subscribed
-        for event in events:
-            if event.conversation_id in subscribed:
-                deliver(event)
+        deliver_subscribed(self._deliver, self._subscribed, events)
 
     async def send_control(self, server_id: str, message: Control) -> None:
         """A message for one instance (e.g. cancel a reply it owns)."""
