@@ -148,13 +148,31 @@ async def inject(
     task.add_done_callback(background.discard)
 
 
+async def _reply_slots(redis_url: str) -> dict[str, dict[str, str]]:
+    """Every conversation's reply hash still in Redis: whose, which generation, how far."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return {key: await redis.hgetall(key) async for key in redis.scan_iter("chat:*:reply")}
+    finally:
+        await redis.aclose()
+
+
 async def _later(delay_s: float, action: Any) -> None:
     await asyncio.sleep(delay_s)
     await asyncio.to_thread(action)
 
 
+FAULTS = ("kill9", "sigterm", "redis", "postgres", "replica", "storm")
+
+
 async def run(
-    minutes: float, conversations: int, per_conversation: int, seed: int
+    minutes: float,
+    conversations: int,
+    per_conversation: int,
+    seed: int,
+    faults_drawn: tuple[str, ...] = FAULTS,
 ) -> dict[str, Any]:
     random.seed(seed)
     workdir = Path(tempfile.mkdtemp(prefix="chaos-"))
@@ -177,6 +195,7 @@ async def run(
                 users = [f"c{c}m{i}" for i in range(per_conversation)]
                 api = ChatApi(cluster.servers[c % 3].url, token(users[0]), http)
                 conv = str((await api.create_conversation(members=users[1:]))["id"])
+                log(f"conversation c{c}: {conv}")
                 members += [
                     Member(urls, u, token, conv, send_every_s=1.0, start_at=c + i)
                     for i, u in enumerate(users)
@@ -188,7 +207,7 @@ async def run(
         log(f"{len(members)} members in {conversations} conversations on 3 instances")
         while time.monotonic() < end - 15:
             await asyncio.sleep(random.uniform(10, 25))
-            kind = random.choice(["kill9", "sigterm", "redis", "postgres", "replica", "storm"])
+            kind = random.choice(faults_drawn)
             faults[kind] += 1
             log(f"fault: {kind} (acked so far: {sum(len(m.ledger.acked) for m in members)})")
             await inject(kind, cluster, redis, primary, replica, members, background)
@@ -224,6 +243,13 @@ async def run(
         ended: dict[str, str] = {}
         for m in members:
             ended.update(m.ledger.replies_ended)
+        never_ended = sorted(started_replies - set(ended))
+        unanswered = sorted(questions - set(answers))
+        if never_ended or unanswered:
+            # The trail to follow in the instances' logs (their directory is kept).
+            log(f"replies never ended: {never_ended}; questions unanswered: {unanswered}")
+            log(f"the instances' logs: {workdir}")
+            log(f"reply slots left in Redis: {await _reply_slots(redis.url)}")
         ledger = {
             "minutes": minutes,
             "seed": seed,
@@ -269,9 +295,17 @@ def main() -> int:
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--members", type=int, default=5, help="members per conversation")
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help="the faults drawn from, comma-separated (e.g. kill9: only instance deaths)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    ledger = asyncio.run(run(args.minutes, args.conversations, args.members, args.seed))
+    drawn = tuple(f for f in args.faults.split(",") if f)
+    if not drawn or set(drawn) - set(FAULTS):
+        parser.error(f"--faults: choose from {', '.join(FAULTS)}")
+    ledger = asyncio.run(run(args.minutes, args.conversations, args.members, args.seed, drawn))
     text = json.dumps(ledger, indent=2, sort_keys=True)
     print(text)
     out = args.out or RESULTS / f"chaos-{datetime.now(UTC):%Y-%m-%d}.json"

@@ -73,7 +73,17 @@ async def claim_jobs(manager: GenerationManager, jobs: ReplyJobs) -> int:
         manager.metrics.reply_jobs_claimed.inc(len(claimed))
         log.warning("claimed %d reply jobs of a stopped instance", len(claimed))
     for job in oldest_first([*retry, *claimed]):
-        await resume(manager, job)
+        try:
+            await resume(manager, job)
+        except Exception as exc:
+            # Held here now (no other instance claims a live holder's jobs): a store outage
+            # looking up one conversation must strand neither it nor the jobs after it.
+            log.warning(
+                "a claimed reply job could not start, retrying: %r",
+                exc,
+                extra={"conversation": job.message.conversation_id},
+            )
+            manager.retry_jobs.append(job)
     return len(retry) + len(claimed)
 
 

@@ -112,9 +112,17 @@ class _SlotSteps(ManagerState):
         assert claimed.rerun_offset is not None
         owner = claimed.owner
         cid, offset = owner.conversation_id, claimed.rerun_offset
-        conversation = await self._conversations.get(cid)
-        # The window, else the store (a busy conversation may have left it behind).
-        page = await self._conversations.history(cid, offset + 1, 1)
+        try:
+            conversation = await self._conversations.get(cid)
+            # The window, else the store (a busy conversation may have left it behind).
+            page = await self._conversations.history(cid, offset + 1, 1)
+        except Exception as exc:
+            # The slot is ours now and we live: no other instance would ever take it. It
+            # ends here, with why, rather than leave its question unanswered for good.
+            log.warning("a reply to run again could not be read: %r", exc)
+            why = "the reply of a stopped instance could not be run again: the store was away"
+            await self.store_and_end(owner, "", Finish(FinishReason.ERROR, Usage(0, 0), why))
+            return
         question = next((m for m in page.messages if m.offset == offset), None)
         if question is None or conversation is None or self._agents.get(owner.agent_id) is None:
             why = "the question of a reply cut off by its instance's stop was not found"
