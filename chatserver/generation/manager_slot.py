@@ -120,7 +120,7 @@ class _SlotSteps(ManagerState):
             # The slot is ours now and we live: no other instance would ever take it. It
             # ends here, with why, rather than leave its question unanswered for good.
             log.warning("a reply to run again could not be read: %r", exc)
-            why = "the reply of a stopped instance could not be run again: the store was away"
+            why = "a stopped instance's reply could not be run again: its question was unreadable"
             await self.store_and_end(owner, "", Finish(FinishReason.ERROR, Usage(0, 0), why))
             return
         question = next((m for m in page.messages if m.offset == offset), None)

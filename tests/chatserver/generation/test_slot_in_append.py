@@ -15,10 +15,10 @@ from chatserver.generation.jobs import generation_id_for
 from chatserver.generation.leases import sweep_orphans
 from protocol import Message, Role, format_timestamp
 from storage.jobs.redis import RedisReplyJobs
-from storage.records import MessageDraft
+from storage.records import AppendResult, Conversation, MessageDraft
 from storage.redis_keys import ConversationKeys, instance_alive_key
 
-from ..conftest import MakeHarness, eventually
+from ..conftest import Harness, MakeHarness, eventually
 
 
 def _count_begins(manager: Any) -> list[str]:
@@ -33,6 +33,21 @@ def _count_begins(manager: Any) -> list[str]:
 
     buffer.begin = counted
     return begun
+
+
+async def append_taking_the_slot(harness: Harness) -> tuple[str, Conversation, AppendResult]:
+    """A question whose append took its reply's slot: no job, the slot stands for it."""
+    manager = harness.app[keys.GENERATION]
+    conversations = harness.app[keys.CONVERSATIONS]
+    conv_id = await harness.conversation("alice")
+    conversation = await conversations.get(conv_id)
+    assert conversation is not None
+    draft = MessageDraft(conv_id, Role.USER.value, "asked while stopping", user_id="alice")
+    result = await conversations.append(
+        draft, follow=manager.append_follow(conversation, draft.text)
+    )
+    assert result.followed is not None and result.job_id is None  # no job: the slot is it
+    return conv_id, conversation, result
 
 
 async def test_a_question_first_in_line_starts_its_reply_without_taking_the_slot_again(
@@ -86,14 +101,7 @@ async def test_a_slot_its_append_took_is_the_question_s_job_until_answered(
     other = await make_harness(redis_url=redis_url, server_id="other")
     manager = first.app[keys.GENERATION]
     conversations = first.app[keys.CONVERSATIONS]
-    conv_id = await first.conversation("alice")
-    conversation = await conversations.get(conv_id)
-    assert conversation is not None
-    draft = MessageDraft(conv_id, Role.USER.value, "asked while stopping", user_id="alice")
-    result = await conversations.append(
-        draft, follow=manager.append_follow(conversation, draft.text)
-    )
-    assert result.followed is not None and result.job_id is None  # no job: the slot is it
+    conv_id, conversation, result = await append_taking_the_slot(first)
     assert not await first.app[keys.REDIS].exists(ConversationKeys("chat", conv_id).jobs)
     reply_key = ConversationKeys("chat", conv_id).reply
     redis = first.app[keys.REDIS]

@@ -15,6 +15,7 @@ from storage.redis_keys import ConversationKeys, instance_alive_key
 from storage.store.base import StoreUnavailable
 
 from ..conftest import MakeHarness, eventually
+from .test_slot_in_append import append_taking_the_slot
 
 
 async def test_a_job_that_cannot_start_is_retried_and_the_next_ones_run(
@@ -80,14 +81,7 @@ async def test_a_reply_to_run_again_whose_question_cannot_be_read_ends_with_why(
     other = await make_harness(redis_url=redis_url, server_id="other")
     manager = first.app[keys.GENERATION]
     conversations = first.app[keys.CONVERSATIONS]
-    conv_id = await first.conversation("alice")
-    conversation = await conversations.get(conv_id)
-    assert conversation is not None
-    draft = MessageDraft(conv_id, Role.USER.value, "asked while stopping", user_id="alice")
-    result = await conversations.append(
-        draft, follow=manager.append_follow(conversation, draft.text)
-    )
-    assert result.followed is not None and result.job_id is None  # the slot stands for it
+    conv_id, conversation, result = await append_taking_the_slot(first)
     manager._closing = True  # what shutdown sets first: the reply does not stream
     manager.start(conversation, result.message, None, result.followed)
     await manager.shutdown(2)
