@@ -72,9 +72,11 @@ async def claim_jobs(manager: GenerationManager, jobs: ReplyJobs) -> int:
     if claimed:
         manager.metrics.reply_jobs_claimed.inc(len(claimed))
         log.warning("claimed %d reply jobs of a stopped instance", len(claimed))
+    started = 0
     for job in oldest_first([*retry, *claimed]):
         try:
             await resume(manager, job)
+            started += 1
         except Exception as exc:
             # Held here now (no other instance claims a live holder's jobs): a store outage
             # looking up one conversation must strand neither it nor the jobs after it.
@@ -84,7 +86,7 @@ async def claim_jobs(manager: GenerationManager, jobs: ReplyJobs) -> int:
                 extra={"conversation": job.message.conversation_id},
             )
             manager.retry_jobs.append(job)
-    return len(retry) + len(claimed)
+    return started
 
 
 async def resume(manager: GenerationManager, job: ReplyJob) -> None:

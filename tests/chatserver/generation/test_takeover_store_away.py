@@ -51,7 +51,7 @@ async def test_a_job_that_cannot_start_is_retried_and_the_next_ones_run(
 
     conversations.get = get_while_the_store_is_away  # type: ignore[method-assign]
     try:
-        await claim_jobs(manager, manager.jobs)
+        assert await claim_jobs(manager, manager.jobs) == 2  # the two after it
     finally:
         conversations.get = read  # type: ignore[method-assign]
     assert [job.message.id for job in manager.retry_jobs] == [questions[0].id]
@@ -64,7 +64,7 @@ async def test_a_job_that_cannot_start_is_retried_and_the_next_ones_run(
     for question in questions[1:]:
         await eventually(lambda q=question: answered(q), what=f"{question.text} answered")
     assert not await answered(questions[0])
-    await claim_jobs(manager, manager.jobs)  # the next round: the store is back
+    assert await claim_jobs(manager, manager.jobs) == 1  # the next round: the store is back
     await eventually(lambda: answered(questions[0]), what="the first question answered")
     assert manager.retry_jobs == []
 
