@@ -4,13 +4,13 @@
 
 Starts its own Redis (AOF), Postgres primary and streaming replica, and three chatserver
 instances; members (chatclient.member.Member, which reconnect and recover the way the
-browser client does) talk in several conversations the whole time. Every 10-25 s one fault
-strikes: kill -9 of an instance (restarted a few seconds later, as an orchestrator would),
-SIGTERM drain of one, Redis restarted, Postgres stopped for 10-20 s, the replica stopped
-(restarted later), or a reconnect storm. At the end the members stop sending, every reply
-still open is waited for, each member rejoins once, and the ledger is checked against
-Postgres. Exit status 1 on any lost or duplicated message, any untold gap, any duplicate
-delivery or any reply that started and never ended.
+browser client does) talk in several conversations the whole time. Every 10-25 s
+(``--every``) one fault strikes: kill -9 of an instance (restarted a few seconds later, as an
+orchestrator would), SIGTERM drain of one, Redis restarted, Postgres stopped for 10-20 s, the
+replica stopped (restarted later), or a reconnect storm. At the end the members stop
+sending, every reply still open is waited for, each member rejoins once, and the ledger is
+checked against Postgres. Exit status 1 on any lost or duplicated message, any untold gap,
+any duplicate delivery or any reply that started and never ended.
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ async def run(
     per_conversation: int,
     seed: int,
     faults_drawn: tuple[str, ...] = FAULTS,
+    every_s: tuple[float, float] = (10.0, 25.0),
 ) -> dict[str, Any]:
     random.seed(seed)
     workdir = Path(tempfile.mkdtemp(prefix="chaos-"))
@@ -206,7 +207,7 @@ async def run(
         end = started + minutes * 60
         log(f"{len(members)} members in {conversations} conversations on 3 instances")
         while time.monotonic() < end - 15:
-            await asyncio.sleep(random.uniform(10, 25))
+            await asyncio.sleep(random.uniform(*every_s))
             kind = random.choice(faults_drawn)
             faults[kind] += 1
             log(f"fault: {kind} (acked so far: {sum(len(m.ledger.acked) for m in members)})")
@@ -300,12 +301,26 @@ def main() -> int:
         default=",".join(FAULTS),
         help="the faults drawn from, comma-separated (e.g. kill9: only instance deaths)",
     )
+    parser.add_argument(
+        "--every",
+        default="10,25",
+        help="seconds between faults, drawn between these two (closer faults: more overlap)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    try:
+        low, high = (float(s) for s in args.every.split(","))
+    except ValueError:
+        parser.error("--every: two numbers of seconds, e.g. 10,25")
+    if not 0 < low <= high:
+        parser.error("--every: 0 < low <= high")
     drawn = tuple(f for f in args.faults.split(",") if f)
     if not drawn or set(drawn) - set(FAULTS):
         parser.error(f"--faults: choose from {', '.join(FAULTS)}")
-    ledger = asyncio.run(run(args.minutes, args.conversations, args.members, args.seed, drawn))
+    every = (low, high)
+    ledger = asyncio.run(
+        run(args.minutes, args.conversations, args.members, args.seed, drawn, every)
+    )
     text = json.dumps(ledger, indent=2, sort_keys=True)
     print(text)
     out = args.out or RESULTS / f"chaos-{datetime.now(UTC):%Y-%m-%d}.json"

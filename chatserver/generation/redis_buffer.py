@@ -167,7 +167,11 @@ class RedisReplyBuffer:
             self.incarnation,
         ]
         keys = [conv.reply, conv.reply_text, conv.reply_next, conv.watchers]
-        (taken,) = await self._calls([(self._begin, keys, args)], extra)
+        try:
+            (taken,) = await self._calls([(self._begin, keys, args)], extra)
+        except BaseException:
+            self._alive_lost(extra)
+            raise
         if not taken:
             await self._calls([], [("SREM", mine, member)])
             return None
@@ -258,7 +262,15 @@ class RedisReplyBuffer:
             await self._calls([], extra)
         except BaseException:
             self._ended = ended + self._ended  # taken off with the next one
+            self._alive_lost(extra)
             raise
+
+    def _alive_lost(self, sent: list[tuple[Any, ...]]) -> None:
+        """A call that carried our alive key failed: it may not be set (a Redis restarted
+        meanwhile may have let it run out), so the next reply's begin sets it again rather
+        than take slots, in their appends too, as an instance the others sweep as dead."""
+        if any(command[0] == "SET" for command in sent):
+            self._alive_until = 0.0
 
     # -- anyone's side ----------------------------------------------------------------
 

@@ -45,9 +45,13 @@ end
 -- append reads with its MGET (no count: no job, the question is alone in line). Adding or
 -- finishing one is O(log n), however many are queued.
 local function add_job(J, id, offset, holder, ms, payload, ttl)
-  local n = redis.call('INCR', J[3])
-  redis.call('ZADD', J[1], tonumber(offset), id)
+  -- Its latest adder holds it. Counted once: a job added again (a retried append whose
+  -- follow may have stood for it, a reply failed on two instances) keeps the count true,
+  -- else its conversation's questions would never again be alone in line.
+  local added = redis.call('ZADD', J[1], tonumber(offset), id)
   redis.call('HSET', J[2], id, cmsgpack.pack({holder, tonumber(ms), payload}))
+  if added == 0 then return 0 end
+  local n = redis.call('INCR', J[3])
   -- `ttl` (s) bounds jobs nobody would ever finish (their holders' registries lost): set
   -- with the first job and every 16th, not with each.
   if n % 16 == 1 then

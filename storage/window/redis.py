@@ -343,6 +343,11 @@ class RedisWindow:
             # connection): this call appended it (published it, when it fans out, and added
             # or finished its job), so the caller must reply and deliver it. Whether the job
             # was alone and what followed are lost with that reply: the caller asks as usual.
+            if then is not None and redis_jobs is not None:
+                # The follow may have stood for the job (none added): the job is added now
+                # (once, however many times), or nothing would answer the question should
+                # this instance die before its reply records a word.
+                await redis_jobs.add(first)
             reply = [_OK, offset, created_ms]
         if code == _MISSING:
             raise WindowMissing(cid)

@@ -171,3 +171,20 @@ async def test_jobs_an_older_release_left_in_its_stream_are_claimed_once_stopped
     assert await redis.xlen(stream) == 0 and not await redis.exists(legacy)
     assert (await jobs.turn(taken[0])).go and not (await jobs.turn(taken[1])).go
     assert await jobs.claim(10) == []
+
+
+async def test_a_job_added_again_is_counted_once(
+    redis_clients: RedisClients, new_message: MessageFactory
+) -> None:
+    """A question's job added a second time (a retried append whose follow may have stood for
+    it; a reply that failed on two instances) is one job: once done, its conversation has
+    none, and its next question is alone in line again."""
+    first, second = await _jobs(redis_clients, "a"), await _jobs(redis_clients, "b")
+    message = new_message("c1")
+    job = ReplyJob(await first.add(message), message)
+    assert await second.add(message) == job.job_id
+    keys = ConversationKeys(first.prefix, "c1")
+    assert await first.redis.get(keys.jobs_count) == b"1"
+    assert (await first.turn(job)).go
+    await second.done(job)
+    assert not await first.redis.exists(*keys.job_keys())

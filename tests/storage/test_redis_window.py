@@ -304,6 +304,56 @@ async def test_a_retried_script_is_our_own_append_not_a_duplicate(redis_url: str
         await redis.aclose()
 
 
+async def test_a_retried_script_whose_follow_stood_for_the_job_adds_the_job(
+    redis_url: str,
+) -> None:
+    """The first run's follow stood for the question's job (none added) and its reply was
+    lost: the caller, told only that the append was its own, runs a job, so the job is
+    added then, once."""
+    from redis.asyncio import Redis
+
+    from storage.jobs.redis import RedisReplyJobs
+    from storage.outbox.redis import RedisOutbox
+    from storage.window.base import AppendFollow
+    from storage.window.redis import RedisWindow
+
+    redis = Redis.from_url(redis_url)
+    try:
+        window = RedisWindow(redis, size=10, fanout_head=_no_head)
+        outbox = RedisOutbox(redis, consumer="c")
+        jobs = RedisReplyJobs(redis, holder="w1")
+        await outbox.start()
+        await jobs.start()
+        await window.rebuild(CID, [], 0)
+        keys = ConversationKeys(window.prefix, CID)
+        probe = keys.base + ":probe"
+        await redis.set(probe, "seen")
+        composed = window._composed_script
+
+        def retried(gate: str | None, follow: str | None) -> Any:
+            script = composed(gate, follow)
+
+            async def twice(*args: object, **kwargs: object) -> object:
+                await script(*args, **kwargs)  # ran, its follow too, but its reply was lost
+                return await script(*args, **kwargs)
+
+            return twice
+
+        window._composed_script = retried  # type: ignore[method-assign]
+
+        def follow(question_id: str) -> AppendFollow:
+            return AppendFollow(_ECHO_FOLLOW, (probe, keys.base + ":out"), ("x",))
+
+        result = await window.append(draft("one", key="q1"), outbox, jobs=jobs, follow=follow)
+        assert await redis.get(keys.base + ":out") == b"x"  # the first run's follow ran
+        assert not result.duplicate and result.followed is None
+        assert result.job_id == result.message.id
+        assert await jobs.unfinished(CID) == [(result.job_id, "w1")]  # held here
+        assert await redis.get(keys.jobs_count) == b"1"
+    finally:
+        await redis.aclose()
+
+
 async def test_an_answer_finishes_its_question_s_job_in_its_own_step(
     redis_clients: RedisClients,
 ) -> None:

@@ -7,10 +7,12 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from chatserver.generation.buffer import LeaseLost, Record, ReplyBuffer, ReplyOwner
 from chatserver.generation.redis_buffer import RedisReplyBuffer
 from chatserver.redis_ticks import TickPipelinedRedis
+from tests.services import RedisServer
 
 
 def _owner(gen: str = "g1", conv: str = "c1", server: str = "server-a") -> ReplyOwner:
@@ -267,3 +269,26 @@ async def test_a_reply_of_an_earlier_incarnation_is_a_dead_owners(redis_url: str
         assert await after.claim("c1", "g1") is None
     finally:
         await redis.aclose()
+
+
+async def test_a_heartbeat_that_failed_has_the_next_begin_set_the_alive_key() -> None:
+    """A heartbeat lost to a Redis restart may leave no alive key (its lease ran out while
+    Redis was away): the next reply sets it with its slot, and no append takes a slot
+    before that, or the others would sweep a live instance's replies as a dead one's."""
+    server = RedisServer()
+    server.start()
+    redis = Redis.from_url(server.url, socket_connect_timeout=1)
+    buffer = RedisReplyBuffer(redis, server_id="server-a", lease_s=30.0)
+    owner = _owner("g1")
+    try:
+        await buffer.heartbeat()
+        server.stop()
+        with pytest.raises(RedisConnectionError):
+            await buffer.heartbeat()
+        server.start()  # empty: the alive key went with the restart
+        assert buffer.slot_follow(owner, "m", 10) is None  # liveness first, in begin
+        assert await buffer.begin(owner)
+        assert await redis.get("chat:{inst-server-a}:alive") == buffer.incarnation.encode()
+    finally:
+        await redis.aclose()
+        server.close()
