@@ -51,6 +51,9 @@ class PreparedReply:
     # What the follow read (``HotWindow.context_of``); None: read it as a reply not first in
     # line does.
     context: Sequence[object] | None
+    # Taken over from a stopped instance (a sweep runs it again): a reply of the conversation
+    # queued here may be waiting for this very slot, so this one does not queue behind it.
+    taken_over: bool = False
 
 
 @record

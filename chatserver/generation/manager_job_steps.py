@@ -44,8 +44,13 @@ class _JobSteps(ManagerState):
                 # Before the lane, not in it: an older question claimed here later would
                 # queue in the lane behind this one while this one waits for it.
                 await self._wait_turn(job, turn, parked)
-            async with lane.lock:
+            if run.prepared is not None and run.prepared.taken_over:
+                # It holds the slot: whatever waits in the lane waits for it, and the lane
+                # would have it wait for them (until the slot's time to live ran out).
                 ended = await self._answer(run, job)
+            else:
+                async with lane.lock:
+                    ended = await self._answer(run, job)
         except Exception:
             log.exception("reply failed", extra={"conversation": run.conversation_id})
         finally:

@@ -129,7 +129,7 @@ class _SlotSteps(ManagerState):
             await self.store_and_end(owner, "", Finish(FinishReason.ERROR, Usage(0, 0), why))
             return
         log.warning("running again a reply whose instance died before any of it was recorded")
-        prepared = PreparedReply(Slot(watched=True), None)
+        prepared = PreparedReply(Slot(watched=True), None, taken_over=True)
         self.start(conversation, question, None, prepared=prepared)
 
     async def _take_slot(self, run: ReplyRun) -> bool:

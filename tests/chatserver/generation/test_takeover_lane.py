@@ -1,0 +1,61 @@
+"""A reply taken over from a stopped instance runs ahead of the replies queued behind it
+in its conversation on the instance that takes it over."""
+
+from __future__ import annotations
+
+from chatserver import keys
+from chatserver.generation.jobs import generation_id_for
+from chatserver.generation.leases import sweep_orphans
+from protocol import Message, Role
+from storage.jobs.base import ReplyJob
+from storage.records import MessageDraft
+from storage.redis_keys import ConversationKeys, instance_alive_key
+
+from ..conftest import MakeHarness, eventually
+from .test_slot_in_append import append_taking_the_slot
+
+
+async def test_a_reply_run_again_does_not_queue_behind_one_waiting_for_its_slot(
+    make_harness: MakeHarness, redis_url: str
+) -> None:
+    """The first question's append took the reply's slot (it stands for its job); its
+    instance stops before the reply streams. A second question, on the other instance,
+    waits there for that slot, in the conversation's lane. The other instance's sweep takes
+    the slot over and runs the first reply again: it goes at once, and the second after it.
+    Before, the reply run again queued in the lane behind the second, which waited for the
+    slot the first held: both stood still until the slot's time to live ran out (a minute)."""
+    first = await make_harness(redis_url=redis_url, server_id="first")
+    other = await make_harness(redis_url=redis_url, server_id="other")
+    stopping = first.app[keys.GENERATION]
+    conv_id, conversation, asked = await append_taking_the_slot(first)
+    stopping._closing = True  # what shutdown sets first: the reply does not stream
+    stopping.start(conversation, asked.message, None, asked.followed)
+    await stopping.shutdown(2)
+    survivor = other.app[keys.GENERATION]
+    conversations = other.app[keys.CONVERSATIONS]
+    draft = MessageDraft(conv_id, Role.USER.value, "asked on the other", user_id="alice")
+    second = await conversations.append(draft)  # its job with it, as a send's
+    assert second.job_id is not None
+    job = ReplyJob(second.job_id, second.message, first=second.job_first)
+    survivor.start(conversation, second.message, job)
+    redis = other.app[keys.REDIS]
+    waiting = generation_id_for(second.message.id).encode()
+    reply_keys = ConversationKeys("chat", conv_id)
+
+    async def second_waits() -> bool:
+        return await redis.get(reply_keys.reply_next) == waiting  # next, once the slot is free
+
+    await eventually(second_waits, what="the second reply waiting for the slot")
+    await redis.delete(instance_alive_key("chat", "first"))  # its lease ran out
+    await sweep_orphans(survivor._buffer, survivor.store_and_end, True, survivor.rerun)
+
+    async def answers() -> list[Message]:
+        view = await conversations.read_window(conv_id, limit=10)
+        return [m for m in view.messages if m.role == Role.ASSISTANT.value]
+
+    async def both_answered() -> bool:
+        return len(await answers()) == 2
+
+    await eventually(both_answered, timeout=10, what="both questions answered")
+    assert [m.reply_to for m in await answers()] == [asked.message.id, second.message.id]
+    assert all(m.finish_reason == "stop" for m in await answers())
