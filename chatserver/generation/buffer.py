@@ -63,6 +63,8 @@ class RunningReply:
     snapshot: GenerationSnapshot
     owner: str  # server id
     watched: bool
+    # Begun by this process: not by an earlier run under the same server id (that one died).
+    mine: bool = False
 
 
 class LeaseLost(Exception):
@@ -77,6 +79,15 @@ class ReplyOwner:
     agent_id: str
     model: str
     reply_to: str
+
+    def ids(self) -> dict[str, str]:
+        """For a log line's ``extra``: which reply, whose, answering what."""
+        return {
+            "conversation": self.conversation_id,
+            "generation": self.generation_id,
+            "owner": self.owner,
+            "question": self.reply_to,
+        }
 
 
 @record
@@ -236,7 +247,7 @@ class MemoryReplyBuffer:
         snapshot = await self.snapshot(conversation_id)
         if snapshot is None:
             return None
-        return RunningReply(snapshot, self._running[conversation_id].owner.owner, True)
+        return RunningReply(snapshot, self._running[conversation_id].owner.owner, True, True)
 
     def release_gate(self, conversation_id: str, generation_id: str) -> AppendGate | None:
         return None  # in process: end() releases it, nobody can look in between

@@ -71,7 +71,11 @@ async def claim_jobs(manager: GenerationManager, jobs: ReplyJobs) -> int:
     claimed = await jobs.claim(max(0, manager.room() - len(retry)))
     if claimed:
         manager.metrics.reply_jobs_claimed.inc(len(claimed))
-        log.warning("claimed %d reply jobs of a stopped instance", len(claimed))
+        log.warning(
+            "claimed %d reply jobs of a stopped instance",
+            len(claimed),
+            extra={"questions": [job.message.id for job in claimed]},
+        )
     started = 0
     for job in oldest_first([*retry, *claimed]):
         try:
@@ -83,7 +87,7 @@ async def claim_jobs(manager: GenerationManager, jobs: ReplyJobs) -> int:
             log.warning(
                 "a claimed reply job could not start, retrying: %r",
                 exc,
-                extra={"conversation": job.message.conversation_id},
+                extra={"conversation": job.message.conversation_id, "question": job.message.id},
             )
             manager.retry_jobs.append(job)
     return started

@@ -96,12 +96,12 @@ async def end_orphan(
         log.warning(
             "freed the slot of a reply whose instance died before recording any of it: "
             "its job runs it again",
-            extra={"conversation": conversation_id, "owner": claimed.owner.owner},
+            extra=claimed.owner.ids(),
         )
         return True
     log.warning(
         "ending a reply whose instance died",
-        extra={"conversation": conversation_id, "owner": claimed.owner.owner},
+        extra=claimed.owner.ids(),
     )
     finish = Finish(
         FinishReason.ERROR,

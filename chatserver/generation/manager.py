@@ -317,7 +317,10 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing, _EarlySteps)
             if run.failure is not None:
                 finish = Finish(FinishReason.ERROR, Usage(0, 0), run.failure)
         except Exception as exc:
-            log.exception("reply stream failed", extra={"conversation": conversation_id})
+            log.exception(
+                "reply stream failed",
+                extra={"conversation": conversation_id, "generation": run.generation_id},
+            )
             finish = Finish(FinishReason.ERROR, Usage(0, 0), f"reply failed: {type(exc).__name__}")
         finally:
             if run.handle is not None and not run.ended:

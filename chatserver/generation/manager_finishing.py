@@ -161,7 +161,10 @@ class _Finishing(ManagerState):
         except ServiceError as exc:
             reason, error = FinishReason.ERROR, f"reply not stored: {exc.message}"
         except Exception as exc:  # the clients must still see the reply end
-            log.exception("storing a reply failed", extra={"conversation": conversation_id})
+            log.exception(
+                "storing a reply failed",
+                extra={"conversation": conversation_id, "generation": owner.generation_id},
+            )
             reason, error = FinishReason.ERROR, f"reply not stored: {type(exc).__name__}"
         self._metrics.child(self._metrics.replies, reason).inc()
         if reason == FinishReason.ERROR:

@@ -13,6 +13,7 @@ from protocol import FinishReason, Usage
 from storage.jobs.base import ReplyJob, Turn
 
 from .leases import end_orphan
+from .manager_slot import _ids
 from .manager_state import (
     LOCAL_TURN_WAIT_S,
     SLOT_POLL,
@@ -52,7 +53,10 @@ class _JobSteps(ManagerState):
                 async with lane.lock:
                     ended = await self._answer(run, job)
         except Exception:
-            log.exception("reply failed", extra={"conversation": run.conversation_id})
+            log.exception(
+                "reply failed",
+                extra={"conversation": run.conversation_id, "generation": run.generation_id},
+            )
         finally:
             if run.early is not None:  # never streamed (answered before, stopping, failed)
                 run.early.cancel()
@@ -78,7 +82,9 @@ class _JobSteps(ManagerState):
         """In the lane: the reply, unless answered before; whether the question has its end."""
         if self._closing:
             if job is not None or run.prepared is not None:
-                return False  # kept: another instance (claim or sweep), or the next start
+                # Kept: another instance (claim or sweep), or the next start.
+                log.warning("a reply left to run after this instance stops", extra=_ids(run))
+                return False
             # Never leave an acked question without an end: say why it has no answer.
             restarted = "the server restarted before replying"
             finish = Finish(FinishReason.ERROR, Usage(0, 0), restarted)
@@ -198,7 +204,7 @@ class _JobSteps(ManagerState):
         running = await self._buffer.running(cid)
         if running is None or running.snapshot.generation_id != gid:
             return False
-        if running.owner == self._server_id:
+        if running.mine:
             return False
         snapshot = running.snapshot
         if self._rerun_unstarted and snapshot.seq == 0 and not snapshot.text:
@@ -207,7 +213,10 @@ class _JobSteps(ManagerState):
             # Lost the claim: to a live owner (it answers), or to a sweep (then it is gone,
             # and an answer is stored, or none when it too found nothing recorded).
             again = await self._buffer.running(cid)
-            return again is not None and again.snapshot.generation_id == gid
+            if again is None or again.snapshot.generation_id != gid:
+                return False
+            log.warning("a claimed job's reply runs on a live instance", extra=_ids(run))
+            return True
         await end_orphan(self._buffer, self.store_and_end, cid, gid)
         return True
 

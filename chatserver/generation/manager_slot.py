@@ -31,6 +31,15 @@ def _up_to(history: tuple[Message, ...], run: ReplyRun) -> tuple[Message, ...]:
     return history
 
 
+def _ids(run: ReplyRun) -> dict[str, str]:
+    """For a log line's ``extra``: which reply, answering what."""
+    return {
+        "conversation": run.conversation_id,
+        "generation": run.generation_id,
+        "question": run.reply_to.id,
+    }
+
+
 class _SlotSteps(ManagerState):
     def append_follow(
         self, conversation: Conversation, text: str
@@ -102,8 +111,9 @@ class _SlotSteps(ManagerState):
         try:
             job_id = await self._retrying("add a reply job", self.jobs.add, run.reply_to)
         except Exception as exc:  # the slot stays: when this instance stops, a sweep runs it
-            log.warning("a failed reply was not made a job: %r", exc)
+            log.warning("a failed reply was not made a job: %r", exc, extra=_ids(run))
             return None
+        log.warning("a reply that failed before its end is a job now", extra=_ids(run))
         return ReplyJob(job_id, run.reply_to, claimed=True)
 
     async def rerun(self, claimed: ClaimedReply) -> None:
@@ -119,7 +129,7 @@ class _SlotSteps(ManagerState):
         except Exception as exc:
             # The slot is ours now and we live: no other instance would ever take it. It
             # ends here, with why, rather than leave its question unanswered for good.
-            log.warning("a reply to run again could not be read: %r", exc)
+            log.warning("a reply to run again could not be read: %r", exc, extra=owner.ids())
             why = "a stopped instance's reply could not be run again: its question was unreadable"
             await self.store_and_end(owner, "", Finish(FinishReason.ERROR, Usage(0, 0), why))
             return
@@ -128,7 +138,10 @@ class _SlotSteps(ManagerState):
             why = "the question of a reply cut off by its instance's stop was not found"
             await self.store_and_end(owner, "", Finish(FinishReason.ERROR, Usage(0, 0), why))
             return
-        log.warning("running again a reply whose instance died before any of it was recorded")
+        log.warning(
+            "running again a reply whose instance died before any of it was recorded",
+            extra=owner.ids(),
+        )
         prepared = PreparedReply(Slot(watched=True), None, taken_over=True)
         self.start(conversation, question, None, prepared=prepared)
 

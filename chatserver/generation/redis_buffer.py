@@ -289,7 +289,10 @@ class RedisReplyBuffer:
         if found is None:
             return None
         snapshot = GenerationSnapshot(_s(found[0]), int(found[1]), _s(found[2]))
-        return RunningReply(snapshot, _s(found[3]), _s(found[4]) == "1")
+        owner = _s(found[3])
+        # A hash of an older release has no incarnation: its owner's server id alone says.
+        mine = owner == self._server_id and (not found[5] or _s(found[5]) == self.incarnation)
+        return RunningReply(snapshot, owner, _s(found[4]) == "1", mine)
 
     async def _conversation_of(self, generation_id: str) -> str | None:
         """Which conversation a running reply is in: its entry in its owner's list, found by a

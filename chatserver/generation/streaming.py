@@ -329,7 +329,7 @@ class DeltaPump:
             if taken is not None and not taken.lost:  # a checkpoint or resync found it taken
                 log.warning(
                     "reply taken over by another instance",
-                    extra={"conversation": taken.conversation_id},
+                    extra={"conversation": taken.conversation_id, "generation": generation_id},
                 )
                 taken.lost = True
                 taken.stop(FinishReason.ERROR)

@@ -1,11 +1,14 @@
-"""A reply taken over from a stopped instance runs ahead of the replies queued behind it
-in its conversation on the instance that takes it over."""
+"""Replies taken over from a stopped instance: run again ahead of the replies queued behind
+them on the instance that takes them over; cut off, not run twice, when the instance that
+takes one over is the same server id started again."""
 
 from __future__ import annotations
 
 from chatserver import keys
-from chatserver.generation.jobs import generation_id_for
+from chatserver.generation.buffer import ReplyOwner
+from chatserver.generation.jobs import claim_jobs, generation_id_for
 from chatserver.generation.leases import sweep_orphans
+from chatserver.generation.redis_buffer import RedisReplyBuffer
 from protocol import Message, Role
 from storage.jobs.base import ReplyJob
 from storage.records import MessageDraft
@@ -59,3 +62,42 @@ async def test_a_reply_run_again_does_not_queue_behind_one_waiting_for_its_slot(
     await eventually(both_answered, timeout=10, what="both questions answered")
     assert [m.reply_to for m in await answers()] == [asked.message.id, second.message.id]
     assert all(m.finish_reason == "stop" for m in await answers())
+
+
+async def test_a_reply_of_an_earlier_run_under_the_same_id_is_cut_off_not_run_twice(
+    make_harness: MakeHarness, redis_url: str
+) -> None:
+    """An instance started again under its server id takes back its earlier run's job,
+    whose reply had streamed some text before the death: that reply is ended with its
+    partial text, as any dead owner's, not streamed a second time. Before, the reply's
+    owner (the same server id) was taken for this process: the job ran again, its new text
+    appended to the old one in the buffer."""
+    harness = await make_harness(redis_url=redis_url, server_id="fixed")
+    manager = harness.app[keys.GENERATION]
+    conversations = harness.app[keys.CONVERSATIONS]
+    assert manager.jobs is not None
+    conv_id = await harness.conversation("alice")
+    draft = MessageDraft(conv_id, Role.USER.value, "asked before the restart", user_id="alice")
+    asked = await conversations.append(draft)
+    assert asked.job_id is not None
+    question = asked.message
+    earlier = RedisReplyBuffer(harness.app[keys.REDIS], server_id="fixed")  # another process
+    gid = generation_id_for(question.id)
+    owner = ReplyOwner(conv_id, gid, "fixed", "general", "gemini-2.5-flash", question.id)
+    assert await earlier.begin(owner)
+    await earlier.append(conv_id, gid, 1, "cut here")  # seen by its members, then it died
+    await manager._buffer.heartbeat()  # alive as this process (the earlier one set its key)
+    manager.retry_jobs = [ReplyJob(asked.job_id, question, claimed=True)]
+    assert await claim_jobs(manager, manager.jobs) == 1
+
+    async def answer() -> Message | None:
+        view = await conversations.read_window(conv_id, limit=10)
+        return next((m for m in view.messages if m.reply_to == question.id), None)
+
+    async def answered() -> bool:
+        return await answer() is not None
+
+    await eventually(answered, what="the question answered")
+    ended = await answer()
+    assert ended is not None
+    assert (ended.text, ended.finish_reason) == ("cut here", "error")
