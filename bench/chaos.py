@@ -36,6 +36,7 @@ import aiohttp  # noqa: E402
 
 from chatclient.client import ChatApi  # noqa: E402
 from chatclient.member import Member  # noqa: E402
+from chatserver.generation.jobs import generation_id_for  # noqa: E402
 from tests.serverproc import ServerProc  # noqa: E402
 from tests.services import PostgresReplica, PostgresServer, RedisServer  # noqa: E402
 from tests.system.faults import (  # noqa: E402
@@ -159,6 +160,22 @@ async def _reply_slots(redis_url: str) -> dict[str, dict[str, str]]:
         await redis.aclose()
 
 
+def _clock(at: float) -> str:
+    """A wall-clock time as the instances' logs write it (UTC, to the millisecond)."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
+
+
+def _log_lines_naming(workdir: Path, ids: set[str]) -> list[str]:
+    """Every instance's log lines that name one of ``ids``, in time order."""
+    found = [
+        f"{path.parent.name}: {line.rstrip()}"
+        for path in sorted(workdir.glob("*/*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+        if any(i in line for i in ids)
+    ]
+    return sorted(found, key=lambda line: line.partition('"time": "')[2][:23])
+
+
 async def _later(delay_s: float, action: Any) -> None:
     await asyncio.sleep(delay_s)
     await asyncio.to_thread(action)
@@ -249,8 +266,17 @@ async def run(
         if never_ended or unanswered:
             # The trail to follow in the instances' logs (their directory is kept).
             log(f"replies never ended: {never_ended}; questions unanswered: {unanswered}")
+            for gid in never_ended:
+                for m in members:
+                    if gid in m.ledger.first_seen:
+                        at, where = m.ledger.first_seen[gid]
+                        log(f"  {gid} first seen by {m.user} at {_clock(at)} ({where})")
             log(f"the instances' logs: {workdir}")
             log(f"reply slots left in Redis: {await _reply_slots(redis.url)}")
+            # An unanswered question's reply is its generation id: both trails are read.
+            wanted = {*never_ended, *unanswered, *(generation_id_for(q) for q in unanswered)}
+            for line in _log_lines_naming(workdir, wanted):
+                log(f"  {line}")
         ledger = {
             "minutes": minutes,
             "seed": seed,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class Ledger:
     duplicates: int = 0  # an offset delivered twice on one connection
     bad_recoveries: list[str] = field(default_factory=list)
     replies_started: set[str] = field(default_factory=set)
+    # generation -> when (wall clock) and where it was first seen: a trail for one never ended
+    first_seen: dict[str, tuple[float, str]] = field(default_factory=dict)
     replies_ended: dict[str, str] = field(default_factory=dict)  # generation -> finish reason
     seen: set[int] = field(default_factory=set)
     reload_floor: int = 0  # offsets up to here were reloaded through history, not streamed
@@ -147,7 +150,7 @@ class Member:
                     if frame.message is not None:
                         self._take_offset(frame.message.offset, delivered)
                 elif isinstance(frame, GenStart | Delta):
-                    self.ledger.replies_started.add(frame.generation_id)
+                    self._started(frame.generation_id, "streamed")
                 elif isinstance(frame, Reconnect):
                     self.ledger.reconnects.append(self.url or "")
                     return frame.after_ms
@@ -181,7 +184,12 @@ class Member:
             if message.role == "assistant" and message.client_msg_id and message.finish_reason:
                 self.ledger.replies_ended.setdefault(message.client_msg_id, message.finish_reason)
         if joined.generation is not None:
-            self.ledger.replies_started.add(joined.generation.generation_id)
+            self._started(joined.generation.generation_id, "joined")
+
+    def _started(self, generation_id: str, how: str) -> None:
+        if generation_id not in self.ledger.replies_started:
+            self.ledger.replies_started.add(generation_id)
+            self.ledger.first_seen[generation_id] = (time.time(), f"{how} on {self.url}")
 
     def _take_offset(self, offset: int, delivered: set[int]) -> None:
         if offset in delivered:
