@@ -26,7 +26,9 @@ async def test_a_reply_run_again_does_not_queue_behind_one_waiting_for_its_slot(
     waits there for that slot, in the conversation's lane. The other instance's sweep takes
     the slot over and runs the first reply again: it goes at once, and the second after it.
     Before, the reply run again queued in the lane behind the second, which waited for the
-    slot the first held: both stood still until the slot's time to live ran out (a minute)."""
+    slot the first held: both stood still until the slot's time to live ran out (a minute),
+    and an instance stopped meanwhile left the first question with neither slot nor job:
+    never answered."""
     first = await make_harness(redis_url=redis_url, server_id="first")
     other = await make_harness(redis_url=redis_url, server_id="other")
     stopping = first.app[keys.GENERATION]
