@@ -12,6 +12,7 @@ import pytest
 
 from protocol import Usage
 from storage import MemoryOutbox, MessageDraft, WindowMissing
+from storage.jobs.redis import RedisReplyJobs
 from storage.outbox.redis import RedisOutbox
 from storage.redis_codec import decode_message
 from storage.redis_keys import ConversationKeys
@@ -266,31 +267,37 @@ async def test_read_bounds_match_a_plain_filter(redis_clients: RedisClients) -> 
                 assert got == (wanted[-limit:] if limit else []), (after, before, limit)
 
 
+async def _window_with_jobs(redis: Any) -> tuple[RedisWindow, RedisOutbox, RedisReplyJobs]:
+    """A window on one Redis, its outbox and reply jobs (holder ``w1``), started."""
+    window = RedisWindow(redis, size=10, fanout_head=_no_head)
+    outbox = RedisOutbox(redis, consumer="c")
+    jobs = RedisReplyJobs(redis, holder="w1")
+    await outbox.start()
+    await jobs.start()
+    return window, outbox, jobs
+
+
+def _run_twice(script: Any) -> Any:
+    """``script`` as redis-py retries it when the reply to its first run was lost."""
+
+    async def twice(*args: object, **kwargs: object) -> object:
+        await script(*args, **kwargs)  # ran, but its reply never came back
+        return await script(*args, **kwargs)
+
+    return twice
+
+
 async def test_a_retried_script_is_our_own_append_not_a_duplicate(redis_url: str) -> None:
     """redis-py resends a script whose reply was lost; the first run already appended (and
     added the question's job, which the caller must run: nothing else would)."""
     from redis.asyncio import Redis
 
-    from storage.jobs.redis import RedisReplyJobs
-    from storage.outbox.redis import RedisOutbox
-    from storage.records import MessageDraft
-    from storage.window.redis import RedisWindow
-
     redis = Redis.from_url(redis_url)
     try:
-        window = RedisWindow(redis, size=10, fanout_head=_no_head)
-        outbox = RedisOutbox(redis, consumer="c")
-        jobs = RedisReplyJobs(redis, holder="w1")
-        await outbox.start()
-        await jobs.start()
+        window, outbox, jobs = await _window_with_jobs(redis)
         await window.rebuild("conv", [], 0)
         script = window._append_script
-
-        async def twice(*args: object, **kwargs: object) -> object:
-            await script(*args, **kwargs)  # ran, but its reply never came back
-            return await script(*args, **kwargs)
-
-        window._append_script = twice  # type: ignore[method-assign]
+        window._append_script = _run_twice(script)  # type: ignore[method-assign]
         draft = MessageDraft("conv", "user", "hi", user_id="u", client_msg_id="m1")
         result = await window.append(draft, outbox, jobs=jobs)
         assert not result.duplicate  # the caller still fans it out and starts the reply
@@ -312,18 +319,11 @@ async def test_a_retried_script_whose_follow_stood_for_the_job_adds_the_job(
     added then, once."""
     from redis.asyncio import Redis
 
-    from storage.jobs.redis import RedisReplyJobs
-    from storage.outbox.redis import RedisOutbox
     from storage.window.base import AppendFollow
-    from storage.window.redis import RedisWindow
 
     redis = Redis.from_url(redis_url)
     try:
-        window = RedisWindow(redis, size=10, fanout_head=_no_head)
-        outbox = RedisOutbox(redis, consumer="c")
-        jobs = RedisReplyJobs(redis, holder="w1")
-        await outbox.start()
-        await jobs.start()
+        window, outbox, jobs = await _window_with_jobs(redis)
         await window.rebuild(CID, [], 0)
         keys = ConversationKeys(window.prefix, CID)
         probe = keys.base + ":probe"
@@ -331,13 +331,7 @@ async def test_a_retried_script_whose_follow_stood_for_the_job_adds_the_job(
         composed = window._composed_script
 
         def retried(gate: str | None, follow: str | None) -> Any:
-            script = composed(gate, follow)
-
-            async def twice(*args: object, **kwargs: object) -> object:
-                await script(*args, **kwargs)  # ran, its follow too, but its reply was lost
-                return await script(*args, **kwargs)
-
-            return twice
+            return _run_twice(composed(gate, follow))  # its follow ran the first time too
 
         window._composed_script = retried  # type: ignore[method-assign]
 
