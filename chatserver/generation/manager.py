@@ -153,7 +153,10 @@ class GenerationManager(_Remote, _JobSteps, _SlotSteps, _Finishing, _EarlySteps)
         return self._runs.get(generation_id)
 
     def room(self) -> int:
-        """How many more questions this instance may take on (its bound minus held)."""
+        """How many more questions this instance may take on (its bound minus held): none
+        once it stops (a job claimed then would wait for its next claimer)."""
+        if self._closing:
+            return 0
         return self._max_held - self.pending
 
     def check_capacity(self, conversation_id: str) -> None:

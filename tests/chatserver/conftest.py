@@ -15,12 +15,14 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from chatclient.client import ChatApi, ChatClient
+from chatserver import keys
 from chatserver.app import create_app
 from chatserver.generation.buffer import MemoryReplyBuffer, ReplyBuffer
 from chatserver.generation.redis_buffer import RedisReplyBuffer
 from chatserver.redis_ticks import TickPipelinedRedis
 from chatserver.settings import Settings
 from protocol import Encoding
+from storage.redis_keys import instance_alive_key
 
 
 @dataclass
@@ -65,6 +67,17 @@ class Harness:
 
 
 MakeHarness = Callable[..., Awaitable[Harness]]
+
+
+async def stop_instance(harness: Harness, survivor: Harness) -> None:
+    """What an instance's death comes to for the others: its upkeep stops (its app closed:
+    a heartbeat of its own would set its alive key again), then its lease runs out (its
+    alive key deleted, through ``survivor``'s Redis client)."""
+    server_id = harness.app[keys.SETTINGS].server.server_id
+    await harness.server.close()
+    await survivor.app[keys.REDIS].delete(instance_alive_key("chat", server_id))
+
+
 UNLIMITED = "messages_per_minute=1000000,connections=10000,daily_tokens=1000000000"
 
 

@@ -16,9 +16,9 @@ from chatserver.generation.leases import sweep_orphans
 from protocol import Message, Role, format_timestamp
 from storage.jobs.redis import RedisReplyJobs
 from storage.records import AppendResult, Conversation, MessageDraft
-from storage.redis_keys import ConversationKeys, instance_alive_key
+from storage.redis_keys import ConversationKeys
 
-from ..conftest import Harness, MakeHarness, eventually
+from ..conftest import Harness, MakeHarness, eventually, stop_instance
 
 
 def _count_begins(manager: Any) -> list[str]:
@@ -115,7 +115,8 @@ async def test_a_slot_its_append_took_is_the_question_s_job_until_answered(
     )
     later = MessageDraft(conv_id, Role.ASSISTANT.value, "a later message", client_msg_id="x")
     await conversations.append(later)  # the question is no longer the newest
-    await redis.delete(instance_alive_key("chat", "first"))  # its lease ran out
+    await stop_instance(first, other)
+    conversations = other.app[keys.CONVERSATIONS]
     survivor = other.app[keys.GENERATION]
     await sweep_orphans(survivor._buffer, survivor.store_and_end, True, survivor.rerun)
 

@@ -11,10 +11,10 @@ from chatserver.generation.leases import sweep_orphans
 from protocol import Message, Role
 from storage.jobs.base import ReplyJob
 from storage.records import MessageDraft
-from storage.redis_keys import ConversationKeys, instance_alive_key
+from storage.redis_keys import ConversationKeys
 from storage.store.base import StoreUnavailable
 
-from ..conftest import MakeHarness, eventually
+from ..conftest import MakeHarness, eventually, stop_instance
 from .test_slot_in_append import append_taking_the_slot
 
 
@@ -87,7 +87,7 @@ async def test_a_reply_to_run_again_whose_question_cannot_be_read_ends_with_why(
     await manager.shutdown(2)
     later = MessageDraft(conv_id, Role.ASSISTANT.value, "a later message", client_msg_id="x")
     await conversations.append(later)  # the question is no longer the newest
-    await first.app[keys.REDIS].delete(instance_alive_key("chat", "first"))  # lease over
+    await stop_instance(first, other)
     survivor = other.app[keys.GENERATION]
     survivor_conversations = other.app[keys.CONVERSATIONS]
     read = survivor_conversations.get
@@ -100,8 +100,8 @@ async def test_a_reply_to_run_again_whose_question_cannot_be_read_ends_with_why(
         await sweep_orphans(survivor._buffer, survivor.store_and_end, True, survivor.rerun)
     finally:
         survivor_conversations.get = read  # type: ignore[method-assign]
-    view = await conversations.read_window(conv_id, limit=10)
+    view = await survivor_conversations.read_window(conv_id, limit=10)
     [answer] = [m for m in view.messages if m.reply_to == result.message.id]
     assert answer.finish_reason == "error"
     assert answer.client_msg_id == generation_id_for(result.message.id)
-    assert not await first.app[keys.REDIS].exists(ConversationKeys("chat", conv_id).reply)
+    assert not await other.app[keys.REDIS].exists(ConversationKeys("chat", conv_id).reply)

@@ -12,9 +12,9 @@ from chatserver.generation.redis_buffer import RedisReplyBuffer
 from protocol import Message, Role
 from storage.jobs.base import ReplyJob
 from storage.records import MessageDraft
-from storage.redis_keys import ConversationKeys, instance_alive_key
+from storage.redis_keys import ConversationKeys
 
-from ..conftest import MakeHarness, eventually
+from ..conftest import MakeHarness, eventually, stop_instance
 from .test_slot_in_append import append_taking_the_slot
 
 
@@ -51,7 +51,7 @@ async def test_a_reply_run_again_does_not_queue_behind_one_waiting_for_its_slot(
         return await redis.get(reply_keys.reply_next) == waiting  # next, once the slot is free
 
     await eventually(second_waits, what="the second reply waiting for the slot")
-    await redis.delete(instance_alive_key("chat", "first"))  # its lease ran out
+    await stop_instance(first, other)
     await sweep_orphans(survivor._buffer, survivor.store_and_end, True, survivor.rerun)
 
     async def answers() -> list[Message]:
@@ -103,3 +103,23 @@ async def test_a_reply_of_an_earlier_run_under_the_same_id_is_cut_off_not_run_tw
     ended = await answer()
     assert ended is not None
     assert (ended.text, ended.finish_reason) == ("cut here", "error")
+
+
+async def test_an_instance_that_stops_claims_no_jobs(
+    make_harness: MakeHarness, redis_url: str
+) -> None:
+    """A stopped instance's jobs wait for an instance that runs them: one that is stopping
+    itself would only keep them (its replies do not start) until it too was swept."""
+    dead = await make_harness(redis_url=redis_url, server_id="dead")
+    other = await make_harness(redis_url=redis_url, server_id="other")
+    conversations = dead.app[keys.CONVERSATIONS]
+    conv_id = await dead.conversation("alice")
+    draft = MessageDraft(conv_id, Role.USER.value, "asked of the dead", user_id="alice")
+    assert (await conversations.append(draft)).job_id is not None  # held by "dead"
+    await stop_instance(dead, other)
+    stopping = other.app[keys.GENERATION]
+    assert stopping.jobs is not None
+    stopping._closing = True  # what shutdown sets first
+    assert await claim_jobs(stopping, stopping.jobs) == 0
+    stopping._closing = False
+    assert await claim_jobs(stopping, stopping.jobs) == 1  # still there for a live one
