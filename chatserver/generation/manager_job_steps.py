@@ -13,13 +13,13 @@ from protocol import FinishReason, Usage
 from storage.jobs.base import ReplyJob, Turn
 
 from .leases import end_orphan
-from .manager_slot import _ids
 from .manager_state import (
     LOCAL_TURN_WAIT_S,
     SLOT_POLL,
     Lane,
     ManagerState,
     log,
+    reply_ids,
 )
 from .provider import Finish
 from .streaming import ReplyRun
@@ -83,7 +83,7 @@ class _JobSteps(ManagerState):
         if self._closing:
             if job is not None or run.prepared is not None:
                 # Kept: another instance (claim or sweep), or the next start.
-                log.warning("a reply left to run after this instance stops", extra=_ids(run))
+                log.warning("a reply left to run after this instance stops", extra=reply_ids(run))
                 return False
             # Never leave an acked question without an end: say why it has no answer.
             restarted = "the server restarted before replying"
@@ -215,7 +215,7 @@ class _JobSteps(ManagerState):
             again = await self._buffer.running(cid)
             if again is None or again.snapshot.generation_id != gid:
                 return False
-            log.warning("a claimed job's reply runs on a live instance", extra=_ids(run))
+            log.warning("a claimed job's reply runs on a live instance", extra=reply_ids(run))
             return True
         await end_orphan(self._buffer, self.store_and_end, cid, gid)
         return True

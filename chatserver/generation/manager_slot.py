@@ -15,7 +15,7 @@ from storage.window.base import AppendFollow
 from ..errors import ServiceError
 from .buffer import ClaimedReply, PreparedReply, ReplyOwner, Slot
 from .jobs import generation_id_for
-from .manager_state import SLOT_POLL, ManagerState, log
+from .manager_state import SLOT_POLL, ManagerState, log, reply_ids
 from .provider import Finish
 from .streaming import ReplyRun
 
@@ -29,15 +29,6 @@ def _up_to(history: tuple[Message, ...], run: ReplyRun) -> tuple[Message, ...]:
     if not history or history[-1].offset < question.offset:
         history = (*history, question)
     return history
-
-
-def _ids(run: ReplyRun) -> dict[str, str]:
-    """For a log line's ``extra``: which reply, answering what."""
-    return {
-        "conversation": run.conversation_id,
-        "generation": run.generation_id,
-        "question": run.reply_to.id,
-    }
 
 
 class _SlotSteps(ManagerState):
@@ -111,9 +102,9 @@ class _SlotSteps(ManagerState):
         try:
             job_id = await self._retrying("add a reply job", self.jobs.add, run.reply_to)
         except Exception as exc:  # the slot stays: when this instance stops, a sweep runs it
-            log.warning("a failed reply was not made a job: %r", exc, extra=_ids(run))
+            log.warning("a failed reply was not made a job: %r", exc, extra=reply_ids(run))
             return None
-        log.warning("a reply that failed before its end is a job now", extra=_ids(run))
+        log.warning("a reply that failed before its end is a job now", extra=reply_ids(run))
         return ReplyJob(job_id, run.reply_to, claimed=True)
 
     async def rerun(self, claimed: ClaimedReply) -> None:

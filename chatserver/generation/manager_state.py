@@ -47,6 +47,15 @@ LOCAL_TURN_WAIT_S = 1.0
 OUTAGE_RETRY = Backoff(0.05, 2.0)
 
 
+def reply_ids(run: ReplyRun) -> dict[str, str]:
+    """For a log line's ``extra``: which reply, answering what."""
+    return {
+        "conversation": run.conversation_id,
+        "generation": run.generation_id,
+        "question": run.reply_to.id,
+    }
+
+
 class Lane:
     """One conversation's replies on this instance: one runs, the others wait their turn."""
 

@@ -170,7 +170,7 @@ class RedisReplyBuffer:
         try:
             (taken,) = await self._calls([(self._begin, keys, args)], extra)
         except BaseException:
-            self._alive_lost(extra)
+            self._alive_until = 0.0  # the key may not be set: the next begin sets it
             raise
         if not taken:
             await self._calls([], [("SREM", mine, member)])
@@ -262,15 +262,11 @@ class RedisReplyBuffer:
             await self._calls([], extra)
         except BaseException:
             self._ended = ended + self._ended  # taken off with the next one
-            self._alive_lost(extra)
-            raise
-
-    def _alive_lost(self, sent: list[tuple[Any, ...]]) -> None:
-        """A call that carried our alive key failed: it may not be set (a Redis restarted
-        meanwhile may have let it run out), so the next reply's begin sets it again rather
-        than take slots, in their appends too, as an instance the others sweep as dead."""
-        if any(command[0] == "SET" for command in sent):
+            # Our alive key may not be set (a Redis restarted meanwhile may have let it run
+            # out): the next reply's begin sets it, rather than take slots, in appends too,
+            # as an instance the others sweep as dead.
             self._alive_until = 0.0
+            raise
 
     # -- anyone's side ----------------------------------------------------------------
 
