@@ -37,7 +37,7 @@ import aiohttp  # noqa: E402
 from chatclient.client import ChatApi  # noqa: E402
 from chatclient.member import Member  # noqa: E402
 from chatserver.generation.jobs import generation_id_for  # noqa: E402
-from tests.serverproc import ServerProc  # noqa: E402
+from tests.serverproc import ServerProc, ServerProcError  # noqa: E402
 from tests.services import PostgresReplica, PostgresServer, RedisServer  # noqa: E402
 from tests.system.faults import (  # noqa: E402
     healthy,
@@ -97,9 +97,23 @@ class Cluster:
             server.close()
 
 
+# Instances between their fault and the end of their restart: no second fault strikes them
+# (a kill during start-up leaves its restart to this one, which tries again).
+_restarting: set[ServerProc] = set()
+
+
 async def _restart_later(server: ServerProc, delay_s: float) -> None:
-    await asyncio.sleep(delay_s)
-    await asyncio.to_thread(server.start)
+    _restarting.add(server)
+    try:
+        await asyncio.sleep(delay_s)
+        for attempt in range(1, 4):
+            try:
+                await asyncio.to_thread(server.start)
+                return
+            except ServerProcError as exc:  # as an orchestrator would, it tries again
+                log(f"restart {attempt} of {server.log_path.parent.name} failed: {exc}")
+    finally:
+        _restarting.discard(server)
 
 
 async def inject(
@@ -111,7 +125,7 @@ async def inject(
     members: list[Member],
     background: set[asyncio.Task[None]],
 ) -> None:
-    alive = [s for s in cluster.servers if s.running]
+    alive = [s for s in cluster.servers if s.running and s not in _restarting]
     if kind in ("kill9", "sigterm") and len(alive) < 2:
         kind = "redis"  # keep at least two instances serving
     if kind == "kill9":

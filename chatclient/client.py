@@ -295,9 +295,7 @@ class ChatClient:
 
     async def close(self) -> None:
         await self.ws.close()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader
+        await cancel_and_wait(self._reader)
         if self._owns_http:
             await self.http.close()
 
@@ -374,3 +372,18 @@ _UNBOUNDED = DEFAULT_LIMITS.__class__(
     history_max_limit=1 << 20,
     max_object_keys=1 << 10,
 )
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for its end, whatever it raised. A cancellation of the
+    caller itself still goes through: suppressing ``CancelledError`` around the wait would
+    swallow it, and a caller cancelled in a loop would never stop."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:
+        pass

@@ -31,7 +31,7 @@ from protocol import (
 )
 from protocol.backoff import Backoff
 
-from .client import ChatClient, ChatError, Closed
+from .client import ChatClient, ChatError, Closed, cancel_and_wait
 
 # Between failed connects: 50-100 ms at first, doubling up to 2-4 s.
 _RECONNECT = Backoff(initial_s=0.1, max_s=4.0)
@@ -160,9 +160,7 @@ class Member:
                     self.ledger.refused[frame.code] = self.ledger.refused.get(frame.code, 0) + 1
             return 0
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
+            await cancel_and_wait(sender)
 
     def _take_joined(self, joined: Joined, since: Since | None) -> None:
         offsets = [m.offset for m in joined.messages]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from chatclient.client import ChatClient, ChatError, Closed
+from chatclient.client import ChatClient, ChatError, Closed, cancel_and_wait
 from protocol import (
     Ack,
     Delta,
@@ -159,9 +159,7 @@ class Roaming:
     async def _drop(self) -> None:
         client, self.client, self.connected = self.client, None, False
         if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+            await cancel_and_wait(self._pump)
             self._pump = None
         if client is not None:
             with contextlib.suppress(Exception):
