@@ -1,6 +1,6 @@
-"""Replies taken over from a stopped instance: run again ahead of the replies queued behind
-them on the instance that takes them over; cut off, not run twice, when the instance that
-takes one over is the same server id started again."""
+"""Replies and jobs taken over from a stopped instance: a reply run again goes ahead of the
+replies queued behind it on the instance that takes it over; one the same server id streamed
+before it was started again is cut off, not run twice; an instance stopping claims none."""
 
 from __future__ import annotations
 
