@@ -122,3 +122,8 @@ def decode_record(record: bytes) -> tuple[int, int | None, bytes]:
     """An idempotency record ``<offset>:<ms or empty>:<payload>`` (written by the Lua scripts)."""
     offset, ms, payload = record.split(b":", 2)
     return int(offset), (int(ms) if ms else None), payload
+
+
+def as_str(value: Any) -> str:
+    """A Redis reply's value as text: bytes decoded (a client without ``decode_responses``)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

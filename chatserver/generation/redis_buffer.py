@@ -31,6 +31,7 @@ from redis.asyncio.cluster import RedisCluster
 from protocol import GenerationSnapshot
 from storage.lua import script as lua_script
 from storage.lua import source as lua_source
+from storage.redis_codec import as_str
 from storage.redis_keys import (
     conversation_keys,
     instance_alive_key,
@@ -50,6 +51,7 @@ from .buffer import (
     Slot,
 )
 from .redis_calls import Call, script_calls
+from .redis_owner import find_owner
 
 _LUA = "chatserver.generation"  # the package whose lua/ holds these scripts
 
@@ -62,15 +64,6 @@ _SWEEP_BATCH = 100
 _RELEASE_LUA = lua_source("release", _LUA)
 # The slot taken in the question's own append: a function body of the window's follow.
 _SLOT_AFTER_APPEND_LUA = lua_source("slot_after_append", _LUA)
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched literally by a Redis glob pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisReplyBuffer:
@@ -278,48 +271,23 @@ class RedisReplyBuffer:
         found = await self._read(conversation_id)
         if found is None:
             return None
-        return GenerationSnapshot(_s(found[0]), int(found[1]), _s(found[2]))
+        return GenerationSnapshot(as_str(found[0]), int(found[1]), as_str(found[2]))
 
     async def running(self, conversation_id: str) -> RunningReply | None:
         found = await self._read(conversation_id)
         if found is None:
             return None
-        snapshot = GenerationSnapshot(_s(found[0]), int(found[1]), _s(found[2]))
-        owner = _s(found[3])
+        snapshot = GenerationSnapshot(as_str(found[0]), int(found[1]), as_str(found[2]))
+        owner = as_str(found[3])
         # A hash of an older release has no incarnation: its owner's server id alone says.
-        mine = owner == self._server_id and (not found[5] or _s(found[5]) == self.incarnation)
-        return RunningReply(snapshot, owner, _s(found[4]) == "1", mine)
-
-    async def _conversation_of(self, generation_id: str) -> str | None:
-        """Which conversation a running reply is in: its entry in its owner's list, found by a
-        scan of every instance's list (a cancel from another instance, rare: no key per reply
-        is kept for it)."""
-        pattern = f"*\t{_glob_escape(generation_id)}"
-        for server_id in [_s(m) for m in await self._redis.smembers(self._instances)]:
-            key = instance_replies_key(self._prefix, server_id)
-            async for member in self._redis.sscan_iter(key, match=pattern, count=1000):
-                return _s(member).partition("\t")[0]
-        return None
+        mine = owner == self._server_id and (not found[5] or as_str(found[5]) == self.incarnation)
+        return RunningReply(snapshot, owner, as_str(found[4]) == "1", mine)
 
     async def owner_of(self, generation_id: str) -> ReplyOwner | None:
-        conversation_id = await self._conversation_of(generation_id)
-        if conversation_id is None:
-            return None
-        fields = await self._redis.hgetall(self._keys(conversation_id)[0])
-        data = {_s(k): _s(v) for k, v in fields.items()}
-        if data.get("gid") != generation_id:
-            return None  # ended (its list entry goes with the next heartbeat) or claimed
-        return ReplyOwner(
-            conversation_id,
-            generation_id,
-            data["owner"],
-            data["agent"],
-            data["model"],
-            data["reply_to"],
-        )
+        return await find_owner(self._redis, self._prefix, generation_id)
 
     async def _dead(self) -> list[str]:
-        members = [_s(m) for m in await self._redis.smembers(self._instances)]
+        members = [as_str(m) for m in await self._redis.smembers(self._instances)]
         others = [m for m in members if m != self._server_id]
         if not others:
             return []
@@ -335,7 +303,7 @@ class RedisReplyBuffer:
 
     async def start(self) -> None:
         mine = instance_replies_key(self._prefix, self._server_id)
-        self._inherited = [_s(m) for m in await self._redis.smembers(mine)]
+        self._inherited = [as_str(m) for m in await self._redis.smembers(mine)]
 
     async def expired(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -354,7 +322,7 @@ class RedisReplyBuffer:
                 await self._redis.srem(self._instances, server_id)
                 continue
             for member in members:
-                conversation_id, _, generation_id = _s(member).partition("\t")
+                conversation_id, _, generation_id = as_str(member).partition("\t")
                 out.append((conversation_id, generation_id))
                 self._swept[(conversation_id, generation_id)] = server_id
         return out
@@ -362,7 +330,7 @@ class RedisReplyBuffer:
     async def claim(self, conversation_id: str, generation_id: str) -> ClaimedReply | None:
         keys = self._keys(conversation_id)
         found = await self._read(conversation_id)
-        if found is None or _s(found[0]) != generation_id:
+        if found is None or as_str(found[0]) != generation_id:
             # Ended or claimed already, or never begun: drop it from its dead owner's list.
             dead = self._swept.pop((conversation_id, generation_id), None)
             if dead is not None:
@@ -371,11 +339,11 @@ class RedisReplyBuffer:
                     self._member(conversation_id, generation_id),
                 )
             return None
-        owner = _s(found[3])
+        owner = as_str(found[3])
         alive = await self._redis.get(instance_alive_key(self._prefix, owner))
         # Alive: its key is there, set by the incarnation that began the reply (a hash of
         # an older release has none: its key alone says).
-        if alive is not None and (not found[5] or _s(alive) == _s(found[5])):
+        if alive is not None and (not found[5] or as_str(alive) == as_str(found[5])):
             return None
         member = self._member(conversation_id, generation_id)
         replies = instance_replies_key(self._prefix, owner)
@@ -397,7 +365,7 @@ class RedisReplyBuffer:
             self._ended.append(member)
         if not claimed:
             return None
-        agent, model, reply_to, seq, text = (_s(v) for v in claimed[:5])
+        agent, model, reply_to, seq, text = (as_str(v) for v in claimed[:5])
         kept = int(claimed[6]) == 1
         return ClaimedReply(
             ReplyOwner(conversation_id, generation_id, owner, agent, model, reply_to),

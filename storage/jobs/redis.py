@@ -45,7 +45,7 @@ from protocol import Message, timestamp_to_ms
 
 from .. import lua
 from ..outbox.redis import AnyRedis
-from ..redis_codec import decode_message, message_payload
+from ..redis_codec import as_str, decode_message, message_payload
 from ..redis_keys import (
     DEFAULT_PREFIX,
     conversation_keys,
@@ -59,10 +59,6 @@ from .base import JobStats, ReplyJob, Turn
 
 _CLAIM_SCAN = 100  # registry members looked at per dead holder and claim
 _LEGACY_GROUP = "repliers"  # of the previous releases' jobs stream
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def job_member(conversation_id: str, job_id: str) -> str:
@@ -112,15 +108,17 @@ class RedisReplyJobs:
     async def unfinished(self, conversation_id: str) -> list[tuple[str, str]]:
         """A conversation's unfinished jobs, oldest first: (job id, holder)."""
         order, data, _ = self.job_keys(conversation_id)
-        ids = [_s(i) for i in await self.redis.zrange(order, 0, -1)]
+        ids = [as_str(i) for i in await self.redis.zrange(order, 0, -1)]
         packed = await self.redis.hmget(data, ids) if ids else []
         return [
-            (i, _s(msgpack.unpackb(p, raw=True)[0])) for i, p in zip(ids, packed, strict=True) if p
+            (i, as_str(msgpack.unpackb(p, raw=True)[0]))
+            for i, p in zip(ids, packed, strict=True)
+            if p
         ]
 
     async def start(self) -> None:
         # Before any append of this run: whatever the registry holds was an earlier run's.
-        self._inherited = [_s(m) for m in await self.redis.smembers(self.registry)]
+        self._inherited = [as_str(m) for m in await self.redis.smembers(self.registry)]
         await self.renew()
 
     async def close(self) -> None:
@@ -155,7 +153,7 @@ class RedisReplyJobs:
         oldest: Any = await self.redis.zrange(order, 0, 0, withscores=True)
         if not oldest or float(oldest[0][1]) >= job.message.offset:
             return Turn(go=True)
-        return Turn(go=False, blocker=_s(oldest[0][0]))
+        return Turn(go=False, blocker=as_str(oldest[0][0]))
 
     async def done(self, job: ReplyJob) -> None:
         cid = job.message.conversation_id
@@ -179,7 +177,7 @@ class RedisReplyJobs:
             raise
 
     async def _dead_holders(self) -> list[str]:
-        listed = [_s(m) for m in await self.redis.smembers(self._holders)]
+        listed = [as_str(m) for m in await self.redis.smembers(self._holders)]
         others = [m for m in listed if m != self.holder]
         alive = await asyncio.gather(
             *(self.redis.exists(instance_alive_key(self.prefix, m)) for m in others)
@@ -254,13 +252,13 @@ class RedisReplyJobs:
             for member in members:
                 if len(taken) >= count:
                     return taken
-                job = await self._take(_s(member), dead)
+                job = await self._take(as_str(member), dead)
                 if job is not None:
                     taken.append(job)
         return taken
 
     async def stats(self) -> JobStats:
-        holders = [_s(m) for m in await self.redis.smembers(self._holders)]
+        holders = [as_str(m) for m in await self.redis.smembers(self._holders)]
         reports: dict[Any, Any] = await self.redis.hgetall(self._reports)
         dead = set(await self._dead_holders())
         left = dict(
@@ -276,7 +274,7 @@ class RedisReplyJobs:
         for holder in holders:
             if holder == self.holder:
                 continue
-            reported, _, since = _s(reports.get(holder.encode(), b"0 0")).partition(" ")
+            reported, _, since = as_str(reports.get(holder.encode(), b"0 0")).partition(" ")
             count = int(left.get(holder, reported))  # what is left of a dead one
             if count > 0:
                 outstanding += count
